@@ -1,0 +1,3 @@
+"""sparsejax: sparse neural-network training in JAX."""
+
+__version__ = "0.1.0"
