@@ -1,0 +1,570 @@
+"""Masks and sparsity budgets (SPEC §1).
+
+A *mask* is a pytree of ``bool`` arrays with exactly the structure, and leaf by
+leaf exactly the shape, of the params it masks: ``True`` keeps an entry, ``False``
+prunes it. Leaves that are not prunable (biases, normalisation params by default)
+carry an all-``True`` mask. Masks work on any params pytree: Flax linen
+``variables['params']`` dicts, Flax NNX ``State`` objects and plain dicts.
+
+Conventions used throughout sparsejax:
+
+* The public API speaks of **sparsity** ``s`` (``0.98`` means 98% of the prunable
+  weights are zero); density is ``d = 1 - s``.
+* Top-k is exact: a pool of ``N`` scored entries keeps exactly
+  ``max(1, round(d * N))`` entries, the highest scores first, ties broken by the
+  lower flat index. (``round`` is Python's round-half-to-even.)
+* Budgets (how the kept entries are spread over layers):
+
+  - ``"global"``: one ranking over all prunable entries.
+  - ``"uniform"``: every prunable layer gets sparsity ``s``.
+  - ``"erk"``: Erdős–Rényi-Kernel, layer density ∝ ``(Σ dims) / (Π dims)``.
+  - ``"er"``: Erdős–Rényi, layer density ∝ ``(c_in + c_out) / (c_in · c_out)``.
+
+  ``overrides`` fixes the sparsity of the layers whose path matches a regular
+  expression (e.g. ``{"Dense_0": 0.0}``); the budget is then spread over the
+  remaining prunable layers.
+
+A *path* is the string that names a leaf: the pytree keys joined by ``/``, e.g.
+``"Conv_0/kernel"`` or ``"layers/0/kernel"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+Budget = str
+BUDGETS = ("global", "uniform", "erk", "er")
+
+# ----------------------------------------------------------------------------
+# Paths and prunability
+# ----------------------------------------------------------------------------
+
+
+def _key_name(key) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def path_str(keypath: Sequence[Any]) -> str:
+  """Joins a JAX key path into a ``/``-separated string.
+
+  Attribute keys that only unwrap a variable container (the ``.value`` of a Flax
+  NNX ``Param``) are dropped, so ``State`` paths read like dict paths.
+  """
+  names = [_key_name(k) for k in keypath]
+  if len(names) > 1 and isinstance(keypath[-1], jax.tree_util.GetAttrKey):
+    names = names[:-1]
+  return "/".join(names)
+
+
+def named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, leaf), ...]`` in JAX flattening order."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return [(path_str(p), leaf) for p, leaf in leaves]
+
+
+def paths(tree: PyTree) -> list[str]:
+  """Leaf paths of ``tree`` in JAX flattening order."""
+  return [p for p, _ in named_leaves(tree)]
+
+
+def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
+  """``jax.tree.map`` whose function also receives the leaf's path string."""
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+
+
+def _definition_order(tree: PyTree, prefix: tuple = ()) -> list[str]:
+  """Leaf paths walking mappings in *iteration* order (not sorted).
+
+  Flax linen returns params dicts in submodule-creation order, so for linen
+  models the first path is the stem and the last one the classifier.
+  """
+  if isinstance(tree, Mapping):
+    out = []
+    for k, v in tree.items():
+      out += _definition_order(v, prefix + (str(k),))
+    return out
+  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+    out = []
+    for i, v in enumerate(tree):
+      out += _definition_order(v, prefix + (str(i),))
+    return out
+  sub = named_leaves(tree)
+  return ["/".join(prefix + ((p,) if p else ())) for p, _ in sub]
+
+
+def is_kernel(path: str, leaf) -> bool:
+  """Default prunability predicate: every leaf with ``ndim > 1``.
+
+  That is every conv and dense kernel, first layer and classifier included
+  (the Synaptic-Flow default); biases and normalisation params are never pruned.
+  """
+  del path
+  return getattr(leaf, "ndim", 0) > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Prunable:
+  """Which leaves of a params pytree are prunable.
+
+  Attributes:
+    predicate: ``(path, leaf) -> bool``; default :func:`is_kernel`.
+    keep_first_dense: exclude the first prunable leaf (the stem / first layer).
+    keep_last_dense: exclude the last prunable leaf (the classifier).
+    exclude: regular expressions (``re.search`` on the path); matching leaves
+      are not prunable.
+
+  "First" and "last" follow the iteration order of the params mappings, which
+  for Flax linen is the order in which submodules were created. For containers
+  that sort their keys (Flax NNX ``State``) name the layers in ``exclude``.
+  """
+
+  predicate: Callable[[str, Any], bool] = is_kernel
+  keep_first_dense: bool = False
+  keep_last_dense: bool = False
+  exclude: tuple[str, ...] = ()
+
+  def __call__(self, params: PyTree) -> PyTree:
+    """Returns a pytree of Python bools parallel to ``params``."""
+    flags = dict((p, bool(self.predicate(p, x))) for p, x in named_leaves(params))
+    for pattern in self.exclude:
+      hits = [p for p in flags if re.search(pattern, p)]
+      if not hits:
+        raise ValueError(
+            f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
+      for p in hits:
+        flags[p] = False
+    ordered = [p for p in _definition_order(params) if flags.get(p)]
+    if ordered and self.keep_first_dense:
+      flags[ordered[0]] = False
+    if ordered and self.keep_last_dense:
+      flags[ordered[-1]] = False
+    return map_with_path(lambda p, _: flags[p], params)
+
+
+KERNELS = Prunable()
+KEEP_FIRST_DENSE = Prunable(keep_first_dense=True)
+KEEP_CLASSIFIER_DENSE = Prunable(keep_last_dense=True)
+KEEP_FIRST_AND_CLASSIFIER_DENSE = Prunable(keep_first_dense=True, keep_last_dense=True)
+
+
+def prunable_tree(params: PyTree, prunable=None) -> PyTree:
+  """Resolves ``prunable`` to a pytree of Python bools parallel to ``params``.
+
+  Args:
+    params: the params pytree.
+    prunable: ``None`` (default :data:`KERNELS`), a :class:`Prunable`, a
+      predicate ``(path, leaf) -> bool``, or already a pytree of bools.
+  """
+  if prunable is None:
+    prunable = KERNELS
+  if isinstance(prunable, Prunable):
+    return prunable(params)
+  if callable(prunable):
+    return map_with_path(lambda p, x: bool(prunable(p, x)), params)
+  _check_same_structure(prunable, params, "prunable", "params")
+  return jax.tree.map(bool, prunable)
+
+
+# ----------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def check_sparsity(sparsity, name: str = "sparsity") -> None:
+  """Raises ``ValueError`` unless ``0 <= sparsity < 1`` (skipped when traced)."""
+  if not _is_concrete(sparsity):
+    return
+  s = float(np.asarray(sparsity))
+  if not (math.isfinite(s) and 0.0 <= s < 1.0):
+    raise ValueError(
+        f"{name} must be in [0, 1), got {s!r}: sparsity is the fraction of "
+        "prunable weights set to zero (0.98 keeps 2%); 1.0 would prune everything.")
+
+
+def _check_same_structure(a, b, a_name, b_name) -> None:
+  pa, pb = paths(a), paths(b)
+  if jax.tree.structure(a) == jax.tree.structure(b):
+    return
+  only_a = [p for p in pa if p not in set(pb)]
+  only_b = [p for p in pb if p not in set(pa)]
+  detail = []
+  if only_a:
+    detail.append(f"paths only in {a_name}: {only_a[:5]}")
+  if only_b:
+    detail.append(f"paths only in {b_name}: {only_b[:5]}")
+  if not detail:
+    detail.append(f"container types differ: {jax.tree.structure(a)} vs "
+                  f"{jax.tree.structure(b)}")
+  raise ValueError(
+      f"{a_name} does not match the structure of {b_name}; " + "; ".join(detail))
+
+
+def check_mask(mask: PyTree, params: PyTree) -> None:
+  """Raises ``ValueError`` naming the path unless ``mask`` fits ``params``.
+
+  A mask fits when it has the params' exact pytree structure and every leaf is
+  a ``bool`` array of the params leaf's shape.
+  """
+  _check_same_structure(mask, params, "mask", "params")
+  for (path, m), (_, p) in zip(named_leaves(mask), named_leaves(params)):
+    if jnp.shape(m) != jnp.shape(p):
+      raise ValueError(
+          f"mask leaf {path!r} has shape {jnp.shape(m)} but the params leaf has "
+          f"shape {jnp.shape(p)}")
+    if jnp.result_type(m) != jnp.bool_:
+      raise ValueError(
+          f"mask leaf {path!r} has dtype {jnp.result_type(m)}; masks must be bool "
+          "(use `mask.astype(bool)` or `x != 0`)")
+
+
+def check_scores(scores: PyTree, prunable: PyTree | None = None) -> None:
+  """Raises ``ValueError`` naming the path of any prunable score leaf with NaN.
+
+  Skipped for traced values (inside ``jit`` a NaN score ranks last).
+  """
+  flags = (dict(named_leaves(prunable)) if prunable is not None else None)
+  for path, s in named_leaves(scores):
+    if flags is not None and not flags[path]:
+      continue
+    if _is_concrete(s) and bool(jnp.isnan(jnp.asarray(s, jnp.float32)).any()):
+      n = int(jnp.isnan(jnp.asarray(s, jnp.float32)).sum())
+      raise ValueError(
+          f"scores for {path!r} contain {n} NaN value(s); a NaN score cannot be "
+          "ranked (check the loss and the scoring data)")
+
+
+# ----------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------
+
+
+def ones_like(params: PyTree) -> PyTree:
+  """The dense mask: all ``True``."""
+  return jax.tree.map(lambda p: jnp.ones(jnp.shape(p), jnp.bool_), params)
+
+
+def apply(params: PyTree, mask: PyTree) -> PyTree:
+  """Returns ``params`` with every pruned entry set to exactly ``0``."""
+  return jax.tree.map(
+      lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
+
+
+def from_params(params: PyTree) -> PyTree:
+  """The mask of the nonzero entries of ``params`` (e.g. of a loaded ticket)."""
+  return jax.tree.map(lambda p: jnp.asarray(p) != 0, params)
+
+
+# ----------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------
+
+
+def _resolve_overrides(prunable_paths: list[str], overrides) -> dict[str, float]:
+  """``{path: sparsity}`` for the prunable paths matched by ``overrides``."""
+  resolved: dict[str, float] = {}
+  for pattern, s in (overrides or {}).items():
+    check_sparsity(s, f"override {pattern!r}")
+    hits = [p for p in prunable_paths if re.search(pattern, p)]
+    if not hits:
+      raise ValueError(
+          f"override pattern {pattern!r} matches no prunable path; prunable "
+          f"paths are {prunable_paths}")
+    for p in hits:
+      if p in resolved and resolved[p] != float(s):
+        raise ValueError(f"path {p!r} is matched by several overrides with "
+                         "different sparsities")
+      resolved[p] = float(s)
+  return resolved
+
+
+def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float, *,
+                  kind: str = "erk", power_scale: float = 1.0) -> dict[str, float]:
+  """Per-layer densities of the Erdős–Rényi(-Kernel) allocation.
+
+  Finds ε such that ``Σ_l ε · p_l · N_l = density · Σ_l N_l`` where
+  ``p_l = (Σ dims / Π dims) ** power_scale`` (``"erk"``) or
+  ``((c_in + c_out) / (c_in · c_out)) ** power_scale`` (``"er"``, the last two
+  dims). Any layer with ``ε · p_l > 1`` is made dense and ε is recomputed, until
+  no layer exceeds 1 (the RigL reference algorithm).
+
+  Args:
+    shapes: ``{path: kernel shape}`` of the layers sharing the budget.
+    density: total density ``1 - s`` of those layers.
+    kind: ``"erk"`` or ``"er"``.
+    power_scale: ``erk_power_scale`` in [0, 1]; 0 gives uniform densities.
+
+  Returns:
+    ``{path: density}`` with ``Σ density_l · N_l = density · Σ N_l``.
+  """
+  if not 0.0 <= power_scale <= 1.0:
+    raise ValueError(f"erk_power_scale must be in [0, 1], got {power_scale}")
+  if kind not in ("erk", "er"):
+    raise ValueError(f"kind must be 'erk' or 'er', got {kind!r}")
+
+  def raw(shape):
+    dims = shape if kind == "erk" else shape[-2:]
+    return (sum(dims) / math.prod(dims)) ** power_scale
+
+  n = {p: math.prod(s) for p, s in shapes.items()}
+  dense: set[str] = set()
+  while True:
+    rhs, divisor, probs = 0.0, 0.0, {}
+    for p, shape in shapes.items():
+      if p in dense:
+        rhs -= n[p] * (1.0 - density)
+      else:
+        rhs += n[p] * density
+        probs[p] = raw(shape)
+        divisor += probs[p] * n[p]
+    if not probs:
+      break
+    eps = rhs / divisor
+    max_prob = max(probs.values())
+    if max_prob * eps <= 1.0:
+      break
+    dense |= {p for p, pr in probs.items() if pr == max_prob}
+  return {p: (1.0 if p in dense else eps * probs[p]) for p in shapes}
+
+
+def layer_sparsities(params: PyTree, sparsity: float, budget: Budget = "erk", *,
+                     prunable=None, overrides=None,
+                     erk_power_scale: float = 1.0) -> dict[str, float]:
+  """Per-layer sparsity of a ``"uniform"``, ``"erk"`` or ``"er"`` budget.
+
+  Args:
+    params: params pytree (only shapes are read; ``jax.ShapeDtypeStruct`` ok).
+    sparsity: target sparsity in [0, 1) over the prunable layers that have no
+      override.
+    budget: ``"uniform"``, ``"erk"`` or ``"er"``. (A ``"global"`` budget has no
+      allocation before scores are known.)
+    prunable: see :func:`prunable_tree`.
+    overrides: ``{regex: sparsity}`` fixing the sparsity of matching layers.
+    erk_power_scale: softens ERK toward uniform (0 = uniform, 1 = ERK).
+
+  Returns:
+    ``{path: sparsity}`` for every prunable layer.
+  """
+  check_sparsity(sparsity)
+  if budget not in ("uniform", "erk", "er"):
+    raise ValueError(f"budget must be 'uniform', 'erk' or 'er' for a per-layer "
+                     f"allocation, got {budget!r}")
+  flags = dict(named_leaves(prunable_tree(params, prunable)))
+  shapes = {p: tuple(jnp.shape(x)) for p, x in named_leaves(params) if flags[p]}
+  fixed = _resolve_overrides(list(shapes), overrides)
+  pool = {p: s for p, s in shapes.items() if p not in fixed}
+  if budget == "uniform" or not pool:
+    out = {p: float(sparsity) for p in pool}
+  else:
+    out = {p: 1.0 - d for p, d in erk_densities(
+        pool, 1.0 - float(sparsity), kind=budget,
+        power_scale=erk_power_scale).items()}
+  out.update(fixed)
+  return {p: out[p] for p in shapes}
+
+
+def kept_count(n: int, sparsity) -> Any:
+  """Exact kept count of a pool of ``n`` entries: ``max(1, round((1 - s) n))``.
+
+  Returns a Python int for a Python ``sparsity`` and an ``int32`` array when
+  ``sparsity`` is traced.
+  """
+  if isinstance(sparsity, (int, float, np.floating, np.integer)):
+    return max(1, round((1.0 - float(sparsity)) * n))
+  k = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * n).astype(jnp.int32)
+  return jnp.maximum(k, 1)
+
+
+def _keep_top(flat_scores, k):
+  """Bool vector keeping the ``k`` highest scores, ties to the lower index.
+
+  ``k`` may be traced: entries are ranked with a stable sort and compared
+  with ``k``, so the count is exact without thresholding on a value.
+  """
+  n = flat_scores.shape[0]
+  order = jnp.argsort(-flat_scores, stable=True)
+  ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  return ranks < k
+
+
+def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
+              prunable=None, within: PyTree | None = None, overrides=None,
+              erk_power_scale: float = 1.0) -> PyTree:
+  """The mask keeping the highest ``scores`` under a sparsity budget.
+
+  Pure and ``jit``-compatible. With ``budget="global"`` or ``"uniform"`` the
+  ``sparsity`` may be traced (e.g. a schedule inside ``lax.fori_loop``);
+  ``"erk"``/``"er"`` allocations and ``overrides`` are computed from static
+  shapes and need a Python float.
+
+  Args:
+    scores: pytree of float arrays parallel to the params; higher is kept.
+    sparsity: fraction in [0, 1) of each pool's entries to prune. Always
+      relative to the pool's total size, also with ``within``.
+    budget: ``"global"`` (one ranking over all prunable entries), ``"uniform"``,
+      ``"erk"`` or ``"er"``.
+    prunable: see :func:`prunable_tree`. Non-prunable leaves get all ``True``.
+    within: an existing mask; only entries it keeps can be kept (iterative
+      pruning). Each pool keeps ``min(k, entries kept by within)``.
+    overrides: ``{regex: sparsity}`` for layers pruned at their own sparsity,
+      outside the shared budget.
+    erk_power_scale: see :func:`erk_densities`.
+
+  Returns:
+    A bool mask pytree parallel to ``scores``.
+
+  Raises:
+    ValueError: bad sparsity, unknown budget, NaN scores (when not traced),
+      ``within`` not matching, or an override that matches no path.
+  """
+  if budget not in BUDGETS:
+    raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+  check_sparsity(sparsity)
+  prunable = prunable_tree(scores, prunable)
+  check_scores(scores, prunable)
+  if within is not None:
+    check_mask(within, scores)
+  names = paths(scores)
+  leaves = jax.tree.leaves(scores)
+  flags = jax.tree.leaves(prunable)
+  keep_in = (jax.tree.leaves(within) if within is not None
+             else [None] * len(leaves))
+  prunable_paths = [p for p, f in zip(names, flags) if f]
+
+  traced = not _is_concrete(sparsity)
+  if traced and (budget in ("erk", "er") or overrides):
+    raise ValueError(f"a {budget!r} budget with overrides or an ERK allocation "
+                     "needs a Python float sparsity, not a traced value")
+  if budget == "global":
+    fixed = _resolve_overrides(prunable_paths, overrides)
+    layer_s = {}
+  elif traced:  # "uniform" with a traced sparsity
+    fixed, layer_s = {}, {p: sparsity for p in prunable_paths}
+  else:
+    fixed, layer_s = {}, layer_sparsities(
+        scores, float(sparsity), budget, prunable=prunable,
+        overrides=overrides, erk_power_scale=erk_power_scale)
+
+  def prepared(i):
+    s = jnp.ravel(leaves[i]).astype(jnp.float32)
+    if keep_in[i] is not None:
+      s = jnp.where(jnp.ravel(keep_in[i]), s, -jnp.inf)
+    return s
+
+  def capped(k, idx):
+    if keep_in[idx[0]] is None:
+      return k
+    avail = sum(jnp.sum(keep_in[i]).astype(jnp.int32) for i in idx)
+    return jnp.minimum(k, avail)
+
+  out: list[Any] = [None] * len(leaves)
+  pooled = [i for i, p in enumerate(names) if flags[i] and p not in fixed]
+  if budget == "global" and pooled:
+    flat = jnp.concatenate([prepared(i) for i in pooled])
+    keep = _keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
+    offset = 0
+    for i in pooled:
+      size = int(np.prod(jnp.shape(leaves[i])))
+      out[i] = keep[offset:offset + size].reshape(jnp.shape(leaves[i]))
+      offset += size
+  for i, p in enumerate(names):
+    if not flags[i]:
+      out[i] = jnp.ones(jnp.shape(leaves[i]), jnp.bool_)
+    elif out[i] is None:
+      s_l = fixed.get(p, layer_s.get(p))
+      flat = prepared(i)
+      keep = _keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
+      out[i] = keep.reshape(jnp.shape(leaves[i]))
+  return jax.tree.unflatten(jax.tree.structure(scores), out)
+
+
+# ----------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+  path: str
+  kept: int
+  total: int
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.kept / self.total if self.total else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSummary:
+  """Per-layer and total counts of a mask over its prunable layers."""
+
+  layers: tuple[LayerStats, ...]
+
+  @property
+  def kept(self) -> int:
+    return sum(l.kept for l in self.layers)
+
+  @property
+  def total(self) -> int:
+    return sum(l.total for l in self.layers)
+
+  @property
+  def sparsity(self) -> float:
+    return 1.0 - self.kept / self.total if self.total else 0.0
+
+  @property
+  def collapsed(self) -> tuple[str, ...]:
+    """Paths of prunable layers with zero active weights (layer collapse)."""
+    return tuple(l.path for l in self.layers if l.kept == 0)
+
+  def as_dict(self) -> dict:
+    return {
+        "sparsity": self.sparsity, "kept": self.kept, "total": self.total,
+        "collapsed": list(self.collapsed),
+        "layers": {l.path: {"kept": l.kept, "total": l.total,
+                            "sparsity": l.sparsity} for l in self.layers},
+    }
+
+  def __str__(self) -> str:
+    width = max([len(l.path) for l in self.layers] + [5])
+    rows = [f"{'layer':<{width}}  {'kept':>10}  {'total':>10}  sparsity"]
+    for l in self.layers:
+      flag = "  COLLAPSED" if l.kept == 0 else ""
+      rows.append(f"{l.path:<{width}}  {l.kept:>10}  {l.total:>10}  "
+                  f"{l.sparsity:8.4f}{flag}")
+    rows.append(f"{'total':<{width}}  {self.kept:>10}  {self.total:>10}  "
+                f"{self.sparsity:8.4f}")
+    return "\n".join(rows)
+
+
+def summary(mask: PyTree, prunable=None) -> MaskSummary:
+  """Kept/total counts per prunable layer, total sparsity, collapsed layers.
+
+  Args:
+    mask: a bool mask pytree (concrete, not traced).
+    prunable: which leaves to report; see :func:`prunable_tree` (default: the
+      ``ndim > 1`` leaves).
+  """
+  flags = jax.tree.leaves(prunable_tree(mask, prunable))
+  counts = jax.device_get(jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), mask))
+  layers = tuple(
+      LayerStats(path, int(c), int(np.prod(jnp.shape(m))))
+      for (path, m), c, f in zip(named_leaves(mask), jax.tree.leaves(counts), flags)
+      if f)
+  return MaskSummary(layers)

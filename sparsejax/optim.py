@@ -1,0 +1,163 @@
+"""The masked optimiser: sparse training in an ordinary optax loop (SPEC §1, §4).
+
+``masked(inner, mask)`` wraps any optax transformation. The mask lives in the
+optimiser state, so one line turns a dense loop into a sparse one::
+
+  opt = sj.optim.masked(optax.sgd(0.1, momentum=0.9), mask)
+  params = sj.masks.apply(params, mask)
+  opt_state = opt.init(params)
+  ...
+  updates, opt_state = opt.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)   # pruned entries stay exactly 0
+
+Dynamic sparse training replaces the mask inside the jitted step with
+:func:`set_mask` (same shapes and dtype, so nothing recompiles) and clears the
+optimiser moments of regrown connections with :func:`reset_moments`, which is
+generic over any optax state: it maps over the param-shaped subtrees of the
+state instead of matching known state classes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import masks
+
+PyTree = Any
+
+
+class MaskedState(NamedTuple):
+  """State of :func:`masked`.
+
+  Attributes:
+    mask: bool pytree parallel to the params; ``True`` keeps an entry.
+    inner_state: state of the wrapped transformation.
+  """
+
+  mask: PyTree
+  inner_state: optax.OptState
+
+
+def masked(inner: optax.GradientTransformation,
+           mask: PyTree) -> optax.GradientTransformationExtraArgs:
+  """Wraps ``inner`` so that pruned entries get no gradient and stay exactly 0.
+
+  ``update(grads, state, params, **extra_args)``:
+
+  1. zeroes the gradients of pruned entries, so ``inner`` (and its moments)
+     never sees them;
+  2. runs ``inner`` (any optax transformation: sgd, momentum, nesterov, adam,
+     adamw, ``optax.chain``, ``optax.add_decayed_weights``,
+     ``optax.inject_hyperparams``...; extra args are forwarded);
+  3. sets the update of every pruned entry to ``-params`` so that
+     ``optax.apply_updates(params, updates)`` makes it exactly ``0.0``, also
+     right after the mask changed. Without ``params`` the pruned updates are
+     ``0`` and the params must already be masked.
+
+  Note: this is not ``optax.masked``, which chooses *which leaves* a
+  transformation applies to; here the mask is elementwise and in the state.
+
+  Args:
+    inner: the optimiser to wrap.
+    mask: bool pytree with the structure and shapes of the params.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`MaskedState`.
+  """
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    masks.check_mask(mask, params)
+    return MaskedState(mask=jax.tree.map(jnp.asarray, mask),
+                       inner_state=inner.init(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    mask_ = state.mask
+    grads = masks.apply(updates, mask_)
+    updates, inner_state = inner.update(grads, state.inner_state, params,
+                                        **extra_args)
+    if params is None:
+      updates = masks.apply(updates, mask_)
+    else:
+      updates = jax.tree.map(
+          lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)), updates, params,
+          mask_)
+    return updates, MaskedState(mask_, inner_state)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_masked_state(x) -> bool:
+  return isinstance(x, MaskedState)
+
+
+def _masked_states(opt_state) -> list[MaskedState]:
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
+           if _is_masked_state(x)]
+  if not found:
+    raise ValueError(
+        "the optimiser state holds no mask: build the optimiser with "
+        "sparsejax.optim.masked(inner, mask)")
+  return found
+
+
+def get_mask(opt_state) -> PyTree:
+  """The mask held by the (outermost) :class:`MaskedState` in ``opt_state``."""
+  return _masked_states(opt_state)[0].mask
+
+
+def set_mask(opt_state, mask: PyTree):
+  """Returns ``opt_state`` with its mask replaced by ``mask``.
+
+  ``mask`` must have the old mask's structure, shapes and ``bool`` dtype, so a
+  jitted step that calls this (e.g. under ``lax.cond``) never recompiles. The
+  params are not touched: the next ``update`` zeroes the newly pruned entries,
+  or call :func:`sparsejax.masks.apply` yourself.
+  """
+  masks.check_mask(mask, get_mask(opt_state))
+  return jax.tree.map(
+      lambda s: s._replace(mask=mask) if _is_masked_state(s) else s,
+      opt_state, is_leaf=_is_masked_state)
+
+
+def _map_param_shaped(fn, tree, like: PyTree):
+  """Applies ``fn`` to every subtree of ``tree`` shaped exactly like ``like``."""
+  treedef = jax.tree.structure(like)
+  shapes = [jnp.shape(x) for x in jax.tree.leaves(like)]
+
+  def param_shaped(x) -> bool:
+    if jax.tree.structure(x) != treedef:
+      return False
+    return [jnp.shape(y) for y in jax.tree.leaves(x)] == shapes
+
+  return jax.tree.map(lambda x: fn(x) if param_shaped(x) else x, tree,
+                      is_leaf=param_shaped)
+
+
+def reset_moments(opt_state, positions: PyTree):
+  """Zeroes the optimiser moments at ``positions`` (e.g. regrown connections).
+
+  Every param-shaped subtree of the wrapped optimiser's state (momentum
+  ``trace``, Adam ``mu`` and ``nu``, ...) is set to 0 where ``positions`` is
+  ``True``. Counters, hyperparameters and the mask itself are untouched. Works
+  for any optax state without knowing its classes.
+
+  Args:
+    opt_state: a state containing a :class:`MaskedState`.
+    positions: bool pytree parallel to the params.
+  """
+  def reset(masked_state):
+    if not _is_masked_state(masked_state):
+      return masked_state
+    masks.check_mask(positions, masked_state.mask)
+    inner = _map_param_shaped(
+        lambda sub: jax.tree.map(
+            lambda x, r: jnp.where(r, jnp.zeros((), x.dtype), x), sub, positions),
+        masked_state.inner_state, positions)
+    return masked_state._replace(inner_state=inner)
+
+  return jax.tree.map(reset, opt_state, is_leaf=_is_masked_state)
