@@ -88,21 +88,18 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
 def _definition_order(tree: PyTree, prefix: tuple = ()) -> list[str]:
   """Leaf paths walking mappings in *iteration* order (not sorted).
 
-  Flax linen returns params dicts in submodule-creation order, so for linen
-  models the first path is the stem and the last one the classifier.
+  An eager Flax linen ``init`` returns params dicts in submodule-creation
+  order, so there the first path is the stem and the last the classifier.
   """
+  tu = jax.tree_util
   if isinstance(tree, Mapping):
-    out = []
-    for k, v in tree.items():
-      out += _definition_order(v, prefix + (str(k),))
-    return out
+    return [p for k, v in tree.items()
+            for p in _definition_order(v, prefix + (tu.DictKey(k),))]
   if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    out = []
-    for i, v in enumerate(tree):
-      out += _definition_order(v, prefix + (str(i),))
-    return out
-  sub = named_leaves(tree)
-  return ["/".join(prefix + ((p,) if p else ())) for p, _ in sub]
+    return [p for i, v in enumerate(tree)
+            for p in _definition_order(v, prefix + (tu.SequenceKey(i),))]
+  return [path_str(prefix + tuple(p))
+          for p, _ in tu.tree_flatten_with_path(tree)[0]]
 
 
 def is_kernel(path: str, leaf) -> bool:
@@ -125,16 +122,19 @@ class Prunable:
     keep_last_dense: exclude the last prunable leaf (the classifier).
     exclude: regular expressions (``re.search`` on the path); matching leaves
       are not prunable.
-
-  "First" and "last" follow the iteration order of the params mappings, which
-  for Flax linen is the order in which submodules were created. For containers
-  that sort their keys (Flax NNX ``State``) name the layers in ``exclude``.
+    order: leaf paths in forward (data-flow) order, which decides "first" and
+      "last". For sparsejax models use ``sparsejax.models.layer_order(model,
+      x)``. Default ``None``: the iteration order of the params mappings, which
+      is the creation order only for an eager Flax linen ``init``; any JAX
+      transform (``jax.jit(init)``, optimiser updates, checkpoint restores) and
+      Flax NNX ``State`` sort the keys instead, so pass ``order`` there.
   """
 
   predicate: Callable[[str, Any], bool] = is_kernel
   keep_first_dense: bool = False
   keep_last_dense: bool = False
   exclude: tuple[str, ...] = ()
+  order: tuple[str, ...] | None = None
 
   def __call__(self, params: PyTree) -> PyTree:
     """Returns a pytree of Python bools parallel to ``params``."""
@@ -146,7 +146,11 @@ class Prunable:
             f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
       for p in hits:
         flags[p] = False
-    ordered = [p for p in _definition_order(params) if flags.get(p)]
+    order = self.order if self.order is not None else _definition_order(params)
+    unknown = [p for p in order if p not in flags]
+    if unknown:
+      raise ValueError(f"order names paths that are not in the params: {unknown[:5]}")
+    ordered = [p for p in order if flags[p]]
     if ordered and self.keep_first_dense:
       flags[ordered[0]] = False
     if ordered and self.keep_last_dense:
@@ -462,7 +466,8 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
         overrides=overrides, erk_power_scale=erk_power_scale)
 
   def prepared(i):
-    s = jnp.ravel(leaves[i]).astype(jnp.float32)
+    s = jnp.ravel(leaves[i])
+    s = s.astype(jnp.promote_types(s.dtype, jnp.float32))  # float64 stays float64
     if keep_in[i] is not None:
       s = jnp.where(jnp.ravel(keep_in[i]), s, -jnp.inf)
     return s

@@ -232,3 +232,20 @@ def test_unknown_budget_and_traced_erk_errors():
     masks.topk_mask({"w": jnp.ones((4, 4))}, 0.5, budget="layerwise")
   with pytest.raises(ValueError, match="needs a Python float sparsity"):
     jax.jit(lambda s: masks.topk_mask({"w": jnp.ones((4, 4))}, s, budget="erk"))(0.5)
+
+
+def test_prunable_order_survives_sorted_params():
+  from sparsejax import models
+
+  model = models.get("resnet20", 10)
+  x = jnp.ones((1, 32, 32, 3))
+  # A jitted init sorts the dict keys: 'BasicBlock_0' comes before the stem.
+  params = jax.jit(lambda k: model.init(k, x))(jax.random.key(0))["params"]
+  order = models.layer_order(model, x)
+  flags = masks.prunable_tree(params, masks.Prunable(
+      keep_first_dense=True, keep_last_dense=True, order=order))
+  off = [p for p, f in masks.named_leaves(flags)
+         if not f and p.endswith("kernel")]
+  assert sorted(off) == ["Conv_0/kernel", "Dense_0/kernel"]
+  with pytest.raises(ValueError, match="order names paths that are not in"):
+    masks.prunable_tree(params, masks.Prunable(order=("nope/kernel",)))

@@ -1,0 +1,166 @@
+"""Flax linen models for sparse training, and a registry by name.
+
+All models share the call signature ``model.apply(variables, x, train=False,
+act_coef=None)`` with NHWC float inputs ``x`` and return float32 logits
+``[B, num_classes]``. Models with BatchNorm have variables ``{'params',
+'batch_stats'}`` (apply with ``mutable=['batch_stats']`` when ``train=True``);
+LeNet-5 and the MLP have ``{'params'}`` only. Every model has an injectable
+activation ``act(x, coef)`` (see :mod:`sparsejax.models.activations`), a
+``dtype`` for the computation and He-normal kernels (dense initialiser gain
+2.0). Parameters are created in forward order: the first kernel of
+``variables['params']`` in dict iteration order is the first layer and the last
+one is the classifier.
+
+Example::
+
+  from sparsejax import models
+
+  model = models.get("resnet20", num_classes=10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from sparsejax.models import activations
+from sparsejax.models.mobilenet import InvertedResidual, MobileNetV2
+from sparsejax.models.resnet import (
+    BasicBlock,
+    ResNet,
+    ResNet18,
+    ResNet20,
+    ResNet32,
+    ResNet56,
+)
+from sparsejax.models.small import MLP, LeNet5
+from sparsejax.models.vgg import VGG, VGG11, VGG16, VGG19
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": ResNet20,
+    "resnet32": ResNet32,
+    "resnet56": ResNet56,
+    "resnet18": ResNet18,
+    "vgg11": VGG11,
+    "vgg16": VGG16,
+    "vgg19": VGG19,
+    "mobilenetv2": MobileNetV2,
+    "lenet5": LeNet5,
+    "mlp": MLP,
+}
+
+
+def names() -> list[str]:
+  """Returns the registered model names, in registration order."""
+  return list(_REGISTRY)
+
+
+def get(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
+  """Builds a registered model.
+
+  Args:
+    name: one of :func:`names`: ``resnet20``, ``resnet32``, ``resnet56``,
+      ``resnet18``, ``vgg11``, ``vgg16``, ``vgg19``, ``mobilenetv2``,
+      ``lenet5``, ``mlp``.
+    num_classes: number of output logits.
+    **kwargs: further fields of the model class, e.g. ``width=2`` (ResNets),
+      ``hidden=(300, 100)`` (MLP), ``act=activations.blend()``,
+      ``dtype=jnp.bfloat16``, ``init_gain=2.0``.
+
+  Returns:
+    An unbound ``flax.linen.Module``.
+
+  Raises:
+    ValueError: if ``name`` is not registered.
+  """
+  try:
+    constructor = _REGISTRY[name]
+  except KeyError:
+    raise ValueError(
+        f"Unknown model {name!r}; valid names are: {', '.join(_REGISTRY)}."
+    ) from None
+  return constructor(num_classes=num_classes, **kwargs)
+
+
+def params_in_creation_order(
+    model: nn.Module, *args: Any, **kwargs: Any
+) -> list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
+  """Lists the ``'params'`` leaves of ``model`` in the order they are created.
+
+  Flax creates parameters in forward order, and an eager ``model.init`` returns
+  nested dicts in that insertion order. Any JAX transformation of the params
+  (``jax.jit(model.init)``, ``jax.eval_shape``, ``jax.tree.map``, optimiser
+  updates, checkpoint restores) rebuilds the dicts with *sorted* keys instead,
+  where e.g. ``'BasicBlock_0'`` precedes the stem ``'Conv_0'``. This function
+  recovers the creation order abstractly (no FLOPs, no memory for the params),
+  e.g. to find the first layer and the classifier::
+
+    kernels = [p for p, s in params_in_creation_order(model, x) if s.ndim > 1]
+    first_layer, classifier = kernels[0], kernels[-1]
+
+  Args:
+    model: an unbound Flax module.
+    *args: example inputs of ``model.init`` after the rng, e.g. a batch ``x``
+      of shape ``[B, H, W, C]`` (arrays or ``jax.ShapeDtypeStruct``).
+    **kwargs: keyword arguments of ``model.init``.
+
+  Returns:
+    ``(path, shape_dtype)`` for every leaf of ``variables['params']``, where
+    ``path`` is the tuple of nested dict keys, in creation order.
+  """
+  order = []
+
+  def walk(tree: Any, path: tuple[str, ...]) -> None:
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        walk(value, path + (key,))
+      else:
+        order.append((path + (key,), jax.ShapeDtypeStruct(value.shape, value.dtype)))
+
+  def init(rng: jax.Array, *args: Any) -> None:
+    walk(model.init(rng, *args, **kwargs)["params"], ())
+
+  jax.eval_shape(init, jax.random.key(0), *args)
+  return order
+
+
+def layer_order(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[str, ...]:
+  """Paths (``"a/b/kernel"``) of the ``'params'`` leaves in creation order.
+
+  The ``order`` argument of :class:`sparsejax.masks.Prunable`, which decides
+  the "first layer" and the "classifier" of the keep-dense presets::
+
+    prunable = sj.masks.Prunable(keep_first_dense=True, keep_last_dense=True,
+                                 order=sj.models.layer_order(model, x))
+
+  Arguments as for :func:`params_in_creation_order`.
+  """
+  return tuple("/".join(path)
+               for path, _ in params_in_creation_order(model, *args, **kwargs))
+
+
+__all__ = [
+    "layer_order",
+    "BasicBlock",
+    "InvertedResidual",
+    "LeNet5",
+    "MLP",
+    "MobileNetV2",
+    "ResNet",
+    "ResNet18",
+    "ResNet20",
+    "ResNet32",
+    "ResNet56",
+    "VGG",
+    "VGG11",
+    "VGG16",
+    "VGG19",
+    "activations",
+    "get",
+    "names",
+    "params_in_creation_order",
+]

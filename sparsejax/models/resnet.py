@@ -1,0 +1,149 @@
+"""Residual networks for CIFAR: ResNet-20/32/56 (He et al. 2016) and ResNet-18.
+
+Conventions follow the OpenLTH / Synaptic-Flow reference code:
+
+* 3x3 convs have no bias and padding 1 (as in PyTorch), each followed by
+  BatchNorm (``momentum=0.9``, ``epsilon=1e-5``, i.e. PyTorch's 0.1 / 1e-5).
+* Basic blocks are post-activation: ``act(bn(conv(act(bn(conv(x))))) + s(x))``.
+  The shortcut ``s`` is the identity, or a 1x1 conv (no bias) + BatchNorm when
+  the stride or channel count changes.
+* The head is global average pooling and one ``Dense`` classifier.
+* Kernels (convs and classifier) use He normal, ``N(0, 2 / fan_in)`` -- the
+  dense initialiser gain 2.0, see :func:`activations.he_normal`; biases are 0,
+  BatchNorm scale 1 and bias 0.
+
+Parameters are created in forward order, so the first kernel of
+``variables['params']`` (in dict iteration order) is the stem conv and the last
+one is the classifier.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models import activations
+
+ModuleDef = Any
+
+
+class BasicBlock(nn.Module):
+  """Post-activation basic residual block: two 3x3 convs and a shortcut.
+
+  Maps ``[B, H, W, C_in]`` to ``[B, ceil(H / strides), ceil(W / strides),
+  filters]``.
+
+  Attributes:
+    filters: number of output channels.
+    conv: ``nn.Conv`` constructor (bias-free, with the kernel initialiser set).
+    norm: ``nn.BatchNorm`` constructor (with the train/eval mode set).
+    act: activation ``act(x, coef)``.
+    strides: stride of the first 3x3 conv and of the projection shortcut.
+  """
+
+  filters: int
+  conv: ModuleDef
+  norm: ModuleDef
+  act: activations.Activation
+  strides: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None) -> jax.Array:
+    residual = x
+    y = self.conv(self.filters, (3, 3), self.strides, padding=1)(x)
+    y = self.norm()(y)
+    y = self.act(y, act_coef)
+    y = self.conv(self.filters, (3, 3), padding=1)(y)
+    y = self.norm()(y)
+    if residual.shape != y.shape:
+      residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="conv_proj")(
+          residual
+      )
+      residual = self.norm(name="norm_proj")(residual)
+    return self.act(residual + y, act_coef)
+
+
+class ResNet(nn.Module):
+  """ResNet of basic blocks with a 3x3 stem and no max-pool (CIFAR variant).
+
+  Stage ``i`` (0-based) has ``stage_sizes[i]`` basic blocks with
+  ``num_filters * width * 2**i`` channels; every stage but the first halves the
+  resolution in its first block. ``stage_sizes=(n, n, n), num_filters=16`` is
+  the CIFAR ResNet-(6n+2) of He et al. (2016); ``stage_sizes=(2, 2, 2, 2),
+  num_filters=64`` is the CIFAR ResNet-18.
+
+  Variables are ``{'params', 'batch_stats'}``; pass ``mutable=['batch_stats']``
+  to ``apply`` when ``train=True``.
+
+  Attributes:
+    num_classes: number of output logits.
+    stage_sizes: number of basic blocks per stage; default ``(3, 3, 3)``
+      (ResNet-20).
+    num_filters: channels of the stem and the first stage, before ``width``;
+      default 16.
+    width: channel multiplier of every layer but the classifier; default 1.
+    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    init_gain: variance gain of the He-normal kernel initialiser
+      ``N(0, init_gain / fan_in)``; default 2.0.
+    dtype: computation dtype (parameters stay float32); default float32.
+  """
+
+  num_classes: int
+  stage_sizes: Sequence[int] = (3, 3, 3)
+  num_filters: int = 16
+  width: int = 1
+  act: activations.Activation = activations.relu
+  init_gain: float = activations.HE_GAIN
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: images ``[B, H, W, C]`` (NHWC), e.g. ``[B, 32, 32, 3]`` for CIFAR.
+      train: use batch statistics in BatchNorm and update ``batch_stats``
+        (otherwise use the running averages).
+      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
+        may be traced.
+
+    Returns:
+      Float32 logits ``[B, num_classes]``.
+    """
+    kernel_init = activations.he_normal(self.init_gain)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init
+    )
+    norm = functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=0.9,
+        epsilon=1e-5,
+        dtype=self.dtype,
+    )
+    channels = self.num_filters * self.width
+
+    x = conv(channels, (3, 3), padding=1)(x)
+    x = norm()(x)
+    x = self.act(x, act_coef)
+    for i, num_blocks in enumerate(self.stage_sizes):
+      for j in range(num_blocks):
+        strides = 2 if i > 0 and j == 0 else 1
+        x = BasicBlock(
+            channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides
+        )(x, act_coef)
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+ResNet20 = functools.partial(ResNet, stage_sizes=(3, 3, 3), num_filters=16)
+ResNet32 = functools.partial(ResNet, stage_sizes=(5, 5, 5), num_filters=16)
+ResNet56 = functools.partial(ResNet, stage_sizes=(9, 9, 9), num_filters=16)
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), num_filters=64)

@@ -1,0 +1,116 @@
+"""Small models for MNIST-scale studies: LeNet-5 and a multi-layer perceptron.
+
+Both use biases and no normalisation, so their variables are ``{'params'}``
+only. Kernels of all layers use He normal, ``N(0, 2 / fan_in)`` -- the dense
+initialiser gain 2.0, see :func:`activations.he_normal`; biases are 0. The first
+layer is the first kernel and the classifier the last kernel of
+``variables['params']`` in dict iteration order.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sparsejax.models import activations
+
+
+class LeNet5(nn.Module):
+  """LeNet-5: two 5x5 conv + max-pool stages and three dense layers.
+
+  Layers: conv 6 -> pool -> conv 16 -> pool -> dense 120 -> dense 84 -> dense
+  ``num_classes``, with the activation after every layer but the last. Convs use
+  ``'SAME'`` padding and pools are 2x2 with stride 2, so any input of at least
+  4x4 works; the first dense layer has ``16 * ceil(H / 4) * ceil(W / 4)``
+  inputs (784 for 28x28 MNIST, 1024 for 32x32 CIFAR).
+
+  Attributes:
+    num_classes: number of output logits.
+    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    init_gain: variance gain of the He-normal kernel initialiser
+      ``N(0, init_gain / fan_in)``; default 2.0.
+    dtype: computation dtype (parameters stay float32); default float32.
+  """
+
+  num_classes: int
+  act: activations.Activation = activations.relu
+  init_gain: float = activations.HE_GAIN
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: images ``[B, H, W, C]`` (NHWC), e.g. ``[B, 28, 28, 1]``.
+      train: unused (no dropout or normalisation); kept for a uniform API.
+      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
+        may be traced.
+
+    Returns:
+      Float32 logits ``[B, num_classes]``.
+    """
+    del train
+    kernel_init = activations.he_normal(self.init_gain)
+    for features in (6, 16):
+      x = nn.Conv(
+          features, (5, 5), padding="SAME", dtype=self.dtype, kernel_init=kernel_init
+      )(x)
+      x = self.act(x, act_coef)
+      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+    x = x.reshape((x.shape[0], -1))
+    for features in (120, 84):
+      x = nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init)(x)
+      x = self.act(x, act_coef)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    return jnp.asarray(x, jnp.float32)
+
+
+class MLP(nn.Module):
+  """Multi-layer perceptron on flattened inputs (LeNet-300-100 by default).
+
+  Attributes:
+    num_classes: number of output logits.
+    hidden: widths of the hidden dense layers; default ``(300, 100)``.
+    act: activation ``act(x, coef)`` after every hidden layer; default
+      :func:`activations.relu`.
+    init_gain: variance gain of the He-normal kernel initialiser
+      ``N(0, init_gain / fan_in)``; default 2.0.
+    dtype: computation dtype (parameters stay float32); default float32.
+  """
+
+  num_classes: int
+  hidden: Sequence[int] = (300, 100)
+  act: activations.Activation = activations.relu
+  init_gain: float = activations.HE_GAIN
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
+  ) -> jax.Array:
+    """Computes logits.
+
+    Args:
+      x: inputs ``[B, ...]``, flattened to ``[B, D]`` (e.g. ``[B, 28, 28, 1]``
+        gives D = 784).
+      train: unused (no dropout or normalisation); kept for a uniform API.
+      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
+        may be traced.
+
+    Returns:
+      Float32 logits ``[B, num_classes]``.
+    """
+    del train
+    kernel_init = activations.he_normal(self.init_gain)
+    x = x.reshape((x.shape[0], -1))
+    for features in self.hidden:
+      x = nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init)(x)
+      x = self.act(x, act_coef)
+    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    return jnp.asarray(x, jnp.float32)
