@@ -5,13 +5,20 @@ Submodules:
   optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
   data: dataset loaders and the on-device input pipeline.
+  scores: pruning-at-initialisation scores (SNIP, GraSP, SynFlow, magnitude,
+    random), iterative pruning, ``prune_at_init``.
+  diagnostics: effective sparsity and layer collapse of a mask.
+  train: train state, sharded train/eval steps, schedules, checkpointed ``fit``.
 """
 
 from sparsejax import data
+from sparsejax import diagnostics
 from sparsejax import masks
 from sparsejax import models
 from sparsejax import optim
+from sparsejax import scores
+from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "masks", "models", "optim"]
+__all__ = ["data", "diagnostics", "masks", "models", "optim", "scores", "train"]

@@ -395,16 +395,39 @@ def kept_count(n: int, sparsity) -> Any:
   return jnp.maximum(k, 1)
 
 
-def _keep_top(flat_scores, k):
-  """Bool vector keeping the ``k`` highest scores, ties to the lower index.
+def _sortable_bits(flat_scores):
+  """Unsigned integers ordered like the floats (NaN lowest, -0.0 == +0.0)."""
+  x = jnp.where(jnp.isnan(flat_scores), -jnp.inf, flat_scores) + 0.0
+  utype = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
+  x = x.astype(jnp.float64 if utype == jnp.uint64 else jnp.float32)
+  bits = jax.lax.bitcast_convert_type(x, utype)
+  sign = jnp.array(1, utype) << (8 * jnp.dtype(utype).itemsize - 1)
+  # Negative floats: flip every bit (reverses their order below the positives);
+  # non-negative floats: set the sign bit.
+  return jnp.where(bits & sign, ~bits, bits | sign)
 
-  ``k`` may be traced: entries are ranked with a stable sort and compared
-  with ``k``, so the count is exact without thresholding on a value.
+
+def _keep_top(flat_scores, k):
+  """Bool vector keeping exactly the ``k`` highest scores, ties to the lower index.
+
+  ``k`` may be traced. A radix select finds the k-th largest value bit by bit
+  from the most significant one (32 or 64 count passes over the scores,
+  ``O(N)`` each, no sort); every score above it is kept, and of the scores
+  equal to it the ones of lowest flat index fill the remaining places. So the
+  count is exact, never a ``>=`` threshold whose ties change it.
   """
-  n = flat_scores.shape[0]
-  order = jnp.argsort(-flat_scores, stable=True)
-  ranks = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-  return ranks < k
+  keys = _sortable_bits(flat_scores)
+  utype = keys.dtype
+  k = jnp.asarray(k, jnp.int32)
+  threshold = jnp.zeros((), utype)
+  for bit in reversed(range(8 * jnp.dtype(utype).itemsize)):
+    candidate = threshold | (jnp.array(1, utype) << bit)
+    enough = jnp.sum(keys >= candidate, dtype=jnp.int32) >= k
+    threshold = jnp.where(enough, candidate, threshold)
+  above = keys > threshold
+  need = k - jnp.sum(above, dtype=jnp.int32)
+  at = keys == threshold
+  return above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= need))
 
 
 def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",

@@ -707,7 +707,12 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
 
 
 def _warn_collapse(method: str, mask: PyTree, prunable) -> PyTree:
-  """Warns when a prunable layer kept no weight (layer collapse)."""
+  """Warns when a prunable layer kept no weight (layer collapse).
+
+  Skipped under ``jit`` (a traced mask has no counts to report yet).
+  """
+  if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
+    return mask
   collapsed = masks.summary(mask, prunable).collapsed
   if collapsed:
     warnings.warn(f"{method} pruned every weight of {list(collapsed)} (layer "

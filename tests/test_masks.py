@@ -249,3 +249,16 @@ def test_prunable_order_survives_sorted_params():
   assert sorted(off) == ["Conv_0/kernel", "Dense_0/kernel"]
   with pytest.raises(ValueError, match="order names paths that are not in"):
     masks.prunable_tree(params, masks.Prunable(order=("nope/kernel",)))
+
+
+def test_radix_select_matches_stable_argsort_on_tie_heavy_scores():
+  rng = np.random.default_rng(0)
+  for trial in range(60):
+    n = int(rng.integers(1, 400))
+    x = rng.integers(-3, 4, n).astype(np.float32) * rng.choice([1.0, 1e-30, 1e30])
+    x[rng.integers(0, n)] = [-0.0, -np.inf, np.inf][trial % 3]
+    k = int(rng.integers(0, n + 1))
+    got = np.asarray(masks._keep_top(jnp.asarray(x), k))
+    expect = np.zeros(n, bool)
+    expect[np.argsort(-(x + 0.0), kind="stable")[:k]] = True  # -0.0 == 0.0
+    np.testing.assert_array_equal(got, expect)

@@ -1,0 +1,1 @@
+"""Config files for ``experiments`` (``get_config()`` returns a ConfigDict)."""

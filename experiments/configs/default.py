@@ -1,0 +1,92 @@
+"""Default configuration of ``experiments.train`` (every field documented).
+
+Run::
+
+  python -m experiments.train --config experiments/configs/default.py \
+      --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
+
+Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
+SPEC §8 reference protocols) and ``digits.py`` (offline, CPU-sized).
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default training configuration."""
+  config = ml_collections.ConfigDict()
+
+  # --- Data -----------------------------------------------------------------
+  # One of sparsejax.data.DATASET_NAMES: cifar10, cifar100, tiny_imagenet, digits.
+  config.dataset = "cifar10"
+  # Directory holding the dataset (see sparsejax.data.load); None searches
+  # tensorflow-datasets, $SPARSEJAX_DATA_DIR, ~/.sparsejax/data.
+  config.data_dir = config_dict.placeholder(str)
+  # Keep only this many (class-balanced) training examples; None = all.
+  config.train_subset = config_dict.placeholder(int)
+  # Random crop (pad 4) + horizontal flip; None = the dataset's standard.
+  config.augment = config_dict.placeholder(bool)
+
+  # --- Model ----------------------------------------------------------------
+  # Any name of sparsejax.models.names().
+  config.model = "resnet20"
+  # Extra constructor fields, e.g. width=2 for ResNets, hidden=(300, 100) for
+  # the MLP (set them in a config file: the dict is locked on the command line).
+  config.model_kwargs = ml_collections.ConfigDict()
+
+  # --- Pruning (static mask chosen at initialisation) -------------------------
+  # "dense", or a pruning-at-initialisation method of sparsejax.scores that
+  # needs no data: "random", "magnitude".
+  config.pruner = "dense"
+  # Fraction of the prunable weights set to zero (0.9 keeps 10%).
+  config.sparsity = 0.9
+  # "global", "uniform", "erk" or "er" (see sparsejax.masks).
+  config.budget = "global"
+  # Which weights are prunable: "kernels" (all conv/dense kernels), "keep_first",
+  # "keep_classifier" or "keep_first_and_classifier" (those stay dense).
+  config.prunable = "kernels"
+
+  # --- Optimisation ---------------------------------------------------------
+  config.num_epochs = 160
+  config.batch_size = 128
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = False
+  # PyTorch-style decay on every parameter; None = the SPEC §8 value for the
+  # model family: 5e-4 for VGG, 1e-4 otherwise.
+  config.weight_decay = config_dict.placeholder(float)
+  # "multistep", "cosine" or "constant".
+  config.lr_schedule = "multistep"
+  # Multistep decay points: values >= 1 are epochs, values in (0, 1) fractions
+  # of num_epochs. Pass on the command line as e.g. --config.lr_decay_epochs="(60,120)".
+  config.lr_decay_epochs = (0.5, 0.75)
+  config.lr_decay_factor = 0.1
+  # Cosine schedule: final lr = learning_rate * lr_end_factor.
+  config.lr_end_factor = 0.0
+  # Linear warmup from 0 (may be fractional).
+  config.warmup_epochs = 0.0
+  config.label_smoothing = 0.0
+
+  # --- Run ------------------------------------------------------------------
+  config.seed = 0
+  config.eval_batch_size = 500
+  config.eval_every_epochs = 1
+  # Checkpoints in WORKDIR/checkpoints: one per epoch (and on SIGTERM), the
+  # last max_to_keep kept; a rerun resumes from the latest readable one.
+  config.max_to_keep = 3
+  config.async_checkpointing = True
+  # tqdm progress bar (only shown on a terminal).
+  config.progress_bar = True
+  # Every this many steps: update the bar's running loss and check the loss is
+  # finite (one host sync).
+  config.log_every_steps = 50
+  config.tensorboard = True
+  # Devices of the data-parallel mesh; None = all.
+  config.num_devices = config_dict.placeholder(int)
+  # Call jax.distributed.initialize() first (multi-host runs).
+  config.distributed = False
+  # Testing aid: the process sends itself SIGTERM after this global step
+  # (exercises the preemption path); -1 = off.
+  config.debug_sigterm_at_step = -1
+  return config

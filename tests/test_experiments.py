@@ -1,0 +1,162 @@
+"""Tests of the experiment runners (`python -m experiments.<name>`) and configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+from experiments import train as exp_train  # noqa: E402
+from experiments.configs import default, digits, grasp_cifar, quickstart, synflow_cifar  # noqa: E402
+from sparsejax import train  # noqa: E402
+
+ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def run_module(module, *args, timeout=240):
+  return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO,
+                        env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------
+# experiments.train
+# ----------------------------------------------------------------------------
+
+
+def test_train_cli_trains_a_sparse_model_and_writes_the_run(tmp_path):
+  proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
+                    "--workdir", tmp_path, "--config.num_epochs=2",
+                    "--config.pruner=random", "--config.sparsity=0.8",
+                    "--config.budget=erk", "--config.progress_bar=false")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "done: " in proc.stdout and "test_accuracy=" in proc.stdout
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["pruner"] == "random" and config["budget"] == "erk"
+  assert config["weight_decay"] == 5e-4 and config["num_epochs"] == 2
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["epochs"] == 2
+  assert results["mask"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+  assert results["final"]["test_accuracy"] > 0.3  # chance is 0.1
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  # Orbax's per-save INFO chatter is filtered out of the log.
+  assert "orbax" not in proc.stderr.lower()
+
+
+def test_missing_dataset_is_a_clean_error(tmp_path):
+  empty = tmp_path / "no_data"
+  empty.mkdir()
+  proc = run_module("experiments.train", "--config", "experiments/configs/default.py",
+                    "--workdir", tmp_path / "run", f"--config.data_dir={empty}")
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors == ["error: Dataset 'cifar10' not found. Looked in:"]
+  assert str(empty) in proc.stderr  # the details say where it looked
+
+
+def test_non_finite_loss_is_a_clean_error(tmp_path):
+  proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
+                    "--workdir", tmp_path, "--config.learning_rate=1e30",
+                    "--config.num_epochs=1", "--config.progress_bar=false")
+  assert proc.returncode == 1
+  assert "Traceback" not in proc.stderr
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1
+  assert "Non-finite training loss at epoch 1" in errors[0]
+  assert "No checkpoint had been written yet" in errors[0]
+  assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_sigterm_exits_with_143_after_saving(tmp_path):
+  proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
+                    "--workdir", tmp_path, "--config.num_epochs=2",
+                    "--config.debug_sigterm_at_step=30",
+                    "--config.progress_bar=false")
+  assert proc.returncode == exp_train.EXIT_PREEMPTED == 143
+  assert "Traceback" not in proc.stderr
+  assert "rerun the same command to resume" in proc.stderr
+  assert (tmp_path / "checkpoints" / "30").is_dir()
+  assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_config_values_are_refused():
+  config = digits.get_config()
+  for field, value, match in [("pruner", "snipp", "pruner"),
+                              ("prunable", "all", "prunable"),
+                              ("model", "resnet99", "unknown model"),
+                              ("sparsity", 1.0, "sparsity")]:
+    bad = config.copy_and_resolve_references()
+    bad.unlock()
+    bad.pruner = "magnitude"
+    bad[field] = value
+    with pytest.raises(ValueError, match=match):
+      exp_train.resolve_config(bad)
+
+
+# ----------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------
+
+
+def test_default_weight_decay_follows_the_model_family():
+  config = default.get_config()
+  assert config.weight_decay is None
+  assert exp_train.resolve_config(config).weight_decay == 1e-4
+  config.model = "vgg19"
+  assert exp_train.resolve_config(config).weight_decay == 5e-4
+
+
+def test_synflow_protocol_preset():
+  config = synflow_cifar.get_config("vgg16,cifar100")
+  assert (config.model, config.dataset) == ("vgg16", "cifar100")
+  assert config.nesterov and config.momentum == 0.9 and config.batch_size == 128
+  assert config.weight_decay == 5e-4 and config.num_epochs == 160
+  assert synflow_cifar.get_config().weight_decay == 1e-4  # resnet18
+  sched = train.lr_schedule(config, steps_per_epoch=391)
+  np.testing.assert_allclose(
+      [sched(60 * 391 - 1), sched(60 * 391), sched(120 * 391)],
+      [0.1, 0.01, 0.001], rtol=1e-6)
+
+
+def test_grasp_protocol_preset():
+  config = grasp_cifar.get_config("resnet32,cifar10")
+  assert config.model_kwargs.width == 2 and not config.nesterov
+  assert config.weight_decay == 1e-4
+  sched = train.lr_schedule(config, steps_per_epoch=391)
+  np.testing.assert_allclose(
+      [sched(80 * 391 - 1), sched(80 * 391), sched(120 * 391)],
+      [0.1, 0.01, 0.001], rtol=1e-6)
+  assert grasp_cifar.get_config().weight_decay == 5e-4  # vgg19
+
+
+# ----------------------------------------------------------------------------
+# experiments.quickstart
+# ----------------------------------------------------------------------------
+
+
+def test_quickstart_prints_the_table(tmp_path):
+  proc = run_module("experiments.quickstart", "--config",
+                    "experiments/configs/quickstart.py", "--workdir", tmp_path,
+                    "--config.num_epochs=4", "--config.sparsities=(0.0, 0.9)")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  header = lines.index("| sparsity | magnitude | random |")
+  rows = [l.strip("|").split("|") for l in lines[header + 2:header + 4]]
+  assert [float(r[0]) for r in rows] == [0.0, 0.9]
+  accuracy = np.array([[float(c.strip(" *")) for c in r[1:]] for r in rows])
+  assert accuracy[0, 0] == accuracy[0, 1] > 80.0  # one dense run, shared
+  assert np.all(accuracy[1] > 30.0)  # chance is 10%
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert len(results["runs"]) == 3
+  assert (tmp_path / "results.md").read_text().startswith("\n".join(
+      lines[header:header + 4]))
+  assert quickstart.get_config().sparsities == (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)

@@ -1,0 +1,420 @@
+"""Tests of sparsejax.train: smoke training on real data, masks, schedules,
+optimiser semantics, checkpoint resume exactness (SIGTERM in process, SIGKILL
+of a subprocess), unreadable checkpoints, non-finite losses and 8-device data
+parallelism. Everything runs on the shipped digits dataset in seconds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+from experiments import train as exp_train  # noqa: E402
+from experiments.configs import digits as digits_config  # noqa: E402
+from sparsejax import data, masks, models, optim, train  # noqa: E402
+
+TIMING_KEYS = ("epoch_seconds", "steps_per_second")
+SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+
+
+def make_config(**overrides):
+  """The digits preset, small: MLP, 44 steps of 32 per epoch, 90% magnitude."""
+  config = digits_config.get_config()
+  config.unlock()
+  config.update(dict(num_epochs=3, batch_size=32, pruner="magnitude",
+                     sparsity=0.9, progress_bar=False, log_every_steps=10))
+  config.update(overrides)
+  return exp_train.resolve_config(config)
+
+
+def fit(config, workdir):
+  ds = data.load(config.dataset)
+  model = models.get(config.model, ds.num_classes)
+  return train.fit(config, workdir, model=model, dataset=ds,
+                   mask=exp_train.make_mask_fn(config))
+
+
+def without_timing(history):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def read_metrics(workdir):
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    return without_timing([json.loads(line) for line in f if line.strip()])
+
+
+def checkpoint_steps(workdir):
+  root = Path(workdir) / "checkpoints"
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
+def load_checkpoint_state(workdir, step):
+  """The raw saved ``state`` item (nested dict of numpy arrays)."""
+  path = Path(workdir) / "checkpoints" / str(step) / "state"
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path)
+
+
+def assert_trees_equal(a, b):
+  la, ta = jax.tree.flatten(a)
+  lb, tb = jax.tree.flatten(b)
+  assert ta == tb
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted 3-epoch run (90% magnitude mask): the baseline."""
+  workdir = tmp_path_factory.mktemp("reference")
+  config = make_config(max_to_keep=5)
+  return config, workdir, fit(config, workdir)
+
+
+# ----------------------------------------------------------------------------
+# Smoke: real data, real accuracy, static mask
+# ----------------------------------------------------------------------------
+
+
+def test_dense_training_beats_chance(tmp_path):
+  config = make_config(pruner="dense", tensorboard=True, max_to_keep=2)
+  result = fit(config, tmp_path)
+  assert not result.preempted and result.state.mask is None
+  assert len(result.history) == 3
+  assert result.history[-1]["test_accuracy"] > 0.85  # chance is 0.1
+  assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+  assert read_metrics(tmp_path) == without_timing(result.history)
+  assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert checkpoint_steps(tmp_path) == [88, 132]  # the last 2 of 3 epochs
+
+
+def test_sparse_training_keeps_mask_and_zeros(reference):
+  config, workdir, result = reference
+  final = result.history[-1]
+  assert final["test_accuracy"] > 0.6  # chance is 0.1
+  assert final["sparsity"] == pytest.approx(0.9, abs=1e-4)
+  # The mask in the final state is the one chosen at initialisation...
+  ds = data.load("digits")
+  model = models.get("mlp", 10)
+  init = train.create_train_state(
+      model, train.make_optimizer(config, 44), jnp.zeros((1, 8, 8, 1)),
+      jax.random.key(config.seed))
+  initial_mask = exp_train.make_mask_fn(config)(init.params)
+  assert_trees_equal(result.state.mask, initial_mask)
+  summary = masks.summary(result.state.mask)
+  assert summary.kept == masks.kept_count(summary.total, 0.9)
+  # ...and every pruned weight is exactly zero after 132 steps of SGD + decay.
+  for p, m in zip(jax.tree.leaves(result.state.params),
+                  jax.tree.leaves(result.state.mask)):
+    p, m = np.asarray(p), np.asarray(m)
+    assert np.all(p[~m] == 0.0)
+    if p.ndim > 1:  # kernels: the mask is exactly their support
+      assert np.count_nonzero(p[m]) == m.sum()
+  assert ds.num_train // config.batch_size == 44
+
+
+def test_evaluate_counts_every_example_once(reference):
+  config, _, result = reference
+  ds = data.load("digits")
+  model = models.get("mlp", 10)
+  full = train.evaluate(model, result.state, ds.test_images, ds.test_labels,
+                        mean=ds.mean, std=ds.std, batch_size=500)
+  tail = train.evaluate(model, result.state, ds.test_images, ds.test_labels,
+                        mean=ds.mean, std=ds.std, batch_size=7)  # 51 + a tail of 3
+  assert full["count"] == tail["count"] == 360
+  assert full["accuracy"] == tail["accuracy"]
+  assert full["loss"] == pytest.approx(tail["loss"], rel=1e-5)
+  assert full["accuracy"] == pytest.approx(result.history[-1]["test_accuracy"])
+
+
+# ----------------------------------------------------------------------------
+# Schedules and optimiser
+# ----------------------------------------------------------------------------
+
+
+def test_multistep_schedule_decays_at_epoch_boundaries():
+  cfg = dict(learning_rate=0.1, lr_schedule="multistep", num_epochs=160,
+             lr_decay_epochs=(60, 120), lr_decay_factor=0.1)
+  sched = train.lr_schedule(cfg, steps_per_epoch=10)
+  np.testing.assert_allclose(
+      [sched(0), sched(599), sched(600), sched(1199), sched(1200), sched(1599)],
+      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+  # Fractions: the GraSP protocol's 50% / 75%, truncated like the reference.
+  assert train.decay_boundaries((0.5, 0.75), 160) == [80, 120]
+  assert train.decay_boundaries((0.5, 0.75), 10) == [5, 7]
+  with pytest.raises(ValueError, match="positive"):
+    train.decay_boundaries((0, 60), 160)
+
+
+def test_warmup_and_cosine_schedules():
+  cfg = dict(learning_rate=0.2, lr_schedule="multistep", num_epochs=10,
+             lr_decay_epochs=(5,), warmup_epochs=2)
+  sched = train.lr_schedule(cfg, steps_per_epoch=10)
+  np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(49), sched(50)],
+                             [0.0, 0.1, 0.2, 0.2, 0.02], rtol=1e-6, atol=1e-9)
+  cos = train.lr_schedule(dict(learning_rate=0.2, lr_schedule="cosine",
+                               num_epochs=10, lr_end_factor=0.1), 10)
+  np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.11, 0.02],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="lr_schedule"):
+    train.lr_schedule(dict(learning_rate=0.1, lr_schedule="step", num_epochs=1), 1)
+
+
+def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
+  """Two steps against PyTorch's SGD(momentum, nesterov, weight_decay) formulas."""
+  cfg = dict(learning_rate=0.1, lr_schedule="constant", num_epochs=1,
+             momentum=0.9, nesterov=True, weight_decay=0.01)
+  tx = train.make_optimizer(cfg, steps_per_epoch=1)
+  params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
+  grads = [{"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([-0.2])},
+           {"kernel": jnp.array([[-0.1, 0.4]]), "bias": jnp.array([0.1])}]
+  state = tx.init(params)
+  p_ref = jax.tree.map(np.asarray, params)
+  buf = None
+  for g in grads:
+    updates, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, updates)
+    d = jax.tree.map(lambda g, p: np.asarray(g) + 0.01 * p, g, p_ref)
+    buf = d if buf is None else jax.tree.map(lambda b, d: 0.9 * b + d, buf, d)
+    step = jax.tree.map(lambda d, b: d + 0.9 * b, d, buf)
+    p_ref = jax.tree.map(lambda p, s: p - 0.1 * s, p_ref, step)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, p_ref)
+
+
+def test_create_train_state_masks_params_and_optimizer():
+  model = models.get("mlp", 10, hidden=(16,))
+  tx = train.make_optimizer(dict(learning_rate=0.1, num_epochs=1), 1)
+  x = jnp.zeros((1, 8, 8, 1))
+  dense = train.create_train_state(model, tx, x, jax.random.key(0))
+  mask = jax.jit(lambda p: masks.topk_mask(jax.tree.map(jnp.abs, p), 0.5))(
+      dense.params)
+  sparse = train.create_train_state(model, tx, x, jax.random.key(0), mask=mask)
+  assert dense.mask is None and int(sparse.step) == 0
+  assert_trees_equal(sparse.mask, mask)
+  assert_trees_equal(sparse.params, masks.apply(dense.params, mask))
+  assert isinstance(sparse.opt_state, optim.MaskedState)
+  bad = jax.tree.map(lambda m: m[..., :1], mask)
+  with pytest.raises(ValueError, match="shape"):
+    train.create_train_state(model, tx, x, jax.random.key(0), mask=bad)
+
+
+# ----------------------------------------------------------------------------
+# Resume exactness
+# ----------------------------------------------------------------------------
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
+  config, ref_dir, ref = reference
+  stopped = fit(make_config(max_to_keep=5, debug_sigterm_at_step=50), tmp_path)
+  # SIGTERM arrived at step 50 (epoch 2, step 6 of 44): saved there, exited.
+  assert stopped.preempted
+  assert checkpoint_steps(tmp_path) == [44, 50]
+  assert len(read_metrics(tmp_path)) == 1
+  resumed = fit(make_config(max_to_keep=5), tmp_path)
+  assert resumed.resumed_from == 50 and not resumed.preempted
+  assert without_timing(resumed.history) == without_timing(ref.history)
+  assert read_metrics(tmp_path) == read_metrics(ref_dir)
+  assert_trees_equal(resumed.state, ref.state)  # params, stats, opt state, rng
+  assert_trees_equal(load_checkpoint_state(tmp_path, 132),
+                     load_checkpoint_state(ref_dir, 132))
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
+  """Kills `python -m experiments.train` with SIGKILL after its first epoch."""
+  args = ["--config.num_epochs=8", "--config.batch_size=32",
+          "--config.pruner=magnitude", "--config.progress_bar=false",
+          "--config.max_to_keep=10"]
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.train",
+       "--config", "experiments/configs/digits.py", "--workdir", str(killed),
+       *args], cwd=REPO, env=SUBPROCESS_ENV,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = killed / "checkpoints" / "44"  # renamed into place when committed
+  deadline = time.time() + 120
+  while time.time() < deadline and proc.poll() is None:
+    if first.exists():
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.005)
+  assert proc.wait(timeout=60) == -signal.SIGKILL, "the run ended before the kill"
+  steps = checkpoint_steps(killed)
+  assert steps and max(steps) < 8 * 44  # killed mid-way, with a checkpoint
+
+  config = make_config(num_epochs=8, max_to_keep=10)
+  resumed = exp_train.run(config, str(killed))
+  assert resumed.resumed_from is not None and resumed.resumed_from < 8 * 44
+  uninterrupted = exp_train.run(config, str(tmp_path / "uninterrupted"))
+  assert uninterrupted.resumed_from is None
+  assert len(resumed.history) == 8
+  assert without_timing(resumed.history) == without_timing(uninterrupted.history)
+  assert read_metrics(killed) == read_metrics(tmp_path / "uninterrupted")
+  assert_trees_equal(resumed.state, uninterrupted.state)
+
+
+def test_rerun_of_finished_run_is_a_no_op(reference):
+  config, workdir, ref = reference
+  again = fit(config, workdir)
+  assert again.resumed_from == 132
+  assert without_timing(again.history) == without_timing(ref.history)
+  assert_trees_equal(again.state, ref.state)
+
+
+# ----------------------------------------------------------------------------
+# Error paths
+# ----------------------------------------------------------------------------
+
+
+def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
+                                                             caplog):
+  config, ref_dir, ref = reference
+  # SIGTERM at the last step of epoch 2: the epoch completes, saves and exits.
+  first = fit(make_config(max_to_keep=5, debug_sigterm_at_step=88), tmp_path)
+  assert first.preempted and len(first.history) == 2
+  assert checkpoint_steps(tmp_path) == [44, 88]
+  latest = tmp_path / "checkpoints" / "88"
+  corrupted = {}
+  for path in sorted(latest.rglob("*")):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"not a checkpoint\x00" * 4)
+      corrupted[str(path.relative_to(latest))] = path.read_bytes()
+  assert corrupted
+
+  with caplog.at_level(logging.WARNING, logger="sparsejax.train"):
+    resumed = fit(make_config(max_to_keep=5), tmp_path)
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert any(str(latest) in w and "unreadable" in w for w in warnings), warnings
+  assert resumed.resumed_from == 44
+  # Never deleted: moved aside with its files as they were.
+  kept = tmp_path / "checkpoints.unreadable" / "88"
+  assert kept.is_dir()
+  for rel, content in corrupted.items():
+    assert (kept / rel).read_bytes() == content
+  # Recomputed from epoch 1: the same result as the uninterrupted run.
+  assert without_timing(resumed.history) == without_timing(ref.history)
+  assert_trees_equal(resumed.state, ref.state)
+  assert checkpoint_steps(tmp_path) == [44, 88, 132]
+
+
+def test_checkpoint_of_another_run_is_refused_and_left_alone(reference):
+  config, workdir, _ = reference
+  before = checkpoint_steps(workdir)
+  with pytest.raises(train.CheckpointMismatchError, match="batch_size"):
+    fit(make_config(batch_size=64, max_to_keep=5), workdir)
+  with pytest.raises(train.CheckpointMismatchError, match="state_signature"):
+    fit(make_config(pruner="dense", max_to_keep=5), workdir)
+  assert checkpoint_steps(workdir) == before
+  assert not (Path(workdir) / "checkpoints.unreadable").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  fit(make_config(num_epochs=1), tmp_path)
+  assert checkpoint_steps(tmp_path) == [44]
+  with pytest.raises(FloatingPointError) as err:
+    fit(make_config(learning_rate=1e30), tmp_path)
+  message = str(err.value)
+  assert "Non-finite training loss at epoch 2" in message
+  assert "last good checkpoint (epoch 1, global step 44)" in message
+  assert checkpoint_steps(tmp_path) == [44]  # nothing written for the NaN state
+  assert len(read_metrics(tmp_path)) == 1
+  # The kept checkpoint is intact: a sane rerun resumes from it.
+  resumed = fit(make_config(num_epochs=2), tmp_path)
+  assert resumed.resumed_from == 44 and len(resumed.history) == 2
+
+
+# ----------------------------------------------------------------------------
+# Data parallelism
+# ----------------------------------------------------------------------------
+
+MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import flax.linen as nn
+    import jax, jax.numpy as jnp, numpy as np
+    import ml_collections
+    from sparsejax import data, masks, models, train
+
+    assert jax.device_count() == 8, jax.devices()
+
+    class ConvBN(nn.Module):
+      # Batch norm makes the global-batch semantics of sharded training visible.
+      num_classes: int = 10
+      @nn.compact
+      def __call__(self, x, train=False, act_coef=None):
+        x = nn.Conv(8, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = nn.relu(x).mean(axis=(1, 2))
+        return nn.Dense(self.num_classes)(x)
+
+    ds = data.load("digits")
+    cfg = ml_collections.ConfigDict(dict(
+        learning_rate=0.05, lr_schedule="constant", num_epochs=1, momentum=0.9,
+        nesterov=True, weight_decay=5e-4, batch_size=64, seed=0,
+        progress_bar=False, tensorboard=False, eval_batch_size=100))
+    out = {}
+    for n in (8, 1):
+      mesh = train.make_mesh(n)
+      model = ConvBN()
+      tx = train.make_optimizer(cfg, 22)
+      state = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
+                                       jax.random.key(0))
+      mask = masks.topk_mask(jax.tree.map(jnp.abs, state.params), 0.7)
+      state = train.put_replicated(train.create_train_state(
+          model, tx, jnp.zeros((1, 8, 8, 1)), jax.random.key(0), mask=mask), mesh)
+      step = train.make_train_step(model, tx, mesh=mesh, batch_size=64,
+                                   mean=ds.mean, std=ds.std, augment=True)
+      images = train.put_replicated(ds.train_images, mesh)
+      labels = train.put_replicated(ds.train_labels, mesh)
+      perm = train.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
+      metrics = train.put_replicated(train.init_train_metrics(), mesh)
+      if n == 8:
+        hlo = step.lower(state, metrics, images, labels, perm, 0).compile().as_text()
+        out["all_reduce"] = "all-reduce" in hlo
+      losses = []
+      for k in range(6):
+        before = float(metrics["loss_sum"])
+        state, metrics = step(state, metrics, images, labels, perm, k)
+        losses.append(float(metrics["loss_sum"]) - before)
+      out[n] = {"losses": losses,
+                "devices": len(state.params["Dense_0"]["kernel"].sharding.device_set),
+                "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(
+                    (state.params, state.batch_stats, state.opt_state))]}
+      mlp = models.get("mlp", 10)
+      result = train.fit(cfg, sys.argv[1] + f"/fit{n}", model=mlp, dataset=ds,
+                         mesh=mesh)
+      out[n]["fit"] = result.history[-1]
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  env = dict(SUBPROCESS_ENV,
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
+                        cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+  out = json.loads(line[len("RESULT"):])
+  eight, one = out["8"], out["1"]
+  assert out["all_reduce"]  # gradients really are reduced across devices
+  assert eight["devices"] == 8 and one["devices"] == 1
+  np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  for a, b in zip(eight["leaves"], one["leaves"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  for key in ("train_loss", "test_loss", "test_accuracy"):
+    assert eight["fit"][key] == pytest.approx(one["fit"][key], rel=1e-4, abs=1e-6)
