@@ -146,10 +146,11 @@ def test_grasp_protocol_preset():
 def test_quickstart_prints_the_table(tmp_path):
   proc = run_module("experiments.quickstart", "--config",
                     "experiments/configs/quickstart.py", "--workdir", tmp_path,
-                    "--config.num_epochs=4", "--config.sparsities=(0.0, 0.9)")
+                    "--config.num_epochs=4", "--config.sparsities=(0.0, 0.9)",
+                    "--config.methods=('magnitude', 'snip')")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
-  header = lines.index("| sparsity | magnitude | random |")
+  header = lines.index("| sparsity | magnitude | snip |")
   rows = [l.strip("|").split("|") for l in lines[header + 2:header + 4]]
   assert [float(r[0]) for r in rows] == [0.0, 0.9]
   accuracy = np.array([[float(c.strip(" *")) for c in r[1:]] for r in rows])
@@ -160,3 +161,5 @@ def test_quickstart_prints_the_table(tmp_path):
   assert (tmp_path / "results.md").read_text().startswith("\n".join(
       lines[header:header + 4]))
   assert quickstart.get_config().sparsities == (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
+  assert quickstart.get_config().methods == ("random", "magnitude", "snip",
+                                             "grasp", "synflow")

@@ -17,9 +17,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "mlp"
   # Pruning at initialisation: every method at every sparsity, global budget,
   # all kernels prunable. Sparsity 0 is the dense baseline.
-  config.methods = ("magnitude", "random")
+  config.methods = ("random", "magnitude", "snip", "grasp", "synflow")
+  # SNIP and GraSP score on this many training examples per class (SPEC §2).
+  config.score_samples_per_class = 10
   config.sparsities = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
-  # "global" or "uniform" (the budgets that take a traced sparsity).
+  # "global", "uniform", "erk" or "er".
   config.budget = "global"
   # Training (the same for every run; one compiled step serves all masks).
   config.num_epochs = 30
