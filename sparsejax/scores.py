@@ -716,5 +716,6 @@ def _warn_collapse(method: str, mask: PyTree, prunable) -> PyTree:
   collapsed = masks.summary(mask, prunable).collapsed
   if collapsed:
     warnings.warn(f"{method} pruned every weight of {list(collapsed)} (layer "
-                  "collapse): the network is disconnected", RuntimeWarning, stacklevel=3)
+                  "collapse): the network is disconnected unless residual "
+                  "shortcuts bypass them", RuntimeWarning, stacklevel=3)
   return mask

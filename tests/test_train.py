@@ -24,6 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from experiments import common  # noqa: E402
 from experiments import train as exp_train  # noqa: E402
 from experiments.configs import digits as digits_config  # noqa: E402
 from sparsejax import data, masks, models, optim, train  # noqa: E402
@@ -46,7 +47,7 @@ def fit(config, workdir):
   ds = data.load(config.dataset)
   model = models.get(config.model, ds.num_classes)
   return train.fit(config, workdir, model=model, dataset=ds,
-                   mask=exp_train.make_mask_fn(config))
+                   mask=common.make_mask_fn(config, model, ds))
 
 
 def without_timing(history):
@@ -114,7 +115,7 @@ def test_sparse_training_keeps_mask_and_zeros(reference):
   init = train.create_train_state(
       model, train.make_optimizer(config, 44), jnp.zeros((1, 8, 8, 1)),
       jax.random.key(config.seed))
-  initial_mask = exp_train.make_mask_fn(config)(init.params)
+  initial_mask = common.make_mask_fn(config, model, ds)(init.params)
   assert_trees_equal(result.state.mask, initial_mask)
   summary = masks.summary(result.state.mask)
   assert summary.kept == masks.kept_count(summary.total, 0.9)

@@ -6,7 +6,9 @@ Run::
       --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
 
 Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
-SPEC §8 reference protocols) and ``digits.py`` (offline, CPU-sized).
+SPEC §8 reference protocols), ``digits.py`` (offline, CPU-sized),
+``prune_at_init.py`` (``experiments.prune_at_init``) and the grids of
+``experiments.sweep``, ``sweep_synflow_paper.py`` and ``sweep_cpu_small.py``.
 """
 
 import ml_collections
@@ -36,8 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model_kwargs = ml_collections.ConfigDict()
 
   # --- Pruning (static mask chosen at initialisation) -------------------------
-  # "dense", or a pruning-at-initialisation method of sparsejax.scores that
-  # needs no data: "random", "magnitude".
+  # "dense", or a method of sparsejax.scores.prune_at_init: "random",
+  # "magnitude", "snip", "grasp", "synflow" or "iterative_<method>".
   config.pruner = "dense"
   # Fraction of the prunable weights set to zero (0.9 keeps 10%).
   config.sparsity = 0.9
@@ -46,6 +48,20 @@ def get_config() -> ml_collections.ConfigDict:
   # Which weights are prunable: "kernels" (all conv/dense kernels), "keep_first",
   # "keep_classifier" or "keep_first_and_classifier" (those stay dense).
   config.prunable = "kernels"
+  # SNIP and GraSP score on this many training examples per class (class
+  # balanced, drawn with the run's seed; the reference is 10).
+  config.score_samples_per_class = 10
+  # Pruning rounds, each to density d^(k/n); None = the method's default
+  # (100 for SynFlow and iterative_*, one-shot otherwise).
+  config.pruning_rounds = config_dict.placeholder(int)
+  # Batch-norm mode while scoring, "train" or "eval"; None = the SPEC §2
+  # default of the method (SNIP eval, GraSP train, SynFlow eval).
+  config.score_bn_mode = config_dict.placeholder(str)
+  # GraSP divides the logits by this temperature.
+  config.grasp_temperature = 200.0
+  # SynFlow's computation dtype: "float32" or "float64" (deep networks can
+  # underflow in float32).
+  config.synflow_dtype = "float32"
 
   # --- Optimisation ---------------------------------------------------------
   config.num_epochs = 160

@@ -1,0 +1,352 @@
+"""What the experiment runners share: config checks, the mask, one training run.
+
+* :func:`resolve_config` fills in derived defaults and refuses bad values.
+* :func:`make_mask_fn` is the one place where an experiment turns
+  ``config.pruner`` into a mask: any method of
+  :func:`sparsejax.scores.prune_at_init`, scored on the freshly initialised
+  network, followed by the diagnostics report of
+  :func:`sparsejax.diagnostics.report` (nominal and effective sparsity,
+  per-layer density, layer collapse), printed and saved with the run.
+* :func:`run` is one training run (load data, build the model, prune, train
+  with :func:`sparsejax.train.fit`, write ``results.json``); ``experiments.train``,
+  ``experiments.prune_at_init`` and every cell of ``experiments.sweep`` are
+  this function.
+* :func:`cli_main` runs a command-line entry point with the shared exit
+  statuses and one-line error messages.
+
+Files of a run directory: ``config.json`` (the resolved config),
+``pruning.json`` and ``pruning.txt`` (the mask report; not for dense runs),
+``metrics.jsonl``, ``tb/`` (when ``config.tensorboard``), ``checkpoints/`` and,
+once training has finished, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+
+from sparsejax import data
+from sparsejax import diagnostics
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import scores
+from sparsejax import train
+
+PyTree = Any
+
+#: ``config.pruner`` values: ``"dense"`` (no mask) or a method of
+#: :func:`sparsejax.scores.prune_at_init`.
+PRUNERS = ("dense", *scores.METHODS, *(f"iterative_{m}" for m in scores.METHODS))
+#: Methods that score with training data (a class-balanced batch).
+DATA_METHODS = ("snip", "grasp")
+#: ``config.prunable`` presets.
+PRUNABLE = {
+    "kernels": masks.KERNELS,
+    "keep_first": masks.KEEP_FIRST_DENSE,
+    "keep_classifier": masks.KEEP_CLASSIFIER_DENSE,
+    "keep_first_and_classifier": masks.KEEP_FIRST_AND_CLASSIFIER_DENSE,
+}
+#: Exit status of a run stopped by SIGTERM after saving its checkpoint.
+EXIT_PREEMPTED = 143
+
+PRUNING_FILE = "pruning.json"
+RESULTS_FILE = "results.json"
+
+
+def define_flags(workdir_help: str = "Directory for checkpoints, logs and results."):
+  """Defines ``--workdir`` and ``--config`` (a locked config file).
+
+  Called by each entry point under ``if __name__ == "__main__"``, so that
+  importing the runners (e.g. in tests) defines no flags.
+  """
+  flags.DEFINE_string("workdir", None, workdir_help)
+  config_flags.DEFINE_config_file("config", None, "Configuration file.",
+                                  lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def base_method(pruner: str) -> str:
+  """``"snip"`` for ``"snip"`` and ``"iterative_snip"``."""
+  return pruner.removeprefix("iterative_")
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with derived defaults filled in and values checked.
+
+  ``weight_decay=None`` becomes the SPEC §8 value for the model family (5e-4
+  for VGG, 1e-4 otherwise).
+
+  Raises:
+    ValueError: an unknown pruner, prunable preset, model name, scoring
+      batch-norm mode or SynFlow dtype, or a sparsity outside [0, 1).
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.pruner not in PRUNERS:
+    raise ValueError(f"config.pruner must be one of {PRUNERS}, got {config.pruner!r}")
+  if config.prunable not in PRUNABLE:
+    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
+                     f"{config.prunable!r}")
+  if config.model not in models.names():
+    raise ValueError(f"unknown model {config.model!r}; valid names are: "
+                     f"{', '.join(models.names())}")
+  if config.pruner != "dense":
+    masks.check_sparsity(config.sparsity)
+  if config.score_bn_mode not in (None, *scores.BN_MODES):
+    raise ValueError(f"config.score_bn_mode must be None, 'train' or 'eval', got "
+                     f"{config.score_bn_mode!r}")
+  if config.synflow_dtype not in ("float32", "float64"):
+    raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
+                     f"{config.synflow_dtype!r}")
+  if config.weight_decay is None:
+    config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  return config
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes ``obj`` as JSON atomically (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  with open(path) as f:
+    return json.load(f)
+
+
+# ----------------------------------------------------------------------------
+# The mask
+# ----------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _initial_state(model, input_shape) -> dict:
+  """The non-trainable collections of a freshly initialised ``model``.
+
+  These are the batch-norm statistics (mean 0, variance 1), which do not
+  depend on the initialisation key; the params are dropped.
+  """
+  variables = train.init_variables(model, jnp.zeros((1, *input_shape)),
+                                   jax.random.key(0))
+  return {k: v for k, v in variables.items() if k != "params"}
+
+
+def _method_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> dict:
+  """The keyword arguments of :func:`sparsejax.scores.prune_at_init` that
+  ``config.pruner`` takes, from the config (SPEC §2 defaults where ``None``)."""
+  method = base_method(config.pruner)
+  kwargs = {}
+  if config.pruning_rounds is not None:
+    kwargs["rounds"] = int(config.pruning_rounds)
+  if method == "random":
+    kwargs["key"] = jax.random.fold_in(jax.random.key(config.seed), 1)
+  if method in ("snip", "grasp", "synflow") and config.score_bn_mode is not None:
+    kwargs["bn_mode"] = config.score_bn_mode
+  if method in DATA_METHODS:
+    kwargs["batches"] = data.class_balanced_batch(
+        dataset, int(config.score_samples_per_class), int(config.seed))
+  if method == "grasp":
+    kwargs["temperature"] = float(config.grasp_temperature)
+  if method == "synflow":
+    kwargs["input_shape"] = dataset.image_shape
+    kwargs["dtype"] = jnp.dtype(config.synflow_dtype)
+  return kwargs
+
+
+def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset,
+                 workdir: str | None = None
+                 ) -> Callable[[PyTree], PyTree] | None:
+  """The ``params -> mask`` function of ``config.pruner``; ``None`` if dense.
+
+  Given the freshly initialised params (as :func:`sparsejax.train.fit` calls
+  it; it is not called when a run resumes from a checkpoint), the function
+
+  1. prunes with :func:`sparsejax.scores.prune_at_init` (``config.pruner``,
+     ``sparsity``, ``budget``, ``prunable``, ``pruning_rounds``): the model
+     is :func:`sparsejax.scores.linen_apply_fn` of the params and the initial
+     batch-norm statistics; SNIP and GraSP score on
+     ``data.class_balanced_batch(dataset, config.score_samples_per_class,
+     config.seed)``; SynFlow feeds an all-ones input of the image shape;
+     ``random`` uses the key ``fold_in(key(seed), 1)``; ``score_bn_mode``,
+     ``grasp_temperature`` and ``synflow_dtype`` are passed to the methods
+     that take them;
+  2. times it: ``scoring_seconds`` is the wall time of step 1 until the mask
+     is ready, compilation included;
+  3. prints the :func:`sparsejax.diagnostics.report` table (nominal and
+     effective sparsity, per-layer density, collapsed layers) and, with a
+     ``workdir``, writes it to ``workdir/pruning.txt`` and, with the method,
+     sparsity, budget, prunable preset and ``scoring_seconds``, to
+     ``workdir/pruning.json``.
+
+  A collapsed mask is reported (and :func:`~sparsejax.scores.prune_at_init`
+  warns), never refused: the run trains it like any other.
+  """
+  if config.pruner == "dense":
+    return None
+  prunable = PRUNABLE[config.prunable]
+  input_shape = dataset.image_shape
+
+  def mask_fn(params: PyTree) -> PyTree:
+    variables = {"params": params, **_initial_state(model, input_shape)}
+    params, apply_fn = scores.linen_apply_fn(model, variables)
+    start = time.perf_counter()
+    mask = scores.prune_at_init(
+        config.pruner, params, sparsity=float(config.sparsity),
+        budget=config.budget, prunable=prunable, apply_fn=apply_fn,
+        **_method_kwargs(config, dataset))
+    mask = jax.block_until_ready(mask)
+    seconds = time.perf_counter() - start
+    report = diagnostics.report(mask, params, apply_fn, input_shape, prunable)
+    header = (f"{config.pruner} at sparsity {config.sparsity} ({config.budget} "
+              f"budget, prunable={config.prunable}): scored in {seconds:.1f} s")
+    print(f"{header}\n{report}", flush=True)
+    logging.info("%s; sparsity %.4f, effective %.4f, collapsed %s", header,
+                 report["sparsity"], report["effective_sparsity"],
+                 report["collapsed"] or "none")
+    if workdir is not None and jax.process_index() == 0:
+      with open(os.path.join(workdir, "pruning.txt"), "w") as f:
+        f.write(f"{header}\n{report}\n")
+      write_json(os.path.join(workdir, PRUNING_FILE), {
+          "method": config.pruner, "sparsity": float(config.sparsity),
+          "budget": config.budget, "prunable": config.prunable,
+          "scoring_seconds": seconds, "report": dict(report)})
+    return mask
+
+  return mask_fn
+
+
+# ----------------------------------------------------------------------------
+# One run
+# ----------------------------------------------------------------------------
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
+  """``config.dataset`` from ``config.data_dir``, keeping ``config.train_subset``."""
+  return data.load(config.dataset, config.data_dir, train_subset=config.train_subset)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        dataset: data.Dataset | None = None) -> train.FitResult:
+  """Loads data and model, prunes, trains; writes the run files.
+
+  An existing run directory resumes (:func:`sparsejax.train.fit`): the mask
+  then comes from the checkpoint and is not scored again.
+
+  When training finishes, ``results.json`` holds ``final`` (the last epoch's
+  metrics), ``epochs``, ``train_seconds`` (the summed training time of the
+  epochs, evaluation excluded), ``mask`` (the per-layer summary of the trained
+  mask, :meth:`sparsejax.masks.MaskSummary.as_dict`) and ``pruning``
+  (``pruning.json`` without its per-layer table; ``None`` for dense runs
+  and for a run resumed from a directory without ``pruning.json``).
+
+  Args:
+    config: a config as in ``experiments/configs/default.py``.
+    workdir: the run directory (created).
+    dataset: the data of ``config`` when already loaded (a sweep loads it
+      once); default :func:`load_dataset`.
+
+  Returns:
+    The :class:`sparsejax.train.FitResult`.
+  """
+  config = resolve_config(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), config.to_dict())
+
+  dataset = load_dataset(config) if dataset is None else dataset
+  model = models.get(config.model, dataset.num_classes,
+                     **config.model_kwargs.to_dict())
+  mesh = train.make_mesh(config.num_devices)
+  logging.info("%s on %s (%d train / %d test), pruner=%s sparsity=%s budget=%s, "
+               "%d device(s)", config.model, dataset.name, dataset.num_train,
+               dataset.num_test, config.pruner,
+               config.sparsity if config.pruner != "dense" else 0.0,
+               config.budget, mesh.size)
+  result = train.fit(config, workdir, model=model, dataset=dataset,
+                     mask=make_mask_fn(config, model, dataset, workdir), mesh=mesh)
+  if not result.preempted:
+    mask = result.state.mask
+    summary = masks.summary(mask if mask is not None
+                            else masks.ones_like(result.state.params))
+    pruning = None
+    pruning_file = os.path.join(workdir, PRUNING_FILE)
+    if config.pruner != "dense" and os.path.exists(pruning_file):
+      pruning = read_json(pruning_file)
+      pruning["report"] = {k: v for k, v in pruning["report"].items()
+                           if k != "layers"}
+    write_json(os.path.join(workdir, RESULTS_FILE), {
+        "final": result.history[-1] if result.history else {},
+        "epochs": len(result.history),
+        "train_seconds": sum(r["epoch_seconds"] for r in result.history),
+        "mask": summary.as_dict(),
+        "pruning": pruning,
+    })
+  return result
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+
+def quiet_orbax_info() -> None:
+  """Drops Orbax's per-save INFO lines from the absl log (warnings stay)."""
+
+  def keep(record) -> bool:
+    return (record.levelno >= logging.converter.STANDARD_WARNING
+            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+
+  logging.get_absl_handler().addFilter(keep)
+
+
+def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
+  """Runs an entry point's ``fn()`` with the shared exit statuses.
+
+  Exit status 1 with one ``error:`` line (plus the loader's details where
+  there are any) on a missing or corrupt dataset, a non-finite loss or a bad
+  config value (``--verbosity=1`` logs the traceback); 143 when
+  ``preempted(result)`` (stopped by SIGTERM after saving a checkpoint).
+  Calls ``jax.distributed.initialize()`` first when ``--config.distributed``.
+
+  Returns:
+    ``fn()``'s result otherwise.
+  """
+  quiet_orbax_info()
+  if flags.FLAGS.config.distributed:
+    jax.distributed.initialize()
+  try:
+    result = fn()
+  except (FileNotFoundError, data.DatasetFormatError, FloatingPointError,
+          ValueError) as e:
+    logging.debug("failed", exc_info=True)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  if preempted(result):
+    print("Stopped by SIGTERM after saving a checkpoint; rerun the same command "
+          "to resume.", file=sys.stderr)
+    sys.exit(EXIT_PREEMPTED)
+  return result
+
+
+def final_line(history: list[dict]) -> str:
+  """``"done: train_loss=..., test_loss=..., test_accuracy=..."``."""
+  final = history[-1] if history else {}
+  return "done: " + ", ".join(
+      f"{k}={final[k]:.4f}" for k in ("train_loss", "test_loss", "test_accuracy")
+      if k in final)

@@ -1,0 +1,473 @@
+r"""Pruning at initialisation: methods x sparsities x seeds, trained and compared.
+
+Usage::
+
+  python -m experiments.sweep \
+      --config experiments/configs/sweep_synflow_paper.py:vgg16,cifar100 \
+      --workdir runs/sweep_vgg16_c100
+
+  # the small CPU grid on CIFAR-10 (about 35 minutes on 2 CPU cores)
+  python -m experiments.sweep --config experiments/configs/sweep_cpu_small.py \
+      --config.data_dir=/path/to/data --workdir runs/sweep_cpu_small
+
+  # rebuild the table and the plots from the finished cells only
+  python -m experiments.sweep --config ... --workdir ... --report_only
+
+Every cell of the grid -- a method of ``config.methods`` at a sparsity of
+``config.sparsities`` with a seed of ``config.seeds`` -- is one run of
+:func:`experiments.common.run`, the code path of ``experiments.prune_at_init``
+(prune, report, train with :func:`sparsejax.train.fit`), in
+``WORKDIR/cells/<method>_s<sparsity>_seed<seed>/``. Sparsity 0 is one dense
+cell per seed, ``dense_s0_seed<seed>``: every method keeps every weight there.
+The seed selects the initial network, the data order and augmentation, the
+scoring batch of SNIP and GraSP and the random scores.
+
+The cells run in this process, one after another, on a dataset loaded once.
+A cell is finished when its ``results.json`` exists: a rerun skips it; an
+interrupted cell resumes from its last checkpoint. A cell directory written
+with a different training config (any field but those in
+:data:`RUN_ONLY_FIELDS`) is an error rather than a silently mixed table.
+
+Outputs in ``WORKDIR`` (rebuilt from the finished cells at the end of every
+run, and by ``--report_only`` without training):
+
+* ``results.csv``: one row per finished cell (:data:`CSV_FIELDS`);
+* ``results.md``: test accuracy (%), one row per sparsity and one column per
+  method, mean ± sample standard deviation over the seeds; ``*`` marks a mask
+  with a collapsed layer (no weight kept) for some seed, ``†`` one with a
+  layer that keeps weights but none on an input-to-output path;
+* ``accuracy_vs_sparsity.png``: test accuracy against the compression ratio
+  ``1/(1 - s)`` on a log axis (labelled with the sparsity), one line per
+  method with a ± std band, the dense baseline as a horizontal line;
+* ``layer_density.png``: per-layer density of each method's mask at
+  ``config.density_plot_sparsity`` (default: the highest sparsity), log axis.
+
+The command line keeps JAX's persistent compilation cache in
+``WORKDIR/jax_cache`` (unless ``JAX_COMPILATION_CACHE_DIR`` names another):
+the cells of one model share their compiled train and eval steps.
+
+Exit status as ``experiments.train``: 143 when stopped by SIGTERM (rerun to
+resume), 1 with one ``error:`` line on an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import ml_collections
+import numpy as np
+
+from experiments import common
+from sparsejax import masks
+
+#: Config fields of the grid (not passed to the cells).
+SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity")
+#: Cell-config fields that do not change a cell's result: they may differ
+#: between the run that wrote a cell and a rerun.
+RUN_ONLY_FIELDS = ("data_dir", "progress_bar", "tensorboard", "log_every_steps",
+                   "async_checkpointing", "max_to_keep", "num_devices",
+                   "distributed", "eval_batch_size", "eval_every_epochs",
+                   "debug_sigterm_at_step")
+#: Columns of ``results.csv``.
+CSV_FIELDS = ("method", "sparsity", "seed", "test_accuracy", "nominal_sparsity",
+              "effective_sparsity", "collapsed_layers",
+              "effectively_collapsed_layers", "scoring_seconds",
+              "training_seconds", "epochs", "cell")
+DENSE = "dense"
+COLLAPSED_MARK = "*"
+EFFECTIVELY_COLLAPSED_MARK = "†"
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One run of the grid."""
+
+  method: str
+  sparsity: float
+  seed: int
+
+  @property
+  def name(self) -> str:
+    """The cell's directory name, ``<method>_s<sparsity>_seed<seed>``."""
+    return f"{self.method}_s{self.sparsity:g}_seed{self.seed}"
+
+
+def grid(config: ml_collections.ConfigDict) -> list[Cell]:
+  """The cells of ``config``: by seed, then ascending sparsity, then method.
+
+  Raises:
+    ValueError: no or unknown methods, duplicated methods, sparsities or
+      seeds, or a sparsity outside [0, 1).
+  """
+  methods, sparsities = tuple(config.methods), tuple(config.sparsities)
+  seeds = tuple(int(s) for s in config.seeds)
+  for name, values in (("methods", methods), ("sparsities", sparsities),
+                       ("seeds", seeds)):
+    if not values or len(set(values)) != len(values):
+      raise ValueError(f"config.{name} must be non-empty without duplicates, got "
+                       f"{values}")
+  bad = [m for m in methods if m not in common.PRUNERS or m == DENSE]
+  if bad:
+    raise ValueError(f"unknown methods {bad}; valid: {common.PRUNERS[1:]}")
+  for s in sparsities:
+    masks.check_sparsity(s, "config.sparsities")
+  cells = []
+  for seed in seeds:
+    for s in sorted(float(s) for s in sparsities):
+      if s == 0.0:
+        cells.append(Cell(DENSE, 0.0, seed))
+      else:
+        cells.extend(Cell(m, s, seed) for m in methods)
+  return cells
+
+
+def cell_config(config: ml_collections.ConfigDict,
+                cell: Cell) -> ml_collections.ConfigDict:
+  """The run config of ``cell``: ``config`` without the grid fields, with the
+  cell's pruner, sparsity and seed."""
+  fields = {k: v for k, v in config.to_dict().items() if k not in SWEEP_FIELDS}
+  fields.update(pruner=cell.method, sparsity=cell.sparsity, seed=cell.seed)
+  return ml_collections.ConfigDict(fields)
+
+
+def _comparable(config_dict: dict) -> dict:
+  """JSON-normalised config without :data:`RUN_ONLY_FIELDS`."""
+  return {k: v for k, v in json.loads(json.dumps(config_dict)).items()
+          if k not in RUN_ONLY_FIELDS}
+
+
+def check_cell_config(cell_dir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses a started cell whose ``config.json`` differs from ``config``.
+
+  Raises:
+    ValueError: naming the differing fields.
+  """
+  path = os.path.join(cell_dir, "config.json")
+  if not os.path.exists(path):
+    return
+  saved = _comparable(common.read_json(path))
+  wanted = _comparable(common.resolve_config(config).to_dict())
+  diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+  if diff:
+    details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here"
+                        for k in diff)
+    raise ValueError(f"cell {cell_dir} was run with another config ({details}); "
+                     "use a new workdir or the config that wrote it")
+
+
+def is_finished(cell_dir: str) -> bool:
+  return os.path.exists(os.path.join(cell_dir, common.RESULTS_FILE))
+
+
+# ----------------------------------------------------------------------------
+# Collecting results
+# ----------------------------------------------------------------------------
+
+
+def cell_row(cell: Cell, cell_dir: str) -> dict:
+  """The ``results.csv`` row of a finished cell (sparsities as fractions,
+  accuracy in [0, 1], layer lists joined by ``;``)."""
+  results = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))
+  pruning = results["pruning"] or {}
+  report = pruning.get("report", {})
+  nominal = results["mask"]["sparsity"]
+  return {
+      "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
+      "test_accuracy": results["final"]["test_accuracy"],
+      "nominal_sparsity": nominal,
+      "effective_sparsity": report.get("effective_sparsity", nominal),
+      "collapsed_layers": ";".join(report.get("collapsed", [])),
+      "effectively_collapsed_layers": ";".join(report.get("effectively_collapsed", [])),
+      "scoring_seconds": pruning.get("scoring_seconds", 0.0),
+      "training_seconds": results["train_seconds"],
+      "epochs": results["epochs"], "cell": cell.name,
+  }
+
+
+def layer_densities(cell_dir: str) -> dict[str, float]:
+  """``{layer path: nominal density}`` of a pruned cell's mask."""
+  report = common.read_json(os.path.join(cell_dir, common.PRUNING_FILE))["report"]
+  return {p: layer["density"] for p, layer in report["layers"].items()}
+
+
+def _fmt_sparsity(s: float) -> str:
+  return f"{100 * s:g}%"
+
+
+def _fmt_compression(s: float) -> str:
+  return f"{1 / (1 - s):.4g}×"
+
+
+def _epochs(n: int) -> str:
+  return f"{n} epoch" + ("s" if n != 1 else "")
+
+
+def _mean_std(values) -> tuple[float, float]:
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
+  """The markdown table of ``results.md`` (see the module doc)."""
+  methods, seeds = tuple(config.methods), tuple(config.seeds)
+  by_key: dict[tuple[str, float], list[dict]] = {}
+  for r in rows:
+    by_key.setdefault((r["method"], r["sparsity"]), []).append(r)
+
+  def cell_text(key) -> str:
+    found = by_key.get(key, [])
+    if not found:
+      return "–"
+    mean, std = _mean_std([100 * r["test_accuracy"] for r in found])
+    text = f"{mean:.1f} ± {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}"
+    if any(r["collapsed_layers"] for r in found):
+      text += " " + COLLAPSED_MARK
+    elif any(r["effectively_collapsed_layers"] for r in found):
+      text += " " + EFFECTIVELY_COLLAPSED_MARK
+    if len(found) < len(seeds):
+      text += f" ({len(found)}/{len(seeds)} seeds)"
+    return text
+
+  subset = (f"{config.train_subset} training images" if config.train_subset
+            else "the full training set")
+  spread = (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1
+            else f"seed {seeds[0]}")
+  lines = [f"Test accuracy (%) of {config.model} on {config.dataset} ({subset}, "
+           f"{_epochs(config.num_epochs)}), pruned at initialisation with a "
+           f"{config.budget} budget; {spread}.", "",
+           "| sparsity | compression | " + " | ".join(methods) + " |",
+           "|---:|---:|" + "---:|" * len(methods)]
+  for s in sorted({float(s) for s in config.sparsities}):
+    if s == 0.0:
+      cells = [cell_text((DENSE, 0.0))] * len(methods)
+      label = "0% (dense)"
+    else:
+      cells = [cell_text((m, s)) for m in methods]
+      label = _fmt_sparsity(s)
+    lines.append(f"| {label} | {_fmt_compression(s)} | " + " | ".join(cells) + " |")
+  notes = []
+  if any(r["collapsed_layers"] for r in rows):
+    notes.append(f"{COLLAPSED_MARK} layer collapse: some layer kept no weight "
+                 "(for at least one seed).")
+  if any(r["effectively_collapsed_layers"] and not r["collapsed_layers"]
+         for r in rows):
+    notes.append(f"{EFFECTIVELY_COLLAPSED_MARK} effective layer collapse: some "
+                 "layer keeps weights but none on an input-to-output path.")
+  if notes:
+    lines += [""] + notes
+  return "\n".join(lines)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+# ----------------------------------------------------------------------------
+# Plots (matplotlib's Agg canvas, no pyplot state)
+# ----------------------------------------------------------------------------
+
+
+def _figure(width: float, height: float) -> Figure:
+  fig = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_accuracy(path: str, config: ml_collections.ConfigDict,
+                  rows: list[dict]) -> None:
+  """``accuracy_vs_sparsity.png`` (see the module doc)."""
+  fig = _figure(7, 4.5)
+  ax = fig.subplots()
+  sparsities = sorted({r["sparsity"] for r in rows if r["method"] != DENSE})
+  for method in config.methods:
+    points = []
+    for s in sparsities:
+      found = [r for r in rows if r["method"] == method and r["sparsity"] == s]
+      if found:
+        mean, std = _mean_std([100 * r["test_accuracy"] for r in found])
+        collapsed = any(r["collapsed_layers"] for r in found)
+        points.append((1 / (1 - s), mean, std, collapsed))
+    if not points:
+      continue
+    x, mean, std, collapsed = (np.array(v) for v in zip(*points))
+    (line,) = ax.plot(x, mean, marker="o", label=method)
+    ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    ax.plot(x[collapsed], mean[collapsed], linestyle="none", marker="x",
+            markersize=10, color="black")
+  dense = [100 * r["test_accuracy"] for r in rows if r["method"] == DENSE]
+  if dense:
+    mean, std = _mean_std(dense)
+    ax.axhline(mean, color="black", linestyle="--", label=f"dense ({mean:.1f}%)")
+    if std:
+      ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
+  if any(r["collapsed_layers"] for r in rows if r["method"] != DENSE):
+    ax.plot([], [], linestyle="none", marker="x", color="black",
+            label="layer collapse")
+  ax.set_xscale("log")
+  ticks = [1 / (1 - s) for s in sparsities]
+  ax.set_xticks(ticks, [f"{_fmt_sparsity(s)}\n({_fmt_compression(s)})"
+                        for s in sparsities])
+  ax.minorticks_off()
+  ax.set_xlabel("sparsity (compression ratio 1/(1 − s), log scale)")
+  ax.set_ylabel("test accuracy (%)")
+  seeds = len(config.seeds)
+  ax.set_title(f"{config.model} on {config.dataset}, {_epochs(config.num_epochs)}"
+               + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.savefig(path, dpi=120)
+
+
+def plot_layer_density(path: str, config: ml_collections.ConfigDict,
+                       densities: dict[str, list[dict[str, float]]],
+                       sparsity: float) -> None:
+  """``layer_density.png``: mean per-layer density over seeds, per method.
+
+  Layers that keep no weight are drawn at the bottom of the log axis (a
+  dotted line labelled "0 (collapsed)").
+  """
+  fig = _figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
+  ax = fig.subplots()
+  layers = list(next(iter(densities.values()))[0])
+  means = {m: np.mean([[d[p] for p in layers] for d in ds], axis=0)
+           for m, ds in densities.items()}
+  positive = np.concatenate([v[v > 0] for v in means.values()])
+  floor = (positive.min() if positive.size else 1.0) / 3
+  x = np.arange(len(layers))
+  for method, mean in means.items():
+    ax.plot(x, np.maximum(mean, floor), marker="o", markersize=4, label=method)
+  if any(np.any(mean == 0) for mean in means.values()):
+    ax.axhline(floor, color="gray", linestyle=":", label="0 (collapsed)")
+  ax.axhline(1 - sparsity, color="black", linestyle="--", linewidth=0.8,
+             label=f"overall density {1 - sparsity:.3g}")
+  ax.set_yscale("log")
+  ax.set_xticks(x, [p.removesuffix("/kernel") for p in layers], rotation=90,
+                fontsize="small")
+  ax.set_ylabel("density (fraction of weights kept)")
+  ax.set_title(f"Per-layer density of {config.model} masks at sparsity "
+               f"{_fmt_sparsity(sparsity)}")
+  ax.grid(True, axis="y", alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------
+# The sweep
+# ----------------------------------------------------------------------------
+
+
+def write_report(config: ml_collections.ConfigDict, workdir: str,
+                 cells: list[Cell]) -> dict:
+  """Writes ``results.csv``, ``results.md`` and the plots from the finished
+  cells; returns ``{"rows", "table", "missing"}``."""
+  finished = [c for c in cells if is_finished(os.path.join(workdir, "cells", c.name))]
+  rows = [cell_row(c, os.path.join(workdir, "cells", c.name)) for c in finished]
+  table = format_table(config, rows)
+  write_csv(os.path.join(workdir, "results.csv"), rows)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table + "\n")
+  if rows:
+    plot_accuracy(os.path.join(workdir, "accuracy_vs_sparsity.png"), config, rows)
+  pruned = [c for c in finished if c.method != DENSE]
+  if pruned:
+    s = config.density_plot_sparsity
+    s = max(c.sparsity for c in pruned) if s is None else float(s)
+    densities = {}
+    for method in config.methods:
+      found = [layer_densities(os.path.join(workdir, "cells", c.name))
+               for c in pruned if c.method == method and c.sparsity == s]
+      if found:
+        densities[method] = found
+    if densities:
+      plot_layer_density(os.path.join(workdir, "layer_density.png"), config,
+                         densities, s)
+  return {"rows": rows, "table": table,
+          "missing": [c.name for c in cells if c not in finished]}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        report_only: bool = False) -> dict:
+  """Runs the unfinished cells of the grid, then writes the table and plots.
+
+  Args:
+    config: a sweep config (``experiments/configs/sweep_*.py``): the fields
+      of ``default.py`` for every cell plus ``methods``, ``sparsities``,
+      ``seeds`` and ``density_plot_sparsity``.
+    workdir: the sweep directory (created).
+    report_only: run nothing (the data need not be present); rebuild the
+      outputs from the finished cells.
+
+  Returns:
+    ``{"rows", "table", "missing", "ran", "skipped", "preempted"}``: the CSV
+    rows, the markdown table, the unfinished cells, the cells run and the
+    finished cells skipped by this call, and whether SIGTERM stopped it.
+  """
+  cells = grid(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  for cell in cells:
+    check_cell_config(os.path.join(workdir, "cells", cell.name),
+                      cell_config(config, cell))
+  ran, skipped, preempted = [], [], False
+  if not report_only:
+    common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    dataset = common.load_dataset(config)
+    for i, cell in enumerate(cells, 1):
+      cell_dir = os.path.join(workdir, "cells", cell.name)
+      if is_finished(cell_dir):
+        logging.info("cell %d/%d %s: finished already, skipped", i, len(cells),
+                     cell.name)
+        skipped.append(cell.name)
+        continue
+      print(f"cell {i}/{len(cells)}: {cell.name}", flush=True)
+      result = common.run(cell_config(config, cell), cell_dir, dataset=dataset)
+      if result.preempted:
+        preempted = True
+        break
+      ran.append(cell.name)
+      row = cell_row(cell, cell_dir)
+      print(f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
+            f"{100 * row['test_accuracy']:.2f}% (scoring "
+            f"{row['scoring_seconds']:.1f} s, training "
+            f"{row['training_seconds']:.0f} s)", flush=True)
+  report = write_report(config, workdir, cells)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError("Too many command-line arguments.")
+  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if not jax.config.jax_compilation_cache_dir:
+    # Every cell builds its train and eval steps anew (sparsejax.train.fit);
+    # the masks are data, so cells of one model compile to the same programs,
+    # which the persistent cache then compiles once.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(workdir), "jax_cache"))
+  result = common.cli_main(
+      lambda: run(config, workdir, report_only=flags.FLAGS.report_only),
+      lambda r: r["preempted"])
+  print(f"\n{result['table']}\n")
+  done = len(result["rows"])
+  print(f"{done} of {done + len(result['missing'])} cells finished "
+        f"({len(result['ran'])} run now, {len(result['skipped'])} skipped); "
+        f"results in {os.path.abspath(workdir)}")
+
+
+if __name__ == "__main__":
+  common.define_flags("Directory of the sweep (cells, table, plots).")
+  flags.DEFINE_bool("report_only", False, "Rebuild results.csv, results.md and "
+                    "the plots from the finished cells; train nothing.")
+  app.run(main)
