@@ -8,11 +8,14 @@ Submodules:
   scores: pruning-at-initialisation scores (SNIP, GraSP, SynFlow, magnitude,
     random), iterative pruning, ``prune_at_init``.
   diagnostics: effective sparsity and layer collapse of a mask.
+  lottery: lottery tickets (iterative magnitude pruning with rewinding), the
+    random re-initialisation and re-pruning controls, ticket files.
   train: train state, sharded train/eval steps, schedules, checkpointed ``fit``.
 """
 
 from sparsejax import data
 from sparsejax import diagnostics
+from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import models
 from sparsejax import optim
@@ -21,4 +24,4 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "diagnostics", "masks", "models", "optim", "scores", "train"]
+__all__ = ["data", "diagnostics", "lottery", "masks", "models", "optim", "scores", "train"]

@@ -16,7 +16,8 @@ The pieces, from low to high level:
 * :func:`fit`: the epoch loop with Orbax checkpoints (every epoch and on
   SIGTERM, keep the last N, automatic resume that skips unreadable
   checkpoints), a progress bar, ``metrics.jsonl`` and TensorBoard logs, and a
-  clear stop on a non-finite loss.
+  clear stop on a non-finite loss. It can start from a given train state
+  (e.g. a lottery-ticket rewind point) and stop at a given step.
 
 Data parallelism. Every function takes a :class:`jax.sharding.Mesh` with one
 axis named ``"data"`` (:func:`make_mesh`): batches are sharded along it, the
@@ -910,7 +911,9 @@ def _non_finite_message(bad_step: int, steps_per_epoch: int,
 def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
         dataset: data_lib.Dataset,
         mask: PyTree | Callable[[PyTree], PyTree] | None = None,
-        mesh: jax.sharding.Mesh | None = None) -> FitResult:
+        mesh: jax.sharding.Mesh | None = None,
+        initial_state: TrainState | None = None,
+        stop_at_step: int | None = None) -> FitResult:
   """Trains ``model`` on ``dataset``; checkpointed, resumable, logged.
 
   Resumes automatically from the newest readable checkpoint in
@@ -938,6 +941,18 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       :func:`create_train_state`. Not called on resume: the mask comes from
       the checkpoint.
     mesh: default :func:`make_mesh` over all devices.
+    initial_state: start from this state instead of
+      ``create_train_state(model, tx, sample, key(seed), mask)``, e.g. a
+      lottery-ticket rewind point (:func:`sparsejax.lottery.rewind_state`:
+      step ``k``, rewound params, fresh optimiser state holding the new
+      mask). Training continues from ``initial_state.step`` with the
+      schedule and data order of that step. It must have the structure,
+      shapes and dtypes of the state ``fit`` would create (sparse iff its
+      optimiser state holds a mask); then do not pass ``mask``. Ignored on
+      resume, like ``mask``.
+    stop_at_step: train only up to this global step, save a checkpoint there
+      (also mid-epoch) and return; a later call without it continues exactly
+      as if the run had never stopped. ``None``: the whole schedule.
 
   Returns:
     A :class:`FitResult`.
@@ -947,7 +962,9 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       epoch and step and the last good checkpoint, which is kept.
     CheckpointMismatchError: ``workdir`` holds checkpoints of a different
       run (another model, mask, optimiser state, batch size, seed or dataset).
-    ValueError: a batch size larger than the training set.
+    ValueError: a batch size larger than the training set; both ``mask``
+      and ``initial_state``, or an ``initial_state`` of another structure; a
+      negative ``stop_at_step``.
   """
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -961,6 +978,13 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
     raise ValueError(f"batch_size={batch_size} is larger than the training set "
                      f"({n_train} examples)")
   total_steps = num_epochs * steps_per_epoch
+  if stop_at_step is not None and int(stop_at_step) < 0:
+    raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
+  end_step = (total_steps if stop_at_step is None
+              else min(int(stop_at_step), total_steps))
+  if initial_state is not None and mask is not None:
+    raise ValueError("pass either mask or initial_state (whose optimiser state "
+                     "holds the mask), not both")
   augment = _cfg(config, "augment", None)
   augment = bool(dataset.augment if augment is None else augment)
   log_every = max(1, int(_cfg(config, "log_every_steps", 50)))
@@ -979,7 +1003,8 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       functools.partial(data_lib.epoch_permutation, n=n_train),
       out_shardings=replicated(mesh))
 
-  sparse = mask is not None
+  sparse = mask is not None or (initial_state is not None
+                                and initial_state.mask is not None)
 
   def abstract_init():
     return create_train_state(
@@ -992,6 +1017,11 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
   meta_expected = {"batch_size": batch_size, "num_train": n_train,
                    "steps_per_epoch": steps_per_epoch, "seed": seed,
                    "state_signature": tree_signature(abstract)}
+  if initial_state is not None and (tree_signature(initial_state)
+                                    != tree_signature(abstract["state"])):
+    raise ValueError(
+        "initial_state does not have the structure, shapes and dtypes of the "
+        "train state of this model and optimiser (dense or with a mask)")
 
   with contextlib.ExitStack() as cleanup:
     ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
@@ -1021,7 +1051,8 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
         logger.warning("No readable checkpoint in %s; starting from scratch.",
                        ckpts.directory)
       state = put_replicated(
-          create_train_state(model, tx, sample, rng, mask=mask), mesh)
+          create_train_state(model, tx, sample, rng, mask=mask)
+          if initial_state is None else initial_state, mesh)
       metrics = put_replicated(init_train_metrics(), mesh)
       resumed_from, history, last_good = None, [], None
 
@@ -1057,7 +1088,7 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
                  dict(meta_expected, epoch=epochs_done, step=step,
                       history=log.history))
 
-    while step < total_steps and not preempted:
+    while step < end_step and not preempted:
       epoch = step // steps_per_epoch
       perm = epoch_perm(seed, epoch)
       t0, steps_run = time.perf_counter(), 0
@@ -1073,17 +1104,23 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
               float(host["loss_sum"]) / max(int(host["steps"]), 1)))
         if step == sigterm_at:
           os.kill(os.getpid(), signal.SIGTERM)
-        if k + 1 < steps_per_epoch and stop_requested():
-          check_finite(jax.device_get(metrics))
-          save(epoch)
-          ckpts.wait()
-          logger.warning(
-              "SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
-              "exiting. Rerun the same command to resume.",
-              ckpts.step_dir(step), epoch + 1, k + 1, steps_per_epoch)
-          preempted = True
-          break
-      if preempted:
+        if k + 1 < steps_per_epoch:
+          preempted = stop_requested()
+          if preempted or step == end_step:
+            check_finite(jax.device_get(metrics))
+            save(epoch)
+            ckpts.wait()
+            if preempted:
+              logger.warning(
+                  "SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
+                  "exiting. Rerun the same command to resume.",
+                  ckpts.step_dir(step), epoch + 1, k + 1, steps_per_epoch)
+            else:
+              logger.info("Reached stop_at_step: saved checkpoint %s (epoch %d, "
+                          "step %d of %d).", ckpts.step_dir(step), epoch + 1,
+                          k + 1, steps_per_epoch)
+            break
+      if step % steps_per_epoch:  # stopped mid-epoch: no epoch record
         break
       host = jax.device_get(metrics)
       check_finite(host)
