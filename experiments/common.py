@@ -39,6 +39,7 @@ from ml_collections import config_flags
 
 from sparsejax import data
 from sparsejax import diagnostics
+from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import models
 from sparsejax import scores
@@ -46,9 +47,11 @@ from sparsejax import train
 
 PyTree = Any
 
-#: ``config.pruner`` values: ``"dense"`` (no mask) or a method of
-#: :func:`sparsejax.scores.prune_at_init`.
-PRUNERS = ("dense", *scores.METHODS, *(f"iterative_{m}" for m in scores.METHODS))
+#: ``config.pruner`` values: ``"dense"`` (no mask), a method of
+#: :func:`sparsejax.scores.prune_at_init`, or ``"ticket"``: the mask of a
+#: lottery ticket saved by ``experiments.lottery`` (``config.mask_path``).
+PRUNERS = ("dense", "ticket", *scores.METHODS,
+           *(f"iterative_{m}" for m in scores.METHODS))
 #: Methods that score with training data (a class-balanced batch).
 DATA_METHODS = ("snip", "grasp")
 #: ``config.prunable`` presets.
@@ -101,7 +104,12 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if config.model not in models.names():
     raise ValueError(f"unknown model {config.model!r}; valid names are: "
                      f"{', '.join(models.names())}")
-  if config.pruner != "dense":
+  if config.pruner == "ticket":
+    if not config.mask_path or not lottery.ticket_exists(config.mask_path):
+      raise ValueError(
+          "config.pruner='ticket' needs config.mask_path, a ticket directory "
+          f"written by experiments.lottery (got {config.mask_path!r})")
+  elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
     raise ValueError(f"config.score_bn_mode must be None, 'train' or 'eval', got "
@@ -206,15 +214,22 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
     variables = {"params": params, **_initial_state(model, input_shape)}
     params, apply_fn = scores.linen_apply_fn(model, variables)
     start = time.perf_counter()
-    mask = scores.prune_at_init(
-        config.pruner, params, sparsity=float(config.sparsity),
-        budget=config.budget, prunable=prunable, apply_fn=apply_fn,
-        **_method_kwargs(config, dataset))
+    if config.pruner == "ticket":
+      mask = jax.tree.map(jnp.asarray, lottery.load_ticket(config.mask_path)[0])
+      masks.check_mask(mask, params)  # names the first path of another model
+    else:
+      mask = scores.prune_at_init(
+          config.pruner, params, sparsity=float(config.sparsity),
+          budget=config.budget, prunable=prunable, apply_fn=apply_fn,
+          **_method_kwargs(config, dataset))
     mask = jax.block_until_ready(mask)
     seconds = time.perf_counter() - start
     report = diagnostics.report(mask, params, apply_fn, input_shape, prunable)
-    header = (f"{config.pruner} at sparsity {config.sparsity} ({config.budget} "
-              f"budget, prunable={config.prunable}): scored in {seconds:.1f} s")
+    if config.pruner == "ticket":
+      header = f"lottery-ticket mask of {config.mask_path}"
+    else:
+      header = (f"{config.pruner} at sparsity {config.sparsity} ({config.budget} "
+                f"budget, prunable={config.prunable}): scored in {seconds:.1f} s")
     print(f"{header}\n{report}", flush=True)
     logging.info("%s; sparsity %.4f, effective %.4f, collapsed %s", header,
                  report["sparsity"], report["effective_sparsity"],
@@ -223,7 +238,9 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
       with open(os.path.join(workdir, "pruning.txt"), "w") as f:
         f.write(f"{header}\n{report}\n")
       write_json(os.path.join(workdir, PRUNING_FILE), {
-          "method": config.pruner, "sparsity": float(config.sparsity),
+          "method": config.pruner,
+          "sparsity": float(report["sparsity"] if config.pruner == "ticket"
+                            else config.sparsity),
           "budget": config.budget, "prunable": config.prunable,
           "scoring_seconds": seconds, "report": dict(report)})
     return mask

@@ -345,6 +345,25 @@ def test_experiment_writes_table_plot_and_ticket(reference):
   assert meta["kept"] == 32_128 and meta["test_accuracy"] == rows[2]["ticket"]
 
 
+def test_exported_ticket_trains_as_the_lth_mask_in_experiments_train(reference, tmp_path):
+  from experiments import common
+  from experiments.configs import digits as digits_config
+
+  _, workdir, result = reference
+  config = digits_config.get_config()
+  config.update(dict(pruner="ticket", mask_path=result.ticket_dir, num_epochs=1,
+                     progress_bar=False, tensorboard=False))
+  run = common.run(common.resolve_config(config), str(tmp_path / "lth"))
+  ticket_mask = lottery.load_ticket(result.ticket_dir)[0]
+  assert_trees_equal(run.state.mask, ticket_mask)
+  saved = json.loads((tmp_path / "lth" / "pruning.json").read_text())
+  assert saved["method"] == "ticket"
+  assert saved["sparsity"] == pytest.approx(1 - 32_128 / N)
+  config.mask_path = str(tmp_path / "no_ticket_here")
+  with pytest.raises(ValueError, match="needs config.mask_path, a ticket directory"):
+    common.resolve_config(config)
+
+
 def test_rerun_of_a_finished_experiment_is_a_no_op(reference):
   config, workdir, result = reference
   again = exp_lottery.run(config, str(workdir))

@@ -39,8 +39,12 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Pruning (static mask chosen at initialisation) -------------------------
   # "dense", or a method of sparsejax.scores.prune_at_init: "random",
-  # "magnitude", "snip", "grasp", "synflow" or "iterative_<method>".
+  # "magnitude", "snip", "grasp", "synflow" or "iterative_<method>"; or
+  # "ticket": the mask of a lottery ticket (the "LTH mask") in mask_path.
   config.pruner = "dense"
+  # With pruner="ticket": a ticket directory written by experiments.lottery
+  # (WORKDIR/ticket), read with sparsejax.lottery.load_ticket.
+  config.mask_path = config_dict.placeholder(str)
   # Fraction of the prunable weights set to zero (0.9 keeps 10%).
   config.sparsity = 0.9
   # "global", "uniform", "erk" or "er" (see sparsejax.masks).
