@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -359,6 +360,20 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
           "to resume.", file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
   return result
+
+
+def make_main(run_fn: Callable[[ml_collections.ConfigDict, str], train.FitResult]):
+  """The absl ``main`` of a runner: ``run_fn(--config, --workdir)`` under
+  :func:`cli_main`, then the :func:`final_line` of its history."""
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError("Too many command-line arguments.")
+    config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+    result = cli_main(lambda: run_fn(config, workdir), lambda r: r.preempted)
+    print(final_line(result.history))
+
+  return main
 
 
 def final_line(history: list[dict]) -> str:

@@ -30,7 +30,6 @@ saving a checkpoint (rerun the same command to resume); 1 on an error (one
 from __future__ import annotations
 
 from absl import app
-from absl import flags
 
 from experiments import common
 
@@ -47,12 +46,7 @@ def run(config, workdir: str):
   return common.run(config, workdir)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  result = common.cli_main(lambda: run(config, workdir), lambda r: r.preempted)
-  print(common.final_line(result.history))
+main = common.make_main(run)
 
 
 if __name__ == "__main__":

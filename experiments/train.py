@@ -30,19 +30,13 @@ with ``--verbosity=1`` for the traceback).
 from __future__ import annotations
 
 from absl import app
-from absl import flags
 
 from experiments import common
 from experiments.common import (  # noqa: F401  (the public names of this runner)
     EXIT_PREEMPTED, PRUNABLE, PRUNERS, resolve_config, run)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  result = common.cli_main(lambda: run(config, workdir), lambda r: r.preempted)
-  print(common.final_line(result.history))
+main = common.make_main(run)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Pruning-at-initialisation scores against hand-computed values (SPEC §2)."""
 
-import functools
 
 import flax.linen as nn
 import jax

@@ -110,3 +110,24 @@ def get_config() -> ml_collections.ConfigDict:
   # (exercises the preemption path); -1 = off.
   config.debug_sigterm_at_step = -1
   return config
+
+
+def sgd_protocol(config: ml_collections.ConfigDict, *, nesterov: bool,
+                 lr_decay_epochs: tuple) -> ml_collections.ConfigDict:
+  """Sets the SPEC §8 CIFAR protocol on ``config`` (for ``config.model``).
+
+  SGD with momentum 0.9 (Nesterov if ``nesterov``), lr 0.1, batch 128, 160
+  epochs, lr x0.1 at ``lr_decay_epochs`` (epochs, or fractions of training),
+  weight decay 5e-4 for VGG and 1e-4 otherwise; global budget.
+  """
+  config.num_epochs = 160
+  config.batch_size = 128
+  config.learning_rate = 0.1
+  config.momentum = 0.9
+  config.nesterov = nesterov
+  config.lr_schedule = "multistep"
+  config.lr_decay_epochs = tuple(lr_decay_epochs)
+  config.lr_decay_factor = 0.1
+  config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  config.budget = "global"
+  return config

@@ -23,14 +23,5 @@ def get_config(arg: str | None = None):
   config.dataset = dataset or "cifar10"
   if model == "resnet32":
     config.model_kwargs.width = 2
-  config.num_epochs = 160
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = False
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = (0.5, 0.75)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 5e-4 if model.startswith("vgg") else 1e-4
-  config.budget = "global"
+  default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(0.5, 0.75))
   return config

@@ -33,15 +33,7 @@ def get_config():
   del config["sparsity"]
   config.model = "resnet20"
   config.dataset = "cifar10"
-  config.num_epochs = 160
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = False
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = (80, 120)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 1e-4
+  default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(80, 120))
 
   # --- Lottery ------------------------------------------------------------------
   # Pruning levels after the dense level 0: density (1 - prune_fraction)^levels.

@@ -20,14 +20,5 @@ def get_config(arg: str | None = None):
   config = default.get_config()
   config.model = model
   config.dataset = dataset or "cifar10"
-  config.num_epochs = 160
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = True
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = (60, 120)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 5e-4 if model.startswith("vgg") else 1e-4
-  config.budget = "global"
+  default.sgd_protocol(config, nesterov=True, lr_decay_epochs=(60, 120))
   return config
