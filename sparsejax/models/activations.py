@@ -18,6 +18,7 @@ gain"), the variance-preserving choice for ReLU networks.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import flax.linen as nn
@@ -87,3 +88,17 @@ def blend(
     return (1 - coef) * a(x) + coef * b(x)
 
   return act
+
+
+def conv_and_norm(train: bool, dtype, init_gain: float = HE_GAIN):
+  """The ``(conv, norm)`` layer constructors shared by the CNNs.
+
+  ``conv``: ``nn.Conv`` without bias, He-normal kernels of gain ``init_gain``.
+  ``norm``: ``nn.BatchNorm`` with PyTorch's defaults (``momentum=0.9``, i.e.
+  PyTorch's 0.1, ``epsilon=1e-5``), batch statistics when ``train``.
+  """
+  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
+                           kernel_init=he_normal(init_gain))
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                           momentum=0.9, epsilon=1e-5, dtype=dtype)
+  return conv, norm

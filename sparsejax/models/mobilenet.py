@@ -23,7 +23,6 @@ order.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -134,17 +133,7 @@ class MobileNetV2(nn.Module):
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
-    kernel_init = activations.he_normal(self.init_gain)
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init
-    )
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=self.dtype,
-    )
+    conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
 
     x = conv(self.stem_filters, (3, 3), self.stem_strides, padding=1)(x)
     x = norm()(x)
@@ -163,5 +152,6 @@ class MobileNetV2(nn.Module):
     x = norm()(x)
     x = self.act(x, act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 kernel_init=activations.he_normal(self.init_gain))(x)
     return jnp.asarray(x, jnp.float32)

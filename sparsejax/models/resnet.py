@@ -116,17 +116,7 @@ class ResNet(nn.Module):
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
-    kernel_init = activations.he_normal(self.init_gain)
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=kernel_init
-    )
-    norm = functools.partial(
-        nn.BatchNorm,
-        use_running_average=not train,
-        momentum=0.9,
-        epsilon=1e-5,
-        dtype=self.dtype,
-    )
+    conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
     channels = self.num_filters * self.width
 
     x = conv(channels, (3, 3), padding=1)(x)
@@ -139,7 +129,8 @@ class ResNet(nn.Module):
             channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides
         )(x, act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 kernel_init=activations.he_normal(self.init_gain))(x)
     return jnp.asarray(x, jnp.float32)
 
 

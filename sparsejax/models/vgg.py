@@ -76,25 +76,16 @@ class VGG(nn.Module):
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
-    kernel_init = activations.he_normal(self.init_gain)
+    conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
     for layer in self.config:
       if layer == "M":
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
-        x = nn.Conv(
-            layer,
-            (3, 3),
-            padding=1,
-            use_bias=False,
-            dtype=self.dtype,
-            kernel_init=kernel_init,
-        )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype
-        )(x)
+        x = norm()(conv(layer, (3, 3), padding=1)(x))
         x = self.act(x, act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+    x = nn.Dense(self.num_classes, dtype=self.dtype,
+                 kernel_init=activations.he_normal(self.init_gain))(x)
     return jnp.asarray(x, jnp.float32)
 
 
