@@ -61,13 +61,16 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
+import jax.numpy as jnp
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
 from experiments import common
+from sparsejax import data
 from sparsejax import masks
+from sparsejax import models
 
 #: Config fields of the grid (not passed to the cells).
 SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity")
@@ -340,7 +343,12 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   """
   fig = _figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
   ax = fig.subplots()
-  layers = list(next(iter(densities.values()))[0])
+  # Forward order (stem first, classifier last), not the sorted key order.
+  model = models.get(config.model, 10, **config.model_kwargs.to_dict())
+  sample = jnp.zeros((1, *data.IMAGE_SHAPES[data.canonical_name(config.dataset)]))
+  forward = {p: i for i, p in enumerate(models.layer_order(model, sample))}
+  layers = sorted(next(iter(densities.values()))[0],
+                  key=lambda p: forward.get(p, len(forward)))
   means = {m: np.mean([[d[p] for p in layers] for d in ds], axis=0)
            for m, ds in densities.items()}
   positive = np.concatenate([v[v > 0] for v in means.values()])

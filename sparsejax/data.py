@@ -111,6 +111,10 @@ __all__ = [
 DATASET_NAMES = ("cifar10", "cifar100", "tiny_imagenet", "digits")
 """Names accepted by :func:`load`."""
 
+IMAGE_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3),
+                "tiny_imagenet": (64, 64, 3), "digits": (8, 8, 1)}
+"""``(H, W, C)`` of one example of each dataset, known without loading it."""
+
 DATA_DIR_ENV = "SPARSEJAX_DATA_DIR"
 """Environment variable naming an extra directory searched by :func:`load`."""
 
@@ -194,6 +198,18 @@ _ALIASES = {
     "digits": "digits",
 }
 
+
+def canonical_name(name: str) -> str:
+    """The name in :data:`DATASET_NAMES` of ``name`` or an alias (``"cifar-10"``).
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    canonical = _ALIASES.get(name.lower())
+    if canonical is None:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    return canonical
+
 _Splits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x/y, test x/y
 
 
@@ -229,9 +245,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
         message names the file.
       ValueError: unknown ``name`` or invalid ``train_subset``.
     """
-    canonical = _ALIASES.get(name.lower())
-    if canonical is None:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+    canonical = canonical_name(name)
     if canonical == "digits":
         splits, num_classes, augment_default = _load_digits(), 10, False
     elif canonical == "tiny_imagenet":
