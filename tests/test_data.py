@@ -3,6 +3,9 @@
 import collections
 import os
 import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -419,25 +422,43 @@ def test_eval_batches_cover_each_example_once(n, batch_size):
 
 
 # --------------------------------------------------------------------------------------
-# Real CIFAR-10 (offline copy), only where it has been converted
+# Real CIFAR-10 (offline copy): converted once from ../shared/data when present
 # --------------------------------------------------------------------------------------
 
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+CONVERTED_CACHE = Path.home() / ".cache" / "sparsejax-test" / "cifar10-jpeg"
+
+
 def _real_cifar10_dir():
-    candidates = [os.environ.get("SPARSEJAX_TEST_CIFAR10"),
-                  REPO_ROOT.parent / "data", REPO_ROOT.parent / "shared" / "data"]
+    """A directory holding ``cifar-10-batches-py/``, or ``None``.
+
+    Looks in ``$SPARSEJAX_TEST_CIFAR10``, ``../data`` and ``../shared/data``;
+    failing those, decodes ``../shared/data/cifar10-jpeg.tar.gz`` with its
+    ``make_cifar10_batches.py`` (about a minute) into a cache under ``~/.cache``.
+    """
+    candidates = [os.environ.get("SPARSEJAX_TEST_CIFAR10"), REPO_ROOT.parent / "data",
+                  SHARED_DATA, CONVERTED_CACHE]
     for candidate in candidates:
         if candidate and (Path(candidate) / "cifar-10-batches-py" / "test_batch").is_file():
             return Path(candidate)
-    return None
+    converter = SHARED_DATA / "make_cifar10_batches.py"
+    if not converter.is_file():
+        return None
+    partial = CONVERTED_CACHE.with_name(CONVERTED_CACHE.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run([sys.executable, str(converter), str(partial)], check=True,
+                   capture_output=True)
+    shutil.rmtree(CONVERTED_CACHE, ignore_errors=True)
+    partial.rename(CONVERTED_CACHE)
+    return CONVERTED_CACHE
 
 
 @pytest.mark.slow
 def test_real_cifar10_offline():
     data_dir = _real_cifar10_dir()
     if data_dir is None:
-        pytest.skip("real CIFAR-10 not found: set SPARSEJAX_TEST_CIFAR10=DIR containing "
-                    "cifar-10-batches-py/ (e.g. run `python ../shared/data/"
-                    "make_cifar10_batches.py ../data`)")
+        pytest.skip("real CIFAR-10 not found: no ../shared/data/make_cifar10_batches.py; "
+                    "set SPARSEJAX_TEST_CIFAR10=DIR containing cifar-10-batches-py/")
     ds = data.load("cifar10", data_dir)
     assert ds.train_images.shape == (50000, 32, 32, 3)
     assert ds.test_images.shape == (10000, 32, 32, 3)
