@@ -21,7 +21,6 @@ between masks.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
@@ -35,6 +34,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from experiments import common
 from sparsejax import data
 from sparsejax import masks
 from sparsejax import models
@@ -76,8 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   ds = data.load(config.dataset)
   model = models.get(config.model, ds.num_classes)
@@ -157,8 +156,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        collapsed)
   seconds = time.perf_counter() - t_start
   result = {"table": table, "runs": runs, "seconds": seconds}
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  common.write_json(os.path.join(workdir, common.RESULTS_FILE), result)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   return result

@@ -96,18 +96,28 @@ def _is_masked_state(x) -> bool:
 
 
 def _masked_states(opt_state) -> list[MaskedState]:
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
-           if _is_masked_state(x)]
-  if not found:
-    raise ValueError(
-        "the optimiser state holds no mask: build the optimiser with "
-        "sparsejax.optim.masked(inner, mask)")
-  return found
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
+          if _is_masked_state(x)]
+
+
+def find_mask(opt_state) -> PyTree | None:
+  """The mask of the (outermost) :class:`MaskedState`, or ``None`` if dense."""
+  found = _masked_states(opt_state)
+  return found[0].mask if found else None
 
 
 def get_mask(opt_state) -> PyTree:
-  """The mask held by the (outermost) :class:`MaskedState` in ``opt_state``."""
-  return _masked_states(opt_state)[0].mask
+  """The mask held by the (outermost) :class:`MaskedState` in ``opt_state``.
+
+  Raises:
+    ValueError: the state holds no mask (use :func:`find_mask` to get ``None``).
+  """
+  mask = find_mask(opt_state)
+  if mask is None:
+    raise ValueError(
+        "the optimiser state holds no mask: build the optimiser with "
+        "sparsejax.optim.masked(inner, mask)")
+  return mask
 
 
 def set_mask(opt_state, mask: PyTree):

@@ -208,7 +208,7 @@ class TrainState:
   @property
   def mask(self) -> PyTree | None:
     """The mask held in the optimiser state, or ``None`` for dense training."""
-    return get_mask(self.opt_state)
+    return optim.find_mask(self.opt_state)
 
   @property
   def variables(self) -> dict:
@@ -223,16 +223,6 @@ def _variables(params, batch_stats) -> dict:
   return variables
 
 
-def _has_mask(opt_state) -> bool:
-  return any(isinstance(x, optim.MaskedState) for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, optim.MaskedState)))
-
-
-def get_mask(opt_state) -> PyTree | None:
-  """The mask in ``opt_state`` (see :func:`sparsejax.optim.get_mask`) or ``None``."""
-  return optim.get_mask(opt_state) if _has_mask(opt_state) else None
-
-
 def _full_tx(tx: optax.GradientTransformation, opt_state):
   """``tx``, wrapped with :func:`sparsejax.optim.masked` when the state has a mask.
 
@@ -240,22 +230,21 @@ def _full_tx(tx: optax.GradientTransformation, opt_state):
   here serves every mask of the same shapes: one compiled step for all
   sparsities.
   """
-  if not _has_mask(opt_state):
-    return tx
-  return optim.masked(tx, optim.get_mask(opt_state))
-
-
-def init_variables(model: nn.Module, sample_input: jax.Array,
-                   key: jax.Array) -> dict:
-  """``model.init`` in inference mode; returns ``{'params', 'batch_stats'?}``."""
-  variables = model.init(key, sample_input, train=False)
-  return flax.core.unfreeze(variables) if isinstance(
-      variables, flax.core.FrozenDict) else dict(variables)
+  mask = optim.find_mask(opt_state)
+  return tx if mask is None else optim.masked(tx, mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _init_variables_jit(model, sample_input, key):
-  return init_variables(model, sample_input, key)
+def init_variables(model: nn.Module, sample_input: jax.Array,
+                   key: jax.Array) -> dict:
+  """``model.init`` in inference mode; returns ``{'params', 'batch_stats'?}``.
+
+  Jitted with the model static: one compilation per model and input shape,
+  shared by every caller (train-state creation, scoring, re-initialisation).
+  """
+  variables = model.init(key, sample_input, train=False)
+  return flax.core.unfreeze(variables) if isinstance(
+      variables, flax.core.FrozenDict) else dict(variables)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -298,7 +287,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
   init_key, train_key = jax.random.split(rng)
-  variables = _init_variables_jit(model, sample_input, init_key)
+  variables = init_variables(model, sample_input, init_key)
   params = variables["params"]
   if callable(mask):
     mask = mask(params)
