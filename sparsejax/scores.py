@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sparsejax import masks
+from sparsejax import _conv_layout, masks
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -485,9 +485,12 @@ def _iterate(score_fn, params, mask, sparsity: float, rounds: int, budget: str,
   Round ``k`` prunes each pool to density ``d ** (k / n)`` among the entries
   kept so far; the last round calls ``topk_mask`` with the Python ``sparsity``
   (under ``lax.cond``), so the final counts are exactly those of a one-shot
-  mask. ``score_fn(params, mask)`` is traced once.
+  mask. ``score_fn(params, mask)`` is traced once; on CPU its convolutions
+  are put in the layout of XLA:CPU's fast kernel, which XLA does not do inside
+  a loop (see :mod:`sparsejax._conv_layout`).
   """
   overrides = dict(overrides) if overrides else None
+  score_fn = _conv_layout.for_backend(score_fn)
   pools = _pools(params, sparsity, budget, flags, overrides, erk_power_scale)
 
   def final(scores, within):

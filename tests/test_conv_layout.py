@@ -1,0 +1,111 @@
+"""Canonical-layout convolutions (sparsejax._conv_layout)."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from sparsejax import _conv_layout, masks, models, scores
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _net(params, x):
+  """Strided, dilated, grouped and 1-D convolutions, relu (custom_jvp), a nested jit."""
+  h = lax.conv_general_dilated(x, params["w1"], (2, 2), "SAME", dimension_numbers=NHWC)
+  h = jax.nn.relu(h)
+  h = jax.jit(lambda h_, w: lax.conv_general_dilated(
+      h_, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC))(h, params["w2"])
+  h = lax.conv_general_dilated(h, params["dw"], (1, 1), "SAME", dimension_numbers=NHWC,
+                               feature_group_count=8)
+  h = h.reshape(h.shape[0], -1, h.shape[-1])
+  h = lax.conv_general_dilated(h, params["w1d"], (1,), "VALID",
+                               dimension_numbers=("NWC", "WIO", "NWC"))
+  return jnp.sum(jnp.tanh(h) ** 2)
+
+
+def _setup():
+  keys = jax.random.split(jax.random.key(0), 5)
+  params = {
+      "w1": jax.random.normal(keys[0], (3, 3, 4, 8)),
+      "w2": jax.random.normal(keys[1], (3, 3, 8, 8)) * 0.2,
+      "dw": jax.random.normal(keys[2], (3, 3, 1, 8)) * 0.3,
+      "w1d": jax.random.normal(keys[3], (2, 8, 4)) * 0.2,
+  }
+  x = jax.random.normal(keys[4], (2, 8, 8, 4))
+  return params, x
+
+
+def _dim_labels(compiled_text):
+  return set(re.findall(r"dim_labels=([^,\s]+)", compiled_text))
+
+
+def test_same_values_as_the_original_function():
+  params, x = _setup()
+  grad_fn = jax.grad(_net)
+  hvp = lambda p, v: jax.jvp(lambda q: grad_fn(q, x), (p,), (v,))[1]
+  for fn, args in [(grad_fn, (params, x)), (hvp, (params, params))]:
+    want = jax.jit(fn)(*args)
+    got = jax.jit(_conv_layout.canonical_convs(fn))(*args)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def _loop(grad_fn, x):
+  def run(params):
+    def body(i, acc):
+      p = jax.tree.map(lambda w: w * (1.0 + 0.1 * i), params)
+      # A convolution under cond, inside the loop body, is rewritten too.
+      g = lax.cond(i % 2 == 0, lambda q: grad_fn(q, x),
+                   lambda q: jax.tree.map(jnp.negative, grad_fn(q, x)), p)
+      return jax.tree.map(jnp.add, acc, g)
+    return lax.fori_loop(0, 3, body, jax.tree.map(jnp.zeros_like, params))
+  return run
+
+
+def test_loop_body_convolutions_are_canonical_on_cpu():
+  params, x = _setup()
+  canonical = jax.jit(_loop(_conv_layout.canonical_convs(jax.grad(_net)), x))
+  plain = jax.jit(_loop(jax.grad(_net), x))
+  labels = _dim_labels(canonical.lower(params).compile().as_text())
+  # 2-D convolutions b01f_01io->b01f; the 1-D one b0f_0io->b0f.
+  assert labels == {"b01f_01io->b01f", "b0f_0io->b0f"}, labels
+  for g, w in zip(jax.tree.leaves(canonical(params)), jax.tree.leaves(plain(params))):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_for_backend_only_rewrites_on_cpu():
+  fn = lambda a: a
+  assert _conv_layout.for_backend(fn, "gpu") is fn
+  assert _conv_layout.for_backend(fn, "cpu") is not fn
+
+
+def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
+  # CIFAR-sized input: on tiny feature maps XLA swaps the operands of some
+  # weight-gradient convolutions (kernel window larger than the input).
+  shape = (32, 32, 3)
+  model = models.get("resnet20", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+  params, apply_fn = scores.linen_apply_fn(model, variables)
+  mask = masks.ones_like(params)
+  rounds, sparsity = 3, 0.9
+  compiled = jax.jit(lambda p, m_: scores.synflow(p, m_, apply_fn, shape, sparsity, rounds)
+                     ).lower(params, mask).compile()
+  assert _dim_labels(compiled.as_text()) == {"b01f_01io->b01f"}
+  fused = compiled(params, mask)
+  # The same rounds, one jitted call each, outside any loop.
+  m = mask
+  for k in range(1, rounds + 1):
+    s = scores.synflow_scores(params, m, apply_fn, shape)
+    m = masks.topk_mask(s, 1.0 - (1.0 - sparsity) ** (k / rounds), within=m)
+  assert masks.summary(m).kept == masks.summary(fused).kept
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(m)):
+    np.testing.assert_array_equal(a, b)
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
