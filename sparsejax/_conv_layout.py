@@ -15,8 +15,8 @@ rounds dispatched one by one.
 :func:`canonical_convs` applies the rewrite at the jaxpr level instead, so it
 reaches every convolution wherever XLA puts it. It changes layouts only:
 results are those of the original function up to float rounding. GPU and TPU
-compilers choose convolution layouts themselves, so :func:`for_backend` only
-applies it on CPU.
+compilers choose convolution layouts themselves, so the rewrite is only
+lowered for CPU.
 """
 
 from __future__ import annotations
@@ -109,7 +109,15 @@ def _eval(jaxpr: jex.Jaxpr, consts, args) -> list:
 
 
 def canonical_convs(fn: Callable) -> Callable:
-  """``fn`` with every convolution it traces in NHWC/HWIO form.
+  """``fn`` with every convolution it traces in NHWC/HWIO form on CPU.
+
+  ``fn`` is traced once to a jaxpr; when the computation is lowered for CPU
+  the jaxpr is evaluated with each convolution (including those ``jax.grad``
+  and ``jax.jvp`` add, and those in nested ``jit``, ``cond``, ``while`` and
+  ``scan`` bodies) bracketed by explicit transposes into the layout of
+  XLA:CPU's fast kernel; for any other platform it is evaluated as it is
+  (``lax.platform_dependent``, decided at lowering, not from the default
+  backend).
 
   Args:
     fn: a function of pytrees of arrays, traced once per call of the wrapper
@@ -117,20 +125,16 @@ def canonical_convs(fn: Callable) -> Callable:
 
   Returns:
     A function with the signature and results of ``fn`` (up to float
-    rounding) whose convolutions, including those ``jax.grad`` and
-    ``jax.jvp`` add, are bracketed by explicit transposes into the layout
-    XLA:CPU's fast convolution kernel needs, also inside loops.
+    rounding on CPU).
   """
 
   @functools.wraps(fn)
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(args))
+    out = lax.platform_dependent(
+        *jax.tree.leaves(args),
+        cpu=lambda *xs: _eval(closed.jaxpr, closed.consts, xs),
+        default=lambda *xs: jex.jaxpr_as_fun(closed)(*xs))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return wrapped
-
-
-def for_backend(fn: Callable, backend: str | None = None) -> Callable:
-  """:func:`canonical_convs` of ``fn`` on CPU (default backend), else ``fn``."""
-  return canonical_convs(fn) if (backend or jax.default_backend()) == "cpu" else fn

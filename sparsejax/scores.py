@@ -490,7 +490,7 @@ def _iterate(score_fn, params, mask, sparsity: float, rounds: int, budget: str,
   a loop (see :mod:`sparsejax._conv_layout`).
   """
   overrides = dict(overrides) if overrides else None
-  score_fn = _conv_layout.for_backend(score_fn)
+  score_fn = _conv_layout.canonical_convs(score_fn)
   pools = _pools(params, sparsity, budget, flags, overrides, erk_power_scale)
 
   def final(scores, within):

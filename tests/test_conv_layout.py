@@ -78,10 +78,15 @@ def test_loop_body_convolutions_are_canonical_on_cpu():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(w))))
 
 
-def test_for_backend_only_rewrites_on_cpu():
-  fn = lambda a: a
-  assert _conv_layout.for_backend(fn, "gpu") is fn
-  assert _conv_layout.for_backend(fn, "cpu") is not fn
+def test_rewrite_is_lowered_for_cpu_only():
+  params, x = _setup()
+  fn = jax.jit(_conv_layout.canonical_convs(jax.grad(_net)))
+  def transposes(platform):
+    text = fn.trace(params, x).lower(lowering_platforms=(platform,)).as_text()
+    return text.count("stablehlo.transpose")
+  plain = jax.jit(jax.grad(_net)).trace(params, x).lower(lowering_platforms=("cuda",))
+  assert transposes("cuda") == plain.as_text().count("stablehlo.transpose")
+  assert transposes("cpu") > transposes("cuda")
 
 
 def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
