@@ -23,7 +23,7 @@ from experiments import prune_at_init  # noqa: E402
 from experiments import sweep  # noqa: E402
 from experiments.configs import digits  # noqa: E402
 from experiments.configs import prune_at_init as prune_at_init_config  # noqa: E402
-from experiments.configs import sweep_cpu_small, sweep_synflow_paper  # noqa: E402
+from experiments.configs import sweep_cpu_long, sweep_cpu_small, sweep_synflow_paper  # noqa: E402
 from sparsejax import data, masks, models, scores, train  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -294,3 +294,13 @@ def test_cpu_small_grid():
   assert config.eval_every_epochs == config.num_epochs
   assert not config.tensorboard and not config.progress_bar
   assert config.train_subset < 50_000
+
+
+def test_cpu_long_grid():
+  config = sweep_cpu_long.get_config()
+  assert config.methods == ("snip", "grasp", "synflow")
+  assert config.sparsities == (0.99, 0.999) and config.seeds == (0, 1, 2)
+  assert len(sweep.grid(config)) == 18
+  # About 4x the 218 steps of the small grid; tested once, at the end.
+  assert config.train_subset // config.batch_size * config.num_epochs == 936
+  assert config.eval_every_epochs == config.num_epochs == 3
