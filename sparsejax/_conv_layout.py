@@ -119,6 +119,11 @@ def canonical_convs(fn: Callable) -> Callable:
   (``lax.platform_dependent``, decided at lowering, not from the default
   backend).
 
+  Meant for functions that are already differentiated (a score, a gradient
+  step): on CPU, ``custom_jvp``/``custom_vjp`` functions inside ``fn`` are
+  evaluated by their primal body, so differentiating the wrapper ignores their
+  custom rules.
+
   Args:
     fn: a function of pytrees of arrays, traced once per call of the wrapper
       (normally inside an outer ``jit``).
