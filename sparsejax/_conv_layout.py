@@ -9,7 +9,7 @@ keeps its original dimension numbers and falls back to a naive loop nest
 (jax-ml/jax#12868). The backward pass of an ``NHWC`` network is full of
 such convolutions (the input gradient uses the kernel as ``HWOI``, the weight
 gradient treats the batch as the contraction dimension), so on CPU 100
-SynFlow rounds inside one ``fori_loop`` ran about 5x slower than the same
+SynFlow rounds inside one ``fori_loop`` ran 3-5x slower than the same
 rounds dispatched one by one.
 
 :func:`canonical_convs` applies the rewrite at the jaxpr level instead, so it
