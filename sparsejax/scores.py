@@ -225,11 +225,13 @@ def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
 def _summed_over_batches(fn, like: PyTree, xs, ys) -> PyTree:
   """``Σ_b fn(xs[b], ys[b])`` as one ``lax.scan``; ``fn`` returns a ``like`` tree.
 
-  A single batch is computed without a loop: XLA:CPU runs convolutions inside
-  loop bodies far slower than outside (jax-ml/jax#12868).
+  A single batch is computed without a loop. On CPU the loop body's
+  convolutions are put in XLA:CPU's fast layout, which XLA does not do inside
+  loops (:mod:`sparsejax._conv_layout`).
   """
   if xs.shape[0] == 1:
     return fn(xs[0], ys[0])
+  fn = _conv_layout.canonical_convs(fn)
   def body(acc, xy):
     return jax.tree.map(jnp.add, acc, fn(*xy)), None
   zeros = jax.tree.map(jnp.zeros_like, like)

@@ -112,5 +112,19 @@ def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
     np.testing.assert_array_equal(a, b)
 
 
+def test_snip_and_grasp_over_stacked_batches_are_canonical():
+  # Several scoring batches are summed in a lax.scan: a loop body again.
+  shape = (32, 32, 3)
+  model = models.get("resnet20", 10)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
+  params, apply_fn = scores.linen_apply_fn(model, variables)
+  mask = masks.ones_like(params)
+  xs = jax.random.normal(jax.random.key(1), (2, 10, *shape))
+  ys = jnp.tile(jnp.arange(10), (2, 1))
+  for score in (scores.snip, scores.grasp):
+    compiled = jax.jit(lambda p, s=score: s(p, mask, apply_fn, (xs, ys))).lower(params).compile()
+    assert _dim_labels(compiled.as_text()) == {"b01f_01io->b01f"}, score.__name__
+
+
 if __name__ == "__main__":
   pytest.main([__file__])
