@@ -89,14 +89,22 @@ def test_rewrite_is_lowered_for_cpu_only():
   assert transposes("cpu") > transposes("cuda")
 
 
-def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
-  # CIFAR-sized input: on tiny feature maps XLA swaps the operands of some
-  # weight-gradient convolutions (kernel window larger than the input).
+def _resnet20():
+  """ResNet-20 params, apply_fn, dense mask and input shape.
+
+  CIFAR-sized input: on tiny feature maps XLA swaps the operands of some
+  weight-gradient convolutions (kernel window larger than the input), which
+  gives them other dimension numbers.
+  """
   shape = (32, 32, 3)
   model = models.get("resnet20", 10)
   variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
   params, apply_fn = scores.linen_apply_fn(model, variables)
-  mask = masks.ones_like(params)
+  return params, apply_fn, masks.ones_like(params), shape
+
+
+def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
+  params, apply_fn, mask, shape = _resnet20()
   rounds, sparsity = 3, 0.9
   compiled = jax.jit(lambda p, m_: scores.synflow(p, m_, apply_fn, shape, sparsity, rounds)
                      ).lower(params, mask).compile()
@@ -114,11 +122,7 @@ def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
 
 def test_snip_and_grasp_over_stacked_batches_are_canonical():
   # Several scoring batches are summed in a lax.scan: a loop body again.
-  shape = (32, 32, 3)
-  model = models.get("resnet20", 10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, *shape)))
-  params, apply_fn = scores.linen_apply_fn(model, variables)
-  mask = masks.ones_like(params)
+  params, apply_fn, mask, shape = _resnet20()
   xs = jax.random.normal(jax.random.key(1), (2, 10, *shape))
   ys = jnp.tile(jnp.arange(10), (2, 1))
   for score in (scores.snip, scores.grasp):
