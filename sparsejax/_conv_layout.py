@@ -27,6 +27,7 @@ from typing import Any, Callable
 import jax
 from jax import lax
 import jax.extend.core as jex
+import numpy as np
 
 _conv_p = jex.primitives.conv_general_dilated_p
 # Call-like primitives whose body is evaluated in place: no layout-relevant
@@ -55,10 +56,7 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
   out = _conv_p.bind(lhs_t, rhs_t, dimension_numbers=canonical, **params)
   # out's axis i is the original output axis perm[i]; put it back there.
   perm = (out_spec[0], *out_spec[2:], out_spec[1])
-  inverse = [0] * n
-  for i, p in enumerate(perm):
-    inverse[p] = i
-  return lax.transpose(out, tuple(inverse))
+  return lax.transpose(out, tuple(int(i) for i in np.argsort(perm)))
 
 
 def _transform_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
@@ -92,10 +90,7 @@ def _eval(jaxpr: jex.Jaxpr, consts, args) -> list:
       outvals = [_canonical_conv(*invals, **eqn.params)]
     elif eqn.primitive in _INLINE:
       sub = eqn.params[_INLINE[eqn.primitive]]
-      if isinstance(sub, jex.ClosedJaxpr):
-        outvals = _eval(sub.jaxpr, sub.consts, invals)
-      else:
-        outvals = _eval(sub, (), invals)
+      outvals = _eval(sub.jaxpr, sub.consts, invals)
     else:
       params = {k: _transform_param(v) for k, v in eqn.params.items()}
       with eqn.ctx.manager:
