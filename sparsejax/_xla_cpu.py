@@ -1,0 +1,147 @@
+"""XLA:CPU settings that make convolution training fast, applied on import.
+
+XLA:CPU hands convolutions to YNNPACK library fusions by default. For the
+kernel gradient of a convolution (a convolution whose window is the whole
+image, with the batch as the contracted feature dimension) that path is very
+slow on some CPUs: on a 2-core AMD EPYC (Zen 3, AVX2) the kernel gradient of
+one 3x3 convolution (128x32x32x16 -> 16) took 173-251 ms with YNNPACK and
+19 ms with XLA's own (Eigen) convolution, and a ResNet-20 training gradient
+(batch 128) went from 2.7 s to 0.9 s. ``benchmarks/cpu_step.py`` measures the
+difference on the machine at hand.
+
+:func:`apply` appends ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK
+fusions) to ``XLA_FLAGS`` before the CPU backend starts. It is called once, by
+``import sparsejax``. The rules:
+
+* A flag the user already set in ``XLA_FLAGS`` is never overridden; their own
+  flags are kept and ours are appended.
+* ``SPARSEJAX_XLA_CPU_DEFAULTS=0`` in the environment turns this off.
+* XLA aborts the process on an unknown flag, and these option names change
+  between releases, so a flag is only set when the installed ``jaxlib``
+  binary defines it. Otherwise nothing is set and one warning says so
+  (training is then correct, only slower).
+* XLA reads ``XLA_FLAGS`` once, when JAX's first backend starts. If that
+  happened before ``import sparsejax``, the settings cannot take effect in
+  this process: one warning names the fix (import sparsejax first, or export
+  the flag before starting Python).
+
+These are CPU options: GPU and TPU compilation is unchanged.
+"""
+
+from __future__ import annotations
+
+import glob
+import mmap
+import os
+import warnings
+
+FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
+"""Flags :func:`apply` adds to ``XLA_FLAGS`` (each as ``--name=value``)."""
+
+OPT_OUT = "SPARSEJAX_XLA_CPU_DEFAULTS"
+"""Environment variable; ``0`` (or ``false``/``no``/``off``) disables :func:`apply`."""
+
+
+def _name(flag: str) -> str:
+  return flag.lstrip("-").split("=", 1)[0]
+
+
+def jaxlib_defines(name: str) -> bool:
+  """Whether the installed ``jaxlib`` binaries define the XLA option ``name``.
+
+  Searches the shared libraries of the ``jaxlib`` package for the option's
+  name as a NUL-delimited string, the way XLA's flag table stores it.
+  ``False`` when nothing can be read.
+  """
+  try:
+    import jaxlib  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  root = os.path.dirname(jaxlib.__file__)
+  needle = b"\0" + name.encode() + b"\0"
+  # The XLA flag table lives in libjax_common.so in current releases; look
+  # there first, then in every other library of the package.
+  paths = sorted(glob.glob(os.path.join(root, "**", "*.so"), recursive=True),
+                 key=lambda p: os.path.basename(p) != "libjax_common.so")
+  for path in paths:
+    try:
+      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0,
+                                            access=mmap.ACCESS_READ) as m:
+        if m.find(needle) >= 0:
+          return True
+    except (OSError, ValueError):
+      continue
+  return False
+
+
+def _backends_initialized() -> bool | None:
+  """Whether a JAX backend has started; ``None`` if JAX cannot tell us."""
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    return bool(xla_bridge.backends_are_initialized())
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _default_backend_is_cpu() -> bool:
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.default_backend() == "cpu"
+  except Exception:  # pylint: disable=broad-except
+    return True
+
+
+def _disabled(environ) -> bool:
+  return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def apply(environ=None, *, defines=jaxlib_defines,
+          initialized=_backends_initialized) -> list[str]:
+  """Appends :data:`FLAGS` to ``XLA_FLAGS`` where safe; returns those added.
+
+  Args:
+    environ: the environment to edit (default ``os.environ``).
+    defines: ``name -> bool``, whether ``jaxlib`` knows an option
+      (default :func:`jaxlib_defines`; injectable for tests).
+    initialized: ``() -> bool | None``, whether a JAX backend has started.
+
+  Returns:
+    The flags appended (empty when disabled, all already set by the user,
+    unknown to this ``jaxlib``, or too late).
+
+  Warns:
+    ``RuntimeWarning`` once when a flag is unknown to the installed
+    ``jaxlib``, or when JAX's backend started before this call, so the
+    flags cannot take effect in this process.
+  """
+  environ = os.environ if environ is None else environ
+  if _disabled(environ):
+    return []
+  current = environ.get("XLA_FLAGS", "")
+  present = {_name(tok) for tok in current.split()}
+  missing = [f for f in FLAGS if _name(f) not in present]
+  if not missing:
+    return []
+  unknown = [f for f in missing if not defines(_name(f))]
+  if unknown:
+    warnings.warn(
+        "sparsejax: the installed jaxlib has no XLA option "
+        f"{', '.join(_name(f) for f in unknown)}; training on CPU uses XLA's "
+        "default convolution path, which is correct but can be several times "
+        "slower (see sparsejax/_xla_cpu.py). Set "
+        f"{OPT_OUT}=0 to silence this.", RuntimeWarning, stacklevel=3)
+    missing = [f for f in missing if f not in unknown]
+    if not missing:
+      return []
+  if initialized():
+    if not _default_backend_is_cpu():
+      return []  # an accelerator run: the CPU options would not matter
+    warnings.warn(
+        "sparsejax: JAX's backend was started before sparsejax was imported, "
+        "so its faster XLA:CPU settings cannot take effect in this process. "
+        "Import sparsejax before running any JAX computation, or start Python "
+        f"with XLA_FLAGS='{' '.join(missing)}' (set {OPT_OUT}=0 to silence "
+        "this).", RuntimeWarning, stacklevel=3)
+    return []
+  environ["XLA_FLAGS"] = " ".join([current.strip(), *missing]).strip()
+  return missing
