@@ -1,0 +1,433 @@
+"""Dynamic sparse training as optax transformations (SPEC §4).
+
+SET, RigL, gradual magnitude pruning (GMP) and GraNet change the mask during
+training. Each is a wrapper around any optax optimiser, like
+:func:`sparsejax.optim.masked`: the mask lives in the optimiser state, the
+mask update runs inside the jitted step under ``lax.cond`` every ``ΔT``
+steps (never a recompilation, never a host round trip), and
+``optax.apply_updates`` alone keeps every pruned entry exactly 0::
+
+  mask = sj.dst.random_mask(key, params, sparsity=0.9, budget="erk")
+  tx = sj.dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=7500)
+  params = sj.masks.apply(params, mask)
+  opt_state = tx.init(params)
+  ...                                   # the ordinary optax loop
+  updates, opt_state = tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+
+``grads`` are the dense gradients of the loss with respect to the masked
+weights ``θ ⊙ m`` (what ``jax.grad`` returns for the masked params): RigL grows
+where their magnitude is largest.
+
+One mask update at step ``t`` (the optimiser's own step count, from 0), per
+prunable layer with ``n`` active weights (SPEC §4):
+
+1. **drop** the ``k = ⌊f(t) · n⌋`` active weights of smallest ``|θ|``;
+2. **grow** ``k`` positions among those not kept after the drop (a weight
+   just dropped may come back, and then keeps its value and moments):
+   uniformly at random for SET (the PRNG key lives in the state), the largest
+   ``|g|`` for RigL. Ties go to the lower flat index, so every layer keeps
+   exactly ``n`` weights.
+3. New connections are exactly 0 and their optimiser moments are reset to 0
+   (:func:`sparsejax.optim.reset_moments`, generic over any optax state).
+4. The weight update of that step is skipped (``skip_update=True``, the
+   reference RigL code's choice): the inner optimiser still sees the masked
+   gradient, so its moments and schedules stay in step with ``t``.
+
+Gradual magnitude pruning (Zhu & Gupta) instead removes weights globally by
+magnitude along the cubic schedule
+``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(t_1 − t_0))³``; GraNet adds a
+RigL-style drop-and-regrow at constant density after each pruning step.
+
+The state is :class:`DSTState`; it contains a
+:class:`sparsejax.optim.MaskedState`, so :func:`sparsejax.optim.find_mask`,
+``get_mask`` and ``reset_moments`` work on it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Union
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+from sparsejax import masks
+from sparsejax import optim
+
+PyTree = Any
+ScalarOrSchedule = Union[float, optax.Schedule]
+
+
+class DSTState(NamedTuple):
+  """State of a dynamic-sparse-training optimiser.
+
+  Attributes:
+    masked: the :class:`sparsejax.optim.MaskedState` (mask and inner state).
+    count: ``int32`` number of ``update`` calls so far (the step ``t``).
+    key: PRNG key for random growth (SET), split at every mask update.
+    mask_updates: ``int32`` number of mask updates done so far.
+  """
+
+  masked: optim.MaskedState
+  count: jax.Array
+  key: jax.Array
+  mask_updates: jax.Array
+
+
+# ----------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------
+
+
+def cosine_drop_fraction(alpha: float = 0.3, end_step: int = 1) -> optax.Schedule:
+  """RigL's drop fraction ``f(t) = (α/2)(1 + cos(π t / T_end))``; 0 after ``T_end``.
+
+  Args:
+    alpha: initial fraction α (RigL: 0.3; GraNet's regrowth: 0.5).
+    end_step: ``T_end``, the step where the fraction reaches 0.
+
+  Returns:
+    An optax schedule ``t -> f(t)``.
+  """
+  return optax.cosine_decay_schedule(alpha, max(int(end_step), 1))
+
+
+def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
+                   start_step: int, end_step: int) -> optax.Schedule:
+  """Zhu & Gupta's ``s_t = s_f + (s_i − s_f)(1 − progress)³``.
+
+  ``progress = (t − start_step) / (end_step − start_step)`` clipped to [0, 1],
+  so ``s_t = s_i`` before ``start_step`` and ``s_f`` after ``end_step``.
+  """
+  masks.check_sparsity(initial_sparsity, "initial_sparsity")
+  masks.check_sparsity(final_sparsity, "final_sparsity")
+  span = max(int(end_step) - int(start_step), 1)
+
+  def schedule(t):
+    progress = jnp.clip((jnp.asarray(t, jnp.float32) - start_step) / span, 0., 1.)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1. - progress) ** 3
+
+  return schedule
+
+
+def is_update_step(t, *, update_every: int, start_step: int,
+                   end_step: int | None) -> jax.Array:
+  """Whether step ``t`` updates the mask: ``t ∈ {start, start + ΔT, ...}``, ``t < end``."""
+  t = jnp.asarray(t, jnp.int32)
+  on = (t >= start_step) & ((t - start_step) % update_every == 0)
+  if end_step is not None:
+    on &= t < end_step
+  return on
+
+
+def _as_schedule(value: ScalarOrSchedule) -> optax.Schedule:
+  return value if callable(value) else optax.constant_schedule(float(value))
+
+
+# ----------------------------------------------------------------------------
+# Drop and grow on one layer (flat vectors)
+# ----------------------------------------------------------------------------
+
+
+def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
+                  fraction) -> tuple[jax.Array, jax.Array]:
+  """One layer's drop-and-grow; returns ``(new_mask, grown)``.
+
+  Drops the ``k = ⌊fraction · n_active⌋`` active entries of smallest
+  ``|weights|`` and grows the ``k`` highest ``growth_scores`` among the
+  entries not kept after the drop (just-dropped ones included). ``grown``
+  marks entries active in ``new_mask`` but not in ``mask``. Ties go to the
+  lower flat index; ``sum(new_mask) == sum(mask)`` exactly. NaN growth scores
+  rank below every finite score of a candidate.
+
+  Args:
+    mask: bool array, the layer's current mask.
+    weights: the layer's weights (same shape).
+    growth_scores: float array, higher grows first (same shape).
+    fraction: drop fraction in [0, 1] (may be traced).
+  """
+  shape = mask.shape
+  m = jnp.ravel(mask)
+  n_active = jnp.sum(m, dtype=jnp.int32)
+  k = jnp.floor(jnp.asarray(fraction, jnp.float32)
+                * n_active.astype(jnp.float32)).astype(jnp.int32)
+  magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
+  kept = masks._keep_top(jnp.where(m, magnitude, -jnp.inf), n_active - k)
+  grow = jnp.ravel(growth_scores).astype(jnp.float32)
+  grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
+  new = kept | masks._keep_top(jnp.where(kept, -jnp.inf, grow), k)
+  return new.reshape(shape), (new & ~m).reshape(shape)
+
+
+# ----------------------------------------------------------------------------
+# The transformation
+# ----------------------------------------------------------------------------
+
+MaskUpdate = Callable[..., PyTree]
+"""``(mask, params, grads, key, t) -> new_mask``, traced inside ``lax.cond``."""
+
+
+def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
+                   mask_update: MaskUpdate, *, update_every: int = 100,
+                   start_step: int | None = None, end_step: int | None = None,
+                   skip_update: bool = True, seed: int = 0
+                   ) -> optax.GradientTransformationExtraArgs:
+  """The generic DST wrapper: ``inner`` with a mask updated every ``ΔT`` steps.
+
+  Every ``update(grads, state, params)`` call:
+
+  1. at a mask-update step (:func:`is_update_step`), computes
+     ``new_mask = mask_update(mask, params, grads, key, t)`` under
+     ``lax.cond`` (on other steps the mask is unchanged);
+  2. runs ``inner`` on the gradients masked by the *old* mask (``where``,
+     so a NaN at a pruned position never reaches a kept weight);
+  3. resets the moments of new connections to 0;
+  4. returns updates that keep the surviving weights' inner updates (zero on
+     mask-update steps when ``skip_update``) and set every entry outside
+     ``new_mask``, and every new connection, to exactly 0 under
+     ``optax.apply_updates``.
+
+  Args:
+    inner: any optax transformation (extra args are forwarded).
+    mask: the initial bool mask, parallel to the params.
+    mask_update: the rule, e.g. built by :func:`set`, :func:`rigl`,
+      :func:`gmp` or :func:`granet`.
+    update_every: ``ΔT`` in steps (default 100).
+    start_step: first mask-update step (default ``update_every``).
+    end_step: no mask update at or after this step (default: never stops).
+    skip_update: skip the weight update on mask-update steps (default True).
+    seed: seed of the PRNG key kept in the state.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with state :class:`DSTState`.
+  """
+  if update_every < 1:
+    raise ValueError(f"update_every must be >= 1, got {update_every}")
+  start = update_every if start_step is None else int(start_step)
+  masked = optim.masked(inner, mask)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return DSTState(masked=masked.init(params), count=jnp.zeros((), jnp.int32),
+                    key=jax.random.key_data(jax.random.key(seed)),
+                    mask_updates=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if params is None:
+      raise ValueError("dynamic sparse training needs params: call "
+                       "tx.update(grads, state, params)")
+    old = state.masked.mask
+    t = state.count
+    on = is_update_step(t, update_every=update_every, start_step=start,
+                        end_step=end_step)
+    key = jax.random.wrap_key_data(state.key)
+    key, sub = jax.random.split(key)
+    new = jax.lax.cond(
+        on, lambda: jax.tree.map(jnp.asarray, mask_update(old, params, updates, sub, t)),
+        lambda: old)
+    grads = masks.apply(updates, old)
+    inner_updates, inner_state = inner.update(grads, state.masked.inner_state,
+                                              params, **extra_args)
+    grown = jax.tree.map(lambda n, o: n & ~o, new, old)
+    skip = on if skip_update else jnp.zeros((), bool)
+    # Survivors: the inner update (0 on a skipped step); everything else,
+    # dropped and new connections included, lands on exactly 0.
+    out = jax.tree.map(
+        lambda u, p, n, o: jnp.where(n & o, jnp.where(skip, 0, u),
+                                     -p.astype(u.dtype)),
+        inner_updates, params, new, old)
+    masked_state = optim.reset_moments(
+        optim.MaskedState(old, inner_state), grown)._replace(mask=new)
+    return out, DSTState(masked=masked_state, count=t + 1,
+                         key=jax.random.key_data(key),
+                         mask_updates=state.mask_updates + on.astype(jnp.int32))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _per_prunable_layer(fn, mask, params, *trees, prunable=None):
+  """Applies ``fn(mask, param, *leaves)`` on prunable leaves; others keep their mask."""
+  flags = masks.prunable_tree(params, prunable)
+  return jax.tree.map(lambda f, m, p, *rest: fn(m, p, *rest) if f else m,
+                      flags, mask, params, *trees)
+
+
+def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable):
+  if growth not in ("random", "gradient"):
+    raise ValueError(f"growth must be 'random' or 'gradient', got {growth!r}")
+
+  def rule(mask, params, grads, key, t):
+    f = fraction(t)
+    leaves = jax.tree.leaves(params)
+    keys = iter(jax.random.split(key, max(len(leaves), 1)))
+
+    def layer(m, p, g):
+      scores = (jax.random.uniform(next(keys), p.shape) if growth == "random"
+                else jnp.abs(g))
+      return drop_and_grow(m, p, scores, f)[0]
+
+    return _per_prunable_layer(layer, mask, params, grads, prunable=prunable)
+
+  return rule
+
+
+def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable=redefined-builtin
+        drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
+        start_step: int | None = None, end_step: int | None = None,
+        skip_update: bool = True, prunable=None, seed: int = 0
+        ) -> optax.GradientTransformationExtraArgs:
+  """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
+
+  Args:
+    inner: the optimiser to wrap.
+    mask: initial mask (e.g. :func:`random_mask` with an ERK budget).
+    drop_fraction: ``f(t)``: a float or an optax schedule of the step, e.g.
+      :func:`cosine_drop_fraction` (default constant 0.3).
+    update_every, start_step, end_step, skip_update, seed: see
+      :func:`dynamic_sparse`.
+    prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`);
+      the others keep their mask.
+  """
+  rule = _drop_and_grow_rule(_as_schedule(drop_fraction), "random", prunable)
+  return dynamic_sparse(inner, mask, rule, update_every=update_every,
+                        start_step=start_step, end_step=end_step,
+                        skip_update=skip_update, seed=seed)
+
+
+def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
+         end_step: int, alpha: float = 0.3,
+         drop_fraction: ScalarOrSchedule | None = None, update_every: int = 100,
+         start_step: int | None = None, skip_update: bool = True,
+         prunable=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """RigL (Evci et al. 2020): drop by magnitude, grow by dense gradient magnitude.
+
+  Defaults are SPEC §4's: ``ΔT = 100``, ``f(t) = (α/2)(1 + cos(π t / T_end))``
+  with ``α = 0.3``; ``T_end = end_step`` (RigL: 75% of training), after which
+  the mask is fixed.
+
+  Args:
+    inner: the optimiser to wrap.
+    mask: initial mask (e.g. :func:`random_mask` with an ERK budget).
+    end_step: ``T_end``.
+    alpha: initial drop fraction of the cosine schedule.
+    drop_fraction: overrides the cosine schedule (float or optax schedule).
+    update_every, start_step, skip_update, seed: see :func:`dynamic_sparse`.
+    prunable: which leaves change; the others keep their mask.
+  """
+  fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
+              else _as_schedule(drop_fraction))
+  rule = _drop_and_grow_rule(fraction, "gradient", prunable)
+  return dynamic_sparse(inner, mask, rule, update_every=update_every,
+                        start_step=start_step, end_step=end_step,
+                        skip_update=skip_update, seed=seed)
+
+
+def _magnitude_prune(sparsity: optax.Schedule, prunable):
+  def rule(mask, params, grads, key, t):
+    del grads, key
+    magnitude = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
+    return masks.topk_mask(magnitude, sparsity(t), budget="global",
+                           prunable=prunable, within=mask)
+  return rule
+
+
+def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
+        final_sparsity: float, start_step: int, end_step: int,
+        initial_sparsity: float = 0.0, update_every: int = 100,
+        regrow_fraction: ScalarOrSchedule | None = None,
+        regrow_end_step: int | None = None, skip_update: bool = True,
+        prunable=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+  """Gradual magnitude pruning (Zhu & Gupta 2017), optionally with regrowth.
+
+  At every update step ``t`` in ``[start_step, end_step]`` (every
+  ``update_every`` steps, ``end_step`` included) the mask becomes the global
+  top-``|θ|`` of the currently active weights at sparsity
+  :func:`cubic_sparsity` ``(t)`` (exact count over all prunable entries).
+  With ``regrow_fraction``, each update step (until ``regrow_end_step``) then
+  drops that fraction of every layer's active weights by magnitude and
+  regrows as many by gradient magnitude (GraNet); the density is unchanged
+  by regrowth.
+
+  Args:
+    inner: the optimiser to wrap.
+    mask: starting mask (all True for a dense start, or ERK at
+      ``initial_sparsity``).
+    final_sparsity: ``s_f``.
+    start_step, end_step: ``t_0`` and ``t_1`` of the cubic schedule.
+    initial_sparsity: ``s_i`` (default 0: dense start).
+    update_every: ``ΔT``.
+    regrow_fraction: ``None`` (plain GMP) or the regrowth drop fraction
+      (float or schedule; GraNet: :func:`cosine_drop_fraction` ``(0.5, ...)``).
+    regrow_end_step: no updates at or after this step (default
+      ``end_step + 1``: pruning only).
+    skip_update, seed: see :func:`dynamic_sparse`.
+    prunable: which leaves are pruned; the others keep their mask.
+  """
+  sparsity = cubic_sparsity(initial_sparsity, final_sparsity, start_step, end_step)
+  prune = _magnitude_prune(sparsity, prunable)
+  last = int(end_step) + 1 if regrow_end_step is None else int(regrow_end_step)
+  if regrow_fraction is None:
+    rule = prune
+  else:
+    regrow = _drop_and_grow_rule(_as_schedule(regrow_fraction), "gradient",
+                                 prunable)
+
+    def rule(mask, params, grads, key, t):
+      pruned = jax.lax.cond(t <= end_step,
+                            lambda: prune(mask, params, grads, key, t),
+                            lambda: mask)
+      # Pruned weights are 0 before regrowth sees them (they drop first).
+      return regrow(pruned, masks.apply(params, pruned), grads, key, t)
+
+  return dynamic_sparse(inner, mask, rule, update_every=update_every,
+                        start_step=start_step, end_step=last,
+                        skip_update=skip_update, seed=seed)
+
+
+def granet(inner: optax.GradientTransformation, mask: PyTree, *,
+           final_sparsity: float, start_step: int, end_step: int,
+           regrow_end_step: int, initial_sparsity: float = 0.0,
+           alpha: float = 0.5, update_every: int = 1000,
+           skip_update: bool = True, prunable=None, seed: int = 0
+           ) -> optax.GradientTransformationExtraArgs:
+  """GraNet (Liu et al. 2021): gradual magnitude pruning plus gradient regrowth.
+
+  SPEC §4's CIFAR reference: ERK start at ``initial_sparsity = 0.5`` (or
+  dense), pruning every 1000 iterations from epoch 0 to epoch 80 of 160
+  (``start_step``, ``end_step``), regrowth fraction 0.5 decayed by cosine to 0
+  at ``regrow_end_step``, gradient growth, per-layer counts kept during
+  regrowth. See :func:`gmp` for the arguments.
+  """
+  return gmp(inner, mask, final_sparsity=final_sparsity, start_step=start_step,
+             end_step=end_step, initial_sparsity=initial_sparsity,
+             update_every=update_every,
+             regrow_fraction=cosine_drop_fraction(alpha, regrow_end_step),
+             regrow_end_step=regrow_end_step, skip_update=skip_update,
+             prunable=prunable, seed=seed)
+
+
+def random_mask(key: chex.PRNGKey, params: PyTree, sparsity: float, *,
+                budget: masks.Budget = "erk", prunable=None, **kwargs) -> PyTree:
+  """A uniformly random mask at ``sparsity`` under ``budget`` (DST's start).
+
+  Exact per-layer counts of :func:`sparsejax.masks.topk_mask` over i.i.d.
+  uniform scores; extra keyword arguments go to it (``overrides``,
+  ``erk_power_scale``).
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  scores = jax.tree.unflatten(
+      treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
+  return masks.topk_mask(scores, sparsity, budget=budget, prunable=prunable,
+                         **kwargs)
+
+
+def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
+  """Fraction of mask entries that differ between ``old`` and ``new``."""
+  changed = sum(jnp.sum(a != b) for a, b in zip(jax.tree.leaves(old),
+                                                 jax.tree.leaves(new)))
+  total = sum(math.prod(jnp.shape(a)) for a in jax.tree.leaves(old))
+  return changed / max(total, 1)

@@ -1,0 +1,305 @@
+"""Dynamic sparse training (sparsejax.dst, SPEC §4)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from sparsejax import dst, masks, optim
+
+
+def _b(*xs):
+  return jnp.array(xs, bool)
+
+
+# ----------------------------------------------------------------------------
+# One layer, by hand
+# ----------------------------------------------------------------------------
+
+
+def test_drop_and_grow_by_hand():
+  mask = _b(1, 1, 1, 0, 0, 0)
+  w = jnp.array([0.5, -0.1, 0.3, 0., 0., 0.])
+  g = jnp.array([0., 0., 0., 0.2, 0.9, 0.2])
+  # n_active = 3, k = floor(0.34 * 3) = 1: drop |w| = 0.1 (index 1), grow the
+  # largest |g| among {1, 3, 4, 5}: index 4.
+  new, grown = dst.drop_and_grow(mask, w, g, 0.34)
+  np.testing.assert_array_equal(new, _b(1, 0, 1, 0, 1, 0))
+  np.testing.assert_array_equal(grown, _b(0, 0, 0, 0, 1, 0))
+
+
+def test_drop_and_grow_ties_go_to_the_lower_flat_index():
+  mask = _b(1, 1, 1, 1, 0, 0, 0, 0)
+  w = jnp.array([0.2, 0.2, 0.2, 0.2, 0, 0, 0, 0])
+  g = jnp.array([0., 0., 0., 0., 1., 1., 1., 1.])
+  # k = 2: the four equal magnitudes keep indices 0 and 1; of the four equal
+  # growth scores, indices 4 and 5 grow.
+  new, grown = dst.drop_and_grow(mask, w, g, 0.5)
+  np.testing.assert_array_equal(new, _b(1, 1, 0, 0, 1, 1, 0, 0))
+  np.testing.assert_array_equal(grown, _b(0, 0, 0, 0, 1, 1, 0, 0))
+
+
+def test_a_just_dropped_weight_can_regrow():
+  mask = _b(1, 1, 1, 0, 0)
+  w = jnp.array([0.5, 0.1, 0.3, 0., 0.])
+  g = jnp.array([0., 5., 0., 0.1, 0.2])
+  new, grown = dst.drop_and_grow(mask, w, g, 0.34)
+  np.testing.assert_array_equal(new, mask)
+  assert not grown.any()
+
+
+def test_drop_and_grow_nan_growth_scores_rank_last():
+  mask = _b(1, 1, 0, 0)
+  w = jnp.array([0.5, 0.1, 0., 0.])
+  g = jnp.array([0., 0., jnp.nan, 0.])
+  new, _ = dst.drop_and_grow(mask, w, g, 0.5)  # k = 1: index 1 drops
+  # candidates {1, 2, 3}: scores 0, NaN, 0 -> index 1 (lowest index, score 0)
+  np.testing.assert_array_equal(new, _b(1, 1, 0, 0))
+
+
+def test_schedules():
+  f = dst.cosine_drop_fraction(0.3, 100)
+  np.testing.assert_allclose([f(0), f(50), f(100), f(150)],
+                             [0.3, 0.15, 0.0, 0.0], atol=1e-7)
+  s = dst.cubic_sparsity(0.5, 0.9, 10, 20)
+  np.testing.assert_allclose([s(0), s(10), s(15), s(20), s(30)],
+                             [0.5, 0.5, 0.9 - 0.4 * 0.125, 0.9, 0.9], rtol=1e-6)
+  on = [bool(dst.is_update_step(t, update_every=3, start_step=2, end_step=9))
+        for t in range(12)]
+  assert [t for t, o in enumerate(on) if o] == [2, 5, 8]
+
+
+# ----------------------------------------------------------------------------
+# Inside an optax loop
+# ----------------------------------------------------------------------------
+
+
+def _params():
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  return {"dense1": {"kernel": jax.random.normal(k1, (20, 30)),
+                     "bias": jnp.zeros(30)},
+          "dense2": {"kernel": jax.random.normal(k2, (30, 10)),
+                     "bias": jax.random.normal(k3, (10,))}}
+
+
+def _counts(mask):
+  return [int(m.sum()) for m in jax.tree.leaves(mask)]
+
+
+def _loop(tx, params, n, *, seed=1):
+  """n updates with random (dense) gradients; returns params, state, masks."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    grads = jax.tree.map(lambda p: jax.random.normal(key, p.shape), params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  seen = []
+  for key in jax.random.split(jax.random.key(seed), n):
+    params, state = step(params, state, key)
+    seen.append(optim.get_mask(state))
+  return params, state, seen
+
+
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_counts_preserved_and_pruned_exactly_zero_over_100_updates(method):
+  params = _params()
+  mask = dst.random_mask(jax.random.key(2), params, 0.8, budget="erk")
+  params = masks.apply(params, mask)
+  inner = optax.sgd(0.05, momentum=0.9)
+  kw = dict(update_every=1, start_step=0)
+  tx = (dst.set(inner, mask, drop_fraction=0.3, **kw) if method == "set"
+        else dst.rigl(inner, mask, end_step=1000, **kw))
+  params, state, seen = _loop(tx, params, 100)
+  assert int(state.mask_updates) == 100
+  for m in seen:
+    assert _counts(m) == _counts(mask)
+    assert m["dense1"]["bias"].all() and m["dense2"]["bias"].all()
+  final = optim.get_mask(state)
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(final)):
+    assert (np.asarray(p)[~np.asarray(m)] == 0).all()
+  # the mask actually moved
+  churn = float(dst.mask_churn(mask, final))
+  assert churn > 0.05
+
+
+def test_rigl_update_by_hand_with_skipped_weight_update():
+  params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
+  mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
+  grads = {"w": jnp.array([[1., 0., 1.], [0.2, 0.9, 0.2]])}
+  tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
+                update_every=1, start_step=0)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_array_equal(optim.get_mask(state)["w"],
+                                [[1, 0, 1], [0, 1, 0]])
+  # skipped weight update: survivors unchanged, dropped and grown exactly 0
+  np.testing.assert_array_equal(new["w"], params["w"] * jnp.array([[1, 0, 1], [0, 0, 0]]))
+  assert int(state.count) == 1 and int(state.mask_updates) == 1
+
+
+def test_rigl_update_applied_when_not_skipped():
+  params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
+  mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
+  grads = {"w": jnp.array([[1., 0., 1.], [0.2, 0.9, 0.2]])}
+  tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
+                update_every=1, start_step=0, skip_update=False)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(new["w"], [[0.4, 0., 0.2], [0., 0., 0.]], atol=1e-7)
+
+
+def test_no_mask_update_between_update_steps():
+  params = _params()
+  mask = dst.random_mask(jax.random.key(2), params, 0.8, budget="uniform")
+  tx = dst.set(optax.sgd(0.1), mask, update_every=5, end_step=12)
+  _, state, seen = _loop(tx, masks.apply(params, mask), 20)
+  changed = [i for i in range(20) if float(dst.mask_churn(
+      seen[i - 1] if i else mask, seen[i])) > 0]
+  assert changed == [5, 10]  # t = 5 and 10; none at 0 (start = ΔT) or >= 12
+  assert int(state.mask_updates) == 2
+
+
+@pytest.mark.parametrize("name,inner,moment_fields", [
+    ("momentum", optax.sgd(0.1, momentum=0.9), ("trace",)),
+    ("adam", optax.adam(1e-2), ("mu", "nu")),
+])
+def test_regrown_weights_zero_with_zero_moments(name, inner, moment_fields):
+  del name
+  # 2-D: the default prunability predicate only takes kernels (ndim > 1).
+  params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
+  mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
+  tx = dst.rigl(inner, mask, end_step=100, drop_fraction=0.34,
+                update_every=1, start_step=0)
+  state = tx.init(params)
+  # Pretend every moment is 1 (e.g. left over from earlier activity).
+  state = state._replace(masked=state.masked._replace(
+      inner_state=jax.tree.map(
+          lambda x: jnp.ones_like(x) if jnp.shape(x) == (2, 3) else x,
+          state.masked.inner_state)))
+  grads = {"w": jnp.array([[1., 0., 1.], [0.2, 0.9, 0.2]])}
+  updates, state = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert float(new["w"][1, 1]) == 0.0 and bool(optim.get_mask(state)["w"][1, 1])
+  found = 0
+  for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(
+      state.masked.inner_state)[0]:
+    if jnp.shape(leaf) == (2, 3) and any(
+        getattr(k, "name", None) in moment_fields for k in leaf_path):
+      found += 1
+      assert float(leaf[1, 1]) == 0.0  # grown: reset
+      assert float(leaf[0, 0]) != 0.0  # kept: untouched
+  assert found == len(moment_fields)
+
+
+@pytest.mark.parametrize("inner", [
+    optax.sgd(0.1, momentum=0.9, nesterov=True),
+    optax.adamw(1e-2, weight_decay=1e-2),
+    optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9)),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9),
+], ids=["nesterov", "adamw", "chain", "inject_hyperparams"])
+def test_works_with_common_optimisers(inner):
+  params = _params()
+  mask = dst.random_mask(jax.random.key(3), params, 0.7, budget="erk")
+  tx = dst.rigl(inner, mask, end_step=50, update_every=2, start_step=0)
+  params, state, _ = _loop(tx, masks.apply(params, mask), 10)
+  final = optim.get_mask(state)
+  assert _counts(final) == _counts(mask)
+  for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(final)):
+    assert np.isfinite(np.asarray(p)).all()
+    assert (np.asarray(p)[~np.asarray(m)] == 0).all()
+
+
+def test_nan_gradient_at_pruned_position_never_reaches_kept_weights():
+  params = _params()
+  mask = dst.random_mask(jax.random.key(4), params, 0.8, budget="uniform")
+  params = masks.apply(params, mask)
+  tx = dst.set(optax.adam(1e-2), mask, update_every=3, start_step=0)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for _ in range(7):
+    m = optim.get_mask(state)
+    grads = jax.tree.map(lambda p, mm: jnp.where(mm, 0.1, jnp.nan), params, m)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
+
+
+def test_one_trace_and_no_host_callbacks():
+  params = _params()
+  mask = dst.random_mask(jax.random.key(2), params, 0.8)
+  tx = dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
+                update_every=2, start_step=0)
+  traces = []
+
+  def step(params, state, grads):
+    traces.append(1)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  jitted = jax.jit(step)
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(6):  # 3 mask updates, 3 plain steps
+    params, state = jitted(params, state, grads)
+  assert len(traces) == 1 and int(state.mask_updates) == 3
+  jaxpr = str(jax.make_jaxpr(step)(params, state, grads))
+  assert "cond" in jaxpr and "callback" not in jaxpr
+
+
+# ----------------------------------------------------------------------------
+# Gradual magnitude pruning and GraNet
+# ----------------------------------------------------------------------------
+
+
+def test_gmp_follows_the_cubic_schedule_step_by_step():
+  params = _params()
+  mask = masks.ones_like(params)
+  n = 20 * 30 + 30 * 10  # prunable entries
+  tx = dst.gmp(optax.sgd(0.01), mask, final_sparsity=0.9, start_step=0,
+               end_step=10, update_every=1)
+  _, state, seen = _loop(tx, params, 14)
+  s = dst.cubic_sparsity(0.0, 0.9, 0, 10)
+  for t, m in enumerate(seen):
+    kept = int(m["dense1"]["kernel"].sum() + m["dense2"]["kernel"].sum())
+    assert kept == max(1, round((1 - float(s(min(t, 10)))) * n)), t
+    assert m["dense1"]["bias"].all()
+  assert int(state.mask_updates) == 11  # t = 0..10
+
+
+def test_granet_prunes_then_regrows_at_constant_density():
+  params = _params()
+  mask = dst.random_mask(jax.random.key(5), params, 0.5, budget="erk")
+  n = 20 * 30 + 30 * 10
+  tx = dst.granet(optax.sgd(0.01), mask, initial_sparsity=0.5,
+                  final_sparsity=0.8, start_step=0, end_step=4,
+                  regrow_end_step=10, update_every=2)
+  _, state, seen = _loop(tx, masks.apply(params, mask), 12)
+  kernels = lambda m: int(m["dense1"]["kernel"].sum() + m["dense2"]["kernel"].sum())
+  s = dst.cubic_sparsity(0.5, 0.8, 0, 4)
+  assert kernels(seen[0]) == round((1 - float(s(0))) * n)
+  assert kernels(seen[2]) == round((1 - float(s(2))) * n)
+  assert kernels(seen[4]) == round(0.2 * n)
+  # after pruning ends: regrowth only, counts per layer constant, mask moves
+  assert _counts(seen[6]) == _counts(seen[4]) == _counts(seen[8])
+  assert float(dst.mask_churn(seen[4], seen[6])) > 0
+  assert int(state.mask_updates) == 5  # t = 0, 2, 4, 6, 8
+
+
+def test_dst_state_works_with_optim_helpers():
+  params = _params()
+  mask = dst.random_mask(jax.random.key(2), params, 0.8)
+  tx = dst.set(optax.sgd(0.1, momentum=0.9), mask)
+  state = tx.init(params)
+  assert optim.find_mask(state) is not None
+  np.testing.assert_array_equal(optim.get_mask(state)["dense1"]["kernel"],
+                                mask["dense1"]["kernel"])
+  with pytest.raises(ValueError, match="update_every"):
+    dst.set(optax.sgd(0.1), mask, update_every=0)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(params, state)
