@@ -303,3 +303,44 @@ def test_dst_state_works_with_optim_helpers():
     dst.set(optax.sgd(0.1), mask, update_every=0)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(params, state)
+
+
+def test_flax_nnx_optimizer():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  class MLP(nnx.Module):
+
+    def __init__(self, rngs):
+      self.l1 = nnx.Linear(8, 16, rngs=rngs)
+      self.l2 = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+      return self.l2(jax.nn.relu(self.l1(x)))
+
+  model = MLP(nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  mask = dst.random_mask(jax.random.key(1), params, 0.75, budget="uniform")
+  nnx.update(model, masks.apply(params, mask))
+  optimizer = nnx.Optimizer(
+      model, dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
+                      update_every=2, start_step=0), wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(2), (32, 8))
+  y = jnp.arange(32) % 4
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(model):
+      return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    grads = nnx.grad(loss)(model)
+    optimizer.update(model, grads)
+
+  for _ in range(6):
+    step(model, optimizer)
+  final = optim.get_mask(optimizer.opt_state)
+  assert int(optimizer.opt_state.mask_updates[...]) == 3
+  # l1 bias, l1 kernel (25% of 8x16), l2 bias, l2 kernel (25% of 16x4)
+  assert _counts(final) == _counts(mask) == [16, 32, 4, 16]
+  assert float(dst.mask_churn(mask, final)) > 0
+  for p, m in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                  jax.tree.leaves(final)):
+    assert (np.asarray(p)[~np.asarray(m)] == 0).all()
