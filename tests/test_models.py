@@ -12,8 +12,8 @@ from sparsejax import models
 from sparsejax.models import activations
 
 ALL_NAMES = (
-    "resnet20", "resnet32", "resnet56", "resnet18", "vgg11", "vgg16", "vgg19",
-    "mobilenetv2", "lenet5", "mlp",
+    "resnet20", "resnet32", "resnet56", "resnet18", "resnet50", "wrn22_2",
+    "wrn28_10", "vgg11", "vgg16", "vgg19", "mobilenetv2", "lenet5", "mlp",
 )  # fmt: skip
 BN_NAMES = tuple(n for n in ALL_NAMES if n not in ("lenet5", "mlp"))
 CIFAR = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
@@ -32,6 +32,13 @@ PARAM_COUNTS = {
     "resnet32": 466_906,
     "resnet56": 855_770,
     "resnet18": 11_173_962,
+    # The next three equal the counts of independent PyTorch builds of the
+    # same architectures (torch.nn parameters(), BatchNorm affine included):
+    # CIFAR ResNet-50 with bottlenecks [3, 4, 6, 3] and 1x1 projection
+    # shortcuts; WRN-22-2 and WRN-28-10 with 1x1 conv shortcuts, no bias.
+    "resnet50": 23_520_842,
+    "wrn22_2": 1_079_642,
+    "wrn28_10": 36_479_194,
     "vgg11": 9_228_362,
     # VGG-16: 14,710,464 conv weights + 8,448 BN params + 5,130 classifier.
     "vgg16": 14_724_042,
@@ -48,6 +55,9 @@ ACT_CALLS = {
     "resnet32": 1 + 2 * 15,
     "resnet56": 1 + 2 * 27,
     "resnet18": 1 + 2 * 8,
+    "resnet50": 1 + 3 * 16,
+    "wrn22_2": 2 * 9 + 1,
+    "wrn28_10": 2 * 12 + 1,
     "vgg11": 8,
     "vgg16": 13,
     "vgg19": 16,
@@ -152,6 +162,22 @@ def test_param_counts_match_published_sizes():
   assert 14.6e6 < PARAM_COUNTS["vgg16"] < 14.8e6
   assert 11.1e6 < PARAM_COUNTS["resnet18"] < 11.3e6
   assert 2.2e6 < PARAM_COUNTS["mobilenetv2"] < 2.4e6
+  assert 36.4e6 < PARAM_COUNTS["wrn28_10"] < 36.6e6  # "36.5M" (Zagoruyko 2016)
+  assert 23.4e6 < PARAM_COUNTS["resnet50"] < 23.6e6
+
+
+def test_wide_resnet_depth_and_dropout():
+  with pytest.raises(ValueError, match="6n"):
+    abstract_init(models.get("wrn22_2", 10, depth=20))
+  model = models.get("wrn22_2", 10, depth=10, widen=1, dropout=0.3)
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  variables = model.init(jax.random.key(1), x)
+  run = lambda key: model.apply(variables, x, train=True, mutable=["batch_stats"],
+                                rngs={"dropout": key})[0]
+  a, b = run(jax.random.key(2)), run(jax.random.key(3))
+  assert a.shape == (4, 10) and not np.allclose(a, b)  # dropout is live
+  np.testing.assert_array_equal(model.apply(variables, x),
+                                model.apply(variables, x))  # eval: none
 
 
 def test_resnet32_width2_has_4x_params():
@@ -186,6 +212,9 @@ FIRST_KERNEL = {
     "resnet32": (3, 3, 3, 16),
     "resnet56": (3, 3, 3, 16),
     "resnet18": (3, 3, 3, 64),
+    "resnet50": (3, 3, 3, 64),
+    "wrn22_2": (3, 3, 3, 16),
+    "wrn28_10": (3, 3, 3, 16),
     "vgg11": (3, 3, 3, 64),
     "vgg16": (3, 3, 3, 64),
     "vgg19": (3, 3, 3, 64),
@@ -194,7 +223,8 @@ FIRST_KERNEL = {
     "mlp": (3072, 300),
 }
 CLASSIFIER_IN = {
-    "resnet18": 512, "vgg11": 512, "vgg16": 512, "vgg19": 512,
+    "resnet18": 512, "resnet50": 2048, "wrn22_2": 128, "wrn28_10": 640,
+    "vgg11": 512, "vgg16": 512, "vgg19": 512,
     "mobilenetv2": 1280, "lenet5": 84, "mlp": 100,
 }  # fmt: skip
 

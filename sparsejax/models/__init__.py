@@ -31,20 +31,26 @@ from sparsejax.models import activations
 from sparsejax.models.mobilenet import InvertedResidual, MobileNetV2
 from sparsejax.models.resnet import (
     BasicBlock,
+    Bottleneck,
     ResNet,
     ResNet18,
     ResNet20,
     ResNet32,
+    ResNet50,
     ResNet56,
 )
 from sparsejax.models.small import MLP, LeNet5
 from sparsejax.models.vgg import VGG, VGG11, VGG16, VGG19
+from sparsejax.models.wide_resnet import WRN22_2, WRN28_10, WideBasicBlock, WideResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": ResNet20,
     "resnet32": ResNet32,
     "resnet56": ResNet56,
     "resnet18": ResNet18,
+    "resnet50": ResNet50,
+    "wrn22_2": WRN22_2,
+    "wrn28_10": WRN28_10,
     "vgg11": VGG11,
     "vgg16": VGG16,
     "vgg19": VGG19,
@@ -64,8 +70,9 @@ def get(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
 
   Args:
     name: one of :func:`names`: ``resnet20``, ``resnet32``, ``resnet56``,
-      ``resnet18``, ``vgg11``, ``vgg16``, ``vgg19``, ``mobilenetv2``,
-      ``lenet5``, ``mlp``.
+      ``resnet18``, ``resnet50`` (CIFAR, bottlenecks), ``wrn22_2``,
+      ``wrn28_10`` (Wide ResNets, any ``depth``/``widen``), ``vgg11``,
+      ``vgg16``, ``vgg19``, ``mobilenetv2``, ``lenet5``, ``mlp``.
     num_classes: number of output logits.
     **kwargs: further fields of the model class, e.g. ``width=2`` (ResNets),
       ``hidden=(300, 100)`` (MLP), ``act=activations.blend()``,
@@ -146,6 +153,7 @@ def layer_order(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[str, ...]:
 __all__ = [
     "layer_order",
     "BasicBlock",
+    "Bottleneck",
     "InvertedResidual",
     "LeNet5",
     "MLP",
@@ -154,11 +162,16 @@ __all__ = [
     "ResNet18",
     "ResNet20",
     "ResNet32",
+    "ResNet50",
     "ResNet56",
     "VGG",
     "VGG11",
     "VGG16",
     "VGG19",
+    "WRN22_2",
+    "WRN28_10",
+    "WideBasicBlock",
+    "WideResNet",
     "activations",
     "get",
     "names",
