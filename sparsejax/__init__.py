@@ -8,6 +8,8 @@ Submodules:
   scores: pruning-at-initialisation scores (SNIP, GraSP, SynFlow, magnitude,
     random), iterative pruning, ``prune_at_init``.
   diagnostics: effective sparsity and layer collapse of a mask.
+  dst: dynamic sparse training (SET, RigL, gradual magnitude pruning,
+    GraNet) as optax wrappers with on-device mask updates.
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
   train: train state, sharded train/eval steps, schedules, checkpointed ``fit``.
@@ -24,6 +26,7 @@ _xla_cpu.apply()  # before any submodule can start a JAX backend
 
 from sparsejax import data
 from sparsejax import diagnostics
+from sparsejax import dst
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import models
@@ -33,4 +36,4 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "diagnostics", "lottery", "masks", "models", "optim", "scores", "train"]
+__all__ = ["data", "diagnostics", "dst", "lottery", "masks", "models", "optim", "scores", "train"]
