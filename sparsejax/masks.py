@@ -85,23 +85,6 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
       lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
 
 
-def _definition_order(tree: PyTree, prefix: tuple = ()) -> list[str]:
-  """Leaf paths walking mappings in *iteration* order (not sorted).
-
-  An eager Flax linen ``init`` returns params dicts in submodule-creation
-  order, so there the first path is the stem and the last the classifier.
-  """
-  tu = jax.tree_util
-  if isinstance(tree, Mapping):
-    return [p for k, v in tree.items()
-            for p in _definition_order(v, prefix + (tu.DictKey(k),))]
-  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    return [p for i, v in enumerate(tree)
-            for p in _definition_order(v, prefix + (tu.SequenceKey(i),))]
-  return [path_str(prefix + tuple(p))
-          for p, _ in tu.tree_flatten_with_path(tree)[0]]
-
-
 def is_kernel(path: str, leaf) -> bool:
   """Default prunability predicate: every leaf with ``ndim > 1``.
 
@@ -123,11 +106,24 @@ class Prunable:
     exclude: regular expressions (``re.search`` on the path); matching leaves
       are not prunable.
     order: leaf paths in forward (data-flow) order, which decides "first" and
-      "last". For sparsejax models use ``sparsejax.models.layer_order(model,
-      x)``. Default ``None``: the iteration order of the params mappings, which
-      is the creation order only for an eager Flax linen ``init``; any JAX
-      transform (``jax.jit(init)``, optimiser updates, checkpoint restores) and
-      Flax NNX ``State`` sort the keys instead, so pass ``order`` there.
+      "last"; required by ``keep_first_dense`` and ``keep_last_dense``. For
+      sparsejax models use ``sparsejax.models.layer_order(model, x)``. The
+      key order of a params pytree is no substitute: ``jax.jit(init)``,
+      optimiser updates, checkpoint restores and Flax NNX ``State`` sort the
+      keys (a ResNet's ``'BasicBlock_0'`` then precedes its stem ``'Conv_0'``).
+      Default ``None``.
+
+  Example:
+
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> params = {"head": {"kernel": jnp.ones((4, 2))},
+    ...           "stem": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    >>> keep_first = dataclasses.replace(
+    ...     masks.KEEP_FIRST_DENSE, order=("stem/kernel", "stem/bias", "head/kernel"))
+    >>> keep_first(params)
+    {'head': {'kernel': True}, 'stem': {'bias': False, 'kernel': False}}
   """
 
   predicate: Callable[[str, Any], bool] = is_kernel
@@ -146,7 +142,13 @@ class Prunable:
             f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
       for p in hits:
         flags[p] = False
-    order = self.order if self.order is not None else _definition_order(params)
+    if self.order is None and (self.keep_first_dense or self.keep_last_dense):
+      raise ValueError(
+          "keep_first_dense/keep_last_dense need order=, the leaf paths in forward "
+          "order: the params' key order is not the layer order (jit, checkpoint "
+          "restores and NNX State sort the keys). Pass e.g. dataclasses.replace("
+          "masks.KEEP_FIRST_DENSE, order=sparsejax.models.layer_order(model, x))")
+    order = self.order or ()
     unknown = [p for p in order if p not in flags]
     if unknown:
       raise ValueError(f"order names paths that are not in the params: {unknown[:5]}")
