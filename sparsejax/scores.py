@@ -626,6 +626,30 @@ def _random_scores(params, mask, key):
   return random(key, params)
 
 
+# The score functions of prune_at_init are static arguments of the compiled
+# iterative loop: frozen dataclasses compare by value, so equal settings reuse
+# the compilation (a new functools.partial per call would recompile).
+
+
+@dataclasses.dataclass(frozen=True)
+class _SnipScore:
+  bn_mode: str = "eval"
+
+  def __call__(self, params, mask, apply_fn, batches):
+    return snip(params, mask, apply_fn, batches, bn_mode=self.bn_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraspScore:
+  flags: tuple[bool, ...]
+  temperature: float = 200.0
+  bn_mode: str = "train"
+
+  def __call__(self, params, mask, apply_fn, batches):
+    return grasp(params, mask, apply_fn, batches, temperature=self.temperature,
+                 bn_mode=self.bn_mode, prunable=_flags_tree(params, self.flags))
+
+
 def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str = "global",
                   key: jax.Array | None = None, apply_fn=None, batches=None,
                   input_shape: Sequence[int] | None = None, prunable=None,
@@ -701,9 +725,10 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
          "sparsejax.data.class_balanced_batch(ds, 10)")
     args = (as_apply_fn(apply_fn), stack_batches(batches))
     if base == "snip":
-      score_fn = functools.partial(snip, **method_kw)
+      score_fn = _SnipScore(**method_kw)
     else:
-      score_fn = functools.partial(grasp, prunable=prunable, **method_kw)
+      kw = {k: float(v) if k == "temperature" else v for k, v in method_kw.items()}
+      score_fn = _GraspScore(_flags_static(params, prunable), **kw)
   if rounds is None:
     new_mask = masks.topk_mask(score_fn(params, mask, *args), sparsity, **common)
   else:
