@@ -282,8 +282,26 @@ def from_params(params: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------
 
 
-def _resolve_overrides(prunable_paths: list[str], overrides) -> dict[str, float]:
-  """``{path: sparsity}`` for the prunable paths matched by ``overrides``."""
+def resolve_overrides(prunable_paths: Sequence[str], overrides) -> dict[str, float]:
+  """``{path: sparsity}`` for the prunable paths matched by ``overrides``.
+
+  Args:
+    prunable_paths: the paths of the prunable leaves.
+    overrides: ``{regex: sparsity}`` (``re.search`` on each path), or ``None``.
+
+  Returns:
+    The sparsity of every matched path; unmatched paths are left out.
+
+  Raises:
+    ValueError: a sparsity outside [0, 1), a pattern that matches no path, or
+      a path matched by two patterns with different sparsities.
+
+  Example:
+
+    >>> from sparsejax import masks
+    >>> masks.resolve_overrides(["stem/kernel", "head/kernel"], {"^head": 0.0})
+    {'head/kernel': 0.0}
+  """
   resolved: dict[str, float] = {}
   for pattern, s in (overrides or {}).items():
     check_sparsity(s, f"override {pattern!r}")
@@ -373,7 +391,7 @@ def layer_sparsities(params: PyTree, sparsity: float, budget: Budget = "erk", *,
                      f"allocation, got {budget!r}")
   flags = dict(named_leaves(prunable_tree(params, prunable)))
   shapes = {p: tuple(jnp.shape(x)) for p, x in named_leaves(params) if flags[p]}
-  fixed = _resolve_overrides(list(shapes), overrides)
+  fixed = resolve_overrides(list(shapes), overrides)
   pool = {p: s for p, s in shapes.items() if p not in fixed}
   if budget == "uniform" or not pool:
     out = {p: float(sparsity) for p in pool}
@@ -409,14 +427,36 @@ def _sortable_bits(flat_scores):
   return jnp.where(bits & sign, ~bits, bits | sign)
 
 
-def _keep_top(flat_scores, k):
-  """Bool vector keeping exactly the ``k`` highest scores, ties to the lower index.
+def keep_top(flat_scores: jax.Array, k) -> jax.Array:
+  """Exact top-k: keeps exactly the ``k`` highest scores, ties to the lower index.
 
-  ``k`` may be traced. A radix select finds the k-th largest value bit by bit
-  from the most significant one (32 or 64 count passes over the scores,
-  ``O(N)`` each, no sort); every score above it is kept, and of the scores
-  equal to it the ones of lowest flat index fill the remaining places. So the
-  count is exact, never a ``>=`` threshold whose ties change it.
+  The selection of every mask of sparsejax (:func:`topk_mask`), for custom
+  pruning and regrowth rules (e.g. dynamic sparse training). Pure and
+  ``jit``-compatible; ``k`` may be traced. NaN ranks lowest and ``-0.0``
+  equals ``0.0``.
+
+  Args:
+    flat_scores: float scores ``[N]`` (float16/bfloat16/float32/float64;
+      float64 keeps its precision).
+    k: number of entries to keep, an int or int32 scalar in ``[0, N]``.
+
+  Returns:
+    bool ``[N]`` with exactly ``k`` entries ``True``: every score above the
+    k-th largest, and of the scores equal to it the ones of lowest index.
+
+  A radix select finds the k-th largest value bit by bit from the most
+  significant one (32 or 64 count passes over the scores, ``O(N)`` each, no
+  sort); every score above it is kept, and of the scores equal to it the ones
+  of lowest flat index fill the remaining places. So the count is exact, never
+  a ``>=`` threshold whose ties change it.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> scores = jnp.array([0.5, 2.0, 0.5, 1.0, 0.5])
+    >>> masks.keep_top(scores, 3)  # 2.0, 1.0 and the first of the tied 0.5s
+    Array([ True,  True, False,  True, False], dtype=bool)
   """
   keys = _sortable_bits(flat_scores)
   utype = keys.dtype
@@ -481,7 +521,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
     raise ValueError(f"a {budget!r} budget with overrides or an ERK allocation "
                      "needs a Python float sparsity, not a traced value")
   if budget == "global":
-    fixed = _resolve_overrides(prunable_paths, overrides)
+    fixed = resolve_overrides(prunable_paths, overrides)
     layer_s = {}
   elif traced:  # "uniform" with a traced sparsity
     fixed, layer_s = {}, {p: sparsity for p in prunable_paths}
@@ -507,7 +547,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
   pooled = [i for i, p in enumerate(names) if flags[i] and p not in fixed]
   if budget == "global" and pooled:
     flat = jnp.concatenate([prepared(i) for i in pooled])
-    keep = _keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
+    keep = keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
     offset = 0
     for i in pooled:
       size = int(np.prod(jnp.shape(leaves[i])))
@@ -519,7 +559,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
     elif out[i] is None:
       s_l = fixed.get(p, layer_s.get(p))
       flat = prepared(i)
-      keep = _keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
+      keep = keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
       out[i] = keep.reshape(jnp.shape(leaves[i]))
   return jax.tree.unflatten(jax.tree.structure(scores), out)
 
