@@ -267,7 +267,16 @@ def ones_like(params: PyTree) -> PyTree:
 
 
 def apply(params: PyTree, mask: PyTree) -> PyTree:
-  """Returns ``params`` with every pruned entry set to exactly ``0``."""
+  """Returns ``params`` with every pruned entry set to exactly ``0``.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> masks.apply({"w": jnp.array([1.0, -2.0, 3.0])},
+    ...             {"w": jnp.array([True, False, True])})
+    {'w': Array([1., 0., 3.], dtype=float32)}
+  """
   return jax.tree.map(
       lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
 
@@ -408,6 +417,12 @@ def kept_count(n: int, sparsity) -> Any:
 
   Returns a Python int for a Python ``sparsity`` and an ``int32`` array when
   ``sparsity`` is traced.
+
+  Example:
+
+    >>> from sparsejax import masks
+    >>> masks.kept_count(10, 0.75), masks.kept_count(10, 0.99)  # round(2.5) is 2
+    (2, 1)
   """
   if isinstance(sparsity, (int, float, np.floating, np.integer)):
     return max(1, round((1.0 - float(sparsity)) * n))
@@ -501,6 +516,19 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
   Raises:
     ValueError: bad sparsity, unknown budget, NaN scores (when not traced),
       ``within`` not matching, or an override that matches no path.
+
+  Example:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> scores = {"a": jnp.array([[3.0, 1.0], [4.0, 1.0]]),
+    ...           "b": jnp.array([[5.0, 9.0], [2.0, 6.0]])}
+    >>> as_ints = lambda mask: jax.tree.map(lambda m: m.astype(int).tolist(), mask)
+    >>> as_ints(masks.topk_mask(scores, 0.5))  # the 4 highest of the 8: 9, 6, 5, 4
+    {'a': [[0, 0], [1, 0]], 'b': [[1, 1], [0, 1]]}
+    >>> as_ints(masks.topk_mask(scores, 0.5, budget="uniform"))  # 2 per layer
+    {'a': [[1, 0], [1, 0]], 'b': [[0, 1], [0, 1]]}
   """
   if budget not in BUDGETS:
     raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -630,6 +658,17 @@ def summary(mask: PyTree, prunable=None) -> MaskSummary:
     mask: a bool mask pytree (concrete, not traced).
     prunable: which leaves to report; see :func:`prunable_tree` (default: the
       ``ndim > 1`` leaves).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> mask = {"conv": {"kernel": jnp.array([[True, False], [False, False]]),
+    ...                  "bias": jnp.array([True, True])},
+    ...         "dense": {"kernel": jnp.zeros((2, 3), bool)}}
+    >>> s = masks.summary(mask)  # biases are not prunable, so not counted
+    >>> s.kept, s.total, s.sparsity, s.collapsed
+    (1, 10, 0.9, ('dense/kernel',))
   """
   flags = jax.tree.leaves(prunable_tree(mask, prunable))
   counts = jax.device_get(jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), mask))

@@ -710,6 +710,15 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
   Warns:
     RuntimeWarning: when the mask collapses a layer (no weight kept), e.g.
       magnitude at high sparsity, or SynFlow removing a 1×1 shortcut conv.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import scores
+    >>> params = {"w": jnp.array([[0.5, -3.0], [2.0, -0.1]]), "b": jnp.zeros(2)}
+    >>> mask = scores.prune_at_init("magnitude", params, sparsity=0.5)
+    >>> mask["w"].tolist(), mask["b"].tolist()  # |w| 3.0 and 2.0 kept; b not prunable
+    ([[False, True], [True, False]], [True, True])
   """
   base = method[len("iterative_"):] if method.startswith("iterative_") else method
   if base not in METHODS:
