@@ -7,6 +7,9 @@
   network, followed by the diagnostics report of
   :func:`sparsejax.diagnostics.report` (nominal and effective sparsity,
   per-layer density, layer collapse), printed and saved with the run.
+* :func:`make_prunable` turns ``config.prunable`` into a
+  :class:`sparsejax.masks.Prunable` ordered by the model's forward layer order,
+  for every runner.
 * :func:`run` is one training run (load data, build the model, prune, train
   with :func:`sparsejax.train.fit`, write ``results.json``); ``experiments.train``,
   ``experiments.prune_at_init`` and every cell of ``experiments.sweep`` are
@@ -22,6 +25,7 @@ once training has finished, ``results.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -55,7 +59,8 @@ PRUNERS = ("dense", "ticket", *scores.METHODS,
            *(f"iterative_{m}" for m in scores.METHODS))
 #: Methods that score with training data (a class-balanced batch).
 DATA_METHODS = ("snip", "grasp")
-#: ``config.prunable`` presets.
+#: ``config.prunable`` presets, without a layer order: resolve them for a model
+#: with :func:`make_prunable` (the "first"/"last" presets refuse to run without).
 PRUNABLE = {
     "kernels": masks.KERNELS,
     "keep_first": masks.KEEP_FIRST_DENSE,
@@ -121,6 +126,36 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if config.weight_decay is None:
     config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
   return config
+
+
+def make_prunable(name: str, model, input_shape) -> masks.Prunable:
+  """The ``config.prunable`` preset ``name`` for ``model``, in forward order.
+
+  The one place where a runner turns a preset name into a
+  :class:`sparsejax.masks.Prunable`: the keep-dense presets get the model's
+  forward layer order (:func:`sparsejax.models.layer_order`), which decides the
+  "first" layer (the stem conv of a ResNet) and the classifier whatever the key
+  order of the params (a jitted init sorts them, so ``'BasicBlock_0'``
+  precedes the stem ``'Conv_0'``).
+
+  Args:
+    name: a key of :data:`PRUNABLE`, e.g. ``"keep_first"``.
+    model: the unbound linen model.
+    input_shape: shape of one example, e.g. ``(32, 32, 3)``.
+
+  Returns:
+    The preset with ``order`` set (unchanged for ``"kernels"``).
+
+  Raises:
+    ValueError: an unknown preset name.
+  """
+  if name not in PRUNABLE:
+    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got {name!r}")
+  preset = PRUNABLE[name]
+  if not (preset.keep_first_dense or preset.keep_last_dense):
+    return preset
+  x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  return dataclasses.replace(preset, order=models.layer_order(model, x))
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -208,8 +243,8 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
   """
   if config.pruner == "dense":
     return None
-  prunable = PRUNABLE[config.prunable]
   input_shape = dataset.image_shape
+  prunable = make_prunable(config.prunable, model, input_shape)
 
   def mask_fn(params: PyTree) -> PyTree:
     variables = {"params": params, **_initial_state(model, input_shape)}

@@ -25,7 +25,23 @@ mid-epoch from a checkpoint that stores just the step number.
 Evaluation uses :func:`eval_batches`: fixed-size, zero-padded batches with a
 validity mask, so the eval step compiles once and the tail is counted exactly.
 
-Example::
+Example (scikit-learn's digits, offline)::
+
+    >>> import jax
+    >>> from sparsejax import data
+    >>> ds = data.load("digits")
+    >>> ds.image_shape, ds.num_classes, ds.num_train
+    ((8, 8, 1), 10, 1437)
+    >>> images = jax.device_put(ds.train_images)  # once, as uint8
+    >>> perm = data.epoch_permutation(0, 0, ds.num_train)  # seed 0, epoch 0
+    >>> idx = data.batch_indices(perm, 0, 128)  # the first step of the epoch
+    >>> x = data.normalize(images[idx], ds.mean, ds.std)
+    >>> x.shape, x.dtype
+    ((128, 8, 8, 1), dtype('float32'))
+    >>> data.num_batches(ds.num_train, 128)  # full batches per epoch
+    11
+
+A training loop (sketch)::
 
     ds = load("cifar10")
     x_train, y_train = jax.device_put(ds.train_images), jax.device_put(ds.train_labels)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks
-from sparsejax.scores import ApplyFn, _precision, as_apply_fn
+from sparsejax.scores import ApplyFn, as_apply_fn, precision_scope
 
 PyTree = Any
 
@@ -103,7 +103,7 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
     A bool mask: ``mask`` with the effectively pruned kernel entries set to
     ``False``; leaves with ``ndim <= 1`` are returned unchanged.
   """
-  with _precision(dtype):
+  with precision_scope(dtype):
     return _effective_mask(mask, as_apply_fn(apply_fn), tuple(input_shape),
                            tuple(scale_names), np.dtype(dtype))
 

@@ -96,6 +96,12 @@ def level_sparsity(level: int, fraction: float = DEFAULT_FRACTION) -> float:
 
   Raises:
     ValueError: a negative or non-integer level, or a fraction outside (0, 1).
+
+  Example:
+
+    >>> from sparsejax import lottery
+    >>> round(lottery.level_sparsity(3), 6)  # 1 - 0.8 ** 3
+    0.488
   """
   if isinstance(level, bool) or int(level) != level or level < 0:
     raise ValueError(f"level must be an integer >= 0, got {level!r}")
@@ -153,6 +159,18 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
     ValueError: a bad level, fraction or budget, a mask that does not fit
       ``params``, or a mask that keeps fewer weights than level ``L`` (not the
       mask of level ``L − 1``).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import lottery, masks
+    >>> params = {"w": jnp.arange(1.0, 11.0).reshape(2, 5)}
+    >>> m1 = lottery.prune_level(params, masks.ones_like(params), 1)  # keeps 8
+    >>> m1["w"].astype(int).tolist()
+    [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    >>> m2 = lottery.prune_level(params, m1, 2)  # round(0.64 * 10) = 6 of those
+    >>> int(m2["w"].sum())
+    6
   """
   if budget not in BUDGETS:
     raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")

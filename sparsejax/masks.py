@@ -85,23 +85,6 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
       lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
 
 
-def _definition_order(tree: PyTree, prefix: tuple = ()) -> list[str]:
-  """Leaf paths walking mappings in *iteration* order (not sorted).
-
-  An eager Flax linen ``init`` returns params dicts in submodule-creation
-  order, so there the first path is the stem and the last the classifier.
-  """
-  tu = jax.tree_util
-  if isinstance(tree, Mapping):
-    return [p for k, v in tree.items()
-            for p in _definition_order(v, prefix + (tu.DictKey(k),))]
-  if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
-    return [p for i, v in enumerate(tree)
-            for p in _definition_order(v, prefix + (tu.SequenceKey(i),))]
-  return [path_str(prefix + tuple(p))
-          for p, _ in tu.tree_flatten_with_path(tree)[0]]
-
-
 def is_kernel(path: str, leaf) -> bool:
   """Default prunability predicate: every leaf with ``ndim > 1``.
 
@@ -123,11 +106,24 @@ class Prunable:
     exclude: regular expressions (``re.search`` on the path); matching leaves
       are not prunable.
     order: leaf paths in forward (data-flow) order, which decides "first" and
-      "last". For sparsejax models use ``sparsejax.models.layer_order(model,
-      x)``. Default ``None``: the iteration order of the params mappings, which
-      is the creation order only for an eager Flax linen ``init``; any JAX
-      transform (``jax.jit(init)``, optimiser updates, checkpoint restores) and
-      Flax NNX ``State`` sort the keys instead, so pass ``order`` there.
+      "last"; required by ``keep_first_dense`` and ``keep_last_dense``. For
+      sparsejax models use ``sparsejax.models.layer_order(model, x)``. The
+      key order of a params pytree is no substitute: ``jax.jit(init)``,
+      optimiser updates, checkpoint restores and Flax NNX ``State`` sort the
+      keys (a ResNet's ``'BasicBlock_0'`` then precedes its stem ``'Conv_0'``).
+      Default ``None``.
+
+  Example:
+
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> params = {"head": {"kernel": jnp.ones((4, 2))},
+    ...           "stem": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}}
+    >>> keep_first = dataclasses.replace(
+    ...     masks.KEEP_FIRST_DENSE, order=("stem/kernel", "stem/bias", "head/kernel"))
+    >>> keep_first(params)
+    {'head': {'kernel': True}, 'stem': {'bias': False, 'kernel': False}}
   """
 
   predicate: Callable[[str, Any], bool] = is_kernel
@@ -146,7 +142,13 @@ class Prunable:
             f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
       for p in hits:
         flags[p] = False
-    order = self.order if self.order is not None else _definition_order(params)
+    if self.order is None and (self.keep_first_dense or self.keep_last_dense):
+      raise ValueError(
+          "keep_first_dense/keep_last_dense need order=, the leaf paths in forward "
+          "order: the params' key order is not the layer order (jit, checkpoint "
+          "restores and NNX State sort the keys). Pass e.g. dataclasses.replace("
+          "masks.KEEP_FIRST_DENSE, order=sparsejax.models.layer_order(model, x))")
+    order = self.order or ()
     unknown = [p for p in order if p not in flags]
     if unknown:
       raise ValueError(f"order names paths that are not in the params: {unknown[:5]}")
@@ -265,7 +267,16 @@ def ones_like(params: PyTree) -> PyTree:
 
 
 def apply(params: PyTree, mask: PyTree) -> PyTree:
-  """Returns ``params`` with every pruned entry set to exactly ``0``."""
+  """Returns ``params`` with every pruned entry set to exactly ``0``.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> masks.apply({"w": jnp.array([1.0, -2.0, 3.0])},
+    ...             {"w": jnp.array([True, False, True])})
+    {'w': Array([1., 0., 3.], dtype=float32)}
+  """
   return jax.tree.map(
       lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
 
@@ -280,8 +291,26 @@ def from_params(params: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------
 
 
-def _resolve_overrides(prunable_paths: list[str], overrides) -> dict[str, float]:
-  """``{path: sparsity}`` for the prunable paths matched by ``overrides``."""
+def resolve_overrides(prunable_paths: Sequence[str], overrides) -> dict[str, float]:
+  """``{path: sparsity}`` for the prunable paths matched by ``overrides``.
+
+  Args:
+    prunable_paths: the paths of the prunable leaves.
+    overrides: ``{regex: sparsity}`` (``re.search`` on each path), or ``None``.
+
+  Returns:
+    The sparsity of every matched path; unmatched paths are left out.
+
+  Raises:
+    ValueError: a sparsity outside [0, 1), a pattern that matches no path, or
+      a path matched by two patterns with different sparsities.
+
+  Example:
+
+    >>> from sparsejax import masks
+    >>> masks.resolve_overrides(["stem/kernel", "head/kernel"], {"^head": 0.0})
+    {'head/kernel': 0.0}
+  """
   resolved: dict[str, float] = {}
   for pattern, s in (overrides or {}).items():
     check_sparsity(s, f"override {pattern!r}")
@@ -371,7 +400,7 @@ def layer_sparsities(params: PyTree, sparsity: float, budget: Budget = "erk", *,
                      f"allocation, got {budget!r}")
   flags = dict(named_leaves(prunable_tree(params, prunable)))
   shapes = {p: tuple(jnp.shape(x)) for p, x in named_leaves(params) if flags[p]}
-  fixed = _resolve_overrides(list(shapes), overrides)
+  fixed = resolve_overrides(list(shapes), overrides)
   pool = {p: s for p, s in shapes.items() if p not in fixed}
   if budget == "uniform" or not pool:
     out = {p: float(sparsity) for p in pool}
@@ -388,6 +417,12 @@ def kept_count(n: int, sparsity) -> Any:
 
   Returns a Python int for a Python ``sparsity`` and an ``int32`` array when
   ``sparsity`` is traced.
+
+  Example:
+
+    >>> from sparsejax import masks
+    >>> masks.kept_count(10, 0.75), masks.kept_count(10, 0.99)  # round(2.5) is 2
+    (2, 1)
   """
   if isinstance(sparsity, (int, float, np.floating, np.integer)):
     return max(1, round((1.0 - float(sparsity)) * n))
@@ -407,14 +442,36 @@ def _sortable_bits(flat_scores):
   return jnp.where(bits & sign, ~bits, bits | sign)
 
 
-def _keep_top(flat_scores, k):
-  """Bool vector keeping exactly the ``k`` highest scores, ties to the lower index.
+def keep_top(flat_scores: jax.Array, k) -> jax.Array:
+  """Exact top-k: keeps exactly the ``k`` highest scores, ties to the lower index.
 
-  ``k`` may be traced. A radix select finds the k-th largest value bit by bit
-  from the most significant one (32 or 64 count passes over the scores,
-  ``O(N)`` each, no sort); every score above it is kept, and of the scores
-  equal to it the ones of lowest flat index fill the remaining places. So the
-  count is exact, never a ``>=`` threshold whose ties change it.
+  The selection of every mask of sparsejax (:func:`topk_mask`), for custom
+  pruning and regrowth rules (e.g. dynamic sparse training). Pure and
+  ``jit``-compatible; ``k`` may be traced. NaN ranks lowest and ``-0.0``
+  equals ``0.0``.
+
+  Args:
+    flat_scores: float scores ``[N]`` (float16/bfloat16/float32/float64;
+      float64 keeps its precision).
+    k: number of entries to keep, an int or int32 scalar in ``[0, N]``.
+
+  Returns:
+    bool ``[N]`` with exactly ``k`` entries ``True``: every score above the
+    k-th largest, and of the scores equal to it the ones of lowest index.
+
+  A radix select finds the k-th largest value bit by bit from the most
+  significant one (32 or 64 count passes over the scores, ``O(N)`` each, no
+  sort); every score above it is kept, and of the scores equal to it the ones
+  of lowest flat index fill the remaining places. So the count is exact, never
+  a ``>=`` threshold whose ties change it.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> scores = jnp.array([0.5, 2.0, 0.5, 1.0, 0.5])
+    >>> masks.keep_top(scores, 3)  # 2.0, 1.0 and the first of the tied 0.5s
+    Array([ True,  True, False,  True, False], dtype=bool)
   """
   keys = _sortable_bits(flat_scores)
   utype = keys.dtype
@@ -459,6 +516,19 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
   Raises:
     ValueError: bad sparsity, unknown budget, NaN scores (when not traced),
       ``within`` not matching, or an override that matches no path.
+
+  Example:
+
+    >>> import jax
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> scores = {"a": jnp.array([[3.0, 1.0], [4.0, 1.0]]),
+    ...           "b": jnp.array([[5.0, 9.0], [2.0, 6.0]])}
+    >>> as_ints = lambda mask: jax.tree.map(lambda m: m.astype(int).tolist(), mask)
+    >>> as_ints(masks.topk_mask(scores, 0.5))  # the 4 highest of the 8: 9, 6, 5, 4
+    {'a': [[0, 0], [1, 0]], 'b': [[1, 1], [0, 1]]}
+    >>> as_ints(masks.topk_mask(scores, 0.5, budget="uniform"))  # 2 per layer
+    {'a': [[1, 0], [1, 0]], 'b': [[0, 1], [0, 1]]}
   """
   if budget not in BUDGETS:
     raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -479,7 +549,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
     raise ValueError(f"a {budget!r} budget with overrides or an ERK allocation "
                      "needs a Python float sparsity, not a traced value")
   if budget == "global":
-    fixed = _resolve_overrides(prunable_paths, overrides)
+    fixed = resolve_overrides(prunable_paths, overrides)
     layer_s = {}
   elif traced:  # "uniform" with a traced sparsity
     fixed, layer_s = {}, {p: sparsity for p in prunable_paths}
@@ -505,7 +575,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
   pooled = [i for i, p in enumerate(names) if flags[i] and p not in fixed]
   if budget == "global" and pooled:
     flat = jnp.concatenate([prepared(i) for i in pooled])
-    keep = _keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
+    keep = keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
     offset = 0
     for i in pooled:
       size = int(np.prod(jnp.shape(leaves[i])))
@@ -517,7 +587,7 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
     elif out[i] is None:
       s_l = fixed.get(p, layer_s.get(p))
       flat = prepared(i)
-      keep = _keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
+      keep = keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
       out[i] = keep.reshape(jnp.shape(leaves[i]))
   return jax.tree.unflatten(jax.tree.structure(scores), out)
 
@@ -588,6 +658,17 @@ def summary(mask: PyTree, prunable=None) -> MaskSummary:
     mask: a bool mask pytree (concrete, not traced).
     prunable: which leaves to report; see :func:`prunable_tree` (default: the
       ``ndim > 1`` leaves).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks
+    >>> mask = {"conv": {"kernel": jnp.array([[True, False], [False, False]]),
+    ...                  "bias": jnp.array([True, True])},
+    ...         "dense": {"kernel": jnp.zeros((2, 3), bool)}}
+    >>> s = masks.summary(mask)  # biases are not prunable, so not counted
+    >>> s.kept, s.total, s.sparsity, s.collapsed
+    (1, 10, 0.9, ('dense/kernel',))
   """
   flags = jax.tree.leaves(prunable_tree(mask, prunable))
   counts = jax.device_get(jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), mask))

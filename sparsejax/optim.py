@@ -67,6 +67,20 @@ def masked(inner: optax.GradientTransformation,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`MaskedState`.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from sparsejax import optim
+    >>> params = {"w": jnp.array([1.0, 2.0, 3.0])}
+    >>> mask = {"w": jnp.array([True, False, True])}
+    >>> opt = optim.masked(optax.sgd(0.1), mask)
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.array([1.0, 1.0, 1.0])}
+    >>> updates, state = opt.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)  # the pruned entry becomes exactly 0
+    {'w': Array([0.9, 0. , 2.9], dtype=float32)}
   """
   inner = optax.with_extra_args_support(inner)
 
@@ -101,7 +115,20 @@ def _masked_states(opt_state) -> list[MaskedState]:
 
 
 def find_mask(opt_state) -> PyTree | None:
-  """The mask of the (outermost) :class:`MaskedState`, or ``None`` if dense."""
+  """The mask of the (outermost) :class:`MaskedState`, or ``None`` if dense.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from sparsejax import optim
+    >>> params = {"w": jnp.ones(2)}
+    >>> print(optim.find_mask(optax.sgd(0.1).init(params)))
+    None
+    >>> state = optim.masked(optax.sgd(0.1), {"w": jnp.array([True, False])}).init(params)
+    >>> optim.find_mask(state)
+    {'w': Array([ True, False], dtype=bool)}
+  """
   found = _masked_states(opt_state)
   return found[0].mask if found else None
 
@@ -159,6 +186,22 @@ def reset_moments(opt_state, positions: PyTree):
   Args:
     opt_state: a state containing a :class:`MaskedState`.
     positions: bool pytree parallel to the params.
+
+  Returns:
+    ``opt_state`` with those moments zeroed.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from sparsejax import optim
+    >>> params = {"w": jnp.zeros(3)}
+    >>> opt = optim.masked(optax.sgd(1.0, momentum=0.9), {"w": jnp.ones(3, bool)})
+    >>> _, state = opt.update({"w": jnp.array([1.0, 2.0, 3.0])}, opt.init(params),
+    ...                       params)
+    >>> state = optim.reset_moments(state, {"w": jnp.array([False, True, False])})
+    >>> state.inner_state[0].trace  # the momentum of the middle entry is cleared
+    {'w': Array([1., 0., 3.], dtype=float32)}
   """
   def reset(masked_state):
     if not _is_masked_state(masked_state):

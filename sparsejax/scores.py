@@ -257,8 +257,30 @@ def _cast_floats(tree: PyTree, dtype) -> PyTree:
       lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-def _precision(dtype) -> contextlib.AbstractContextManager:
-  """``jax.enable_x64`` scope for ``float64``; nothing otherwise."""
+def precision_scope(dtype) -> contextlib.AbstractContextManager:
+  """The scope in which to compute in ``dtype``: ``jax.enable_x64`` for float64.
+
+  SynFlow and :func:`sparsejax.diagnostics.effective_mask` can compute in
+  float64 without the process-wide ``jax_enable_x64`` flag.
+
+  Args:
+    dtype: ``float64`` (a ``jax.enable_x64(True)`` scope), or ``float32``,
+      ``float16`` or ``bfloat16`` (a scope that does nothing).
+
+  Returns:
+    A context manager.
+
+  Raises:
+    ValueError: ``dtype`` is not a float type.
+
+  Example::
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import scores
+    >>> with scores.precision_scope(jnp.float64):
+    ...   print(jnp.ones(2, jnp.float64).dtype)
+    float64
+  """
   if np.dtype(dtype) == np.float64:
     return jax.enable_x64(True)
   if np.dtype(dtype) not in (np.float32, np.float16) and np.dtype(dtype).name != "bfloat16":
@@ -432,7 +454,7 @@ def synflow_scores(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence
   Returns:
     Non-negative scores of ``dtype`` parallel to ``params``; pruned entries 0.
   """
-  with _precision(dtype):
+  with precision_scope(dtype):
     return _synflow_scores(params, mask, as_apply_fn(apply_fn), tuple(input_shape),
                            _bn_train(bn_mode), np.dtype(dtype))
 
@@ -453,7 +475,7 @@ def _pools(params, sparsity: float, budget: str, flags: PyTree, overrides,
   groups: dict[float, set] = {}
   pools = []
   if budget == "global":
-    fixed = masks._resolve_overrides(prunable_paths, overrides)
+    fixed = masks.resolve_overrides(prunable_paths, overrides)
     rest = frozenset(p for p in prunable_paths if p not in fixed)
     if rest:
       pools.append(("global", float(sparsity), rest))
@@ -601,7 +623,7 @@ def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
     The final bool mask.
   """
   _check_prune_args(params, mask, sparsity, rounds, budget)
-  with _precision(dtype):
+  with precision_scope(dtype):
     return _synflow(params, mask, as_apply_fn(apply_fn), tuple(input_shape),
                     float(sparsity), int(rounds), budget,
                     _flags_static(params, prunable), _overrides_static(overrides),
@@ -624,6 +646,30 @@ _METHOD_KWARGS = {
 def _random_scores(params, mask, key):
   del mask
   return random(key, params)
+
+
+# The score functions of prune_at_init are static arguments of the compiled
+# iterative loop: frozen dataclasses compare by value, so equal settings reuse
+# the compilation (a new functools.partial per call would recompile).
+
+
+@dataclasses.dataclass(frozen=True)
+class _SnipScore:
+  bn_mode: str = "eval"
+
+  def __call__(self, params, mask, apply_fn, batches):
+    return snip(params, mask, apply_fn, batches, bn_mode=self.bn_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class _GraspScore:
+  flags: tuple[bool, ...]
+  temperature: float = 200.0
+  bn_mode: str = "train"
+
+  def __call__(self, params, mask, apply_fn, batches):
+    return grasp(params, mask, apply_fn, batches, temperature=self.temperature,
+                 bn_mode=self.bn_mode, prunable=_flags_tree(params, self.flags))
 
 
 def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str = "global",
@@ -664,6 +710,15 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
   Warns:
     RuntimeWarning: when the mask collapses a layer (no weight kept), e.g.
       magnitude at high sparsity, or SynFlow removing a 1×1 shortcut conv.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import scores
+    >>> params = {"w": jnp.array([[0.5, -3.0], [2.0, -0.1]]), "b": jnp.zeros(2)}
+    >>> mask = scores.prune_at_init("magnitude", params, sparsity=0.5)
+    >>> mask["w"].tolist(), mask["b"].tolist()  # |w| 3.0 and 2.0 kept; b not prunable
+    ([[False, True], [True, False]], [True, True])
   """
   base = method[len("iterative_"):] if method.startswith("iterative_") else method
   if base not in METHODS:
@@ -701,9 +756,10 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
          "sparsejax.data.class_balanced_batch(ds, 10)")
     args = (as_apply_fn(apply_fn), stack_batches(batches))
     if base == "snip":
-      score_fn = functools.partial(snip, **method_kw)
+      score_fn = _SnipScore(**method_kw)
     else:
-      score_fn = functools.partial(grasp, prunable=prunable, **method_kw)
+      kw = {k: float(v) if k == "temperature" else v for k, v in method_kw.items()}
+      score_fn = _GraspScore(_flags_static(params, prunable), **kw)
   if rounds is None:
     new_mask = masks.topk_mask(score_fn(params, mask, *args), sparsity, **common)
   else:

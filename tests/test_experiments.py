@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from experiments import train as exp_train  # noqa: E402
 from experiments.configs import default, digits, grasp_cifar, quickstart, synflow_cifar  # noqa: E402
-from sparsejax import train  # noqa: E402
+from sparsejax import data, train  # noqa: E402
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -49,6 +49,49 @@ def test_train_cli_trains_a_sparse_model_and_writes_the_run(tmp_path):
   assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
   # Orbax's per-save INFO chatter is filtered out of the log.
   assert "orbax" not in proc.stderr.lower()
+
+
+def _synthetic_dataset(n_train=16, n_test=8, shape=(16, 16, 3)):
+  """Random uint8 images (16x16: VGG's four max-pools leave 1x1), 10 classes."""
+  rng = np.random.default_rng(0)
+  images = lambda n: rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+  labels = lambda n: (np.arange(n) % 10).astype(np.int32)
+  return data.Dataset("synthetic", 10, images(n_train), labels(n_train),
+                      images(n_test), labels(n_test), mean=(0.5,) * 3,
+                      std=(0.25,) * 3, augment=False)
+
+
+def _two_step_run(workdir, model, prunable):
+  """experiments.train's run: magnitude at 90% (uniform), 2 steps of batch 8."""
+  config = digits.get_config()
+  config.update(model=model, pruner="magnitude", sparsity=0.9, budget="uniform",
+                prunable=prunable, num_epochs=1, batch_size=8, eval_batch_size=8,
+                progress_bar=False, tensorboard=False, async_checkpointing=False)
+  exp_train.run(config, str(workdir), dataset=_synthetic_dataset())
+  results = json.loads((workdir / "results.json").read_text())
+  pruning = json.loads((workdir / "pruning.json").read_text())
+  assert pruning["prunable"] == prunable
+  return {p: (l["kept"], l["total"]) for p, l in results["mask"]["layers"].items()}
+
+
+@pytest.mark.parametrize("prunable", ["keep_first", "keep_first_and_classifier"])
+def test_keep_first_keeps_the_resnet_stem_dense(tmp_path, prunable):
+  # The jitted init sorts the params: 'BasicBlock_0' precedes the stem 'Conv_0'.
+  # Uniform budget: each pruned layer keeps round(0.1 * N) of its N weights.
+  layers = _two_step_run(tmp_path, "resnet20", prunable)
+  assert layers["Conv_0/kernel"] == (432, 432)  # stem 3x3x3x16, dense
+  assert layers["BasicBlock_0/Conv_0/kernel"] == (230, 2304)  # 3x3x16x16
+  assert layers["BasicBlock_8/Conv_1/kernel"] == (3686, 36864)  # 3x3x64x64
+  classifier = 640 if prunable == "keep_first_and_classifier" else 64  # 64x10
+  assert layers["Dense_0/kernel"] == (classifier, 640)
+
+
+def test_keep_first_and_classifier_on_vgg(tmp_path):
+  layers = _two_step_run(tmp_path, "vgg11", "keep_first_and_classifier")
+  assert layers["Conv_0/kernel"] == (1728, 1728)  # first conv 3x3x3x64, dense
+  assert layers["Conv_1/kernel"] == (7373, 73728)  # 3x3x64x128: round(7372.8)
+  assert layers["Conv_7/kernel"] == (235930, 2359296)  # 3x3x512x512
+  assert layers["Dense_0/kernel"] == (5120, 5120)  # classifier 512x10, dense
 
 
 def test_missing_dataset_is_a_clean_error(tmp_path):

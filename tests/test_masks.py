@@ -1,5 +1,7 @@
 """Masks and budgets: exact counts, ERK by hand, presets, errors (SPEC §1)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,23 +141,39 @@ def test_overrides_and_layer_sparsities():
     masks.topk_mask(scores, 0.9, overrides={"classifier": 0.0})
 
 
-def test_prunable_presets_use_definition_order():
-  params = _params()
+def test_prunable_presets_follow_the_given_order():
+  params = _params()  # keys sort as a_head, block, stem; forward is stem, block, a_head
+  order = ("stem/kernel", "stem/bias", "block/kernel", "block/scale",
+           "a_head/kernel", "a_head/bias")
+  ordered = lambda preset: dataclasses.replace(preset, order=order)
   default = masks.prunable_tree(params)
   assert default["stem"]["kernel"] and default["a_head"]["kernel"]
   assert not default["stem"]["bias"] and not default["block"]["scale"]
-  first = masks.prunable_tree(params, masks.KEEP_FIRST_DENSE)
+  first = masks.prunable_tree(params, ordered(masks.KEEP_FIRST_DENSE))
   assert not first["stem"]["kernel"] and first["a_head"]["kernel"]
-  last = masks.prunable_tree(params, masks.KEEP_CLASSIFIER_DENSE)
+  last = masks.prunable_tree(params, ordered(masks.KEEP_CLASSIFIER_DENSE))
   assert last["stem"]["kernel"] and not last["a_head"]["kernel"]
-  both = masks.prunable_tree(params, masks.KEEP_FIRST_AND_CLASSIFIER_DENSE)
-  assert [p for p, f in masks.named_leaves(both) if f] == ["block/kernel"]
+  both = ordered(masks.KEEP_FIRST_AND_CLASSIFIER_DENSE)
+  assert [p for p, f in masks.named_leaves(masks.prunable_tree(params, both))
+          if f] == ["block/kernel"]
   # A mask built with the preset keeps the excluded layers dense.
-  mask = masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.9,
-                         prunable=masks.KEEP_FIRST_AND_CLASSIFIER_DENSE)
+  mask = masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.9, prunable=both)
   assert _kept(mask)["stem/kernel"] == 216 and _kept(mask)["block/kernel"] == 58
   with pytest.raises(ValueError, match="exclude pattern 'nope'"):
     masks.Prunable(exclude=("nope",))(params)
+
+
+@pytest.mark.parametrize("preset", [masks.KEEP_FIRST_DENSE, masks.KEEP_CLASSIFIER_DENSE,
+                                    masks.KEEP_FIRST_AND_CLASSIFIER_DENSE])
+def test_first_and_last_presets_refuse_to_guess_the_order(preset):
+  # Without an order the key order would decide: 'a_head' sorts first.
+  params = _params()
+  with pytest.raises(ValueError, match=r"need order=.*models\.layer_order\(model, x\)"):
+    masks.prunable_tree(params, preset)
+  with pytest.raises(ValueError, match="need order="):
+    masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.5, prunable=preset)
+  # The presets that do not name a layer need no order.
+  assert sum(jax.tree.leaves(masks.prunable_tree(params, masks.KERNELS))) == 3
 
 
 def test_apply_summary_and_collapse():
@@ -258,7 +276,7 @@ def test_radix_select_matches_stable_argsort_on_tie_heavy_scores():
     x = rng.integers(-3, 4, n).astype(np.float32) * rng.choice([1.0, 1e-30, 1e30])
     x[rng.integers(0, n)] = [-0.0, -np.inf, np.inf][trial % 3]
     k = int(rng.integers(0, n + 1))
-    got = np.asarray(masks._keep_top(jnp.asarray(x), k))
+    got = np.asarray(masks.keep_top(jnp.asarray(x), k))
     expect = np.zeros(n, bool)
     expect[np.argsort(-(x + 0.0), kind="stable")[:k]] = True  # -0.0 == 0.0
     np.testing.assert_array_equal(got, expect)

@@ -270,6 +270,42 @@ def test_exact_sparsity_for_every_method_and_budget(method, budget):
   assert bool(jnp.all(mask["a"]["bias"]))
 
 
+@pytest.mark.parametrize("method", ["iterative_snip", "iterative_grasp"])
+def test_iterative_data_methods_compile_once_for_new_params(method):
+  # The score function is a static argument of the compiled loop: a new one per
+  # call (a fresh functools.partial) retraced and recompiled it for every call.
+  events = []
+  trace, compile_ = ("/jax/core/compile/jaxpr_trace_duration",
+                     "/jax/core/compile/backend_compile_duration")
+
+  def listener(event, duration, **kwargs):
+    del duration
+    if event in (trace, compile_):
+      events.append((event, kwargs.get("fun_name")))
+
+  def apply(p, x, train):  # a new function: the first call cannot hit a cache
+    return _mlp_apply(p, x, train)
+
+  rng = np.random.default_rng(0)
+  batch = (rng.normal(size=(12, 10)).astype(np.float32), np.arange(12) % 3)
+  first = _mlp()
+  second = jax.tree.map(lambda x: 2.0 * x + 1.0, first)  # new values, same shapes
+  kept, loop_traces = [], []
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    for params in (first, second):
+      events.clear()
+      mask = scores.prune_at_init(method, params, sparsity=0.8, apply_fn=apply,
+                                  batches=batch, rounds=3)
+      kept.append(masks.summary(mask).kept)
+      loop_traces.append(events.count((trace, "_iterative")))
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert loop_traces == [1, 0]
+  assert events == []  # the second call traced and compiled nothing at all
+  assert kept == [round(0.2 * (130 + 91 + 21))] * 2
+
+
 def test_iterative_matches_one_shot_counts_with_overrides_and_rescoring():
   params = _mlp()
   overrides = {"^c/": 0.0}

@@ -11,12 +11,23 @@ activation ``act(x, coef)`` (see :mod:`sparsejax.models.activations`), a
 ``variables['params']`` in dict iteration order is the first layer and the last
 one is the classifier.
 
-Example::
+Example (shapes only, by ``jax.eval_shape``: no FLOPs, no memory)::
 
-  from sparsejax import models
+  >>> import jax
+  >>> import jax.numpy as jnp
+  >>> from sparsejax import models
+  >>> model = models.get("resnet20", num_classes=10)
+  >>> x = jnp.zeros((1, 32, 32, 3))
+  >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  >>> sorted(variables)
+  ['batch_stats', 'params']
+  >>> variables["params"]["Conv_0"]["kernel"].shape  # the stem conv
+  (3, 3, 3, 16)
+  >>> jax.eval_shape(model.apply, variables, x).shape  # logits
+  (1, 10)
 
-  model = models.get("resnet20", num_classes=10)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+A training step updates the batch-norm statistics::
+
   logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 """
 
@@ -104,10 +115,7 @@ def params_in_creation_order(
   updates, checkpoint restores) rebuilds the dicts with *sorted* keys instead,
   where e.g. ``'BasicBlock_0'`` precedes the stem ``'Conv_0'``. This function
   recovers the creation order abstractly (no FLOPs, no memory for the params),
-  e.g. to find the first layer and the classifier::
-
-    kernels = [p for p, s in params_in_creation_order(model, x) if s.ndim > 1]
-    first_layer, classifier = kernels[0], kernels[-1]
+  e.g. to find the first layer and the classifier.
 
   Args:
     model: an unbound Flax module.
@@ -118,6 +126,16 @@ def params_in_creation_order(
   Returns:
     ``(path, shape_dtype)`` for every leaf of ``variables['params']``, where
     ``path`` is the tuple of nested dict keys, in creation order.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import models
+    >>> model = models.get("resnet20", num_classes=10)
+    >>> leaves = models.params_in_creation_order(model, jnp.zeros((1, 32, 32, 3)))
+    >>> kernels = [path for path, s in leaves if s.ndim > 1]
+    >>> kernels[0], kernels[-1]  # the first layer and the classifier
+    (('Conv_0', 'kernel'), ('Dense_0', 'kernel'))
   """
   order = []
 
@@ -139,12 +157,21 @@ def layer_order(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[str, ...]:
   """Paths (``"a/b/kernel"``) of the ``'params'`` leaves in creation order.
 
   The ``order`` argument of :class:`sparsejax.masks.Prunable`, which decides
-  the "first layer" and the "classifier" of the keep-dense presets::
-
-    prunable = sj.masks.Prunable(keep_first_dense=True, keep_last_dense=True,
-                                 order=sj.models.layer_order(model, x))
+  the "first layer" and the "classifier" of the keep-dense presets.
 
   Arguments as for :func:`params_in_creation_order`.
+
+  Example:
+
+    >>> import dataclasses
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import masks, models
+    >>> model = models.get("resnet20", num_classes=10)
+    >>> order = models.layer_order(model, jnp.zeros((1, 32, 32, 3)))
+    >>> order[0], order[-2]
+    ('Conv_0/kernel', 'Dense_0/kernel')
+    >>> prunable = dataclasses.replace(masks.KEEP_FIRST_AND_CLASSIFIER_DENSE,
+    ...                                order=order)
   """
   return tuple("/".join(path)
                for path, _ in params_in_creation_order(model, *args, **kwargs))
