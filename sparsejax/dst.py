@@ -143,6 +143,15 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
   lower flat index; ``sum(new_mask) == sum(mask)`` exactly. NaN growth scores
   rank below every finite score of a candidate.
 
+  >>> import jax.numpy as jnp
+  >>> from sparsejax import dst
+  >>> mask = jnp.array([True, True, True, False, False, False])
+  >>> w = jnp.array([0.5, -0.1, 0.3, 0., 0., 0.])
+  >>> g = jnp.array([0., 0., 0., 0.2, 0.9, 0.2])
+  >>> new, grown = dst.drop_and_grow(mask, w, g, 0.34)  # k = 1
+  >>> new.astype(int).tolist(), grown.astype(int).tolist()
+  ([1, 0, 1, 0, 1, 0], [0, 0, 0, 0, 1, 0])
+
   Args:
     mask: bool array, the layer's current mask.
     weights: the layer's weights (same shape).
@@ -155,10 +164,10 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
   k = jnp.floor(jnp.asarray(fraction, jnp.float32)
                 * n_active.astype(jnp.float32)).astype(jnp.int32)
   magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
-  kept = masks._keep_top(jnp.where(m, magnitude, -jnp.inf), n_active - k)
+  kept = masks.keep_top(jnp.where(m, magnitude, -jnp.inf), n_active - k)
   grow = jnp.ravel(growth_scores).astype(jnp.float32)
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
-  new = kept | masks._keep_top(jnp.where(kept, -jnp.inf, grow), k)
+  new = kept | masks.keep_top(jnp.where(kept, -jnp.inf, grow), k)
   return new.reshape(shape), (new & ~m).reshape(shape)
 
 
@@ -307,6 +316,23 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
   Defaults are SPEC §4's: ``ΔT = 100``, ``f(t) = (α/2)(1 + cos(π t / T_end))``
   with ``α = 0.3``; ``T_end = end_step`` (RigL: 75% of training), after which
   the mask is fixed.
+
+  One update step by hand (``ΔT = 1`` from step 0): the weakest weight
+  drops, the largest gradient outside the mask grows at exactly 0, and the
+  survivors' update is skipped on this mask-update step:
+
+  >>> import jax.numpy as jnp, optax
+  >>> from sparsejax import dst, optim
+  >>> params = {"w": jnp.array([[0.5, -0.1], [0., 0.]])}
+  >>> mask = {"w": jnp.array([[True, True], [False, False]])}
+  >>> grads = {"w": jnp.array([[1., 0.], [0.9, 0.2]])}
+  >>> tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.5,
+  ...               update_every=1, start_step=0)
+  >>> updates, state = tx.update(grads, tx.init(params), params)
+  >>> optim.get_mask(state)["w"].astype(int).tolist()
+  [[1, 0], [1, 0]]
+  >>> optax.apply_updates(params, updates)["w"].tolist()
+  [[0.5, 0.0], [0.0, 0.0]]
 
   Args:
     inner: the optimiser to wrap.
