@@ -22,7 +22,9 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -290,3 +292,26 @@ class Checkpoints:
     self.manager.wait_until_finished()
     self.manager.close()
     self._unmute()
+
+
+class StopSignal:
+  """Context manager that records SIGTERM (preemption) instead of dying, so that
+  a training loop can save a checkpoint at the next step boundary and exit.
+  Only in the main thread; the previous handler is restored on exit."""
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous = None
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)

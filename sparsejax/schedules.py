@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from sparsejax import data as data_lib
@@ -166,3 +168,11 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   parts.append(optax.sgd(schedule, momentum=momentum or None,
                          nesterov=bool(config_value(config, "nesterov", False))))
   return optax.chain(*parts)
+
+
+def scalar_values(scalars: Mapping[str, optax.Schedule] | None,
+                  step: jax.Array) -> dict[str, jax.Array]:
+  """``{name: float32 schedule(step)}``: the per-step scalars of ``step``
+  (``step`` may be traced)."""
+  return {name: jnp.asarray(fn(step), jnp.float32)
+          for name, fn in (scalars or {}).items()}
