@@ -69,17 +69,17 @@ def jax_worker(batch: int):
   model = sj.models.get("resnet20", num_classes=10)
   tx = optax.chain(optax.add_decayed_weights(1e-4),
                    optax.sgd(0.1, momentum=0.9, nesterov=True))
-  mesh = sj.train.make_mesh(1)
+  mesh = sj.mesh.make_mesh(1)
   rng = np.random.default_rng(0)
-  images = sj.train.put_replicated(
+  images = sj.mesh.put_replicated(
       rng.integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8), mesh)
-  labels = sj.train.put_replicated(
+  labels = sj.mesh.put_replicated(
       rng.integers(0, 10, (1024,)).astype(np.int32), mesh)
   sample = jax.numpy.zeros((1, 32, 32, 3))
-  state = sj.train.put_replicated(
+  state = sj.mesh.put_replicated(
       sj.train.create_train_state(model, tx, sample, jax.random.key(0)), mesh)
-  metrics = sj.train.put_replicated(sj.train.init_train_metrics(), mesh)
-  step = sj.train.make_train_step(model, tx, mesh=mesh, batch_size=batch,
+  metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
+  step = sj.train.make_train_step(model, mesh=mesh, batch_size=batch,
                                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
   perm = jax.numpy.arange(1024)
   carry = [state, metrics, 0]
@@ -88,8 +88,8 @@ def jax_worker(batch: int):
     state, metrics, i = carry
     t0 = time.perf_counter()
     for _ in range(k):
-      state, metrics = step(state, metrics, images, labels, perm,
-                            i % (1024 // batch))
+      state, metrics, _, _ = step(state, metrics, images, labels, perm,
+                                  i % (1024 // batch))
       i += 1
     jax.block_until_ready(state)
     carry[:] = [state, metrics, i]

@@ -23,10 +23,9 @@ import sparsejax as sj
 def make_step(model, tx):
 
   def loss_fn(params, batch_stats, x, y):
-    logits, new_state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True,
-        mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    logits, new_state = sj.models.apply(
+        model, {"params": params, "batch_stats": batch_stats}, x, train=True)
+    loss = sj.losses.cross_entropy(logits, y).mean()
     return loss, new_state["batch_stats"]
 
   @jax.jit

@@ -46,9 +46,12 @@ from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import lottery
 from sparsejax import masks
+from sparsejax import mesh as mesh_lib
 from sparsejax import models
+from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import train
+from sparsejax.models import activations
 
 PyTree = Any
 
@@ -91,25 +94,48 @@ def base_method(pruner: str) -> str:
   return pruner.removeprefix("iterative_")
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def resolve_config(config: ml_collections.ConfigDict,
+                   extra: Callable[[ml_collections.ConfigDict], None] | None = None
+                   ) -> ml_collections.ConfigDict:
   """A copy of ``config`` with derived defaults filled in and values checked.
 
-  ``weight_decay=None`` becomes the SPEC §8 value for the model family (5e-4
-  for VGG, 1e-4 otherwise).
+  The one config check of every runner. ``weight_decay=None`` becomes the
+  SPEC §8 value for the model family (5e-4 for VGG, 1e-4 otherwise). The
+  pruning fields (``pruner``, ``sparsity``, ``score_bn_mode``,
+  ``synflow_dtype``) are checked when the config has them (the lottery
+  config has no ``pruner``).
+
+  Args:
+    config: a runner config.
+    extra: the runner's own checks (and normalisation) of its own fields,
+      applied to the copy, e.g. ``experiments.lottery.check_config``.
 
   Raises:
     ValueError: an unknown pruner, prunable preset, model name, scoring
-      batch-norm mode or SynFlow dtype, or a sparsity outside [0, 1).
+      batch-norm mode or SynFlow dtype, a sparsity outside [0, 1), a bad
+      ``act_coef_schedule``, or what ``extra`` refuses.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.pruner not in PRUNERS:
-    raise ValueError(f"config.pruner must be one of {PRUNERS}, got {config.pruner!r}")
-  if config.prunable not in PRUNABLE:
-    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
-                     f"{config.prunable!r}")
   if config.model not in models.names():
     raise ValueError(f"unknown model {config.model!r}; valid names are: "
                      f"{', '.join(models.names())}")
+  if config.prunable not in PRUNABLE:
+    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
+                     f"{config.prunable!r}")
+  if "pruner" in config:
+    _check_pruning(config)
+  if config.get("act_coef_schedule") is not None:
+    act_coef_schedule(config, 1)  # checks the values
+  if config.weight_decay is None:
+    config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  if extra is not None:
+    extra(config)
+  return config
+
+
+def _check_pruning(config: ml_collections.ConfigDict) -> None:
+  if config.pruner not in PRUNERS:
+    raise ValueError(f"config.pruner must be one of {PRUNERS}, got {config.pruner!r}")
   if config.pruner == "ticket":
     if not config.mask_path or not lottery.ticket_exists(config.mask_path):
       raise ValueError(
@@ -123,9 +149,30 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
-  if config.weight_decay is None:
-    config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
-  return config
+
+
+def act_coef_schedule(config: ml_collections.ConfigDict,
+                      steps_per_epoch: int):
+  """The ``act_coef`` schedule of ``config.act_coef_schedule``, or ``None``.
+
+  ``config.act_coef_schedule = (start, end, hold_epochs, ramp_epochs)``: the
+  activation-blend coefficient (:func:`sparsejax.models.activations.blend`,
+  ReLU at 0, Swish at 1) is ``start`` for ``hold_epochs`` epochs, then
+  linear to ``end`` over ``ramp_epochs``
+  (:func:`sparsejax.schedules.hold_then_ramp`, in steps).
+
+  Raises:
+    ValueError: not four numbers, or negative epochs.
+  """
+  spec = config.get("act_coef_schedule")
+  if spec is None:
+    return None
+  if len(spec) != 4:
+    raise ValueError("config.act_coef_schedule must be (start, end, hold_epochs, "
+                     f"ramp_epochs), got {spec!r}")
+  start, end, hold, ramp = (float(v) for v in spec)
+  return schedules.hold_then_ramp(start, end, round(hold * steps_per_epoch),
+                                  round(ramp * steps_per_epoch))
 
 
 def make_prunable(name: str, model, input_shape) -> masks.Prunable:
@@ -323,16 +370,21 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = load_dataset(config) if dataset is None else dataset
-  model = models.get(config.model, dataset.num_classes,
-                     **config.model_kwargs.to_dict())
-  mesh = train.make_mesh(config.num_devices)
+  act_coef = act_coef_schedule(config, schedules.steps_per_epoch(
+      dataset.num_train, config.batch_size))
+  model_kwargs = config.model_kwargs.to_dict()
+  if act_coef is not None:
+    model_kwargs["act"] = activations.blend()
+  model = models.get(config.model, dataset.num_classes, **model_kwargs)
+  mesh = mesh_lib.make_mesh(config.num_devices)
   logging.info("%s on %s (%d train / %d test), pruner=%s sparsity=%s budget=%s, "
                "%d device(s)", config.model, dataset.name, dataset.num_train,
                dataset.num_test, config.pruner,
                config.sparsity if config.pruner != "dense" else 0.0,
                config.budget, mesh.size)
   result = train.fit(config, workdir, model=model, dataset=dataset,
-                     mask=make_mask_fn(config, model, dataset, workdir), mesh=mesh)
+                     mask=make_mask_fn(config, model, dataset, workdir), mesh=mesh,
+                     scalars=None if act_coef is None else {"act_coef": act_coef})
   if not result.preempted:
     mask = result.state.mask
     summary = masks.summary(mask if mask is not None

@@ -61,9 +61,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments import common
+from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
+from sparsejax import mesh as mesh_lib
 from sparsejax import models
+from sparsejax import schedules
 from sparsejax import train
 
 #: Control experiments run beside the ticket at every level >= 1.
@@ -76,24 +79,15 @@ CONTROL_NAMES = {"reinit": "random reinit", "reprune": "random reprune"}
 # ----------------------------------------------------------------------------
 
 
-def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with derived defaults filled in and values checked.
-
-  ``weight_decay=None`` becomes the SPEC §8 value for the model family (5e-4
-  for VGG, 1e-4 otherwise).
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The lottery fields of ``config`` (the ``extra`` of
+  :func:`experiments.common.resolve_config`, which checks the rest).
 
   Raises:
-    ValueError: an unknown model, prunability preset, budget or control; a
-      negative or non-integer number of levels; a pruning fraction outside
-      (0, 1); a negative rewind point.
+    ValueError: an unknown budget or control; a negative or non-integer
+      number of levels; a pruning fraction outside (0, 1); a negative rewind
+      point.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
-  if config.model not in models.names():
-    raise ValueError(f"unknown model {config.model!r}; valid names are: "
-                     f"{', '.join(models.names())}")
-  if config.prunable not in common.PRUNABLE:
-    raise ValueError(f"config.prunable must be one of "
-                     f"{tuple(common.PRUNABLE)}, got {config.prunable!r}")
   if config.budget not in lottery.BUDGETS:
     raise ValueError(f"config.budget must be one of {lottery.BUDGETS} for IMP, "
                      f"got {config.budget!r}")
@@ -109,9 +103,6 @@ def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                                 and config.rewind_epochs < 0):
     raise ValueError("the rewind point must not be negative (rewind_step="
                      f"{config.rewind_step}, rewind_epochs={config.rewind_epochs})")
-  if config.weight_decay is None:
-    config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
-  return config
 
 
 def rewind_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -261,7 +252,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     config: see ``experiments/configs/lottery_openlth.py``.
     workdir: the run directory (created; an existing run resumes).
   """
-  config = resolve_config(config)
+  config = common.resolve_config(config, check_config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -269,10 +260,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   dataset = common.load_dataset(config)
   model = models.get(config.model, dataset.num_classes,
                      **config.model_kwargs.to_dict())
-  mesh = train.make_mesh(config.num_devices)
+  mesh = mesh_lib.make_mesh(config.num_devices)
   sample = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
   prunable = make_prunable(config, model, sample)
-  steps_per_epoch = dataset.num_train // config.batch_size
+  steps_per_epoch = schedules.steps_per_epoch(dataset.num_train,
+                                              config.batch_size)
   k = rewind_steps(config, steps_per_epoch)
   if k >= config.num_epochs * steps_per_epoch:
     raise ValueError(f"the rewind step {k} leaves nothing to train in "
@@ -312,11 +304,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     if found:
       mask, _, saved = lottery.load_ticket(ticket_dir)
       expected = dict(meta, level=level)
-      clash = {key: saved.get(key) for key in expected
-               if saved.get(key) != expected[key]}
-      if clash:
-        raise ValueError(f"{ticket_dir} is from another run ({clash}); use a new "
-                         "workdir or the config that wrote it")
+      checkpoints.check_same_run(saved, expected, where=ticket_dir,
+                                 fields=expected)
     else:
       mask = (masks.ones_like(point.params) if level == 0 else
               lottery.prune_level(trained, mask, level, config.prune_fraction,

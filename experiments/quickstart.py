@@ -14,9 +14,10 @@ order; the test accuracy goes into a markdown table, printed
 and written to ``WORKDIR/results.md`` (with ``results.json`` and
 ``config.json``).
 
-It uses the library's building blocks directly: masks are data in the
-optimiser state, so one jitted train step serves every run; nothing recompiles
-between masks.
+Every run is :func:`sparsejax.train.fit` in ``WORKDIR/runs/<method>_s<sparsity>``
+(checkpoints, ``metrics.jsonl``), so an interrupted quickstart resumes where it
+stopped and a finished run is not trained again; a workdir written with
+another config is refused.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from experiments import common
+from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import masks
+from sparsejax import mesh as mesh_lib
 from sparsejax import models
+from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import train
 
@@ -76,26 +79,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   t_start = time.perf_counter()
   os.makedirs(workdir, exist_ok=True)
-  common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+  saved = os.path.join(workdir, "config.json")
+  if os.path.exists(saved):  # finished runs are reused: the same config only
+    checkpoints.check_same_run(common.read_json(saved), config.to_dict(),
+                               where=workdir)
+  common.write_json(saved, config.to_dict())
 
   ds = data.load(config.dataset)
   model = models.get(config.model, ds.num_classes)
-  mesh = train.make_mesh()
-  steps_per_epoch = ds.num_train // config.batch_size
-  tx = train.make_optimizer(config, steps_per_epoch)
-  train_step = train.make_train_step(
-      model, tx, mesh=mesh, batch_size=config.batch_size, mean=ds.mean,
-      std=ds.std, augment=ds.augment)
-  eval_step = train.make_eval_step(model, mesh=mesh, mean=ds.mean, std=ds.std)
-  epoch_perm = jax.jit(lambda epoch: data.epoch_permutation(
-      config.seed, epoch, ds.num_train), out_shardings=train.replicated(mesh))
-  images = train.put_replicated(ds.train_images, mesh)
-  labels = train.put_replicated(ds.train_labels, mesh)
+  mesh = mesh_lib.make_mesh()
+  tx = schedules.make_optimizer(
+      config, schedules.steps_per_epoch(ds.num_train, config.batch_size))
   sample = jnp.zeros((1,) + ds.image_shape, jnp.float32)
   rng = jax.random.key(config.seed)
-  perms = [epoch_perm(e) for e in range(config.num_epochs)]
+  # Every run trains with sparsejax.train.fit, evaluated once at the end.
+  run_config = ml_collections.ConfigDict(dict(
+      config.to_dict(), progress_bar=False, tensorboard=False, max_to_keep=1,
+      eval_every_epochs=config.num_epochs,
+      checkpoint_every_epochs=config.num_epochs))
 
-  # One initial network for every run; its params are what gets pruned.
+  # One initial network for every run (fit's: the same seed); its params are
+  # what gets pruned.
   dense = train.create_train_state(model, tx, sample, rng)
   # Pruning at initialisation (SPEC §2): every method prunes the same initial
   # network with sparsejax.scores.prune_at_init (exact global top-k); SNIP and
@@ -116,21 +120,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           method, params, sparsity=sparsity, budget=config.budget, key=mask_key,
           apply_fn=apply_fn, batches=batches, input_shape=ds.image_shape)
 
-  def train_and_test(mask) -> tuple[float, float]:
-    state = train.put_replicated(
-        train.create_train_state(model, tx, sample, rng, mask=mask), mesh)
-    sums = train.put_replicated(train.init_train_metrics(), mesh)
-    for epoch in range(config.num_epochs):
-      for k in range(steps_per_epoch):
-        state, sums = train_step(state, sums, images, labels, perms[epoch], k)
-    host = jax.device_get(sums)
-    if int(host["first_bad_step"]) != np.iinfo(np.int32).max:
-      raise FloatingPointError("non-finite training loss; lower the learning rate")
-    ev = train.evaluate(model, state, ds.test_images, ds.test_labels,
-                        mean=ds.mean, std=ds.std,
-                        batch_size=config.eval_batch_size, mesh=mesh,
-                        eval_step=eval_step)
-    return ev["accuracy"], masks.summary(state.mask)
+  def train_and_test(name: str, mask) -> tuple[float, masks.MaskSummary]:
+    result = train.fit(run_config, os.path.join(workdir, "runs", name),
+                       model=model, dataset=ds, mask=mask, mesh=mesh)
+    return result.history[-1]["test_accuracy"], masks.summary(result.state.mask)
 
   accuracy, collapsed, runs = {}, {}, []
   for s in config.sparsities:
@@ -142,7 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         continue
       t0 = time.perf_counter()
       mask = prune(method, float(s))
-      acc, summary = train_and_test(mask)
+      acc, summary = train_and_test(f"{method}_s{s:g}", mask)
       accuracy[(method, s)] = acc
       collapsed[(method, s)] = bool(summary.collapsed)
       runs.append({"method": method, "sparsity": float(s),
@@ -166,6 +159,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   config = FLAGS.config
+  common.quiet_orbax_info()
+  if not jax.config.jax_compilation_cache_dir:
+    # Every run is a train.fit with its own jitted steps; the masks are data,
+    # so all runs compile to the same (small) programs, compiled once here.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   result = run(config, FLAGS.workdir)
   print(f"\nTest accuracy (%) of {config.model} on {config.dataset} after "
         f"{config.num_epochs} epochs, pruned at initialisation "

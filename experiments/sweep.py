@@ -68,6 +68,7 @@ import ml_collections
 import numpy as np
 
 from experiments import common
+from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import masks
 from sparsejax import models
@@ -77,8 +78,10 @@ SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity")
 #: Cell-config fields that do not change a cell's result: they may differ
 #: between the run that wrote a cell and a rerun.
 RUN_ONLY_FIELDS = ("data_dir", "progress_bar", "tensorboard", "log_every_steps",
-                   "async_checkpointing", "max_to_keep", "num_devices",
+                   "async_checkpointing", "max_to_keep",
+                   "checkpoint_every_epochs", "num_devices",
                    "distributed", "eval_batch_size", "eval_every_epochs",
+                   # a testing aid of earlier versions, in older config.json
                    "debug_sigterm_at_step")
 #: Columns of ``results.csv``.
 CSV_FIELDS = ("method", "sparsity", "seed", "test_accuracy", "nominal_sparsity",
@@ -142,29 +145,20 @@ def cell_config(config: ml_collections.ConfigDict,
   return ml_collections.ConfigDict(fields)
 
 
-def _comparable(config_dict: dict) -> dict:
-  """JSON-normalised config without :data:`RUN_ONLY_FIELDS`."""
-  return {k: v for k, v in json.loads(json.dumps(config_dict)).items()
-          if k not in RUN_ONLY_FIELDS}
-
-
 def check_cell_config(cell_dir: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a started cell whose ``config.json`` differs from ``config``.
 
   Raises:
-    ValueError: naming the differing fields.
+    sparsejax.checkpoints.CheckpointMismatchError: (a ``ValueError``) naming
+      the differing fields.
   """
   path = os.path.join(cell_dir, "config.json")
   if not os.path.exists(path):
     return
-  saved = _comparable(common.read_json(path))
-  wanted = _comparable(common.resolve_config(config).to_dict())
-  diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-  if diff:
-    details = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted.get(k)!r} here"
-                        for k in diff)
-    raise ValueError(f"cell {cell_dir} was run with another config ({details}); "
-                     "use a new workdir or the config that wrote it")
+  checkpoints.check_same_run(
+      common.read_json(path), common.resolve_config(config).to_dict(),
+      where=f"cell {cell_dir}", ignore=RUN_ONLY_FIELDS,
+      what="another training config")
 
 
 def is_finished(cell_dir: str) -> bool:

@@ -12,7 +12,16 @@ Submodules:
     GraNet) as optax wrappers with on-device mask updates.
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
-  train: train state, sharded train/eval steps, schedules, checkpointed ``fit``.
+  train: train state, sharded train/eval steps, checkpointed ``fit`` and its
+    extension points (optimiser, per-step scalars, loss, hooks).
+  hooks: the ``Hook`` protocol through which methods extend ``fit``.
+  schedules: the optimiser and learning-rate schedule of a config, steps per
+    epoch, per-step scalar schedules.
+  losses: the softmax cross-entropy and the default training loss.
+  mesh: the data-parallel mesh and array placement.
+  checkpoints: Orbax checkpoints with quarantine, run signatures, the
+    "is this the same run?" check.
+  metrics_log: ``metrics.jsonl`` / TensorBoard and ``steps.jsonl``.
 
 Importing sparsejax appends XLA:CPU options that make convolution training
 several times faster on some CPUs to ``XLA_FLAGS`` (never overriding the
@@ -24,16 +33,24 @@ from sparsejax import _xla_cpu
 
 _xla_cpu.apply()  # before any submodule can start a JAX backend
 
+from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
+from sparsejax import hooks
+from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
+from sparsejax import mesh
+from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import optim
+from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "diagnostics", "dst", "lottery", "masks", "models", "optim", "scores", "train"]
+__all__ = ["checkpoints", "data", "diagnostics", "dst", "hooks", "losses",
+           "lottery", "masks", "mesh", "metrics_log", "models", "optim",
+           "schedules", "scores", "train"]

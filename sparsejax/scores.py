@@ -60,9 +60,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from sparsejax import _conv_layout, masks
+from sparsejax import _conv_layout, losses, masks, models
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -122,11 +121,9 @@ class _LinenFn:
 
   def __call__(self, params, state, x, train):
     variables = {"params": params, **(state or {})}
-    kw = dict(self.kwargs)
-    if train and state:
-      logits, _ = self.module.apply(variables, x, train=True, mutable=list(state), **kw)
-      return logits
-    return self.module.apply(variables, x, train=train, **kw)
+    logits, _ = models.apply(self.module, variables, x, train=train,
+                             **dict(self.kwargs))
+    return logits
 
 
 def as_apply_fn(apply_fn) -> ApplyFn:
@@ -215,11 +212,6 @@ def stack_batches(batches) -> tuple[jax.Array, jax.Array]:
   if not jnp.issubdtype(y.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
   return x, y
-
-
-def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
-  logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
 def _summed_over_batches(fn, like: PyTree, xs, ys) -> PyTree:
@@ -321,7 +313,8 @@ def magnitude(params: PyTree, mask: PyTree) -> PyTree:
 @functools.partial(jax.jit, static_argnames=("train",))
 def _snip(params, mask, apply_fn: ApplyFn, xs, ys, train: bool):
   w = masks.apply(params, mask)
-  grad = jax.grad(lambda w_, x, y: _cross_entropy(apply_fn(w_, x, train), y))
+  grad = jax.grad(
+      lambda w_, x, y: jnp.mean(losses.cross_entropy(apply_fn(w_, x, train), y)))
   g = _summed_over_batches(lambda x, y: grad(w, x, y), w, xs, ys)
   return jax.tree.map(lambda g_, w_: jnp.abs(g_ * w_), g, w)
 
@@ -354,7 +347,8 @@ def _grasp(params, mask, apply_fn: ApplyFn, xs, ys, flags, temperature: float,
            train: bool):
   w = masks.apply(params, mask)
   grad = jax.grad(
-      lambda w_, x, y: _cross_entropy(apply_fn(w_, x, train) / temperature, y))
+      lambda w_, x, y: jnp.mean(losses.cross_entropy(
+          apply_fn(w_, x, train) / temperature, y)))
   g = _summed_over_batches(lambda x, y: grad(w, x, y), w, xs, ys)
   # The direction g is the gradient of the sparse network: it spans the kept
   # entries of the prunable tensors (the reference takes g over the conv/linear

@@ -1,53 +1,46 @@
-"""Training: train state, jitted data-parallel steps, schedules, checkpointed loop.
-
-The pieces, from low to high level:
+"""Training: train state, jitted data-parallel steps and the checkpointed loop.
 
 * :class:`TrainState`: params, batch statistics, optimiser state (holding the
-  mask for sparse training, see :func:`sparsejax.optim.masked`), step and rng;
-  a pure pytree, so it checkpoints and shards like any other.
-* :func:`create_train_state`: initialises a model, applies a mask to the fresh
-  params and builds the (masked) optimiser state.
-* :func:`make_optimizer` and :func:`lr_schedule`: SGD with momentum (optionally
-  Nesterov) and PyTorch-style weight decay on all params, with multistep,
-  cosine or constant learning rates and linear warmup, from optax.
-* :func:`make_train_step` and :func:`evaluate`: jitted steps. The whole training
-  set lives on device as ``uint8``; each step gathers its batch by index from a
-  per-epoch permutation, augments and normalises it inside ``jit``.
-* :func:`fit`: the epoch loop with Orbax checkpoints (every epoch and on
-  SIGTERM, keep the last N, automatic resume that skips unreadable
-  checkpoints), a progress bar, ``metrics.jsonl`` and TensorBoard logs, and a
-  clear stop on a non-finite loss. It can start from a given train state
-  (e.g. a lottery-ticket rewind point) and stop at a given step.
+  mask for sparse training, :func:`sparsejax.optim.masked`), step, rng and, as
+  a static field, the optimiser transformation; a pytree.
+* :func:`create_train_state`: initialises a model, masks the fresh params and
+  builds the (masked) optimiser and its state.
+* :func:`make_train_step`, :func:`make_eval_step`, :func:`evaluate`: jitted,
+  data-parallel steps (:mod:`sparsejax.mesh`: batches sharded along
+  ``"data"``, state and device-resident ``uint8`` datasets replicated; each
+  step gathers, augments and normalises its batch inside ``jit``).
+* :func:`fit`: the epoch loop with Orbax checkpoints (:mod:`sparsejax.checkpoints`:
+  every epoch and on SIGTERM, the last N kept, automatic resume that skips
+  unreadable checkpoints), a progress bar, ``metrics.jsonl``, ``steps.jsonl``
+  and TensorBoard logs (:mod:`sparsejax.metrics_log`) and a clear stop on a
+  non-finite loss. It can start from a given state (e.g. a lottery-ticket
+  rewind point) and stop at a given step.
 
-Data parallelism. Every function takes a :class:`jax.sharding.Mesh` with one
-axis named ``"data"`` (:func:`make_mesh`): batches are sharded along it, the
-train state and the device-resident datasets are replicated. The same code runs
-on one device (a mesh of one) and on N devices; XLA inserts the gradient
-all-reduce, and batch norm statistics in training mode are computed over the
-global batch, so an N-device step equals the one-device step up to float
-summation order.
+Extension points of :func:`fit`, so that a method plugs in without a branch in
+the loop: ``tx`` (the optimiser; default
+:func:`sparsejax.schedules.make_optimizer`), ``scalars`` (named
+``optax.Schedule`` s of the step, evaluated inside the jitted train and eval
+steps and given to the model, e.g. ``act_coef``, and to the loss),
+``loss_fn`` (``loss_fn(logits, labels, scalars) -> per-example loss``) and
+``hooks`` (:class:`sparsejax.hooks.Hook`: a state of their own, checkpointed
+with the train state; a traced per-step update, e.g. a mask change every K
+steps; host per-step and epoch-end updates).
 
-Multi-host. Call ``jax.distributed.initialize()`` before anything else touches
-JAX (``experiments.train`` does this when ``config.distributed`` is set) and
-build the mesh over ``jax.devices()`` (all processes' devices). Every process
-loads the full dataset; :func:`put_replicated` and :func:`put_batch` assemble
-global arrays from process-local data with
-``jax.make_array_from_process_local_data`` (replicated arrays from each
-process's identical copy; each eval batch from this process's contiguous slice
-of the global batch). Checkpoints are written by Orbax from all processes. A
-preemption stop is agreed on through ``CheckpointManager.reached_preemption``
-when there is more than one process. Only the single-process path is tested.
+On N devices XLA inserts the gradient all-reduce and batch norm in training
+mode uses the global batch, so an N-device step equals the one-device step up
+to float summation order. Multi-host: call ``jax.distributed.initialize()``
+first and build the mesh over ``jax.devices()``; a preemption stop is agreed on
+through ``CheckpointManager.reached_preemption``. Only the single-process path
+is tested.
 
 Resume determinism. Nothing in a step depends on host state: the batch is
-``batch_indices(epoch_permutation(seed, epoch, n), step_in_epoch, batch_size)``
-and the step's random key (augmentation, dropout) is ``fold_in(rng, step)``.
-A checkpoint (global step ``t``) holds the train state, the running sums of
-the epoch's training metrics and, as JSON, the per-epoch history, so a run
-resumed from any checkpoint -- an epoch end or the step at which SIGTERM
-arrived -- computes bitwise the same params and metrics as one that never
-stopped (on the same devices and software), and ``metrics.jsonl`` is rewritten
-from that history. A checkpoint that cannot be read is moved, never deleted,
-to ``checkpoints.unreadable/`` with a warning, and the previous one is used.
+``batch_indices(epoch_permutation(seed, epoch, n), step_in_epoch, batch_size)``,
+the step's random key is ``fold_in(rng, step)`` and every scalar is a function
+of the step. A checkpoint holds the train state, the hooks' states and the
+epoch's running metric sums, so a run resumed from any checkpoint (an epoch
+end, the SIGTERM step, ``stop_at_step``) computes bitwise what a run that never
+stopped computes (same devices and software); ``metrics.jsonl`` and
+``steps.jsonl`` are truncated to the restored epoch and step.
 
 Example::
 
@@ -66,18 +59,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import gc
-import hashlib
-import json
 import logging
 import os
-import shutil
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax
 import flax.linen as nn
@@ -85,89 +72,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sparsejax import checkpoints as ckpt_lib
 from sparsejax import data as data_lib
+from sparsejax import hooks as hooks_lib
+from sparsejax import losses
 from sparsejax import masks as masks_lib
+from sparsejax import mesh as mesh_lib
+from sparsejax import metrics_log
+from sparsejax import models
 from sparsejax import optim
+from sparsejax import schedules
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
-#: Name of the mesh axis along which batches are sharded.
-DATA_AXIS = "data"
 #: Sentinel of the ``first_bad_step`` metric: no non-finite loss seen.
 _NO_BAD_STEP = np.iinfo(np.int32).max
-
-
-# ----------------------------------------------------------------------------
-# Mesh and data placement
-# ----------------------------------------------------------------------------
-
-
-def make_mesh(num_devices: int | None = None,
-              devices: Iterable[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """A one-axis ``("data",)`` mesh over the first ``num_devices`` devices.
-
-  Args:
-    num_devices: mesh size; default all devices (of all processes).
-    devices: devices to use; default ``jax.devices()``.
-
-  Returns:
-    A mesh with automatic (GSPMD) sharding propagation.
-  """
-  devices = list(jax.devices() if devices is None else devices)
-  n = len(devices) if num_devices is None else int(num_devices)
-  if not 1 <= n <= len(devices):
-    raise ValueError(f"num_devices={n} but {len(devices)} device(s) are available")
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=devices[:n],
-                       axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """The sharding that replicates an array over every device of ``mesh``."""
-  return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-  """The sharding that splits the leading (batch) axis over the mesh."""
-  return NamedSharding(mesh, P(DATA_AXIS))
-
-
-def put_replicated(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
-  """Places every leaf of ``tree`` replicated on ``mesh``.
-
-  Each process passes its own, identical, copy (multi-host safe).
-  """
-  sharding = replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-      tree)
-
-
-def put_batch(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
-  """Places a global batch sharded along its leading axis.
-
-  Every process passes the same *global* batch; each one hands JAX only the
-  contiguous rows that its devices hold under the sharding
-  (``jax.make_array_from_process_local_data``). The batch size must be a
-  multiple of the mesh size.
-  """
-  sharding = batch_sharding(mesh)
-
-  def put(x):
-    x = np.asarray(x)
-    if x.shape[0] % mesh.size:
-      raise ValueError(f"batch of {x.shape[0]} is not divisible by the "
-                       f"{mesh.size} devices of the mesh")
-    rows = [index[0].indices(x.shape[0])[:2] for index in
-            sharding.addressable_devices_indices_map(x.shape).values()]
-    lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
-    return jax.make_array_from_process_local_data(sharding, x[lo:hi], x.shape)
-
-  return jax.tree.map(put, tree)
+#: Keys of an epoch record written by :func:`fit` itself.
+RECORD_KEYS = ("epoch", "step", "lr", "train_loss", "train_accuracy",
+               "test_loss", "test_accuracy", "sparsity", "epoch_seconds",
+               "steps_per_second")
 
 
 # ----------------------------------------------------------------------------
@@ -177,21 +103,27 @@ def put_batch(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything that changes during training; a pure pytree.
+  """Everything that changes during training, and the optimiser that changes it.
 
-  The optimiser transformation is not part of the state (it is a function):
-  pass the same *inner* transformation to :func:`create_train_state` and
-  :func:`make_train_step`. For sparse training ``opt_state`` is a
-  :class:`sparsejax.optim.MaskedState` holding the mask.
+  A pytree: the arrays are its leaves; the optimiser transformation ``tx`` is
+  a static field (part of the tree structure, not saved in checkpoints). The
+  steps call ``state.tx.update``, so what :func:`create_train_state` built (an
+  inner optimiser wrapped with :func:`sparsejax.optim.masked` for sparse
+  training, or a transformation that holds its own mask) is exactly what
+  trains. ``state.tx`` is compared by identity: each transformation object
+  compiles its own step (the persistent compilation cache shares identical
+  programs across them).
 
   Attributes:
     step: ``int32`` scalar, the number of optimiser steps taken.
     params: model parameters (pruned entries exactly 0).
     batch_stats: batch-norm running statistics; ``{}`` for models without.
-    opt_state: optimiser state.
+    opt_state: optimiser state; for sparse training it contains a
+      :class:`sparsejax.optim.MaskedState` holding the mask.
     rng: ``uint32`` raw key data (``jax.random.key_data``) of the training key;
       constant during training. The augmentation key of step ``t`` is
       ``fold_in(key, t)``.
+    tx: the full optimiser transformation (static).
   """
 
   step: jax.Array
@@ -199,6 +131,7 @@ class TrainState:
   batch_stats: PyTree
   opt_state: PyTree
   rng: jax.Array
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
 
   @property
   def key(self) -> jax.Array:
@@ -223,17 +156,6 @@ def _variables(params, batch_stats) -> dict:
   return variables
 
 
-def _full_tx(tx: optax.GradientTransformation, opt_state):
-  """``tx``, wrapped with :func:`sparsejax.optim.masked` when the state has a mask.
-
-  The mask used by ``update`` is the one in ``opt_state``, so the wrapper built
-  here serves every mask of the same shapes: one compiled step for all
-  sparsities.
-  """
-  mask = optim.find_mask(opt_state)
-  return tx if mask is None else optim.masked(tx, mask)
-
-
 @functools.partial(jax.jit, static_argnums=(0,))
 def init_variables(model: nn.Module, sample_input: jax.Array,
                    key: jax.Array) -> dict:
@@ -248,15 +170,19 @@ def init_variables(model: nn.Module, sample_input: jax.Array,
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _assemble_state(tx, params, batch_stats, mask, train_key) -> TrainState:
+def _init_optimizer(tx, params, mask):
+  """``(params, opt_state)`` of ``tx`` (wrapped with ``mask`` unless ``None``).
+
+  Jitted with the inner ``tx`` static and the mask traced: one compilation per
+  optimiser for every mask. Params are masked with the mask in the state.
+  """
   if mask is not None:
-    params = masks_lib.apply(params, mask)
-    opt_state = optim.masked(tx, mask).init(params)
-  else:
-    opt_state = tx.init(params)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=batch_stats, opt_state=opt_state,
-                    rng=jax.random.key_data(train_key))
+    tx = optim.masked(tx, mask)
+  opt_state = tx.init(params)
+  held = optim.find_mask(opt_state)
+  if held is not None:
+    params = masks_lib.apply(params, held)
+  return params, opt_state
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
@@ -266,23 +192,31 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   """Initialises the model and the optimiser; step 0.
 
   ``rng`` is split into the init key and the training key; the same ``rng``
-  always gives the same state. Initialisation and state assembly are jitted
-  (one compilation per model and optimiser), and the function also works
-  under ``jax.eval_shape``.
+  always gives the same state. Initialisation is jitted (one compilation per
+  model and optimiser), and the function also works under ``jax.eval_shape``.
+
+  The state's transformation is ``sparsejax.optim.masked(tx, mask)`` when a
+  ``mask`` is given, else ``tx`` itself. A ``tx`` whose state already holds a
+  mask (one that contains a :class:`sparsejax.optim.MaskedState`, e.g. a
+  dynamic-sparse-training optimiser) is used as is, with ``mask=None``. In
+  both sparse cases the fresh params are masked with the mask of the state.
 
   Args:
     model: a Flax linen module (e.g. from :func:`sparsejax.models.get`).
-    tx: the inner optimiser (e.g. :func:`make_optimizer`).
+    tx: the optimiser (e.g. :func:`sparsejax.schedules.make_optimizer`).
     sample_input: an input batch of the right shape, e.g. ``zeros((1, H, W, C))``.
     rng: a PRNG key (typed or raw ``uint32`` key data).
-    mask: ``None`` for dense training; a bool mask pytree parallel to the
-      params; or a callable ``params -> mask`` applied to the fresh params
-      (e.g. magnitude pruning at initialisation; called outside ``jit``). The
-      params are masked (:func:`sparsejax.masks.apply`) and the optimiser state
-      is that of ``sparsejax.optim.masked(tx, mask)``.
+    mask: ``None`` (dense, or ``tx`` holds its own mask); a bool mask pytree
+      parallel to the params; or a callable ``params -> mask`` applied to the
+      fresh params (e.g. magnitude pruning at initialisation; called outside
+      ``jit``).
 
   Returns:
     A :class:`TrainState` on the default device.
+
+  Raises:
+    ValueError: a mask that does not fit the params, or a mask for a ``tx``
+      that already holds one.
   """
   if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
     rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
@@ -293,110 +227,14 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     mask = mask(params)
   if mask is not None:
     masks_lib.check_mask(mask, params)
-  return _assemble_state(tx, params, variables.get("batch_stats", {}), mask,
-                         train_key)
-
-
-# ----------------------------------------------------------------------------
-# Optimiser and schedules
-# ----------------------------------------------------------------------------
-
-
-def _cfg(config, name, default=None):
-  value = config.get(name, default) if isinstance(config, Mapping) or hasattr(
-      config, "get") else getattr(config, name, default)
-  return default if value is None else value
-
-
-def decay_boundaries(decay_epochs: Iterable[float], num_epochs: int) -> list[int]:
-  """Epochs at which a multistep schedule decays.
-
-  A value ``v >= 1`` is an epoch; ``0 < v < 1`` is a fraction of
-  ``num_epochs``, truncated like the GraSP reference
-  (``int(v * num_epochs)``). Returns sorted epochs in ``(0, num_epochs)``.
-
-  Raises:
-    ValueError: a value that is not positive.
-  """
-  epochs = []
-  for v in decay_epochs:
-    v = float(v)
-    if v <= 0:
-      raise ValueError(f"lr decay epochs must be positive, got {v}")
-    epochs.append(int(v * num_epochs) if v < 1 else int(v))
-  return sorted(e for e in set(epochs) if 0 < e < num_epochs)
-
-
-def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """The learning-rate schedule of ``config``, in optimiser steps.
-
-  Config fields (attributes or keys):
-
-  * ``learning_rate``: peak learning rate.
-  * ``lr_schedule``: ``"multistep"`` (× ``lr_decay_factor`` at each of
-    ``lr_decay_epochs``, see :func:`decay_boundaries`), ``"cosine"`` (to
-    ``learning_rate * lr_end_factor`` at the end of training) or
-    ``"constant"``.
-  * ``warmup_epochs``: linear warmup from 0 over this many epochs (may be
-    fractional); default 0. Decay epochs stay absolute.
-  * ``num_epochs``: length of training.
-
-  Multistep decays happen on epoch boundaries like PyTorch's ``MultiStepLR``
-  stepped once per epoch (step ``t`` uses the rate of epoch ``t //
-  steps_per_epoch``); warmup and cosine change the rate every step.
-  """
-  lr = float(_cfg(config, "learning_rate"))
-  kind = _cfg(config, "lr_schedule", "constant")
-  num_epochs = int(_cfg(config, "num_epochs"))
-  total = num_epochs * steps_per_epoch
-  warmup = int(round(float(_cfg(config, "warmup_epochs", 0.0)) * steps_per_epoch))
-  if not 0 <= warmup <= total:
-    raise ValueError(f"warmup_epochs gives {warmup} steps, outside [0, {total}]")
-
-  if kind == "constant":
-    main = optax.constant_schedule(lr)
-  elif kind == "multistep":
-    factor = float(_cfg(config, "lr_decay_factor", 0.1))
-    epochs = decay_boundaries(_cfg(config, "lr_decay_epochs", ()), num_epochs)
-    boundaries = [e * steps_per_epoch for e in epochs]
-    # Decays that fall inside the warmup apply from its end on.
-    start = lr * factor ** sum(b <= warmup for b in boundaries)
-    main = optax.piecewise_constant_schedule(
-        start, {b - warmup: factor for b in boundaries if b > warmup})
-  elif kind == "cosine":
-    end = lr * float(_cfg(config, "lr_end_factor", 0.0))
-    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1),
-                                       alpha=end / lr if lr else 0.0)
-  else:
-    raise ValueError(f"lr_schedule must be 'multistep', 'cosine' or 'constant', "
-                     f"got {kind!r}")
-  if warmup == 0:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
-
-
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """SGD with momentum and weight decay on every parameter, as in PyTorch.
-
-  ``optax.chain(add_decayed_weights(weight_decay), sgd(schedule, momentum,
-  nesterov))`` is PyTorch's ``SGD(weight_decay=wd, momentum=m,
-  nesterov=...)`` exactly: the decay is added to the gradient before the
-  momentum. With a mask (:func:`sparsejax.optim.masked`) pruned entries get
-  neither gradient nor decay.
-
-  Config fields: ``momentum`` (default 0.9), ``nesterov`` (default False),
-  ``weight_decay`` (default 0) and those of :func:`lr_schedule`.
-  """
-  schedule = lr_schedule(config, steps_per_epoch)
-  momentum = float(_cfg(config, "momentum", 0.9))
-  parts = []
-  wd = float(_cfg(config, "weight_decay", 0.0))
-  if wd:
-    parts.append(optax.add_decayed_weights(wd))
-  parts.append(optax.sgd(schedule, momentum=momentum or None,
-                         nesterov=bool(_cfg(config, "nesterov", False))))
-  return optax.chain(*parts)
+    if optim.find_mask(jax.eval_shape(tx.init, params)) is not None:
+      raise ValueError("tx already holds a mask in its state (it contains an "
+                       "optim.MaskedState); pass mask=None")
+  params, opt_state = _init_optimizer(tx, params, mask)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=variables.get("batch_stats", {}),
+                    opt_state=opt_state, rng=jax.random.key_data(train_key),
+                    tx=tx if mask is None else optim.masked(tx, mask))
 
 
 # ----------------------------------------------------------------------------
@@ -404,13 +242,11 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 # ----------------------------------------------------------------------------
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  label_smoothing: float | jax.Array = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy with optional label smoothing."""
-  one_hot = jax.nn.one_hot(labels, logits.shape[-1], dtype=logits.dtype)
-  if not (isinstance(label_smoothing, (int, float)) and label_smoothing == 0):
-    one_hot = optax.smooth_labels(one_hot, label_smoothing)
-  return optax.softmax_cross_entropy(logits, one_hot)
+def _model_scalar_names(model: nn.Module, scalars) -> tuple[str, ...]:
+  """The scalars passed to the model: those named like a keyword of its
+  ``__call__`` (decided once, when a step is built)."""
+  keywords = models.call_keywords(model) - {"x", "train"}
+  return tuple(name for name in (scalars or {}) if name in keywords)
 
 
 def init_train_metrics() -> dict[str, jax.Array]:
@@ -427,52 +263,69 @@ def init_train_metrics() -> dict[str, jax.Array]:
           "first_bad_step": jnp.full((), _NO_BAD_STEP, jnp.int32)}
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
-                    mesh: jax.sharding.Mesh, batch_size: int, mean, std,
-                    augment: bool = False, pad: int = 4, flip: bool = True,
-                    label_smoothing: float = 0.0) -> Callable:
+def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
+                    batch_size: int, mean, std, augment: bool = False,
+                    pad: int = 4, flip: bool = True,
+                    loss_fn: losses.LossFn | None = None,
+                    scalars: Mapping[str, optax.Schedule] | None = None,
+                    hooks: Sequence[hooks_lib.Hook] = ()) -> Callable:
   """Builds the jitted, data-parallel training step.
 
   The returned function is::
 
-    step(state, metrics, images, labels, perm, step_in_epoch, act_coef=None)
-        -> (state, metrics)
+    step(state, metrics, images, labels, perm, step_in_epoch, hook_states=None)
+        -> (state, metrics, hook_states, logs)
 
-  * ``state``: a :class:`TrainState` replicated on ``mesh`` (dense or masked;
-    one compilation each; every mask of the same shapes shares one).
+  * ``state``: a :class:`TrainState` replicated on ``mesh``; its ``tx``
+    makes the update.
   * ``metrics``: running sums from :func:`init_train_metrics`.
   * ``images``: the whole training set, ``uint8 [N, H, W, C]``, replicated on
     ``mesh``; ``labels``: ``int32 [N]``.
   * ``perm``: the epoch's permutation (:func:`sparsejax.data.epoch_permutation`).
   * ``step_in_epoch``: int, which batch of the permutation to take
     (:func:`sparsejax.data.batch_indices`).
-  * ``act_coef``: optional traced scalar passed to the model's activations.
+  * ``hook_states``: ``{hook.key: state}`` of the hooks that have one
+    (default ``{}``); ``logs``: ``{hook.key: logs}`` of each hook's
+    :meth:`sparsejax.hooks.Hook.after_step`.
 
-  Inside ``jit``: gather the batch, shard it along ``"data"``, augment with
-  ``fold_in(state.key, state.step)`` (random crop with ``pad`` and horizontal
-  flip) when ``augment``, normalise with ``mean``/``std``, forward in training
-  mode (batch norm over the global batch), cross-entropy with label smoothing,
-  gradient, the (masked) optimiser update. ``state`` and ``metrics`` are
-  donated.
+  Inside ``jit``: the scalars of ``state.step``, gather the batch, shard it
+  along ``"data"``, augment with ``fold_in(state.key, state.step)`` (random
+  crop with ``pad`` and horizontal flip) when ``augment``, normalise with
+  ``mean``/``std``, forward in training mode (batch norm over the global
+  batch), the mean of ``loss_fn``, gradient, ``state.tx`` update, then each
+  hook's :meth:`sparsejax.hooks.Hook.after_step`. ``state`` and ``metrics`` are donated.
 
   Args:
     model: the linen module.
-    tx: the inner optimiser given to :func:`create_train_state`.
     mesh: the data-parallel mesh.
     batch_size: global batch size, a multiple of ``mesh.size``.
     mean, std: per-channel normalisation constants.
     augment, pad, flip: data augmentation.
-    label_smoothing: label-smoothing factor.
+    loss_fn: ``loss_fn(logits, labels, scalars) -> per-example loss``;
+      default :func:`sparsejax.losses.smoothed_cross_entropy` ``()`` (plain
+      cross-entropy unless a ``"label_smoothing"`` scalar is given).
+    scalars: per-step scalar schedules ``{name: optax.Schedule}``; those named
+      like a keyword of ``model.__call__`` (e.g. ``act_coef``) are passed to
+      the model, all of them to ``loss_fn`` and the hooks. Their values are
+      traced: changing them never recompiles.
+    hooks: :class:`sparsejax.hooks.Hook` objects.
   """
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} is not divisible by the "
                      f"{mesh.size} devices of the mesh")
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
-  in_batch = batch_sharding(mesh)
+  in_batch = mesh_lib.batch_sharding(mesh)
+  loss_fn = losses.smoothed_cross_entropy() if loss_fn is None else loss_fn
+  scalars = dict(scalars or {})
+  model_scalars = _model_scalar_names(model, scalars)
+  stepping = [h for h in hooks_lib.check_hooks(hooks)
+              if hooks_lib.overrides(h, "after_step")]
 
   def step(state: TrainState, metrics, images, labels, perm, step_in_epoch,
-           act_coef=None):
+           hook_states=None):
+    hook_states = dict(hook_states or {})
+    values = schedules.scalar_values(scalars, state.step)
     idx = data_lib.batch_indices(perm, step_in_epoch, batch_size)
     x = jax.lax.with_sharding_constraint(jnp.take(images, idx, axis=0), in_batch)
     y = jax.lax.with_sharding_constraint(jnp.take(labels, idx, axis=0), in_batch)
@@ -482,24 +335,17 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
       x = data_lib.augment(aug_key, x, pad=pad, flip=flip)
     x = data_lib.normalize(x, mean, std)
 
-    def loss_fn(params):
-      variables = _variables(params, state.batch_stats)
-      if state.batch_stats:
-        logits, updates = model.apply(
-            variables, x, train=True, act_coef=act_coef,
-            mutable=["batch_stats"], rngs={"dropout": dropout_key})
-        new_stats = updates["batch_stats"]
-      else:
-        logits = model.apply(variables, x, train=True, act_coef=act_coef,
-                             rngs={"dropout": dropout_key})
-        new_stats = state.batch_stats
-      loss = jnp.mean(cross_entropy(logits, y, label_smoothing))
-      return loss, (logits, new_stats)
+    def objective(params):
+      logits, model_state = models.apply(
+          model, _variables(params, state.batch_stats), x, train=True,
+          rngs={"dropout": dropout_key},
+          **{name: values[name] for name in model_scalars})
+      loss = jnp.mean(loss_fn(logits, y, values))
+      return loss, (logits, model_state.get("batch_stats", state.batch_stats))
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state.params)
-    full_tx = _full_tx(tx, state.opt_state)
-    updates, opt_state = full_tx.update(grads, state.opt_state, state.params)
+        objective, has_aux=True)(state.params)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=new_stats, opt_state=opt_state)
@@ -514,34 +360,49 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, *,
             finite, metrics["first_bad_step"],
             jnp.minimum(metrics["first_bad_step"], state.step)),
     }
-    return new_state, metrics
+    info = hooks_lib.StepInfo(step=state.step, loss=loss, grads=grads,
+                              scalars=values, batch=(x, y), key=key)
+    logs = {}
+    for hook in stepping:
+      hook_state, new_state, logs[hook.key] = hook.after_step(
+          hook_states.get(hook.key), new_state, info)
+      if hook.key in hook_states:
+        hook_states[hook.key] = hook_state
+    return new_state, metrics, hook_states, logs
 
   return jax.jit(step, donate_argnums=(0, 1),
-                 out_shardings=replicated(mesh))
+                 out_shardings=mesh_lib.replicated(mesh))
 
 
-def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean,
-                   std) -> Callable:
+def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean, std,
+                   scalars: Mapping[str, optax.Schedule] | None = None
+                   ) -> Callable:
   """Builds the jitted eval step ``(state, sums, images, labels, valid) -> sums``.
 
   ``images`` ``uint8`` and ``labels`` are a (padded) batch sharded with
-  :func:`put_batch`; ``valid`` is the bool validity mask of the rows. ``sums``
-  holds ``loss_sum`` (float32), ``correct`` and ``count`` (int32) over the
-  valid rows. Batch norm runs in inference mode.
+  :func:`sparsejax.mesh.put_batch`; ``valid`` is the bool validity mask of the
+  rows. ``sums`` holds ``loss_sum`` (float32, plain cross-entropy), ``correct``
+  and ``count`` (int32) over the valid rows. Batch norm runs in inference
+  mode. The model gets the ``scalars`` it takes (see :func:`make_train_step`)
+  at ``state.step``, e.g. the activation-blend coefficient the next training
+  step would use.
   """
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
+  scalars = dict(scalars or {})
+  model_scalars = _model_scalar_names(model, scalars)
 
   def step(state: TrainState, sums, images, labels, valid):
+    values = schedules.scalar_values({n: scalars[n] for n in model_scalars}, state.step)
     x = data_lib.normalize(images, mean, std)
-    logits = model.apply(state.variables, x, train=False)
-    loss = cross_entropy(logits, labels)
+    logits, _ = models.apply(model, state.variables, x, train=False, **values)
+    loss = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(valid, loss, 0.0)),
             "correct": sums["correct"] + jnp.sum(correct).astype(jnp.int32),
             "count": sums["count"] + jnp.sum(valid).astype(jnp.int32)}
 
-  return jax.jit(step, out_shardings=replicated(mesh))
+  return jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
 
 
 def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
@@ -552,7 +413,9 @@ def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
 def evaluate(model: nn.Module, state: TrainState, images: np.ndarray,
              labels: np.ndarray, *, mean, std, batch_size: int = 500,
              mesh: jax.sharding.Mesh | None = None,
-             eval_step: Callable | None = None) -> dict[str, float]:
+             eval_step: Callable | None = None,
+             scalars: Mapping[str, optax.Schedule] | None = None
+             ) -> dict[str, float]:
   """Mean loss and accuracy of ``state`` on a whole set, tail included.
 
   Every example counts exactly once: the last, short batch is padded and the
@@ -565,22 +428,26 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray,
     images: ``uint8 [N, H, W, C]`` host array; ``labels``: ``int [N]``.
     mean, std: normalisation constants.
     batch_size: rounded up to a multiple of the mesh size.
-    mesh: default :func:`make_mesh` over all devices.
+    mesh: default :func:`sparsejax.mesh.make_mesh` over all devices.
     eval_step: a step from :func:`make_eval_step` to reuse (saves a compile).
+    scalars: per-step scalar schedules for a new eval step (see
+      :func:`make_eval_step`); ignored with ``eval_step``.
 
   Returns:
     ``{"loss": float, "accuracy": float, "count": int}``.
   """
-  mesh = make_mesh() if mesh is None else mesh
-  eval_step = eval_step or make_eval_step(model, mesh=mesh, mean=mean, std=std)
-  sums = put_replicated({"loss_sum": np.zeros((), np.float32),
-                         "correct": np.zeros((), np.int32),
-                         "count": np.zeros((), np.int32)}, mesh)
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  eval_step = eval_step or make_eval_step(model, mesh=mesh, mean=mean, std=std,
+                                          scalars=scalars)
+  sums = mesh_lib.put_replicated({"loss_sum": np.zeros((), np.float32),
+                                  "correct": np.zeros((), np.int32),
+                                  "count": np.zeros((), np.int32)}, mesh)
   bs = eval_batch_size(batch_size, mesh)
   for batch_images, batch_labels, valid in data_lib.eval_batches(
       images, labels, bs):
-    batch = put_batch((np.asarray(batch_images), np.asarray(batch_labels, np.int32),
-                       np.asarray(valid, bool)), mesh)
+    batch = mesh_lib.put_batch(
+        (np.asarray(batch_images), np.asarray(batch_labels, np.int32),
+         np.asarray(valid, bool)), mesh)
     sums = eval_step(state, sums, *batch)
   sums = jax.device_get(sums)
   count = int(sums["count"])
@@ -591,277 +458,8 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray,
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
-
-
-def _abstract(tree: PyTree, sharding) -> PyTree:
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
-                                     sharding=sharding), tree)
-
-
-class CheckpointMismatchError(ValueError):
-  """The run directory holds readable checkpoints of a different run."""
-
-
-def tree_signature(tree: PyTree) -> str:
-  """A short hash of a pytree's paths, shapes and dtypes (not its values)."""
-  spec = [(path, list(jnp.shape(x)), str(jnp.result_type(x)))
-          for path, x in masks_lib.named_leaves(tree)]
-  spec.append(str(jax.tree.structure(tree)))
-  return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
-
-
-def _short(value) -> str:
-  text = repr(value)
-  return text if len(text) <= 40 else text[:37] + "..."
-
-
-class Checkpoints:
-  """Orbax checkpoints of a run: ``{state, metrics}`` pytree plus JSON meta.
-
-  Wraps ``ocp.CheckpointManager(directory)`` with asynchronous saves, the last
-  ``max_to_keep`` checkpoints kept and steps named by the global step.
-  :meth:`restore_latest` tries the checkpoints newest first; one that cannot be
-  read is reported with a warning naming it, moved (never deleted) into
-  ``quarantine_dir`` so that the run can write that step again, and the
-  previous one is tried.
-  """
-
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               quarantine_dir: str | os.PathLike | None = None,
-               async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
-    self.quarantine_dir = os.path.abspath(os.fspath(
-        quarantine_dir or self.directory.rstrip("/") + ".unreadable"))
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
-    self._noise_filters = None
-
-  def all_steps(self) -> list[int]:
-    """Committed checkpoint steps, ascending."""
-    return sorted(self.manager.all_steps())
-
-  def latest_step(self) -> int | None:
-    """The newest committed step, or ``None``."""
-    return self.manager.latest_step()
-
-  def step_dir(self, step: int) -> str:
-    """The directory of checkpoint ``step``."""
-    return os.path.join(self.directory, str(step))
-
-  def save(self, step: int, tree: PyTree, meta: dict) -> None:
-    """Starts an (asynchronous) save of ``tree`` and ``meta`` as ``step``."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-        force=True)
-
-  def restore(self, step: int, abstract_tree: PyTree) -> PyTree:
-    """Restores the ``state`` item of ``step`` into ``abstract_tree``'s layout."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_tree)))
-    return restored["state"]
-
-  def restore_meta(self, step: int) -> dict:
-    """Reads the JSON ``meta`` item of ``step``."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))
-    meta = restored["meta"]
-    if not isinstance(meta, Mapping):
-      raise ValueError(f"meta is a {type(meta).__name__}, not a JSON object")
-    return dict(meta)
-
-  def _quarantine(self, step: int) -> str:
-    """Moves the directory of ``step`` into :attr:`quarantine_dir`; returns it."""
-    src = self.step_dir(step)
-    dst = os.path.join(self.quarantine_dir, str(step))
-    k = 1
-    while os.path.exists(dst):
-      dst = os.path.join(self.quarantine_dir, f"{step}.{k}")
-      k += 1
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.makedirs(self.quarantine_dir, exist_ok=True)
-      shutil.move(src, dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"sparsejax_quarantine_{step}")
-    self.manager.reload()
-    return dst
-
-  def _mute_failed_restore_noise(self) -> None:
-    """Silences the fallout of a failed Orbax restore until :meth:`close`.
-
-    When one read of a restore fails, Orbax abandons the other concurrent
-    reads: their asyncio tasks end up logged as "Task exception was never
-    retrieved" (one page of TensorStore spec each), and TensorStore callbacks
-    into the closed event loop raise ``RuntimeError('Event loop is closed')``
-    through ``sys.unraisablehook``. The warning of :meth:`restore_latest`
-    already says what happened, so exactly those two kinds of report are
-    dropped; everything else passes.
-    """
-    if self._noise_filters is not None:
-      return
-    previous_hook = sys.unraisablehook
-
-    def hook(unraisable):
-      exc = unraisable.exc_value
-      if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-        return
-      previous_hook(unraisable)
-
-    def abandoned_orbax_task(record: logging.LogRecord) -> bool:
-      message = record.getMessage()
-      return not (message.startswith("Task exception was never retrieved")
-                  and "orbax" in message)
-
-    asyncio_logger = logging.getLogger("asyncio")
-    asyncio_logger.addFilter(abandoned_orbax_task)
-    sys.unraisablehook = hook
-    self._noise_filters = (previous_hook, abandoned_orbax_task)
-
-  def _unmute(self) -> None:
-    if self._noise_filters is None:
-      return
-    gc.collect()  # abandoned tasks report when collected: do it while muted
-    previous_hook, task_filter = self._noise_filters
-    sys.unraisablehook = previous_hook
-    logging.getLogger("asyncio").removeFilter(task_filter)
-    self._noise_filters = None
-
-  def _skip(self, step: int, error: Exception) -> None:
-    self._mute_failed_restore_noise()
-    reason = f"{type(error).__name__}: {error}".splitlines()[0]
-    reason = reason if len(reason) <= 300 else reason[:297] + "..."
-    moved = self._quarantine(step)
-    logger.warning(
-        "Checkpoint %s is unreadable (%s); it was moved, not deleted, to %s. "
-        "Trying the previous checkpoint.", self.step_dir(step), reason, moved)
-
-  def restore_latest(self, abstract_tree: PyTree,
-                     check_meta: Callable[[int, dict], None] | None = None
-                     ) -> tuple[int, PyTree, dict] | None:
-    """Restores the newest readable checkpoint, or returns ``None``.
-
-    Args:
-      abstract_tree: the target structure with shapes, dtypes and shardings.
-      check_meta: ``(step, meta) -> None``, called on each readable ``meta``
-        before the state is read; an exception it raises (e.g.
-        :class:`CheckpointMismatchError` for a checkpoint of another run)
-        propagates and nothing is moved.
-
-    Returns:
-      ``(step, tree, meta)`` or ``None`` when no checkpoint can be read.
-    """
-    for step in reversed(self.all_steps()):
-      try:
-        meta = self.restore_meta(step)
-      except Exception as e:  # pylint: disable=broad-except
-        self._skip(step, e)
-        continue
-      if check_meta is not None:
-        check_meta(step, meta)
-      try:
-        return step, self.restore(step, abstract_tree), meta
-      except Exception as e:  # pylint: disable=broad-except
-        self._skip(step, e)
-    return None
-
-  def wait(self) -> None:
-    """Blocks until pending asynchronous saves are committed."""
-    self.manager.wait_until_finished()
-
-  def close(self) -> None:
-    """Waits for pending saves and releases the manager."""
-    self.manager.wait_until_finished()
-    self.manager.close()
-    self._unmute()
-
-
-# ----------------------------------------------------------------------------
-# Logging
-# ----------------------------------------------------------------------------
-
-
-class MetricsLog:
-  """Per-epoch metrics: ``metrics.jsonl`` and TensorBoard events.
-
-  The history of completed epochs travels in every checkpoint; on a resume the
-  JSONL file is rewritten from it and TensorBoard discards later events
-  (``purge_step``), so an interrupted and resumed run logs exactly the lines
-  of one that never stopped. Only process 0 writes.
-  """
-
-  def __init__(self, workdir: str, history: list[dict],
-               tensorboard: bool = True):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.history = [dict(r) for r in history]
-    self.active = jax.process_index() == 0
-    if self.active:
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        for record in self.history:
-          f.write(json.dumps(record) + "\n")
-      os.replace(tmp, self.path)
-    self.writer = None
-    if tensorboard and self.active:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      completed = len(self.history)
-      self.writer = SummaryWriter(os.path.join(workdir, "tb"),
-                                  purge_step=completed + 1 if completed else None)
-
-  def write(self, record: dict) -> None:
-    """Appends one epoch's record to the history, the file and TensorBoard."""
-    self.history.append(record)
-    if not self.active:
-      return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
-    if self.writer is not None:
-      epoch = record["epoch"]
-      for k, v in record.items():
-        if k in ("epoch", "step") or isinstance(v, bool) or not isinstance(
-            v, (int, float)):
-          continue
-        split, _, name = k.partition("_")
-        tag = f"{split}/{name}" if split in ("train", "test") and name else k
-        self.writer.add_scalar(tag, v, epoch)
-      self.writer.flush()
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
-
-
-# ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-
-
-class _StopSignal:
-  """Records SIGTERM so that the loop can save at the next step boundary."""
-
-  def __init__(self):
-    self.signum: int | None = None
-    self._previous = None
-
-  def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 @dataclasses.dataclass
@@ -870,16 +468,19 @@ class FitResult:
 
   Attributes:
     state: the final train state (replicated on the mesh).
-    history: per-epoch metric records, those of earlier sessions included.
+    history: per-epoch metric records, those of earlier sessions included
+      (read back from ``metrics.jsonl``).
     preempted: True when the run stopped early on SIGTERM (a checkpoint of
       the last step was saved; rerun to resume).
     resumed_from: global step restored from a checkpoint, or ``None``.
+    hook_states: ``{hook.key: state}`` of the hooks that have one.
   """
 
   state: TrainState
   history: list[dict]
   preempted: bool
   resumed_from: int | None
+  hook_states: dict[str, PyTree] = dataclasses.field(default_factory=dict)
 
 
 def _non_finite_message(bad_step: int, steps_per_epoch: int,
@@ -897,51 +498,75 @@ def _non_finite_message(bad_step: int, steps_per_epoch: int,
           "rate or check the data.")
 
 
+def _sparsity(state: TrainState) -> float:
+  mask = state.mask
+  return masks_lib.summary(mask).sparsity if mask is not None else 0.0
+
+
 def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
         dataset: data_lib.Dataset,
         mask: PyTree | Callable[[PyTree], PyTree] | None = None,
         mesh: jax.sharding.Mesh | None = None,
         initial_state: TrainState | None = None,
-        stop_at_step: int | None = None) -> FitResult:
+        stop_at_step: int | None = None,
+        tx: optax.GradientTransformation | None = None,
+        loss_fn: losses.LossFn | None = None,
+        scalars: Mapping[str, optax.Schedule] | None = None,
+        hooks: Sequence[hooks_lib.Hook] = ()) -> FitResult:
   """Trains ``model`` on ``dataset``; checkpointed, resumable, logged.
 
   Resumes automatically from the newest readable checkpoint in
   ``workdir/checkpoints``. Writes ``workdir/metrics.jsonl`` (one JSON record
-  per epoch: ``epoch``, ``step``, ``lr``, ``train_loss``,
-  ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``sparsity``,
-  ``epoch_seconds``, ``steps_per_second``) and TensorBoard events in
+  per epoch: ``epoch``, ``step``, ``lr`` (without a ``tx`` argument),
+  ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``,
+  ``sparsity`` (of the mask in the state at the epoch's end), ``epoch_seconds``,
+  ``steps_per_second``, the value of each scalar at the epoch's last step and
+  the fields added by the hooks), ``workdir/steps.jsonl`` (the hooks'
+  per-step logs, see :attr:`sparsejax.hooks.Hook.log_every_steps`) and TensorBoard events in
   ``workdir/tb``.
 
   Config fields (attributes or keys of an ``ml_collections.ConfigDict``):
     ``seed``, ``num_epochs``, ``batch_size``, ``eval_batch_size`` (500),
-    the optimiser and schedule fields of :func:`make_optimizer`,
-    ``label_smoothing`` (0), ``augment`` (``None`` = the dataset's default),
-    ``max_to_keep`` (3), ``async_checkpointing`` (True), ``progress_bar``
-    (True; shown only on a terminal), ``log_every_steps`` (50: progress-bar
-    loss and non-finite check), ``eval_every_epochs`` (1) and
-    ``tensorboard`` (True).
+    the optimiser and schedule fields of
+    :func:`sparsejax.schedules.make_optimizer` (unless ``tx`` is given),
+    ``label_smoothing`` (0; for the default loss), ``augment`` (``None`` = the
+    dataset's default), ``max_to_keep`` (3), ``async_checkpointing`` (True),
+    ``progress_bar`` (True; shown only on a terminal), ``log_every_steps``
+    (50: progress-bar loss and non-finite check), ``eval_every_epochs`` (1),
+    ``checkpoint_every_epochs`` (1; the last epoch, ``stop_at_step`` and
+    SIGTERM always save) and ``tensorboard`` (True).
 
   Args:
     config: the run configuration.
     workdir: run directory.
     model: linen module.
     dataset: a :class:`sparsejax.data.Dataset`.
-    mask: ``None`` (dense), a mask or a callable ``params -> mask``, see
-      :func:`create_train_state`. Not called on resume: the mask comes from
-      the checkpoint.
-    mesh: default :func:`make_mesh` over all devices.
-    initial_state: start from this state instead of
+    mask: ``None`` (dense, or ``tx`` holds its own mask), a mask or a callable
+      ``params -> mask``, see :func:`create_train_state`. Not called on
+      resume: the mask comes from the checkpoint.
+    mesh: default :func:`sparsejax.mesh.make_mesh` over all devices.
+    initial_state: start from this state (and its ``tx``) instead of
       ``create_train_state(model, tx, sample, key(seed), mask)``, e.g. a
       lottery-ticket rewind point (:func:`sparsejax.lottery.rewind_state`:
       step ``k``, rewound params, fresh optimiser state holding the new
       mask). Training continues from ``initial_state.step`` with the
       schedule and data order of that step. It must have the structure,
-      shapes and dtypes of the state ``fit`` would create (sparse iff its
-      optimiser state holds a mask); then do not pass ``mask``. Ignored on
-      resume, like ``mask``.
+      shapes and dtypes of ``create_train_state(model, initial_state.tx,
+      ...)``; then pass neither ``mask`` nor ``tx``. Used on resume for its
+      ``tx`` only.
     stop_at_step: train only up to this global step, save a checkpoint there
       (also mid-epoch) and return; a later call without it continues exactly
       as if the run had never stopped. ``None``: the whole schedule.
+    tx: the optimiser; default
+      ``sparsejax.schedules.make_optimizer(config, steps_per_epoch)``.
+    loss_fn: ``loss_fn(logits, labels, scalars) -> per-example loss``; default
+      cross-entropy with label smoothing ``scalars["label_smoothing"]`` if
+      that scalar is given, else ``config.label_smoothing``.
+    scalars: ``{name: optax.Schedule}`` of the global step, evaluated inside
+      the jitted train and eval steps (see :func:`make_train_step`), e.g.
+      ``{"act_coef": schedules.hold_then_ramp(1.0, 0.0, 500, 2000)}``.
+    hooks: :class:`sparsejax.hooks.Hook` objects; their states are checkpointed with the
+      train state.
 
   Returns:
     A :class:`FitResult`.
@@ -950,23 +575,23 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
     FloatingPointError: on a non-finite training loss; the message names the
       epoch and step and the last good checkpoint, which is kept.
     CheckpointMismatchError: ``workdir`` holds checkpoints of a different
-      run (another model, mask, optimiser state, batch size, seed or dataset).
+      run (another model, mask, optimiser state, hook states, batch size,
+      seed or dataset).
     ValueError: a batch size larger than the training set; both ``mask``
-      and ``initial_state``, or an ``initial_state`` of another structure; a
-      negative ``stop_at_step``.
+      (or ``tx``) and ``initial_state``, or an ``initial_state`` of another
+      structure; a negative ``stop_at_step``; a scalar named like a record
+      field.
   """
   workdir = os.path.abspath(os.fspath(workdir))
   os.makedirs(workdir, exist_ok=True)
-  mesh = make_mesh() if mesh is None else mesh
-  seed = int(_cfg(config, "seed", 0))
-  num_epochs = int(_cfg(config, "num_epochs"))
-  batch_size = int(_cfg(config, "batch_size"))
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  cfg = functools.partial(schedules.config_value, config)
+  seed = int(cfg("seed", 0))
+  num_epochs = int(cfg("num_epochs"))
+  batch_size = int(cfg("batch_size"))
   n_train = int(dataset.train_images.shape[0])
-  steps_per_epoch = n_train // batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the training set "
-                     f"({n_train} examples)")
-  total_steps = num_epochs * steps_per_epoch
+  spe = schedules.steps_per_epoch(n_train, batch_size)
+  total_steps = num_epochs * spe
   if stop_at_step is not None and int(stop_at_step) < 0:
     raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
   end_step = (total_steps if stop_at_step is None
@@ -974,91 +599,116 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
   if initial_state is not None and mask is not None:
     raise ValueError("pass either mask or initial_state (whose optimiser state "
                      "holds the mask), not both")
-  augment = _cfg(config, "augment", None)
+  if initial_state is not None and tx is not None:
+    raise ValueError("pass either tx or initial_state (which carries its "
+                     "optimiser, initial_state.tx), not both")
+  scalars = dict(scalars or {})
+  clash = sorted(set(scalars) & set(RECORD_KEYS))
+  if clash:
+    raise ValueError(f"scalar names {clash} are taken by the epoch record")
+  hooks = hooks_lib.check_hooks(hooks)
+  augment = cfg("augment", None)
   augment = bool(dataset.augment if augment is None else augment)
-  log_every = max(1, int(_cfg(config, "log_every_steps", 50)))
-  eval_every = max(1, int(_cfg(config, "eval_every_epochs", 1)))
+  log_every = max(1, int(cfg("log_every_steps", 50)))
+  eval_every = max(1, int(cfg("eval_every_epochs", 1)))
+  ckpt_every = max(1, int(cfg("checkpoint_every_epochs", 1)))
 
-  tx = make_optimizer(config, steps_per_epoch)
-  schedule = lr_schedule(config, steps_per_epoch)
+  lr = schedules.lr_schedule(config, spe) if tx is None else None
+  if initial_state is not None:
+    tx = initial_state.tx
+  elif tx is None:
+    tx = schedules.make_optimizer(config, spe)
+  if loss_fn is None:
+    loss_fn = losses.smoothed_cross_entropy(float(cfg("label_smoothing", 0.0)))
   sample = jnp.zeros((1,) + tuple(dataset.train_images.shape[1:]), jnp.float32)
   rng = jax.random.key(seed)
   train_step = make_train_step(
-      model, tx, mesh=mesh, batch_size=batch_size, mean=dataset.mean,
-      std=dataset.std, augment=augment,
-      label_smoothing=float(_cfg(config, "label_smoothing", 0.0)))
-  eval_step = make_eval_step(model, mesh=mesh, mean=dataset.mean, std=dataset.std)
+      model, mesh=mesh, batch_size=batch_size, mean=dataset.mean,
+      std=dataset.std, augment=augment, loss_fn=loss_fn, scalars=scalars,
+      hooks=hooks)
+  eval_step = make_eval_step(model, mesh=mesh, mean=dataset.mean,
+                             std=dataset.std, scalars=scalars)
   epoch_perm = jax.jit(
       functools.partial(data_lib.epoch_permutation, n=n_train),
-      out_shardings=replicated(mesh))
+      out_shardings=mesh_lib.replicated(mesh))
 
-  sparse = mask is not None or (initial_state is not None
-                                and initial_state.mask is not None)
-
-  def abstract_init():
-    return create_train_state(
-        model, tx, sample, rng,
-        mask=(lambda p: masks_lib.ones_like(p)) if sparse else None)
-
-  abstract = _abstract(
-      {"state": jax.eval_shape(abstract_init), "metrics": init_train_metrics()},
-      replicated(mesh))
+  # The layout of the state fit trains (and of its checkpoints). A mask
+  # function is not called for it (it may be costly): the all-ones mask has
+  # the same layout.
+  wrap = mask is not None
+  abstract_state = jax.eval_shape(lambda: create_train_state(
+      model, tx, sample, rng, mask=masks_lib.ones_like if wrap else None))
+  stateful = [h for h in hooks
+              if jax.eval_shape(h.init, abstract_state) is not None]
+  tree = {"state": abstract_state, "metrics": init_train_metrics()}
+  if stateful:
+    tree["hooks"] = {h.key: jax.eval_shape(h.init, abstract_state)
+                     for h in stateful}
+  abstract = ckpt_lib.abstract(tree, mesh_lib.replicated(mesh))
   meta_expected = {"batch_size": batch_size, "num_train": n_train,
-                   "steps_per_epoch": steps_per_epoch, "seed": seed,
-                   "state_signature": tree_signature(abstract)}
-  if initial_state is not None and (tree_signature(initial_state)
-                                    != tree_signature(abstract["state"])):
+                   "steps_per_epoch": spe, "seed": seed,
+                   "state_signature": ckpt_lib.tree_signature(abstract)}
+  if initial_state is not None and (ckpt_lib.tree_signature(initial_state)
+                                    != ckpt_lib.tree_signature(abstract_state)):
     raise ValueError(
         "initial_state does not have the structure, shapes and dtypes of the "
         "train state of this model and optimiser (dense or with a mask)")
 
   with contextlib.ExitStack() as cleanup:
-    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"),
-                        max_to_keep=int(_cfg(config, "max_to_keep", 3)),
-                        async_save=bool(_cfg(config, "async_checkpointing", True)))
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+                                 max_to_keep=int(cfg("max_to_keep", 3)),
+                                 async_save=bool(cfg("async_checkpointing", True)))
     cleanup.callback(ckpts.close)
 
     def check_meta(step, meta):
-      for k, v in meta_expected.items():
-        if meta.get(k) != v:
-          raise CheckpointMismatchError(
-              f"checkpoint {ckpts.step_dir(step)} is from a different run "
-              f"({k}: {_short(meta.get(k))} there, {_short(v)} here: another "
-              "model, mask, optimiser, batch size, seed or dataset). Use a new "
-              "workdir, or the config that wrote it.")
+      ckpt_lib.check_same_run(
+          meta, meta_expected, where=f"checkpoint {ckpts.step_dir(step)}",
+          fields=meta_expected, what="another model, mask, optimiser, hooks, "
+          "batch size, seed or dataset")
 
     found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
     if found is not None:
-      resumed_from, tree, meta = found
-      state, metrics = tree["state"], tree["metrics"]
-      history = list(meta.get("history", []))
-      last_good = (resumed_from, int(meta["epoch"]))
+      resumed_from, restored, meta = found
+      state, metrics = restored["state"], restored["metrics"]
+      hook_states = dict(restored.get("hooks", {}))
+      # The restored arrays in the layout of abstract_state; the transformation
+      # is this run's (with the checkpoint's mask when fit wraps it).
+      state = state.replace(tx=optim.masked(tx, state.mask) if wrap else tx)
+      epochs_done = int(meta["epoch"])
+      last_good = (resumed_from, epochs_done)
       logger.info("Resumed from checkpoint %s (epoch %d, global step %d).",
-                  ckpts.step_dir(resumed_from), meta["epoch"], resumed_from)
+                  ckpts.step_dir(resumed_from), epochs_done, resumed_from)
     else:
       if ckpts.all_steps() or os.path.isdir(ckpts.quarantine_dir):
         logger.warning("No readable checkpoint in %s; starting from scratch.",
                        ckpts.directory)
-      state = put_replicated(
+      state = mesh_lib.put_replicated(
           create_train_state(model, tx, sample, rng, mask=mask)
           if initial_state is None else initial_state, mesh)
-      metrics = put_replicated(init_train_metrics(), mesh)
-      resumed_from, history, last_good = None, [], None
+      metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
+      hook_states = mesh_lib.put_replicated(
+          {h.key: h.init(state) for h in stateful}, mesh)
+      resumed_from, epochs_done, last_good = None, 0, None
 
     step = int(jax.device_get(state.step))
-    log = MetricsLog(workdir, history,
-                     tensorboard=bool(_cfg(config, "tensorboard", True)))
+    log = metrics_log.MetricsLog(workdir, epochs_done,
+                                 tensorboard=bool(cfg("tensorboard", True)))
     cleanup.callback(log.close)
-    images = put_replicated(np.asarray(dataset.train_images), mesh)
-    labels = put_replicated(np.asarray(dataset.train_labels, np.int32), mesh)
-    mask_sparsity = (masks_lib.summary(state.mask).sparsity
-                     if state.mask is not None else 0.0)
-    show_bar = bool(_cfg(config, "progress_bar", True)) and sys.stderr.isatty()
+    step_logs = hooks_lib.PendingStepLogs(hooks,
+                                          metrics_log.StepLog(workdir, step))
+    host_hooks = [h for h in hooks if hooks_lib.overrides(h, "after_step_host")]
+    epoch_hooks = [h for h in hooks if hooks_lib.overrides(h, "epoch_end")]
+    ctx = hooks_lib.FitContext(model=model, dataset=dataset, mesh=mesh,
+                               config=config, steps_per_epoch=spe,
+                               scalars=scalars)
+    images = mesh_lib.put_replicated(np.asarray(dataset.train_images), mesh)
+    labels = mesh_lib.put_replicated(
+        np.asarray(dataset.train_labels, np.int32), mesh)
+    show_bar = bool(cfg("progress_bar", True)) and sys.stderr.isatty()
     bar = tqdm.tqdm(total=total_steps, initial=step, unit="step",
                     disable=not show_bar, dynamic_ncols=True, leave=False)
     cleanup.callback(bar.close)
-    stop = cleanup.enter_context(_StopSignal())
-    sigterm_at = int(_cfg(config, "debug_sigterm_at_step", -1))
+    stop = cleanup.enter_context(ckpt_lib.StopSignal())
     preempted = False
 
     def stop_requested() -> bool:
@@ -1069,31 +719,36 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
     def check_finite(host_metrics):
       bad = int(host_metrics["first_bad_step"])
       if bad != _NO_BAD_STEP:
+        step_logs.drop()
         raise FloatingPointError(_non_finite_message(
-            bad, steps_per_epoch, last_good, ckpts.directory))
+            bad, spe, last_good, ckpts.directory))
 
-    def save(epochs_done: int):
-      ckpts.save(step, {"state": state, "metrics": metrics},
-                 dict(meta_expected, epoch=epochs_done, step=step,
-                      history=log.history))
+    def save(epochs: int):
+      step_logs.flush()
+      tree = {"state": state, "metrics": metrics}
+      if stateful:
+        tree["hooks"] = hook_states
+      ckpts.save(step, tree, dict(meta_expected, epoch=epochs, step=step))
 
     while step < end_step and not preempted:
-      epoch = step // steps_per_epoch
+      epoch = step // spe
       perm = epoch_perm(seed, epoch)
       t0, steps_run = time.perf_counter(), 0
-      for k in range(step % steps_per_epoch, steps_per_epoch):
-        state, metrics = train_step(state, metrics, images, labels, perm, k)
+      for k in range(step % spe, spe):
+        state, metrics, hook_states, logs = train_step(
+            state, metrics, images, labels, perm, k, hook_states)
         step += 1
         steps_run += 1
+        step_logs.add(step, logs)
+        for hook in host_hooks:
+          hook.after_step_host(step)
         bar.update(1)
         if step % log_every == 0:
           host = jax.device_get(metrics)
           check_finite(host)
           bar.set_postfix(epoch=epoch + 1, loss="%.4f" % (
               float(host["loss_sum"]) / max(int(host["steps"]), 1)))
-        if step == sigterm_at:
-          os.kill(os.getpid(), signal.SIGTERM)
-        if k + 1 < steps_per_epoch:
+        if k + 1 < spe:
           preempted = stop_requested()
           if preempted or step == end_step:
             check_finite(jax.device_get(metrics))
@@ -1103,44 +758,57 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
               logger.warning(
                   "SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
                   "exiting. Rerun the same command to resume.",
-                  ckpts.step_dir(step), epoch + 1, k + 1, steps_per_epoch)
+                  ckpts.step_dir(step), epoch + 1, k + 1, spe)
             else:
               logger.info("Reached stop_at_step: saved checkpoint %s (epoch %d, "
                           "step %d of %d).", ckpts.step_dir(step), epoch + 1,
-                          k + 1, steps_per_epoch)
+                          k + 1, spe)
             break
-      if step % steps_per_epoch:  # stopped mid-epoch: no epoch record
+      if step % spe:  # stopped mid-epoch: no epoch record
         break
       host = jax.device_get(metrics)
       check_finite(host)
       elapsed = time.perf_counter() - t0
-      record = {
-          "epoch": epoch + 1, "step": step,
-          "lr": float(schedule(step - 1)),
-          "train_loss": float(host["loss_sum"]) / max(int(host["steps"]), 1),
-          "train_accuracy": float(host["correct"]) / max(int(host["count"]), 1),
-      }
+      record = {"epoch": epoch + 1, "step": step}
+      if lr is not None:
+        record["lr"] = float(lr(step - 1))
+      record.update(
+          train_loss=float(host["loss_sum"]) / max(int(host["steps"]), 1),
+          train_accuracy=float(host["correct"]) / max(int(host["count"]), 1))
+      extra = {name: float(fn(step - 1)) for name, fn in scalars.items()}
+      for hook in epoch_hooks:
+        hook_state, state, fields = hook.epoch_end(
+            hook_states.get(hook.key), state, epoch + 1, ctx)
+        if hook.key in hook_states:
+          hook_states[hook.key] = hook_state
+        extra.update({k: hooks_lib.json_number(v) for k, v in fields.items()})
       if (epoch + 1) % eval_every == 0 or step == total_steps:
         ev = evaluate(model, state, dataset.test_images, dataset.test_labels,
                       mean=dataset.mean, std=dataset.std,
-                      batch_size=int(_cfg(config, "eval_batch_size", 500)),
+                      batch_size=int(cfg("eval_batch_size", 500)),
                       mesh=mesh, eval_step=eval_step)
         record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-      record.update(sparsity=mask_sparsity, epoch_seconds=elapsed,
+      record.update(sparsity=_sparsity(state), epoch_seconds=elapsed,
                     steps_per_second=steps_run / max(elapsed, 1e-9))
-      metrics = put_replicated(init_train_metrics(), mesh)
+      record.update(extra)
+      metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
       bar.clear()  # keep the log line off the bar's line
       logger.info("epoch %d/%d: %s", epoch + 1, num_epochs, ", ".join(
-          f"{k}={v:.4g}" for k, v in record.items() if k not in ("epoch",)))
+          f"{k}={v:.4g}" for k, v in record.items()
+          if k != "epoch" and isinstance(v, (int, float))))
       bar.refresh()
+      step_logs.flush()
       log.write(record)
-      save(epoch + 1)
-      last_good = (step, epoch + 1)
-      if step < total_steps and stop_requested():
+      stopping = step < total_steps and stop_requested()
+      if (epoch + 1) % ckpt_every == 0 or step in (end_step, total_steps) or (
+          stopping):
+        save(epoch + 1)
+        last_good = (step, epoch + 1)
+      if stopping:
         ckpts.wait()
         logger.warning("SIGTERM: saved checkpoint %s (end of epoch %d); "
                        "exiting. Rerun the same command to resume.",
                        ckpts.step_dir(step), epoch + 1)
         preempted = True
   return FitResult(state=state, history=list(log.history), preempted=preempted,
-                   resumed_from=resumed_from)
+                   resumed_from=resumed_from, hook_states=hook_states)

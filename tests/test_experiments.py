@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 from experiments import train as exp_train  # noqa: E402
 from experiments.configs import default, digits, grasp_cifar, quickstart, synflow_cifar  # noqa: E402
-from sparsejax import data, train  # noqa: E402
+from sparsejax import data, schedules  # noqa: E402
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -120,10 +120,13 @@ def test_non_finite_loss_is_a_clean_error(tmp_path):
 
 
 def test_sigterm_exits_with_143_after_saving(tmp_path):
-  proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
-                    "--workdir", tmp_path, "--config.num_epochs=2",
-                    "--config.debug_sigterm_at_step=30",
-                    "--config.progress_bar=false")
+  # experiments.train with a host hook that sends SIGTERM after global step 30.
+  proc = subprocess.run(
+      [sys.executable, "-c", "from tests.sigterm_helper import run_module; "
+       "run_module('experiments.train', 30)", "--config",
+       "experiments/configs/digits.py", "--workdir", str(tmp_path),
+       "--config.num_epochs=2", "--config.progress_bar=false"],
+      cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
   assert proc.returncode == exp_train.EXIT_PREEMPTED == 143
   assert "Traceback" not in proc.stderr
   assert "rerun the same command to resume" in proc.stderr
@@ -164,7 +167,7 @@ def test_synflow_protocol_preset():
   assert config.nesterov and config.momentum == 0.9 and config.batch_size == 128
   assert config.weight_decay == 5e-4 and config.num_epochs == 160
   assert synflow_cifar.get_config().weight_decay == 1e-4  # resnet18
-  sched = train.lr_schedule(config, steps_per_epoch=391)
+  sched = schedules.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(60 * 391 - 1), sched(60 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)
@@ -174,7 +177,7 @@ def test_grasp_protocol_preset():
   config = grasp_cifar.get_config("resnet32,cifar10")
   assert config.model_kwargs.width == 2 and not config.nesterov
   assert config.weight_decay == 1e-4
-  sched = train.lr_schedule(config, steps_per_epoch=391)
+  sched = schedules.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(80 * 391 - 1), sched(80 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)

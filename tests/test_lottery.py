@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 from experiments import lottery as exp_lottery  # noqa: E402
 from experiments.configs import lottery_cpu_small, lottery_digits, lottery_openlth  # noqa: E402
-from sparsejax import data, lottery, masks, models, optim, train  # noqa: E402
+from experiments import common  # noqa: E402
+from sparsejax import checkpoints, data, lottery, masks, models, optim, schedules, train  # noqa: E402
+from sparsejax import mesh as mesh_lib  # noqa: E402
+from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 #: Prunable weights of the MLP on 8x8 digits: 64*300 + 300*100 + 100*10.
 N = 50_200
@@ -56,21 +59,21 @@ def mlp_states(*steps: int):
   model = models.get("mlp", 10)
   config = dict(learning_rate=0.05, num_epochs=1, lr_schedule="cosine",
                 weight_decay=5e-4)
-  tx = train.make_optimizer(config, 22)
+  tx = schedules.make_optimizer(config, 22)
   state = train.create_train_state(model, tx, SAMPLE, jax.random.key(0),
                                    mask=masks.ones_like)
   ds = data.load("digits")
-  mesh = train.make_mesh(1)
-  step = train.make_train_step(model, tx, mesh=mesh, batch_size=64,
+  mesh = mesh_lib.make_mesh(1)
+  step = train.make_train_step(model, mesh=mesh, batch_size=64,
                                mean=ds.mean, std=ds.std)
-  state = train.put_replicated(state, mesh)
-  metrics = train.put_replicated(train.init_train_metrics(), mesh)
-  images = train.put_replicated(ds.train_images, mesh)
-  labels = train.put_replicated(ds.train_labels, mesh)
-  perm = train.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
+  state = mesh_lib.put_replicated(state, mesh)
+  metrics = mesh_lib.put_replicated(train.init_train_metrics(), mesh)
+  images = mesh_lib.put_replicated(ds.train_images, mesh)
+  labels = mesh_lib.put_replicated(ds.train_labels, mesh)
+  perm = mesh_lib.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
   states = {0: jax.device_get(state)}
   for k in range(max(steps)):
-    state, metrics = step(state, metrics, images, labels, perm, k)
+    state, metrics, _, _ = step(state, metrics, images, labels, perm, k)
     states[k + 1] = jax.device_get(state)  # host copies: the step donates
   return model, tx, [states[n] for n in steps]
 
@@ -80,7 +83,10 @@ def leaves(tree):
 
 
 def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
+  """Bitwise equal leaves, equal structure, shapes and dtypes (a train state's
+  static optimiser functions are code of each run, not compared)."""
+  assert checkpoints.tree_signature(a) == checkpoints.tree_signature(b)
+  assert len(leaves(a)) == len(leaves(b))
   for x, y in zip(leaves(a), leaves(b)):
     np.testing.assert_array_equal(x, y)
 
@@ -212,7 +218,7 @@ def test_rewind_restores_the_rewind_point_exactly():
   assert any(np.any(x != 0) for x in leaves(get(point.opt_state, "trace")))
   assert all(np.all(x == 0) for x in leaves(get(start.opt_state, "trace")))
   assert int(get(start.opt_state, "count")) == 3
-  assert train.tree_signature(start) == train.tree_signature(point)
+  assert checkpoints.tree_signature(start) == checkpoints.tree_signature(point)
   # At step 0 the fresh state is exactly a new optimiser's state.
   at_init = lottery.rewind_state(init, mask)
   assert_trees_equal(at_init.opt_state, optim.masked(tx, mask).init(at_init.params))
@@ -264,7 +270,7 @@ def test_fit_stop_at_step_then_resume_is_bitwise_uninterrupted(reference,
   config, ref_dir, _ = reference
   ds = data.load("digits")
   model = models.get("mlp", 10)
-  config = exp_lottery.resolve_config(config)
+  config = common.resolve_config(config, exp_lottery.check_config)
 
   def fit(workdir, **kwargs):
     return train.fit(config, tmp_path / workdir, model=model, dataset=ds,
@@ -380,8 +386,8 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
   for done in ("rewind_point", "level_0"):
     shutil.copytree(ref_dir / done, tmp_path / done)
   # SIGTERM in the middle of level 1 (global step 30: epoch 2, step 8 of 22).
-  stopped = exp_lottery.run(mlp_config(controls=(), debug_sigterm_at_step=30),
-                            str(tmp_path))
+  with sigterm_at_step(30):
+    stopped = exp_lottery.run(mlp_config(controls=()), str(tmp_path))
   assert stopped.preempted and stopped.ticket_dir is None
   assert len(stopped.rows) == 1
   steps = sorted(int(p.name) for p in (tmp_path / "level_1" / "checkpoints").iterdir()
@@ -406,7 +412,7 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
 
 
 def test_openlth_config_is_the_reference_protocol():
-  config = exp_lottery.resolve_config(lottery_openlth.get_config())
+  config = common.resolve_config(lottery_openlth.get_config(), exp_lottery.check_config)
   assert (config.model, config.dataset) == ("resnet20", "cifar10")
   assert (config.num_epochs, config.batch_size, config.learning_rate) == (160, 128, 0.1)
   assert config.momentum == 0.9 and not config.nesterov
@@ -415,7 +421,7 @@ def test_openlth_config_is_the_reference_protocol():
   assert config.rewind_step == 500 and config.rewind_epochs is None
   assert config.controls == ("reinit", "reprune")
   assert "pruner" not in config and "sparsity" not in config
-  sched = train.lr_schedule(config, steps_per_epoch=390)
+  sched = schedules.lr_schedule(config, steps_per_epoch=390)
   np.testing.assert_allclose(
       [sched(80 * 390 - 1), sched(80 * 390), sched(120 * 390)],
       [0.1, 0.01, 0.001], rtol=1e-6)
@@ -423,7 +429,8 @@ def test_openlth_config_is_the_reference_protocol():
   config.rewind_epochs = 1.0
   assert exp_lottery.rewind_steps(config, 390) == 390
 
-  small = exp_lottery.resolve_config(lottery_cpu_small.get_config())
+  small = common.resolve_config(lottery_cpu_small.get_config(),
+                                 exp_lottery.check_config)
   assert (small.model, small.dataset) == ("resnet20", "cifar10")
   assert 3 <= small.levels <= 4 and small.train_subset is not None
   assert small.eval_every_epochs > small.num_epochs
@@ -438,7 +445,7 @@ def test_bad_config_values_are_refused(field, value, match):
   config = lottery_digits.get_config()
   config[field] = value
   with pytest.raises(ValueError, match=match):
-    exp_lottery.resolve_config(config)
+    common.resolve_config(config, exp_lottery.check_config)
 
 
 def test_command_line_run(tmp_path):

@@ -25,6 +25,7 @@ from experiments.configs import digits  # noqa: E402
 from experiments.configs import prune_at_init as prune_at_init_config  # noqa: E402
 from experiments.configs import sweep_cpu_long, sweep_cpu_small, sweep_synflow_paper  # noqa: E402
 from sparsejax import data, masks, models, scores, train  # noqa: E402
+from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -163,7 +164,8 @@ def swept(tmp_path_factory):
   """A 2 x 2 x 1 sweep, interrupted by SIGTERM in its first cell, then resumed."""
   workdir = tmp_path_factory.mktemp("sweep")
   first = workdir / "cells" / "magnitude_s0.9_seed0"
-  interrupted = sweep.run(sweep_config(debug_sigterm_at_step=10), str(workdir))
+  with sigterm_at_step(10):
+    interrupted = sweep.run(sweep_config(), str(workdir))
   pruned_at = (first / "pruning.json").stat().st_mtime_ns
   with pytest.warns(RuntimeWarning, match="layer collapse"):  # magnitude at 99%
     finished = sweep.run(sweep_config(), str(workdir))

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 from experiments import common  # noqa: E402
 from experiments import train as exp_train  # noqa: E402
 from experiments.configs import digits as digits_config  # noqa: E402
-from sparsejax import data, masks, models, optim, train  # noqa: E402
+from sparsejax import checkpoints, data, masks, models, optim, schedules, train  # noqa: E402
+from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 TIMING_KEYS = ("epoch_seconds", "steps_per_second")
 SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -72,9 +73,11 @@ def load_checkpoint_state(workdir, step):
 
 
 def assert_trees_equal(a, b):
-  la, ta = jax.tree.flatten(a)
-  lb, tb = jax.tree.flatten(b)
-  assert ta == tb
+  """Bitwise equal leaves, equal structure, shapes and dtypes (a train state's
+  static optimiser functions are code of each run, not compared)."""
+  assert checkpoints.tree_signature(a) == checkpoints.tree_signature(b)
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(la) == len(lb)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -113,7 +116,7 @@ def test_sparse_training_keeps_mask_and_zeros(reference):
   ds = data.load("digits")
   model = models.get("mlp", 10)
   init = train.create_train_state(
-      model, train.make_optimizer(config, 44), jnp.zeros((1, 8, 8, 1)),
+      model, schedules.make_optimizer(config, 44), jnp.zeros((1, 8, 8, 1)),
       jax.random.key(config.seed))
   initial_mask = common.make_mask_fn(config, model, ds)(init.params)
   assert_trees_equal(result.state.mask, initial_mask)
@@ -151,36 +154,36 @@ def test_evaluate_counts_every_example_once(reference):
 def test_multistep_schedule_decays_at_epoch_boundaries():
   cfg = dict(learning_rate=0.1, lr_schedule="multistep", num_epochs=160,
              lr_decay_epochs=(60, 120), lr_decay_factor=0.1)
-  sched = train.lr_schedule(cfg, steps_per_epoch=10)
+  sched = schedules.lr_schedule(cfg, steps_per_epoch=10)
   np.testing.assert_allclose(
       [sched(0), sched(599), sched(600), sched(1199), sched(1200), sched(1599)],
       [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
   # Fractions: the GraSP protocol's 50% / 75%, truncated like the reference.
-  assert train.decay_boundaries((0.5, 0.75), 160) == [80, 120]
-  assert train.decay_boundaries((0.5, 0.75), 10) == [5, 7]
+  assert schedules.decay_boundaries((0.5, 0.75), 160) == [80, 120]
+  assert schedules.decay_boundaries((0.5, 0.75), 10) == [5, 7]
   with pytest.raises(ValueError, match="positive"):
-    train.decay_boundaries((0, 60), 160)
+    schedules.decay_boundaries((0, 60), 160)
 
 
 def test_warmup_and_cosine_schedules():
   cfg = dict(learning_rate=0.2, lr_schedule="multistep", num_epochs=10,
              lr_decay_epochs=(5,), warmup_epochs=2)
-  sched = train.lr_schedule(cfg, steps_per_epoch=10)
+  sched = schedules.lr_schedule(cfg, steps_per_epoch=10)
   np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(49), sched(50)],
                              [0.0, 0.1, 0.2, 0.2, 0.02], rtol=1e-6, atol=1e-9)
-  cos = train.lr_schedule(dict(learning_rate=0.2, lr_schedule="cosine",
+  cos = schedules.lr_schedule(dict(learning_rate=0.2, lr_schedule="cosine",
                                num_epochs=10, lr_end_factor=0.1), 10)
   np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.11, 0.02],
                              rtol=1e-5)
   with pytest.raises(ValueError, match="lr_schedule"):
-    train.lr_schedule(dict(learning_rate=0.1, lr_schedule="step", num_epochs=1), 1)
+    schedules.lr_schedule(dict(learning_rate=0.1, lr_schedule="step", num_epochs=1), 1)
 
 
 def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
   """Two steps against PyTorch's SGD(momentum, nesterov, weight_decay) formulas."""
   cfg = dict(learning_rate=0.1, lr_schedule="constant", num_epochs=1,
              momentum=0.9, nesterov=True, weight_decay=0.01)
-  tx = train.make_optimizer(cfg, steps_per_epoch=1)
+  tx = schedules.make_optimizer(cfg, steps_per_epoch=1)
   params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
   grads = [{"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([-0.2])},
            {"kernel": jnp.array([[-0.1, 0.4]]), "bias": jnp.array([0.1])}]
@@ -199,7 +202,7 @@ def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
 
 def test_create_train_state_masks_params_and_optimizer():
   model = models.get("mlp", 10, hidden=(16,))
-  tx = train.make_optimizer(dict(learning_rate=0.1, num_epochs=1), 1)
+  tx = schedules.make_optimizer(dict(learning_rate=0.1, num_epochs=1), 1)
   x = jnp.zeros((1, 8, 8, 1))
   dense = train.create_train_state(model, tx, x, jax.random.key(0))
   mask = jax.jit(lambda p: masks.topk_mask(jax.tree.map(jnp.abs, p), 0.5))(
@@ -221,7 +224,8 @@ def test_create_train_state_masks_params_and_optimizer():
 
 def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
   config, ref_dir, ref = reference
-  stopped = fit(make_config(max_to_keep=5, debug_sigterm_at_step=50), tmp_path)
+  with sigterm_at_step(50):
+    stopped = fit(make_config(max_to_keep=5), tmp_path)
   # SIGTERM arrived at step 50 (epoch 2, step 6 of 44): saved there, exited.
   assert stopped.preempted
   assert checkpoint_steps(tmp_path) == [44, 50]
@@ -285,7 +289,8 @@ def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
                                                              caplog):
   config, ref_dir, ref = reference
   # SIGTERM at the last step of epoch 2: the epoch completes, saves and exits.
-  first = fit(make_config(max_to_keep=5, debug_sigterm_at_step=88), tmp_path)
+  with sigterm_at_step(88):
+    first = fit(make_config(max_to_keep=5), tmp_path)
   assert first.preempted and len(first.history) == 2
   assert checkpoint_steps(tmp_path) == [44, 88]
   latest = tmp_path / "checkpoints" / "88"
@@ -296,7 +301,7 @@ def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
       corrupted[str(path.relative_to(latest))] = path.read_bytes()
   assert corrupted
 
-  with caplog.at_level(logging.WARNING, logger="sparsejax.train"):
+  with caplog.at_level(logging.WARNING, logger="sparsejax.checkpoints"):
     resumed = fit(make_config(max_to_keep=5), tmp_path)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any(str(latest) in w and "unreadable" in w for w in warnings), warnings
@@ -315,9 +320,9 @@ def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
 def test_checkpoint_of_another_run_is_refused_and_left_alone(reference):
   config, workdir, _ = reference
   before = checkpoint_steps(workdir)
-  with pytest.raises(train.CheckpointMismatchError, match="batch_size"):
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="batch_size"):
     fit(make_config(batch_size=64, max_to_keep=5), workdir)
-  with pytest.raises(train.CheckpointMismatchError, match="state_signature"):
+  with pytest.raises(checkpoints.CheckpointMismatchError, match="state_signature"):
     fit(make_config(pruner="dense", max_to_keep=5), workdir)
   assert checkpoint_steps(workdir) == before
   assert not (Path(workdir) / "checkpoints.unreadable").exists()
@@ -347,7 +352,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
     import ml_collections
-    from sparsejax import data, masks, models, train
+    from sparsejax import data, masks, mesh as mesh_lib, models, schedules, train
 
     assert jax.device_count() == 8, jax.devices()
 
@@ -368,27 +373,27 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
         progress_bar=False, tensorboard=False, eval_batch_size=100))
     out = {}
     for n in (8, 1):
-      mesh = train.make_mesh(n)
+      mesh = mesh_lib.make_mesh(n)
       model = ConvBN()
-      tx = train.make_optimizer(cfg, 22)
+      tx = schedules.make_optimizer(cfg, 22)
       state = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
                                        jax.random.key(0))
       mask = masks.topk_mask(jax.tree.map(jnp.abs, state.params), 0.7)
-      state = train.put_replicated(train.create_train_state(
+      state = mesh_lib.put_replicated(train.create_train_state(
           model, tx, jnp.zeros((1, 8, 8, 1)), jax.random.key(0), mask=mask), mesh)
-      step = train.make_train_step(model, tx, mesh=mesh, batch_size=64,
+      step = train.make_train_step(model, mesh=mesh, batch_size=64,
                                    mean=ds.mean, std=ds.std, augment=True)
-      images = train.put_replicated(ds.train_images, mesh)
-      labels = train.put_replicated(ds.train_labels, mesh)
-      perm = train.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
-      metrics = train.put_replicated(train.init_train_metrics(), mesh)
+      images = mesh_lib.put_replicated(ds.train_images, mesh)
+      labels = mesh_lib.put_replicated(ds.train_labels, mesh)
+      perm = mesh_lib.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
+      metrics = mesh_lib.put_replicated(train.init_train_metrics(), mesh)
       if n == 8:
         hlo = step.lower(state, metrics, images, labels, perm, 0).compile().as_text()
         out["all_reduce"] = "all-reduce" in hlo
       losses = []
       for k in range(6):
         before = float(metrics["loss_sum"])
-        state, metrics = step(state, metrics, images, labels, perm, k)
+        state, metrics, _, _ = step(state, metrics, images, labels, perm, k)
         losses.append(float(metrics["loss_sum"]) - before)
       out[n] = {"losses": losses,
                 "devices": len(state.params["Dense_0"]["kernel"].sharding.device_set),

@@ -87,14 +87,21 @@ def get_config() -> ml_collections.ConfigDict:
   # Linear warmup from 0 (may be fractional).
   config.warmup_epochs = 0.0
   config.label_smoothing = 0.0
+  # Activation blend (ToST's ghost soft neurons): None keeps the model's ReLU;
+  # (start, end, hold_epochs, ramp_epochs) uses activations.blend() (ReLU at 0,
+  # Swish at 1) with act_coef = start for hold_epochs, then linear to end over
+  # ramp_epochs, e.g. --config.act_coef_schedule="(1.0, 0.0, 5, 10)".
+  config.act_coef_schedule = config_dict.placeholder(tuple)
 
   # --- Run ------------------------------------------------------------------
   config.seed = 0
   config.eval_batch_size = 500
   config.eval_every_epochs = 1
-  # Checkpoints in WORKDIR/checkpoints: one per epoch (and on SIGTERM), the
-  # last max_to_keep kept; a rerun resumes from the latest readable one.
+  # Checkpoints in WORKDIR/checkpoints: every checkpoint_every_epochs epochs
+  # (the last epoch and SIGTERM always save), the last max_to_keep kept; a
+  # rerun resumes from the latest readable one.
   config.max_to_keep = 3
+  config.checkpoint_every_epochs = 1
   config.async_checkpointing = True
   # tqdm progress bar (only shown on a terminal).
   config.progress_bar = True
@@ -106,9 +113,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_devices = config_dict.placeholder(int)
   # Call jax.distributed.initialize() first (multi-host runs).
   config.distributed = False
-  # Testing aid: the process sends itself SIGTERM after this global step
-  # (exercises the preemption path); -1 = off.
-  config.debug_sigterm_at_step = -1
   return config
 
 

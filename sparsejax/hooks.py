@@ -1,0 +1,204 @@
+"""Hooks: how a training method extends :func:`sparsejax.train.fit` without a
+branch in its loop.
+
+A :class:`Hook` has a state of its own, saved in the same checkpoint as the
+train state and part of the run signature, and up to three entry points:
+
+* :meth:`Hook.after_step`, traced inside the jitted train step after the
+  optimiser update, with the step's :class:`StepInfo` (loss, gradients,
+  scalars, batch, key): e.g. a dynamic-sparse-training mask update every K
+  steps with :func:`sparsejax.optim.set_mask` under ``lax.cond``, or a
+  gradient-flow measurement, without host round trips. Its logs of every
+  :attr:`Hook.log_every_steps` steps go to ``steps.jsonl``.
+* :meth:`Hook.after_step_host`, on the host after each step is dispatched.
+* :meth:`Hook.epoch_end`, on the host at each epoch end, before the
+  evaluation, with a :class:`FitContext` (model, data, mesh, config): e.g. a
+  weight superposition followed by a batch-norm recompute.
+
+Example, the global gradient norm every 100 steps::
+
+  class GradNorm(hooks.Hook):
+    log_every_steps = 100
+
+    def init(self, state):
+      return jnp.zeros((), jnp.int32)           # measurements so far
+
+    def after_step(self, count, state, info):
+      due = (info.step + 1) % 100 == 0
+      norm = jax.lax.cond(due, lambda: optax.tree.norm(info.grads),
+                          lambda: jnp.zeros((), jnp.float32))
+      return count + due, state, {"grad_norm": norm}
+
+  train.fit(config, workdir, model=model, dataset=ds, hooks=[GradNorm()])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+from sparsejax import data as data_lib
+from sparsejax import metrics_log
+
+if TYPE_CHECKING:
+  from sparsejax.train import TrainState  # pylint: disable=g-bad-import-order
+
+PyTree = Any
+
+
+# ----------------------------------------------------------------------------
+
+
+class StepInfo(NamedTuple):
+  """What :meth:`Hook.after_step` learns about the step just taken (traced).
+
+  Attributes:
+    step: ``int32``, the global index ``t`` of the step (the state it returns
+      has ``step == t + 1``).
+    loss: the mean training loss of the batch.
+    grads: the gradient of the loss w.r.t. the params, before the optimiser
+      (dense: pruned entries included).
+    scalars: the per-step scalar values of step ``t``, ``{name: float32}``.
+    batch: ``(x, y)``, the normalised (and augmented) inputs and the labels.
+    key: the step's PRNG key ``fold_in(state.key, t)``.
+  """
+
+  step: jax.Array
+  loss: jax.Array
+  grads: PyTree
+  scalars: dict[str, jax.Array]
+  batch: tuple[jax.Array, jax.Array]
+  key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class FitContext:
+  """What :meth:`Hook.epoch_end` may use besides the states (host side).
+
+  Attributes:
+    model, dataset, mesh, config: those of :func:`fit`.
+    steps_per_epoch: optimiser steps per epoch.
+    scalars: the per-step scalar schedules of :func:`fit`.
+  """
+
+  model: nn.Module
+  dataset: data_lib.Dataset
+  mesh: jax.sharding.Mesh
+  config: Any
+  steps_per_epoch: int
+  scalars: Mapping[str, optax.Schedule]
+
+
+class Hook:
+  """An extension of :func:`fit` with a state of its own. Override what you need.
+
+  * :meth:`init` gives the hook's state (a pytree of arrays, or ``None`` for a
+    stateless hook). It is saved in the same checkpoint as the train state,
+    is part of the run signature (a workdir written with other hook states is
+    refused), and resumes bitwise.
+  * :meth:`after_step` runs *traced*, inside the jitted train step, after the
+    optimiser update: it may change the train state (e.g. the mask, with
+    :func:`sparsejax.optim.set_mask`) and its own state, and return logs. Use
+    ``lax.cond`` on ``info.step`` to act every K steps; the structure,
+    shapes and dtypes of both states must not change.
+  * :meth:`after_step_host` runs on the host after each step is dispatched
+    (not waited for), with the global step count.
+  * :meth:`epoch_end` runs on the host at the end of each epoch, before the
+    evaluation, and may change both states and add fields to the epoch record.
+
+  Attributes:
+    name: key of the hook's state and logs; default the class name. Names
+      must be unique among the hooks of a run.
+    log_every_steps: the logs of :meth:`after_step` after every this many
+      global steps go to ``steps.jsonl`` as ``{"step": s, **logs}``, ``s``
+      the number of steps taken; ``None`` (default): not logged.
+  """
+
+  name: str | None = None
+  log_every_steps: int | None = None
+
+  @property
+  def key(self) -> str:
+    """The hook's name, :attr:`name` or the class name."""
+    return self.name or type(self).__name__
+
+  def init(self, state: TrainState) -> PyTree:
+    """The hook's initial state, from the initial train state; default ``None``."""
+    del state
+    return None
+
+  def after_step(self, hook_state: PyTree, state: TrainState,
+                 info: StepInfo) -> tuple[PyTree, TrainState, dict[str, jax.Array]]:
+    """Traced after each update: ``(hook_state, state, logs)``; default no-op."""
+    del info
+    return hook_state, state, {}
+
+  def after_step_host(self, step: int) -> None:
+    """On the host after step ``step`` (the global step count) was dispatched."""
+
+  def epoch_end(self, hook_state: PyTree, state: TrainState, epoch: int,
+                ctx: FitContext) -> tuple[PyTree, TrainState, dict[str, Any]]:
+    """On the host after epoch ``epoch`` (1-based): ``(hook_state, state,
+    record_fields)``; the fields (JSON numbers) join the epoch record."""
+    del epoch, ctx
+    return hook_state, state, {}
+
+
+def overrides(hook: Hook, method: str) -> bool:
+  """Whether ``hook``'s class overrides ``method`` (else fit skips it)."""
+  return getattr(type(hook), method) is not getattr(Hook, method)
+
+
+def check_hooks(hooks: Sequence[Hook]) -> tuple[Hook, ...]:
+  """``hooks`` as a tuple; refuses non-hooks and duplicate names."""
+  hooks = tuple(hooks)
+  for hook in hooks:
+    if not isinstance(hook, Hook):
+      raise TypeError(f"hooks must be sparsejax.hooks.Hook instances, got "
+                      f"{type(hook).__name__}")
+  names = [h.key for h in hooks]
+  if len(set(names)) != len(names):
+    raise ValueError(f"hook names must be unique, got {names}")
+  return hooks
+
+
+def json_number(value) -> Any:
+  """A (device) scalar or array as a JSON number or list."""
+  value = np.asarray(jax.device_get(value))
+  return value.item() if value.ndim == 0 else value.tolist()
+
+
+class PendingStepLogs:
+  """Hook logs of the steps to record, kept on device until :meth:`flush`."""
+
+  def __init__(self, hooks: Sequence[Hook], log: metrics_log.StepLog):
+    self.every = {h.key: int(h.log_every_steps) for h in hooks
+                  if h.log_every_steps and overrides(h, "after_step")}
+    self.log = log
+    self.pending: list[tuple[int, dict]] = []
+
+  def add(self, step: int, logs: dict) -> None:
+    keep = {k: logs[k] for k, every in self.every.items() if step % every == 0}
+    if keep:
+      self.pending.append((step, keep))
+
+  def drop(self) -> None:
+    self.pending = []
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    records = []
+    for step, by_hook in jax.device_get(self.pending):
+      record = {"step": int(step)}
+      for values in by_hook.values():
+        record.update({k: json_number(v) for k, v in values.items()})
+      records.append(record)
+    self.log.write(records)
+    self.pending = []

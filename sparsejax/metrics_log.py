@@ -1,0 +1,141 @@
+"""Run logs: per-epoch ``metrics.jsonl`` (+ TensorBoard) and per-step ``steps.jsonl``.
+
+Both files are append-only JSON lines, written by process 0 only, and
+truncated on a resume to what the restored checkpoint had seen: records of
+epochs (steps) after it are dropped, and the resumed run writes them again.
+So an interrupted and resumed run ends with exactly the lines of one that
+never stopped, each epoch (step) once, and no checkpoint has to carry the
+history.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Iterable
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON records of ``path`` (``[]`` if missing); a line that does not
+  parse (a write cut short by a crash) is skipped with a warning."""
+  if not os.path.exists(path):
+    return []
+  records = []
+  with open(path) as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        logger.warning("%s: line %d is not JSON; dropped", path, n)
+  return records
+
+
+class _JsonLines:
+  """An append-only JSON-lines file truncated to the records that ``keep``."""
+
+  def __init__(self, path: str, keep: Callable[[dict], bool],
+               create: bool = True):
+    self.path = path
+    self.active = jax.process_index() == 0
+    self.records = [r for r in read_jsonl(path) if keep(r)]
+    if self.active and (create or os.path.exists(path)):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        for record in self.records:
+          f.write(json.dumps(record) + "\n")
+      os.replace(tmp, self.path)
+
+  def append(self, records: Iterable[dict]) -> None:
+    records = [dict(r) for r in records]
+    self.records.extend(records)
+    if self.active and records:
+      with open(self.path, "a") as f:
+        for record in records:
+          f.write(json.dumps(record) + "\n")
+
+
+class MetricsLog:
+  """Per-epoch metrics: ``metrics.jsonl`` and TensorBoard events.
+
+  On a resume from a checkpoint taken after ``epochs_done`` epochs, the records
+  of later epochs are dropped from ``metrics.jsonl`` (they were written before
+  the checkpoint of their epoch committed) and TensorBoard discards later
+  events (``purge_step``). :attr:`history` is the records kept plus those
+  written since.
+
+  Args:
+    workdir: the run directory.
+    epochs_done: epochs completed by the restored state; 0 starts a new file.
+    tensorboard: also write TensorBoard events to ``workdir/tb``.
+  """
+
+  def __init__(self, workdir: str, epochs_done: int = 0,
+               tensorboard: bool = True):
+    self._file = _JsonLines(os.path.join(workdir, METRICS_FILE),
+                            lambda r: int(r.get("epoch", 0)) <= epochs_done)
+    self.path = self._file.path
+    kept = [int(r["epoch"]) for r in self._file.records]
+    if len(kept) != len(set(kept)) or (epochs_done and not kept):
+      logger.warning("%s holds epochs %s for a checkpoint after epoch %d",
+                     self.path, kept, epochs_done)
+    self.writer = None
+    if tensorboard and self._file.active:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.writer = SummaryWriter(os.path.join(workdir, "tb"),
+                                  purge_step=epochs_done + 1 if epochs_done else None)
+
+  @property
+  def history(self) -> list[dict]:
+    """The epoch records, oldest first."""
+    return self._file.records
+
+  def write(self, record: dict) -> None:
+    """Appends one epoch's record to the history, the file and TensorBoard."""
+    self._file.append([record])
+    if self.writer is not None:
+      epoch = record["epoch"]
+      for k, v in record.items():
+        if k in ("epoch", "step") or isinstance(v, bool) or not isinstance(
+            v, (int, float)):
+          continue
+        split, _, name = k.partition("_")
+        tag = f"{split}/{name}" if split in ("train", "test") and name else k
+        self.writer.add_scalar(tag, v, epoch)
+      self.writer.flush()
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+class StepLog:
+  """Per-step records (``steps.jsonl``): what hooks measure every K steps.
+
+  Each record is ``{"step": s, ...}`` with ``s`` the number of optimiser steps
+  taken when it was measured. On a resume from step ``steps_done`` the records
+  with a larger ``step`` are dropped. The file is created by the first write.
+  """
+
+  def __init__(self, workdir: str, steps_done: int = 0):
+    self._file = _JsonLines(os.path.join(workdir, STEPS_FILE),
+                            lambda r: int(r.get("step", 0)) <= steps_done,
+                            create=False)
+    self.path = self._file.path
+
+  @property
+  def records(self) -> list[dict]:
+    return self._file.records
+
+  def write(self, records: Iterable[dict]) -> None:
+    """Appends ``records`` (dicts with a ``"step"``)."""
+    self._file.append(records)
