@@ -119,8 +119,9 @@ def _run(tmp_path, tag, **env):
   script = tmp_path / "net.py"
   script.write_text(_SCRIPT)
   grads, text = tmp_path / f"{tag}.npz", tmp_path / f"{tag}.txt"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **env)
-  env.pop("XLA_FLAGS", None)
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("XLA_FLAGS", _xla_cpu.OPT_OUT)}
+  env = dict(base, JAX_PLATFORMS="cpu", **env)
   proc = subprocess.run([sys.executable, str(script), str(grads), str(text)],
                         cwd=REPO, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
