@@ -44,6 +44,7 @@ from ml_collections import config_flags
 
 from sparsejax import data
 from sparsejax import diagnostics
+from sparsejax import dst
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
@@ -124,6 +125,8 @@ def resolve_config(config: ml_collections.ConfigDict,
                      f"{config.prunable!r}")
   if "pruner" in config:
     _check_pruning(config)
+  if config.get("dst", "none") != "none":
+    _check_dst(config)
   if config.get("act_coef_schedule") is not None:
     act_coef_schedule(config, 1)  # checks the values
   if config.weight_decay is None:
@@ -149,6 +152,79 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
+
+
+#: ``config.dst`` values (SPEC §4): ``"none"`` keeps the mask of ``pruner``.
+DST_METHODS = ("none", "set", "rigl", "gmp", "granet")
+
+
+def _check_dst(config: ml_collections.ConfigDict) -> None:
+  if config.dst not in DST_METHODS:
+    raise ValueError(f"config.dst must be one of {DST_METHODS}, got {config.dst!r}")
+  if config.dst in ("set", "rigl") and config.pruner == "dense":
+    raise ValueError(f"config.dst={config.dst!r} needs a starting mask: set "
+                     "config.pruner (the reference: 'random' with budget 'erk')")
+  if config.dst in ("gmp", "granet"):
+    if config.pruner != "dense":
+      raise ValueError(f"config.dst={config.dst!r} starts dense or from a random "
+                       "mask at config.dst_initial_sparsity: set config.pruner='dense'")
+    masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
+    masks.check_sparsity(config.sparsity)
+  if config.dst_drop_schedule not in ("cosine", "constant"):
+    raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
+                     f"got {config.dst_drop_schedule!r}")
+  if int(config.dst_update_every) < 1 or not 0 < float(config.dst_end) <= 1:
+    raise ValueError("config.dst_update_every must be >= 1 and config.dst_end in "
+                     "(0, 1]")
+
+
+def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
+  """A point of training given in epochs (>= 1) or as a fraction (< 1), in steps."""
+  epochs = value * num_epochs if 0 < value < 1 else value
+  return round(epochs * steps_per_epoch)
+
+
+def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
+                       mask: PyTree | None, prunable, steps_per_epoch: int):
+  """The dynamic-sparse-training optimiser of ``config.dst`` around ``inner``.
+
+  * ``set`` / ``rigl``: :func:`sparsejax.dst.set` / :func:`~sparsejax.dst.rigl`
+    from ``mask`` (the ``pruner`` mask), every ``dst_update_every`` steps until
+    ``dst_end`` of training, drop fraction ``dst_alpha`` with a cosine decay
+    to 0 at that point (``dst_drop_schedule="cosine"``, RigL) or constant.
+  * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp` / :func:`~sparsejax.dst.granet`
+    from dense (``dst_initial_sparsity = 0``) or a random mask at that
+    sparsity under ``config.budget``, pruned to ``config.sparsity`` along the
+    cubic schedule between ``dst_prune_epochs`` (epochs, or fractions of
+    training); GraNet regrows with fraction ``dst_alpha`` decayed by cosine
+    until ``dst_end``.
+
+  Returns:
+    ``(tx, initial_mask)``.
+  """
+  total = int(config.num_epochs) * steps_per_epoch
+  end = round(float(config.dst_end) * total)
+  every = int(config.dst_update_every)
+  common_kw = dict(update_every=every, skip_update=bool(config.dst_skip_update),
+                   prunable=prunable, seed=int(config.seed))
+  if config.dst in ("set", "rigl"):
+    fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
+                if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
+    method = dst.set if config.dst == "set" else dst.rigl
+    kw = dict(drop_fraction=fraction, end_step=end, **common_kw)
+    return method(inner, mask, **kw), mask
+  s0 = float(config.dst_initial_sparsity)
+  initial = (masks.ones_like(params) if s0 == 0 else dst.random_mask(
+      jax.random.fold_in(jax.random.key(config.seed), 2), params, s0,
+      budget=config.budget, prunable=prunable))
+  start, stop = (_epoch_step(float(v), int(config.num_epochs), steps_per_epoch)
+                 for v in config.dst_prune_epochs)
+  kw = dict(final_sparsity=float(config.sparsity), initial_sparsity=s0,
+            start_step=start, end_step=stop, **common_kw)
+  if config.dst == "gmp":
+    return dst.gmp(inner, initial, **kw), initial
+  return dst.granet(inner, initial, regrow_end_step=end,
+                    alpha=float(config.dst_alpha), **kw), initial
 
 
 def act_coef_schedule(config: ml_collections.ConfigDict,
@@ -382,9 +458,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                dataset.num_test, config.pruner,
                config.sparsity if config.pruner != "dense" else 0.0,
                config.budget, mesh.size)
-  result = train.fit(config, workdir, model=model, dataset=dataset,
-                     mask=make_mask_fn(config, model, dataset, workdir), mesh=mesh,
-                     scalars=None if act_coef is None else {"act_coef": act_coef})
+  mask_fn = make_mask_fn(config, model, dataset, workdir)
+  fit_kwargs = dict(mask=mask_fn, hooks=())
+  if config.get("dst", "none") != "none":
+    fit_kwargs = _dst_fit_kwargs(config, model, dataset, mask_fn, workdir)
+  result = train.fit(config, workdir, model=model, dataset=dataset, mesh=mesh,
+                     scalars=None if act_coef is None else {"act_coef": act_coef},
+                     **fit_kwargs)
   if not result.preempted:
     mask = result.state.mask
     summary = masks.summary(mask if mask is not None
@@ -403,6 +483,30 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         "pruning": pruning,
     })
   return result
+
+
+def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
+  """``fit`` arguments of a DST run: the optimiser holding its mask, the churn hook.
+
+  The starting mask is computed on the params ``fit`` will initialise (the
+  same model, input and seed: :func:`sparsejax.train.create_train_state` is
+  deterministic), so a pruning-at-initialisation start scores the very
+  network that trains.
+  """
+  steps = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
+  inner = schedules.make_optimizer(config, steps)
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  params = train.create_train_state(model, inner, sample,
+                                    jax.random.key(int(config.seed))).params
+  prunable = make_prunable(config.prunable, model, dataset.image_shape)
+  mask = mask_fn(params) if mask_fn is not None else None
+  tx, initial = make_dst_optimizer(config, inner, params, mask, prunable, steps)
+  if config.dst in ("gmp", "granet") and workdir is not None:
+    write_json(os.path.join(workdir, "dst.json"), {
+        "method": config.dst, "initial_sparsity": float(config.dst_initial_sparsity),
+        "initial_mask": masks.summary(initial, prunable).as_dict()})
+  every = int(config.dst_update_every)
+  return dict(mask=None, tx=tx, hooks=(dst.MaskChurn(log_every_steps=every),))
 
 
 # ----------------------------------------------------------------------------

@@ -49,7 +49,6 @@ as one ``error:`` line.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 
@@ -61,6 +60,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments import common
+from experiments import results
 from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
@@ -135,17 +135,10 @@ def _percent(value) -> str:
 
 def format_table(rows: list[dict], controls) -> str:
   """Markdown table: level, density, test accuracy (%) of ticket and controls."""
-  def line(cells) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-  lines = [line(["level", "density (%)", "ticket",
-                 *(CONTROL_NAMES[c] for c in controls)]),
-           "|" + "---:|" * (3 + len(controls))]
-  for r in rows:
-    lines.append(line([str(r["level"]), f"{100 * r['density']:.2f}",
-                       _percent(r["ticket"]),
-                       *(_percent(r.get(c)) for c in controls)]))
-  return "\n".join(lines)
+  return results.markdown_table(
+      ["level", "density (%)", "ticket", *(CONTROL_NAMES[c] for c in controls)],
+      ([str(r["level"]), f"{100 * r['density']:.2f}", _percent(r["ticket"]),
+        *(_percent(r.get(c)) for c in controls)] for r in rows))
 
 
 def plot_accuracy_vs_density(rows: list[dict], controls, path: str,
@@ -155,10 +148,9 @@ def plot_accuracy_vs_density(rows: list[dict], controls, path: str,
   One line for the ticket (from the dense level 0 on) and one per control
   (levels >= 1); the dense accuracy is a dashed reference line.
   """
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   from matplotlib.ticker import NullFormatter  # pylint: disable=g-import-not-at-top
 
-  fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+  fig = results.figure(6.4, 4.2)
   ax = fig.subplots()
   density = [100 * r["density"] for r in rows]
   ax.plot(density, [100 * r["ticket"] for r in rows], "o-", label="ticket (IMP)")
@@ -189,10 +181,7 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
     return
   controls = tuple(config.controls)
   fields = ["level", "kept", "total", "density", "ticket", *controls]
-  with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  results.write_csv(os.path.join(workdir, "results.csv"), rows, fields)
   table = format_table(rows, controls)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")

@@ -52,7 +52,6 @@ resume), 1 with one ``error:`` line on an error.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -62,19 +61,20 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
 
 from experiments import common
+from experiments import results
+from experiments.configs import default as default_config
 from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import masks
 from sparsejax import models
 
 #: Config fields of the grid (not passed to the cells).
-SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity")
+SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity",
+                "variants")
 #: Cell-config fields that do not change a cell's result: they may differ
 #: between the run that wrote a cell and a rerun.
 RUN_ONLY_FIELDS = ("data_dir", "progress_bar", "tensorboard", "log_every_steps",
@@ -121,9 +121,12 @@ def grid(config: ml_collections.ConfigDict) -> list[Cell]:
     if not values or len(set(values)) != len(values):
       raise ValueError(f"config.{name} must be non-empty without duplicates, got "
                        f"{values}")
-  bad = [m for m in methods if m not in common.PRUNERS or m == DENSE]
+  variants = _variants(config)
+  bad = [m for m in methods
+         if m not in variants and (m not in common.PRUNERS or m == DENSE)]
   if bad:
-    raise ValueError(f"unknown methods {bad}; valid: {common.PRUNERS[1:]}")
+    raise ValueError(f"unknown methods {bad}; valid: {common.PRUNERS[1:]} or a "
+                     f"name of config.variants {tuple(variants)}")
   for s in sparsities:
     masks.check_sparsity(s, "config.sparsities")
   cells = []
@@ -136,12 +139,28 @@ def grid(config: ml_collections.ConfigDict) -> list[Cell]:
   return cells
 
 
+def _variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
+  """``config.variants``: ``{method name: {config field: value}}`` (may be absent)."""
+  variants = config.get("variants")
+  return {} if variants is None else {k: dict(v) for k, v in variants.items()}
+
+
 def cell_config(config: ml_collections.ConfigDict,
                 cell: Cell) -> ml_collections.ConfigDict:
   """The run config of ``cell``: ``config`` without the grid fields, with the
-  cell's pruner, sparsity and seed."""
+  cell's sparsity and seed, and its method: a pruner (``pruner=method``) or
+  a named variant of ``config.variants``, whose fields are set instead (e.g.
+  ``{"pruner": "random", "budget": "erk", "dst": "rigl"}``)."""
   fields = {k: v for k, v in config.to_dict().items() if k not in SWEEP_FIELDS}
-  fields.update(pruner=cell.method, sparsity=cell.sparsity, seed=cell.seed)
+  variants = _variants(config)
+  if cell.method in variants:
+    unknown = sorted(set(variants[cell.method]) - set(fields))
+    if unknown:
+      raise ValueError(f"variant {cell.method!r} sets unknown config fields {unknown}")
+    fields.update(variants[cell.method])
+  else:
+    fields["pruner"] = cell.method
+  fields.update(sparsity=cell.sparsity, seed=cell.seed)
   return ml_collections.ConfigDict(fields)
 
 
@@ -155,8 +174,13 @@ def check_cell_config(cell_dir: str, config: ml_collections.ConfigDict) -> None:
   path = os.path.join(cell_dir, "config.json")
   if not os.path.exists(path):
     return
+  # A field that one side lacks (a cell written before the field existed, or
+  # a config built without it) counts as its default value.
+  defaults = default_config.get_config().to_dict()
+  with_defaults = lambda fields: {**defaults, **fields}
   checkpoints.check_same_run(
-      common.read_json(path), common.resolve_config(config).to_dict(),
+      with_defaults(common.read_json(path)),
+      with_defaults(common.resolve_config(config).to_dict()),
       where=f"cell {cell_dir}", ignore=RUN_ONLY_FIELDS,
       what="another training config")
 
@@ -172,45 +196,49 @@ def is_finished(cell_dir: str) -> bool:
 
 def cell_row(cell: Cell, cell_dir: str) -> dict:
   """The ``results.csv`` row of a finished cell (sparsities as fractions,
-  accuracy in [0, 1], layer lists joined by ``;``)."""
-  results = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))
-  pruning = results["pruning"] or {}
-  report = pruning.get("report", {})
-  nominal = results["mask"]["sparsity"]
+  accuracy in [0, 1], layer lists joined by ``;``).
+
+  The mask diagnostics are those of the trained mask: for a static mask the
+  scoring report (``pruning.json``: effective sparsity, collapsed layers);
+  for dynamic sparse training, whose mask moved, the final mask's summary
+  (its collapsed layers; effective sparsity not computed: nominal).
+  """
+  run = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))
+  dynamic = _is_dynamic(cell_dir)
+  pruning = run["pruning"] or {}
+  report = {} if dynamic else pruning.get("report", {})
+  nominal = run["mask"]["sparsity"]
+  collapsed = run["mask"].get("collapsed", []) if dynamic else report.get(
+      "collapsed", [])
   return {
       "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
-      "test_accuracy": results["final"]["test_accuracy"],
+      "test_accuracy": run["final"]["test_accuracy"],
       "nominal_sparsity": nominal,
       "effective_sparsity": report.get("effective_sparsity", nominal),
-      "collapsed_layers": ";".join(report.get("collapsed", [])),
+      "collapsed_layers": ";".join(collapsed),
       "effectively_collapsed_layers": ";".join(report.get("effectively_collapsed", [])),
       "scoring_seconds": pruning.get("scoring_seconds", 0.0),
-      "training_seconds": results["train_seconds"],
-      "epochs": results["epochs"], "cell": cell.name,
+      "training_seconds": run["train_seconds"],
+      "epochs": run["epochs"], "cell": cell.name,
   }
 
 
+def _is_dynamic(cell_dir: str) -> bool:
+  """Whether the cell trained with dynamic sparse training (its mask moved)."""
+  config = common.read_json(os.path.join(cell_dir, "config.json"))
+  return config.get("dst", "none") != "none"
+
+
 def layer_densities(cell_dir: str) -> dict[str, float]:
-  """``{layer path: nominal density}`` of a pruned cell's mask."""
+  """``{layer path: nominal density}`` of a pruned cell's trained mask (the
+  scoring report's, or for dynamic sparse training the final mask's)."""
+  if _is_dynamic(cell_dir):
+    layers = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))[
+        "mask"]["layers"]
+    return {p: 1 - layer["sparsity"] for p, layer in layers.items()
+            if p.endswith("kernel")}
   report = common.read_json(os.path.join(cell_dir, common.PRUNING_FILE))["report"]
   return {p: layer["density"] for p, layer in report["layers"].items()}
-
-
-def _fmt_sparsity(s: float) -> str:
-  return f"{100 * s:g}%"
-
-
-def _fmt_compression(s: float) -> str:
-  return f"{1 / (1 - s):.4g}×"
-
-
-def _epochs(n: int) -> str:
-  return f"{n} epoch" + ("s" if n != 1 else "")
-
-
-def _mean_std(values) -> tuple[float, float]:
-  values = np.asarray(values, float)
-  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
@@ -224,7 +252,7 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
     found = by_key.get(key, [])
     if not found:
       return "–"
-    mean, std = _mean_std([100 * r["test_accuracy"] for r in found])
+    mean, std = results.mean_std([100 * r["test_accuracy"] for r in found])
     text = f"{mean:.1f} ± {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}"
     if any(r["collapsed_layers"] for r in found):
       text += " " + COLLAPSED_MARK
@@ -238,9 +266,10 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
             else "the full training set")
   spread = (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1
             else f"seed {seeds[0]}")
+  how = ("with the methods of the config's variants" if _variants(config)
+         else f"pruned at initialisation with a {config.budget} budget")
   lines = [f"Test accuracy (%) of {config.model} on {config.dataset} ({subset}, "
-           f"{_epochs(config.num_epochs)}), pruned at initialisation with a "
-           f"{config.budget} budget; {spread}.", "",
+           f"{results.epochs_text(config.num_epochs)}), {how}; {spread}.", "",
            "| sparsity | compression | " + " | ".join(methods) + " |",
            "|---:|---:|" + "---:|" * len(methods)]
   for s in sorted({float(s) for s in config.sparsities}):
@@ -249,8 +278,8 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
       label = "0% (dense)"
     else:
       cells = [cell_text((m, s)) for m in methods]
-      label = _fmt_sparsity(s)
-    lines.append(f"| {label} | {_fmt_compression(s)} | " + " | ".join(cells) + " |")
+      label = results.fmt_sparsity(s)
+    lines.append(f"| {label} | {results.fmt_compression(s)} | " + " | ".join(cells) + " |")
   notes = []
   if any(r["collapsed_layers"] for r in rows):
     notes.append(f"{COLLAPSED_MARK} layer collapse: some layer kept no weight "
@@ -264,28 +293,15 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def write_csv(path: str, rows: list[dict]) -> None:
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-
-
 # ----------------------------------------------------------------------------
 # Plots (matplotlib's Agg canvas, no pyplot state)
 # ----------------------------------------------------------------------------
 
 
-def _figure(width: float, height: float) -> Figure:
-  fig = Figure(figsize=(width, height), layout="constrained")
-  FigureCanvasAgg(fig)
-  return fig
-
-
 def plot_accuracy(path: str, config: ml_collections.ConfigDict,
                   rows: list[dict]) -> None:
   """``accuracy_vs_sparsity.png`` (see the module doc)."""
-  fig = _figure(7, 4.5)
+  fig = results.figure(7, 4.5)
   ax = fig.subplots()
   sparsities = sorted({r["sparsity"] for r in rows if r["method"] != DENSE})
   for method in config.methods:
@@ -293,7 +309,7 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
     for s in sparsities:
       found = [r for r in rows if r["method"] == method and r["sparsity"] == s]
       if found:
-        mean, std = _mean_std([100 * r["test_accuracy"] for r in found])
+        mean, std = results.mean_std([100 * r["test_accuracy"] for r in found])
         collapsed = any(r["collapsed_layers"] for r in found)
         points.append((1 / (1 - s), mean, std, collapsed))
     if not points:
@@ -305,7 +321,7 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
             markersize=10, color="black")
   dense = [100 * r["test_accuracy"] for r in rows if r["method"] == DENSE]
   if dense:
-    mean, std = _mean_std(dense)
+    mean, std = results.mean_std(dense)
     ax.axhline(mean, color="black", linestyle="--", label=f"dense ({mean:.1f}%)")
     if std:
       ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
@@ -314,13 +330,13 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
             label="layer collapse")
   ax.set_xscale("log")
   ticks = [1 / (1 - s) for s in sparsities]
-  ax.set_xticks(ticks, [f"{_fmt_sparsity(s)}\n({_fmt_compression(s)})"
+  ax.set_xticks(ticks, [f"{results.fmt_sparsity(s)}\n({results.fmt_compression(s)})"
                         for s in sparsities])
   ax.minorticks_off()
   ax.set_xlabel("sparsity (compression ratio 1/(1 − s), log scale)")
   ax.set_ylabel("test accuracy (%)")
   seeds = len(config.seeds)
-  ax.set_title(f"{config.model} on {config.dataset}, {_epochs(config.num_epochs)}"
+  ax.set_title(f"{config.model} on {config.dataset}, {results.epochs_text(config.num_epochs)}"
                + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
@@ -335,7 +351,7 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   Layers that keep no weight are drawn at the bottom of the log axis (a
   dotted line labelled "0 (collapsed)").
   """
-  fig = _figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
+  fig = results.figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
   ax = fig.subplots()
   # Forward order (stem first, classifier last), not the sorted key order.
   model = models.get(config.model, 10, **config.model_kwargs.to_dict())
@@ -359,7 +375,7 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
                 fontsize="small")
   ax.set_ylabel("density (fraction of weights kept)")
   ax.set_title(f"Per-layer density of {config.model} masks at sparsity "
-               f"{_fmt_sparsity(sparsity)}")
+               f"{results.fmt_sparsity(sparsity)}")
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend(fontsize="small")
   fig.savefig(path, dpi=120)
@@ -377,7 +393,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
   finished = [c for c in cells if is_finished(os.path.join(workdir, "cells", c.name))]
   rows = [cell_row(c, os.path.join(workdir, "cells", c.name)) for c in finished]
   table = format_table(config, rows)
-  write_csv(os.path.join(workdir, "results.csv"), rows)
+  results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
   if rows:
@@ -448,7 +464,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   return dict(report, ran=ran, skipped=skipped, preempted=preempted)
 
 
-def main(argv):
+def main(argv, run_fn=run):
+  """The command line of a grid runner (``run_fn``: :func:`run` or one built on it)."""
   if len(argv) > 1:
     raise app.UsageError("Too many command-line arguments.")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
@@ -459,7 +476,7 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir",
                       os.path.join(os.path.abspath(workdir), "jax_cache"))
   result = common.cli_main(
-      lambda: run(config, workdir, report_only=flags.FLAGS.report_only),
+      lambda: run_fn(config, workdir, report_only=flags.FLAGS.report_only),
       lambda r: r["preempted"])
   print(f"\n{result['table']}\n")
   done = len(result["rows"])
@@ -468,8 +485,13 @@ def main(argv):
         f"results in {os.path.abspath(workdir)}")
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+  """``--config``, ``--workdir`` and ``--report_only`` of a grid runner."""
   common.define_flags("Directory of the sweep (cells, table, plots).")
   flags.DEFINE_bool("report_only", False, "Rebuild results.csv, results.md and "
                     "the plots from the finished cells; train nothing.")
+
+
+if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import hooks
 from sparsejax import masks
 from sparsejax import optim
 
@@ -452,8 +453,52 @@ def random_mask(key: chex.PRNGKey, params: PyTree, sparsity: float, *,
 
 
 def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
-  """Fraction of mask entries that differ between ``old`` and ``new``."""
-  changed = sum(jnp.sum(a != b) for a, b in zip(jax.tree.leaves(old),
-                                                 jax.tree.leaves(new)))
+  """Fraction of mask entries that differ between ``old`` and ``new`` (float32)."""
+  changed = sum(jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(
+      jax.tree.leaves(old), jax.tree.leaves(new)))
   total = sum(math.prod(jnp.shape(a)) for a in jax.tree.leaves(old))
-  return changed / max(total, 1)
+  return jnp.asarray(changed, jnp.float32) / max(total, 1)
+
+
+class MaskChurn(hooks.Hook):
+  """A :func:`sparsejax.train.fit` hook that records how much the mask moves.
+
+  Adds ``mask_churn`` to every epoch record: the fraction of all mask entries
+  (non-prunable ones included) that differ from the mask at the previous
+  epoch end (at the start of training for the first epoch). With
+  ``log_every_steps=K`` it also logs ``mask_churn`` every ``K`` steps to
+  ``steps.jsonl`` (the change since the previous log), computed inside the
+  jitted step. The reference masks are the hook's state, so a resumed run
+  continues the same series.
+
+  Args:
+    log_every_steps: per-step logging period, or ``None`` (epochs only).
+  """
+
+  name = "dst"
+
+  def __init__(self, log_every_steps: int | None = None):
+    self.log_every_steps = log_every_steps
+
+  def init(self, state):
+    mask = state.mask
+    if mask is None:
+      raise ValueError("MaskChurn needs a sparse train state (an optimiser "
+                       "state that holds a mask)")
+    return {"epoch": mask, "step": mask}
+
+  def after_step(self, hook_state, state, info):
+    if self.log_every_steps is None:
+      return hook_state, state, {}
+    mask = state.mask
+    due = (info.step + 1) % self.log_every_steps == 0
+    churn = jax.lax.cond(due, lambda: mask_churn(hook_state["step"], mask),
+                         lambda: jnp.zeros((), jnp.float32))
+    ref = jax.tree.map(lambda a, b: jnp.where(due, b, a), hook_state["step"], mask)
+    return dict(hook_state, step=ref), state, {"mask_churn": churn}
+
+  def epoch_end(self, hook_state, state, epoch, ctx):
+    del epoch, ctx
+    mask = state.mask
+    churn = float(mask_churn(hook_state["epoch"], mask))
+    return dict(hook_state, epoch=mask), state, {"mask_churn": churn}

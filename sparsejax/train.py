@@ -686,8 +686,10 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
           create_train_state(model, tx, sample, rng, mask=mask)
           if initial_state is None else initial_state, mesh)
       metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
+      # Copies: a hook state may hold arrays of the train state (e.g. its
+      # mask), and both are donated to the step.
       hook_states = mesh_lib.put_replicated(
-          {h.key: h.init(state) for h in stateful}, mesh)
+          {h.key: jax.tree.map(np.array, h.init(state)) for h in stateful}, mesh)
       resumed_from, epochs_done, last_good = None, 0, None
 
     step = int(jax.device_get(state.step))
@@ -779,8 +781,8 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       for hook in epoch_hooks:
         hook_state, state, fields = hook.epoch_end(
             hook_states.get(hook.key), state, epoch + 1, ctx)
-        if hook.key in hook_states:
-          hook_states[hook.key] = hook_state
+        if hook.key in hook_states:  # a copy: it may share arrays with state
+          hook_states[hook.key] = jax.tree.map(jnp.copy, hook_state)
         extra.update({k: hooks_lib.json_number(v) for k, v in fields.items()})
       if (epoch + 1) % eval_every == 0 or step == total_steps:
         ev = evaluate(model, state, dataset.test_images, dataset.test_labels,

@@ -420,7 +420,11 @@ def test_eight_devices_match_one_device(tmp_path):
   assert out["all_reduce"]  # gradients really are reduced across devices
   assert eight["devices"] == 8 and one["devices"] == 1
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-5)
+  # Float32 sums in another order (per-device partial gradients, then an
+  # all-reduce): entries that are small differences of large terms differ by
+  # a few 1e-6 after 6 steps (XLA's Eigen convolutions accumulate the kernel
+  # gradient per device), so the absolute tolerance is 1e-5.
   for a, b in zip(eight["leaves"], one["leaves"]):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
   for key in ("train_loss", "test_loss", "test_accuracy"):
     assert eight["fit"][key] == pytest.approx(one["fit"][key], rel=1e-4, abs=1e-6)

@@ -67,6 +67,28 @@ def get_config() -> ml_collections.ConfigDict:
   # underflow in float32).
   config.synflow_dtype = "float32"
 
+  # --- Dynamic sparse training (SPEC §4) --------------------------------------
+  # "none" (the pruner's mask stays fixed), "set", "rigl", "gmp" (gradual
+  # magnitude pruning) or "granet". SET and RigL start from the pruner's mask
+  # at `sparsity` (the reference: pruner="random", budget="erk"); GMP and
+  # GraNet need pruner="dense" and prune from dst_initial_sparsity (0: dense;
+  # else a random mask under `budget`) to `sparsity`.
+  config.dst = "none"
+  # Mask update every this many steps (ΔT).
+  config.dst_update_every = 100
+  # Drop fraction α (RigL/SET 0.3; GraNet's regrowth 0.5), "cosine"
+  # (α/2)(1 + cos(π t / T_end)) or "constant".
+  config.dst_alpha = 0.3
+  config.dst_drop_schedule = "cosine"
+  # T_end: no drop-and-regrow after this fraction of training (RigL: 0.75).
+  config.dst_end = 0.75
+  # Skip the weight update on mask-update steps (the reference RigL code).
+  config.dst_skip_update = True
+  # GMP/GraNet: starting sparsity and the (start, end) of the cubic schedule,
+  # in epochs (>= 1) or fractions of training (< 1).
+  config.dst_initial_sparsity = 0.0
+  config.dst_prune_epochs = (0.0, 0.5)
+
   # --- Optimisation ---------------------------------------------------------
   config.num_epochs = 160
   config.batch_size = 128

@@ -1,0 +1,76 @@
+r"""Dynamic sparse training: methods x sparsities x seeds, trained and compared.
+
+Usage::
+
+  # the CPU grid on the offline CIFAR-10 copy (ResNet-20; dense, static ERK,
+  # SET, RigL, GraNet at 90% and 95%, 3 seeds)
+  python -m experiments.dst --config experiments/configs/dst_cpu.py \
+      --config.data_dir=/path/to/data --workdir runs/dst_cpu
+
+  # the RigL CIFAR-10 protocol (WRN-22-2), for an accelerator
+  python -m experiments.dst --config experiments/configs/dst_rigl_cifar.py \
+      --workdir runs/dst_rigl_wrn22
+
+The grid of ``experiments.sweep`` (resumable cell by cell, the same
+``results.csv``, ``results.md``, ``accuracy_vs_sparsity.png`` and
+``layer_density.png``, the latter from the *trained* masks) whose methods are
+the named variants of ``config.variants``: each sets ``config.dst`` (SET,
+RigL, GMP, GraNet; :func:`experiments.common.make_dst_optimizer`) and the
+starting mask (``pruner``, ``budget``), so static sparse training is the
+variant without ``dst``. Every DST cell logs the mask churn (the fraction of
+the mask changed) every ``ΔT`` steps to its ``steps.jsonl`` and per epoch to
+its ``metrics.jsonl``; this runner adds
+
+* ``mask_churn.png``: mask churn per update interval against the step, mean ±
+  std over seeds, one line per method and sparsity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+import ml_collections
+
+from experiments import results
+from experiments import sweep
+
+
+def churn_series(workdir: str, cells: list[sweep.Cell]) -> dict[str, list]:
+  """``{"<method> <sparsity>": [[(step, churn), ...] per seed]}`` of the DST cells."""
+  series: dict[str, list] = {}
+  for cell in cells:
+    path = os.path.join(workdir, "cells", cell.name, "steps.jsonl")
+    if not os.path.exists(path):
+      continue
+    with open(path) as f:
+      points = [(r["step"], r["mask_churn"]) for r in map(json.loads, f)
+                if "mask_churn" in r]
+    if points:
+      label = f"{cell.method} {results.fmt_sparsity(cell.sparsity)}"
+      series.setdefault(label, []).append(points)
+  return series
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        report_only: bool = False) -> dict:
+  """:func:`experiments.sweep.run`, then ``mask_churn.png``."""
+  out = sweep.run(config, workdir, report_only=report_only)
+  series = churn_series(os.path.abspath(workdir), sweep.grid(config))
+  if series:
+    every = int(config.dst_update_every)
+    results.plot_series(
+        os.path.join(workdir, "mask_churn.png"), series, xlabel="training step",
+        ylabel=f"mask churn per {every} steps (fraction of entries)",
+        title=f"{config.model} on {config.dataset}: mask changes", logy=True)
+  return out
+
+
+def main(argv):
+  sweep.main(argv, run_fn=run)
+
+
+if __name__ == "__main__":
+  sweep.define_flags()
+  app.run(main)

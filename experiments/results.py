@@ -1,0 +1,103 @@
+"""Results of the experiment runners: tables, CSV, mean ± std, plots.
+
+One place for what ``experiments.sweep``, ``experiments.lottery`` and
+``experiments.dst`` (and the runners built on them) write: CSV files of rows,
+markdown tables, ``mean ± std`` over seeds, and matplotlib figures drawn on
+the Agg canvas (no pyplot state, safe in any thread or process).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Mapping, Sequence
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+import numpy as np
+
+
+def mean_std(values: Iterable[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (``ddof=1``; 0 for one value)."""
+  values = np.asarray(list(values), float)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def fmt_mean_std(values: Sequence[float], digits: int = 1) -> str:
+  """``"40.8 ± 0.4"`` over several values, ``"40.8"`` for one, ``"–"`` for none."""
+  if not len(values):
+    return "–"
+  mean, std = mean_std(values)
+  if len(values) == 1:
+    return f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def fmt_sparsity(s: float) -> str:
+  """``0.99`` -> ``"99%"``."""
+  return f"{100 * s:g}%"
+
+
+def fmt_compression(s: float) -> str:
+  """``0.99`` -> ``"100×"`` (the compression ratio ``1 / (1 - s)``)."""
+  return f"{1 / (1 - s):.4g}×"
+
+
+def epochs_text(n: int) -> str:
+  """``"1 epoch"``, ``"3 epochs"``."""
+  return f"{n} epoch" + ("s" if n != 1 else "")
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
+                   align: str = "right") -> str:
+  """A GitHub markdown table; every column right-aligned (or ``"left"``)."""
+  rule = "---:" if align == "right" else ":---"
+  lines = ["| " + " | ".join(header) + " |", "|" + f"{rule}|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str]) -> None:
+  """Writes ``rows`` with the columns ``fields`` (extra keys ignored)."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def figure(width: float, height: float) -> Figure:
+  """A matplotlib figure on the Agg canvas, constrained layout."""
+  fig = Figure(figsize=(width, height), layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_series(path: str, series: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
+                *, xlabel: str, ylabel: str, title: str = "",
+                logy: bool = False) -> None:
+  """Mean ± std curves: ``series = {label: [run, ...]}``, a run ``[(x, y), ...]``.
+
+  The runs of one label are averaged at the x values they share (e.g. the
+  seeds of a method logged at the same steps); a band shows ± one standard
+  deviation when there are several.
+  """
+  fig = figure(7, 4.2)
+  ax = fig.subplots()
+  for label, runs in series.items():
+    runs = [dict(r) for r in runs if r]
+    if not runs:
+      continue
+    xs = sorted(set.intersection(*(set(r) for r in runs)))
+    ys = np.array([[r[x] for x in xs] for r in runs])
+    mean = ys.mean(axis=0)
+    (line,) = ax.plot(xs, mean, label=label)
+    if len(runs) > 1:
+      std = ys.std(axis=0, ddof=1)
+      ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+  if logy:
+    ax.set_yscale("log")
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.savefig(path, dpi=120)
