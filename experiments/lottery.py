@@ -115,13 +115,13 @@ def rewind_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
 
 def make_prunable(config: ml_collections.ConfigDict, model,
                   sample: jax.Array) -> masks.Prunable:
-  """The ``config.prunable`` preset, ordered by the model's layer order.
+  """The ``config.prunable`` preset, ordered by the model's layer order
+  (:func:`experiments.common.make_prunable`, the one place every runner uses).
 
   The order decides which layer is "first" and which the classifier also for
   params restored from checkpoints, whose dicts come back with sorted keys.
   """
-  return dataclasses.replace(common.PRUNABLE[config.prunable],
-                             order=models.layer_order(model, sample))
+  return common.make_prunable(config.prunable, model, sample.shape[1:])
 
 
 # ----------------------------------------------------------------------------
