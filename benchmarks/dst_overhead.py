@@ -28,25 +28,7 @@ import jax
 import optax
 
 import sparsejax as sj
-
-
-def make_step(model, tx):
-
-  def loss_fn(params, batch_stats, x, y):
-    logits, new_state = model.apply(
-        {"params": params, "batch_stats": batch_stats}, x, train=True,
-        mutable=["batch_stats"])
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-    return loss, new_state["batch_stats"]
-
-  @jax.jit
-  def step(params, batch_stats, opt_state, x, y):
-    (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), batch_stats, opt_state
-
-  return step
+from step_overhead import make_step  # the same train step (benchmarks/ is on the path)
 
 
 def main():
@@ -82,14 +64,14 @@ def main():
   for name, tx in txs.items():
     step = make_step(model, tx)
     carry = (params, batch_stats, tx.init(params))
-    carry = jax.block_until_ready(step(*carry, x, y))  # compile
+    carry = jax.block_until_ready(step(*carry, x, y)[:3])  # compile
     runs[name] = [step, carry, []]
 
   for _ in range(args.reps):
     for name in txs:
       step, carry, times = runs[name]
       t0 = time.perf_counter()
-      carry = jax.block_until_ready(step(*carry, x, y))
+      carry = jax.block_until_ready(step(*carry, x, y)[:3])
       times.append(time.perf_counter() - t0)
       runs[name][1] = carry
 

@@ -16,19 +16,11 @@ import optax
 import pytest
 
 from experiments import dst as dst_runner
+from tests.test_fit_hooks import config  # the same digits/MLP training settings
 from experiments.configs import dst_cpu
 from sparsejax import data, dst, masks, models, optim, train
 
 SPE = 44
-
-
-def _config(**overrides):
-  cfg = dict(seed=0, num_epochs=2, batch_size=32, learning_rate=0.05,
-             lr_schedule="cosine", momentum=0.9, weight_decay=5e-4,
-             progress_bar=False, tensorboard=False, max_to_keep=5,
-             log_every_steps=10)
-  cfg.update(overrides)
-  return cfg
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def _read(path):
 def test_fit_trains_rigl_with_churn_records(ds, tmp_path):
   model = models.get("mlp", 10)
   tx, mask = _rigl(model, ds)
-  result = train.fit(_config(), tmp_path, model=model, dataset=ds, tx=tx,
+  result = train.fit(config(num_epochs=2), tmp_path, model=model, dataset=ds, tx=tx,
                      hooks=[dst.MaskChurn(log_every_steps=10)])
   final = result.state.mask
   # exact per-layer counts, pruned weights exactly 0
@@ -81,13 +73,13 @@ def test_rigl_fit_resumes_bitwise(ds, tmp_path):
   model = models.get("mlp", 10)
   hooks = lambda: [dst.MaskChurn(log_every_steps=10)]
   tx, _ = _rigl(model, ds)
-  full = train.fit(_config(), tmp_path / "full", model=model, dataset=ds,
+  full = train.fit(config(num_epochs=2), tmp_path / "full", model=model, dataset=ds,
                    tx=tx, hooks=hooks())
   tx, _ = _rigl(model, ds)
-  train.fit(_config(), tmp_path / "split", model=model, dataset=ds, tx=tx,
+  train.fit(config(num_epochs=2), tmp_path / "split", model=model, dataset=ds, tx=tx,
             hooks=hooks(), stop_at_step=SPE + 15)
   tx, _ = _rigl(model, ds)
-  resumed = train.fit(_config(), tmp_path / "split", model=model, dataset=ds,
+  resumed = train.fit(config(num_epochs=2), tmp_path / "split", model=model, dataset=ds,
                       tx=tx, hooks=hooks())
   assert resumed.resumed_from == SPE + 15
   for a, b in zip(jax.tree.leaves(full.state), jax.tree.leaves(resumed.state)):
