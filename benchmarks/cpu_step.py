@@ -11,9 +11,11 @@ alike; each figure is the median over rounds of the mean step time of
 * ``xla_default``: the jitted train step of ``sparsejax.train`` (forward,
   backward, Nesterov SGD with weight decay, batch-norm statistics, the batch
   gathered on device from a 1,024-image uint8 set), in a process started with
-  ``SPARSEJAX_XLA_CPU_DEFAULTS=0``: XLA's own CPU settings.
-* ``sparsejax``: the same step with the settings ``import sparsejax`` applies
-  (``sparsejax/_xla_cpu.py``).
+  ``SPARSEJAX_XLA_CPU_DEFAULTS=0``: XLA's own CPU settings and plain
+  convolutions.
+* ``sparsejax``: the same step with what sparsejax does on CPU
+  (``sparsejax/_xla_cpu.py``): the XLA option set by ``import sparsejax`` and
+  the models' convolutions with materialised inputs.
 * ``pytorch``: the same network (CIFAR ResNet-20, option-A-free 1x1
   projection shortcuts with batch norm as in ``sparsejax.models``), eager,
   channels-last, the

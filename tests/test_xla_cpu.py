@@ -160,3 +160,46 @@ def test_import_after_jax_started_warns_through_real_jax():
                        capture_output=True, text=True)
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "1"
+
+
+def test_models_conv_same_gradients_and_cpu_only_materialisation():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from sparsejax import models  # pylint: disable=g-import-not-at-top
+  from sparsejax.models import activations  # pylint: disable=g-import-not-at-top
+
+  # resnet20 uses activations.conv_and_norm, hence _xla_cpu.conv_general_dilated
+  model = models.get("resnet20", 10, width=1)
+  x = jax.random.normal(jax.random.key(0), (4, 16, 16, 3))
+  y = jnp.arange(4) % 10
+  v = model.init(jax.random.key(1), x)
+
+  def loss(p, conv):
+    orig = activations.conv_and_norm
+
+    def plain(train, dtype, init_gain=activations.HE_GAIN):
+      c, n = orig(train, dtype, init_gain)
+      return (c if conv is None else
+              lambda *a, **k: c(*a, conv_general_dilated=conv, **k)), n
+
+    activations.conv_and_norm = plain
+    try:
+      out, _ = model.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                           train=True, mutable=["batch_stats"])
+    finally:
+      activations.conv_and_norm = orig
+    return -jnp.mean(jax.nn.log_softmax(out)[jnp.arange(4), y])
+
+  fast = jax.jit(jax.grad(lambda p: loss(p, None)))
+  ref = jax.jit(jax.grad(lambda p: loss(p, lax.conv_general_dilated)))
+  for a, b in zip(jax.tree.leaves(fast(v["params"])), jax.tree.leaves(ref(v["params"]))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # 19 convolutions, each input through a conditional on CPU (forward, and
+  # the cotangent's on the way back); none on GPU.
+  hlo = fast.lower(v["params"]).compile().as_text()
+  assert hlo.count(" conditional(") >= 19
+  cuda = jax.export.export(fast, platforms=["cuda"])(v["params"]).mlir_module()
+  cpu = jax.export.export(fast, platforms=["cpu"])(v["params"]).mlir_module()
+  # the runtime predicate (is_finite) is lowered for CPU only
+  assert "is_finite" not in cuda and cpu.count("is_finite") >= 19

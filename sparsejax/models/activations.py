@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparsejax import _xla_cpu
+
 Array = jax.Array
 Activation = Callable[[Array, Optional[Array]], Array]
 """An activation ``act(x, coef) -> y``; ``coef`` is ``None`` or a scalar."""
@@ -93,12 +95,16 @@ def blend(
 def conv_and_norm(train: bool, dtype, init_gain: float = HE_GAIN):
   """The ``(conv, norm)`` layer constructors shared by the CNNs.
 
-  ``conv``: ``nn.Conv`` without bias, He-normal kernels of gain ``init_gain``.
+  ``conv``: ``nn.Conv`` without bias, He-normal kernels of gain ``init_gain``,
+  and the convolution of :func:`sparsejax._xla_cpu.conv_general_dilated`
+  (on CPU its input is materialised so that XLA computes the kernel
+  gradient's layout transpose as a copy; same values).
   ``norm``: ``nn.BatchNorm`` with PyTorch's defaults (``momentum=0.9``, i.e.
   PyTorch's 0.1, ``epsilon=1e-5``), batch statistics when ``train``.
   """
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
-                           kernel_init=he_normal(init_gain))
+                           kernel_init=he_normal(init_gain),
+                           conv_general_dilated=_xla_cpu.conv_general_dilated)
   norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                            momentum=0.9, epsilon=1e-5, dtype=dtype)
   return conv, norm
