@@ -39,6 +39,17 @@ about 40% of a training step. With the input materialised, the transpose is
 a plain copy. Values are unchanged; GPU and TPU lower the plain convolution
 (``lax.platform_dependent``), and so does CPU under
 ``SPARSEJAX_XLA_CPU_DEFAULTS=0`` (XLA's defaults throughout).
+
+:func:`batch_norm_train` is the training-mode batch norm of the models
+(:class:`sparsejax.models.norm.BatchNorm`). XLA:CPU lowers a reduction over
+the batch and spatial axes of an NHWC tensor (the batch statistics, and in
+the backward pass the gradients of the scale and bias) to a split
+``reduce-window`` that runs at a fraction of memory bandwidth: on ResNet-20
+they were a third of the step's CPU time. On CPU the statistics and those
+gradients are computed as matrix-vector products ``ones[M] @ x[M, C]``
+(Eigen GEMV) by a ``custom_vjp`` with batch norm's closed-form backward pass;
+other platforms, and CPU under ``SPARSEJAX_XLA_CPU_DEFAULTS=0``, compute the
+same formulas with ``jnp.mean`` and let autodiff derive the backward pass.
 """
 
 from __future__ import annotations
@@ -48,8 +59,11 @@ import mmap
 import os
 import warnings
 
+import functools
+
 import jax
 from jax import lax
+import jax.numpy as jnp
 
 FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 """Flags :func:`apply` adds to ``XLA_FLAGS`` (each as ``--name=value``)."""
@@ -193,3 +207,85 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs):
                                                          jax.numpy.inexact):
     lhs = lax.platform_dependent(lhs, cpu=_materialize, default=lambda v: v)
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+
+
+def _column_sum(a: jax.Array) -> jax.Array:
+  """``a.sum(0)`` of a float32 ``[M, C]`` matrix, as a matrix-vector product."""
+  return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a,
+                 precision=lax.Precision.HIGHEST)
+
+
+def _bn_forward(x, scale, bias, epsilon):
+  """Batch norm of ``x [..., C]`` over all leading axes, statistics as GEMVs."""
+  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+  m = x2.shape[0]
+  mean = _column_sum(x2) / m
+  var = jnp.maximum(_column_sum(x2 * x2) / m - mean * mean, 0.0)
+  rstd = lax.rsqrt(var + epsilon)
+  y = ((x2 - mean) * (scale * rstd) + bias).reshape(x.shape)
+  return (y, mean, var), (x2, scale, mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _bn_gemv(x, scale, bias, epsilon):
+  return _bn_forward(x, scale, bias, epsilon)[0]
+
+
+def _bn_gemv_bwd(epsilon, residuals, cotangents):
+  """Batch norm's closed-form backward pass; both reductions are GEMVs.
+
+  With ``xhat = (x - mean) * rstd`` and ``y = xhat * scale + bias``:
+  ``dbias = sum(dy)``, ``dscale = sum(dy * xhat)``, and
+  ``dx = scale * rstd * (dy - dbias / M - xhat * dscale / M)``, plus the
+  terms of the cotangents of the returned ``mean`` and ``var`` (zero when
+  they only feed the running averages).
+  """
+  del epsilon
+  x2, scale, mean, rstd = residuals
+  dy, dmean, dvar = cotangents
+  m = x2.shape[0]
+  dy2 = dy.reshape(x2.shape).astype(jnp.float32)
+  xhat = (x2 - mean) * rstd
+  dbias = _column_sum(dy2)
+  dscale = _column_sum(dy2 * xhat)
+  dx = ((scale * rstd) * (dy2 - dbias / m - xhat * (dscale / m))
+        + dmean / m + dvar * (2.0 / m) * (x2 - mean))
+  return dx.reshape(dy.shape).astype(dy.dtype), dscale, dbias
+
+
+_bn_gemv.defvjp(lambda x, s, b, eps: _bn_forward(x, s, b, eps), _bn_gemv_bwd)
+
+
+def _bn_plain(x, scale, bias, epsilon):
+  """The same batch norm with ``jnp.mean`` reductions and autodiff."""
+  x32 = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x32, axes)
+  var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
+  y = (x32 - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+  return y, mean, var
+
+
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch norm of ``x`` over all axes but the last.
+
+  Args:
+    x: ``[..., C]`` activations (any float dtype; statistics in float32).
+    scale, bias: ``[C]`` float32 affine parameters.
+    epsilon: added to the variance.
+
+  Returns:
+    ``(y, mean, var)``: ``y = (x - mean) * scale / sqrt(var + epsilon) + bias``
+    (float32, shape of ``x``) and the batch statistics ``[C]`` (biased
+    variance ``E[x^2] - E[x]^2``, as ``flax.linen.BatchNorm`` computes it).
+    On CPU the reductions are GEMVs with a closed-form backward pass (see the
+    module docstring); elsewhere, or with ``SPARSEJAX_XLA_CPU_DEFAULTS=0``,
+    plain reductions. Same values and gradients up to float rounding.
+  """
+  if _disabled(os.environ):
+    return _bn_plain(x, scale, bias, epsilon)
+  return lax.platform_dependent(
+      x, scale, bias,
+      cpu=lambda *a: _bn_gemv(*a, epsilon),
+      default=lambda *a: _bn_plain(*a, epsilon))

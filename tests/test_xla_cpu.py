@@ -203,3 +203,79 @@ def test_models_conv_same_gradients_and_cpu_only_materialisation():
   cpu = jax.export.export(fast, platforms=["cpu"])(v["params"]).mlir_module()
   # the runtime predicate (is_finite) is lowered for CPU only
   assert "is_finite" not in cuda and cpu.count("is_finite") >= 19
+
+
+def _bn_pair(x, *, train):
+  """Variables, outputs and updated statistics of sparsejax's and flax's BN."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from sparsejax.models import norm  # pylint: disable=g-import-not-at-top
+
+  ours = norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
+  v = ours.init(jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.tolist()), v) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype, a.tolist()), ref.init(jax.random.key(0), x))
+  v = {"params": {"scale": jax.numpy.linspace(0.5, 2.0, x.shape[-1]),
+                  "bias": jax.numpy.linspace(-1.0, 1.0, x.shape[-1])},
+       "batch_stats": {"mean": jax.numpy.full((x.shape[-1],), 0.3),
+                       "var": jax.numpy.full((x.shape[-1],), 1.7)}}
+  return ours, ref, v
+
+
+@pytest.mark.parametrize("opt_out", ["1", "0"])
+def test_batch_norm_same_values_and_gradients_as_flax(monkeypatch, opt_out):
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv(_xla_cpu.OPT_OUT, opt_out)  # GEMV path, then the plain one
+  x = 3.0 * jax.random.normal(jax.random.key(1), (6, 5, 5, 4)) + 2.0
+  cot = jax.random.normal(jax.random.key(2), x.shape)
+  ours, ref, v = _bn_pair(x, train=True)
+
+  def run(module, x, params):
+    y, upd = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
+                          mutable=["batch_stats"])
+    return jnp.sum(y * cot), (y, upd["batch_stats"])
+
+  grads, outs = {}, {}
+  for name, module in (("ours", ours), ("ref", ref)):
+    f = jax.jit(jax.grad(lambda x, p, m=module: run(m, x, p), (0, 1), has_aux=True))
+    grads[name], outs[name] = f(x, v["params"])
+  for a, b in zip(jax.tree.leaves(outs["ours"]), jax.tree.leaves(outs["ref"])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads["ours"]), jax.tree.leaves(grads["ref"])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  # hand check of the running averages: 0.9 * old + 0.1 * batch statistic
+  stats = outs["ours"][1]
+  np.testing.assert_allclose(stats["mean"], 0.9 * 0.3 + 0.1 * x.mean((0, 1, 2)), rtol=1e-5)
+  np.testing.assert_allclose(stats["var"], 0.9 * 1.7 + 0.1 * x.var((0, 1, 2)), rtol=1e-5)
+  ours_eval, ref_eval, _ = _bn_pair(x, train=False)
+  np.testing.assert_allclose(ours_eval.apply(v, x), ref_eval.apply(v, x), rtol=1e-6, atol=1e-6)
+
+
+def test_batch_norm_reductions_are_gemvs_on_cpu_only():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  x = jax.random.normal(jax.random.key(1), (8, 6, 6, 4))
+  _, _, v = _bn_pair(x, train=True)
+
+  def loss(x, scale, bias):
+    y, mean, var = _xla_cpu.batch_norm_train(x, scale, bias, 1e-5)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)
+
+  g = jax.jit(jax.grad(loss, (0, 1, 2)))
+  args = (x, v["params"]["scale"], v["params"]["bias"])
+  hlo = g.lower(*args).compile().as_text()
+  # statistics forward (2) and the scale/bias gradients backward (2)
+  assert hlo.count(" dot(") >= 4 and "reduce-window" not in hlo
+  cuda = jax.export.export(g, platforms=["cuda"])(*args).mlir_module()
+  assert "stablehlo.dot_general" not in cuda and "stablehlo.reduce" in cuda
+  # gradient values against autodiff of the textbook formula
+  def textbook(x, scale, bias):
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    y = (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+    return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)
+  for a, b in zip(g(*args), jax.grad(textbook, (0, 1, 2))(*args)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

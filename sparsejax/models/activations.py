@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax import _xla_cpu
+from sparsejax.models import norm as norm_lib
 
 Array = jax.Array
 Activation = Callable[[Array, Optional[Array]], Array]
@@ -99,12 +100,14 @@ def conv_and_norm(train: bool, dtype, init_gain: float = HE_GAIN):
   and the convolution of :func:`sparsejax._xla_cpu.conv_general_dilated`
   (on CPU its input is materialised so that XLA computes the kernel
   gradient's layout transpose as a copy; same values).
-  ``norm``: ``nn.BatchNorm`` with PyTorch's defaults (``momentum=0.9``, i.e.
-  PyTorch's 0.1, ``epsilon=1e-5``), batch statistics when ``train``.
+  ``norm``: :class:`sparsejax.models.norm.BatchNorm` (``nn.BatchNorm``'s
+  variables and formulas, GEMV statistics on CPU) with PyTorch's defaults
+  (``momentum=0.9``, i.e. PyTorch's 0.1, ``epsilon=1e-5``), batch statistics
+  when ``train``.
   """
   conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
                            kernel_init=he_normal(init_gain),
                            conv_general_dilated=_xla_cpu.conv_general_dilated)
-  norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+  norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train,
                            momentum=0.9, epsilon=1e-5, dtype=dtype)
   return conv, norm
