@@ -318,7 +318,9 @@ class GradientFlow(hooks.Hook):
 
   It logs at ``s = 1``, every ``every`` steps and, with ``update_steps``,
   at ``s = t + 1`` for every mask-update step ``t`` (the optimiser's step
-  count equals the train state's when training starts at step 0).
+  count equals the train state's when training starts at step 0). Its state
+  keeps the latest ``grad_norm``, which every epoch record of
+  ``metrics.jsonl`` (and TensorBoard) also gets.
 
   Args:
     model: the linen module being trained.
@@ -361,6 +363,14 @@ class GradientFlow(hooks.Hook):
                              batch_stats=state.batch_stats,
                              prunable=self.prunable, **kwargs)
 
+  def init(self, state):
+    del state
+    return {"grad_norm": jnp.zeros((), jnp.float32)}
+
+  def epoch_end(self, hook_state, state, epoch, ctx):
+    del epoch, ctx
+    return hook_state, state, {"grad_norm": hook_state["grad_norm"]}
+
   def after_step(self, hook_state, state, info):
     if info.state_before is None:
       raise ValueError("GradientFlow needs StepInfo.state_before")
@@ -378,10 +388,12 @@ class GradientFlow(hooks.Hook):
       return logs
 
     shapes = jax.eval_shape(measure)
+    due = self._due(info.step + 1)
     logs = jax.lax.cond(
-        self._due(info.step + 1), measure,
+        due, measure,
         lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
-    return hook_state, state, logs
+    latest = jnp.where(due, logs["grad_norm"], hook_state["grad_norm"])
+    return {"grad_norm": latest}, state, logs
 
 
 def held_out_split(dataset, per_class: int, seed: int = 0):

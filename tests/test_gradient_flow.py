@@ -278,6 +278,10 @@ def test_hook_on_dense_training(split, tmp_path):
   assert [r["step"] for r in records] == [1, 20, 40]
   assert all(r["mask_change"] == 0 and r["grad_norm"] > 0 for r in records)
   assert result.history[-1]["test_accuracy"] > 0.5
+  # the epoch record: the latest measurement (step 40 of the 43 of the epoch)
+  assert result.history[-1]["grad_norm"] == pytest.approx(records[-1]["grad_norm"])
+  assert float(result.hook_states["gradient_flow"]["grad_norm"]) == pytest.approx(
+      records[-1]["grad_norm"])
 
 
 def test_logs_at_and_state_before_are_general(split, tmp_path):
@@ -299,3 +303,29 @@ def test_logs_at_and_state_before_are_general(split, tmp_path):
   records = _read(tmp_path / "steps.jsonl")
   assert [(r["step"], r["before_step"]) for r in records] == [(3, 2), (7, 6)]
   assert all(r["moved"] > 0 for r in records)
+
+
+def test_hook_resumes_bitwise(split, tmp_path):
+  rest, batch = split
+  model = models.get("mlp", 10)
+
+  def run(workdir, **kw):
+    params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
+                                  jax.random.key(0))["params"]
+    mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
+    tx = dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
+    flow = gf.GradientFlow(model, batch, every=25,
+                           update_steps=gf.UpdateSteps(10, end_step=70))
+    return train.fit(config(num_epochs=2), workdir, model=model, dataset=rest,
+                     tx=tx, hooks=[flow], **kw)
+
+  run(tmp_path / "full")
+  run(tmp_path / "split", stop_at_step=SPE + 7)
+  resumed = run(tmp_path / "split")
+  assert resumed.resumed_from == SPE + 7
+  assert _read(tmp_path / "full" / "steps.jsonl") == _read(
+      tmp_path / "split" / "steps.jsonl")
+  drop = ("epoch_seconds", "steps_per_second")
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
+  assert strip(_read(tmp_path / "full" / "metrics.jsonl")) == strip(
+      _read(tmp_path / "split" / "metrics.jsonl"))

@@ -9,9 +9,11 @@ paper's 3000 to 7000 of 9,750), RigL's mask updates every 50 steps until 75%;
 the gradient flow every 50 steps; tested once, at the end, on all 10,000 test
 images. 95% sparsity, 3 seeds, 8 methods: 24 cells.
 
-Calibration (2-core AMD EPYC, shared with another job): a batch-128 step of
-LeNet-5 takes about 80 ms, so a cell takes about 3 minutes and the grid about
-75 minutes. Resumable: rerun the same command to continue.
+Calibration (2-core AMD EPYC): a batch-128 step of LeNet-5 took 78 ms with
+the cores shared with one other job (200 ms, gradient flow included, under
+three times that load), so a cell takes about 3 minutes (RigL's a little
+more: its first epoch compiles longer) and the grid about 75 minutes on
+otherwise idle cores. Resumable: rerun the same command to continue.
 
   python -m experiments.gradient_flow \\
       --config experiments/configs/gradient_flow_cpu.py \\
