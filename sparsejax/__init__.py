@@ -10,6 +10,8 @@ Submodules:
   diagnostics: effective sparsity and layer collapse of a mask.
   dst: dynamic sparse training (SET, RigL, gradual magnitude pruning,
     GraNet) as optax wrappers with on-device mask updates.
+  gradient_flow: sparse-aware initialisation (``sparse_init``) and the
+    gradient-flow measurement hook (SPEC §5).
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
@@ -37,6 +39,7 @@ from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
+from sparsejax import gradient_flow
 from sparsejax import hooks
 from sparsejax import losses
 from sparsejax import lottery
@@ -51,6 +54,6 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoints", "data", "diagnostics", "dst", "hooks", "losses",
+__all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
            "schedules", "scores", "train"]

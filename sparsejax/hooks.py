@@ -67,6 +67,10 @@ class StepInfo(NamedTuple):
     scalars: the per-step scalar values of step ``t``, ``{name: float32}``.
     batch: ``(x, y)``, the normalised (and augmented) inputs and the labels.
     key: the step's PRNG key ``fold_in(state.key, t)``.
+    state_before: the train state the step started from (``step == t``),
+      before the optimiser update: with a dynamic-sparse-training optimiser,
+      the params and mask just before a mask update of step ``t``, while
+      the ``state`` given to :meth:`Hook.after_step` holds those just after.
   """
 
   step: jax.Array
@@ -75,6 +79,7 @@ class StepInfo(NamedTuple):
   scalars: dict[str, jax.Array]
   batch: tuple[jax.Array, jax.Array]
   key: jax.Array
+  state_before: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +114,9 @@ class Hook:
     shapes and dtypes of both states must not change.
   * :meth:`after_step_host` runs on the host after each step is dispatched
     (not waited for), with the global step count.
+  * :meth:`logs_at` decides, on the host and without waiting for the device,
+    which steps' :meth:`after_step` logs go to ``steps.jsonl`` (default: every
+    :attr:`log_every_steps` steps).
   * :meth:`epoch_end` runs on the host at the end of each epoch, before the
     evaluation, and may change both states and add fields to the epoch record.
 
@@ -117,7 +125,8 @@ class Hook:
       must be unique among the hooks of a run.
     log_every_steps: the logs of :meth:`after_step` after every this many
       global steps go to ``steps.jsonl`` as ``{"step": s, **logs}``, ``s``
-      the number of steps taken; ``None`` (default): not logged.
+      the number of steps taken; ``None`` (default): not logged. Override
+      :meth:`logs_at` for another set of steps.
   """
 
   name: str | None = None
@@ -138,6 +147,13 @@ class Hook:
     """Traced after each update: ``(hook_state, state, logs)``; default no-op."""
     del info
     return hook_state, state, {}
+
+  def logs_at(self, step: int) -> bool:
+    """Whether the logs of the step that makes the step count ``step`` are
+    written to ``steps.jsonl`` (host side, a pure function of ``step``);
+    default ``step % log_every_steps == 0`` (never when it is ``None``)."""
+    every = self.log_every_steps
+    return bool(every) and step % int(every) == 0
 
   def after_step_host(self, step: int) -> None:
     """On the host after step ``step`` (the global step count) was dispatched."""
@@ -178,13 +194,13 @@ class PendingStepLogs:
   """Hook logs of the steps to record, kept on device until :meth:`flush`."""
 
   def __init__(self, hooks: Sequence[Hook], log: metrics_log.StepLog):
-    self.every = {h.key: int(h.log_every_steps) for h in hooks
-                  if h.log_every_steps and overrides(h, "after_step")}
+    self.hooks = [h for h in hooks if overrides(h, "after_step") and (
+        h.log_every_steps or overrides(h, "logs_at"))]
     self.log = log
     self.pending: list[tuple[int, dict]] = []
 
   def add(self, step: int, logs: dict) -> None:
-    keep = {k: logs[k] for k, every in self.every.items() if step % every == 0}
+    keep = {h.key: logs[h.key] for h in self.hooks if h.logs_at(step)}
     if keep:
       self.pending.append((step, keep))
 

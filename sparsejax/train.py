@@ -361,7 +361,8 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
             jnp.minimum(metrics["first_bad_step"], state.step)),
     }
     info = hooks_lib.StepInfo(step=state.step, loss=loss, grads=grads,
-                              scalars=values, batch=(x, y), key=key)
+                              scalars=values, batch=(x, y), key=key,
+                              state_before=state)
     logs = {}
     for hook in stepping:
       hook_state, new_state, logs[hook.key] = hook.after_step(

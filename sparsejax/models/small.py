@@ -33,12 +33,17 @@ class LeNet5(nn.Module):
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.
+    width: multiplier of the widths of every layer but the classifier
+      (``max(1, round(width * n))`` for ``n`` in 6, 16, 120, 84); may be
+      fractional, e.g. for a small dense network with as many weights as a
+      sparse LeNet-5; default 1.
   """
 
   num_classes: int
   act: activations.Activation = activations.relu
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
+  width: float = 1.0
 
   @nn.compact
   def __call__(
@@ -57,14 +62,15 @@ class LeNet5(nn.Module):
     """
     del train
     kernel_init = activations.he_normal(self.init_gain)
-    for features in (6, 16):
+    scaled = lambda n: max(1, round(self.width * n))
+    for features in map(scaled, (6, 16)):
       x = nn.Conv(
           features, (5, 5), padding="SAME", dtype=self.dtype, kernel_init=kernel_init
       )(x)
       x = self.act(x, act_coef)
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape((x.shape[0], -1))
-    for features in (120, 84):
+    for features in map(scaled, (120, 84)):
       x = nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init)(x)
       x = self.act(x, act_coef)
     x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
