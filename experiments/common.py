@@ -170,6 +170,11 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                        "mask at config.dst_initial_sparsity: set config.pruner='dense'")
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
+    if masks.parse_nm(config.budget) is not None:
+      raise ValueError(
+          f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
+          f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
+          "'set' (they keep N:M) or a pruner with that budget")
   if config.dst_drop_schedule not in ("cosine", "constant"):
     raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
                      f"got {config.dst_drop_schedule!r}")
@@ -192,6 +197,8 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     from ``mask`` (the ``pruner`` mask), every ``dst_update_every`` steps until
     ``dst_end`` of training, drop fraction ``dst_alpha`` with a cosine decay
     to 0 at that point (``dst_drop_schedule="cosine"``, RigL) or constant.
+    With an ``"N:M"`` ``config.budget`` the updates keep the mask N:M
+    (``nm=config.budget``).
   * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp` / :func:`~sparsejax.dst.granet`
     from dense (``dst_initial_sparsity = 0``) or a random mask at that
     sparsity under ``config.budget``, pruned to ``config.sparsity`` along the
@@ -211,7 +218,8 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
     method = dst.set if config.dst == "set" else dst.rigl
-    kw = dict(drop_fraction=fraction, end_step=end, **common_kw)
+    nm = config.budget if masks.parse_nm(config.budget) is not None else None
+    kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
   initial = (masks.ones_like(params) if s0 == 0 else dst.random_mask(

@@ -47,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mask_path = config_dict.placeholder(str)
   # Fraction of the prunable weights set to zero (0.9 keeps 10%).
   config.sparsity = 0.9
-  # "global", "uniform", "erk" or "er" (see sparsejax.masks).
+  # "global", "uniform", "erk", "er" or an N:M pattern such as "2:4" (N kept
+  # in every M consecutive weights along the input dimension; set sparsity to
+  # 1 - N/M and keep layers whose input dimension M does not divide dense,
+  # e.g. prunable="keep_first" for the RGB stem). See sparsejax.masks.
   config.budget = "global"
   # Which weights are prunable: "kernels" (all conv/dense kernels), "keep_first",
   # "keep_classifier" or "keep_first_and_classifier" (those stay dense).
