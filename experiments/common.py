@@ -20,7 +20,8 @@
 Files of a run directory: ``config.json`` (the resolved config),
 ``pruning.json`` and ``pruning.txt`` (the mask report; not for dense runs),
 ``metrics.jsonl``, ``tb/`` (when ``config.tensorboard``), ``checkpoints/`` and,
-once training has finished, ``results.json``.
+once training has finished, ``results.json`` and, with ``config.save_sparse``,
+``model.sparse`` (:func:`save_sparse_model`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sparsejax import mesh as mesh_lib
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import sparse_io
 from sparsejax import train
 from sparsejax.models import activations
 
@@ -76,6 +78,7 @@ EXIT_PREEMPTED = 143
 
 PRUNING_FILE = "pruning.json"
 RESULTS_FILE = "results.json"
+SPARSE_FILE = "model.sparse"
 
 
 def define_flags(workdir_help: str = "Directory for checkpoints, logs and results."):
@@ -131,6 +134,9 @@ def resolve_config(config: ml_collections.ConfigDict,
     act_coef_schedule(config, 1)  # checks the values
   if config.weight_decay is None:
     config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  if config.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
+    raise ValueError(f"config.save_sparse_compression must be one of "
+                     f"{sparse_io.COMPRESSIONS}, got {config.save_sparse_compression!r}")
   if extra is not None:
     extra(config)
   return config
@@ -437,7 +443,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   epochs, evaluation excluded), ``mask`` (the per-layer summary of the trained
   mask, :meth:`sparsejax.masks.MaskSummary.as_dict`) and ``pruning``
   (``pruning.json`` without its per-layer table; ``None`` for dense runs
-  and for a run resumed from a directory without ``pruning.json``).
+  and for a run resumed from a directory without ``pruning.json``) and, with
+  ``config.save_sparse``, ``sparse_file`` (:func:`save_sparse_model`).
 
   Args:
     config: a config as in ``experiments/configs/default.py``.
@@ -477,6 +484,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     mask = result.state.mask
     summary = masks.summary(mask if mask is not None
                             else masks.ones_like(result.state.params))
+    sparse_file = (save_sparse_model(
+        result.state, workdir, config.get("save_sparse_compression", "none"),
+        metadata={"model": config.model, "dataset": dataset.name})
+        if config.get("save_sparse", False) else None)
     pruning = None
     pruning_file = os.path.join(workdir, PRUNING_FILE)
     if config.pruner != "dense" and os.path.exists(pruning_file):
@@ -489,8 +500,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         "train_seconds": sum(r["epoch_seconds"] for r in result.history),
         "mask": summary.as_dict(),
         "pruning": pruning,
+        **({"sparse_file": sparse_file} if sparse_file is not None else {}),
     })
   return result
+
+
+def _dir_nbytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def save_sparse_model(state: train.TrainState, workdir: str,
+                      compression: str = "none", metadata: dict | None = None
+                      ) -> dict | None:
+  """Writes ``workdir/model.sparse`` and logs its size against dense storage.
+
+  The file (:func:`sparsejax.sparse_io.save`) holds ``{"params": ...,
+  "batch_stats": ...}``: the params under the trained mask as kept values and
+  bit-packed mask, the batch-norm statistics (and a dense run's params) as
+  they are; load it with ``sparse_io.load(path, target=variables)``.
+
+  Returns:
+    (process 0; ``None`` elsewhere) the file's
+    :meth:`sparsejax.sparse_io.FileInfo.as_dict` plus ``checkpoint_nbytes``:
+    the size of the last Orbax checkpoint (the whole train state, optimiser
+    moments and mask included; ``None`` without one).
+  """
+  if jax.process_index() != 0:
+    return None
+  tree = {"params": state.params}
+  mask = state.mask if state.mask is not None else masks.ones_like(state.params)
+  full_mask = {"params": mask}
+  if state.batch_stats:
+    tree["batch_stats"] = state.batch_stats
+    full_mask["batch_stats"] = masks.ones_like(state.batch_stats)
+  info = sparse_io.save(os.path.join(workdir, SPARSE_FILE), jax.device_get(tree),
+                        jax.device_get(full_mask), metadata=metadata,
+                        compression=compression)
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  steps = ([d for d in os.listdir(ckpt_root) if d.isdigit()]
+           if os.path.isdir(ckpt_root) else [])
+  ckpt = (_dir_nbytes(os.path.join(ckpt_root, max(steps, key=int)))
+          if steps else None)
+  line = f"sparse model file {info}"
+  if ckpt is not None:
+    line += (f"; the last checkpoint (train state with optimiser) is "
+             f"{ckpt / 1e6:.3f} MB")
+  print(line, flush=True)
+  logging.info("%s", line)
+  return {**info.as_dict(), "checkpoint_nbytes": ckpt}
 
 
 def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:

@@ -128,6 +128,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 3
   config.checkpoint_every_epochs = 1
   config.async_checkpointing = True
+  # When training finishes, write WORKDIR/model.sparse: the trained params as
+  # kept values + bit-packed mask and the batch-norm statistics as they are
+  # (sparsejax.sparse_io), and log its size against the dense arrays and the
+  # last checkpoint (results.json "sparse_file"). "zlib" also deflates it.
+  config.save_sparse = False
+  config.save_sparse_compression = "none"
   # tqdm progress bar (only shown on a terminal).
   config.progress_bar = True
   # Every this many steps: update the bar's running loss and check the loss is
