@@ -60,7 +60,7 @@ def _pruned(model, x, sparsity):
 def test_same_logits_as_dense_for_any_linen_model(convs):
   model = _Net()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 9, 9, 3)), jnp.float32)
-  variables, _ = _pruned(model, x, 0.9)
+  variables, _ = _pruned(model, x, 0.97)
   sparse_vars = sparse_inference.sparsify(model, variables, x[:1], convs=convs,
                                           train=False)
   layers = sparse_inference.sparse_layers(sparse_vars)
@@ -81,15 +81,18 @@ def test_lenet_with_a_mask_and_the_size_threshold():
   model = models.get("lenet5", num_classes=10)
   x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 28, 28, 1)), jnp.float32)
   variables = _init(model, x)
-  mask = _magnitude_mask(variables["params"], 0.95, keep_dense=("Dense_2",))
+  mask = _magnitude_mask(variables["params"], 0.96, keep_dense=("Dense_2",))
   mask["Dense_2"]["kernel"][::2] = False  # 50% sparse
   sparse_vars = sparse_inference.sparsify(model, variables, x, mask, convs=True)
   layers = sparse_inference.sparse_layers(sparse_vars)
-  # Dense_2 at 50% sparsity: its BCOO (12 bytes per kept float32) would be
-  # larger than the dense kernel, so it stays dense (masked) by default.
+  # Dense_2 at 50% sparsity stays dense (masked): below min_sparsity=0.95, and
+  # its BCOO (12 bytes per kept float32) would be larger than the dense kernel
+  # even with min_sparsity=0.
   assert "params/Dense_2/kernel" not in layers
+  assert "params/Dense_2/kernel" not in sparse_inference.sparse_layers(
+      sparse_inference.sparsify(model, variables, x, mask, min_sparsity=0.0))
   assert layers["params/Dense_0/kernel"] == (
-      masks.kept_count(784 * 120, 0.95), (784, 120))
+      masks.kept_count(784 * 120, 0.96), (784, 120))
   assert set(layers) == {"params/Conv_0/kernel", "params/Conv_1/kernel",
                          "params/Dense_0/kernel", "params/Dense_1/kernel"}
   apply = jax.jit(model.apply)
