@@ -33,6 +33,28 @@ def _assert_bitwise(a, b):
     np.testing.assert_array_equal(_bits(x), _bits(y))
 
 
+def _global_magnitude_mask(params, sparsity):
+  """Exact global top-|w| over the kernels, in numpy (no compilation;
+  masks.topk_mask is tested in test_masks.py)."""
+  named = masks.named_leaves(params)
+  kernels = [p for _, p in named if p.ndim > 1]
+  flat = np.concatenate([np.abs(p).ravel() for p in kernels])
+  keep = np.zeros(flat.size, bool)
+  keep[np.argsort(-flat, kind="stable")[:masks.kept_count(flat.size, sparsity)]] = True
+  out, offset = [], 0
+  for _, p in named:
+    if p.ndim > 1:
+      out.append(keep[offset:offset + p.size].reshape(p.shape))
+      offset += p.size
+    else:
+      out.append(np.ones(p.shape, bool))
+  return jax.tree.unflatten(jax.tree.structure(params), out)
+
+
+def _masked(params, mask):
+  return jax.tree.map(lambda p, m: np.where(m, p, np.zeros((), p.dtype)), params, mask)
+
+
 def _resnet20_variables():
   model = models.get("resnet20", num_classes=10)
   abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
@@ -42,13 +64,13 @@ def _resnet20_variables():
 def test_linen_round_trip_is_bitwise_with_and_without_target(tmp_path):
   variables = _resnet20_variables()
   params = variables["params"]
-  mask = masks.topk_mask(jax.tree.map(np.abs, params), 0.9)
-  tree = {"params": jax.device_get(masks.apply(params, mask)),
+  mask = _global_magnitude_mask(params, 0.9)
+  tree = {"params": _masked(params, mask),
           "batch_stats": variables["batch_stats"]}
   full_mask = {"params": mask, "batch_stats": masks.ones_like(tree["batch_stats"])}
   path = tmp_path / "m.sparse"
   info = sparse_io.save(path, tree, full_mask, metadata={"model": "resnet20"})
-  assert info.kept == masks.summary(mask).kept and info.total == 270896
+  assert info.kept == round(0.1 * 270896) and info.total == 270896
   got, got_mask = sparse_io.load(path, target=tree)
   _assert_bitwise(tree, got)
   _assert_bitwise(jax.tree.map(np.asarray, full_mask), got_mask)
@@ -91,19 +113,20 @@ def test_nnx_state_round_trip(tmp_path):
 
   model = Net(nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
-  mask = masks.topk_mask(jax.tree.map(jnp.abs, state), 0.75, budget="uniform")
-  nnx.update(model, masks.apply(state, mask))
+  rng = np.random.default_rng(0)
+  mask = jax.tree.map(lambda p: rng.random(p.shape) < (0.25 if p.ndim > 1 else 2),
+                      state)
+  nnx.update(model, jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)),
+                                 state, mask))
   state = nnx.state(model, nnx.Param)
   path = tmp_path / "nnx.sparse"
   sparse_io.save(path, state, mask)
   got, got_mask = sparse_io.load(path, target=state)
   assert isinstance(got, nnx.State)
   _assert_bitwise(state, got)
-  x = jnp.ones((1, 5, 5, 4))
-  before = model(x)
   fresh = Net(nnx.Rngs(1))
   nnx.update(fresh, got)
-  np.testing.assert_array_equal(fresh(x), before)
+  _assert_bitwise(state, nnx.state(fresh, nnx.Param))
   assert int(sum(m.sum() for m in jax.tree.leaves(got_mask))) == int(
       sum(np.sum(m) for m in jax.tree.leaves(mask)))
 
@@ -111,8 +134,8 @@ def test_nnx_state_round_trip(tmp_path):
 def test_resnet20_at_99_percent_size_is_exact_and_about_6_percent(tmp_path):
   variables = _resnet20_variables()
   params = variables["params"]
-  mask = masks.topk_mask(jax.tree.map(np.abs, params), 0.99)
-  tree = {"params": jax.device_get(masks.apply(params, mask)),
+  mask = _global_magnitude_mask(params, 0.99)
+  tree = {"params": _masked(params, mask),
           "batch_stats": variables["batch_stats"]}
   full_mask = {"params": mask, "batch_stats": masks.ones_like(tree["batch_stats"])}
   sparse = sparse_io.save(tmp_path / "sparse", tree, full_mask)
