@@ -8,7 +8,8 @@ no change to the model: :func:`apply` runs ``model.apply`` under
 ``flax.linen.intercept_methods``, and every ``nn.Dense`` (and, with
 ``convs=True``, ``nn.Conv``) whose kernel is a :class:`SparseKernel` computes
 its output as a sparse-dense product. Everything else (batch norm, pooling,
-activations, other layers) runs as usual.
+activations, other layers) runs as usual. Linen only: Flax NNX modules are
+not intercepted.
 
 * Dense layers: ``y = (Wᵀ_sparse @ xᵀ)ᵀ + b``, ``Wᵀ`` of shape
   ``[d_out, d_in]`` with ``nse`` kept entries: ``O(nse · batch)`` work instead
@@ -94,6 +95,7 @@ def _is_sparse(x) -> bool:
 def _supported_conv(module: nn.Conv, x: jax.Array) -> bool:
   return (len(module.kernel_size) == 2 and x.ndim == 4
           and module.feature_group_count == 1
+          and getattr(module, "mask", None) is None
           and (module.input_dilation in (None, 1)
                or tuple(np.atleast_1d(module.input_dilation)) == (1, 1))
           and not (isinstance(module.padding, str)
@@ -192,8 +194,9 @@ def layer_paths(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
   """``{kernel path: "dense" | "conv"}`` of the layers :func:`apply` can make sparse.
 
   Found by tracing ``model.apply`` abstractly (``jax.eval_shape``: no FLOPs):
-  every ``nn.Dense``, and with ``convs`` every supported 2-D ``nn.Conv``, that
-  has a ``kernel`` param. Paths are relative to ``variables['params']``
+  every ``nn.Dense``, and with ``convs`` every supported ``nn.Conv`` (2-D,
+  batched input, no feature groups, input dilation or ``mask=``, padding not
+  circular/causal), that has a ``kernel`` param. Paths are relative to ``variables['params']``
   (``"Dense_0/kernel"``).
   """
   found: dict[str, str] = {}
