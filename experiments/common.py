@@ -20,7 +20,8 @@
 Files of a run directory: ``config.json`` (the resolved config),
 ``pruning.json`` and ``pruning.txt`` (the mask report; not for dense runs),
 ``metrics.jsonl``, ``tb/`` (when ``config.tensorboard``), ``checkpoints/`` and,
-once training has finished, ``results.json``.
+once training has finished, ``results.json`` and, with ``config.save_sparse``,
+``model.sparse`` (:func:`save_sparse_model`).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from sparsejax import mesh as mesh_lib
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import sparse_io
 from sparsejax import train
 from sparsejax.models import activations
 
@@ -76,6 +78,7 @@ EXIT_PREEMPTED = 143
 
 PRUNING_FILE = "pruning.json"
 RESULTS_FILE = "results.json"
+SPARSE_FILE = "model.sparse"
 
 
 def define_flags(workdir_help: str = "Directory for checkpoints, logs and results."):
@@ -131,6 +134,9 @@ def resolve_config(config: ml_collections.ConfigDict,
     act_coef_schedule(config, 1)  # checks the values
   if config.weight_decay is None:
     config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  if config.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
+    raise ValueError(f"config.save_sparse_compression must be one of "
+                     f"{sparse_io.COMPRESSIONS}, got {config.save_sparse_compression!r}")
   if extra is not None:
     extra(config)
   return config
@@ -170,6 +176,11 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                        "mask at config.dst_initial_sparsity: set config.pruner='dense'")
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
+    if masks.parse_nm(config.budget) is not None:
+      raise ValueError(
+          f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
+          f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
+          "'set' (they keep N:M) or a pruner with that budget")
   if config.dst_drop_schedule not in ("cosine", "constant"):
     raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
                      f"got {config.dst_drop_schedule!r}")
@@ -192,6 +203,8 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     from ``mask`` (the ``pruner`` mask), every ``dst_update_every`` steps until
     ``dst_end`` of training, drop fraction ``dst_alpha`` with a cosine decay
     to 0 at that point (``dst_drop_schedule="cosine"``, RigL) or constant.
+    With an ``"N:M"`` ``config.budget`` the updates keep the mask N:M
+    (``nm=config.budget``).
   * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp` / :func:`~sparsejax.dst.granet`
     from dense (``dst_initial_sparsity = 0``) or a random mask at that
     sparsity under ``config.budget``, pruned to ``config.sparsity`` along the
@@ -211,7 +224,8 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
     method = dst.set if config.dst == "set" else dst.rigl
-    kw = dict(drop_fraction=fraction, end_step=end, **common_kw)
+    nm = config.budget if masks.parse_nm(config.budget) is not None else None
+    kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
   initial = (masks.ones_like(params) if s0 == 0 else dst.random_mask(
@@ -429,7 +443,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   epochs, evaluation excluded), ``mask`` (the per-layer summary of the trained
   mask, :meth:`sparsejax.masks.MaskSummary.as_dict`) and ``pruning``
   (``pruning.json`` without its per-layer table; ``None`` for dense runs
-  and for a run resumed from a directory without ``pruning.json``).
+  and for a run resumed from a directory without ``pruning.json``) and, with
+  ``config.save_sparse``, ``sparse_file`` (:func:`save_sparse_model`).
 
   Args:
     config: a config as in ``experiments/configs/default.py``.
@@ -469,6 +484,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     mask = result.state.mask
     summary = masks.summary(mask if mask is not None
                             else masks.ones_like(result.state.params))
+    sparse_file = (save_sparse_model(
+        result.state, workdir, config.get("save_sparse_compression", "none"),
+        metadata={"model": config.model, "dataset": dataset.name})
+        if config.get("save_sparse", False) else None)
     pruning = None
     pruning_file = os.path.join(workdir, PRUNING_FILE)
     if config.pruner != "dense" and os.path.exists(pruning_file):
@@ -481,8 +500,55 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         "train_seconds": sum(r["epoch_seconds"] for r in result.history),
         "mask": summary.as_dict(),
         "pruning": pruning,
+        **({"sparse_file": sparse_file} if sparse_file is not None else {}),
     })
   return result
+
+
+def _dir_nbytes(path: str) -> int:
+  return sum(os.path.getsize(os.path.join(root, f))
+             for root, _, files in os.walk(path) for f in files)
+
+
+def save_sparse_model(state: train.TrainState, workdir: str,
+                      compression: str = "none", metadata: dict | None = None
+                      ) -> dict | None:
+  """Writes ``workdir/model.sparse`` and logs its size against dense storage.
+
+  The file (:func:`sparsejax.sparse_io.save`) holds ``{"params": ...,
+  "batch_stats": ...}``: the params under the trained mask as kept values and
+  bit-packed mask, the batch-norm statistics (and a dense run's params) as
+  they are; load it with ``sparse_io.load(path, target=variables)``.
+
+  Returns:
+    (process 0; ``None`` elsewhere) the file's
+    :meth:`sparsejax.sparse_io.FileInfo.as_dict` plus ``checkpoint_nbytes``:
+    the size of the last Orbax checkpoint (the whole train state, optimiser
+    moments and mask included; ``None`` without one).
+  """
+  if jax.process_index() != 0:
+    return None
+  tree = {"params": state.params}
+  mask = state.mask if state.mask is not None else masks.ones_like(state.params)
+  full_mask = {"params": mask}
+  if state.batch_stats:
+    tree["batch_stats"] = state.batch_stats
+    full_mask["batch_stats"] = masks.ones_like(state.batch_stats)
+  info = sparse_io.save(os.path.join(workdir, SPARSE_FILE), jax.device_get(tree),
+                        jax.device_get(full_mask), metadata=metadata,
+                        compression=compression)
+  ckpt_root = os.path.join(workdir, "checkpoints")
+  steps = ([d for d in os.listdir(ckpt_root) if d.isdigit()]
+           if os.path.isdir(ckpt_root) else [])
+  ckpt = (_dir_nbytes(os.path.join(ckpt_root, max(steps, key=int)))
+          if steps else None)
+  line = f"sparse model file {info}"
+  if ckpt is not None:
+    line += (f"; the last checkpoint (train state with optimiser) is "
+             f"{ckpt / 1e6:.3f} MB")
+  print(line, flush=True)
+  logging.info("%s", line)
+  return {**info.as_dict(), "checkpoint_nbytes": ckpt}
 
 
 def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:

@@ -314,6 +314,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       return LotteryResult(rows, True, None)
     row["ticket"] = result.history[-1]["test_accuracy"]
     trained = result.state.params
+    if config.get("save_sparse", False):  # WORKDIR/level_L/model.sparse
+      row["sparse_file_nbytes"] = (common.save_sparse_model(
+          result.state, os.path.join(workdir, f"level_{level}"),
+          config.get("save_sparse_compression", "none"),
+          metadata={"model": config.model, "level": level}) or {}).get("nbytes")
 
     controls = config.controls if level >= 1 else ()
     for control in controls:

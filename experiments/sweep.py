@@ -81,6 +81,7 @@ RUN_ONLY_FIELDS = ("data_dir", "progress_bar", "tensorboard", "log_every_steps",
                    "async_checkpointing", "max_to_keep",
                    "checkpoint_every_epochs", "num_devices",
                    "distributed", "eval_batch_size", "eval_every_epochs",
+                   "save_sparse", "save_sparse_compression",
                    # a testing aid of earlier versions, in older config.json
                    "debug_sigterm_at_step")
 #: Columns of ``results.csv``.

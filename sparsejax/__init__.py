@@ -24,6 +24,8 @@ Submodules:
   checkpoints: Orbax checkpoints with quarantine, run signatures, the
     "is this the same run?" check.
   metrics_log: ``metrics.jsonl`` / TensorBoard and ``steps.jsonl``.
+  sparse_io: compressed sparse model files (kept values + bit-packed mask).
+  sparse_inference: evaluate a pruned linen model with BCOO sparse kernels.
 
 Importing sparsejax appends XLA:CPU options that make convolution training
 several times faster on some CPUs to ``XLA_FLAGS`` (never overriding the
@@ -50,10 +52,12 @@ from sparsejax import models
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import sparse_inference
+from sparsejax import sparse_io
 from sparsejax import train
 
 __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
-           "schedules", "scores", "train"]
+           "schedules", "scores", "sparse_inference", "sparse_io", "train"]

@@ -34,6 +34,12 @@ prunable layer with ``n`` active weights (SPEC §4):
    reference RigL code's choice): the inner optimiser still sees the masked
    gradient, so its moments and schedules stay in step with ``t``.
 
+N:M masks: :func:`set` and :func:`rigl` with ``nm="2:4"`` start from an N:M
+mask (:func:`random_mask` with ``budget="2:4"``) and regrow, in each group of
+M weights along the input dimension, as many weights as the drop removed from
+it (:func:`drop_and_grow_nm`), so the mask stays exactly N:M. Without ``nm``
+the regrowth only keeps per-layer counts and an N:M mask does not stay N:M.
+
 Gradual magnitude pruning (Zhu & Gupta) instead removes weights globally by
 magnitude along the cubic schedule
 ``s_t = s_f + (s_i − s_f)(1 − (t − t_0)/(t_1 − t_0))³``; GraNet adds a
@@ -172,6 +178,53 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
   return new.reshape(shape), (new & ~m).reshape(shape)
 
 
+def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
+                     growth_scores: jax.Array, fraction, m: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """:func:`drop_and_grow` that keeps the count of every N:M group.
+
+  The drop is that of :func:`drop_and_grow` (the ``k = ⌊fraction · n_active⌋``
+  active entries of smallest ``|weights|`` over the whole layer); each group
+  of ``m`` consecutive entries along axis -2 (see
+  :func:`sparsejax.masks.nm_groups`) then regrows as many entries as it lost,
+  the highest ``growth_scores`` among its entries not kept after the drop
+  (just-dropped ones included), ties to the lower flat index. So an N:M mask
+  stays N:M and the layer keeps exactly its count.
+
+  >>> import jax.numpy as jnp
+  >>> from sparsejax import dst
+  >>> mask = jnp.array([[True], [True], [False], [False]])  # one 2:4 group
+  >>> w = jnp.array([[0.5], [-0.1], [0.], [0.]])
+  >>> g = jnp.array([[0.], [0.], [0.3], [0.9]])
+  >>> new, grown = dst.drop_and_grow_nm(mask, w, g, 0.5, 4)  # drops -0.1
+  >>> new.ravel().astype(int).tolist(), grown.ravel().astype(int).tolist()
+  ([1, 0, 0, 1], [0, 0, 0, 1])
+
+  Args:
+    mask: bool ``[..., c_in, c_out]``, ``c_in % m == 0``.
+    weights: the layer's weights (same shape).
+    growth_scores: float, higher grows first (same shape).
+    fraction: drop fraction in [0, 1] (may be traced).
+    m: group size M.
+  """
+  shape = mask.shape
+  n_active = jnp.sum(mask, dtype=jnp.int32)
+  k = jnp.floor(jnp.asarray(fraction, jnp.float32)
+                * n_active.astype(jnp.float32)).astype(jnp.int32)
+  magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
+  kept = masks.keep_top(jnp.where(jnp.ravel(mask), magnitude, -jnp.inf),
+                        n_active - k).reshape(shape)
+  lost = masks.group_counts(mask, m) - masks.group_counts(kept, m)
+  grow = growth_scores.astype(jnp.float32)
+  grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
+  keys = masks._sortable_bits(masks.nm_groups(grow, m))  # pylint: disable=protected-access
+  free = ~masks.nm_groups(kept, m)
+  keys = jnp.where(free, keys, jnp.zeros((), keys.dtype))  # below every score
+  grown_groups = masks.keep_top_in_groups(keys, lost) & free
+  new = kept | masks.nm_ungroup(grown_groups, shape)
+  return new, new & ~mask
+
+
 # ----------------------------------------------------------------------------
 # The transformation
 # ----------------------------------------------------------------------------
@@ -265,9 +318,39 @@ def _per_prunable_layer(fn, mask, params, *trees, prunable=None):
                       flags, mask, params, *trees)
 
 
-def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable):
+def _nm_group_size(nm: str | None) -> int | None:
+  """``M`` of an ``"N:M"`` string (checked), ``None`` for ``None``."""
+  if nm is None:
+    return None
+  parsed = masks.parse_nm(nm)
+  if parsed is None:
+    raise ValueError(f"nm must be an 'N:M' string such as '2:4', got {nm!r}")
+  return parsed[1]
+
+
+def _check_nm_start(mask: PyTree, nm: str | None, prunable) -> None:
+  """An N:M DST run must start from an N:M mask (checked when concrete).
+
+  Layers whose input dimension is not divisible by M are not checked (they
+  can only be in an N:M mask through ``overrides``).
+  """
+  if nm is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mask)):
+    return
+  m = _nm_group_size(nm)
+  flags = masks.prunable_tree(mask, prunable)
+  divisible = jax.tree.map(
+      lambda f, x: bool(f) and x.ndim >= 2 and x.shape[-2] % m == 0, flags, mask)
+  if not any(jax.tree.leaves(divisible)):
+    raise ValueError(f"nm={nm!r}: no prunable layer has an input dimension "
+                     f"divisible by {m}")
+  masks.check_nm(mask, nm, prunable=divisible)
+
+
+def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable,
+                        nm: str | None = None):
   if growth not in ("random", "gradient"):
     raise ValueError(f"growth must be 'random' or 'gradient', got {growth!r}")
+  group = _nm_group_size(nm)
 
   def rule(mask, params, grads, key, t):
     f = fraction(t)
@@ -277,6 +360,8 @@ def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable):
     def layer(m, p, g):
       scores = (jax.random.uniform(next(keys), p.shape) if growth == "random"
                 else jnp.abs(g))
+      if group is not None and p.ndim >= 2 and p.shape[-2] % group == 0:
+        return drop_and_grow_nm(m, p, scores, f, group)[0]
       return drop_and_grow(m, p, scores, f)[0]
 
     return _per_prunable_layer(layer, mask, params, grads, prunable=prunable)
@@ -287,8 +372,8 @@ def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable):
 def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable=redefined-builtin
         drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
         start_step: int | None = None, end_step: int | None = None,
-        skip_update: bool = True, prunable=None, seed: int = 0
-        ) -> optax.GradientTransformationExtraArgs:
+        skip_update: bool = True, prunable=None, seed: int = 0,
+        nm: str | None = None) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
 
   Args:
@@ -300,8 +385,14 @@ def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable
       :func:`dynamic_sparse`.
     prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`);
       the others keep their mask.
+    nm: ``None`` (default; per-layer counts kept) or an ``"N:M"`` budget such
+      as ``"2:4"``: ``mask`` must be N:M (e.g. :func:`random_mask` with
+      ``budget="2:4"``) and every update regrows within the groups the drop
+      emptied (:func:`drop_and_grow_nm`), so the mask stays N:M. Layers whose
+      input dimension is not divisible by M keep per-layer counts.
   """
-  rule = _drop_and_grow_rule(_as_schedule(drop_fraction), "random", prunable)
+  _check_nm_start(mask, nm, prunable)
+  rule = _drop_and_grow_rule(_as_schedule(drop_fraction), "random", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
                         skip_update=skip_update, seed=seed)
@@ -311,7 +402,8 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
          end_step: int, alpha: float = 0.3,
          drop_fraction: ScalarOrSchedule | None = None, update_every: int = 100,
          start_step: int | None = None, skip_update: bool = True,
-         prunable=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+         prunable=None, seed: int = 0, nm: str | None = None
+         ) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by magnitude, grow by dense gradient magnitude.
 
   Defaults are SPEC §4's: ``ΔT = 100``, ``f(t) = (α/2)(1 + cos(π t / T_end))``
@@ -343,10 +435,13 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
     drop_fraction: overrides the cosine schedule (float or optax schedule).
     update_every, start_step, skip_update, seed: see :func:`dynamic_sparse`.
     prunable: which leaves change; the others keep their mask.
+    nm: ``None`` or an ``"N:M"`` budget kept through every update; see
+      :func:`set`.
   """
+  _check_nm_start(mask, nm, prunable)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
               else _as_schedule(drop_fraction))
-  rule = _drop_and_grow_rule(fraction, "gradient", prunable)
+  rule = _drop_and_grow_rule(fraction, "gradient", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
                         skip_update=skip_update, seed=seed)
@@ -377,6 +472,11 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
   drops that fraction of every layer's active weights by magnitude and
   regrows as many by gradient magnitude (GraNet); the density is unchanged
   by regrowth.
+
+  GMP and GraNet cannot target an N:M budget: their pruning is a global
+  ranking whose sparsity follows a schedule, not N of every M. For N:M
+  sparse training use :func:`set` or :func:`rigl` with ``nm=``, or prune
+  at initialisation with ``budget="N:M"``.
 
   Args:
     inner: the optimiser to wrap.

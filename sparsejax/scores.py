@@ -462,13 +462,19 @@ def _pools(params, sparsity: float, budget: str, flags: PyTree, overrides,
            erk_power_scale: float) -> list[tuple[str, float, frozenset]]:
   """The budget as pools ``(kind, final sparsity, paths)``.
 
-  ``kind`` is ``'global'`` (one ranking over the pool) or ``'uniform'`` (each
-  layer of the pool separately); layers sharing a final sparsity share a pool.
+  ``kind`` is ``'global'`` (one ranking over the pool), ``'uniform'`` (each
+  layer of the pool separately) or an ``'N:M'`` budget (each group of each
+  layer separately); layers sharing a final sparsity share a pool.
   """
   prunable_paths = [p for p, f in masks.named_leaves(flags) if f]
   groups: dict[float, set] = {}
   pools = []
-  if budget == "global":
+  if masks.parse_nm(budget) is not None:
+    fixed = masks.resolve_overrides(prunable_paths, overrides)
+    rest = frozenset(p for p in prunable_paths if p not in fixed)
+    if rest:
+      pools.append((budget, masks.nm_sparsity(budget), rest))
+  elif budget == "global":
     fixed = masks.resolve_overrides(prunable_paths, overrides)
     rest = frozenset(p for p in prunable_paths if p not in fixed)
     if rest:
@@ -483,10 +489,23 @@ def _pools(params, sparsity: float, budget: str, flags: PyTree, overrides,
 
 
 def _scheduled_mask(scores, within, pools, exponent):
-  """Each pool pruned to density ``d_pool ** exponent`` (``exponent`` traced)."""
+  """Each pool pruned to density ``d_pool ** exponent`` (``exponent`` traced).
+
+  An ``'N:M'`` pool keeps ``clip(round(M · (N/M) ** exponent), N, M)`` entries
+  of every group: never fewer than ``N``, so the last round can keep ``N``.
+  """
   names = masks.paths(scores)
   out = jax.tree.leaves(masks.ones_like(scores))
   for kind, s, group in pools:
+    nm = masks.parse_nm(kind)
+    if nm is not None:
+      n, m = nm
+      k = jnp.clip(jnp.round(m * (n / m) ** exponent), n, m).astype(jnp.int32)
+      for i, (p, leaf, w) in enumerate(zip(names, jax.tree.leaves(scores),
+                                           jax.tree.leaves(within))):
+        if p in group:
+          out[i] = masks.nm_keep(leaf, k, m, w)
+      continue
     flags = masks.map_with_path(lambda p, _: p in group, scores)
     m = masks.topk_mask(scores, 1.0 - (1.0 - s) ** exponent, budget=kind,
                         prunable=flags, within=within)
@@ -537,8 +556,9 @@ def _iterative(score_fn, params, mask, args, sparsity, rounds, budget, flags,
 def _check_prune_args(params, mask, sparsity, rounds, budget):
   masks.check_sparsity(sparsity)
   masks.check_mask(mask, params)
-  if budget not in masks.BUDGETS:
-    raise ValueError(f"budget must be one of {masks.BUDGETS}, got {budget!r}")
+  masks.check_budget(budget)
+  if masks.parse_nm(budget) is not None:
+    masks._check_nm_sparsity(sparsity, *masks.parse_nm(budget))  # pylint: disable=protected-access
   if int(rounds) != rounds or rounds < 1:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
 
@@ -566,7 +586,9 @@ def iterative(score_fn: Callable[..., PyTree], params: PyTree, mask: PyTree,
     rounds: number of rounds n ≥ 1 (1 is one-shot pruning).
     *args: further pytree arguments of ``score_fn`` (arrays, an
       :class:`ApplyFn`, stacked batches); traced.
-    budget: ``'global'`` (default), ``'uniform'``, ``'erk'`` or ``'er'``.
+    budget: ``'global'`` (default), ``'uniform'``, ``'erk'``, ``'er'`` or
+      ``'N:M'`` (intermediate rounds keep ``round(M · d^(k/n))`` per group,
+      at least ``N``; the last exactly ``N``).
     prunable, overrides, erk_power_scale: as in
       :func:`sparsejax.masks.topk_mask`.
 
@@ -610,7 +632,8 @@ def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
       :func:`synflow_scores` (defaults: BN eval, float32).
     sparsity: final sparsity in [0, 1).
     rounds: n, default 100 (the reference).
-    budget: ``'global'`` (default, the reference), ``'uniform'``, ``'erk'``, ``'er'``.
+    budget: ``'global'`` (default, the reference), ``'uniform'``, ``'erk'``,
+      ``'er'`` or ``'N:M'`` (see :func:`iterative`).
     prunable, overrides, erk_power_scale: as in :func:`sparsejax.masks.topk_mask`.
 
   Returns:
@@ -679,7 +702,8 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
     params: params pytree at initialisation (pruned from the dense mask).
     sparsity: fraction in [0, 1) of the prunable weights to prune.
     budget: ``'global'`` (default; the reference for every method),
-      ``'uniform'``, ``'erk'`` or ``'er'``.
+      ``'uniform'``, ``'erk'``, ``'er'`` or ``'N:M'`` (e.g. ``'2:4'``, with
+      ``sparsity=1 - N/M``; see :func:`sparsejax.masks.topk_mask`).
     key: PRNG key, required for ``'random'``.
     apply_fn: model, required for SNIP, GraSP and SynFlow; see the module doc.
     batches: scoring data, required for SNIP and GraSP (reference: 10 examples

@@ -17,8 +17,9 @@ import pytest
 import sparsejax.models
 
 MODULES = ["sparsejax.masks", "sparsejax.optim", "sparsejax.scores",
-           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow", "sparsejax.lottery", "sparsejax.data",
-           "sparsejax.models"] + [
+           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
+           "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
+           "sparsejax.sparse_inference", "sparsejax.models"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -47,7 +47,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mask_path = config_dict.placeholder(str)
   # Fraction of the prunable weights set to zero (0.9 keeps 10%).
   config.sparsity = 0.9
-  # "global", "uniform", "erk" or "er" (see sparsejax.masks).
+  # "global", "uniform", "erk", "er" or an N:M pattern such as "2:4" (N kept
+  # in every M consecutive weights along the input dimension; set sparsity to
+  # 1 - N/M and keep layers whose input dimension M does not divide dense,
+  # e.g. prunable="keep_first" for the RGB stem). See sparsejax.masks.
   config.budget = "global"
   # Which weights are prunable: "kernels" (all conv/dense kernels), "keep_first",
   # "keep_classifier" or "keep_first_and_classifier" (those stay dense).
@@ -125,6 +128,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_to_keep = 3
   config.checkpoint_every_epochs = 1
   config.async_checkpointing = True
+  # When training finishes, write WORKDIR/model.sparse: the trained params as
+  # kept values + bit-packed mask and the batch-norm statistics as they are
+  # (sparsejax.sparse_io), and log its size against the dense arrays and the
+  # last checkpoint (results.json "sparse_file"); experiments.lottery writes
+  # WORKDIR/level_L/model.sparse per level. "zlib" also deflates the file.
+  config.save_sparse = False
+  config.save_sparse_compression = "none"
   # tqdm progress bar (only shown on a terminal).
   config.progress_bar = True
   # Every this many steps: update the bar's running loss and check the loss is
