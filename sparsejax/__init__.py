@@ -10,6 +10,8 @@ Submodules:
   diagnostics: effective sparsity and layer collapse of a mask.
   dst: dynamic sparse training (SET, RigL, gradual magnitude pruning,
     GraNet) as optax wrappers with on-device mask updates.
+  suptickets: Sup-tickets (cyclic-rate tickets after DST, superposed,
+    re-pruned, batch-norm statistics recomputed).
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
@@ -47,10 +49,11 @@ from sparsejax import models
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import suptickets
 from sparsejax import train
 
 __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
-           "schedules", "scores", "train"]
+           "schedules", "scores", "suptickets", "train"]
