@@ -19,6 +19,10 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import common
+from experiments import suptickets as runner
+from experiments import sweep
+from experiments.configs import suptickets_cpu
 from sparsejax import data, dst, hooks, masks, models, optim, suptickets, train
 from sparsejax.models import norm
 from tests.sigterm_helper import sigterm_at_step
@@ -32,8 +36,24 @@ def ds():
   return data.load("digits")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for this module: the identical train
+  steps of the uninterrupted, stopped and resumed runs compile once."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+  old = {n: getattr(jax.config, n) for n in names}
+  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update(names[1], 1.0)
+  compilation_cache.reset_cache()
+  yield
+  for name, value in old.items():
+    jax.config.update(name, value)
+  compilation_cache.reset_cache()
+
+
 class ConvBN(nn.Module):
-  """Conv -> sparsejax BatchNorm -> ReLU -> flax BatchNorm -> pool -> Dense."""
+  """Conv -> sparsejax BatchNorm -> ReLU -> flax BatchNorm -> Dense."""
 
   num_classes: int = 10
 
@@ -43,7 +63,21 @@ class ConvBN(nn.Module):
     x = norm.BatchNorm(use_running_average=not train, momentum=0.8)(x)
     x = nn.relu(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=0.95)(x)
-    return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
+    return nn.Dense(self.num_classes)(x.reshape(x.shape[0], -1))
+
+
+def random_mask(params, density, seed=0):
+  """Every kernel keeps round(density * size) random entries (numpy: no compile)."""
+  rng = np.random.default_rng(seed)
+
+  def leaf(p):
+    if p.ndim < 2:
+      return np.ones(p.shape, bool)
+    keep = np.zeros(p.size, bool)
+    keep[rng.permutation(p.size)[:round(density * p.size)]] = True
+    return keep.reshape(p.shape)
+
+  return jax.tree.map(leaf, params)
 
 
 # ----------------------------------------------------------------------------
@@ -94,7 +128,7 @@ def test_mask_updates_only_in_the_dst_phase_and_one_large_one_per_cycle_start():
   params = {"a": {"kernel": jax.random.normal(keys[0], (20, 10)),
                   "bias": jnp.zeros((10,))},
             "b": {"kernel": jax.random.normal(keys[1], (10, 6))}}
-  mask = dst.random_mask(keys[2], params, 0.6, budget="uniform")
+  mask = random_mask(params, 0.4)
   params = masks.apply(params, mask)
   # periodic RigL updates at t = 3, 6 (end 8 < dst_steps = 10)
   tx = dst.rigl(optax.sgd(0.1), mask, end_step=8, update_every=3, drop_fraction=0.3,
@@ -227,3 +261,171 @@ def test_recompute_batch_stats_equals_full_data_mean_and_var(ds):
   assert train.recompute_batch_stats(
       models.get("mlp", 10), {"params": {}}, ds.train_images, mean=ds.mean,
       std=ds.std) == {}
+
+
+# ----------------------------------------------------------------------------
+# The Superpose hook in fit
+# ----------------------------------------------------------------------------
+
+PLAN = suptickets.Plan(num_epochs=4, num_cycles=2, cycle_epochs=1, steps_per_epoch=SPE)
+
+
+class Tickets(hooks.Hook):
+  """Keeps host copies of the trained params at every epoch end and checks
+  that FitContext.evaluate is fit's own evaluation."""
+
+  name = "tickets"
+
+  def __init__(self):
+    self.params, self.evaluated = {}, {}
+
+  def epoch_end(self, hook_state, state, epoch, ctx):
+    self.params[epoch] = jax.device_get(state.params)
+    self.evaluated[epoch] = ctx.evaluate(state)
+    return hook_state, state, {}
+
+
+def _sup_fit(ds, workdir, extra_hooks=()):
+  model = ConvBN()
+  params = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
+                                jax.random.key(0))["params"]
+  mask = random_mask(params, 0.2)
+  lr = PLAN.learning_rate(optax.cosine_decay_schedule(0.1, PLAN.dst_steps))
+  tx = dst.rigl(optax.sgd(lr, momentum=0.9), mask, end_step=PLAN.dst_steps - 20,
+                update_every=10, extra_updates=PLAN.mask_updates())
+  return train.fit(config(num_epochs=PLAN.num_epochs), workdir, model=model,
+                   dataset=ds, tx=tx,
+                   hooks=[suptickets.Superpose(PLAN), *extra_hooks])
+
+
+@pytest.fixture(scope="module")
+def full_run(ds, tmp_path_factory):
+  """One uninterrupted run, shared by the tests below: (workdir, result, tickets)."""
+  workdir = tmp_path_factory.mktemp("suptickets_full")
+  tickets = Tickets()
+  return workdir, _sup_fit(ds, workdir, [tickets]), tickets
+
+
+def test_superpose_hook_in_fit(ds, full_run):
+  _, result, tickets = full_run
+  sup = result.hook_states["suptickets"]
+  history = result.history
+  assert [r.get("cycle") for r in history] == [None, None, 1, 2]
+  assert int(sup["tickets"]) == 2
+  # FitContext.evaluate is fit's evaluation of the same state
+  for r in history:
+    assert tickets.evaluated[r["epoch"]]["accuracy"] == r["test_accuracy"]
+  # the ticket is the trained model; training continued from it
+  assert history[2]["ticket_test_accuracy"] == history[2]["test_accuracy"]
+  assert_trees_equal(jax.device_get(result.state.params), tickets.params[4])
+  # the running average is the mean of the two tickets
+  want = jax.tree.map(lambda a, b: (a + b) / 2, tickets.params[3], tickets.params[4])
+  for a, b in zip(jax.tree.leaves(sup["average"]), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # re-pruned to the ticket's exact count, globally by magnitude
+  count = int(suptickets.prunable_count(result.state.mask))
+  assert int(suptickets.prunable_count(sup["mask"])) == count
+  params, mask = suptickets.reprune(sup["average"], count)
+  assert_trees_equal(params, sup["params"])
+  assert_trees_equal(mask, sup["mask"])
+  assert history[-1]["superposed_sparsity"] == pytest.approx(
+      masks.summary(mask).sparsity)
+  # batch-norm statistics recomputed on the training data (batch 32)
+  stats = train.recompute_batch_stats(
+      ConvBN(), {"params": params, "batch_stats": result.state.batch_stats},
+      ds.train_images, mean=ds.mean, std=ds.std, batch_size=32)
+  assert_trees_equal(stats, sup["batch_stats"])
+  superposed = result.state.replace(params=params, batch_stats=stats)
+  ev = train.evaluate(ConvBN(), superposed, ds.test_images, ds.test_labels,
+                      mean=ds.mean, std=ds.std)
+  assert history[-1]["superposed_test_accuracy"] == ev["accuracy"]
+  assert history[-1]["superposed_test_accuracy"] > 0.5
+
+
+def test_superpose_resumes_bitwise_after_sigterm_mid_cycle(ds, full_run, tmp_path):
+  full_dir, full, _ = full_run
+  stop = PLAN.dst_steps + PLAN.cycle_steps + 20  # inside cycle 2
+  with sigterm_at_step(stop):
+    cut = _sup_fit(ds, tmp_path / "split")
+  assert cut.preempted and int(cut.hook_states["suptickets"]["tickets"]) == 1
+  resumed = _sup_fit(ds, tmp_path / "split")
+  assert resumed.resumed_from == stop and not resumed.preempted
+  assert_trees_equal(jax.device_get(full.state), jax.device_get(resumed.state))
+  assert_trees_equal(jax.device_get(full.hook_states),
+                     jax.device_get(resumed.hook_states))
+  assert without_timing(read_jsonl(full_dir / "metrics.jsonl")) == (
+      without_timing(read_jsonl(tmp_path / "split" / "metrics.jsonl")))
+
+
+# ----------------------------------------------------------------------------
+# experiments.suptickets
+# ----------------------------------------------------------------------------
+
+
+def test_suptickets_runner_on_digits(tmp_path):
+  config = suptickets_cpu.get_config()
+  config.dataset = "digits"
+  config.model = "mlp"
+  config.train_subset = None
+  config.num_epochs = 3
+  config.batch_size = 32
+  config.dst_update_every = 20
+  config.sup_cycles = 1
+  config.sup_cycle_epochs = 1
+  config.methods = ("rigl_sup",)  # plain RigL: test_dst_fit; the pairing below
+  config.seeds = (0,)
+  out = runner.run(config, str(tmp_path))
+  assert out["missing"] == [] and len(out["rows"]) == 1
+  assert [(r["method"], r["dst_method"], r["cycle"]) for r in out["cycles"]] == [
+      ("rigl_sup", "rigl", 1)]
+  cycle = out["cycles"][0]
+  sup_dir = tmp_path / "cells" / "rigl_sup_s0.95_seed0"
+  final = read_jsonl(sup_dir / "metrics.jsonl")[-1]
+  assert final["superposed_test_accuracy"] == cycle["superposed_test_accuracy"] > 0.5
+  assert final["ticket_test_accuracy"] == final["test_accuracy"]
+  assert final["superposed_sparsity"] == pytest.approx(0.95, abs=1e-3)
+  # RigL's updates in the DST phase (steps 20, 40, 60 < 0.75 * 88), then one
+  # at the cycle start (step 88): mask churn logged every 20 steps
+  churn = {r["step"]: r["mask_churn"] for r in read_jsonl(sup_dir / "steps.jsonl")}
+  assert [s for s, c in churn.items() if c > 0] == [40, 60, 80, 100]
+  assert "| rigl | rigl_sup | 95% | – |" in out["suptickets_table"]
+  for name in ("suptickets.csv", "suptickets.md", "suptickets_vs_cycle.png",
+               "results.csv", "results.md"):
+    assert os.path.getsize(tmp_path / name) > 0
+  again = runner.run(config, str(tmp_path))
+  assert again["ran"] == [] and again["cycles"] == out["cycles"]
+
+
+def test_suptickets_report_pairs_each_method_with_plain_dst(tmp_path):
+  config = suptickets_cpu.get_config()
+  assert runner.pairs(config) == {"rigl_sup": "rigl", "granet_sup": "granet"}
+  rows = [{"method": m, "sparsity": 0.95, "seed": seed, "test_accuracy": acc}
+          for m, accs in (("rigl", (0.80, 0.82)), ("rigl_sup", (0.81, 0.83)))
+          for seed, acc in enumerate(accs)]
+  cycles = [{"method": "rigl_sup", "dst_method": "rigl", "sparsity": 0.95,
+             "seed": seed, "cycle": c, "ticket_test_accuracy": 0.78 + 0.01 * c,
+             "superposed_test_accuracy": 0.80 + 0.01 * c + 0.01 * seed, "cell": ""}
+            for seed in (0, 1) for c in (1, 2, 3)]
+  table = runner.format_table(config, rows, cycles)
+  # superposed after cycle 3: 83% and 84%; gains over RigL alone +3 and +2
+  assert "| rigl | rigl_sup | 95% | 81.0 ± 1.4 | 81.0 ± 0.0 | 83.5 ± 0.7 | +2.50 ± 0.71 | 2 |" in table
+  assert "| granet | granet_sup | 95% | – | – | – | – | 0 |" in table
+  runner.plot_cycles(str(tmp_path / "plot.png"), config, rows, cycles)
+  assert os.path.getsize(tmp_path / "plot.png") > 0
+
+
+def test_suptickets_config_checks():
+  config = suptickets_cpu.get_config()
+  cell = lambda: sweep.cell_config(config, sweep.Cell("rigl_sup", 0.95, 0))
+  common.resolve_config(cell())
+  config.sup_cycle_epochs = 8
+  with pytest.raises(ValueError, match="no DST phase"):
+    common.resolve_config(cell())
+  config.sup_cycle_epochs = 3
+  config.variants.rigl_sup.dst = "none"
+  with pytest.raises(ValueError, match="needs a DST method"):
+    common.resolve_config(cell())
+  config.variants.rigl_sup.dst = "rigl"
+  config.sup_lr_shape = "square"
+  with pytest.raises(ValueError, match="sup_lr_shape"):
+    common.resolve_config(cell())
