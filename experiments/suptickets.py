@@ -130,8 +130,9 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict],
   head = (f"Test accuracy (%) of {config.model} on {config.dataset} "
           f"({config.train_subset or 'all'} training images, "
           f"{results.epochs_text(config.num_epochs)} for every run; Sup-tickets: "
-          f"{config.sup_cycles} cycles of {config.sup_cycle_epochs} epochs at the "
-          f"end); mean ± std over {seeds} seeds. Gain: superposed − DST alone, "
+          f"{config.sup_cycles} cycle{'s' if config.sup_cycles != 1 else ''} of "
+          f"{results.epochs_text(config.sup_cycle_epochs)} at the end); "
+          f"mean ± std over {seeds} seeds. Gain: superposed − DST alone, "
           "per seed, in points.")
   return head + "\n\n" + results.markdown_table(
       ["DST alone", "Sup-tickets", "sparsity", "DST final", "last ticket",

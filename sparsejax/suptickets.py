@@ -58,6 +58,7 @@ import optax
 from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import masks
+from sparsejax import models
 from sparsejax import schedules
 from sparsejax import train
 
@@ -374,7 +375,8 @@ class Superpose(hooks.Hook):
                params=params, mask=mask)
     superposed = state.replace(params=params)
     if state.batch_stats:
-      names = train._model_scalar_names(ctx.model, ctx.scalars)  # pylint: disable=protected-access
+      # The per-step scalars the model takes (e.g. act_coef), as in training.
+      names = models.call_keywords(ctx.model) & set(ctx.scalars) - {"x", "train"}
       kwargs = schedules.scalar_values({n: ctx.scalars[n] for n in names}, state.step)
       batch_size = self.bn_batch_size or schedules.config_value(ctx.config, "batch_size")
       stats = train.recompute_batch_stats(

@@ -18,6 +18,7 @@ import sparsejax.models
 
 MODULES = ["sparsejax.masks", "sparsejax.optim", "sparsejax.scores",
            "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.lottery", "sparsejax.data",
+           "sparsejax.suptickets",
            "sparsejax.models"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
