@@ -53,6 +53,7 @@ from sparsejax import models
 from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_io
+from sparsejax import suptickets
 from sparsejax import train
 from sparsejax.models import activations
 
@@ -130,6 +131,8 @@ def resolve_config(config: ml_collections.ConfigDict,
     _check_pruning(config)
   if config.get("dst", "none") != "none":
     _check_dst(config)
+  if config.get("suptickets", False):
+    _check_suptickets(config)
   if config.get("act_coef_schedule") is not None:
     act_coef_schedule(config, 1)  # checks the values
   if config.weight_decay is None:
@@ -189,6 +192,47 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                      "(0, 1]")
 
 
+def _check_suptickets(config: ml_collections.ConfigDict) -> None:
+  if config.get("dst", "none") == "none":
+    raise ValueError("config.suptickets needs a DST method: set config.dst "
+                     "(granet, rigl, set or gmp)")
+  cycles, cycle_epochs = int(config.sup_cycles), int(config.sup_cycle_epochs)
+  if cycles < 1 or cycle_epochs < 1:
+    raise ValueError("config.sup_cycles and config.sup_cycle_epochs must be >= 1, "
+                     f"got {cycles} and {cycle_epochs}")
+  phase = int(config.num_epochs) - cycles * cycle_epochs
+  if phase < 1:
+    raise ValueError(f"config.sup_cycles x config.sup_cycle_epochs = "
+                     f"{cycles * cycle_epochs} leave no DST phase in "
+                     f"config.num_epochs = {config.num_epochs}")
+  if config.dst in ("gmp", "granet") and any(
+      float(v) >= 1 and float(v) > phase for v in config.dst_prune_epochs):
+    raise ValueError(f"config.dst_prune_epochs {tuple(config.dst_prune_epochs)} end "
+                     f"after the DST phase ({phase} epochs)")
+  if float(config.sup_lr1) <= 0 or float(config.sup_lr2) <= 0:
+    raise ValueError("config.sup_lr1 and config.sup_lr2 must be positive")
+  if config.sup_lr_shape not in suptickets.LR_SHAPES:
+    raise ValueError(f"config.sup_lr_shape must be one of {suptickets.LR_SHAPES}, "
+                     f"got {config.sup_lr_shape!r}")
+  if not 0 < float(config.sup_fraction) <= 1:
+    raise ValueError(f"config.sup_fraction must be in (0, 1], got {config.sup_fraction}")
+  if config.sup_ema is not None and not 0 < float(config.sup_ema) <= 1:
+    raise ValueError(f"config.sup_ema must be None or in (0, 1], got {config.sup_ema}")
+  if config.sup_bn_variance not in train.BN_VARIANCE_MODES:
+    raise ValueError(f"config.sup_bn_variance must be one of "
+                     f"{train.BN_VARIANCE_MODES}, got {config.sup_bn_variance!r}")
+
+
+def suptickets_plan(config: ml_collections.ConfigDict,
+                    steps_per_epoch: int) -> suptickets.Plan:
+  """The :class:`sparsejax.suptickets.Plan` of ``config`` (``sup_cycles``,
+  ``sup_cycle_epochs`` within ``num_epochs``)."""
+  return suptickets.Plan(num_epochs=int(config.num_epochs),
+                         num_cycles=int(config.sup_cycles),
+                         cycle_epochs=int(config.sup_cycle_epochs),
+                         steps_per_epoch=steps_per_epoch)
+
+
 def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
   """A point of training given in epochs (>= 1) or as a fraction (< 1), in steps."""
   epochs = value * num_epochs if 0 < value < 1 else value
@@ -196,7 +240,8 @@ def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
 
 
 def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
-                       mask: PyTree | None, prunable, steps_per_epoch: int):
+                       mask: PyTree | None, prunable, steps_per_epoch: int,
+                       extra_updates: dst.ExtraUpdates = ()):
   """The dynamic-sparse-training optimiser of ``config.dst`` around ``inner``.
 
   * ``set`` / ``rigl``: :func:`sparsejax.dst.set` / :func:`~sparsejax.dst.rigl`
@@ -212,6 +257,9 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     training); GraNet regrows with fraction ``dst_alpha`` decayed by cosine
     until ``dst_end``.
 
+  ``extra_updates`` (e.g. Sup-tickets' cycle starts) go to the method (see
+  :func:`sparsejax.dst.dynamic_sparse`).
+
   Returns:
     ``(tx, initial_mask)``.
   """
@@ -219,7 +267,8 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
   end = round(float(config.dst_end) * total)
   every = int(config.dst_update_every)
   common_kw = dict(update_every=every, skip_update=bool(config.dst_skip_update),
-                   prunable=prunable, seed=int(config.seed))
+                   prunable=prunable, seed=int(config.seed),
+                   extra_updates=tuple(extra_updates))
   if config.dst in ("set", "rigl"):
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
@@ -554,25 +603,52 @@ def save_sparse_model(state: train.TrainState, workdir: str,
 def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
   """``fit`` arguments of a DST run: the optimiser holding its mask, the churn hook.
 
+  With ``config.suptickets`` (SPEC §6): the learning rate and the DST
+  schedules of the config over the DST phase (``num_epochs − sup_cycles ·
+  sup_cycle_epochs`` epochs), then the cyclic rate
+  (:meth:`sparsejax.suptickets.Plan.learning_rate`); the large
+  drop-and-regrow at each cycle start as an extra mask update of the
+  method; and the :class:`sparsejax.suptickets.Superpose` hook (re-pruning
+  over the same prunable leaves).
+
   The starting mask is computed on the params ``fit`` will initialise (the
   same model, input and seed: :func:`sparsejax.train.create_train_state` is
   deterministic), so a pruning-at-initialisation start scores the very
   network that trains.
   """
   steps = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
-  inner = schedules.make_optimizer(config, steps)
+  sup = bool(config.get("suptickets", False))
+  if sup:
+    # The DST method's normal schedules over the DST phase, then the cycles.
+    plan = suptickets_plan(config, steps)
+    phase = ml_collections.ConfigDict(config.to_dict())
+    phase.num_epochs = plan.dst_epochs
+    lr = plan.learning_rate(schedules.lr_schedule(phase, steps),
+                            float(config.sup_lr1), float(config.sup_lr2),
+                            config.sup_lr_shape)
+    inner = schedules.make_optimizer(config, steps, schedule=lr)
+  else:
+    phase, inner = config, schedules.make_optimizer(config, steps)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   params = train.create_train_state(model, inner, sample,
                                     jax.random.key(int(config.seed))).params
   prunable = make_prunable(config.prunable, model, dataset.image_shape)
   mask = mask_fn(params) if mask_fn is not None else None
-  tx, initial = make_dst_optimizer(config, inner, params, mask, prunable, steps)
+  extra = (plan.mask_updates(float(config.sup_fraction), prunable) if sup else ())
+  tx, initial = make_dst_optimizer(phase, inner, params, mask, prunable, steps,
+                                   extra_updates=extra)
   if config.dst in ("gmp", "granet") and workdir is not None:
     write_json(os.path.join(workdir, "dst.json"), {
         "method": config.dst, "initial_sparsity": float(config.dst_initial_sparsity),
         "initial_mask": masks.summary(initial, prunable).as_dict()})
   every = int(config.dst_update_every)
-  return dict(mask=None, tx=tx, hooks=(dst.MaskChurn(log_every_steps=every),))
+  hooks = [dst.MaskChurn(log_every_steps=every)]
+  if sup:
+    hooks.append(suptickets.Superpose(
+        plan, ema=config.sup_ema, prunable=prunable,
+        bn_batch_size=config.sup_bn_batch_size,
+        bn_variance=config.sup_bn_variance))
+  return dict(mask=None, tx=tx, hooks=tuple(hooks))
 
 
 # ----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ the Agg canvas (no pyplot state, safe in any thread or process).
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -54,6 +55,12 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
   lines = ["| " + " | ".join(header) + " |", "|" + f"{rule}|" * len(header)]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The records of a JSON-lines file (e.g. a run's ``metrics.jsonl``)."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str]) -> None:

@@ -12,6 +12,8 @@ Submodules:
     GraNet) as optax wrappers with on-device mask updates.
   gradient_flow: sparse-aware initialisation (``sparse_init``) and the
     gradient-flow measurement hook (SPEC §5).
+  suptickets: Sup-tickets (cyclic-rate tickets after DST, superposed,
+    re-pruned, batch-norm statistics recomputed).
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
@@ -54,10 +56,12 @@ from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
+from sparsejax import suptickets
 from sparsejax import train
 
 __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "train"]
+           "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
+           "train"]

@@ -53,6 +53,7 @@ The state is :class:`DSTState`; it contains a
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Union
 
 import chex
@@ -232,19 +233,30 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
 MaskUpdate = Callable[..., PyTree]
 """``(mask, params, grads, key, t) -> new_mask``, traced inside ``lax.cond``."""
 
+StepPredicate = Callable[[jax.Array], jax.Array]
+"""``t -> bool``: whether step ``t`` (an ``int32``, traced) does something."""
+
+ExtraUpdates = Sequence[tuple[StepPredicate, MaskUpdate]]
+"""``[(when, rule), ...]``: mask updates of their own schedule (see
+:func:`dynamic_sparse`)."""
+
 
 def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
                    mask_update: MaskUpdate, *, update_every: int = 100,
                    start_step: int | None = None, end_step: int | None = None,
-                   skip_update: bool = True, seed: int = 0
+                   skip_update: bool = True, seed: int = 0,
+                   extra_updates: ExtraUpdates = ()
                    ) -> optax.GradientTransformationExtraArgs:
   """The generic DST wrapper: ``inner`` with a mask updated every ``ΔT`` steps.
 
   Every ``update(grads, state, params)`` call:
 
-  1. at a mask-update step (:func:`is_update_step`), computes
-     ``new_mask = mask_update(mask, params, grads, key, t)`` under
-     ``lax.cond`` (on other steps the mask is unchanged);
+  1. at a mask-update step (:func:`is_update_step`, or a step where the
+     ``when`` of one of ``extra_updates`` holds), computes
+     ``new_mask = rule(mask, params, grads, key, t)`` under ``lax.cond`` with
+     ``rule = mask_update`` on a periodic step, or the ``rule`` of the first
+     extra update whose ``when(t)`` holds (it takes precedence); on other
+     steps the mask is unchanged;
   2. runs ``inner`` on the gradients masked by the *old* mask (``where``,
      so a NaN at a pruned position never reaches a kept weight);
   3. resets the moments of new connections to 0;
@@ -263,6 +275,13 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
     end_step: no mask update at or after this step (default: never stops).
     skip_update: skip the weight update on mask-update steps (default True).
     seed: seed of the PRNG key kept in the state.
+    extra_updates: ``[(when, rule), ...]``, mask updates on a schedule of
+      their own: ``when(t)`` (traced, ``t`` the step) says whether step ``t``
+      runs ``rule`` (a :data:`MaskUpdate`) instead of the periodic update;
+      e.g. the one large drop-and-regrow at the start of each Sup-tickets
+      cycle (:meth:`sparsejax.suptickets.Plan.mask_updates`). They count as
+      mask-update steps (``mask_updates``, ``skip_update``, moment reset).
+      Default none.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`DSTState`.
@@ -286,11 +305,23 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
     t = state.count
     on = is_update_step(t, update_every=update_every, start_step=start,
                         end_step=end_step)
+    # Which rule: 0 the periodic one, i + 1 the first extra update that holds.
+    which = jnp.zeros((), jnp.int32)
+    for i in reversed(range(len(extra_updates))):
+      due = jnp.asarray(extra_updates[i][0](t), bool)
+      which = jnp.where(due, i + 1, which)
+      on |= due
+    rules = [mask_update, *(rule for _, rule in extra_updates)]
     key = jax.random.wrap_key_data(state.key)
     key, sub = jax.random.split(key)
-    new = jax.lax.cond(
-        on, lambda: jax.tree.map(jnp.asarray, mask_update(old, params, updates, sub, t)),
-        lambda: old)
+
+    def branch(rule):
+      return lambda: jax.tree.map(jnp.asarray, rule(old, params, updates, sub, t))
+
+    branches = [branch(rule) for rule in rules]
+    changed = (branches[0] if len(branches) == 1
+               else lambda: jax.lax.switch(which, branches))
+    new = jax.lax.cond(on, changed, lambda: old)
     grads = masks.apply(updates, old)
     inner_updates, inner_state = inner.update(grads, state.masked.inner_state,
                                               params, **extra_args)
@@ -346,8 +377,24 @@ def _check_nm_start(mask: PyTree, nm: str | None, prunable) -> None:
   masks.check_nm(mask, nm, prunable=divisible)
 
 
-def _drop_and_grow_rule(fraction: optax.Schedule, growth: str, prunable,
-                        nm: str | None = None):
+def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
+                       prunable=None, nm: str | None = None) -> MaskUpdate:
+  """The :data:`MaskUpdate` of SET and RigL: :func:`drop_and_grow` per prunable layer.
+
+  Every prunable layer drops ``⌊f(t) · n_active⌋`` active weights by
+  magnitude and grows as many, by dense gradient magnitude
+  (``growth="gradient"``, RigL) or uniformly at random (``"random"``, SET);
+  other leaves keep their mask.
+
+  Args:
+    fraction: ``f(t)``, a float or an optax schedule of the step.
+    growth: ``"gradient"`` (default) or ``"random"``.
+    prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`).
+    nm: ``None`` (default) or an ``"N:M"`` budget: layers whose input
+      dimension is divisible by M regrow within the groups the drop emptied
+      (:func:`drop_and_grow_nm`), so an N:M mask stays N:M.
+  """
+  fraction = _as_schedule(fraction)
   if growth not in ("random", "gradient"):
     raise ValueError(f"growth must be 'random' or 'gradient', got {growth!r}")
   group = _nm_group_size(nm)
@@ -373,7 +420,8 @@ def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable
         drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
         start_step: int | None = None, end_step: int | None = None,
         skip_update: bool = True, prunable=None, seed: int = 0,
-        nm: str | None = None) -> optax.GradientTransformationExtraArgs:
+        nm: str | None = None, extra_updates: ExtraUpdates = ()
+        ) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
 
   Args:
@@ -381,8 +429,8 @@ def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable
     mask: initial mask (e.g. :func:`random_mask` with an ERK budget).
     drop_fraction: ``f(t)``: a float or an optax schedule of the step, e.g.
       :func:`cosine_drop_fraction` (default constant 0.3).
-    update_every, start_step, end_step, skip_update, seed: see
-      :func:`dynamic_sparse`.
+    update_every, start_step, end_step, skip_update, seed, extra_updates:
+      see :func:`dynamic_sparse`.
     prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`);
       the others keep their mask.
     nm: ``None`` (default; per-layer counts kept) or an ``"N:M"`` budget such
@@ -392,17 +440,19 @@ def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable
       input dimension is not divisible by M keep per-layer counts.
   """
   _check_nm_start(mask, nm, prunable)
-  rule = _drop_and_grow_rule(_as_schedule(drop_fraction), "random", prunable, nm)
+  rule = drop_and_grow_rule(drop_fraction, "random", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
-                        skip_update=skip_update, seed=seed)
+                        skip_update=skip_update, seed=seed,
+                        extra_updates=extra_updates)
 
 
 def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
          end_step: int, alpha: float = 0.3,
          drop_fraction: ScalarOrSchedule | None = None, update_every: int = 100,
          start_step: int | None = None, skip_update: bool = True,
-         prunable=None, seed: int = 0, nm: str | None = None
+         prunable=None, seed: int = 0, nm: str | None = None,
+         extra_updates: ExtraUpdates = ()
          ) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by magnitude, grow by dense gradient magnitude.
 
@@ -433,7 +483,8 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
     end_step: ``T_end``.
     alpha: initial drop fraction of the cosine schedule.
     drop_fraction: overrides the cosine schedule (float or optax schedule).
-    update_every, start_step, skip_update, seed: see :func:`dynamic_sparse`.
+    update_every, start_step, skip_update, seed, extra_updates: see
+      :func:`dynamic_sparse`.
     prunable: which leaves change; the others keep their mask.
     nm: ``None`` or an ``"N:M"`` budget kept through every update; see
       :func:`set`.
@@ -441,10 +492,11 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
   _check_nm_start(mask, nm, prunable)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
               else _as_schedule(drop_fraction))
-  rule = _drop_and_grow_rule(fraction, "gradient", prunable, nm)
+  rule = drop_and_grow_rule(fraction, "gradient", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
-                        skip_update=skip_update, seed=seed)
+                        skip_update=skip_update, seed=seed,
+                        extra_updates=extra_updates)
 
 
 def _magnitude_prune(sparsity: optax.Schedule, prunable):
@@ -461,7 +513,8 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
         initial_sparsity: float = 0.0, update_every: int = 100,
         regrow_fraction: ScalarOrSchedule | None = None,
         regrow_end_step: int | None = None, skip_update: bool = True,
-        prunable=None, seed: int = 0) -> optax.GradientTransformationExtraArgs:
+        prunable=None, seed: int = 0, extra_updates: ExtraUpdates = ()
+        ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta 2017), optionally with regrowth.
 
   At every update step ``t`` in ``[start_step, end_step]`` (every
@@ -490,7 +543,7 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
       (float or schedule; GraNet: :func:`cosine_drop_fraction` ``(0.5, ...)``).
     regrow_end_step: no updates at or after this step (default
       ``end_step + 1``: pruning only).
-    skip_update, seed: see :func:`dynamic_sparse`.
+    skip_update, seed, extra_updates: see :func:`dynamic_sparse`.
     prunable: which leaves are pruned; the others keep their mask.
   """
   sparsity = cubic_sparsity(initial_sparsity, final_sparsity, start_step, end_step)
@@ -499,8 +552,7 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
   if regrow_fraction is None:
     rule = prune
   else:
-    regrow = _drop_and_grow_rule(_as_schedule(regrow_fraction), "gradient",
-                                 prunable)
+    regrow = drop_and_grow_rule(regrow_fraction, "gradient", prunable)
 
     def rule(mask, params, grads, key, t):
       pruned = jax.lax.cond(t <= end_step,
@@ -511,14 +563,16 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
 
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=last,
-                        skip_update=skip_update, seed=seed)
+                        skip_update=skip_update, seed=seed,
+                        extra_updates=extra_updates)
 
 
 def granet(inner: optax.GradientTransformation, mask: PyTree, *,
            final_sparsity: float, start_step: int, end_step: int,
            regrow_end_step: int, initial_sparsity: float = 0.0,
            alpha: float = 0.5, update_every: int = 1000,
-           skip_update: bool = True, prunable=None, seed: int = 0
+           skip_update: bool = True, prunable=None, seed: int = 0,
+           extra_updates: ExtraUpdates = ()
            ) -> optax.GradientTransformationExtraArgs:
   """GraNet (Liu et al. 2021): gradual magnitude pruning plus gradient regrowth.
 
@@ -533,7 +587,7 @@ def granet(inner: optax.GradientTransformation, mask: PyTree, *,
              update_every=update_every,
              regrow_fraction=cosine_drop_fraction(alpha, regrow_end_step),
              regrow_end_step=regrow_end_step, skip_update=skip_update,
-             prunable=prunable, seed=seed)
+             prunable=prunable, seed=seed, extra_updates=extra_updates)
 
 
 def random_mask(key: chex.PRNGKey, params: PyTree, sparsity: float, *,

@@ -35,7 +35,7 @@ Example, the global gradient norm every 100 steps::
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import flax.linen as nn
@@ -90,6 +90,11 @@ class FitContext:
     model, dataset, mesh, config: those of :func:`fit`.
     steps_per_epoch: optimiser steps per epoch.
     scalars: the per-step scalar schedules of :func:`fit`.
+    evaluate: ``evaluate(state) -> {"loss", "accuracy", "count"}``: fit's
+      test-set evaluation (:func:`sparsejax.train.evaluate` with fit's
+      compiled eval step and ``eval_batch_size``) of any train state of the
+      run's layout, e.g. the train state with other weights
+      (``state.replace(params=..., batch_stats=...)``).
   """
 
   model: nn.Module
@@ -98,6 +103,7 @@ class FitContext:
   config: Any
   steps_per_epoch: int
   scalars: Mapping[str, optax.Schedule]
+  evaluate: Callable[[Any], dict[str, float]] | None = None
 
 
 class Hook:

@@ -147,7 +147,9 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config, steps_per_epoch: int,
+                   schedule: optax.Schedule | None = None
+                   ) -> optax.GradientTransformation:
   """SGD with momentum and weight decay on every parameter, as in PyTorch.
 
   ``optax.chain(add_decayed_weights(weight_decay), sgd(schedule, momentum,
@@ -158,8 +160,16 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 
   Config fields: ``momentum`` (default 0.9), ``nesterov`` (default False),
   ``weight_decay`` (default 0) and those of :func:`lr_schedule`.
+
+  Args:
+    config: the run config.
+    steps_per_epoch: optimiser steps per epoch.
+    schedule: the learning rate to use instead of :func:`lr_schedule` of the
+      config (e.g. Sup-tickets' cyclic rate after the DST phase,
+      :meth:`sparsejax.suptickets.Plan.learning_rate`).
   """
-  schedule = lr_schedule(config, steps_per_epoch)
+  if schedule is None:
+    schedule = lr_schedule(config, steps_per_epoch)
   momentum = float(config_value(config, "momentum", 0.9))
   parts = []
   wd = float(config_value(config, "weight_decay", 0.0))

@@ -92,6 +92,29 @@ def get_config() -> ml_collections.ConfigDict:
   config.dst_initial_sparsity = 0.0
   config.dst_prune_epochs = (0.0, 0.5)
 
+  # --- Sup-tickets (SPEC §6; experiments.suptickets) ---------------------------
+  # With a DST method (config.dst): the method trains with its normal
+  # schedules (learning rate and mask updates) compressed into the first
+  # num_epochs - sup_cycles * sup_cycle_epochs epochs; then sup_cycles cycles
+  # of sup_cycle_epochs epochs, periodic mask updates off, one drop-and-regrow
+  # of sup_fraction of each layer at each cycle start (magnitude drop, gradient
+  # growth) and a cyclic learning rate sup_lr1 -> sup_lr2 -> sup_lr1 per
+  # iteration ("triangular" or "cosine"). At each cycle end the weights are
+  # superposed (cumulative mean, or an EMA with factor sup_ema), re-pruned
+  # globally to the target count, given recomputed batch-norm statistics
+  # (sup_bn_variance "pooled" or "average"; batches of sup_bn_batch_size,
+  # None = batch_size) and evaluated.
+  config.suptickets = False
+  config.sup_cycles = 3
+  config.sup_cycle_epochs = 8
+  config.sup_lr1 = 0.001
+  config.sup_lr2 = 0.005
+  config.sup_lr_shape = "triangular"
+  config.sup_fraction = 0.5
+  config.sup_ema = config_dict.placeholder(float)
+  config.sup_bn_variance = "pooled"
+  config.sup_bn_batch_size = config_dict.placeholder(int)
+
   # --- Optimisation ---------------------------------------------------------
   config.num_epochs = 160
   config.batch_size = 128
