@@ -12,6 +12,8 @@ Submodules:
     GraNet) as optax wrappers with on-device mask updates.
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
+  tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
+    skips, label smoothing, LRsI) and its presets.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
     extension points (optimiser, per-step scalars, loss, hooks).
   hooks: the ``Hook`` protocol through which methods extend ``fit``.
@@ -47,10 +49,11 @@ from sparsejax import models
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import tost
 from sparsejax import train
 
 __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
-           "schedules", "scores", "train"]
+           "schedules", "scores", "tost", "train"]

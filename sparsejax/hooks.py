@@ -10,6 +10,9 @@ train state and part of the run signature, and up to three entry points:
   steps with :func:`sparsejax.optim.set_mask` under ``lax.cond``, or a
   gradient-flow measurement, without host round trips. Its logs of every
   :attr:`Hook.log_every_steps` steps go to ``steps.jsonl``.
+* :meth:`Hook.fresh_start`, on the host once before the first step of a run
+  that starts from scratch (not on resume): it may change the initial train
+  state, e.g. ToST's LRsI rescales the initial weights (:mod:`sparsejax.tost`).
 * :meth:`Hook.after_step_host`, on the host after each step is dispatched.
 * :meth:`Hook.epoch_end`, on the host at each epoch end, before the
   evaluation, with a :class:`FitContext` (model, data, mesh, config): e.g. a
@@ -79,12 +82,15 @@ class StepInfo(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FitContext:
-  """What :meth:`Hook.epoch_end` may use besides the states (host side).
+  """What :meth:`Hook.fresh_start` and :meth:`Hook.epoch_end` may use besides
+  the states (host side).
 
   Attributes:
     model, dataset, mesh, config: those of :func:`fit`.
     steps_per_epoch: optimiser steps per epoch.
     scalars: the per-step scalar schedules of :func:`fit`.
+    loss_fn: the training loss ``loss_fn(logits, labels, scalars)`` of
+      :func:`fit`; ``None`` when built by hand.
   """
 
   model: nn.Module
@@ -93,6 +99,7 @@ class FitContext:
   config: Any
   steps_per_epoch: int
   scalars: Mapping[str, optax.Schedule]
+  loss_fn: Any = None
 
 
 class Hook:
@@ -107,6 +114,10 @@ class Hook:
     :func:`sparsejax.optim.set_mask`) and its own state, and return logs. Use
     ``lax.cond`` on ``info.step`` to act every K steps; the structure,
     shapes and dtypes of both states must not change.
+  * :meth:`fresh_start` runs on the host once, before the first step of a
+    run that does not resume from a checkpoint (and before :meth:`init`), and
+    may change the initial train state, keeping its structure, shapes and
+    dtypes. A resumed run gets the changed state from its checkpoint.
   * :meth:`after_step_host` runs on the host after each step is dispatched
     (not waited for), with the global step count.
   * :meth:`epoch_end` runs on the host at the end of each epoch, before the
@@ -132,6 +143,12 @@ class Hook:
     """The hook's initial state, from the initial train state; default ``None``."""
     del state
     return None
+
+  def fresh_start(self, state: TrainState, ctx: FitContext) -> TrainState:
+    """On the host before the first step of a fresh run: the (changed) initial
+    train state, replicated on ``ctx.mesh``; default unchanged."""
+    del ctx
+    return state
 
   def after_step(self, hook_state: PyTree, state: TrainState,
                  info: StepInfo) -> tuple[PyTree, TrainState, dict[str, jax.Array]]:
