@@ -548,6 +548,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     write_json(os.path.join(workdir, LRSI_FILE), {
         "objective_before": info["objective_before"],
         "objective_after": info["objective_after"], "scales": info["scales"],
+        "seconds": info["seconds"],
         **{k: info[k].tolist() for k in ("objective", "grad_norm",
                                          "loss_after_step")}})
   if not result.preempted:

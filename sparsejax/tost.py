@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -153,6 +154,13 @@ def smoothed_targets(labels: jax.Array, num_classes: int,
 
   Returns:
     ``float32 [..., C]``; every row sums to 1.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import tost
+    >>> tost.smoothed_targets(jnp.array([1]), 4, 0.3)
+    Array([[0.1, 0.7, 0.1, 0.1]], dtype=float32)
   """
   if num_classes < 2:
     raise ValueError(f"label smoothing needs at least 2 classes, got {num_classes}")
@@ -239,6 +247,12 @@ def export(tree: PyTree) -> PyTree:
   batch statistics of a :func:`ghost_model`; the result has exactly the
   structure of the plain registry model's. At γ = 0 the plain model with the
   exported variables computes the ghost model's logits exactly.
+
+  Example:
+
+    >>> from sparsejax import tost
+    >>> tost.export({"Conv_0": {"kernel": 1}, "ghost_in_conv": {"kernel": 2}})
+    {'Conv_0': {'kernel': 1}}
   """
   return _drop_ghosts(tree)
 
@@ -445,7 +459,8 @@ class LRsIHook(hooks_lib.Hook):
   per-step scalars of step 0 (e.g. β(0), γ(0), α(0)); the data are the
   training images, augmented like training (when the dataset or config
   says so) and normalised; the key is ``fold_in(key(seed), 3)``. After the
-  run, :attr:`info` holds :func:`lrsi`'s info (on a resumed run, where the
+  run, :attr:`info` holds :func:`lrsi`'s info and ``seconds``, its wall time
+  with compilation (on a resumed run, where the
   checkpoint already holds the rescaled weights, it stays ``None``).
 
   Args:
@@ -489,9 +504,11 @@ class LRsIHook(hooks_lib.Hook):
     data = mesh_lib.put_replicated(
         (np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)),
         ctx.mesh)
-    params, self.info = lrsi(
+    start = time.perf_counter()
+    params, info = lrsi(
         loss, state.params, state.mask, data,
         jax.random.fold_in(jax.random.key(seed), 3), self.settings, preprocess)
+    self.info = dict(info, seconds=time.perf_counter() - start)
     return state.replace(params=params)
 
 

@@ -17,7 +17,7 @@ import pytest
 import sparsejax.models
 
 MODULES = ["sparsejax.masks", "sparsejax.optim", "sparsejax.scores",
-           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.lottery", "sparsejax.data",
+           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.lottery", "sparsejax.data", "sparsejax.tost",
            "sparsejax.models"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
