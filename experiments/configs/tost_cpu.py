@@ -22,9 +22,14 @@ CPU budget:
   cell's seed, 2 levels of 85.86% each (1 - √0.02), so level 2 is at 98%,
   trained like the cells, no controls; it then trains from its own init.
 
-Calibration: see the README's ToST section (measured step, LRsI and test
-times on the 2-core machine, and the resulting per-cell times). The grid is
-resumable: rerun the same command to continue.
+Calibration (README, ToST section): measured on the 2-core AMD EPYC under a
+load of about 7 (three other jobs), a 92-step cut of a cell took 166 s
+(baseline) and 912 s (``ghost``, of which about 710 s LRsI with its
+second-order compilation, compiled once per model thanks to the persistent
+cache); the ghost step costs about 1.1x the plain step. Idle (0.27 s per
+step, 15 s per test), a cell takes about 110 s without LRsI and 150 s with
+it, the grid about 1.5 hours. The grid is resumable: rerun the same command
+to continue.
 
   python -m experiments.tost --config experiments/configs/tost_cpu.py \\
       --config.data_dir=/path/to/data --workdir runs/tost_cpu
