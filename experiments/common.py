@@ -54,6 +54,7 @@ from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_io
 from sparsejax import suptickets
+from sparsejax import tost
 from sparsejax import train
 from sparsejax.models import activations
 
@@ -78,6 +79,8 @@ PRUNABLE = {
 EXIT_PREEMPTED = 143
 
 PRUNING_FILE = "pruning.json"
+#: LRsI's scales and objective curve (ToST runs with LRsI).
+LRSI_FILE = "lrsi.json"
 RESULTS_FILE = "results.json"
 SPARSE_FILE = "model.sparse"
 
@@ -135,6 +138,8 @@ def resolve_config(config: ml_collections.ConfigDict,
     _check_suptickets(config)
   if config.get("act_coef_schedule") is not None:
     act_coef_schedule(config, 1)  # checks the values
+  if "tost" in config:
+    _check_tost(config)
   if config.weight_decay is None:
     config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
   if config.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
@@ -231,6 +236,58 @@ def suptickets_plan(config: ml_collections.ConfigDict,
                          num_cycles=int(config.sup_cycles),
                          cycle_epochs=int(config.sup_cycle_epochs),
                          steps_per_epoch=steps_per_epoch)
+
+
+#: ``config.tost_<field>`` schedules: the :class:`sparsejax.tost.ToST` fields.
+TOST_SCHEDULES = ("soft_neurons", "ghost_skips", "label_smoothing")
+
+
+def make_tost(config: ml_collections.ConfigDict) -> tost.ToST:
+  """The ToST recipe of ``config``: the preset ``config.tost`` (``"none"`` when
+  absent), with the schedules ``config.tost_<technique>`` (a given schedule
+  switches its technique on) and the LRsI settings ``config.tost_lrsi``.
+
+  Raises:
+    ValueError: an unknown preset, a schedule that is not four numbers or
+      not a valid :class:`sparsejax.tost.Ramp`, an unknown LRsI field.
+  """
+  recipe = tost.preset(config.get("tost", "none") or "none")
+  overrides = {}
+  for field in TOST_SCHEDULES:
+    spec = config.get(f"tost_{field}")
+    if spec is not None:
+      if len(spec) != 4:
+        raise ValueError(f"config.tost_{field} must be (start, end, hold, stop), "
+                         f"got {spec!r}")
+      overrides[field] = tost.Ramp(*(float(v) for v in spec))
+  lrsi_fields = config.get("tost_lrsi")
+  lrsi_fields = dict(lrsi_fields.to_dict() if hasattr(lrsi_fields, "to_dict")
+                     else lrsi_fields or {})
+  if recipe.lrsi is not None and lrsi_fields:
+    known = {f.name for f in dataclasses.fields(tost.LRsI)}
+    unknown = sorted(set(lrsi_fields) - known)
+    if unknown:
+      raise ValueError(f"config.tost_lrsi has unknown fields {unknown}; valid: "
+                       f"{sorted(known)}")
+    overrides["lrsi"] = dataclasses.replace(recipe.lrsi, **lrsi_fields)
+  return dataclasses.replace(recipe, **overrides)
+
+
+def _check_tost(config: ml_collections.ConfigDict) -> None:
+  recipe = make_tost(config)
+  if not recipe.techniques:
+    return
+  if recipe.ghost_skips is not None and not tost.supports_ghost_skips(config.model):
+    tost.ghost_model(config.model, 2)  # raises the documented error
+  if config.get("dst", "none") != "none":
+    raise ValueError("config.tost with config.dst is not supported: ToST trains "
+                     "a fixed mask")
+  if recipe.soft_neurons is not None and config.get("act_coef_schedule") is not None:
+    raise ValueError("config.act_coef_schedule and ToST's soft neurons both set "
+                     "the activation blend: use config.tost_soft_neurons")
+  if recipe.label_smoothing is not None and config.get("label_smoothing"):
+    raise ValueError("config.label_smoothing and ToST's label smoothing are both "
+                     "set: use config.tost_label_smoothing")
 
 
 def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
@@ -400,7 +457,7 @@ def _method_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> 
 
 
 def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset,
-                 workdir: str | None = None
+                 workdir: str | None = None, *, trained_model=None
                  ) -> Callable[[PyTree], PyTree] | None:
   """The ``params -> mask`` function of ``config.pruner``; ``None`` if dense.
 
@@ -426,9 +483,19 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
 
   A collapsed mask is reported (and :func:`~sparsejax.scores.prune_at_init`
   warns), never refused: the run trains it like any other.
+
+  ``trained_model``: the model that trains, when it is ``model`` with ToST's
+  ghost skips (:func:`sparsejax.tost.ghost_model`): the function then takes
+  its params, scores their plain part (:func:`sparsejax.tost.export`) on
+  ``model`` and returns the mask lifted to the ghost params
+  (:func:`sparsejax.tost.lift_mask`, ghost leaves all ``True``), so the mask
+  is the one the baseline gets.
   """
   if config.pruner == "dense":
     return None
+  if trained_model is not None:
+    plain_fn = make_mask_fn(config, model, dataset, workdir)
+    return lambda params: tost.lift_mask(plain_fn(tost.export(params)), params)
   input_shape = dataset.image_shape
   prunable = make_prunable(config.prunable, model, input_shape)
 
@@ -510,25 +577,44 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = load_dataset(config) if dataset is None else dataset
-  act_coef = act_coef_schedule(config, schedules.steps_per_epoch(
-      dataset.num_train, config.batch_size))
+  spe = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
+  act_coef = act_coef_schedule(config, spe)
   model_kwargs = config.model_kwargs.to_dict()
   if act_coef is not None:
     model_kwargs["act"] = activations.blend()
   model = models.get(config.model, dataset.num_classes, **model_kwargs)
+  # ToST: the model that trains (blend activation, ghost skips), its scalars,
+  # loss and LRsI; the mask is scored on the plain `model`.
+  recipe = make_tost(config)
+  scalars = {} if act_coef is None else {"act_coef": act_coef}
+  trained = model
+  if recipe.techniques:
+    trained = recipe.model(config.model, dataset.num_classes, **model_kwargs)
+    scalars.update(recipe.scalars(int(config.num_epochs) * spe))
   mesh = mesh_lib.make_mesh(config.num_devices)
   logging.info("%s on %s (%d train / %d test), pruner=%s sparsity=%s budget=%s, "
                "%d device(s)", config.model, dataset.name, dataset.num_train,
                dataset.num_test, config.pruner,
                config.sparsity if config.pruner != "dense" else 0.0,
                config.budget, mesh.size)
-  mask_fn = make_mask_fn(config, model, dataset, workdir)
-  fit_kwargs = dict(mask=mask_fn, hooks=())
+  mask_fn = make_mask_fn(
+      config, model, dataset, workdir,
+      trained_model=trained if recipe.ghost_skips is not None else None)
+  fit_kwargs = dict(mask=mask_fn, hooks=recipe.hooks(), loss_fn=recipe.loss_fn())
   if config.get("dst", "none") != "none":
     fit_kwargs = _dst_fit_kwargs(config, model, dataset, mask_fn, workdir)
-  result = train.fit(config, workdir, model=model, dataset=dataset, mesh=mesh,
-                     scalars=None if act_coef is None else {"act_coef": act_coef},
-                     **fit_kwargs)
+  result = train.fit(config, workdir, model=trained, dataset=dataset, mesh=mesh,
+                     scalars=scalars or None, **fit_kwargs)
+  lrsi_info = [h.info for h in fit_kwargs["hooks"]
+               if isinstance(h, tost.LRsIHook) and h.info is not None]
+  if lrsi_info:
+    info = lrsi_info[0]
+    write_json(os.path.join(workdir, LRSI_FILE), {
+        "objective_before": info["objective_before"],
+        "objective_after": info["objective_after"], "scales": info["scales"],
+        "seconds": info["seconds"],
+        **{k: info[k].tolist() for k in ("objective", "grad_norm",
+                                         "loss_after_step")}})
   if not result.preempted:
     mask = result.state.mask
     summary = masks.summary(mask if mask is not None
@@ -550,6 +636,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         "mask": summary.as_dict(),
         "pruning": pruning,
         **({"sparse_file": sparse_file} if sparse_file is not None else {}),
+        "tost": {"preset": config.get("tost", "none"),
+                 "techniques": list(recipe.techniques)},
     })
   return result
 

@@ -16,6 +16,8 @@ Submodules:
     re-pruned, batch-norm statistics recomputed).
   lottery: lottery tickets (iterative magnitude pruning with rewinding), the
     random re-initialisation and re-pruning controls, ticket files.
+  tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
+    skips, label smoothing, LRsI) and its presets.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
     extension points (optimiser, per-step scalars, loss, hooks).
   hooks: the ``Hook`` protocol through which methods extend ``fit``.
@@ -57,6 +59,7 @@ from sparsejax import scores
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
 from sparsejax import suptickets
+from sparsejax import tost
 from sparsejax import train
 
 __version__ = "0.1.0"
@@ -64,4 +67,4 @@ __version__ = "0.1.0"
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "optim",
            "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
-           "train"]
+           "tost", "train"]

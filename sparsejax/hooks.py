@@ -10,6 +10,9 @@ train state and part of the run signature, and up to three entry points:
   steps with :func:`sparsejax.optim.set_mask` under ``lax.cond``, or a
   gradient-flow measurement, without host round trips. Its logs of every
   :attr:`Hook.log_every_steps` steps go to ``steps.jsonl``.
+* :meth:`Hook.fresh_start`, on the host once before the first step of a run
+  that starts from scratch (not on resume): it may change the initial train
+  state, e.g. ToST's LRsI rescales the initial weights (:mod:`sparsejax.tost`).
 * :meth:`Hook.after_step_host`, on the host after each step is dispatched.
 * :meth:`Hook.epoch_end`, on the host at each epoch end, before the
   evaluation, with a :class:`FitContext` (model, data, mesh, config): e.g. a
@@ -84,7 +87,8 @@ class StepInfo(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class FitContext:
-  """What :meth:`Hook.epoch_end` may use besides the states (host side).
+  """What :meth:`Hook.fresh_start` and :meth:`Hook.epoch_end` may use besides
+  the states (host side).
 
   Attributes:
     model, dataset, mesh, config: those of :func:`fit`.
@@ -95,6 +99,8 @@ class FitContext:
       compiled eval step and ``eval_batch_size``) of any train state of the
       run's layout, e.g. the train state with other weights
       (``state.replace(params=..., batch_stats=...)``).
+    loss_fn: the training loss ``loss_fn(logits, labels, scalars)`` of
+      :func:`fit`; ``None`` when built by hand.
   """
 
   model: nn.Module
@@ -104,6 +110,7 @@ class FitContext:
   steps_per_epoch: int
   scalars: Mapping[str, optax.Schedule]
   evaluate: Callable[[Any], dict[str, float]] | None = None
+  loss_fn: Any = None
 
 
 class Hook:
@@ -118,6 +125,10 @@ class Hook:
     :func:`sparsejax.optim.set_mask`) and its own state, and return logs. Use
     ``lax.cond`` on ``info.step`` to act every K steps; the structure,
     shapes and dtypes of both states must not change.
+  * :meth:`fresh_start` runs on the host once, before the first step of a
+    run that does not resume from a checkpoint (and before :meth:`init`), and
+    may change the initial train state, keeping its structure, shapes and
+    dtypes. A resumed run gets the changed state from its checkpoint.
   * :meth:`after_step_host` runs on the host after each step is dispatched
     (not waited for), with the global step count.
   * :meth:`logs_at` decides, on the host and without waiting for the device,
@@ -147,6 +158,12 @@ class Hook:
     """The hook's initial state, from the initial train state; default ``None``."""
     del state
     return None
+
+  def fresh_start(self, state: TrainState, ctx: FitContext) -> TrainState:
+    """On the host before the first step of a fresh run: the (changed) initial
+    train state, replicated on ``ctx.mesh``; default unchanged."""
+    del ctx
+    return state
 
   def after_step(self, hook_state: PyTree, state: TrainState,
                  info: StepInfo) -> tuple[PyTree, TrainState, dict[str, jax.Array]]:

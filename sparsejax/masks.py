@@ -33,6 +33,12 @@ Conventions used throughout sparsejax:
 
 A *path* is the string that names a leaf: the pytree keys joined by ``/``, e.g.
 ``"Conv_0/kernel"`` or ``"layers/0/kernel"``.
+
+*Ghost* leaves -- those under a module whose name starts with ``ghost_``
+(:func:`is_ghost`), e.g. ToST's ghost skip paths (:mod:`sparsejax.tost`) --
+exist only during training and are dropped from the exported model: they are
+never prunable (every :class:`Prunable` and predicate excludes them), so
+masks keep them dense and budgets and summaries do not count them.
 """
 
 from __future__ import annotations
@@ -93,6 +99,20 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
       lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
 
 
+#: Module-name prefix of training-only (ghost) parameters, see :func:`is_ghost`.
+GHOST_PREFIX = "ghost_"
+
+
+def is_ghost(path: str) -> bool:
+  """Whether the leaf at ``path`` is a ghost (training-only) parameter.
+
+  True when some component of the ``/``-separated path starts with
+  :data:`GHOST_PREFIX`, e.g. ``"BasicBlock_0/ghost_in_conv/kernel"``. Ghost
+  leaves are never prunable and not counted in budgets.
+  """
+  return any(part.startswith(GHOST_PREFIX) for part in path.split("/"))
+
+
 def is_kernel(path: str, leaf) -> bool:
   """Default prunability predicate: every leaf with ``ndim > 1``.
 
@@ -141,8 +161,10 @@ class Prunable:
   order: tuple[str, ...] | None = None
 
   def __call__(self, params: PyTree) -> PyTree:
-    """Returns a pytree of Python bools parallel to ``params``."""
-    flags = dict((p, bool(self.predicate(p, x))) for p, x in named_leaves(params))
+    """Returns a pytree of Python bools parallel to ``params``; ghost leaves
+    (:func:`is_ghost`) are never prunable."""
+    flags = dict((p, bool(self.predicate(p, x)) and not is_ghost(p))
+                 for p, x in named_leaves(params))
     for pattern in self.exclude:
       hits = [p for p in flags if re.search(pattern, p)]
       if not hits:
@@ -177,6 +199,8 @@ KEEP_FIRST_AND_CLASSIFIER_DENSE = Prunable(keep_first_dense=True, keep_last_dens
 def prunable_tree(params: PyTree, prunable=None) -> PyTree:
   """Resolves ``prunable`` to a pytree of Python bools parallel to ``params``.
 
+  Ghost leaves (:func:`is_ghost`) are not prunable, whatever ``prunable`` says.
+
   Args:
     params: the params pytree.
     prunable: ``None`` (default :data:`KERNELS`), a :class:`Prunable`, a
@@ -187,9 +211,10 @@ def prunable_tree(params: PyTree, prunable=None) -> PyTree:
   if isinstance(prunable, Prunable):
     return prunable(params)
   if callable(prunable):
-    return map_with_path(lambda p, x: bool(prunable(p, x)), params)
+    return map_with_path(
+        lambda p, x: bool(prunable(p, x)) and not is_ghost(p), params)
   _check_same_structure(prunable, params, "prunable", "params")
-  return jax.tree.map(bool, prunable)
+  return map_with_path(lambda p, f: bool(f) and not is_ghost(p), prunable)
 
 
 # ----------------------------------------------------------------------------

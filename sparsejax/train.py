@@ -23,8 +23,9 @@ the loop: ``tx`` (the optimiser; default
 steps and given to the model, e.g. ``act_coef``, and to the loss),
 ``loss_fn`` (``loss_fn(logits, labels, scalars) -> per-example loss``) and
 ``hooks`` (:class:`sparsejax.hooks.Hook`: a state of their own, checkpointed
-with the train state; a traced per-step update, e.g. a mask change every K
-steps; host per-step and epoch-end updates).
+with the train state; a change of the initial state on a fresh start, e.g.
+ToST's LRsI; a traced per-step update, e.g. a mask change every K steps; host
+per-step and epoch-end updates).
 
 On N devices XLA inserts the gradient all-reduce and batch norm in training
 mode uses the global batch, so an N-device step equals the one-device step up
@@ -806,6 +807,15 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
           fields=meta_expected, what="another model, mask, optimiser, hooks, "
           "batch size, seed or dataset")
 
+    evaluate_test = functools.partial(
+        evaluate, model, images=dataset.test_images, labels=dataset.test_labels,
+        mean=dataset.mean, std=dataset.std,
+        batch_size=int(cfg("eval_batch_size", 500)), mesh=mesh,
+        eval_step=eval_step)
+    ctx = hooks_lib.FitContext(model=model, dataset=dataset, mesh=mesh,
+                               config=config, steps_per_epoch=spe,
+                               scalars=scalars, loss_fn=loss_fn,
+                               evaluate=evaluate_test)
     found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
     if found is not None:
       resumed_from, restored, meta = found
@@ -825,6 +835,14 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       state = mesh_lib.put_replicated(
           create_train_state(model, tx, sample, rng, mask=mask)
           if initial_state is None else initial_state, mesh)
+      for hook in hooks:
+        if hooks_lib.overrides(hook, "fresh_start"):
+          changed = hook.fresh_start(state, ctx)
+          if (ckpt_lib.tree_signature(changed)
+              != ckpt_lib.tree_signature(state)):
+            raise ValueError(f"hook {hook.key!r}: fresh_start changed the "
+                             "structure, shapes or dtypes of the train state")
+          state = mesh_lib.put_replicated(changed, mesh)
       metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
       # Copies: a hook state may hold arrays of the train state (e.g. its
       # mask), and both are donated to the step.
@@ -840,14 +858,6 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
                                           metrics_log.StepLog(workdir, step))
     host_hooks = [h for h in hooks if hooks_lib.overrides(h, "after_step_host")]
     epoch_hooks = [h for h in hooks if hooks_lib.overrides(h, "epoch_end")]
-    evaluate_test = functools.partial(
-        evaluate, model, images=dataset.test_images, labels=dataset.test_labels,
-        mean=dataset.mean, std=dataset.std,
-        batch_size=int(cfg("eval_batch_size", 500)), mesh=mesh,
-        eval_step=eval_step)
-    ctx = hooks_lib.FitContext(model=model, dataset=dataset, mesh=mesh,
-                               config=config, steps_per_epoch=spe,
-                               scalars=scalars, evaluate=evaluate_test)
     images = mesh_lib.put_replicated(np.asarray(dataset.train_images), mesh)
     labels = mesh_lib.put_replicated(
         np.asarray(dataset.train_labels, np.int32), mesh)

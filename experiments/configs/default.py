@@ -141,6 +141,25 @@ def get_config() -> ml_collections.ConfigDict:
   # ramp_epochs, e.g. --config.act_coef_schedule="(1.0, 0.0, 5, 10)".
   config.act_coef_schedule = config_dict.placeholder(tuple)
 
+  # --- ToST (SPEC §7, sparsejax.tost) ----------------------------------------
+  # A preset of sparsejax.tost.PRESETS: "none" (the baseline), "ghost" (soft
+  # neurons, ghost skips and label smoothing annealed away, LRsI), "always_on"
+  # (the released code: on for the whole run, LRsI), or one technique alone:
+  # "soft_neurons", "ghost_skips", "label_smoothing", "lrsi". The mask is
+  # scored on the plain model; ghost params are never pruned.
+  config.tost = "none"
+  # Schedules (start, end, hold, stop) in fractions of training (tost.Ramp:
+  # start until hold, linear to end at stop); None = the preset's. Setting one
+  # switches its technique on. beta of the ReLU/Swish blend, gamma of the ghost
+  # skips, alpha of the label smoothing (target 1 - a, a / (C - 1) elsewhere).
+  config.tost_soft_neurons = config_dict.placeholder(tuple)
+  config.tost_ghost_skips = config_dict.placeholder(tuple)
+  config.tost_label_smoothing = config_dict.placeholder(tuple)
+  # LRsI settings (fields of sparsejax.tost.LRsI: steps, learning_rate, eta,
+  # grad_norm_bound, normalize_step, grad_clip, weight_floor, bias_floor,
+  # batch_size) overriding the released recipe's, when the preset has LRsI.
+  config.tost_lrsi = ml_collections.ConfigDict()
+
   # --- Run ------------------------------------------------------------------
   config.seed = 0
   config.eval_batch_size = 500

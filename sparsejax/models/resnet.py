@@ -8,6 +8,15 @@ Conventions follow the OpenLTH / Synaptic-Flow reference code:
   The shortcut ``s`` is the identity, or a 1x1 conv (no bias) + BatchNorm when
   the stride or channel count changes.
 * The head is global average pooling and one ``Dense`` classifier.
+* ``ResNet(ghost_skips=True)`` is the ghost-skip variant of ToST (SPEC §7,
+  :mod:`sparsejax.tost`): every basic block gets two extra dense paths, 1x1
+  conv + BatchNorm (``ghost_in``: block input -> pre-activation of the first
+  conv, same stride; ``ghost_out``: first activation -> block output), scaled
+  by the traced ``ghost_coef`` γ. Their modules are named ``ghost_*`` (never
+  prunable, see :func:`sparsejax.masks.is_ghost`) and the other params keep
+  the names of the plain model, so :func:`sparsejax.tost.export` (drop the
+  ``ghost_*`` entries) gives the plain model's variables; at γ = 0 both give
+  identical logits.
 * Kernels (convs and classifier) use He normal, ``N(0, 2 / fan_in)`` -- the
   dense initialiser gain 2.0, see :func:`activations.he_normal`; biases are 0,
   BatchNorm scale 1 and bias 0.
@@ -43,6 +52,9 @@ class BasicBlock(nn.Module):
     norm: ``nn.BatchNorm`` constructor (with the train/eval mode set).
     act: activation ``act(x, coef)``.
     strides: stride of the first 3x3 conv and of the projection shortcut.
+    ghost: add ToST's two ghost paths (:func:`ghost_path`), scaled by
+      ``ghost_coef``; default False.
+    ghost_init: the constant of the ghost convs' kernels; default 1e-4.
   """
 
   filters: int
@@ -50,21 +62,46 @@ class BasicBlock(nn.Module):
   norm: ModuleDef
   act: activations.Activation
   strides: int = 1
+  ghost: bool = False
+  ghost_init: float = 1e-4
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None,
+               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
     residual = x
     y = self.conv(self.filters, (3, 3), self.strides, padding=1)(x)
     y = self.norm()(y)
+    if self.ghost:
+      y = y + ghost_path(self, "ghost_in", x, self.strides, ghost_coef)
     y = self.act(y, act_coef)
+    first = y
     y = self.conv(self.filters, (3, 3), padding=1)(y)
     y = self.norm()(y)
+    if self.ghost:
+      y = y + ghost_path(self, "ghost_out", first, 1, ghost_coef)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="conv_proj")(
           residual
       )
       residual = self.norm(name="norm_proj")(residual)
     return self.act(residual + y, act_coef)
+
+
+def ghost_path(block: nn.Module, name: str, x: jax.Array, strides: int,
+               coef: Optional[jax.Array]) -> jax.Array:
+  """``coef * norm(conv1x1(x))``: one ghost skip path of ToST inside ``block``.
+
+  A dense 1x1 conv (``block.filters`` outputs, stride ``strides``, no bias,
+  every kernel entry ``block.ghost_init``) and a BatchNorm, created in
+  ``block``'s scope as ``<name>_conv`` and ``<name>_norm``. ``coef`` (γ) is
+  ``None`` (the path at full strength, γ = 1) or a scalar, possibly traced.
+  Maps ``[B, H, W, C]`` to ``[B, H / strides, W / strides, block.filters]``.
+  """
+  conv = block.conv(block.filters, (1, 1), strides, padding=0,
+                    kernel_init=nn.initializers.constant(block.ghost_init),
+                    name=f"{name}_conv")
+  y = block.norm(name=f"{name}_norm")(conv(x))
+  return y if coef is None else jnp.asarray(coef, y.dtype) * y
 
 
 class ResNet(nn.Module):
@@ -90,6 +127,9 @@ class ResNet(nn.Module):
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.
+    ghost_skips: ToST's ghost-skip variant (see the module doc); default
+      False.
+    ghost_init: the constant of the ghost convs' kernels; default 1e-4.
   """
 
   num_classes: int
@@ -99,10 +139,13 @@ class ResNet(nn.Module):
   act: activations.Activation = activations.relu
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
+  ghost_skips: bool = False
+  ghost_init: float = 1e-4
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
+      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None,
+      ghost_coef: Optional[jax.Array] = None,
   ) -> jax.Array:
     """Computes logits.
 
@@ -112,6 +155,8 @@ class ResNet(nn.Module):
         (otherwise use the running averages).
       act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
         may be traced.
+      ghost_coef: γ, the scale of the ghost paths when ``ghost_skips``
+        (``None``: 1; a scalar, may be traced); ignored otherwise.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
@@ -126,8 +171,9 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = BasicBlock(
-            channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides
-        )(x, act_coef)
+            channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
+            ghost=self.ghost_skips, ghost_init=self.ghost_init,
+        )(x, act_coef, ghost_coef)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
                  kernel_init=activations.he_normal(self.init_gain))(x)

@@ -9,6 +9,12 @@ shortcut ``s`` is a 1x1 conv (no bias) of the pre-activated input
 ``act(bn(x))``, as in the reference code. Convs have no bias; BatchNorm,
 initialisers and the injectable activation follow :mod:`sparsejax.models`.
 
+``ghost_skips=True`` is ToST's ghost-skip variant (:mod:`sparsejax.tost`):
+every block gets the two ghost paths of
+:func:`sparsejax.models.resnet.ghost_path`, ``ghost_in`` (block input -> the
+first conv's output, before its BatchNorm and activation) and ``ghost_out``
+(first activation -> block output), scaled by the traced ``ghost_coef``.
+
 The DST papers' models: WRN-22-2 (RigL's CIFAR-10 model, 1.1 M parameters)
 and WRN-28-10 (Sup-tickets, 36.5 M). Dropout between the convs is optional
 (``dropout``; 0 by default, as in RigL) and uses the ``'dropout'`` rng.
@@ -24,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models.resnet import ghost_path
 
 ModuleDef = Any
 
@@ -38,6 +45,8 @@ class WideBasicBlock(nn.Module):
     strides: stride of the first conv and of the projection shortcut.
     dropout: dropout rate between the two convs.
     train: dropout active (batch statistics are set through ``norm``).
+    ghost: add ToST's two ghost paths, scaled by ``ghost_coef``.
+    ghost_init: the constant of the ghost convs' kernels; default 1e-4.
   """
 
   filters: int
@@ -47,15 +56,23 @@ class WideBasicBlock(nn.Module):
   strides: int = 1
   dropout: float = 0.0
   train: bool = False
+  ghost: bool = False
+  ghost_init: float = 1e-4
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None,
+               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
     pre = self.act(self.norm()(x), act_coef)
     y = self.conv(self.filters, (3, 3), self.strides, padding=1)(pre)
+    if self.ghost:
+      y = y + ghost_path(self, "ghost_in", x, self.strides, ghost_coef)
     y = self.act(self.norm()(y), act_coef)
+    first = y
     if self.dropout:
       y = nn.Dropout(self.dropout, deterministic=not self.train)(y)
     y = self.conv(self.filters, (3, 3), padding=1)(y)
+    if self.ghost:
+      y = y + ghost_path(self, "ghost_out", first, 1, ghost_coef)
     if x.shape[-1] != self.filters or self.strides != 1:
       x = self.conv(self.filters, (1, 1), self.strides, padding=0,
                     name="conv_proj")(pre)
@@ -73,6 +90,9 @@ class WideResNet(nn.Module):
     act: activation ``act(x, coef)``; default ReLU.
     init_gain: He-normal gain of the kernels; default 2.0.
     dtype: computation dtype; default float32.
+    ghost_skips: ToST's ghost-skip variant (see the module doc); default
+      False.
+    ghost_init: the constant of the ghost convs' kernels; default 1e-4.
   """
 
   num_classes: int
@@ -82,11 +102,16 @@ class WideResNet(nn.Module):
   act: activations.Activation = activations.relu
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
+  ghost_skips: bool = False
+  ghost_init: float = 1e-4
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False,
-               act_coef: Optional[jax.Array] = None) -> jax.Array:
-    """Logits ``[B, num_classes]`` (float32) of NHWC images ``x``."""
+               act_coef: Optional[jax.Array] = None,
+               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
+    """Logits ``[B, num_classes]`` (float32) of NHWC images ``x``; ``act_coef``
+    goes to every activation, ``ghost_coef`` (γ; ``None``: 1) scales the ghost
+    paths when ``ghost_skips``."""
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     n = (self.depth - 4) // 6
@@ -96,7 +121,9 @@ class WideResNet(nn.Module):
       for j in range(n):
         x = WideBasicBlock(width * self.widen, conv=conv, norm=norm,
                            act=self.act, strides=2 if i > 0 and j == 0 else 1,
-                           dropout=self.dropout, train=train)(x, act_coef)
+                           dropout=self.dropout, train=train,
+                           ghost=self.ghost_skips, ghost_init=self.ghost_init)(
+                               x, act_coef, ghost_coef)
     x = self.act(norm()(x), act_coef)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
