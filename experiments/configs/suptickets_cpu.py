@@ -1,24 +1,24 @@
-"""The CPU grid of Sup-tickets (``experiments.suptickets``), under two hours.
+"""The CPU grid of Sup-tickets (``experiments.suptickets``), about 45 minutes.
 
 ResNet-20 on the offline CIFAR-10 copy at 95% sparsity: RigL and GraNet
 alone, and each with Sup-tickets in the same total epochs; 3 seeds, 12 cells.
-The DST CPU grid's setting (``dst_cpu.py``): a class-balanced 4,000-image
-subset, batch 64 (62 steps per epoch), SGD momentum 0.9, lr 0.1 cosine to 0,
-weight decay 1e-4, crop and flip, mask updates every ΔT = 50 steps; RigL from
-a random ERK mask (drop fraction 0.3 cosine-decayed to 0 at 75%), GraNet from
-an ERK mask at density 0.5 (pruned over the first half, regrowth 0.5 until
-75%). Every run has E = 24 epochs (1,488 steps); Sup-tickets trains the DST
-method with these schedules over E − C·M = 15 epochs, then M = 3 cycles of
-C = 3 epochs (186 steps each; cyclic lr 0.001 → 0.005 → 0.001 per iteration,
-one drop-and-regrow of half of each layer at each cycle start, cumulative
-mean, global re-pruning, batch-norm statistics recomputed on the 4,000
-training images). Tested once at the end on all 10,000 test images (and
-each ticket and superposed model at its cycle end).
+The DST CPU grid's setting (``dst_cpu.py``) shrunk further: a class-balanced
+3,000-image subset, batch 64 (46 steps per epoch), SGD momentum 0.9, lr 0.1
+cosine to 0, weight decay 1e-4, crop and flip, mask updates every ΔT = 25
+steps; RigL from a random ERK mask (drop fraction 0.3 cosine-decayed to 0 at
+75%), GraNet from an ERK mask at density 0.5 (pruned over the first half,
+regrowth 0.5 until 75%). Every run has E = 14 epochs (644 steps); Sup-tickets
+trains the DST method with these schedules over E − C·M = 8 epochs, then
+M = 3 cycles of C = 2 epochs (92 steps each; cyclic lr 0.001 → 0.005 → 0.001
+per iteration, one drop-and-regrow of half of each layer at each cycle
+start, cumulative mean, global re-pruning, batch-norm statistics recomputed
+on the 3,000 training images). Tested once at the end on all 10,000 test
+images (and each ticket and superposed model at its cycle end).
 
-Calibration (2-core AMD EPYC, idle): a batch-64 step of ResNet-20 takes about
-0.25 s and the test set about 15 s, so a plain cell takes about 7 minutes and
-a Sup-tickets cell (3 cycle ends: statistics pass, ticket and superposed
-evaluations) about 2 minutes more; the grid about 100 minutes. Resumable:
+Calibration (2-core AMD EPYC Zen 4, idle): a batch-64 step of ResNet-20 takes
+about 0.2 s and the test set about 15 s, so a plain cell takes about 3
+minutes and a Sup-tickets cell (3 cycle ends: statistics pass, ticket and
+superposed evaluations) about 4.5; the grid about 45 minutes. Resumable:
 rerun the same command to continue.
 
   python -m experiments.suptickets --config experiments/configs/suptickets_cpu.py \\
@@ -31,9 +31,11 @@ from experiments.configs import dst_cpu
 def get_config():
   """Returns the CPU grid."""
   config = dst_cpu.get_config()
-  config.num_epochs = 24
+  config.train_subset = 3000
+  config.num_epochs = 14
+  config.dst_update_every = 25
   config.sup_cycles = 3
-  config.sup_cycle_epochs = 3
+  config.sup_cycle_epochs = 2
   config.sup_lr1 = 0.001
   config.sup_lr2 = 0.005
   plain = config.variants.to_dict()
