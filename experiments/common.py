@@ -50,6 +50,7 @@ from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
 from sparsejax import models
+from sparsejax import nm as nm_lib
 from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_io
@@ -184,7 +185,7 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                        "mask at config.dst_initial_sparsity: set config.pruner='dense'")
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
-    if masks.parse_nm(config.budget) is not None:
+    if nm_lib.parse_nm(config.budget) is not None:
       raise ValueError(
           f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
           f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
@@ -330,7 +331,7 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
     method = dst.set if config.dst == "set" else dst.rigl
-    nm = config.budget if masks.parse_nm(config.budget) is not None else None
+    nm = config.budget if nm_lib.parse_nm(config.budget) is not None else None
     kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)

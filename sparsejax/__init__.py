@@ -2,6 +2,7 @@
 
 Submodules:
   masks: pytree masks, prunability, exact sparsity budgets (global/uniform/ERK).
+  nm: N:M ("2:4") budgets, exactly N kept in every group of M input weights.
   optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
   data: dataset loaders and the on-device input pipeline.
@@ -53,6 +54,7 @@ from sparsejax import masks
 from sparsejax import mesh
 from sparsejax import metrics_log
 from sparsejax import models
+from sparsejax import nm
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
@@ -65,6 +67,6 @@ from sparsejax import train
 __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
-           "lottery", "masks", "mesh", "metrics_log", "models", "optim",
+           "lottery", "masks", "mesh", "metrics_log", "models", "nm", "optim",
            "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
            "tost", "train"]

@@ -63,7 +63,9 @@ import optax
 
 from sparsejax import hooks
 from sparsejax import masks
+from sparsejax import nm as nm_lib
 from sparsejax import optim
+from sparsejax._sort_keys import sortable_bits
 
 PyTree = Any
 ScalarOrSchedule = Union[float, optax.Schedule]
@@ -187,7 +189,7 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
   The drop is that of :func:`drop_and_grow` (the ``k = ⌊fraction · n_active⌋``
   active entries of smallest ``|weights|`` over the whole layer); each group
   of ``m`` consecutive entries along axis -2 (see
-  :func:`sparsejax.masks.nm_groups`) then regrows as many entries as it lost,
+  :func:`sparsejax.nm.nm_groups`) then regrows as many entries as it lost,
   the highest ``growth_scores`` among its entries not kept after the drop
   (just-dropped ones included), ties to the lower flat index. So an N:M mask
   stays N:M and the layer keeps exactly its count.
@@ -215,14 +217,14 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
   magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
   kept = masks.keep_top(jnp.where(jnp.ravel(mask), magnitude, -jnp.inf),
                         n_active - k).reshape(shape)
-  lost = masks.group_counts(mask, m) - masks.group_counts(kept, m)
+  lost = nm_lib.group_counts(mask, m) - nm_lib.group_counts(kept, m)
   grow = growth_scores.astype(jnp.float32)
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
-  keys = masks._sortable_bits(masks.nm_groups(grow, m))  # pylint: disable=protected-access
-  free = ~masks.nm_groups(kept, m)
+  keys = sortable_bits(nm_lib.nm_groups(grow, m))
+  free = ~nm_lib.nm_groups(kept, m)
   keys = jnp.where(free, keys, jnp.zeros((), keys.dtype))  # below every score
-  grown_groups = masks.keep_top_in_groups(keys, lost) & free
-  new = kept | masks.nm_ungroup(grown_groups, shape)
+  grown_groups = nm_lib.keep_top_in_groups(keys, lost) & free
+  new = kept | nm_lib.nm_ungroup(grown_groups, shape)
   return new, new & ~mask
 
 
@@ -353,7 +355,7 @@ def _nm_group_size(nm: str | None) -> int | None:
   """``M`` of an ``"N:M"`` string (checked), ``None`` for ``None``."""
   if nm is None:
     return None
-  parsed = masks.parse_nm(nm)
+  parsed = nm_lib.parse_nm(nm)
   if parsed is None:
     raise ValueError(f"nm must be an 'N:M' string such as '2:4', got {nm!r}")
   return parsed[1]
@@ -374,7 +376,7 @@ def _check_nm_start(mask: PyTree, nm: str | None, prunable) -> None:
   if not any(jax.tree.leaves(divisible)):
     raise ValueError(f"nm={nm!r}: no prunable layer has an input dimension "
                      f"divisible by {m}")
-  masks.check_nm(mask, nm, prunable=divisible)
+  nm_lib.check_nm(mask, nm, prunable=divisible)
 
 
 def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",

@@ -20,7 +20,7 @@ Conventions used throughout sparsejax:
   - ``"erk"``: Erdős–Rényi-Kernel, layer density ∝ ``(Σ dims) / (Π dims)``.
   - ``"er"``: Erdős–Rényi, layer density ∝ ``(c_in + c_out) / (c_in · c_out)``.
 
-  - ``"N:M"`` (e.g. ``"2:4"``, see :func:`nm`): exactly ``N`` kept in every
+  - ``"N:M"`` (e.g. ``"2:4"``, see :mod:`sparsejax.nm`): exactly ``N`` kept in every
     group of ``M`` consecutive weights along the input dimension (axis -2:
     ``din`` of a dense ``[din, dout]`` kernel, ``c_in`` of a conv kernel
     ``[kh, kw, c_in, c_out]``, one group per ``(kh, kw, c_out)``), the
@@ -53,10 +53,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._sort_keys import sortable_bits
+# The N:M budgets live in sparsejax.nm; their public names stay available here.
+from sparsejax.nm import (  # noqa: F401  (re-exported)
+    _check_nm_sparsity, _nm_topk_mask, check_nm, group_counts, keep_top_in_groups,
+    nm, nm_groups, nm_keep, nm_sparsity, nm_ungroup, parse_nm)
+
 PyTree = Any
 Budget = str
 BUDGETS = ("global", "uniform", "erk", "er")
-"""The named budgets; an ``"N:M"`` string (:func:`nm`) is a budget too."""
+"""The named budgets; an ``"N:M"`` string (:mod:`sparsejax.nm`) is a budget too."""
 
 # ----------------------------------------------------------------------------
 # Paths and prunability
@@ -235,6 +241,14 @@ def check_sparsity(sparsity, name: str = "sparsity") -> None:
     raise ValueError(
         f"{name} must be in [0, 1), got {s!r}: sparsity is the fraction of "
         "prunable weights set to zero (0.98 keeps 2%); 1.0 would prune everything.")
+
+
+def check_budget(budget) -> None:
+  """Raises ``ValueError`` unless ``budget`` is in :data:`BUDGETS` or ``"N:M"``."""
+  if budget in BUDGETS or parse_nm(budget) is not None:
+    return
+  raise ValueError(f"budget must be one of {BUDGETS} or an N:M string such as "
+                   f"'2:4', got {budget!r}")
 
 
 def _check_same_structure(a, b, a_name, b_name) -> None:
@@ -463,18 +477,6 @@ def kept_count(n: int, sparsity) -> Any:
   return jnp.maximum(k, 1)
 
 
-def _sortable_bits(flat_scores):
-  """Unsigned integers ordered like the floats (NaN lowest, -0.0 == +0.0)."""
-  x = jnp.where(jnp.isnan(flat_scores), -jnp.inf, flat_scores) + 0.0
-  utype = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
-  x = x.astype(jnp.float64 if utype == jnp.uint64 else jnp.float32)
-  bits = jax.lax.bitcast_convert_type(x, utype)
-  sign = jnp.array(1, utype) << (8 * jnp.dtype(utype).itemsize - 1)
-  # Negative floats: flip every bit (reverses their order below the positives);
-  # non-negative floats: set the sign bit.
-  return jnp.where(bits & sign, ~bits, bits | sign)
-
-
 def keep_top(flat_scores: jax.Array, k) -> jax.Array:
   """Exact top-k: keeps exactly the ``k`` highest scores, ties to the lower index.
 
@@ -506,7 +508,7 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
     >>> masks.keep_top(scores, 3)  # 2.0, 1.0 and the first of the tied 0.5s
     Array([ True,  True, False,  True, False], dtype=bool)
   """
-  keys = _sortable_bits(flat_scores)
+  keys = sortable_bits(flat_scores)
   utype = keys.dtype
   k = jnp.asarray(k, jnp.int32)
   threshold = jnp.zeros((), utype)
@@ -635,211 +637,6 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
       flat = prepared(i)
       keep = keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
       out[i] = keep.reshape(jnp.shape(leaves[i]))
-  return jax.tree.unflatten(jax.tree.structure(scores), out)
-
-
-# ----------------------------------------------------------------------------
-# N:M budgets
-# ----------------------------------------------------------------------------
-
-_NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
-
-
-def nm(n: int, m: int) -> str:
-  """The N:M budget string, e.g. ``nm(2, 4) == "2:4"`` (checked).
-
-  Args:
-    n: kept weights per group, ``1 <= n <= m``.
-    m: group size (consecutive weights along the input dimension), ``m >= 1``.
-
-  Returns:
-    ``"n:m"``, usable as ``budget=`` everywhere a budget is taken.
-  """
-  budget = f"{int(n)}:{int(m)}"
-  parse_nm(budget)  # checks 1 <= n <= m
-  return budget
-
-
-def parse_nm(budget) -> tuple[int, int] | None:
-  """``(n, m)`` of an ``"N:M"`` budget; ``None`` for any other value.
-
-  Raises:
-    ValueError: an ``"N:M"`` string with ``N < 1`` or ``N > M``.
-
-  Example:
-
-    >>> from sparsejax import masks
-    >>> masks.parse_nm("2:4"), masks.parse_nm("global")
-    ((2, 4), None)
-  """
-  if not isinstance(budget, str):
-    return None
-  match = _NM_PATTERN.match(budget.strip())
-  if match is None:
-    return None
-  n, m = int(match.group(1)), int(match.group(2))
-  if not 1 <= n <= m:
-    raise ValueError(f"an N:M budget needs 1 <= N <= M, got {budget!r}")
-  return n, m
-
-
-def check_budget(budget) -> None:
-  """Raises ``ValueError`` unless ``budget`` is in :data:`BUDGETS` or ``"N:M"``."""
-  if budget in BUDGETS or parse_nm(budget) is not None:
-    return
-  raise ValueError(f"budget must be one of {BUDGETS} or an N:M string such as "
-                   f"'2:4', got {budget!r}")
-
-
-def nm_sparsity(budget: str) -> float:
-  """The sparsity ``1 - N/M`` of an ``"N:M"`` budget (``"2:4"`` → 0.5)."""
-  parsed = parse_nm(budget)
-  if parsed is None:
-    raise ValueError(f"not an N:M budget: {budget!r}")
-  return 1.0 - parsed[0] / parsed[1]
-
-
-def _check_nm_sparsity(sparsity, n: int, m: int) -> None:
-  """An N:M budget keeps ``round((1 - s) · M)`` per group, which must be ``N``."""
-  if not _is_concrete(sparsity):
-    raise ValueError(f"an N:M budget ({n}:{m}) needs a Python float sparsity "
-                     "(1 - N/M), not a traced value")
-  if round((1.0 - float(sparsity)) * m) != n:
-    raise ValueError(
-        f"budget '{n}:{m}' keeps {n} of every {m} weights, sparsity "
-        f"{1.0 - n / m:g}; got sparsity={float(sparsity)!r} (pass "
-        f"masks.nm_sparsity('{n}:{m}'))")
-
-
-def _check_nm_shape(path: str, shape: tuple[int, ...], m: int) -> None:
-  if len(shape) < 2:
-    raise ValueError(
-        f"an N:M budget groups weights along the input dimension (axis -2); "
-        f"prunable leaf {path!r} has shape {shape}: make it non-prunable")
-  if shape[-2] % m:
-    raise ValueError(
-        f"an N:M budget needs the input dimension (axis -2) of every prunable "
-        f"layer to be divisible by M={m}; {path!r} has shape {shape} (input "
-        f"dimension {shape[-2]}). Keep it out of the budget, e.g. "
-        f"prunable=masks.KEEP_FIRST_DENSE (with order=) or "
-        f"overrides={{{path.rsplit('/', 1)[0]!r}: 0.0}}")
-
-
-def nm_groups(x: jax.Array, m: int) -> jax.Array:
-  """``x`` as its N:M groups: ``[..., c_in, c_out]`` → ``[..., c_out, c_in/m, m]``.
-
-  Axis -2 (the input dimension) is split into groups of ``m`` consecutive
-  entries; the last axis of the result runs along a group, in increasing flat
-  index. :func:`nm_ungroup` is the inverse.
-  """
-  xt = jnp.moveaxis(x, -2, -1)
-  return xt.reshape(xt.shape[:-1] + (xt.shape[-1] // m, m))
-
-
-def nm_ungroup(groups: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """The inverse of :func:`nm_groups` for a leaf of ``shape``."""
-  xt = groups.reshape(tuple(shape[:-2]) + (shape[-1], shape[-2]))
-  return jnp.moveaxis(xt, -1, -2)
-
-
-def group_counts(mask_leaf: jax.Array, m: int) -> jax.Array:
-  """Kept entries of every N:M group of ``mask_leaf``: ``int32 [..., c_out, c_in/m]``."""
-  return jnp.sum(nm_groups(jnp.asarray(mask_leaf), m), axis=-1, dtype=jnp.int32)
-
-
-def keep_top_in_groups(keys: jax.Array, k) -> jax.Array:
-  """Exact top-``k`` within each group (the last axis), ties to the lower index.
-
-  Args:
-    keys: ``[..., m]`` float scores (or unsigned sort keys) of each group.
-    k: kept per group, an int or an int array broadcastable to ``keys.shape[:-1]``.
-
-  Returns:
-    bool ``[..., m]`` with exactly ``min(k, m)`` entries ``True`` per group.
-  """
-  if jnp.issubdtype(keys.dtype, jnp.floating):
-    keys = _sortable_bits(keys)
-  m = keys.shape[-1]
-  idx = jnp.arange(m)
-  a, b = keys[..., :, None], keys[..., None, :]
-  beats = (b > a) | ((b == a) & (idx[None, :] < idx[:, None]))  # [.., i, j]: j beats i
-  rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
-  return rank < jnp.asarray(k, jnp.int32)[..., None]
-
-
-def nm_keep(scores_leaf: jax.Array, n, m: int,
-            within: jax.Array | None = None) -> jax.Array:
-  """The N:M mask of one layer: the ``n`` highest scores of each group of ``m``.
-
-  Pure and ``jit``-compatible (``n`` may be traced). Groups run along axis -2
-  (see :func:`nm_groups`); ties go to the lower flat index; NaN ranks lowest.
-  With ``within`` only its entries can be kept, ``min(n, available)`` per group.
-
-  Args:
-    scores_leaf: float ``[..., c_in, c_out]`` with ``c_in % m == 0``.
-    n: kept per group.
-    m: group size.
-    within: optional bool mask of the same shape.
-
-  Returns:
-    bool mask of ``scores_leaf``'s shape.
-  """
-  shape = tuple(jnp.shape(scores_leaf))
-  s = jnp.asarray(scores_leaf)
-  s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-  keys = _sortable_bits(nm_groups(s, m))
-  if within is None:
-    return nm_ungroup(keep_top_in_groups(keys, n), shape)
-  w = nm_groups(jnp.asarray(within), m)
-  keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
-  return nm_ungroup(keep_top_in_groups(keys, n) & w, shape)
-
-
-def check_nm(mask: PyTree, budget: str, prunable=None) -> None:
-  """Raises ``ValueError`` unless every prunable leaf of ``mask`` is N:M.
-
-  Every group of ``M`` consecutive entries along axis -2 of every prunable
-  leaf must keep exactly ``N``; the error names the first bad path and group.
-  """
-  n, m = parse_nm(budget) or (None, None)
-  if n is None:
-    raise ValueError(f"not an N:M budget: {budget!r}")
-  flags = dict(named_leaves(prunable_tree(mask, prunable)))
-  for path, leaf in named_leaves(mask):
-    if not flags[path]:
-      continue
-    _check_nm_shape(path, tuple(jnp.shape(leaf)), m)
-    counts = np.asarray(nm_ungroup(
-        jnp.repeat(group_counts(leaf, m)[..., None], m, axis=-1),
-        tuple(jnp.shape(leaf))))
-    bad = np.argwhere(counts != n)
-    if bad.size:
-      raise ValueError(
-          f"{path!r} is not {n}:{m}: the group holding entry {tuple(bad[0])} "
-          f"keeps {counts[tuple(bad[0])]} of {m}")
-
-
-def _nm_topk_mask(scores, nm_budget, names, leaves, flags, keep_in, fixed):
-  """:func:`topk_mask` under an N:M budget (overridden layers: per-layer top-k)."""
-  n, m = nm_budget
-  for path, leaf, flag in zip(names, leaves, flags):
-    if flag and path not in fixed:
-      _check_nm_shape(path, tuple(jnp.shape(leaf)), m)
-  out = []
-  for i, (path, leaf, flag) in enumerate(zip(names, leaves, flags)):
-    shape = jnp.shape(leaf)
-    if not flag:
-      out.append(jnp.ones(shape, jnp.bool_))
-    elif path in fixed:
-      s = jnp.ravel(leaf)
-      s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-      k = kept_count(s.shape[0], fixed[path])
-      if keep_in[i] is not None:
-        s = jnp.where(jnp.ravel(keep_in[i]), s, -jnp.inf)
-        k = jnp.minimum(k, jnp.sum(keep_in[i]).astype(jnp.int32))
-      out.append(keep_top(s, k).reshape(shape))
-    else:
-      out.append(nm_keep(leaf, n, m, keep_in[i]))
   return jax.tree.unflatten(jax.tree.structure(scores), out)
 
 

@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import _conv_layout, losses, masks, models
+from sparsejax import nm as nm_lib
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -469,11 +470,11 @@ def _pools(params, sparsity: float, budget: str, flags: PyTree, overrides,
   prunable_paths = [p for p, f in masks.named_leaves(flags) if f]
   groups: dict[float, set] = {}
   pools = []
-  if masks.parse_nm(budget) is not None:
+  if nm_lib.parse_nm(budget) is not None:
     fixed = masks.resolve_overrides(prunable_paths, overrides)
     rest = frozenset(p for p in prunable_paths if p not in fixed)
     if rest:
-      pools.append((budget, masks.nm_sparsity(budget), rest))
+      pools.append((budget, nm_lib.nm_sparsity(budget), rest))
   elif budget == "global":
     fixed = masks.resolve_overrides(prunable_paths, overrides)
     rest = frozenset(p for p in prunable_paths if p not in fixed)
@@ -497,14 +498,14 @@ def _scheduled_mask(scores, within, pools, exponent):
   names = masks.paths(scores)
   out = jax.tree.leaves(masks.ones_like(scores))
   for kind, s, group in pools:
-    nm = masks.parse_nm(kind)
+    nm = nm_lib.parse_nm(kind)
     if nm is not None:
       n, m = nm
       k = jnp.clip(jnp.round(m * (n / m) ** exponent), n, m).astype(jnp.int32)
       for i, (p, leaf, w) in enumerate(zip(names, jax.tree.leaves(scores),
                                            jax.tree.leaves(within))):
         if p in group:
-          out[i] = masks.nm_keep(leaf, k, m, w)
+          out[i] = nm_lib.nm_keep(leaf, k, m, w)
       continue
     flags = masks.map_with_path(lambda p, _: p in group, scores)
     m = masks.topk_mask(scores, 1.0 - (1.0 - s) ** exponent, budget=kind,
@@ -557,8 +558,8 @@ def _check_prune_args(params, mask, sparsity, rounds, budget):
   masks.check_sparsity(sparsity)
   masks.check_mask(mask, params)
   masks.check_budget(budget)
-  if masks.parse_nm(budget) is not None:
-    masks._check_nm_sparsity(sparsity, *masks.parse_nm(budget))  # pylint: disable=protected-access
+  if nm_lib.parse_nm(budget) is not None:
+    nm_lib._check_nm_sparsity(sparsity, *nm_lib.parse_nm(budget))  # pylint: disable=protected-access
   if int(rounds) != rounds or rounds < 1:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
 

@@ -16,7 +16,7 @@ import pytest
 
 import sparsejax.models
 
-MODULES = ["sparsejax.masks", "sparsejax.optim", "sparsejax.scores",
+MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scores",
            "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from sparsejax import dst, masks, optim, scores
+from sparsejax import dst, masks, nm, optim, scores
 
 
 def _normal(seed, shape):
@@ -41,14 +41,14 @@ def _reference_nm(scores_leaf, n, m):
 
 @pytest.mark.parametrize("budget", ["2:4", "3:8"])
 def test_exact_count_in_every_group_and_matches_reference(budget):
-  n, m = masks.parse_nm(budget)
+  n, m = nm.parse_nm(budget)
   params = _params()
   # Coarse scores: many ties inside groups.
   sc = jax.tree.map(lambda p: jnp.round(p * 2) / 2, params)
-  mask = masks.topk_mask(sc, masks.nm_sparsity(budget), budget=budget)
-  masks.check_nm(mask, budget)
+  mask = masks.topk_mask(sc, nm.nm_sparsity(budget), budget=budget)
+  nm.check_nm(mask, budget)
   for path in ("conv", "dense"):
-    counts = masks.group_counts(mask[path]["kernel"], m)
+    counts = nm.group_counts(mask[path]["kernel"], m)
     assert counts.shape == (*mask[path]["kernel"].shape[:-2],
                             mask[path]["kernel"].shape[-1],
                             mask[path]["kernel"].shape[-2] // m)
@@ -66,22 +66,22 @@ def test_groups_run_along_the_input_dimension_and_ties_go_to_lower_index():
   np.testing.assert_array_equal(mask, expected)
   # NaN ranks lowest; -0.0 ties with 0.0.
   w = jnp.array([[jnp.nan], [0.0], [-0.0], [-1.0]])
-  np.testing.assert_array_equal(masks.nm_keep(w, 2, 4).ravel(),
+  np.testing.assert_array_equal(nm.nm_keep(w, 2, 4).ravel(),
                                 [False, True, True, False])
 
 
 def test_traced_n_and_within_under_jit():
   s = _normal(4, (3, 3, 8, 4))
   for n in (1, 2, 3):
-    got = jax.jit(lambda x, k: masks.nm_keep(x, k, 4))(s, n)
+    got = jax.jit(lambda x, k: nm.nm_keep(x, k, 4))(s, n)
     np.testing.assert_array_equal(got, _reference_nm(s, n, 4))
-  within = masks.nm_keep(s, 1, 4)  # one available per group
-  got = masks.nm_keep(s, 2, 4, within)  # keeps min(2, 1)
+  within = nm.nm_keep(s, 1, 4)  # one available per group
+  got = nm.nm_keep(s, 2, 4, within)  # keeps min(2, 1)
   np.testing.assert_array_equal(got, within)
   mask = masks.topk_mask({"w": s}, 0.5, budget="2:4",
-                         within={"w": masks.nm_keep(-s, 3, 4)})
-  assert not bool(jnp.any(mask["w"] & ~masks.nm_keep(-s, 3, 4)))
-  assert np.all(np.asarray(masks.group_counts(mask["w"], 4)) == 2)
+                         within={"w": nm.nm_keep(-s, 3, 4)})
+  assert not bool(jnp.any(mask["w"] & ~nm.nm_keep(-s, 3, 4)))
+  assert np.all(np.asarray(nm.group_counts(mask["w"], 4)) == 2)
 
 
 def test_errors_are_clear():
@@ -97,8 +97,8 @@ def test_errors_are_clear():
   with pytest.raises(ValueError, match="axis -2"):
     masks.topk_mask(params, 0.5, budget="2:4", prunable=lambda p, x: True)
   with pytest.raises(ValueError, match="not 2:4"):
-    masks.check_nm(masks.ones_like(params), "2:4")
-  assert masks.nm(2, 4) == "2:4" and masks.nm_sparsity("1:4") == 0.75
+    nm.check_nm(masks.ones_like(params), "2:4")
+  assert nm.nm(2, 4) == "2:4" and nm.nm_sparsity("1:4") == 0.75
 
 
 def test_overrides_prune_a_layer_on_its_own_and_lift_the_divisibility_need():
@@ -106,7 +106,7 @@ def test_overrides_prune_a_layer_on_its_own_and_lift_the_divisibility_need():
             "body": {"kernel": jnp.arange(3 * 3 * 8 * 8.).reshape(3, 3, 8, 8)}}
   mask = masks.topk_mask(params, 0.5, budget="2:4", overrides={"stem": 0.0})
   assert bool(mask["stem"]["kernel"].all())
-  masks.check_nm({"body": mask["body"]}, "2:4")
+  nm.check_nm({"body": mask["body"]}, "2:4")
   mask = masks.topk_mask(params, 0.5, budget="2:4", overrides={"stem": 0.9})
   assert int(mask["stem"]["kernel"].sum()) == masks.kept_count(216, 0.9)
 
@@ -115,7 +115,7 @@ def test_nnx_state():
   model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   mask = masks.topk_mask(jax.tree.map(jnp.abs, state), 0.5, budget="2:4")
-  assert np.all(np.asarray(masks.group_counts(mask["kernel"][...], 4)) == 2)
+  assert np.all(np.asarray(nm.group_counts(mask["kernel"][...], 4)) == 2)
 
 
 def _mlp():
@@ -139,7 +139,7 @@ def test_every_pruning_method_targets_nm(method, kw):
   params, apply_fn = _mlp()
   mask = scores.prune_at_init(method, params, sparsity=0.75, budget="1:4",
                               apply_fn=apply_fn, **kw)
-  masks.check_nm(mask, "1:4")
+  nm.check_nm(mask, "1:4")
 
 
 def test_rigl_keeps_nm_through_updates():
@@ -158,7 +158,7 @@ def test_rigl_keeps_nm_through_updates():
     updates, state = update(grads, state, p)
     p = optax.apply_updates(p, updates)
     new = optim.get_mask(state)
-    masks.check_nm(new, "2:4")
+    nm.check_nm(new, "2:4")
   assert float(dst.mask_churn(mask, new)) > 0
   for make in (dst.rigl, dst.set):
     with pytest.raises(ValueError, match="not 2:4"):
@@ -170,8 +170,8 @@ def test_drop_and_grow_nm_keeps_every_group_count_for_any_mask():
   w = _normal(6, (16, 6)) * mask
   g = _normal(7, (16, 6))
   new, grown = jax.jit(dst.drop_and_grow_nm, static_argnums=4)(mask, w, g, 0.5, 8)
-  np.testing.assert_array_equal(masks.group_counts(new, 8),
-                                masks.group_counts(mask, 8))
+  np.testing.assert_array_equal(nm.group_counts(new, 8),
+                                nm.group_counts(mask, 8))
   assert not bool(jnp.any(grown & mask))
 
 
@@ -182,3 +182,12 @@ def test_experiments_refuse_gmp_with_nm():
   config.dst, config.budget, config.sparsity = "gmp", "2:4", 0.5
   with pytest.raises(ValueError, match="cannot keep an N:M budget"):
     common.resolve_config(ml_collections.ConfigDict(config.to_dict()))
+
+
+def test_nm_names_stay_available_from_masks():
+  import sparsejax
+  for name in ["nm", "parse_nm", "nm_sparsity", "check_nm", "nm_groups", "nm_ungroup",
+               "group_counts", "keep_top_in_groups", "nm_keep"]:
+    assert getattr(masks, name) is getattr(nm, name), name
+  assert sparsejax.nm is nm and "nm" in sparsejax.__all__
+  assert masks.check_budget("2:4") is None
