@@ -189,6 +189,16 @@ def check_nm(mask: PyTree, budget: str, prunable=None) -> None:
     budget: the ``"N:M"`` budget, e.g. ``"2:4"``.
     prunable: which leaves to check; see
       :func:`sparsejax.masks.prunable_tree` (default: the ``ndim > 1`` leaves).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import nm
+    >>> nm.check_nm({"w": jnp.array([[True], [False], [False], [True]])}, "2:4")
+    >>> nm.check_nm({"w": jnp.ones((4, 1), bool)}, "2:4")
+    Traceback (most recent call last):
+    ...
+    ValueError: 'w' is not 2:4: the group holding entry (0, 0) keeps 4 of 4
   """
   # Imported here, not at the top: sparsejax.masks imports this module.
   from sparsejax import masks  # pylint: disable=g-import-not-at-top
@@ -206,9 +216,10 @@ def check_nm(mask: PyTree, budget: str, prunable=None) -> None:
         tuple(jnp.shape(leaf))))
     bad = np.argwhere(counts != n)
     if bad.size:
+      entry = tuple(int(i) for i in bad[0])  # not numpy 2's (np.int64(0), ...)
       raise ValueError(
-          f"{path!r} is not {n}:{m}: the group holding entry {tuple(bad[0])} "
-          f"keeps {counts[tuple(bad[0])]} of {m}")
+          f"{path!r} is not {n}:{m}: the group holding entry {entry} "
+          f"keeps {int(counts[entry])} of {m}")
 
 
 def _nm_topk_mask(scores, nm_budget, names, leaves, flags, keep_in, fixed):
