@@ -15,7 +15,6 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.experimental.compilation_cache import compilation_cache as cc
 import numpy as np
 import optax
 import pytest
@@ -35,27 +34,6 @@ SPE = 44  # 1437 digits // 32
 @pytest.fixture(scope="module")
 def ds():
   return data.load("digits")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for this module: the identical train
-  steps of the uninterrupted, stopped and resumed runs compile once.
-
-  JAX opens the cache directory once per process, at the first compilation
-  after one is set, so changing the config alone is not enough: ``reset_cache``
-  (public, ``jax.experimental.compilation_cache``) makes it open this module's
-  directory, and at the end the one the other modules had (or none).
-  """
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-  old = {n: getattr(jax.config, n) for n in names}
-  jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(names[1], 1.0)
-  cc.reset_cache()
-  yield
-  for name, value in old.items():
-    jax.config.update(name, value)
-  cc.reset_cache()
 
 
 class ConvBN(nn.Module):
