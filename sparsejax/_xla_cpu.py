@@ -50,6 +50,13 @@ gradients are computed as matrix-vector products ``ones[M] @ x[M, C]``
 (Eigen GEMV) by a ``custom_vjp`` with batch norm's closed-form backward pass;
 other platforms, and CPU under ``SPARSEJAX_XLA_CPU_DEFAULTS=0``, compute the
 same formulas with ``jnp.mean`` and let autodiff derive the backward pass.
+
+Both rewrites add branches (``lax.platform_dependent``, ``lax.cond``) to every
+convolution and batch norm. That pays in a training step but not in programs
+that differentiate twice, where autodiff multiplies the branches: LRsI's
+objective (ToST) on a ghost ResNet-20 took 121 s to trace with them and 36 s
+without, and minutes more to compile. Such programs are traced inside
+:func:`plain_ops`, which turns both rewrites off for the trace.
 """
 
 from __future__ import annotations
@@ -59,7 +66,9 @@ import mmap
 import os
 import warnings
 
+import contextlib
 import functools
+import threading
 
 import jax
 from jax import lax
@@ -125,6 +134,32 @@ def _default_backend_is_cpu() -> bool:
 
 def _disabled(environ) -> bool:
   return environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+_local = threading.local()
+
+
+def _plain() -> bool:
+  """Whether the ops below trace their plain form (opt-out or :func:`plain_ops`)."""
+  return getattr(_local, "plain", False) or _disabled(os.environ)
+
+
+@contextlib.contextmanager
+def plain_ops():
+  """Traces :func:`conv_general_dilated` and :func:`batch_norm_train` plainly.
+
+  Inside the context (in this thread) both lower to the plain XLA ops on every
+  platform, as under ``SPARSEJAX_XLA_CPU_DEFAULTS=0``. For programs that
+  differentiate twice (see the module docstring); call the jitted function
+  inside it so that its trace happens there. Values are the same up to float
+  rounding.
+  """
+  previous = getattr(_local, "plain", False)
+  _local.plain = True
+  try:
+    yield
+  finally:
+    _local.plain = previous
 
 
 def apply(environ=None, *, defines=jaxlib_defines,
@@ -203,7 +238,7 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs):
   ``conv_general_dilated`` field of the models' ``nn.Conv``). See the module
   docstring for why; other platforms lower the plain convolution.
   """
-  if not _disabled(os.environ) and jax.dtypes.issubdtype(lhs.dtype,
+  if not _plain() and jax.dtypes.issubdtype(lhs.dtype,
                                                          jax.numpy.inexact):
     lhs = lax.platform_dependent(lhs, cpu=_materialize, default=lambda v: v)
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
@@ -283,7 +318,7 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
     module docstring); elsewhere, or with ``SPARSEJAX_XLA_CPU_DEFAULTS=0``,
     plain reductions. Same values and gradients up to float rounding.
   """
-  if _disabled(os.environ):
+  if _plain():
     return _bn_plain(x, scale, bias, epsilon)
   return lax.platform_dependent(
       x, scale, bias,

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax import _xla_cpu
 from sparsejax import data as data_lib
 from sparsejax import hooks as hooks_lib
 from sparsejax import losses
@@ -406,7 +407,10 @@ def lrsi(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
   """
   mask = masks.ones_like(params) if mask is None else mask
   params = masks.apply(params, mask)
-  scales, info = _lrsi_scan(loss, settings, preprocess, params, mask, data, key)
+  # Second order: the models' CPU rewrites would multiply the traced program
+  # (sparsejax._xla_cpu.plain_ops); _lrsi_scan retraces per call (new closures).
+  with _xla_cpu.plain_ops():
+    scales, info = _lrsi_scan(loss, settings, preprocess, params, mask, data, key)
   info = jax.device_get(info)
   out = {k: np.asarray(v) for k, v in info.items()}
   out["objective_before"] = float(out["objective_before"])

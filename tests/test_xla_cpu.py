@@ -279,3 +279,33 @@ def test_batch_norm_reductions_are_gemvs_on_cpu_only():
     return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)
   for a, b in zip(g(*args), jax.grad(textbook, (0, 1, 2))(*args)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_ops_traces_without_the_cpu_rewrites_and_restores_them():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+
+  x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
+  w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))
+  scale, bias = jnp.ones((4,)), jnp.zeros((4,))
+
+  def f(x, w):
+    y = _xla_cpu.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.sum(_xla_cpu.batch_norm_train(y, scale, bias, 1e-5)[0] ** 3)
+
+  def branches(fn):
+    text = str(jax.make_jaxpr(jax.grad(fn))(x, w))
+    return text.count("platform_index") + text.count("cond[")
+
+  assert branches(f) > 0                       # the rewrites, outside the context
+  with _xla_cpu.plain_ops():
+    assert branches(f) == 0                    # plain convolution and batch norm
+    plain_grad = jax.grad(f)(x, w)
+  assert branches(f) > 0                       # restored on exit
+  np.testing.assert_allclose(plain_grad, jax.grad(f)(x, w), rtol=1e-4, atol=1e-4)
+  ref = jax.grad(lambda x, w: jnp.sum(((lambda y: (y - y.mean((0, 1, 2))) / jnp.sqrt(
+      y.var((0, 1, 2)) + 1e-5))(lax.conv_general_dilated(
+          x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))) ** 3))
+  np.testing.assert_allclose(plain_grad, ref(x, w), rtol=1e-4, atol=1e-4)
