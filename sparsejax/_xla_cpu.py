@@ -61,14 +61,13 @@ without, and minutes more to compile. Such programs are traced inside
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import mmap
 import os
-import warnings
-
-import contextlib
-import functools
 import threading
+import warnings
 
 import jax
 from jax import lax
@@ -238,8 +237,7 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs):
   ``conv_general_dilated`` field of the models' ``nn.Conv``). See the module
   docstring for why; other platforms lower the plain convolution.
   """
-  if not _plain() and jax.dtypes.issubdtype(lhs.dtype,
-                                                         jax.numpy.inexact):
+  if not _plain() and jax.dtypes.issubdtype(lhs.dtype, jax.numpy.inexact):
     lhs = lax.platform_dependent(lhs, cpu=_materialize, default=lambda v: v)
   return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
 
