@@ -63,7 +63,7 @@ def test_configs():
   assert (paper.learning_rate, paper.lr_schedule, paper.weight_decay) == (
       0.05, "cosine", 5e-4)
   cpu = gradient_flow_cpu.get_config()
-  assert cpu.train_subset == 10000 and len(cpu.seeds) == 3
+  assert (cpu.train_subset, cpu.num_epochs, len(cpu.seeds)) == (6000, 20, 3)
   runner.check_config(cpu)
   cpu.methods = ("dense", "lottery")
   with pytest.raises(ValueError, match="add 'pruned'"):
