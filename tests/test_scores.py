@@ -113,6 +113,25 @@ def test_grasp_matches_finite_difference_hvp_of_analytic_gradient(nb):
     np.testing.assert_array_equal(keep_j, keep_np)
 
 
+def test_grasp_traces_without_the_cpu_rewrites():
+  # GraSP differentiates twice; sparsejax's CPU conv / batch-norm rewrites
+  # (sparsejax._xla_cpu) would put their branches into the second-order trace.
+  from sparsejax import _xla_cpu, models  # pylint: disable=g-import-not-at-top
+  model = models.get("resnet20", num_classes=10)
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
+  y = jnp.arange(4) % 10
+  variables = model.init(jax.random.key(0), x[:1])
+  params, apply_fn = scores.linen_apply_fn(model, variables)
+  mask = masks.ones_like(params)
+  jaxpr = str(jax.make_jaxpr(lambda p: scores.grasp(p, mask, apply_fn, [(x, y)]))(params))
+  assert "conv_general_dilated" in jaxpr
+  assert jaxpr.count("platform_index") + jaxpr.count("cond[") == 0
+  # The models' own gradient still carries them (the rewrites were not lost).
+  loss = lambda p: jnp.sum(apply_fn(p, x, True))
+  assert str(jax.make_jaxpr(jax.grad(loss))(params)).count("platform_index") > 0
+  assert not _xla_cpu._plain()
+
+
 # ----------------------------------------------------------------------------
 # SynFlow
 # ----------------------------------------------------------------------------
