@@ -50,8 +50,9 @@ run (and by ``--report_only``): those of :mod:`experiments.sweep`
 * ``tost.md``: test accuracy (%), mean ± std over the seeds, one row per mask
   source and sparsity, one column per recipe; every ToST column also gives the
   difference to the baseline of the same row;
-* ``tost_accuracy.png``: accuracy against sparsity, one panel per mask
-  source, one line per recipe (± std).
+* ``tost_accuracy.png``: accuracy against sparsity (as categories), one panel
+  per mask source with its own legend, one line per recipe (± std) in the same
+  colour on every panel, the recipes side by side at each sparsity.
 """
 
 from __future__ import annotations
@@ -254,29 +255,34 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   fig = results.figure(4 * len(sources) + 1, 4)
   axes = np.atleast_1d(fig.subplots(1, len(sources), sharey=True))
   sparsities = sorted({float(v) for v in config.sparsities} - {0.0})
+  recipes = list(_recipes(config))
+  colours = [f"C{k % 10}" for k in range(len(recipes))]  # one per recipe, every panel
   for ax, source in zip(axes, sources):
-    for recipe in _recipes(config):
+    for k, recipe in enumerate(recipes):
       points = []
-      for s in sparsities:
+      for i, s in enumerate(sparsities):
         found = [100 * r["test_accuracy"] for r in rows
                  if r["method"] == method_name(source, recipe) and r["sparsity"] == s]
         if found:
-          points.append((1 / (1 - s), *results.mean_std(found)))
+          # Sparsities as categories; each recipe slightly offset so that
+          # error bars at the same sparsity do not hide each other.
+          points.append((i + 0.08 * (k - (len(recipes) - 1) / 2),
+                         *results.mean_std(found)))
       if not points:
         continue
       x, mean, std = (np.array(v) for v in zip(*points))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3,
+      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colours[k],
                   label=LABELS.get(recipe, recipe))
-    if len(sparsities) > 1:
-      ax.set_xscale("log")
-    ax.set_xticks([1 / (1 - s) for s in sparsities],
+    ax.set_xticks(range(len(sparsities)),
                   [results.fmt_sparsity(s) for s in sparsities])
+    ax.set_xlim(-0.5, len(sparsities) - 0.5)
     ax.minorticks_off()
     ax.set_title(f"{source} mask")
     ax.set_xlabel("sparsity")
     ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize="x-small")
   axes[0].set_ylabel("test accuracy (%)")
-  axes[-1].legend(fontsize="small")
   fig.suptitle(f"{config.model} on {config.dataset}, "
                f"{results.epochs_text(config.num_epochs)}: baseline vs ToST")
   fig.savefig(path, dpi=120)
