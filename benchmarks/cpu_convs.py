@@ -1,14 +1,13 @@
 """Where the CPU gap to PyTorch is: ResNet-20's convolutions, one by one.
 
 Usage:
-  python benchmarks/cpu_convs.py [--batch 128] [--reps 15]
+  python benchmarks/cpu_convs.py [--batch 128] [--reps 15] [--rounds 2]
 
 ``benchmarks/cpu_step.py`` times the whole training step. This script times
 each convolution shape of a CIFAR ResNet-20 (batch 128, NHWC / channels-last)
 on its own, in JAX with sparsejax's CPU settings (``import sparsejax`` first)
 and in PyTorch eager, so that the part of the step's gap that lies in the
-convolution kernels themselves can be told from the rest (batch norm,
-layout changes, the optimiser):
+convolutions can be told from the rest (batch norm, ReLU, the optimiser):
 
 * ``fwd``: the convolution;
 * ``dx``: its input gradient (``jax.vjp`` w.r.t. the input; PyTorch's
@@ -16,14 +15,18 @@ layout changes, the optimiser):
 * ``dw``: its kernel gradient (``jax.vjp`` w.r.t. the kernel; PyTorch's
   ``torch.nn.grad.conv2d_weight``).
 
+A JAX figure is the whole compiled program: the convolution and the layout
+copies XLA:CPU puts around it (for ``dw``: the input to ``[C, H, W, N]``, the
+output gradient to ``[H, W, N, C]``), as in the training step.
+
 Each library runs in its own process, one process at a time (both
 libraries' worker threads spin for a while after a call, which slows the
 other down when they share a process), ``--rounds`` times alternately; each
-figure is the median over rounds of the median of ``--reps`` calls. ``total`` weighs each shape by how often ResNet-20 has it.
-Prints the CPU model; the last line is
-``conv_ratio_vs_pytorch X.XX  conv_ms_per_step Y.Y`` (JAX's total over
-PyTorch's, and JAX's total in ms). Needs ``torch`` (the ``bench`` extra).
-Not run in CI.
+figure is the median over rounds of the median of ``--reps`` calls.
+``total`` weighs each shape by how often ResNet-20 has it. Prints the CPU
+model; the last line is ``conv_ratio_vs_pytorch X.XX  conv_ms_per_step Y.Y``
+(JAX's total over PyTorch's, and JAX's total in ms). Needs ``torch`` (the
+``bench`` extra). Not run in CI.
 """
 
 from __future__ import annotations
@@ -44,16 +47,17 @@ from jax import lax  # noqa: E402
 
 from cpu_step import cpu_model  # noqa: E402
 
-# (count in ResNet-20, spatial size, in channels, out channels, kernel, stride)
+# (count in ResNet-20, spatial size, in channels, out channels, kernel, stride,
+#  whether the input needs a gradient: not the stem's, the image)
 SHAPES = (
-    (1, 32, 3, 16, 3, 1),    # stem
-    (6, 32, 16, 16, 3, 1),   # stage 1
-    (1, 32, 16, 32, 3, 2),   # stage 2, first conv
-    (1, 32, 16, 32, 1, 2),   # stage 2, projection shortcut
-    (5, 16, 32, 32, 3, 1),   # stage 2
-    (1, 16, 32, 64, 3, 2),   # stage 3, first conv
-    (1, 16, 32, 64, 1, 2),   # stage 3, projection shortcut
-    (5, 8, 64, 64, 3, 1),    # stage 3
+    (1, 32, 3, 16, 3, 1, False),   # stem
+    (6, 32, 16, 16, 3, 1, True),   # stage 1
+    (1, 32, 16, 32, 3, 2, True),   # stage 2, first conv
+    (1, 32, 16, 32, 1, 2, True),   # stage 2, projection shortcut
+    (5, 16, 32, 32, 3, 1, True),   # stage 2
+    (1, 16, 32, 64, 3, 2, True),   # stage 3, first conv
+    (1, 16, 32, 64, 1, 2, True),   # stage 3, projection shortcut
+    (5, 8, 64, 64, 3, 1, True),    # stage 3
 )
 PARTS = ("fwd", "dx", "dw")
 
@@ -121,11 +125,11 @@ def worker(lib: str, batch: int, reps: int) -> dict:
   make = jax_ops if lib == "jax" else torch_ops
   if lib == "torch":
     import torch  # pylint: disable=g-import-not-at-top
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
   out = {}
-  for count, size, cin, cout, k, stride in SHAPES:
+  for count, size, cin, cout, k, stride, with_dx in SHAPES:
     ops = make(batch, size, cin, cout, k, stride)
-    for part in PARTS if cin != 3 else ("fwd", "dw"):  # the stem needs no dx
+    for part in PARTS if with_dx else ("fwd", "dw"):
       out[f"{count} {size} {cin} {cout} {k} {stride} {part}"] = 1e3 * statistics.median(
           timed(ops[part]) for _ in range(reps))
   return out
@@ -151,7 +155,9 @@ def main():
     for lib in runs:
       out = subprocess.run(
           [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch),
-           "--reps", str(args.reps)], check=True, capture_output=True, text=True)
+           "--reps", str(args.reps)], capture_output=True, text=True, check=False)
+      if out.returncode:
+        sys.exit(f"the {lib} worker failed:\n{out.stderr}")
       runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
   med = {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
          for lib, rs in runs.items()}
@@ -162,7 +168,7 @@ def main():
   print(f"  {'count x shape':28s}" + "".join(
       f"{p + ' jax':>9s}{p + ' torch':>10s}" for p in PARTS))
   totals = {"jax": 0.0, "torch": 0.0}
-  for count, size, cin, cout, k, stride in SHAPES:
+  for count, size, cin, cout, k, stride, _ in SHAPES:
     row = f"  {f'{count} x {size}x{size}x{cin}->{cout} k{k} s{stride}':28s}"
     for part in PARTS:
       key = f"{count} {size} {cin} {cout} {k} {stride} {part}"

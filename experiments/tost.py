@@ -255,27 +255,29 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   fig = results.figure(4 * len(sources) + 1, 4)
   axes = np.atleast_1d(fig.subplots(1, len(sources), sharey=True))
   sparsities = sorted({float(v) for v in config.sparsities} - {0.0})
-  recipes = list(_recipes(config))
-  colours = [f"C{k % 10}" for k in range(len(recipes))]  # one per recipe, every panel
+  recipes = _recipes(config)
+  colours = {r: f"C{k % 10}" for k, r in enumerate(recipes)}  # same on every panel
+
+  def accuracies(source, recipe, s):
+    return [100 * r["test_accuracy"] for r in rows
+            if r["method"] == method_name(source, recipe) and r["sparsity"] == s]
+
   for ax, source in zip(axes, sources):
-    for k, recipe in enumerate(recipes):
-      points = []
-      for i, s in enumerate(sparsities):
-        found = [100 * r["test_accuracy"] for r in rows
-                 if r["method"] == method_name(source, recipe) and r["sparsity"] == s]
-        if found:
-          # Sparsities as categories; each recipe slightly offset so that
-          # error bars at the same sparsity do not hide each other.
-          points.append((i + 0.08 * (k - (len(recipes) - 1) / 2),
-                         *results.mean_std(found)))
-      if not points:
-        continue
+    # Sparsities as categories; the recipes of this panel side by side at each
+    # one, so that their error bars do not hide each other.
+    present = [rc for rc in recipes
+               if any(accuracies(source, rc, s) for s in sparsities)]
+    step = min(0.08, 0.8 / max(len(present), 1))
+    for k, recipe in enumerate(present):
+      points = [(i + step * (k - (len(present) - 1) / 2),
+                 *results.mean_std(accuracies(source, recipe, s)))
+                for i, s in enumerate(sparsities) if accuracies(source, recipe, s)]
       x, mean, std = (np.array(v) for v in zip(*points))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colours[k],
+      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colours[recipe],
                   label=LABELS.get(recipe, recipe))
     ax.set_xticks(range(len(sparsities)),
                   [results.fmt_sparsity(s) for s in sparsities])
-    ax.set_xlim(-0.5, len(sparsities) - 0.5)
+    ax.set_xlim(-0.5, max(len(sparsities), 1) - 0.5)
     ax.minorticks_off()
     ax.set_title(f"{source} mask")
     ax.set_xlabel("sparsity")

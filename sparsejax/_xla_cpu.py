@@ -56,8 +56,11 @@ convolution and batch norm. That pays in a training step but not in programs
 that differentiate twice, where autodiff multiplies the branches: LRsI's
 objective (ToST) on a ghost ResNet-20 took 121 s to trace with them and 36 s
 without (2-core AMD EPYC Zen 4, shared with other jobs), and minutes more to
-compile. Such programs (LRsI, GraSP's Hessian-gradient product) are traced
-inside :func:`plain_ops`, which turns both rewrites off for the trace.
+compile. Such programs (LRsI, GraSP) are traced inside :func:`plain_ops`,
+which turns both rewrites off for the trace. A function jitted elsewhere and
+already traced with the rewrites at the same shapes keeps that trace inside
+the context (and one first traced inside keeps the plain one): JAX's jit
+cache does not know about the context.
 """
 
 from __future__ import annotations
