@@ -258,20 +258,18 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   recipes = _recipes(config)
   colours = {r: f"C{k % 10}" for k, r in enumerate(recipes)}  # same on every panel
 
-  def accuracies(source, recipe, s):
-    return [100 * r["test_accuracy"] for r in rows
-            if r["method"] == method_name(source, recipe) and r["sparsity"] == s]
-
   for ax, source in zip(axes, sources):
+    found = {(recipe, s): [100 * r["test_accuracy"] for r in rows
+                           if r["method"] == method_name(source, recipe)
+                           and r["sparsity"] == s]
+             for recipe in recipes for s in sparsities}
     # Sparsities as categories; the recipes of this panel side by side at each
     # one, so that their error bars do not hide each other.
-    present = [rc for rc in recipes
-               if any(accuracies(source, rc, s) for s in sparsities)]
+    present = [rc for rc in recipes if any(found[rc, s] for s in sparsities)]
     step = min(0.08, 0.8 / max(len(present), 1))
     for k, recipe in enumerate(present):
-      points = [(i + step * (k - (len(present) - 1) / 2),
-                 *results.mean_std(accuracies(source, recipe, s)))
-                for i, s in enumerate(sparsities) if accuracies(source, recipe, s)]
+      points = [(i + step * (k - (len(present) - 1) / 2), *results.mean_std(found[recipe, s]))
+                for i, s in enumerate(sparsities) if found[recipe, s]]
       x, mean, std = (np.array(v) for v in zip(*points))
       ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colours[recipe],
                   label=LABELS.get(recipe, recipe))

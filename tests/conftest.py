@@ -5,9 +5,9 @@ the same small models, so the same programs are compiled over and over. A
 persistent compilation cache in a fresh temporary folder, shared by the xdist
 workers, the subprocesses and the notebook kernel through the environment,
 compiles each program once per session (measured: ``tests/test_dst_fit.py``
-took 69 s of CPU instead of 112 s on a 2-core AMD EPYC Zen 4). It starts empty every session, so no
-result depends on an earlier run, and a cache the user set
-(``JAX_COMPILATION_CACHE_DIR``) is left alone.
+took 69 s of CPU instead of 112 s on a 2-core AMD EPYC Zen 4). It starts
+empty every session, so no result depends on an earlier run, and a cache the
+user set (``JAX_COMPILATION_CACHE_DIR``) is left alone.
 """
 
 import os
