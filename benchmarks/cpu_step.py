@@ -100,8 +100,8 @@ def jax_worker(batch: int):
   return run
 
 
-def torch_worker(batch: int):
-  """Returns ``run(k) -> seconds per step`` for the PyTorch eager step."""
+def torch_resnet20():
+  """The PyTorch twin of ``sparsejax.models`` ResNet-20, channels-last."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
@@ -141,7 +141,15 @@ def torch_worker(batch: int):
       return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
   torch.manual_seed(0)
-  model = ResNet20().to(memory_format=torch.channels_last)
+  return ResNet20().to(memory_format=torch.channels_last)
+
+
+def torch_worker(batch: int):
+  """Returns ``run(k) -> seconds per step`` for the PyTorch eager step."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  model = torch_resnet20()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                         nesterov=True, weight_decay=1e-4)
   x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
