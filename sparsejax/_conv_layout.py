@@ -17,27 +17,65 @@ reaches every convolution wherever XLA puts it. It changes layouts only:
 results are those of the original function up to float rounding. GPU and TPU
 compilers choose convolution layouts themselves, so the rewrite is only
 lowered for CPU.
+
+The rewrite walks jaxprs through ``jax.extend.core``, whose details change
+between JAX releases. When the installed JAX does not look as expected (a
+primitive it needs is missing, or re-evaluating a jaxpr fails), the function
+runs as it is, with the CPU slowdown above, and one ``RuntimeWarning`` says
+so.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable
+import warnings
 
 import jax
 from jax import lax
 import jax.extend.core as jex
 import numpy as np
 
-_conv_p = jex.primitives.conv_general_dilated_p
 # Call-like primitives whose body is evaluated in place: no layout-relevant
 # semantics is lost (the jaxpr has already been differentiated).
-_INLINE = {
-    jex.primitives.jit_p: "jaxpr",
-    jex.primitives.closed_call_p: "call_jaxpr",
-    jex.primitives.custom_jvp_call_p: "call_jaxpr",
-    jex.primitives.custom_vjp_call_p: "call_jaxpr",
+_INLINE_NAMES = {
+    "jit_p": "jaxpr",
+    "closed_call_p": "call_jaxpr",
+    "custom_jvp_call_p": "call_jaxpr",
+    "custom_vjp_call_p": "call_jaxpr",
 }
+
+
+def _lookup(primitives) -> tuple[Any, dict[Any, str]] | None:
+  """``(conv_general_dilated_p, {call primitive: jaxpr param})`` from
+  ``primitives`` (``jax.extend.core.primitives``); ``None`` if any is missing."""
+  try:
+    conv = getattr(primitives, "conv_general_dilated_p")
+    inline = {getattr(primitives, name): param
+              for name, param in _INLINE_NAMES.items()}
+  except AttributeError:
+    return None
+  return conv, inline
+
+
+_found = _lookup(jex.primitives)
+_conv_p, _INLINE = _found if _found else (None, {})
+
+_warned = threading.Event()
+
+
+def _warn_fallback(reason: str) -> None:
+  """One ``RuntimeWarning`` per process that the rewrite is off."""
+  if _warned.is_set():
+    return
+  _warned.set()
+  warnings.warn(
+      f"sparsejax: canonical-layout convolutions are off ({reason}); the "
+      f"installed JAX {jax.__version__} does not look as sparsejax expects. "
+      "Results are unchanged, but scores and loops with convolutions can be "
+      "several times slower on CPU (see sparsejax/_conv_layout.py).",
+      RuntimeWarning, stacklevel=4)
 
 
 def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
@@ -126,15 +164,32 @@ def canonical_convs(fn: Callable) -> Callable:
   Returns:
     A function with the signature and results of ``fn`` (up to float
     rounding on CPU).
+
+  Warns:
+    ``RuntimeWarning``, once per process, when the installed JAX lacks what
+    the rewrite needs or re-evaluating the jaxpr fails; ``fn`` then runs as
+    it is.
   """
 
   @functools.wraps(fn)
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
-    out = lax.platform_dependent(
-        *jax.tree.leaves(args),
-        cpu=lambda *xs: _eval(closed.jaxpr, closed.consts, xs),
-        default=lambda *xs: jex.jaxpr_as_fun(closed)(*xs))
+    plain = jex.jaxpr_as_fun(closed)
+
+    def cpu(*xs):
+      if _conv_p is None:
+        _warn_fallback("jax.extend.core.primitives lacks a primitive it needs")
+        return plain(*xs)
+      try:
+        return _eval(closed.jaxpr, closed.consts, xs)
+      except Exception as e:  # pylint: disable=broad-except
+        # fn itself traced fine above: what failed is the re-evaluation of
+        # its jaxpr through JAX internals. Anything it bound is dead code.
+        _warn_fallback(f"{type(e).__name__}: {e}")
+        return plain(*xs)
+
+    out = lax.platform_dependent(*jax.tree.leaves(args), cpu=cpu,
+                                 default=lambda *xs: plain(*xs))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return wrapped

@@ -132,3 +132,51 @@ def test_snip_and_grasp_over_stacked_batches_are_canonical():
 
 if __name__ == "__main__":
   pytest.main([__file__])
+
+
+@pytest.fixture
+def fresh_warning(monkeypatch):
+  """A process that has not warned about the fallback yet."""
+  monkeypatch.setattr(_conv_layout, "_warned", __import__("threading").Event())
+
+
+def _fallback_values_and_warnings(fn_args):
+  params, x = fn_args
+  expected = jax.jit(jax.grad(_net))(params, x)
+  wrapped = jax.jit(_conv_layout.canonical_convs(jax.grad(_net)))
+  with pytest.warns(RuntimeWarning, match="canonical-layout convolutions are off") as rec:
+    got = wrapped(params, x)
+    # A second trace (new shapes) in the same process does not warn again.
+    jax.jit(_conv_layout.canonical_convs(_net))(params, x[:1])
+  return expected, got, wrapped, rec
+
+
+def test_falls_back_with_one_warning_when_reevaluation_fails(monkeypatch, fresh_warning):
+  def changed_internals(*_):
+    raise AttributeError("'JaxprEqn' object has no attribute 'ctx'")
+
+  monkeypatch.setattr(_conv_layout, "_eval", changed_internals)
+  expected, got, wrapped, rec = _fallback_values_and_warnings(_setup())
+  assert len(rec) == 1 and "AttributeError" in str(rec[0].message)
+  # The plain function: same values, and nothing rewritten for CPU (no
+  # transposes beyond those of the plain gradient).
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
+  def transposes(fn):
+    text = fn.trace(*_setup()).lower(lowering_platforms=("cpu",)).as_text()
+    return text.count("stablehlo.transpose")
+  assert transposes(wrapped) == transposes(jax.jit(jax.grad(_net)))
+
+
+def test_falls_back_with_one_warning_when_a_primitive_is_missing(monkeypatch, fresh_warning):
+  class OldPrimitives:  # a jax.extend.core.primitives without custom_vjp_call_p
+    conv_general_dilated_p = _conv_layout._conv_p
+    jit_p = closed_call_p = custom_jvp_call_p = object()
+
+  assert _conv_layout._lookup(OldPrimitives) is None
+  assert _conv_layout._lookup(jax.extend.core.primitives)[0] is lax.conv_general_dilated_p
+  monkeypatch.setattr(_conv_layout, "_conv_p", None)
+  expected, got, _, rec = _fallback_values_and_warnings(_setup())
+  assert len(rec) == 1 and "lacks a primitive" in str(rec[0].message)
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
