@@ -1,0 +1,107 @@
+"""Cost of ToST's ghost model: its training step against the plain one.
+
+Usage:
+  python benchmarks/tost_step.py [--model resnet20] [--batch 128] [--rounds 7] [--steps 3]
+
+Builds the jitted step of ``sparsejax.train`` twice for the same network: the
+plain model with the default loss (preset ``"none"``), and the model of preset
+``"ghost"``: the ghost skip paths (two dense 1x1 conv + batch-norm paths per
+basic block, scaled by γ), the ReLU/Swish blend (β) and label smoothing (α),
+their schedules evaluated inside the step. LRsI runs once before training, so
+it is not part of a step. Both use Nesterov SGD with weight decay and gather
+their batch on device from a 1,024-image uint8 set, like ``cpu_step.py``.
+After compiling both, they are timed interleaved (plain, ghost, plain, ...),
+each figure the median over ``--rounds`` of the mean of ``--steps`` steps.
+
+Runs on whatever JAX's default backend is (CPU, GPU, TPU) and prints it. The
+last line is ``ghost_step_ratio X.XX`` (ghost step time over plain). Not run
+in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import sparsejax as sj  # noqa: E402  pylint: disable=g-bad-import-order
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from cpu_step import cpu_model  # noqa: E402
+
+DATASET = 1024
+
+
+def make_run(recipe: sj.tost.ToST, name: str, batch: int, total_steps: int):
+  """``run(k) -> seconds per step`` of ``recipe``'s training step."""
+  model = recipe.model(name, num_classes=10)
+  tx = optax.chain(optax.add_decayed_weights(1e-4),
+                   optax.sgd(0.1, momentum=0.9, nesterov=True))
+  mesh = sj.mesh.make_mesh(1)
+  rng = np.random.default_rng(0)
+  images = sj.mesh.put_replicated(
+      rng.integers(0, 256, (DATASET, 32, 32, 3), dtype=np.uint8), mesh)
+  labels = sj.mesh.put_replicated(
+      rng.integers(0, 10, (DATASET,)).astype(np.int32), mesh)
+  state = sj.mesh.put_replicated(sj.train.create_train_state(
+      model, tx, jax.numpy.zeros((1, 32, 32, 3)), jax.random.key(0)), mesh)
+  metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
+  step = sj.train.make_train_step(
+      model, mesh=mesh, batch_size=batch, mean=(0.5, 0.5, 0.5),
+      std=(0.25, 0.25, 0.25), loss_fn=recipe.loss_fn(),
+      scalars=recipe.scalars(total_steps))
+  perm = jax.numpy.arange(DATASET)
+  carry = [state, metrics, 0]
+
+  def run(k: int) -> float:
+    state, metrics, i = carry
+    t0 = time.perf_counter()
+    for _ in range(k):
+      state, metrics, _, _ = step(state, metrics, images, labels, perm,
+                                  i % (DATASET // batch))
+      i += 1
+    jax.block_until_ready(state)
+    carry[:] = [state, metrics, i]
+    return (time.perf_counter() - t0) / k
+
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="resnet20")
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--steps", type=int, default=3)
+  args = parser.parse_args()
+
+  # A long run, so that β, γ and α stay in their "on" phase while timed.
+  total = 100_000
+  runs = {"plain": make_run(sj.tost.preset("none"), args.model, args.batch, total),
+          "ghost": make_run(sj.tost.preset("ghost"), args.model, args.batch, total)}
+  for run in runs.values():  # compile and warm up
+    run(2)
+  times = {name: [] for name in runs}
+  for _ in range(args.rounds):
+    for name, run in runs.items():
+      times[name].append(run(args.steps))
+
+  device = jax.devices()[0]
+  where = cpu_model() if device.platform == "cpu" else device.device_kind
+  med = {name: statistics.median(t) for name, t in times.items()}
+  print(f"device: {device.platform}, {where}")
+  print(f"{args.model} train step, batch {args.batch}, median of {args.rounds} "
+        f"interleaved rounds of {args.steps} steps")
+  for name, t in med.items():
+    print(f"  {name:6s} {t * 1e3:8.1f} ms/step")
+  print(f"ghost_step_ratio {med['ghost'] / med['plain']:.2f}")
+
+
+if __name__ == "__main__":
+  main()
