@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -45,7 +44,7 @@ import sparsejax  # noqa: E402,F401  pylint: disable=unused-import,g-bad-import-
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
 
-from cpu_step import cpu_model  # noqa: E402
+from cpu_step import alternate_workers, cpu_model  # noqa: E402
 
 # (count in ResNet-20, spatial size, in channels, out channels, kernel, stride,
 #  whether the input needs a gradient: not the stem's, the image)
@@ -150,15 +149,9 @@ def main():
   except ImportError:
     sys.exit("benchmarks/cpu_convs.py needs torch: pip install -e '.[bench]'")
 
-  runs = {"jax": [], "torch": []}
-  for _ in range(args.rounds):  # one process at a time: no thread interference
-    for lib in runs:
-      out = subprocess.run(
-          [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch),
-           "--reps", str(args.reps)], capture_output=True, text=True, check=False)
-      if out.returncode:
-        sys.exit(f"the {lib} worker failed:\n{out.stderr}")
-      runs[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+  runs = alternate_workers(__file__, ("jax", "torch"),
+                           ("--batch", str(args.batch), "--reps", str(args.reps)),
+                           args.rounds)
   med = {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
          for lib, rs in runs.items()}
 

@@ -33,6 +33,7 @@ speedup >= 2.5, ratio <= 1.5. Not run in CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -61,14 +62,35 @@ def cpu_model() -> str:
   return f"{name}, {os.cpu_count()} cores" + (f", {simd}" if simd else "")
 
 
-def jax_worker(batch: int):
-  """Returns ``run(k) -> seconds per step`` for sparsejax.train's step."""
+def alternate_workers(script: str, libs, argv, rounds: int) -> dict:
+  """``{lib: [result of each round]}``: runs ``script --worker lib *argv`` for
+  each of ``libs`` in turn, ``rounds`` times, one process at a time (no thread
+  interference between libraries); a result is the JSON of the worker's last
+  line of output. Exits with the worker's stderr if one fails."""
+  results = {lib: [] for lib in libs}
+  for _ in range(rounds):
+    for lib in libs:
+      out = subprocess.run([sys.executable, script, "--worker", lib, *argv],
+                           capture_output=True, text=True, check=False)
+      if out.returncode:
+        sys.exit(f"the {lib} worker failed:\n{out.stderr}")
+      results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+  return results
+
+
+def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
+  """Returns ``run(k) -> seconds per step`` for sparsejax.train's step.
+
+  ``model`` defaults to the sparsejax ResNet-20 (10 classes); ``loss_fn`` and
+  ``scalars`` are passed to ``sparsejax.train.make_train_step``.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
 
-  model = sj.models.get("resnet20", num_classes=10)
+  if model is None:
+    model = sj.models.get("resnet20", num_classes=10)
   tx = optax.chain(optax.add_decayed_weights(1e-4),
                    optax.sgd(0.1, momentum=0.9, nesterov=True))
   mesh = sj.mesh.make_mesh(1)
@@ -82,7 +104,8 @@ def jax_worker(batch: int):
       sj.train.create_train_state(model, tx, sample, jax.random.key(0)), mesh)
   metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
   step = sj.train.make_train_step(model, mesh=mesh, batch_size=batch,
-                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+                                  loss_fn=loss_fn, scalars=scalars)
   perm = jax.numpy.arange(1024)
   carry = [state, metrics, 0]
 

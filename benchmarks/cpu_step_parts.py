@@ -32,13 +32,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_step import cpu_model, torch_resnet20  # noqa: E402
+from cpu_step import alternate_workers, cpu_model, torch_resnet20  # noqa: E402
 
 RUNS = ("full", "frozen", "forward")
 
@@ -127,15 +126,9 @@ def main():
   except ImportError:
     sys.exit("benchmarks/cpu_step_parts.py needs torch: pip install -e '.[bench]'")
 
-  results = {"jax": [], "torch": []}
-  for _ in range(args.rounds):  # one process at a time: no thread interference
-    for lib in results:
-      out = subprocess.run(
-          [sys.executable, __file__, "--worker", lib, "--batch", str(args.batch),
-           "--reps", str(args.reps)], capture_output=True, text=True, check=False)
-      if out.returncode:
-        sys.exit(f"the {lib} worker failed:\n{out.stderr}")
-      results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
+  results = alternate_workers(__file__, ("jax", "torch"),
+                              ("--batch", str(args.batch), "--reps", str(args.reps)),
+                              args.rounds)
   med = {lib: {run: statistics.median(r[run] for r in rs) for run in RUNS}
          for lib, rs in results.items()}
   parts = {lib: {"forward": m["forward"],

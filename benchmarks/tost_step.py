@@ -30,47 +30,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import sparsejax as sj  # noqa: E402  pylint: disable=g-bad-import-order
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-from cpu_step import cpu_model  # noqa: E402
-
-DATASET = 1024
+from cpu_step import cpu_model, jax_worker  # noqa: E402
 
 
 def make_run(recipe: sj.tost.ToST, name: str, batch: int, total_steps: int):
   """``run(k) -> seconds per step`` of ``recipe``'s training step."""
-  model = recipe.model(name, num_classes=10)
-  tx = optax.chain(optax.add_decayed_weights(1e-4),
-                   optax.sgd(0.1, momentum=0.9, nesterov=True))
-  mesh = sj.mesh.make_mesh(1)
-  rng = np.random.default_rng(0)
-  images = sj.mesh.put_replicated(
-      rng.integers(0, 256, (DATASET, 32, 32, 3), dtype=np.uint8), mesh)
-  labels = sj.mesh.put_replicated(
-      rng.integers(0, 10, (DATASET,)).astype(np.int32), mesh)
-  state = sj.mesh.put_replicated(sj.train.create_train_state(
-      model, tx, jax.numpy.zeros((1, 32, 32, 3)), jax.random.key(0)), mesh)
-  metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
-  step = sj.train.make_train_step(
-      model, mesh=mesh, batch_size=batch, mean=(0.5, 0.5, 0.5),
-      std=(0.25, 0.25, 0.25), loss_fn=recipe.loss_fn(),
-      scalars=recipe.scalars(total_steps))
-  perm = jax.numpy.arange(DATASET)
-  carry = [state, metrics, 0]
-
-  def run(k: int) -> float:
-    state, metrics, i = carry
-    t0 = time.perf_counter()
-    for _ in range(k):
-      state, metrics, _, _ = step(state, metrics, images, labels, perm,
-                                  i % (DATASET // batch))
-      i += 1
-    jax.block_until_ready(state)
-    carry[:] = [state, metrics, i]
-    return (time.perf_counter() - t0) / k
-
-  return run
+  return jax_worker(batch, recipe.model(name, num_classes=10),
+                    loss_fn=recipe.loss_fn(), scalars=recipe.scalars(total_steps))
 
 
 def main():
