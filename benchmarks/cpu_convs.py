@@ -31,8 +31,6 @@ model; the last line is ``conv_ratio_vs_pytorch X.XX  conv_ms_per_step Y.Y``
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -44,7 +42,7 @@ import sparsejax  # noqa: E402,F401  pylint: disable=unused-import,g-bad-import-
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
 
-from cpu_step import alternate_workers, cpu_model  # noqa: E402
+from cpu_step import cpu_model, jax_versus_torch  # noqa: E402
 
 # (count in ResNet-20, spatial size, in channels, out channels, kernel, stride,
 #  whether the input needs a gradient: not the stem's, the image)
@@ -135,25 +133,11 @@ def worker(lib: str, batch: int, reps: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--reps", type=int, default=15)
-  parser.add_argument("--rounds", type=int, default=2)
-  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.worker:
-    print(json.dumps(worker(args.worker, args.batch, args.reps)))
+  result = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=15,
+                            rounds=2)
+  if result is None:
     return
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    sys.exit("benchmarks/cpu_convs.py needs torch: pip install -e '.[bench]'")
-
-  runs = alternate_workers(__file__, ("jax", "torch"),
-                           ("--batch", str(args.batch), "--reps", str(args.reps)),
-                           args.rounds)
-  med = {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-         for lib, rs in runs.items()}
+  args, med = result
 
   print(f"cpu: {cpu_model()}")
   print(f"ResNet-20 convolutions, batch {args.batch}, NHWC / channels-last, ms: "

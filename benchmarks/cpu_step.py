@@ -78,6 +78,39 @@ def alternate_workers(script: str, libs, argv, rounds: int) -> dict:
   return results
 
 
+def jax_versus_torch(script: str, description: str, worker, *, reps: int,
+                     rounds: int):
+  """The command line of the JAX-versus-PyTorch diagnostics (``cpu_convs.py``,
+  ``cpu_step_parts.py``): ``--batch``, ``--reps`` (default ``reps``),
+  ``--rounds`` (default ``rounds``).
+
+  In a worker process (``--worker jax|torch``) prints the JSON of
+  ``worker(lib, batch, reps)`` (a flat ``{key: ms}``) and returns ``None``.
+  Otherwise runs both workers alternately (:func:`alternate_workers`) and
+  returns ``(args, {lib: {key: median over rounds}})``; exits with a hint when
+  torch is missing.
+  """
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--batch", type=int, default=BATCH)
+  parser.add_argument("--reps", type=int, default=reps)
+  parser.add_argument("--rounds", type=int, default=rounds)
+  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(json.dumps(worker(args.worker, args.batch, args.reps)))
+    return None
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    sys.exit(f"benchmarks/{os.path.basename(script)} needs torch: "
+             "pip install -e '.[bench]'")
+  runs = alternate_workers(script, ("jax", "torch"),
+                           ("--batch", str(args.batch), "--reps", str(args.reps)),
+                           args.rounds)
+  return args, {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+                for lib, rs in runs.items()}
+
+
 def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
   """Returns ``run(k) -> seconds per step`` for sparsejax.train's step.
 

@@ -28,8 +28,6 @@ extra). Not run in CI.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -37,13 +35,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_step import alternate_workers, cpu_model, torch_resnet20  # noqa: E402
-
-RUNS = ("full", "frozen", "forward")
-
+from cpu_step import cpu_model, jax_versus_torch, torch_resnet20  # noqa: E402
 
 def jax_runs(batch: int) -> dict:
-  """``{run: callable}`` for the sparsejax ResNet-20, see :data:`RUNS`."""
+  """``{run: callable}`` for the sparsejax ResNet-20: ``"full"`` (the gradient),
+  ``"frozen"`` (the gradient with the convolution kernels held fixed) and
+  ``"forward"`` (the loss alone)."""
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -112,25 +109,11 @@ def worker(lib: str, batch: int, reps: int) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--reps", type=int, default=9)
-  parser.add_argument("--rounds", type=int, default=3)
-  parser.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
-  args = parser.parse_args()
-  if args.worker:
-    print(json.dumps(worker(args.worker, args.batch, args.reps)))
+  result = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=9,
+                            rounds=3)
+  if result is None:
     return
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    sys.exit("benchmarks/cpu_step_parts.py needs torch: pip install -e '.[bench]'")
-
-  results = alternate_workers(__file__, ("jax", "torch"),
-                              ("--batch", str(args.batch), "--reps", str(args.reps)),
-                              args.rounds)
-  med = {lib: {run: statistics.median(r[run] for r in rs) for run in RUNS}
-         for lib, rs in results.items()}
+  args, med = result
   parts = {lib: {"forward": m["forward"],
                  "backward without kernel gradients": m["frozen"] - m["forward"],
                  "kernel gradients": m["full"] - m["frozen"],
