@@ -8,12 +8,14 @@
 # Prints the device, then runs step_overhead.py (masked / dense step),
 # scoring_cost.py (SNIP, GraSP and SynFlow cost) and tost_step.py (ToST's ghost
 # step / the plain one), each on JAX's default backend; every script's output
-# is also written to LOG_DIR (default benchmarks/logs). About 5 minutes on one
-# H100-class GPU, most of it compilation. Stops at the first failure.
+# is also written to LOG_DIR (default benchmarks/logs). Expected to take a few
+# minutes on one GPU, most of it compilation (not yet measured). Stops at the
+# first failure.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-logs=${1:-benchmarks/logs}
+logs=${1:-"$(dirname "$0")/logs"}
 mkdir -p "$logs"
+logs=$(cd "$logs" && pwd)
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 python -c 'import jax; d = jax.devices()[0]; print("jax", jax.__version__, "|", d.platform, d.device_kind, "x", jax.device_count())' \
   | tee "$logs/device.log"

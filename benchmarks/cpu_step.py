@@ -65,13 +65,14 @@ def cpu_model() -> str:
 def alternate_workers(script: str, libs, argv, rounds: int) -> dict:
   """``{lib: [result of each round]}``: runs ``script --worker lib *argv`` for
   each of ``libs`` in turn, ``rounds`` times, one process at a time (no thread
-  interference between libraries); a result is the JSON of the worker's last
-  line of output. Exits with the worker's stderr if one fails."""
+  interference between libraries), JAX on the CPU; a result is the JSON of the
+  worker's last line of output. Exits with the worker's stderr if one fails."""
   results = {lib: [] for lib in libs}
   for _ in range(rounds):
     for lib in libs:
       out = subprocess.run([sys.executable, script, "--worker", lib, *argv],
-                           capture_output=True, text=True, check=False)
+                           capture_output=True, text=True, check=False,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
       if out.returncode:
         sys.exit(f"the {lib} worker failed:\n{out.stderr}")
       results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -205,6 +206,7 @@ def torch_worker(batch: int):
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   model = torch_resnet20()
   opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
                         nesterov=True, weight_decay=1e-4)

@@ -38,7 +38,8 @@ import jax.extend.core as jex
 import numpy as np
 
 # Call-like primitives whose body is evaluated in place: no layout-relevant
-# semantics is lost (the jaxpr has already been differentiated).
+# semantics is lost (the jaxpr has already been differentiated). Optional: one
+# a JAX release lacks is rewritten like any other primitive with jaxpr params.
 _INLINE_NAMES = {
     "jit_p": "jaxpr",
     "closed_call_p": "call_jaxpr",
@@ -49,33 +50,39 @@ _INLINE_NAMES = {
 
 def _lookup(primitives) -> tuple[Any, dict[Any, str]] | None:
   """``(conv_general_dilated_p, {call primitive: jaxpr param})`` from
-  ``primitives`` (``jax.extend.core.primitives``); ``None`` if any is missing."""
-  try:
-    conv = getattr(primitives, "conv_general_dilated_p")
-    inline = {getattr(primitives, name): param
-              for name, param in _INLINE_NAMES.items()}
-  except AttributeError:
+  ``primitives`` (``jax.extend.core.primitives``); ``None`` without the
+  convolution primitive, the one the rewrite cannot do without."""
+  conv = getattr(primitives, "conv_general_dilated_p", None)
+  if conv is None:
     return None
+  inline = {getattr(primitives, name): param for name, param in _INLINE_NAMES.items()
+            if getattr(primitives, name, None) is not None}
   return conv, inline
 
 
-_found = _lookup(jex.primitives)
+_found = _lookup(getattr(jex, "primitives", None))
 _conv_p, _INLINE = _found if _found else (None, {})
 
-_warned = threading.Event()
+_warn_lock = threading.Lock()
+_warned = False
 
 
 def _warn_fallback(reason: str) -> None:
-  """One ``RuntimeWarning`` per process that the rewrite is off."""
-  if _warned.is_set():
+  """One ``RuntimeWarning`` per process that the rewrite is off, when JAX's
+  default backend is the CPU (elsewhere the rewrite is never lowered)."""
+  global _warned
+  if jax.default_backend() != "cpu":
     return
-  _warned.set()
-  warnings.warn(
-      f"sparsejax: canonical-layout convolutions are off ({reason}); the "
-      f"installed JAX {jax.__version__} does not look as sparsejax expects. "
-      "Results are unchanged, but scores and loops with convolutions can be "
-      "several times slower on CPU (see sparsejax/_conv_layout.py).",
-      RuntimeWarning, stacklevel=4)
+  with _warn_lock:
+    if _warned:
+      return
+    warnings.warn(
+        f"sparsejax: canonical-layout convolutions are off ({reason[:300]}); "
+        f"the installed JAX {jax.__version__} does not look as sparsejax "
+        "expects. Results are unchanged, but scores and loops with "
+        "convolutions can be several times slower on CPU (see "
+        "sparsejax/_conv_layout.py).", RuntimeWarning, stacklevel=2)
+    _warned = True
 
 
 def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
@@ -99,7 +106,9 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
 
 def _transform_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
   """``closed`` with canonical convolutions, same signature."""
-  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in closed.jaxpr.invars]
+  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
+                                weak_type=getattr(v.aval, "weak_type", False))
+           for v in closed.jaxpr.invars]
   return jax.make_jaxpr(lambda *xs: _eval(closed.jaxpr, closed.consts, xs))(*avals)
 
 
@@ -175,21 +184,20 @@ def canonical_convs(fn: Callable) -> Callable:
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
     plain = jex.jaxpr_as_fun(closed)
-
-    def cpu(*xs):
-      if _conv_p is None:
-        _warn_fallback("jax.extend.core.primitives lacks a primitive it needs")
-        return plain(*xs)
+    cpu = plain
+    if _conv_p is None:
+      _warn_fallback("jax.extend.core.primitives has no conv_general_dilated_p")
+    else:
+      # fn traced fine above; what can fail here is re-evaluating its jaxpr
+      # through JAX internals. It is done in a trace of its own, so a failure
+      # leaves nothing behind in the caller's trace.
       try:
-        return _eval(closed.jaxpr, closed.consts, xs)
+        cpu = jex.jaxpr_as_fun(_transform_closed(closed))
+      except MemoryError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
-        # fn itself traced fine above: what failed is the re-evaluation of
-        # its jaxpr through JAX internals. Anything it bound is dead code.
         _warn_fallback(f"{type(e).__name__}: {e}")
-        return plain(*xs)
-
-    out = lax.platform_dependent(*jax.tree.leaves(args), cpu=cpu,
-                                 default=lambda *xs: plain(*xs))
+    out = lax.platform_dependent(*jax.tree.leaves(args), cpu=cpu, default=plain)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return wrapped

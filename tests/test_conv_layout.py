@@ -1,6 +1,8 @@
 """Canonical-layout convolutions (sparsejax._conv_layout)."""
 
+import importlib
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -130,53 +132,90 @@ def test_snip_and_grasp_over_stacked_batches_are_canonical():
     assert _dim_labels(compiled.as_text()) == {"b01f_01io->b01f"}, score.__name__
 
 
-if __name__ == "__main__":
-  pytest.main([__file__])
-
-
 @pytest.fixture
 def fresh_warning(monkeypatch):
   """A process that has not warned about the fallback yet."""
-  monkeypatch.setattr(_conv_layout, "_warned", __import__("threading").Event())
+  monkeypatch.setattr(_conv_layout, "_warned", False)
 
 
-def _fallback_values_and_warnings(fn_args):
-  params, x = fn_args
+def _fallback_warnings(record):
+  return [w for w in record if issubclass(w.category, RuntimeWarning)
+          and "canonical-layout convolutions are off" in str(w.message)]
+
+
+def _run_with_fallback():
+  """Plain and wrapped gradients of ``_net``; the fallback warnings of two traces."""
+  params, x = _setup()
   expected = jax.jit(jax.grad(_net))(params, x)
   wrapped = jax.jit(_conv_layout.canonical_convs(jax.grad(_net)))
-  with pytest.warns(RuntimeWarning, match="canonical-layout convolutions are off") as rec:
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
     got = wrapped(params, x)
-    # A second trace (new shapes) in the same process does not warn again.
+    # A second trace (other shapes) in the same process does not warn again.
     jax.jit(_conv_layout.canonical_convs(_net))(params, x[:1])
-  return expected, got, wrapped, rec
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
+  return wrapped, _fallback_warnings(record)
+
+
+def _cpu_transposes(fn):
+  text = fn.trace(*_setup()).lower(lowering_platforms=("cpu",)).as_text()
+  return text.count("stablehlo.transpose")
 
 
 def test_falls_back_with_one_warning_when_reevaluation_fails(monkeypatch, fresh_warning):
-  def changed_internals(*_):
-    raise AttributeError("'JaxprEqn' object has no attribute 'ctx'")
+  calls = []
 
-  monkeypatch.setattr(_conv_layout, "_eval", changed_internals)
-  expected, got, wrapped, rec = _fallback_values_and_warnings(_setup())
-  assert len(rec) == 1 and "AttributeError" in str(rec[0].message)
-  # The plain function: same values, and nothing rewritten for CPU (no
-  # transposes beyond those of the plain gradient).
-  for k in expected:
-    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
-  def transposes(fn):
-    text = fn.trace(*_setup()).lower(lowering_platforms=("cpu",)).as_text()
-    return text.count("stablehlo.transpose")
-  assert transposes(wrapped) == transposes(jax.jit(jax.grad(_net)))
+  def changed_internals(*args, **kwargs):
+    # Fails at the second convolution, mid-way through the jaxpr.
+    calls.append(1)
+    if len(calls) == 2:
+      raise TypeError("bind() got an unexpected keyword argument 'precision'")
+    return original(*args, **kwargs)
+
+  original = _conv_layout._canonical_conv
+  monkeypatch.setattr(_conv_layout, "_canonical_conv", changed_internals)
+  wrapped, warned = _run_with_fallback()
+  assert len(warned) == 1 and "TypeError" in str(warned[0].message), warned
+  # Nothing of the failed rewrite is left in the program: no transposes
+  # beyond those of the plain gradient (16 with the rewrite, checked below).
+  assert _cpu_transposes(wrapped) == _cpu_transposes(jax.jit(jax.grad(_net)))
+  monkeypatch.setattr(_conv_layout, "_canonical_conv", original)
+  assert _cpu_transposes(jax.jit(_conv_layout.canonical_convs(jax.grad(_net)))) > 1
 
 
-def test_falls_back_with_one_warning_when_a_primitive_is_missing(monkeypatch, fresh_warning):
-  class OldPrimitives:  # a jax.extend.core.primitives without custom_vjp_call_p
-    conv_general_dilated_p = _conv_layout._conv_p
-    jit_p = closed_call_p = custom_jvp_call_p = object()
+def test_falls_back_with_one_warning_without_the_conv_primitive(monkeypatch, fresh_warning):
+  class OldPrimitives:  # no conv_general_dilated_p, and no custom_vjp_call_p
+    jit_p, closed_call_p, custom_jvp_call_p = object(), object(), object()
+
+  class NewerPrimitives(OldPrimitives):  # only a call primitive missing
+    conv_general_dilated_p = lax.conv_general_dilated_p
 
   assert _conv_layout._lookup(OldPrimitives) is None
-  assert _conv_layout._lookup(jax.extend.core.primitives)[0] is lax.conv_general_dilated_p
-  monkeypatch.setattr(_conv_layout, "_conv_p", None)
-  expected, got, _, rec = _fallback_values_and_warnings(_setup())
-  assert len(rec) == 1 and "lacks a primitive" in str(rec[0].message)
-  for k in expected:
-    np.testing.assert_allclose(got[k], expected[k], rtol=1e-5, atol=1e-5)
+  conv, inline = _conv_layout._lookup(NewerPrimitives)
+  assert conv is lax.conv_general_dilated_p
+  assert inline == {NewerPrimitives.jit_p: "jaxpr", NewerPrimitives.closed_call_p: "call_jaxpr",
+                    NewerPrimitives.custom_jvp_call_p: "call_jaxpr"}
+  # The module wires the lookup in at import: reload it under the old JAX.
+  monkeypatch.setattr(jax.extend.core, "primitives", OldPrimitives)
+  try:
+    importlib.reload(_conv_layout)
+    assert _conv_layout._conv_p is None
+    _, warned = _run_with_fallback()
+    assert len(warned) == 1 and "conv_general_dilated_p" in str(warned[0].message), warned
+  finally:
+    monkeypatch.undo()
+    importlib.reload(_conv_layout)
+  assert _conv_layout._conv_p is lax.conv_general_dilated_p
+
+
+def test_no_fallback_warning_off_cpu(monkeypatch, fresh_warning):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  with warnings.catch_warnings(record=True) as record:
+    warnings.simplefilter("always")
+    _conv_layout._warn_fallback("test")
+  assert not _fallback_warnings(record) and not _conv_layout._warned
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
