@@ -19,10 +19,10 @@ compilers choose convolution layouts themselves, so the rewrite is only
 lowered for CPU.
 
 The rewrite walks jaxprs through ``jax.extend.core``, whose details change
-between JAX releases. When the installed JAX does not look as expected (a
-primitive it needs is missing, or re-evaluating a jaxpr fails), the function
-runs as it is, with the CPU slowdown above, and one ``RuntimeWarning`` says
-so.
+between JAX releases. When the installed JAX does not look as expected (no
+convolution primitive there, or re-evaluating a jaxpr fails), the function
+runs as it is, with the CPU slowdown above, and on CPU one ``RuntimeWarning``
+says so.
 """
 
 from __future__ import annotations
@@ -175,9 +175,9 @@ def canonical_convs(fn: Callable) -> Callable:
     rounding on CPU).
 
   Warns:
-    ``RuntimeWarning``, once per process, when the installed JAX lacks what
-    the rewrite needs or re-evaluating the jaxpr fails; ``fn`` then runs as
-    it is.
+    ``RuntimeWarning``, once per process and only when JAX's default backend
+    is the CPU, when the installed JAX lacks the convolution primitive or
+    re-evaluating the jaxpr fails; ``fn`` then runs as it is.
   """
 
   @functools.wraps(fn)
