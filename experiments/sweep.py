@@ -329,8 +329,10 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
   if any(r["collapsed_layers"] for r in rows if r["method"] != DENSE):
     ax.plot([], [], linestyle="none", marker="x", color="black",
             label="layer collapse")
-  ax.set_xscale("log")
   ticks = [1 / (1 - s) for s in sparsities]
+  if len(set(ticks)) == 1:  # one sparsity: give the log axis a width of its own
+    ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
+  ax.set_xscale("log")
   ax.set_xticks(ticks, [f"{results.fmt_sparsity(s)}\n({results.fmt_compression(s)})"
                         for s in sparsities])
   ax.minorticks_off()
