@@ -133,11 +133,8 @@ def worker(lib: str, batch: int, reps: int) -> dict:
 
 
 def main():
-  result = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=15,
-                            rounds=2)
-  if result is None:
-    return
-  args, med = result
+  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker,
+                               reps=15, rounds=2)
 
   print(f"cpu: {cpu_model()}")
   print(f"ResNet-20 convolutions, batch {args.batch}, NHWC / channels-last, ms: "

@@ -86,10 +86,10 @@ def jax_versus_torch(script: str, description: str, worker, *, reps: int,
   ``--rounds`` (default ``rounds``).
 
   In a worker process (``--worker jax|torch``) prints the JSON of
-  ``worker(lib, batch, reps)`` (a flat ``{key: ms}``) and returns ``None``.
-  Otherwise runs both workers alternately (:func:`alternate_workers`) and
-  returns ``(args, {lib: {key: median over rounds}})``; exits with a hint when
-  torch is missing.
+  ``worker(lib, batch, reps)`` (a flat ``{key: ms}``) and exits. Otherwise
+  runs both workers alternately (:func:`alternate_workers`) and returns
+  ``(args, {lib: {key: median over rounds}})``; exits with a hint when torch
+  is missing.
   """
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--batch", type=int, default=BATCH)
@@ -99,7 +99,7 @@ def jax_versus_torch(script: str, description: str, worker, *, reps: int,
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(worker(args.worker, args.batch, args.reps)))
-    return None
+    sys.exit(0)
   try:
     import torch  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:

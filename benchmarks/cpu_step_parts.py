@@ -109,11 +109,8 @@ def worker(lib: str, batch: int, reps: int) -> dict:
 
 
 def main():
-  result = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=9,
-                            rounds=3)
-  if result is None:
-    return
-  args, med = result
+  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker,
+                               reps=9, rounds=3)
   parts = {lib: {"forward": m["forward"],
                  "backward without kernel gradients": m["frozen"] - m["forward"],
                  "kernel gradients": m["full"] - m["frozen"],
