@@ -22,7 +22,8 @@ where their magnitude is largest.
 One mask update at step ``t`` (the optimiser's own step count, from 0), per
 prunable layer with ``n`` active weights (SPEC §4):
 
-1. **drop** the ``k = ⌊f(t) · n⌋`` active weights of smallest ``|θ|``;
+1. **drop** the ``k = ⌊f(t) · n⌋`` active weights of smallest ``|θ|``
+   (exact when ``f(t) · n`` is an integer, :func:`drop_count`);
 2. **grow** ``k`` positions among those not kept after the drop (a weight
    just dropped may come back, and then keeps its value and moments):
    uniformly at random for SET (the PRNG key lives in the state), the largest
@@ -30,9 +31,10 @@ prunable layer with ``n`` active weights (SPEC §4):
    exactly ``n`` weights.
 3. New connections are exactly 0 and their optimiser moments are reset to 0
    (:func:`sparsejax.optim.reset_moments`, generic over any optax state).
-4. The weight update of that step is skipped (``skip_update=True``, the
-   reference RigL code's choice): the inner optimiser still sees the masked
-   gradient, so its moments and schedules stay in step with ``t``.
+4. The whole optimiser update of that step is skipped (``skip_update=True``,
+   the reference RigL code's and jaxpruner's choice): the weights and the
+   optimiser state (moments, counters, schedules) stay as they were, apart
+   from the mask and the reset moments of new connections.
 
 N:M masks: :func:`set` and :func:`rigl` with ``nm="2:4"`` start from an N:M
 mask (:func:`random_mask` with ``budget="2:4"``) and regrow, in each group of
@@ -101,8 +103,12 @@ def cosine_drop_fraction(alpha: float = 0.3, end_step: int = 1) -> optax.Schedul
 
   Returns:
     An optax schedule ``t -> f(t)``.
+
+  Raises:
+    ValueError: ``alpha`` outside [0, 1] or ``end_step < 1``.
   """
-  return optax.cosine_decay_schedule(alpha, max(int(end_step), 1))
+  check_fraction(alpha, "alpha")
+  return optax.cosine_decay_schedule(float(alpha), check_step(end_step, "end_step", 1))
 
 
 def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
@@ -111,10 +117,23 @@ def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
 
   ``progress = (t − start_step) / (end_step − start_step)`` clipped to [0, 1],
   so ``s_t = s_i`` before ``start_step`` and ``s_f`` after ``end_step``.
+
+  Raises:
+    ValueError: a sparsity outside [0, 1), ``initial_sparsity >
+      final_sparsity``, a negative ``start_step`` or ``end_step <=
+      start_step``.
   """
   masks.check_sparsity(initial_sparsity, "initial_sparsity")
   masks.check_sparsity(final_sparsity, "final_sparsity")
-  span = max(int(end_step) - int(start_step), 1)
+  if float(initial_sparsity) > float(final_sparsity):
+    raise ValueError(f"initial_sparsity ({initial_sparsity}) must be <= "
+                     f"final_sparsity ({final_sparsity}): pruning only removes "
+                     "weights")
+  start_step = check_step(start_step, "start_step")
+  if check_step(end_step, "end_step") <= start_step:
+    raise ValueError(f"end_step must be after start_step ({start_step}), got "
+                     f"end_step={end_step!r}: the pruning window would be empty")
+  span = int(end_step) - start_step
 
   def schedule(t):
     progress = jnp.clip((jnp.asarray(t, jnp.float32) - start_step) / span, 0., 1.)
@@ -133,8 +152,66 @@ def is_update_step(t, *, update_every: int, start_step: int,
   return on
 
 
-def _as_schedule(value: ScalarOrSchedule) -> optax.Schedule:
-  return value if callable(value) else optax.constant_schedule(float(value))
+def _as_schedule(value: ScalarOrSchedule, name: str = "drop_fraction"
+                 ) -> optax.Schedule:
+  if callable(value):
+    return value
+  check_fraction(value, name)
+  return optax.constant_schedule(float(value))
+
+
+def check_fraction(value, name: str) -> None:
+  """Raises ``ValueError`` unless the Python number ``value`` is in [0, 1].
+
+  A fraction of the active weights (a drop fraction, RigL's α): below 0 or
+  above 1 it would grow or drop more weights than a layer has.
+  """
+  v = float(value)
+  if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+    raise ValueError(f"{name} must be in [0, 1] (a fraction of each layer's "
+                     f"active weights), got {value!r}")
+
+
+def check_step(value, name: str, minimum: int = 0) -> int:
+  """``int(value)``; raises ``ValueError`` unless it is an integer ``>= minimum``."""
+  if isinstance(value, bool) or int(value) != value or int(value) < minimum:
+    raise ValueError(f"{name} must be an integer step >= {minimum}, got {value!r}")
+  return int(value)
+
+
+#: Relative slack of :func:`drop_count`: a product ``f · n`` within this
+#: fraction below an integer counts as that integer.
+DROP_COUNT_SLACK = 2.0 ** -16
+
+
+def drop_count(fraction, n_active) -> jax.Array:
+  """``k = ⌊f · n⌋``, exact when ``f · n`` is an integer (SPEC §4).
+
+  ``f`` comes from a float32 schedule and carries its rounding: RigL's
+  ``f(T_end / 2)`` with α = 0.3 is 0.149999991 in float32, so a plain
+  ``floor(f · n)`` drops 2 of ``n = 20`` weights instead of 3. A product
+  within :data:`DROP_COUNT_SLACK` (2⁻¹⁶, relative, about 500 float32
+  rounding errors) below an integer is taken as that integer; otherwise
+  ``k`` is the plain floor. ``k`` is clipped to ``[0, n]``.
+
+  >>> from sparsejax import dst
+  >>> import jax.numpy as jnp
+  >>> int(dst.drop_count(0.149999991, 20)), int(dst.drop_count(0.149, 20))
+  (3, 2)
+
+  Args:
+    fraction: ``f`` (float, may be traced).
+    n_active: ``n`` (int, may be traced).
+
+  Returns:
+    ``int32`` scalar ``k``.
+  """
+  n = jnp.asarray(n_active, jnp.int32)
+  x = jnp.asarray(fraction, jnp.float32) * n.astype(jnp.float32)
+  up = jnp.ceil(x)
+  k = jnp.where(up - x <= DROP_COUNT_SLACK * jnp.maximum(up, 1.0), up,
+                jnp.floor(x))
+  return jnp.clip(k.astype(jnp.int32), 0, n)
 
 
 # ----------------------------------------------------------------------------
@@ -146,10 +223,10 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
                   fraction) -> tuple[jax.Array, jax.Array]:
   """One layer's drop-and-grow; returns ``(new_mask, grown)``.
 
-  Drops the ``k = ⌊fraction · n_active⌋`` active entries of smallest
-  ``|weights|`` and grows the ``k`` highest ``growth_scores`` among the
-  entries not kept after the drop (just-dropped ones included). ``grown``
-  marks entries active in ``new_mask`` but not in ``mask``. Ties go to the
+  Drops the ``k = ⌊fraction · n_active⌋`` (exact: :func:`drop_count`) active
+  entries of smallest ``|weights|`` and grows the ``k`` highest
+  ``growth_scores`` among the entries not kept after the drop (just-dropped
+  ones included). ``grown`` marks entries active in ``new_mask`` but not in ``mask``. Ties go to the
   lower flat index; ``sum(new_mask) == sum(mask)`` exactly. NaN growth scores
   rank below every finite score of a candidate.
 
@@ -171,8 +248,7 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
   shape = mask.shape
   m = jnp.ravel(mask)
   n_active = jnp.sum(m, dtype=jnp.int32)
-  k = jnp.floor(jnp.asarray(fraction, jnp.float32)
-                * n_active.astype(jnp.float32)).astype(jnp.int32)
+  k = drop_count(fraction, n_active)
   magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
   kept = masks.keep_top(jnp.where(m, magnitude, -jnp.inf), n_active - k)
   grow = jnp.ravel(growth_scores).astype(jnp.float32)
@@ -212,8 +288,7 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
   """
   shape = mask.shape
   n_active = jnp.sum(mask, dtype=jnp.int32)
-  k = jnp.floor(jnp.asarray(fraction, jnp.float32)
-                * n_active.astype(jnp.float32)).astype(jnp.int32)
+  k = drop_count(fraction, n_active)
   magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
   kept = masks.keep_top(jnp.where(jnp.ravel(mask), magnitude, -jnp.inf),
                         n_active - k).reshape(shape)
@@ -232,8 +307,26 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
 # The transformation
 # ----------------------------------------------------------------------------
 
-MaskUpdate = Callable[..., PyTree]
-"""``(mask, params, grads, key, t) -> new_mask``, traced inside ``lax.cond``."""
+class MaskStep(NamedTuple):
+  """What a mask update returns when some kept weights must restart.
+
+  Attributes:
+    mask: the new mask.
+    survivors: bool pytree, the entries whose weight and optimiser moments
+      carry over; every other entry of ``mask`` is a new connection (exactly
+      0, moments reset). A rule that returns a plain mask means
+      ``survivors = old & new``. GraNet returns the mask after its magnitude
+      pruning intersected with ``new``: a weight pruned and regrown in the
+      same step restarts at 0 (SPEC §4).
+  """
+
+  mask: PyTree
+  survivors: PyTree
+
+
+MaskUpdate = Callable[..., Union[PyTree, MaskStep]]
+"""``(mask, params, grads, key, t) -> new_mask`` (or a :class:`MaskStep`),
+traced inside ``lax.cond``."""
 
 StepPredicate = Callable[[jax.Array], jax.Array]
 """``t -> bool``: whether step ``t`` (an ``int32``, traced) does something."""
@@ -259,13 +352,23 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
      ``rule = mask_update`` on a periodic step, or the ``rule`` of the first
      extra update whose ``when(t)`` holds (it takes precedence); on other
      steps the mask is unchanged;
+     A rule may return a :class:`MaskStep` to say which kept entries
+     survive (the rest restart at 0);
   2. runs ``inner`` on the gradients masked by the *old* mask (``where``,
-     so a NaN at a pruned position never reaches a kept weight);
+     so a NaN at a pruned position never reaches a kept weight); on a
+     mask-update step with ``skip_update`` its new state is discarded: the
+     optimiser state (momentum, Adam moments, step counters, schedules)
+     stays exactly as it was (SPEC §4, as the RigL reference and jaxpruner);
   3. resets the moments of new connections to 0;
   4. returns updates that keep the surviving weights' inner updates (zero on
      mask-update steps when ``skip_update``) and set every entry outside
      ``new_mask``, and every new connection, to exactly 0 under
      ``optax.apply_updates``.
+
+  So with ``skip_update`` a schedule inside ``inner`` (its learning rate)
+  advances on weight-update steps only: after ``u`` mask updates it is at
+  ``t − u``, where ``t`` is the step count of this wrapper (the one its own
+  ``ΔT``, ``start_step`` and ``end_step`` count in).
 
   Args:
     inner: any optax transformation (extra args are forwarded).
@@ -275,7 +378,9 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
     update_every: ``ΔT`` in steps (default 100).
     start_step: first mask-update step (default ``update_every``).
     end_step: no mask update at or after this step (default: never stops).
-    skip_update: skip the weight update on mask-update steps (default True).
+    skip_update: on mask-update steps skip the weight update and leave the
+      optimiser state untouched (default True, the reference); ``False``
+      applies the inner update on those steps too.
     seed: seed of the PRNG key kept in the state.
     extra_updates: ``[(when, rule), ...]``, mask updates on a schedule of
       their own: ``when(t)`` (traced, ``t`` the step) says whether step ``t``
@@ -288,9 +393,12 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`DSTState`.
   """
-  if update_every < 1:
-    raise ValueError(f"update_every must be >= 1, got {update_every}")
-  start = update_every if start_step is None else int(start_step)
+  update_every = check_step(update_every, "update_every", 1)
+  start = (update_every if start_step is None
+           else check_step(start_step, "start_step"))
+  if end_step is not None and check_step(end_step, "end_step") <= start:
+    raise ValueError(f"end_step must be after start_step ({start}): no mask "
+                     f"update would run; got end_step={end_step!r}")
   masked = optim.masked(inner, mask)
   inner = optax.with_extra_args_support(inner)
 
@@ -318,25 +426,33 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
     key, sub = jax.random.split(key)
 
     def branch(rule):
-      return lambda: jax.tree.map(jnp.asarray, rule(old, params, updates, sub, t))
+      def run():
+        out = rule(old, params, updates, sub, t)
+        if not isinstance(out, MaskStep):
+          out = MaskStep(out, jax.tree.map(lambda n, o: n & o, out, old))
+        return jax.tree.map(jnp.asarray, out)
+      return run
 
     branches = [branch(rule) for rule in rules]
     changed = (branches[0] if len(branches) == 1
                else lambda: jax.lax.switch(which, branches))
-    new = jax.lax.cond(on, changed, lambda: old)
+    new, survivors = jax.lax.cond(on, changed, lambda: MaskStep(old, old))
     grads = masks.apply(updates, old)
     inner_updates, inner_state = inner.update(grads, state.masked.inner_state,
                                               params, **extra_args)
-    grown = jax.tree.map(lambda n, o: n & ~o, new, old)
     skip = on if skip_update else jnp.zeros((), bool)
+    # A skipped mask-update step leaves the inner state (moments, counters,
+    # schedules) as it was; only new connections' moments are reset below.
+    inner_state = jax.lax.cond(skip, lambda: state.masked.inner_state,
+                               lambda: inner_state)
     # Survivors: the inner update (0 on a skipped step); everything else,
     # dropped and new connections included, lands on exactly 0.
     out = jax.tree.map(
-        lambda u, p, n, o: jnp.where(n & o, jnp.where(skip, 0, u),
-                                     -p.astype(u.dtype)),
-        inner_updates, params, new, old)
+        lambda u, p, s: jnp.where(s, jnp.where(skip, 0, u), -p.astype(u.dtype)),
+        inner_updates, params, survivors)
+    fresh = jax.tree.map(lambda n, s: n & ~s, new, survivors)
     masked_state = optim.reset_moments(
-        optim.MaskedState(old, inner_state), grown)._replace(mask=new)
+        optim.MaskedState(old, inner_state), fresh)._replace(mask=new)
     return out, DSTState(masked=masked_state, count=t + 1,
                          key=jax.random.key_data(key),
                          mask_updates=state.mask_updates + on.astype(jnp.int32))
@@ -396,7 +512,7 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
       dimension is divisible by M regrow within the groups the drop emptied
       (:func:`drop_and_grow_nm`), so an N:M mask stays N:M.
   """
-  fraction = _as_schedule(fraction)
+  fraction = _as_schedule(fraction, "drop_fraction")
   if growth not in ("random", "gradient"):
     raise ValueError(f"growth must be 'random' or 'gradient', got {growth!r}")
   group = _nm_group_size(nm)
@@ -492,8 +608,10 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
       :func:`set`.
   """
   _check_nm_start(mask, nm, prunable)
+  check_fraction(alpha, "alpha")
+  end_step = check_step(end_step, "end_step", 1)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
-              else _as_schedule(drop_fraction))
+              else _as_schedule(drop_fraction, "drop_fraction"))
   rule = drop_and_grow_rule(fraction, "gradient", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
@@ -526,7 +644,10 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
   With ``regrow_fraction``, each update step (until ``regrow_end_step``) then
   drops that fraction of every layer's active weights by magnitude and
   regrows as many by gradient magnitude (GraNet); the density is unchanged
-  by regrowth.
+  by regrowth. The weights removed by the step's magnitude pruning are zero,
+  with reset moments, before its regrowth (the GraNet reference): one pruned
+  and regrown in the same step starts at exactly 0 like every new
+  connection.
 
   GMP and GraNet cannot target an N:M budget: their pruning is a global
   ranking whose sparsity follows a schedule, not N of every M. For N:M
@@ -550,7 +671,8 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
   """
   sparsity = cubic_sparsity(initial_sparsity, final_sparsity, start_step, end_step)
   prune = _magnitude_prune(sparsity, prunable)
-  last = int(end_step) + 1 if regrow_end_step is None else int(regrow_end_step)
+  last = (int(end_step) + 1 if regrow_end_step is None
+          else check_step(regrow_end_step, "regrow_end_step", 1))
   if regrow_fraction is None:
     rule = prune
   else:
@@ -560,8 +682,10 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
       pruned = jax.lax.cond(t <= end_step,
                             lambda: prune(mask, params, grads, key, t),
                             lambda: mask)
-      # Pruned weights are 0 before regrowth sees them (they drop first).
-      return regrow(pruned, masks.apply(params, pruned), grads, key, t)
+      # Pruned weights are 0, with reset moments, before regrowth sees them:
+      # one pruned and regrown in this step restarts at 0 (SPEC §4).
+      new = regrow(pruned, masks.apply(params, pruned), grads, key, t)
+      return MaskStep(new, jax.tree.map(lambda n, p: n & p, new, pruned))
 
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=last,

@@ -252,9 +252,9 @@ def check_budget(budget) -> None:
 
 
 def _check_same_structure(a, b, a_name, b_name) -> None:
-  pa, pb = paths(a), paths(b)
   if jax.tree.structure(a) == jax.tree.structure(b):
     return
+  pa, pb = paths(a), paths(b)
   only_a = [p for p in pa if p not in set(pb)]
   only_b = [p for p in pb if p not in set(pa)]
   detail = []
@@ -269,6 +269,18 @@ def _check_same_structure(a, b, a_name, b_name) -> None:
       f"{a_name} does not match the structure of {b_name}; " + "; ".join(detail))
 
 
+def _check_shapes(mask: PyTree, params: PyTree) -> None:
+  """Raises ``ValueError`` naming the first leaf whose shapes differ."""
+  if all(jnp.shape(m) == jnp.shape(p)
+         for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params))):
+    return
+  for (path, m), (_, p) in zip(named_leaves(mask), named_leaves(params)):
+    if jnp.shape(m) != jnp.shape(p):
+      raise ValueError(
+          f"mask leaf {path!r} has shape {jnp.shape(m)} but the params leaf has "
+          f"shape {jnp.shape(p)}")
+
+
 def check_mask(mask: PyTree, params: PyTree) -> None:
   """Raises ``ValueError`` naming the path unless ``mask`` fits ``params``.
 
@@ -276,11 +288,8 @@ def check_mask(mask: PyTree, params: PyTree) -> None:
   a ``bool`` array of the params leaf's shape.
   """
   _check_same_structure(mask, params, "mask", "params")
-  for (path, m), (_, p) in zip(named_leaves(mask), named_leaves(params)):
-    if jnp.shape(m) != jnp.shape(p):
-      raise ValueError(
-          f"mask leaf {path!r} has shape {jnp.shape(m)} but the params leaf has "
-          f"shape {jnp.shape(p)}")
+  _check_shapes(mask, params)
+  for path, m in named_leaves(mask):
     if jnp.result_type(m) != jnp.bool_:
       raise ValueError(
           f"mask leaf {path!r} has dtype {jnp.result_type(m)}; masks must be bool "
@@ -296,8 +305,11 @@ def check_scores(scores: PyTree, prunable: PyTree | None = None) -> None:
   for path, s in named_leaves(scores):
     if flags is not None and not flags[path]:
       continue
-    if _is_concrete(s) and bool(jnp.isnan(jnp.asarray(s, jnp.float32)).any()):
-      n = int(jnp.isnan(jnp.asarray(s, jnp.float32)).sum())
+    if not _is_concrete(s):
+      continue
+    # numpy, not jnp: inside a jit trace jnp would stage out even a constant.
+    n = int(np.isnan(np.asarray(s, np.float32)).sum())
+    if n:
       raise ValueError(
           f"scores for {path!r} contain {n} NaN value(s); a NaN score cannot be "
           "ranked (check the loss and the scoring data)")
@@ -323,7 +335,13 @@ def apply(params: PyTree, mask: PyTree) -> PyTree:
     >>> masks.apply({"w": jnp.array([1.0, -2.0, 3.0])},
     ...             {"w": jnp.array([True, False, True])})
     {'w': Array([1., 0., 3.], dtype=float32)}
+
+  Raises:
+    ValueError: ``mask`` does not have the structure and shapes of ``params``
+      (the message names the paths, as :func:`check_mask`'s).
   """
+  _check_same_structure(mask, params, "mask", "params")
+  _check_shapes(mask, params)
   return jax.tree.map(
       lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
 
@@ -462,6 +480,13 @@ def layer_sparsities(params: PyTree, sparsity: float, budget: Budget = "erk", *,
 def kept_count(n: int, sparsity) -> Any:
   """Exact kept count of a pool of ``n`` entries: ``max(1, round((1 - s) n))``.
 
+  One rounding rule whatever ``sparsity`` is: ``1 - s`` and its product with
+  ``n`` are computed in float32 (the dtype of a traced sparsity, e.g. a
+  pruning schedule inside the step), then rounded half to even. So a Python
+  float and the same value traced always give the same count (``s =
+  0.73125`` on 240 entries keeps 64 either way, the exact half 64.5 rounded
+  to even; float64 arithmetic would give 64.50000000000001, so 65).
+
   Returns a Python int for a Python ``sparsity`` and an ``int32`` array when
   ``sparsity`` is traced.
 
@@ -472,8 +497,10 @@ def kept_count(n: int, sparsity) -> Any:
     (2, 1)
   """
   if isinstance(sparsity, (int, float, np.floating, np.integer)):
-    return max(1, round((1.0 - float(sparsity)) * n))
-  k = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * n).astype(jnp.int32)
+    density = np.float32(1.0) - np.float32(sparsity)
+    return max(1, int(np.round(density * np.float32(n))))
+  k = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32))
+                * jnp.float32(n)).astype(jnp.int32)
   return jnp.maximum(k, 1)
 
 

@@ -344,3 +344,119 @@ def test_flax_nnx_optimizer():
   for p, m in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
                   jax.tree.leaves(final)):
     assert (np.asarray(p)[~np.asarray(m)] == 0).all()
+
+
+# ----------------------------------------------------------------------------
+# Issue #23: exact drop counts, GraNet's restart at 0, the untouched optimiser
+# state of a mask-update step, argument checks
+# ----------------------------------------------------------------------------
+
+
+def test_drop_count_is_exact_when_the_product_is_an_integer():
+  # RigL at T_end / 2 with alpha = 0.3: f = 0.15 is 0.149999991 in float32 and
+  # a plain floor(f * 20) drops 2 weights, not 3.
+  f = dst.cosine_drop_fraction(0.3, 200)(100)
+  assert float(f) * 20 < 3
+  assert int(dst.drop_count(f, 20)) == 3
+  mask = jnp.arange(40) < 20
+  w = jnp.where(mask, jnp.arange(1., 41.), 0.)
+  new, grown = dst.drop_and_grow(mask, w, jnp.arange(40.), f)
+  assert int(grown.sum()) == 3 and int(new.sum()) == 20
+  # Every boundary j / n (float32) for n up to 96: exactly j.
+  for n in range(1, 97):
+    j = np.arange(n + 1)
+    fractions = jnp.asarray((j / n).astype(np.float32))
+    np.testing.assert_array_equal(jax.vmap(dst.drop_count, (0, None))(fractions, n), j)
+  # Off the boundaries it is the plain floor.
+  assert int(dst.drop_count(0.149, 20)) == 2
+  assert int(dst.drop_count(0.3, 5)) == 1
+  jitted = jax.jit(dst.drop_count)
+  assert int(jitted(jnp.float32(0.7), jnp.int32(10))) == 7  # float32 0.7 < 0.7
+
+
+def _granet_case(skip_update=True):
+  """One prunable 2x2 kernel, magnitude pruning to 50% at step 2, then a regrowth
+  of k = 1 whose largest gradient is on a weight that step 2's pruning removed."""
+  params = {"w": jnp.array([[4., 3.], [2., 1.]])}
+  regrow = lambda t: jnp.where(t >= 2, 0.5, 0.0)
+  tx = dst.gmp(optax.sgd(0.1, momentum=0.9), masks.ones_like(params),
+               final_sparsity=0.5, start_step=1, end_step=2, update_every=1,
+               regrow_fraction=regrow, regrow_end_step=10,
+               skip_update=skip_update)
+  state = tx.init(params)
+  g = {"w": jnp.array([[1., 1.], [1., 1.]])}
+  for _ in range(2):  # t = 0 (no update), t = 1 (sparsity 0: nothing changes)
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+  # t = 2: keep 2 of 4 by |w| (4 - .., 3 - ..); regrowth drops the weaker
+  # of those (index 1) and grows the largest |g| among the rest: index 3,
+  # pruned by this very step.
+  g2 = {"w": jnp.array([[0., 0.], [0.5, 9.]])}
+  before = state
+  u, state = tx.update(g2, state, params)
+  return params, before, optax.apply_updates(params, u), state
+
+
+def test_granet_weight_pruned_and_regrown_in_one_step_restarts_at_zero():
+  old_params, before, params, state = _granet_case()
+  mask = optim.get_mask(state)["w"]
+  np.testing.assert_array_equal(mask, [[True, False], [False, True]])
+  trace = state.masked.inner_state[0].trace["w"]
+  assert float(params["w"][1, 1]) == 0.0  # was 1 - 0.2 - ...: restarts at 0
+  assert float(trace[1, 1]) == 0.0
+  # The survivor keeps its value and momentum (the step is skipped).
+  assert float(params["w"][0, 0]) == float(old_params["w"][0, 0])
+  assert float(trace[0, 0]) == float(before.masked.inner_state[0].trace["w"][0, 0])
+
+
+def test_mask_update_step_leaves_the_optimiser_state_untouched():
+  params = {"w": jnp.array([[0.5, -0.1], [0.3, 0.]]), "b": jnp.array([1., 2.])}
+  mask = {"w": jnp.array([[True, True], [True, False]]), "b": jnp.ones(2, bool)}
+  tx = dst.rigl(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
+                update_every=2, start_step=2)
+  state = tx.init(params)
+  g = {"w": jnp.array([[1., 2.], [3., 4.]]), "b": jnp.array([1., -1.])}
+  for _ in range(2):  # two ordinary steps build Adam's moments
+    u, state = tx.update(g, state, params)
+    params = optax.apply_updates(params, u)
+  before = state
+  u, state = tx.update(g, state, params)  # t = 2: a mask update
+  new_params = optax.apply_updates(params, u)
+  grown = optim.get_mask(state)["w"] & ~optim.get_mask(before)["w"]
+  assert int(grown.sum()) == 1 and bool(grown[1, 1])
+  adam_before, adam_after = before.masked.inner_state[0], state.masked.inner_state[0]
+  assert int(adam_after.count) == int(adam_before.count) == 2
+  for name in ("mu", "nu"):
+    expected = jax.tree.map(lambda x, r: jnp.where(r, 0., x),
+                            getattr(adam_before, name),
+                            {"w": grown, "b": jnp.zeros(2, bool)})
+    jax.tree.map(np.testing.assert_array_equal, getattr(adam_after, name),
+                 expected)
+  np.testing.assert_array_equal(new_params["b"], params["b"])
+  # skip_update=False applies the step: counters and moments advance.
+  tx2 = dst.rigl(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
+                 update_every=2, start_step=2, skip_update=False)
+  s2 = tx2.init(params)
+  for _ in range(3):
+    _, s2 = tx2.update(g, s2, params)
+  assert int(s2.masked.inner_state[0].count) == 3
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda tx, m: dst.rigl(tx, m, end_step=100, drop_fraction=-0.3), r"drop_fraction must be in \[0, 1\].*-0.3"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=100, alpha=1.5), r"alpha must be in \[0, 1\].*1.5"),
+    (lambda tx, m: dst.set(tx, m, drop_fraction=2.0), r"drop_fraction must be in \[0, 1\].*2.0"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=0), r"end_step must be an integer step >= 1, got 0"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=-5), r"end_step must be an integer step >= 1, got -5"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=50, start_step=60), r"end_step must be after start_step \(60\)"),
+    (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.9, start_step=50, end_step=10), r"end_step must be after start_step \(50\)"),
+    (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.5, initial_sparsity=0.8, start_step=0, end_step=10), r"initial_sparsity \(0.8\) must be <= final_sparsity"),
+    (lambda tx, m: dst.gmp(tx, m, final_sparsity=1.2, start_step=0, end_step=10), r"final_sparsity must be in \[0, 1\)"),
+    (lambda tx, m: dst.granet(tx, m, final_sparsity=0.9, start_step=0, end_step=10, regrow_end_step=20, alpha=-1), r"alpha must be in \[0, 1\]"),
+    (lambda tx, m: dst.set(tx, m, update_every=0), r"update_every must be an integer step >= 1, got 0"),
+    (lambda tx, m: dst.set(tx, m, start_step=-1), r"start_step must be an integer step >= 0, got -1"),
+])
+def test_out_of_range_arguments_are_refused_where_given(build, match):
+  mask = {"w": jnp.ones((4, 4), bool)}
+  with pytest.raises(ValueError, match=match):
+    build(optax.sgd(0.1), mask)

@@ -280,3 +280,37 @@ def test_radix_select_matches_stable_argsort_on_tie_heavy_scores():
     expect = np.zeros(n, bool)
     expect[np.argsort(-(x + 0.0), kind="stable")[:k]] = True  # -0.0 == 0.0
     np.testing.assert_array_equal(got, expect)
+
+
+# Issue #23: one rounding rule, jit with constant scores, apply's structure check.
+
+
+def test_a_python_and_a_traced_sparsity_keep_the_same_count():
+  # (1 - 0.73125) * 240 is exactly 64.5; float64 arithmetic says 64.50000000000001.
+  assert masks.kept_count(240, 0.73125) == 64
+  assert int(jax.jit(lambda s: masks.kept_count(240, s))(0.73125)) == 64
+  scores = {"w": jnp.arange(240.).reshape(12, 20)}
+  eager = masks.topk_mask(scores, 0.73125)
+  traced = jax.jit(lambda s: masks.topk_mask(scores, s))(0.73125)
+  assert int(eager["w"].sum()) == int(traced["w"].sum()) == 64
+  rng = np.random.default_rng(0)
+  for s in rng.uniform(0, 0.999, 200).astype(np.float32):
+    for n in (7, 240, 1001):
+      assert masks.kept_count(n, float(s)) == int(
+          jax.jit(lambda x: masks.kept_count(n, x))(s))
+
+
+def test_topk_mask_under_jit_with_constant_scores_and_a_traced_sparsity():
+  scores = {"a": jnp.array([[3.0, 1.0], [4.0, 2.0]])}
+  mask = jax.jit(lambda s: masks.topk_mask(scores, s))(0.5)
+  np.testing.assert_array_equal(mask["a"], [[True, False], [True, False]])
+
+
+def test_apply_with_a_mask_of_another_structure_is_one_clear_error():
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
+  with pytest.raises(ValueError, match=r"mask does not match the structure of "
+                     r"params; paths only in params: \['dense/bias'\]"):
+    masks.apply(params, {"dense": {"kernel": jnp.ones((3, 2), bool)}})
+  with pytest.raises(ValueError, match=r"mask leaf 'dense/kernel' has shape \(2, 3\)"):
+    masks.apply(params, {"dense": {"kernel": jnp.ones((2, 3), bool),
+                                   "bias": jnp.ones(2, bool)}})
