@@ -63,6 +63,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import _checks
 from sparsejax import hooks
 from sparsejax import masks
 from sparsejax import nm as nm_lib
@@ -107,8 +108,8 @@ def cosine_drop_fraction(alpha: float = 0.3, end_step: int = 1) -> optax.Schedul
   Raises:
     ValueError: ``alpha`` outside [0, 1] or ``end_step < 1``.
   """
-  check_fraction(alpha, "alpha")
-  return optax.cosine_decay_schedule(float(alpha), check_step(end_step, "end_step", 1))
+  _checks.fraction(alpha, "alpha")
+  return optax.cosine_decay_schedule(float(alpha), _checks.step(end_step, "end_step", 1))
 
 
 def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
@@ -129,8 +130,8 @@ def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
     raise ValueError(f"initial_sparsity ({initial_sparsity}) must be <= "
                      f"final_sparsity ({final_sparsity}): pruning only removes "
                      "weights")
-  start_step = check_step(start_step, "start_step")
-  if check_step(end_step, "end_step") <= start_step:
+  start_step = _checks.step(start_step, "start_step")
+  if _checks.step(end_step, "end_step") <= start_step:
     raise ValueError(f"end_step must be after start_step ({start_step}), got "
                      f"end_step={end_step!r}: the pruning window would be empty")
   span = int(end_step) - start_step
@@ -156,27 +157,7 @@ def _as_schedule(value: ScalarOrSchedule, name: str = "drop_fraction"
                  ) -> optax.Schedule:
   if callable(value):
     return value
-  check_fraction(value, name)
-  return optax.constant_schedule(float(value))
-
-
-def check_fraction(value, name: str) -> None:
-  """Raises ``ValueError`` unless the Python number ``value`` is in [0, 1].
-
-  A fraction of the active weights (a drop fraction, RigL's α): below 0 or
-  above 1 it would grow or drop more weights than a layer has.
-  """
-  v = float(value)
-  if not (math.isfinite(v) and 0.0 <= v <= 1.0):
-    raise ValueError(f"{name} must be in [0, 1] (a fraction of each layer's "
-                     f"active weights), got {value!r}")
-
-
-def check_step(value, name: str, minimum: int = 0) -> int:
-  """``int(value)``; raises ``ValueError`` unless it is an integer ``>= minimum``."""
-  if isinstance(value, bool) or int(value) != value or int(value) < minimum:
-    raise ValueError(f"{name} must be an integer step >= {minimum}, got {value!r}")
-  return int(value)
+  return optax.constant_schedule(_checks.fraction(value, name))
 
 
 #: Relative slack of :func:`drop_count`: a product ``f · n`` within this
@@ -393,10 +374,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`DSTState`.
   """
-  update_every = check_step(update_every, "update_every", 1)
+  update_every = _checks.step(update_every, "update_every", 1)
   start = (update_every if start_step is None
-           else check_step(start_step, "start_step"))
-  if end_step is not None and check_step(end_step, "end_step") <= start:
+           else _checks.step(start_step, "start_step"))
+  if end_step is not None and _checks.step(end_step, "end_step") <= start:
     raise ValueError(f"end_step must be after start_step ({start}): no mask "
                      f"update would run; got end_step={end_step!r}")
   masked = optim.masked(inner, mask)
@@ -608,8 +589,8 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
       :func:`set`.
   """
   _check_nm_start(mask, nm, prunable)
-  check_fraction(alpha, "alpha")
-  end_step = check_step(end_step, "end_step", 1)
+  _checks.fraction(alpha, "alpha")
+  end_step = _checks.step(end_step, "end_step", 1)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
               else _as_schedule(drop_fraction, "drop_fraction"))
   rule = drop_and_grow_rule(fraction, "gradient", prunable, nm)
@@ -672,7 +653,7 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
   sparsity = cubic_sparsity(initial_sparsity, final_sparsity, start_step, end_step)
   prune = _magnitude_prune(sparsity, prunable)
   last = (int(end_step) + 1 if regrow_end_step is None
-          else check_step(regrow_end_step, "regrow_end_step", 1))
+          else _checks.step(regrow_end_step, "regrow_end_step", 1))
   if regrow_fraction is None:
     rule = prune
   else:

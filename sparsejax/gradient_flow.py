@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _checks
 from sparsejax import data
 from sparsejax import dst
 from sparsejax import hooks
@@ -121,6 +122,7 @@ def sparse_kernel_init(key: chex.PRNGKey, mask: jax.Array, *,
   """
   _check_choice(mode, MODES, "mode")
   _check_choice(distribution, DISTRIBUTIONS, "distribution")
+  _checks.number(scale, "scale", 0.0, lo_open=True, why="a variance gain")
   fan_in, fan_out = active_fans(mask)
   fan = {"fan_in": fan_in, "fan_out": fan_out,
          "fan_avg": (fan_in + fan_out) / 2}[mode]
@@ -290,6 +292,15 @@ class UpdateSteps:
   start_step: int | None = None
   end_step: int | None = None
 
+  def __post_init__(self):
+    _checks.step(self.update_every, "UpdateSteps.update_every", 1)
+    start = self.update_every if self.start_step is None else _checks.step(
+        self.start_step, "UpdateSteps.start_step")
+    if self.end_step is not None and _checks.step(
+        self.end_step, "UpdateSteps.end_step") <= start:
+      raise ValueError(f"UpdateSteps.end_step must be after start_step ({start}), "
+                       f"got {self.end_step!r}: no step would update the mask")
+
   def __call__(self, t):
     start = self.update_every if self.start_step is None else self.start_step
     on = (t >= start) & ((t - start) % self.update_every == 0)
@@ -336,8 +347,7 @@ class GradientFlow(hooks.Hook):
   def __init__(self, model, batch: tuple[Any, Any], *, every: int = 100,
                update_steps: Callable[[Any], Any] | None = None,
                prunable=None, name: str = "gradient_flow"):
-    if int(every) < 1:
-      raise ValueError(f"every must be >= 1, got {every}")
+    every = _checks.step(every, "every", 1)
     self.model = model
     self.batch = (jnp.asarray(batch[0], jnp.float32),
                   jnp.asarray(batch[1], jnp.int32))
@@ -409,6 +419,7 @@ def held_out_split(dataset, per_class: int, seed: int = 0):
     split, mean and std unchanged) and the held-out batch, ``x`` normalised
     ``float32 [num_classes * per_class, H, W, C]``, ``y`` ``int32``.
   """
+  _checks.step(per_class, "per_class", 1)
   idx = data.class_balanced_indices(dataset.train_labels, per_class, seed,
                                     num_classes=dataset.num_classes)
   keep = np.ones(dataset.num_train, bool)

@@ -94,6 +94,7 @@ class FitContext:
     model, dataset, mesh, config: those of :func:`fit`.
     steps_per_epoch: optimiser steps per epoch.
     scalars: the per-step scalar schedules of :func:`fit`.
+    num_epochs: the epochs of the run (``None`` when built by hand).
     evaluate: ``evaluate(state) -> {"loss", "accuracy", "count"}``: fit's
       test-set evaluation (:func:`sparsejax.train.evaluate` with fit's
       compiled eval step and ``eval_batch_size``) of any train state of the
@@ -111,6 +112,7 @@ class FitContext:
   scalars: Mapping[str, optax.Schedule]
   evaluate: Callable[[Any], dict[str, float]] | None = None
   loss_fn: Any = None
+  num_epochs: int | None = None
 
 
 class Hook:
@@ -125,6 +127,9 @@ class Hook:
     :func:`sparsejax.optim.set_mask`) and its own state, and return logs. Use
     ``lax.cond`` on ``info.step`` to act every K steps; the structure,
     shapes and dtypes of both states must not change.
+  * :meth:`check` runs on the host before the first step of every run, fresh
+    or resumed, and raises ``ValueError`` when the hook's settings do not fit
+    the run (e.g. a plan made for another number of epochs).
   * :meth:`fresh_start` runs on the host once, before the first step of a
     run that does not resume from a checkpoint (and before :meth:`init`), and
     may change the initial train state, keeping its structure, shapes and
@@ -144,15 +149,24 @@ class Hook:
       global steps go to ``steps.jsonl`` as ``{"step": s, **logs}``, ``s``
       the number of steps taken; ``None`` (default): not logged. Override
       :meth:`logs_at` for another set of steps.
+    scalar_names: the per-step scalars (``info.scalars``) the hook reads
+      besides those the model takes; default none. A scalar that neither
+      the model, the loss nor a hook reads is an error of
+      :func:`sparsejax.train.make_train_step`.
   """
 
   name: str | None = None
   log_every_steps: int | None = None
+  scalar_names: tuple[str, ...] = ()
 
   @property
   def key(self) -> str:
     """The hook's name, :attr:`name` or the class name."""
     return self.name or type(self).__name__
+
+  def check(self, ctx: FitContext) -> None:
+    """Raises ``ValueError`` if the hook cannot run in this fit; default: fits."""
+    del ctx
 
   def init(self, state: TrainState) -> PyTree:
     """The hook's initial state, from the initial train state; default ``None``."""

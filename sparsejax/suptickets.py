@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sparsejax import _checks
 from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import masks
@@ -143,10 +144,8 @@ class Plan:
   steps_per_epoch: int
 
   def __post_init__(self):
-    if self.num_cycles < 1 or self.cycle_epochs < 1 or self.steps_per_epoch < 1:
-      raise ValueError("num_cycles, cycle_epochs and steps_per_epoch must be >= 1, "
-                       f"got {self.num_cycles}, {self.cycle_epochs} and "
-                       f"{self.steps_per_epoch}")
+    for name in ("num_epochs", "num_cycles", "cycle_epochs", "steps_per_epoch"):
+      _checks.step(getattr(self, name), f"Plan.{name}", 1)
     if self.dst_epochs < 1:
       raise ValueError(
           f"the cycles ({self.num_cycles} x {self.cycle_epochs} epochs) leave no DST "
@@ -319,7 +318,8 @@ class Superpose(hooks.Hook):
   without); before the first cycle end ``params`` and ``average`` are 0.
 
   Args:
-    plan: the run's :class:`Plan` (its ``steps_per_epoch`` must be fit's).
+    plan: the run's :class:`Plan`: its ``num_epochs`` and
+      ``steps_per_epoch`` must be fit's (checked before the first step).
     ema: ``None`` (cumulative mean, default) or the EMA factor.
     prunable: the leaves of the global re-pruning (default: every kernel;
       use the DST method's).
@@ -362,12 +362,23 @@ class Superpose(hooks.Hook):
       hook_state["batch_stats"] = jax.tree.map(jnp.copy, state.batch_stats)
     return hook_state
 
+  def check(self, ctx):
+    """The plan must be the fit's: same epochs, same steps per epoch."""
+    plan = self.plan
+    if ctx.num_epochs is not None and ctx.num_epochs != plan.num_epochs:
+      raise ValueError(
+          f"Superpose: the plan has num_epochs={plan.num_epochs} but fit trains "
+          f"{ctx.num_epochs} epochs; build the Plan with the run's num_epochs "
+          f"(its cycles end at epochs {list(plan.cycle_end_epochs)})")
+    if ctx.steps_per_epoch != plan.steps_per_epoch:
+      raise ValueError(
+          f"Superpose: the plan has steps_per_epoch={plan.steps_per_epoch} but "
+          f"fit has {ctx.steps_per_epoch} (sparsejax.schedules.steps_per_epoch"
+          "(num_train, batch_size))")
+
   def epoch_end(self, hook_state, state, epoch, ctx):
     if epoch not in self.plan.cycle_end_epochs:
       return hook_state, state, {}
-    if ctx.steps_per_epoch != self.plan.steps_per_epoch:
-      raise ValueError(f"the plan has {self.plan.steps_per_epoch} steps per epoch, "
-                       f"fit {ctx.steps_per_epoch}")
     average = self._superpose(hook_state["average"], state.params,
                               hook_state["tickets"])
     params, mask = self._reprune(average, state.mask)

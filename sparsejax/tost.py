@@ -21,7 +21,9 @@ final network is the plain sparse network of the original architecture:
   the MNIST models have no basic blocks: :func:`ghost_model` refuses them
   with a ``ValueError`` (the other three techniques work on any model).
 * **Label smoothing** (:attr:`ToST.label_smoothing`): α(t), the per-step
-  scalar ``label_smoothing``, with the reference target ``1 - α`` on the
+  scalar ``tost_label_smoothing`` (:data:`LABEL_SMOOTHING`; read only by
+  :func:`label_smoothing_loss`, so :func:`sparsejax.train.fit` refuses it
+  without that loss), with the reference target ``1 - α`` on the
   true class and ``α / (C - 1)`` on every other class
   (:func:`smoothed_targets`; not optax's ``(1 - α) y + α / C``).
 * **Layer-wise rescaled initialisation, LRsI** (:attr:`ToST.lrsi`): GradInit
@@ -72,6 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from sparsejax import _checks
 from sparsejax import _xla_cpu
 from sparsejax import data as data_lib
 from sparsejax import hooks as hooks_lib
@@ -87,7 +90,10 @@ PyTree = Any
 #: Per-step scalar names: β (activation blend), γ (ghost skips), α (smoothing).
 ACT_COEF = "act_coef"
 GHOST_COEF = "ghost_coef"
-LABEL_SMOOTHING = "label_smoothing"
+#: ToST's smoothing has a key of its own: it is not the ``"label_smoothing"``
+#: scalar of :func:`sparsejax.losses.smoothed_cross_entropy` (optax's α / C),
+#: so passing α(t) without ToST's loss is an error, never the other formula.
+LABEL_SMOOTHING = "tost_label_smoothing"
 
 
 # ----------------------------------------------------------------------------
@@ -117,9 +123,11 @@ class Ramp:
   stop: float = 0.5
 
   def __post_init__(self):
-    if not 0.0 <= self.hold <= self.stop <= 1.0:
-      raise ValueError(f"a Ramp needs 0 <= hold <= stop <= 1, got hold={self.hold}, "
-                       f"stop={self.stop}")
+    _checks.number(self.start, "Ramp.start")
+    _checks.number(self.end, "Ramp.end")
+    _checks.number(self.hold, "Ramp.hold", 0.0, 1.0, why="a fraction of training")
+    _checks.number(self.stop, "Ramp.stop", self.hold, 1.0,
+                   why="a fraction of training, at or after hold")
 
   @classmethod
   def constant(cls, value: float) -> Ramp:
@@ -170,8 +178,8 @@ def smoothed_targets(labels: jax.Array, num_classes: int,
   return one_hot * (1 - alpha) + (1 - one_hot) * (alpha / (num_classes - 1))
 
 
-def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
-                           alpha: float | jax.Array) -> jax.Array:
+def off_target_smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
+                                      alpha: float | jax.Array) -> jax.Array:
   """Per-example cross-entropy against :func:`smoothed_targets` (float32).
 
   Args:
@@ -188,13 +196,14 @@ def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
 def label_smoothing_loss() -> losses.LossFn:
   """The training loss ``loss_fn(logits, labels, scalars)`` of ToST's smoothing.
 
-  :func:`smoothed_cross_entropy` with α = ``scalars["label_smoothing"]``
+  :func:`off_target_smoothed_cross_entropy` with α =
+  ``scalars["tost_label_smoothing"]`` (:data:`LABEL_SMOOTHING`)
   (plain cross-entropy when that scalar is absent).
   """
 
   def loss_fn(logits, labels, scalars):
-    return smoothed_cross_entropy(logits, labels,
-                                  scalars.get(LABEL_SMOOTHING, 0.0))
+    return off_target_smoothed_cross_entropy(logits, labels,
+                                             scalars.get(LABEL_SMOOTHING, 0.0))
 
   return loss_fn
 
@@ -312,9 +321,15 @@ class LRsI:
   batch_size: int = 128
 
   def __post_init__(self):
-    if self.steps < 1 or self.batch_size < 2:
-      raise ValueError(f"LRsI needs steps >= 1 and batch_size >= 2, got "
-                       f"{self.steps} and {self.batch_size}")
+    _checks.step(self.steps, "LRsI.steps", 1)
+    _checks.step(self.batch_size, "LRsI.batch_size", 2)
+    _checks.number(self.learning_rate, "LRsI.learning_rate", 0.0, lo_open=True)
+    _checks.number(self.eta, "LRsI.eta", 0.0, lo_open=True)
+    _checks.number(self.grad_norm_bound, "LRsI.grad_norm_bound", 0.0, lo_open=True)
+    if self.grad_clip is not None:
+      _checks.number(self.grad_clip, "LRsI.grad_clip", 0.0, lo_open=True)
+    _checks.number(self.weight_floor, "LRsI.weight_floor", 0.0)
+    _checks.number(self.bias_floor, "LRsI.bias_floor", 0.0)
 
 
 def is_bias(path: str) -> bool:
@@ -537,6 +552,18 @@ class ToST:
   label_smoothing: Ramp | None = None
   lrsi: LRsI | None = None
 
+  def __post_init__(self):
+    # β and γ blend two paths (0 and 1 are the ends); α is a probability
+    # mass moved off the true class (below 1, or the target vanishes).
+    for name, hi, hi_open in (("soft_neurons", 1.0, False),
+                              ("ghost_skips", 1.0, False),
+                              ("label_smoothing", 1.0, True)):
+      ramp = getattr(self, name)
+      if ramp is not None:
+        for end in ("start", "end"):
+          _checks.number(getattr(ramp, end), f"ToST.{name}.{end}", 0.0, hi,
+                         hi_open=hi_open)
+
   @property
   def techniques(self) -> tuple[str, ...]:
     """Names of the techniques switched on."""
@@ -545,7 +572,8 @@ class ToST:
 
   def scalars(self, total_steps: int) -> dict[str, optax.Schedule]:
     """The per-step scalars for ``fit(scalars=...)`` of a run of ``total_steps``:
-    ``act_coef`` (β), ``ghost_coef`` (γ), ``label_smoothing`` (α), those on."""
+    ``act_coef`` (β), ``ghost_coef`` (γ), ``tost_label_smoothing`` (α), those
+    on."""
     out = {}
     for name, ramp in ((ACT_COEF, self.soft_neurons), (GHOST_COEF, self.ghost_skips),
                        (LABEL_SMOOTHING, self.label_smoothing)):
@@ -604,6 +632,6 @@ __all__ = [
     "ACT_COEF", "GHOST_COEF", "GHOST_RAMP", "GHOST_SMOOTHING", "LABEL_SMOOTHING",
     "LRsI", "LRsIHook", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
     "is_bias", "label_smoothing_loss", "lift_mask", "lrsi", "lrsi_objective",
-    "preset", "scale_floors", "smoothed_cross_entropy", "smoothed_targets",
+    "off_target_smoothed_cross_entropy", "preset", "scale_floors", "smoothed_targets",
     "supports_ghost_skips",
 ]

@@ -251,6 +251,42 @@ def _model_scalar_names(model: nn.Module, scalars) -> tuple[str, ...]:
   return tuple(name for name in (scalars or {}) if name in keywords)
 
 
+class _ReadKeys(Mapping):
+  """A read-only view of a dict that records which keys were read."""
+
+  def __init__(self, values: Mapping[str, Any]):
+    self._values = values
+    self.read: set[str] = set()
+
+  def __getitem__(self, name):
+    self.read.add(name)
+    return self._values[name]
+
+  def __contains__(self, name):
+    self.read.add(name)
+    return name in self._values
+
+  def __iter__(self):  # iterating (dict(scalars), .items()) reads them all
+    self.read.update(self._values)
+    return iter(self._values)
+
+  def __len__(self):
+    return len(self._values)
+
+
+def _check_scalars_read(names, model_scalars, loss_read, hooks) -> None:
+  """Raises ``ValueError`` for a scalar that nothing of the step reads."""
+  hook_read = {n for h in hooks for n in getattr(h, "scalar_names", ())}
+  used = set(model_scalars) | set(loss_read) | hook_read
+  unused = sorted(set(names) - used)
+  if unused:
+    raise ValueError(
+        f"scalars {unused} are read by neither the model, the loss nor a hook, "
+        f"so they would change nothing; read are: model {sorted(model_scalars)}, "
+        f"loss {sorted(loss_read)}, hooks {sorted(hook_read)}. Rename or drop "
+        "them (ToST's α needs its loss, tost.label_smoothing_loss())")
+
+
 def init_train_metrics() -> dict[str, jax.Array]:
   """Zeroed running sums of :func:`make_train_step`.
 
@@ -309,7 +345,10 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
     scalars: per-step scalar schedules ``{name: optax.Schedule}``; those named
       like a keyword of ``model.__call__`` (e.g. ``act_coef``) are passed to
       the model, all of them to ``loss_fn`` and the hooks. Their values are
-      traced: changing them never recompiles.
+      traced: changing them never recompiles. Each must be read by the
+      model, the loss or a hook (:attr:`sparsejax.hooks.Hook.scalar_names`):
+      a scalar nothing reads (a typo such as ``act_coeff``) raises
+      ``ValueError`` when the step is first traced, before it runs.
     hooks: :class:`sparsejax.hooks.Hook` objects.
   """
   if batch_size % mesh.size:
@@ -321,8 +360,8 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
   loss_fn = losses.smoothed_cross_entropy() if loss_fn is None else loss_fn
   scalars = dict(scalars or {})
   model_scalars = _model_scalar_names(model, scalars)
-  stepping = [h for h in hooks_lib.check_hooks(hooks)
-              if hooks_lib.overrides(h, "after_step")]
+  all_hooks = hooks_lib.check_hooks(hooks)
+  stepping = [h for h in all_hooks if hooks_lib.overrides(h, "after_step")]
 
   def step(state: TrainState, metrics, images, labels, perm, step_in_epoch,
            hook_states=None):
@@ -337,16 +376,19 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
       x = data_lib.augment(aug_key, x, pad=pad, flip=flip)
     x = data_lib.normalize(x, mean, std)
 
+    loss_scalars = _ReadKeys(values)
+
     def objective(params):
       logits, model_state = models.apply(
           model, _variables(params, state.batch_stats), x, train=True,
           rngs={"dropout": dropout_key},
           **{name: values[name] for name in model_scalars})
-      loss = jnp.mean(loss_fn(logits, y, values))
+      loss = jnp.mean(loss_fn(logits, y, loss_scalars))
       return loss, (logits, model_state.get("batch_stats", state.batch_stats))
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
         objective, has_aux=True)(state.params)
+    _check_scalars_read(values, model_scalars, loss_scalars.read, all_hooks)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params,
@@ -677,7 +719,9 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
     ctx = hooks_lib.FitContext(model=model, dataset=dataset, mesh=mesh,
                                config=config, steps_per_epoch=spe,
                                scalars=scalars, loss_fn=loss_fn,
-                               evaluate=evaluate_test)
+                               evaluate=evaluate_test, num_epochs=num_epochs)
+    for hook in hooks:
+      hook.check(ctx)
     found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
     if found is not None:
       resumed_from, restored, meta = found

@@ -443,18 +443,18 @@ def test_mask_update_step_leaves_the_optimiser_state_untouched():
 
 
 @pytest.mark.parametrize("build, match", [
-    (lambda tx, m: dst.rigl(tx, m, end_step=100, drop_fraction=-0.3), r"drop_fraction must be in \[0, 1\].*-0.3"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=100, drop_fraction=-0.3), r"drop_fraction must be in \[0, 1\], got -0.3"),
     (lambda tx, m: dst.rigl(tx, m, end_step=100, alpha=1.5), r"alpha must be in \[0, 1\].*1.5"),
     (lambda tx, m: dst.set(tx, m, drop_fraction=2.0), r"drop_fraction must be in \[0, 1\].*2.0"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=0), r"end_step must be an integer step >= 1, got 0"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=-5), r"end_step must be an integer step >= 1, got -5"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=0), r"end_step must be an integer >= 1, got 0"),
+    (lambda tx, m: dst.rigl(tx, m, end_step=-5), r"end_step must be an integer >= 1, got -5"),
     (lambda tx, m: dst.rigl(tx, m, end_step=50, start_step=60), r"end_step must be after start_step \(60\)"),
     (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.9, start_step=50, end_step=10), r"end_step must be after start_step \(50\)"),
     (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.5, initial_sparsity=0.8, start_step=0, end_step=10), r"initial_sparsity \(0.8\) must be <= final_sparsity"),
     (lambda tx, m: dst.gmp(tx, m, final_sparsity=1.2, start_step=0, end_step=10), r"final_sparsity must be in \[0, 1\)"),
     (lambda tx, m: dst.granet(tx, m, final_sparsity=0.9, start_step=0, end_step=10, regrow_end_step=20, alpha=-1), r"alpha must be in \[0, 1\]"),
-    (lambda tx, m: dst.set(tx, m, update_every=0), r"update_every must be an integer step >= 1, got 0"),
-    (lambda tx, m: dst.set(tx, m, start_step=-1), r"start_step must be an integer step >= 0, got -1"),
+    (lambda tx, m: dst.set(tx, m, update_every=0), r"update_every must be an integer >= 1, got 0"),
+    (lambda tx, m: dst.set(tx, m, start_step=-1), r"start_step must be an integer >= 0, got -1"),
 ])
 def test_out_of_range_arguments_are_refused_where_given(build, match):
   mask = {"w": jnp.ones((4, 4), bool)}

@@ -16,7 +16,8 @@ import pytest
 
 from experiments import common
 from experiments.configs import digits as digits_config
-from sparsejax import checkpoints, data, hooks, losses, masks, models, optim, schedules, train
+from sparsejax import checkpoints, data, hooks, losses, masks, models, optim, schedules, tost, train
+from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
 SPE = 44  # steps per epoch: 1437 digits // 32
@@ -344,3 +345,28 @@ def dict_config(cfg, **overrides):
   cfg = cfg.copy_and_resolve_references()
   cfg.update(overrides)
   return cfg
+
+
+def test_a_scalar_that_nothing_reads_is_an_error_naming_those_read(tmp_path):
+  # A typo (act_coeff) would otherwise be dropped silently; so would ToST's
+  # alpha without ToST's loss (the default loss reads "label_smoothing").
+  model = models.get("mlp", 10, hidden=(8,))
+  for scalars, unused in (({"act_coeff": optax.constant_schedule(0.5)}, "act_coeff"),
+                          ({tost.LABEL_SMOOTHING: optax.constant_schedule(0.1)},
+                           "tost_label_smoothing")):
+    step = train.make_train_step(model, mesh=mesh_lib.make_mesh(1), batch_size=4,
+                                 mean=(0.,), std=(1.,), augment=False,
+                                 scalars=scalars)
+    state = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)),
+                                     jax.random.key(0))
+    images = jnp.zeros((8, 8, 8, 1), jnp.uint8)
+    labels = jnp.zeros(8, jnp.int32)
+    with pytest.raises(ValueError, match=rf"scalars \['{unused}'\] are read by "
+                       r"neither the model, the loss nor a hook.*loss \['label_smoothing'\]"):
+      step(state, train.init_train_metrics(), images, labels, jnp.arange(8), 0)
+  # Read by the loss: accepted.
+  step = train.make_train_step(
+      model, mesh=mesh_lib.make_mesh(1), batch_size=4, mean=(0.,), std=(1.,),
+      augment=False, loss_fn=tost.label_smoothing_loss(),
+      scalars={tost.LABEL_SMOOTHING: optax.constant_schedule(0.1)})
+  step(state, train.init_train_metrics(), images, labels, jnp.arange(8), 0)

@@ -329,3 +329,17 @@ def test_hook_resumes_bitwise(split, tmp_path):
   strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
   assert strip(_read(tmp_path / "full" / "metrics.jsonl")) == strip(
       _read(tmp_path / "split" / "metrics.jsonl"))
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: gf.UpdateSteps(0), r"UpdateSteps.update_every must be an integer >= 1, got 0"),
+    (lambda: gf.UpdateSteps(100, end_step=50), r"UpdateSteps.end_step must be after start_step \(100\), got 50"),
+    (lambda: gf.UpdateSteps(10, start_step=-1), r"UpdateSteps.start_step must be an integer >= 0, got -1"),
+    (lambda: gf.sparse_kernel_init(jax.random.key(0), jnp.ones((2, 2), bool), scale=-2.0),
+     r"scale must be in \(0, inf\), got -2.0"),
+    (lambda: gf.GradientFlow(None, (jnp.zeros((1, 2)), jnp.zeros(1)), every=0),
+     r"every must be an integer >= 1, got 0"),
+])
+def test_gradient_flow_arguments_are_checked_where_given(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()

@@ -413,3 +413,37 @@ def test_suptickets_config_checks():
   config.sup_lr_shape = "square"
   with pytest.raises(ValueError, match="sup_lr_shape"):
     common.resolve_config(cell())
+
+
+def test_plan_arguments_are_checked_where_given():
+  for field, value in (("num_epochs", 0), ("steps_per_epoch", -3),
+                       ("cycle_epochs", 2.5)):
+    kwargs = dict(num_epochs=24, num_cycles=2, cycle_epochs=4, steps_per_epoch=10)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=rf"Plan.{field} must be an integer >= 1, "
+                       rf"got {value}"):
+      suptickets.Plan(**kwargs)
+
+
+@pytest.mark.parametrize("plan, match", [
+    (suptickets.Plan(num_epochs=250, num_cycles=3, cycle_epochs=8,
+                     steps_per_epoch=SPE),
+     r"the plan has num_epochs=250 but fit trains 4 epochs"),
+    (suptickets.Plan(num_epochs=4, num_cycles=2, cycle_epochs=1, steps_per_epoch=40),
+     r"the plan has steps_per_epoch=40 but fit has 44"),
+])
+def test_a_plan_that_is_not_the_fits_is_refused_before_the_first_step(
+    ds, tmp_path, plan, match):
+  model = ConvBN()
+  params = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
+                                jax.random.key(0))["params"]
+  tx = dst.rigl(optax.sgd(0.1), random_mask(params, 0.2), end_step=20,
+                update_every=10)
+  with pytest.raises(ValueError, match=match):
+    train.fit(config(num_epochs=4), tmp_path, model=model, dataset=ds, tx=tx,
+              hooks=[suptickets.Superpose(plan)])
+  # Refused before the first step: no checkpoint, no epoch record.
+  assert not (tmp_path / "checkpoints").exists() or not list(
+      (tmp_path / "checkpoints").iterdir())
+  assert not (tmp_path / "metrics.jsonl").exists() or not (
+      tmp_path / "metrics.jsonl").read_text()

@@ -23,21 +23,21 @@ X16 = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
 def test_ghost_schedules_at_chosen_steps():
   # T = 1000 steps: hold to step 100, linear to 0 at step 500.
   scalars = tost.preset("ghost").scalars(1000)
-  assert set(scalars) == {"act_coef", "ghost_coef", "label_smoothing"}
+  assert set(scalars) == {"act_coef", "ghost_coef", "tost_label_smoothing"}
   at = lambda name, t: float(scalars[name](t))
   for name in ("act_coef", "ghost_coef"):
     assert [at(name, t) for t in (0, 100, 300, 400, 500, 999)] == pytest.approx(
         [1.0, 1.0, 0.5, 0.25, 0.0, 0.0])
-  assert [at("label_smoothing", t) for t in (0, 100, 300, 500, 800)] == pytest.approx(
+  assert [at("tost_label_smoothing", t) for t in (0, 100, 300, 500, 800)] == pytest.approx(
       [0.1, 0.1, 0.05, 0.0, 0.0])
   # always_on: constant for the whole run
   on = tost.preset("always_on").scalars(1000)
   assert [float(on["act_coef"](t)) for t in (0, 500, 999)] == [1.0, 1.0, 1.0]
-  assert float(on["label_smoothing"](999)) == pytest.approx(0.1)
+  assert float(on["tost_label_smoothing"](999)) == pytest.approx(0.1)
   # a schedule is a config value; a Ramp refuses hold > stop
   ramp = tost.Ramp(0.8, 0.2, hold=0.2, stop=0.6).schedule(100)
   assert [float(ramp(t)) for t in (20, 40, 60)] == pytest.approx([0.8, 0.5, 0.2])
-  with pytest.raises(ValueError, match="hold <= stop"):
+  with pytest.raises(ValueError, match="at or after hold"):
     tost.Ramp(hold=0.6, stop=0.5)
 
 
@@ -69,13 +69,13 @@ def test_label_smoothing_targets_by_hand_for_ten_classes():
   assert targets[0, 3] != pytest.approx(0.91)
   # the loss: -(0.9 log p_y + sum_other (0.1/9) log p_j), uniform logits: log 10
   logits = jnp.zeros((1, 10))
-  loss = tost.smoothed_cross_entropy(logits, jnp.array([3]), 0.1)
+  loss = tost.off_target_smoothed_cross_entropy(logits, jnp.array([3]), 0.1)
   assert float(loss[0]) == pytest.approx(np.log(10.0), rel=1e-6)
   logits = jnp.arange(10.0)[None]
   logp = np.asarray(jax.nn.log_softmax(logits))[0]
   by_hand = -(0.9 * logp[3] + (0.1 / 9) * (logp.sum() - logp[3]))
   loss_fn = tost.label_smoothing_loss()
-  got = loss_fn(logits, jnp.array([3]), {"label_smoothing": jnp.float32(0.1)})
+  got = loss_fn(logits, jnp.array([3]), {"tost_label_smoothing": jnp.float32(0.1)})
   assert float(got[0]) == pytest.approx(by_hand, rel=1e-6)
 
 
@@ -222,7 +222,7 @@ def _small_problem(sparsity=0.8):
 
   def loss(p, batch):
     xb, yb = batch
-    return jnp.mean(tost.smoothed_cross_entropy(model.apply({"params": p}, xb), yb, 0.0))
+    return jnp.mean(tost.off_target_smoothed_cross_entropy(model.apply({"params": p}, xb), yb, 0.0))
 
   return loss, masks.apply(params, mask), mask, (x, y)
 
@@ -298,9 +298,9 @@ def test_recipe_scalars_reach_model_and_loss_in_fit(tmp_path):
   # the epoch records hold beta, gamma, alpha at each epoch's last step
   last = result.history[-1]
   assert last["act_coef"] == 0.0 and last["ghost_coef"] == 0.0
-  assert last["label_smoothing"] == 0.0
+  assert last["tost_label_smoothing"] == 0.0
   first = result.history[0]
-  assert first["act_coef"] == pytest.approx(0.5) and first["label_smoothing"] == (
+  assert first["act_coef"] == pytest.approx(0.5) and first["tost_label_smoothing"] == (
       pytest.approx(0.05))
   # at gamma = 0 the exported plain model evaluates to the same accuracy
   plain = models.get("resnet20", 10, num_filters=4, stage_sizes=(1, 1, 1),
@@ -314,3 +314,18 @@ def test_recipe_scalars_reach_model_and_loss_in_fit(tmp_path):
                      scalars=recipe.scalars(10))
   assert a["accuracy"] == b["accuracy"]
   assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("build, match", [
+    (lambda: tost.Ramp(1.0, 0.0, 0.6, 0.5), r"Ramp.stop must be in \[0.6, 1\], got 0.5"),
+    (lambda: tost.Ramp(1.0, 0.0, -0.1, 0.5), r"Ramp.hold must be in \[0, 1\], got -0.1"),
+    (lambda: tost.ToST(soft_neurons=tost.Ramp(1.5, 0.0)), r"ToST.soft_neurons.start must be in \[0, 1\], got 1.5"),
+    (lambda: tost.ToST(label_smoothing=tost.Ramp(1.0, 0.0)), r"ToST.label_smoothing.start must be in \[0, 1\), got 1.0"),
+    (lambda: tost.ToST(ghost_skips=tost.Ramp(0.5, -0.2)), r"ToST.ghost_skips.end must be in \[0, 1\], got -0.2"),
+    (lambda: tost.LRsI(eta=0.0), r"LRsI.eta must be in \(0, inf\), got 0.0"),
+    (lambda: tost.LRsI(weight_floor=-1.0), r"LRsI.weight_floor must be in \[0, inf\)"),
+    (lambda: tost.LRsI(steps=0), r"LRsI.steps must be an integer >= 1, got 0"),
+])
+def test_tost_arguments_are_checked_where_given(build, match):
+  with pytest.raises(ValueError, match=match):
+    build()
