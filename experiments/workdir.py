@@ -107,8 +107,8 @@ def check(workdir: str, runner: str, config: ml_collections.ConfigDict) -> None:
 
   Raises:
     sparsejax.checkpoints.CheckpointMismatchError: (a ``ValueError``, one
-      line) naming each differing field (``runner`` first) with both values
-      and the remedy: another workdir, or the config that wrote it.
+      line) naming each differing field (``runner`` among them) with both
+      values and the remedy: another workdir, or the config that wrote it.
   """
   found = recorded(os.path.abspath(workdir))
   if found is None:
