@@ -17,7 +17,10 @@
 * :func:`cli_main` runs a command-line entry point with the shared exit
   statuses and one-line error messages.
 
-Files of a run directory: ``config.json`` (the resolved config),
+Files of a run directory: ``run.json`` (its signature: the runner and the
+resolved config without the fields that cannot change the result, written
+first and checked by every later call, :mod:`experiments.workdir`),
+``config.json`` (the resolved config),
 ``pruning.json`` and ``pruning.txt`` (the mask report; not for dense runs),
 ``metrics.jsonl``, ``tb/`` (when ``config.tensorboard``), ``checkpoints/`` and,
 once training has finished, ``results.json`` and, with ``config.save_sparse``,
@@ -43,12 +46,14 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
+from experiments import workdir as workdir_lib
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import nm as nm_lib
 from sparsejax import schedules
@@ -82,7 +87,7 @@ EXIT_PREEMPTED = 143
 PRUNING_FILE = "pruning.json"
 #: LRsI's scales and objective curve (ToST runs with LRsI).
 LRSI_FILE = "lrsi.json"
-RESULTS_FILE = "results.json"
+RESULTS_FILE = workdir_lib.RESULTS_FILE
 SPARSE_FILE = "model.sparse"
 
 
@@ -549,11 +554,16 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        dataset: data.Dataset | None = None) -> train.FitResult:
+        dataset: data.Dataset | None = None,
+        runner: str = "experiments.train") -> train.FitResult:
   """Loads data and model, prunes, trains; writes the run files.
 
-  An existing run directory resumes (:func:`sparsejax.train.fit`): the mask
-  then comes from the checkpoint and is not scored again.
+  The run first claims ``workdir`` (:func:`experiments.workdir.claim`): a
+  directory of another run (another runner, or a config that differs in a
+  field that can change the result) is refused before anything is written
+  there; a finished run (``results.json``) is left as it is and not trained
+  again. An unfinished run directory resumes (:func:`sparsejax.train.fit`):
+  the mask then comes from the checkpoint and is not scored again.
 
   When training finishes, ``results.json`` holds ``final`` (the last epoch's
   metrics), ``epochs``, ``train_seconds`` (the summed training time of the
@@ -568,13 +578,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the run directory (created).
     dataset: the data of ``config`` when already loaded (a sweep loads it
       once); default :func:`load_dataset`.
+    runner: the runner's name in the directory's signature (``run.json``):
+      ``experiments.train``, ``experiments.prune_at_init`` or the grid
+      runner of a cell.
 
   Returns:
-    The :class:`sparsejax.train.FitResult`.
+    The :class:`sparsejax.train.FitResult`; for a finished run, one without
+    a ``state`` (``None``) whose ``history`` is read from ``metrics.jsonl``.
+
+  Raises:
+    sparsejax.checkpoints.CheckpointMismatchError: ``workdir`` holds another
+      run.
   """
   config = resolve_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  if workdir_lib.claim(workdir, runner, config):
+    return finished_result(workdir)
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = load_dataset(config) if dataset is None else dataset
@@ -641,6 +660,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                  "techniques": list(recipe.techniques)},
     })
   return result
+
+
+def finished_result(workdir: str) -> train.FitResult:
+  """The :class:`sparsejax.train.FitResult` of the finished run in ``workdir``,
+  read from its files: ``history`` from ``metrics.jsonl``, no ``state``."""
+  history = metrics_log.read_jsonl(os.path.join(workdir, metrics_log.METRICS_FILE))
+  return train.FitResult(state=None, history=history, preempted=False,
+                         resumed_from=None)
 
 
 def _dir_nbytes(path: str) -> int:

@@ -19,7 +19,8 @@ RigL, GMP, GraNet; :func:`experiments.common.make_dst_optimizer`) and the
 starting mask (``pruner``, ``budget``), so static sparse training is the
 variant without ``dst``. Every DST cell logs the mask churn (the fraction of
 the mask changed) every ``ΔT`` steps to its ``steps.jsonl`` and per epoch to
-its ``metrics.jsonl``; this runner adds
+its ``metrics.jsonl``. The grid and its cells are checked and skipped as in
+``experiments.sweep`` (their ``run.json`` names this runner). This runner adds
 
 * ``mask_churn.png``: mask churn per update interval against the step, mean ±
   std over seeds, one line per method and sparsity.
@@ -35,6 +36,9 @@ import ml_collections
 
 from experiments import results
 from experiments import sweep
+
+#: The runner named in the signatures of the grid and its cells.
+RUNNER = "experiments.dst"
 
 
 def churn_series(workdir: str, cells: list[sweep.Cell]) -> dict[str, list]:
@@ -55,8 +59,11 @@ def churn_series(workdir: str, cells: list[sweep.Cell]) -> dict[str, list]:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         report_only: bool = False) -> dict:
-  """:func:`experiments.sweep.run`, then ``mask_churn.png``."""
-  out = sweep.run(config, workdir, report_only=report_only)
+  """:func:`experiments.sweep.run` (signatures naming this runner), then
+  ``mask_churn.png`` (not for a grid finished already: nothing is written)."""
+  out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER)
+  if out["finished"]:
+    return out
   series = churn_series(os.path.abspath(workdir), sweep.grid(config))
   if series:
     every = int(config.dst_update_every)

@@ -46,7 +46,10 @@ first). Cells live in ``WORKDIR/cells/<method>_seed<seed>/`` (a
 the mask and the weights at the start and the end, in
 :func:`sparsejax.lottery.save_ticket`'s format); a cell is finished when its
 ``results.json`` exists, a rerun skips it and an interrupted cell resumes from
-its last checkpoint.
+its last checkpoint. The grid and every cell hold their signature
+(``run.json``, :mod:`experiments.workdir`), all checked before anything is
+written: a directory of another runner or config is refused, and a finished
+grid rerun with the same config does nothing.
 
 Outputs in ``WORKDIR`` (rebuilt from the finished cells by every run and by
 ``--report_only``):
@@ -79,6 +82,7 @@ import numpy as np
 from experiments import common
 from experiments import results
 from experiments import sweep
+from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
 from sparsejax import dst
 from sparsejax import gradient_flow
@@ -89,6 +93,8 @@ from sparsejax import models
 from sparsejax import schedules
 from sparsejax import train
 
+#: The runner named in the signatures of the grid and its cells.
+RUNNER = "experiments.gradient_flow"
 #: Every method, in the order the cells of a seed run.
 METHODS = ("dense", "pruned", "lottery", "scratch", "scratch_plus", "rigl",
            "rigl_plus", "small_dense")
@@ -229,12 +235,16 @@ def _pruned_solution(workdir: str, seed: int):
 
 def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
              workdir: str, dataset, flow_batch) -> train.FitResult:
-  """Trains one cell (resumes it if started); writes its files."""
-  cfg = cell_config(config, method, seed)
+  """Trains one cell (resumes it if started); writes its files.
+
+  The cell directory is claimed first (:func:`experiments.workdir.claim`):
+  one of another run is refused before anything is written; a finished cell
+  is not trained again (its result is read back, without a state).
+  """
+  cfg = common.resolve_config(cell_config(config, method, seed))
   cell_dir = os.path.join(workdir, "cells", cell_name(method, seed))
-  sweep.check_cell_config(cell_dir, cfg)
-  cfg = common.resolve_config(cfg)
-  os.makedirs(cell_dir, exist_ok=True)
+  if workdir_lib.claim(cell_dir, RUNNER, cfg):
+    return common.finished_result(cell_dir)
   common.write_json(os.path.join(cell_dir, "config.json"), cfg.to_dict())
   kwargs = cfg.model_kwargs.to_dict()
   if method == "small_dense":
@@ -437,13 +447,20 @@ def _update_series(workdir, config, methods):
   return series
 
 
-def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Writes ``results.csv``, ``results.md`` and the plots; returns the rows."""
+def write_report(config: ml_collections.ConfigDict, workdir: str,
+                 write: bool = True) -> dict:
+  """Writes ``results.csv``, ``results.md`` and the plots (nothing with
+  ``write=False``); returns ``{"rows", "table", "missing"}``."""
   all_cells = cells(config)
   finished = [(m, s) for m, s in all_cells if os.path.exists(os.path.join(
       workdir, "cells", cell_name(m, s), common.RESULTS_FILE))]
   rows = [cell_row(workdir, m, s) for m, s in finished]
   table = format_table(config, rows)
+  report = {"rows": rows, "table": table,
+            "missing": [cell_name(m, s) for m, s in all_cells
+                        if (m, s) not in finished]}
+  if not write:
+    return report
   results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -463,28 +480,37 @@ def write_report(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         xlabel="mask-update step", logy=True,
                         ylabel="‖masked gradient‖₂ (held-out batch)",
                         title=f"Gradient flow at RigL's mask updates: {title}")
-  return {"rows": rows, "table": table,
-          "missing": [cell_name(m, s) for m, s in all_cells
-                      if (m, s) not in finished]}
+  return report
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         report_only: bool = False) -> dict:
   """Runs the unfinished cells, then writes the table and the plots.
 
+  The grid directory and every started cell are checked before anything is
+  written (:func:`experiments.sweep.claim_grid`, this runner's name); a grid
+  finished already (every cell and ``results.csv``, ``results.md``) is left
+  as it is.
+
   Returns:
-    ``{"rows", "table", "missing", "ran", "skipped", "preempted"}`` (as
-    :func:`experiments.sweep.run`).
+    ``{"rows", "table", "missing", "ran", "skipped", "preempted",
+    "finished"}`` (as :func:`experiments.sweep.run`).
   """
   check_config(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  todo = cells(config)
+  if sweep.claim_grid(
+      workdir, RUNNER, config,
+      [(os.path.join(workdir, "cells", cell_name(m, s)), cell_config(config, m, s))
+       for m, s in todo], report_only=report_only):
+    report = write_report(config, workdir, write=False)
+    return dict(report, ran=[], skipped=[cell_name(m, s) for m, s in todo],
+                preempted=False, finished=True)
   ran, skipped, preempted = [], [], False
   if not report_only:
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     dataset, flow_batch = gradient_flow.held_out_split(
         common.load_dataset(config), int(config.flow_examples_per_class))
-    todo = cells(config)
     for i, (method, seed) in enumerate(todo, 1):
       name = cell_name(method, seed)
       if os.path.exists(os.path.join(workdir, "cells", name, common.RESULTS_FILE)):
@@ -502,7 +528,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
             f"{100 * final.get('test_accuracy', float('nan')):.2f}%, training "
             f"{sum(r['epoch_seconds'] for r in result.history):.0f} s", flush=True)
   report = write_report(config, workdir)
-  return dict(report, ran=ran, skipped=skipped, preempted=preempted)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted,
+              finished=False)
 
 
 def get_base_config() -> ml_collections.ConfigDict:

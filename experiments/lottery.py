@@ -36,6 +36,10 @@ The run directory receives, stage by stage:
    ``meta.json``: "the LTH mask" that other experiments load with
    :func:`sparsejax.lottery.load_ticket`.
 
+The run directory's signature ``run.json`` (this runner and the config) is
+checked before anything is written: a directory of another run is refused,
+and a finished experiment rerun with the same config does nothing.
+
 Every training is checkpointed (every epoch and on SIGTERM) and every mask is
 saved before it is trained, so rerunning the same command resumes at the level,
 the run (ticket or control) and the step where it stopped, and computes
@@ -61,6 +65,7 @@ import ml_collections
 
 from experiments import common
 from experiments import results
+from experiments import workdir as workdir_lib
 from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
@@ -69,6 +74,8 @@ from sparsejax import models
 from sparsejax import schedules
 from sparsejax import train
 
+#: The runner named in the signature of the run directory (``run.json``).
+RUNNER = "experiments.lottery"
 #: Control experiments run beside the ticket at every level >= 1.
 CONTROLS = ("reinit", "reprune")
 CONTROL_NAMES = {"reinit": "random reinit", "reprune": "random reprune"}
@@ -237,13 +244,27 @@ class LotteryResult:
 def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   """Runs (or resumes) the lottery-ticket experiment; writes its files.
 
+  The run first claims ``workdir`` (:func:`experiments.workdir.claim`): a
+  directory of another run (another runner, or a config that differs in a
+  field that can change the result) is refused before anything is written;
+  a finished experiment (its final ``ticket/``) is not run again: its rows
+  are read back from ``results.json``.
+
   Args:
     config: see ``experiments/configs/lottery_openlth.py``.
     workdir: the run directory (created; an existing run resumes).
+
+  Raises:
+    sparsejax.checkpoints.CheckpointMismatchError: ``workdir`` holds another
+      run.
   """
   config = common.resolve_config(config, check_config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  final_ticket = os.path.join(workdir, "ticket")
+  if workdir_lib.claim(workdir, RUNNER, config,
+                       done=(os.path.join("ticket", lottery.TICKET_META),)):
+    rows = common.read_json(os.path.join(workdir, "results.json"))["levels"]
+    return LotteryResult(rows, False, final_ticket)
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = common.load_dataset(config)
@@ -340,7 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   final = {field: rows[-1][field] for field in ("level", "kept", "total",
                                                  "density")}
   ticket_dir = lottery.save_ticket(
-      os.path.join(workdir, "ticket"), mask, lottery.rewind(point.params, mask),
+      final_ticket, mask, lottery.rewind(point.params, mask),
       dict(meta, **final, test_accuracy=rows[-1]["ticket"]))
   return LotteryResult(rows, False, ticket_dir)
 

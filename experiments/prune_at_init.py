@@ -20,7 +20,10 @@ layers -- is printed and saved as ``WORKDIR/pruning.json`` and
 reported and trained, not refused. Training is :func:`sparsejax.train.fit`
 (checkpointed, resumable); ``WORKDIR/results.json`` holds the final metrics.
 This is the run of :func:`experiments.common.run`, shared with
-``experiments.train`` and every cell of ``experiments.sweep``.
+``experiments.train`` and every cell of ``experiments.sweep``: the workdir's
+signature (``run.json``: this runner and the config) is checked before
+anything is written, so a workdir of another run is refused and a finished
+run is not trained again.
 
 Exit status: 0 when training completed; 143 when stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume); 1 on an error (one
@@ -43,7 +46,7 @@ def run(config, workdir: str):
   if config.pruner == "dense":
     raise ValueError("experiments.prune_at_init needs a pruning method: set "
                      f"--config.pruner to one of {common.PRUNERS[1:]}")
-  return common.run(config, workdir)
+  return common.run(config, workdir, runner="experiments.prune_at_init")
 
 
 main = common.make_main(run)

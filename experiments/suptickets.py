@@ -35,6 +35,10 @@ runner adds
 
 A Sup-tickets variant is paired with the variant that sets the same fields
 without ``suptickets`` and ``sup_*`` (e.g. ``rigl_sup`` with ``rigl``).
+
+The grid and its cells are checked and skipped as in ``experiments.sweep``
+(their ``run.json`` names this runner); a finished grid (every cell,
+``results.*`` and ``suptickets.*``) is not run again.
 """
 
 from __future__ import annotations
@@ -48,6 +52,10 @@ import numpy as np
 from experiments import results
 from experiments import sweep
 
+#: The runner named in the signatures of the grid and its cells.
+RUNNER = "experiments.suptickets"
+#: The grid's report files (those of experiments.sweep plus this runner's).
+REPORT_FILES = (*sweep.REPORT_FILES, "suptickets.csv", "suptickets.md")
 #: Columns of ``suptickets.csv``.
 CYCLE_FIELDS = ("method", "dst_method", "sparsity", "seed", "cycle",
                 "ticket_test_accuracy", "superposed_test_accuracy", "cell")
@@ -187,6 +195,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         report_only: bool = False) -> dict:
   """:func:`experiments.sweep.run`, then ``suptickets.csv``, ``.md`` and the plot.
 
+  The signatures of the grid and its cells name this runner; a grid finished
+  already (every cell and :data:`REPORT_FILES`) is left as it is (the tables
+  are read back, nothing is written).
+
   Returns:
     The dict of :func:`experiments.sweep.run` with ``cycles`` (the
     ``suptickets.csv`` rows) and ``suptickets_table`` added.
@@ -195,16 +207,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if not pairs(config):
     raise ValueError("no Sup-tickets method in config.methods: give one a variant "
                      "with suptickets=True")
-  out = sweep.run(config, workdir, report_only=report_only)
+  out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER,
+                  report_files=REPORT_FILES)
   workdir = os.path.abspath(workdir)
   cells = sweep.grid(config)
   cycles = cycle_rows(workdir, cells, config)
-  results.write_csv(os.path.join(workdir, "suptickets.csv"), cycles, CYCLE_FIELDS)
   table = format_table(config, out["rows"], cycles)
-  with open(os.path.join(workdir, "suptickets.md"), "w") as f:
-    f.write(table + "\n")
-  plot_cycles(os.path.join(workdir, "suptickets_vs_cycle.png"), config, out["rows"],
-              cycles)
+  if not out["finished"]:
+    results.write_csv(os.path.join(workdir, "suptickets.csv"), cycles,
+                      CYCLE_FIELDS)
+    with open(os.path.join(workdir, "suptickets.md"), "w") as f:
+      f.write(table + "\n")
+    plot_cycles(os.path.join(workdir, "suptickets_vs_cycle.png"), config,
+                out["rows"], cycles)
   return dict(out, cycles=cycles, suptickets_table=table,
               table=out["table"] + "\n\n" + table)
 

@@ -24,9 +24,14 @@ scoring batch of SNIP and GraSP and the random scores.
 
 The cells run in this process, one after another, on a dataset loaded once.
 A cell is finished when its ``results.json`` exists: a rerun skips it; an
-interrupted cell resumes from its last checkpoint. A cell directory written
-with a different training config (any field but those in
-:data:`RUN_ONLY_FIELDS`) is an error rather than a silently mixed table.
+interrupted cell resumes from its last checkpoint. The sweep directory and
+every cell directory hold their signature (``run.json``: the runner and the
+config, :mod:`experiments.workdir`); all of them are checked before anything
+is written, and a directory written by another runner or with a different
+config (any field but those of
+:data:`experiments.workdir.RESULT_INDEPENDENT`) is an error rather than a
+silently mixed table. A finished grid (every cell and the report) rerun with
+the same config trains and writes nothing and says so.
 
 Outputs in ``WORKDIR`` (rebuilt from the finished cells at the end of every
 run, and by ``--report_only`` without training):
@@ -66,8 +71,7 @@ import numpy as np
 
 from experiments import common
 from experiments import results
-from experiments.configs import default as default_config
-from sparsejax import checkpoints
+from experiments import workdir as workdir_lib
 from sparsejax import data
 from sparsejax import masks
 from sparsejax import models
@@ -75,15 +79,11 @@ from sparsejax import models
 #: Config fields of the grid (not passed to the cells).
 SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity",
                 "variants")
-#: Cell-config fields that do not change a cell's result: they may differ
-#: between the run that wrote a cell and a rerun.
-RUN_ONLY_FIELDS = ("data_dir", "progress_bar", "tensorboard", "log_every_steps",
-                   "async_checkpointing", "max_to_keep",
-                   "checkpoint_every_epochs", "num_devices",
-                   "distributed", "eval_batch_size", "eval_every_epochs",
-                   "save_sparse", "save_sparse_compression",
-                   # a testing aid of earlier versions, in older config.json
-                   "debug_sigterm_at_step")
+#: The runner named in the signatures of a sweep and its cells.
+RUNNER = "experiments.sweep"
+#: The report files whose presence (with every cell's ``results.json``)
+#: means that a sweep is finished.
+REPORT_FILES = ("results.csv", "results.md")
 #: Columns of ``results.csv``.
 CSV_FIELDS = ("method", "sparsity", "seed", "test_accuracy", "nominal_sparsity",
               "effective_sparsity", "collapsed_layers",
@@ -165,25 +165,58 @@ def cell_config(config: ml_collections.ConfigDict,
   return ml_collections.ConfigDict(fields)
 
 
-def check_cell_config(cell_dir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses a started cell whose ``config.json`` differs from ``config``.
+def check_cell(cell_dir: str, runner: str,
+               config: ml_collections.ConfigDict) -> None:
+  """Refuses a started cell that holds another run; writes nothing.
+
+  The cell's config is resolved (:func:`experiments.common.resolve_config`)
+  only when the cell has a signature to compare with: a fresh cell's may
+  not resolve yet (e.g. a ticket still to be found).
 
   Raises:
     sparsejax.checkpoints.CheckpointMismatchError: (a ``ValueError``) naming
-      the differing fields.
+      the differing fields (:func:`experiments.workdir.check`).
   """
-  path = os.path.join(cell_dir, "config.json")
-  if not os.path.exists(path):
-    return
-  # A field that one side lacks (a cell written before the field existed, or
-  # a config built without it) counts as its default value.
-  defaults = default_config.get_config().to_dict()
-  with_defaults = lambda fields: {**defaults, **fields}
-  checkpoints.check_same_run(
-      with_defaults(common.read_json(path)),
-      with_defaults(common.resolve_config(config).to_dict()),
-      where=f"cell {cell_dir}", ignore=RUN_ONLY_FIELDS,
-      what="another training config")
+  if workdir_lib.recorded(cell_dir) is not None:
+    workdir_lib.check(cell_dir, runner, common.resolve_config(config))
+
+
+def claim_grid(workdir: str, runner: str, config: ml_collections.ConfigDict,
+               cells: list[tuple[str, ml_collections.ConfigDict]], *,
+               report_files=REPORT_FILES, report_only: bool = False) -> bool:
+  """Checks a grid's directory and every cell's before writing, then claims it.
+
+  Args:
+    workdir: the grid directory.
+    runner: the grid runner's name (also the runner of its cells).
+    config: the grid config, as given.
+    cells: ``(cell directory, cell config)`` of every cell.
+    report_files: the grid's report files (relative to ``workdir``).
+    report_only: check only; the directory is not claimed (the report is
+      rebuilt from whatever cells are finished).
+
+  Returns:
+    Whether the grid is finished (every cell's ``results.json`` and the
+    report files present): then nothing was written.
+
+  Raises:
+    sparsejax.checkpoints.CheckpointMismatchError: the grid directory or a
+      cell directory holds another run.
+  """
+  workdir_lib.check(workdir, runner, config)
+  for cell_dir, cell_cfg in cells:
+    check_cell(cell_dir, runner, cell_cfg)
+  if report_only:
+    os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+    return False
+  done = [os.path.relpath(os.path.join(d, common.RESULTS_FILE), workdir)
+          for d, _ in cells] + list(report_files)
+  finished = workdir_lib.claim(
+      workdir, runner, config, done=done,
+      done_text=f"{len(cells)} cells and {', '.join(report_files)}")
+  if not finished:
+    os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+  return finished
 
 
 def is_finished(cell_dir: str) -> bool:
@@ -390,12 +423,17 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
 
 
 def write_report(config: ml_collections.ConfigDict, workdir: str,
-                 cells: list[Cell]) -> dict:
+                 cells: list[Cell], write: bool = True) -> dict:
   """Writes ``results.csv``, ``results.md`` and the plots from the finished
-  cells; returns ``{"rows", "table", "missing"}``."""
+  cells (nothing with ``write=False``); returns ``{"rows", "table",
+  "missing"}``."""
   finished = [c for c in cells if is_finished(os.path.join(workdir, "cells", c.name))]
   rows = [cell_row(c, os.path.join(workdir, "cells", c.name)) for c in finished]
   table = format_table(config, rows)
+  report = {"rows": rows, "table": table,
+            "missing": [c.name for c in cells if c not in finished]}
+  if not write:
+    return report
   results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -414,13 +452,16 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
     if densities:
       plot_layer_density(os.path.join(workdir, "layer_density.png"), config,
                          densities, s)
-  return {"rows": rows, "table": table,
-          "missing": [c.name for c in cells if c not in finished]}
+  return report
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
-        report_only: bool = False) -> dict:
+        report_only: bool = False, runner: str = RUNNER,
+        report_files=REPORT_FILES) -> dict:
   """Runs the unfinished cells of the grid, then writes the table and plots.
+
+  The sweep directory and every started cell are checked first
+  (:func:`claim_grid`); a finished grid is left as it is.
 
   Args:
     config: a sweep config (``experiments/configs/sweep_*.py``): the fields
@@ -429,42 +470,52 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the sweep directory (created).
     report_only: run nothing (the data need not be present); rebuild the
       outputs from the finished cells.
+    runner: the name in the signatures of the directory and its cells (a
+      grid runner built on this one, e.g. ``experiments.dst``, gives its own).
+    report_files: the report files that, with every cell finished, make the
+      grid finished (a runner built on this one adds its own).
 
   Returns:
-    ``{"rows", "table", "missing", "ran", "skipped", "preempted"}``: the CSV
-    rows, the markdown table, the unfinished cells, the cells run and the
-    finished cells skipped by this call, and whether SIGTERM stopped it.
+    ``{"rows", "table", "missing", "ran", "skipped", "preempted",
+    "finished"}``: the CSV rows, the markdown table, the unfinished cells,
+    the cells run and the finished cells skipped by this call, whether
+    SIGTERM stopped it, and whether the grid was finished already (nothing
+    written).
   """
   cells = grid(config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
-  for cell in cells:
-    check_cell_config(os.path.join(workdir, "cells", cell.name),
-                      cell_config(config, cell))
+  cell_dir = lambda cell: os.path.join(workdir, "cells", cell.name)
+  if claim_grid(workdir, runner, config,
+                [(cell_dir(c), cell_config(config, c)) for c in cells],
+                report_files=report_files, report_only=report_only):
+    report = write_report(config, workdir, cells, write=False)
+    return dict(report, ran=[], skipped=[c.name for c in cells],
+                preempted=False, finished=True)
   ran, skipped, preempted = [], [], False
   if not report_only:
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     dataset = common.load_dataset(config)
     for i, cell in enumerate(cells, 1):
-      cell_dir = os.path.join(workdir, "cells", cell.name)
-      if is_finished(cell_dir):
+      if is_finished(cell_dir(cell)):
         logging.info("cell %d/%d %s: finished already, skipped", i, len(cells),
                      cell.name)
         skipped.append(cell.name)
         continue
       print(f"cell {i}/{len(cells)}: {cell.name}", flush=True)
-      result = common.run(cell_config(config, cell), cell_dir, dataset=dataset)
+      result = common.run(cell_config(config, cell), cell_dir(cell),
+                          dataset=dataset, runner=runner)
       if result.preempted:
         preempted = True
         break
       ran.append(cell.name)
-      row = cell_row(cell, cell_dir)
+      row = cell_row(cell, cell_dir(cell))
       print(f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
             f"{100 * row['test_accuracy']:.2f}% (scoring "
             f"{row['scoring_seconds']:.1f} s, training "
             f"{row['training_seconds']:.0f} s)", flush=True)
   report = write_report(config, workdir, cells)
-  return dict(report, ran=ran, skipped=skipped, preempted=preempted)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted,
+              finished=False)
 
 
 def main(argv, run_fn=run):

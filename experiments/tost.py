@@ -24,7 +24,8 @@ sources of ``config.ablation_sources``; every seed of ``config.seeds``. A
 cell is the method ``<source>+<recipe>``, run by
 :func:`experiments.common.run` in ``WORKDIR/cells/<source>+<recipe>_s<sparsity>_seed<seed>``
 (the cells of :mod:`experiments.sweep`: resumable, skipped once finished,
-refused when their training config changed).
+refused when their training config changed; their ``run.json`` and the
+grid's name this runner, so another runner's directory is refused too).
 
 Same mask, init and data order: the mask is scored on the plain model with
 the cell's seed (the ghost skip paths are added afterwards, never pruned),
@@ -69,6 +70,7 @@ import numpy as np
 from experiments import common
 from experiments import results
 from experiments import sweep
+from experiments import workdir as workdir_lib
 from sparsejax import lottery
 from sparsejax import tost
 
@@ -77,6 +79,10 @@ BASELINE = "none"
 #: Config fields of the ToST grid (not passed to the cells).
 TOST_FIELDS = ("mask_sources", "recipes", "ablation_sources", "ablation_recipes",
                "ticket")
+#: The runner named in the signatures of the grid and its cells.
+RUNNER = "experiments.tost"
+#: The grid's report files (those of experiments.sweep plus ``tost.md``).
+REPORT_FILES = (*sweep.REPORT_FILES, "tost.md")
 #: Short names of the recipes in the tables and plots.
 LABELS = {"none": "baseline"}
 
@@ -288,10 +294,14 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   fig.savefig(path, dpi=120)
 
 
-def write_report(config, workdir: str, cells: list[sweep.Cell]) -> dict:
-  """The sweep's outputs plus ``tost.md`` and ``tost_accuracy.png``."""
-  out = sweep.write_report(sweep_config(config), workdir, cells)
+def write_report(config, workdir: str, cells: list[sweep.Cell],
+                 write: bool = True) -> dict:
+  """The sweep's outputs plus ``tost.md`` and ``tost_accuracy.png`` (nothing
+  written with ``write=False``)."""
+  out = sweep.write_report(sweep_config(config), workdir, cells, write=write)
   table = format_table(config, out["rows"])
+  if not write:
+    return dict(out, table=table)
   with open(os.path.join(workdir, "tost.md"), "w") as f:
     f.write(table + "\n")
   if out["rows"]:
@@ -316,17 +326,33 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         report_only: bool = False) -> dict:
   """Runs the lotteries (if any) and the unfinished cells; writes the report.
 
+  The grid directory, every started cell and every started lottery are
+  checked before anything is written (:func:`experiments.sweep.claim_grid`);
+  a grid finished already (every cell and :data:`REPORT_FILES`) is left as
+  it is.
+
   Returns:
-    ``{"rows", "table", "missing", "ran", "skipped", "preempted"}`` as
-    :func:`experiments.sweep.run`; ``table`` is ``tost.md``.
+    ``{"rows", "table", "missing", "ran", "skipped", "preempted",
+    "finished"}`` as :func:`experiments.sweep.run`; ``table`` is ``tost.md``.
   """
+  from experiments import lottery as lottery_runner  # pylint: disable=g-import-not-at-top
   grid_config = sweep_config(config)
   cells = sweep.grid(grid_config)
   workdir = os.path.abspath(workdir)
-  os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
-  for cell in cells:
-    sweep.check_cell_config(os.path.join(workdir, "cells", cell.name),
-                            cell_config(config, workdir, cell))
+  if _uses_lottery(config):
+    for seed in config.seeds:
+      workdir_lib.check(os.path.join(workdir, f"lottery_seed{seed}"),
+                        lottery_runner.RUNNER, common.resolve_config(
+                            lottery_config(config, seed),
+                            lottery_runner.check_config))
+  cell_dir = lambda cell: os.path.join(workdir, "cells", cell.name)
+  if sweep.claim_grid(
+      workdir, RUNNER, config,
+      [(cell_dir(c), cell_config(config, workdir, c)) for c in cells],
+      report_files=REPORT_FILES, report_only=report_only):
+    report = write_report(config, workdir, cells, write=False)
+    return dict(report, ran=[], skipped=[c.name for c in cells],
+                preempted=False, finished=True)
   ran, skipped, preempted = [], [], False
   if not report_only:
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -334,25 +360,25 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       preempted = run_lotteries(config, workdir)
     dataset = None if preempted else common.load_dataset(config)
     for i, cell in enumerate(cells if not preempted else [], 1):
-      cell_dir = os.path.join(workdir, "cells", cell.name)
-      if sweep.is_finished(cell_dir):
+      if sweep.is_finished(cell_dir(cell)):
         logging.info("cell %d/%d %s: finished already, skipped", i, len(cells),
                      cell.name)
         skipped.append(cell.name)
         continue
       print(f"cell {i}/{len(cells)}: {cell.name}", flush=True)
-      result = common.run(cell_config(config, workdir, cell), cell_dir,
-                          dataset=dataset)
+      result = common.run(cell_config(config, workdir, cell), cell_dir(cell),
+                          dataset=dataset, runner=RUNNER)
       if result.preempted:
         preempted = True
         break
       ran.append(cell.name)
-      row = sweep.cell_row(cell, cell_dir)
+      row = sweep.cell_row(cell, cell_dir(cell))
       print(f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
             f"{100 * row['test_accuracy']:.2f}% (training "
             f"{row['training_seconds']:.0f} s)", flush=True)
   report = write_report(config, workdir, cells)
-  return dict(report, ran=ran, skipped=skipped, preempted=preempted)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted,
+              finished=False)
 
 
 def main(argv):

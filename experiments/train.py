@@ -15,11 +15,19 @@ pruning and the run are those of :mod:`experiments.common`; training is
 :func:`sparsejax.train.fit`: checkpoints every epoch and on SIGTERM,
 automatic resume, ``metrics.jsonl`` and TensorBoard events.
 
-The run directory receives ``config.json`` (the resolved config),
+The run directory receives ``run.json`` (its signature: the runner and the
+config without the fields that cannot change the result, checked before
+anything else is written), ``config.json`` (the resolved config),
 ``pruning.json``/``pruning.txt`` (the mask report), ``metrics.jsonl``,
 ``tb/``, ``checkpoints/`` and, at the end, ``results.json`` (final metrics and
 the per-layer mask summary). ``experiments.prune_at_init`` is the same run
 with the SPEC §8 SynFlow protocol as its default config.
+
+A workdir that holds another run (another runner, or a config that differs in
+any field of its signature, e.g. ``sparsity``, ``dst`` or ``num_epochs``) is
+refused with one ``error:`` line naming each differing field, and left as it
+was; a finished run rerun with the same config trains nothing and says
+``already finished: <workdir> (results.json); nothing to do``.
 
 Exit status: 0 when training completed; 143 when stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume); 1 on an error, printed

@@ -7,10 +7,10 @@
 * :func:`tree_signature`: a short hash of a pytree's structure, shapes and
   dtypes (not its values), to recognise the state layout of a run.
 * :func:`check_same_run`: compares what a run directory recorded (checkpoint
-  meta, a ticket's ``meta.json``, a sweep cell's ``config.json``) with what
-  the current call expects, and raises :class:`CheckpointMismatchError`
+  meta, a ticket's ``meta.json``, a run directory's signature ``run.json``)
+  with what the current call expects, and raises :class:`CheckpointMismatchError`
   naming every field that differs. :func:`sparsejax.train.fit`,
-  ``experiments.lottery`` and ``experiments.sweep`` all use it.
+  ``experiments.lottery`` and ``experiments.workdir`` (every runner) use it.
 """
 
 from __future__ import annotations
