@@ -784,6 +784,19 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   return result
 
 
+def app_run(main: Callable[[list[str]], Any]) -> None:
+  """``absl.app.run(main)``, with ``--help`` showing ``__main__``'s docstring as written.
+
+  absl's usage text %-formats the docstring (each ``%s`` becomes the program
+  path), so "95% sparsity" printed as "95/path/to/runner.pyparsity"; the
+  docstring's ``%`` are doubled first, which that formatting turns back.
+  """
+  module = sys.modules["__main__"]
+  if module.__doc__:
+    module.__doc__ = module.__doc__.replace("%", "%%")
+  app.run(main)
+
+
 def make_main(run_fn: Callable[[ml_collections.ConfigDict, str], train.FitResult]):
   """The absl ``main`` of a runner: ``run_fn(--config, --workdir)`` under
   :func:`cli_main`, then the :func:`final_line` of its history."""

@@ -69,7 +69,6 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -516,4 +515,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -60,7 +60,6 @@ from __future__ import annotations
 import math
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -361,4 +360,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)
