@@ -784,16 +784,49 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   return result
 
 
-def app_run(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run(main)``, with ``--help`` showing ``__main__``'s docstring as written.
+class _NoneOrParser(flags.ArgumentParser):
+  """Parses ``"None"`` as ``None`` and anything else with ``base``."""
 
-  absl's usage text %-formats the docstring (each ``%s`` becomes the program
-  path), so "95% sparsity" printed as "95/path/to/runner.pyparsity"; the
-  docstring's ``%`` are doubled first, which that formatting turns back.
+  def __init__(self, base: flags.ArgumentParser):
+    self.base = base
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip() == "None":
+      return None
+    return self.base.parse(argument)
+
+  def flag_type(self) -> str:
+    return self.base.flag_type()
+
+
+def allow_none_overrides() -> None:
+  """Lets ``--config.<field>=None`` set an int, float, bool or str field to ``None``.
+
+  ml_collections parses an override with the field's type, so an optional
+  field (``config_dict.placeholder(int)`` such as ``train_subset``, or a
+  preset's value of one) could not be reset from the command line; the
+  literal ``None`` now resets any of them (a string field can no longer be
+  set to the text "None"). Called by :func:`app_run` before the flags are
+  parsed.
+  """
+  for field_type, base in ((int, flags.IntegerParser()), (float, flags.FloatParser()),
+                           (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+    config_flags.register_flag_parser_for_type(field_type, _NoneOrParser(base))
+
+
+def app_run(main: Callable[[list[str]], Any]) -> None:
+  """``absl.app.run(main)`` with the runners' command-line conventions.
+
+  ``--help`` shows ``__main__``'s docstring as written: absl's usage text
+  %-formats it (each ``%s`` becomes the program path, so "95% sparsity"
+  printed as "95/path/to/runner.pyparsity"), so its ``%`` are doubled first,
+  which that formatting turns back. ``--config.<field>=None`` resets a field
+  (:func:`allow_none_overrides`).
   """
   module = sys.modules["__main__"]
   if module.__doc__:
     module.__doc__ = module.__doc__.replace("%", "%%")
+  allow_none_overrides()
   app.run(main)
 
 

@@ -5,6 +5,9 @@ Run::
   python -m experiments.train --config experiments/configs/default.py \
       --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
 
+``--config.<field>=None`` resets an optional field (e.g. ``train_subset`` of a
+preset) from the command line.
+
 Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
 SPEC §8 reference protocols), ``digits.py`` (offline, CPU-sized),
 ``prune_at_init.py`` (``experiments.prune_at_init``) and the grids of
