@@ -548,6 +548,31 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
   return data.load(config.dataset, config.data_dir, train_subset=config.train_subset)
 
 
+def describe_sparsity(config: ml_collections.ConfigDict) -> str:
+  """How ``config`` makes the network sparse, for the log line of :func:`run`.
+
+  ``"pruner=snip sparsity=0.9"``; a lottery ticket as ``"pruner=ticket
+  (<mask_path>)"``; dense as ``"pruner=dense sparsity=0.0"``; with a DST method
+  its name, for GMP/GraNet from ``dst_initial_sparsity`` to the target
+  (``"dst=granet sparsity 0.0 -> 0.9"``); with Sup-tickets ``"+ suptickets"``.
+  """
+  dst_method = config.get("dst", "none")
+  if dst_method in ("gmp", "granet"):
+    text = (f"dst={dst_method} sparsity {float(config.dst_initial_sparsity)} -> "
+            f"{config.sparsity}")
+  else:
+    if config.pruner == "ticket":
+      text = f"pruner=ticket ({config.mask_path})"
+    else:
+      text = (f"pruner={config.pruner} sparsity="
+              f"{config.sparsity if config.pruner != 'dense' else 0.0}")
+    if dst_method != "none":
+      text += f" dst={dst_method}"
+  if config.get("suptickets", False):
+    text += " + suptickets"
+  return text
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         dataset: data.Dataset | None = None) -> train.FitResult:
   """Loads data and model, prunes, trains; writes the run files.
@@ -593,11 +618,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     trained = recipe.model(config.model, dataset.num_classes, **model_kwargs)
     scalars.update(recipe.scalars(int(config.num_epochs) * spe))
   mesh = mesh_lib.make_mesh(config.num_devices)
-  logging.info("%s on %s (%d train / %d test), pruner=%s sparsity=%s budget=%s, "
-               "%d device(s)", config.model, dataset.name, dataset.num_train,
-               dataset.num_test, config.pruner,
-               config.sparsity if config.pruner != "dense" else 0.0,
-               config.budget, mesh.size)
+  logging.info("%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",
+               config.model, dataset.name, dataset.num_train, dataset.num_test,
+               describe_sparsity(config), config.budget, mesh.size)
   mask_fn = make_mask_fn(
       config, model, dataset, workdir,
       trained_model=trained if recipe.ghost_skips is not None else None)
@@ -651,7 +674,7 @@ def _dir_nbytes(path: str) -> int:
 def save_sparse_model(state: train.TrainState, workdir: str,
                       compression: str = "none", metadata: dict | None = None
                       ) -> dict | None:
-  """Writes ``workdir/model.sparse`` and logs its size against dense storage.
+  """Writes ``workdir/model.sparse`` and prints its size against dense storage.
 
   The file (:func:`sparsejax.sparse_io.save`) holds ``{"params": ...,
   "batch_stats": ...}``: the params under the trained mask as kept values and
@@ -685,7 +708,6 @@ def save_sparse_model(state: train.TrainState, workdir: str,
     line += (f"; the last checkpoint (train state with optimiser) is "
              f"{ckpt / 1e6:.3f} MB")
   print(line, flush=True)
-  logging.info("%s", line)
   return {**info.as_dict(), "checkpoint_nbytes": ckpt}
 
 
@@ -845,8 +867,18 @@ def make_main(run_fn: Callable[[ml_collections.ConfigDict, str], train.FitResult
 
 
 def final_line(history: list[dict]) -> str:
-  """``"done: train_loss=..., test_loss=..., test_accuracy=..."``."""
+  """``"done: train_loss=..., test_loss=..., test_accuracy=..."``.
+
+  For a Sup-tickets run, whose result is the superposed model
+  (:class:`sparsejax.suptickets.Superpose`), the test metrics are the
+  superposed model's, followed by the last ticket's accuracy.
+  """
   final = history[-1] if history else {}
+  if "superposed_test_accuracy" in final:
+    return (f"done: train_loss={final['train_loss']:.4f}, superposed model: "
+            f"test_loss={final['superposed_test_loss']:.4f}, "
+            f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
+            f"test_accuracy={final['test_accuracy']:.4f})")
   return "done: " + ", ".join(
       f"{k}={final[k]:.4f}" for k in ("train_loss", "test_loss", "test_accuracy")
       if k in final)

@@ -175,7 +175,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.async_checkpointing = True
   # When training finishes, write WORKDIR/model.sparse: the trained params as
   # kept values + bit-packed mask and the batch-norm statistics as they are
-  # (sparsejax.sparse_io), and log its size against the dense arrays and the
+  # (sparsejax.sparse_io), and print its size against the dense arrays and the
   # last checkpoint (results.json "sparse_file"); experiments.lottery writes
   # WORKDIR/level_L/model.sparse per level. "zlib" also deflates the file.
   config.save_sparse = False
