@@ -159,6 +159,7 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           "config.pruner='ticket' needs config.mask_path, a ticket directory "
           f"written by experiments.lottery (got {config.mask_path!r})")
+    _check_ticket_sparsity(config)
   elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
@@ -167,6 +168,63 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
+
+
+def ticket_sparsity(directory: str) -> float:
+  """The sparsity of the ticket in ``directory``: ``1 - density`` of its
+  ``meta.json`` (``experiments.lottery``), else of its mask's kernels."""
+  mask, _, meta = lottery.load_ticket(directory)
+  if "density" in meta:
+    return 1.0 - float(meta["density"])
+  return masks.summary(mask).sparsity
+
+
+def _check_ticket_sparsity(config: ml_collections.ConfigDict) -> None:
+  """``config.sparsity`` of a ticket run: ``None`` becomes the ticket's; a value
+  must be the ticket's within 1e-3 (and is then replaced by it), so that
+  ``config.json`` records the sparsity that trains."""
+  ticket = ticket_sparsity(config.mask_path)
+  if config.sparsity is not None and abs(float(config.sparsity) - ticket) > 1e-3:
+    raise ValueError(
+        f"config.sparsity={config.sparsity} differs from the sparsity {ticket:.4f} "
+        f"of the ticket in {config.mask_path}: with config.pruner='ticket' set "
+        f"config.sparsity=None (the ticket's) or {ticket:.4f}")
+  config.sparsity = ticket
+
+
+def _check_range(name: str, value, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False,
+                 what: str = "") -> None:
+  """Raises ``config.<name> must be in [low, high]...`` unless ``value`` is there."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    v = float(value)
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  if not ok:
+    interval = (f"{'(' if low_open else '['}{low:g}, {high:g}"
+                f"{')' if high_open else ']'}")
+    raise ValueError(f"config.{name} must be in {interval}{what}, got {value!r}")
+
+
+def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
+  """GMP/GraNet's ``dst_prune_epochs = (start, end)``: epochs (>= 1) or fractions
+  of training (< 1, as :func:`_epoch_step` reads them), start before end, end
+  within ``num_epochs``."""
+  spec = tuple(config.dst_prune_epochs)
+  n = int(config.num_epochs)
+  form = ("epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
+          f"<= config.num_epochs = {n}")
+  if len(spec) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                           or v < 0 for v in spec):
+    raise ValueError(f"config.dst_prune_epochs must be (start, end), {form}; got "
+                     f"{spec!r}")
+  start, end = (float(v) * n if 0 < v < 1 else float(v) for v in spec)
+  if end > n:
+    raise ValueError(f"config.dst_prune_epochs={spec} ends at epoch {end:g}, after "
+                     f"training (config.num_epochs = {n}): give {form}")
+  if start >= end:
+    raise ValueError(f"config.dst_prune_epochs={spec} starts at epoch {start:g}, "
+                     f"not before its end at epoch {end:g}: give {form}")
 
 
 #: ``config.dst`` values (SPEC §4): ``"none"`` keeps the mask of ``pruner``.
@@ -185,6 +243,7 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                        "mask at config.dst_initial_sparsity: set config.pruner='dense'")
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
+    _check_prune_epochs(config)
     if nm_lib.parse_nm(config.budget) is not None:
       raise ValueError(
           f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
@@ -193,9 +252,14 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
   if config.dst_drop_schedule not in ("cosine", "constant"):
     raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
                      f"got {config.dst_drop_schedule!r}")
-  if int(config.dst_update_every) < 1 or not 0 < float(config.dst_end) <= 1:
-    raise ValueError("config.dst_update_every must be >= 1 and config.dst_end in "
-                     "(0, 1]")
+  every = config.dst_update_every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f"config.dst_update_every must be an integer >= 1 (steps "
+                     f"between mask updates), got {every!r}")
+  _check_range("dst_end", config.dst_end, 0, 1, low_open=True,
+               what=" (a fraction of training)")
+  _check_range("dst_alpha", config.dst_alpha, 0, 1,
+               what=" (the fraction of each layer dropped and regrown)")
 
 
 def _check_suptickets(config: ml_collections.ConfigDict) -> None:
