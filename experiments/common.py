@@ -164,6 +164,7 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
       raise ValueError(
           "config.pruner='ticket' needs config.mask_path, a ticket directory "
           f"written by experiments.lottery (got {config.mask_path!r})")
+    _check_ticket_sparsity(config)
   elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
@@ -172,6 +173,63 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
+
+
+def ticket_sparsity(directory: str) -> float:
+  """The sparsity of the ticket in ``directory``: ``1 - density`` of its
+  ``meta.json`` (``experiments.lottery``), else of its mask's kernels."""
+  mask, _, meta = lottery.load_ticket(directory)
+  if "density" in meta:
+    return 1.0 - float(meta["density"])
+  return masks.summary(mask).sparsity
+
+
+def _check_ticket_sparsity(config: ml_collections.ConfigDict) -> None:
+  """``config.sparsity`` of a ticket run: ``None`` becomes the ticket's; a value
+  must be the ticket's within 1e-3 (and is then replaced by it), so that
+  ``config.json`` records the sparsity that trains."""
+  ticket = ticket_sparsity(config.mask_path)
+  if config.sparsity is not None and abs(float(config.sparsity) - ticket) > 1e-3:
+    raise ValueError(
+        f"config.sparsity={config.sparsity} differs from the sparsity {ticket:.4f} "
+        f"of the ticket in {config.mask_path}: with config.pruner='ticket' set "
+        f"config.sparsity=None (the ticket's) or {ticket:.4f}")
+  config.sparsity = ticket
+
+
+def _check_range(name: str, value, low: float, high: float, *,
+                 low_open: bool = False, high_open: bool = False,
+                 what: str = "") -> None:
+  """Raises ``config.<name> must be in [low, high]...`` unless ``value`` is there."""
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+  if ok:
+    v = float(value)
+    ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+  if not ok:
+    interval = (f"{'(' if low_open else '['}{low:g}, {high:g}"
+                f"{')' if high_open else ']'}")
+    raise ValueError(f"config.{name} must be in {interval}{what}, got {value!r}")
+
+
+def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
+  """GMP/GraNet's ``dst_prune_epochs = (start, end)``: epochs (>= 1) or fractions
+  of training (< 1, as :func:`_epoch_step` reads them), start before end, end
+  within ``num_epochs``."""
+  spec = tuple(config.dst_prune_epochs)
+  n = int(config.num_epochs)
+  form = ("epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
+          f"<= config.num_epochs = {n}")
+  if len(spec) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                           or v < 0 for v in spec):
+    raise ValueError(f"config.dst_prune_epochs must be (start, end), {form}; got "
+                     f"{spec!r}")
+  start, end = (float(v) * n if 0 < v < 1 else float(v) for v in spec)
+  if end > n:
+    raise ValueError(f"config.dst_prune_epochs={spec} ends at epoch {end:g}, after "
+                     f"training (config.num_epochs = {n}): give {form}")
+  if start >= end:
+    raise ValueError(f"config.dst_prune_epochs={spec} starts at epoch {start:g}, "
+                     f"not before its end at epoch {end:g}: give {form}")
 
 
 #: ``config.dst`` values (SPEC §4): ``"none"`` keeps the mask of ``pruner``.
@@ -190,6 +248,7 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
                        "mask at config.dst_initial_sparsity: set config.pruner='dense'")
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
+    _check_prune_epochs(config)
     if nm_lib.parse_nm(config.budget) is not None:
       raise ValueError(
           f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
@@ -198,9 +257,14 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
   if config.dst_drop_schedule not in ("cosine", "constant"):
     raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
                      f"got {config.dst_drop_schedule!r}")
-  if int(config.dst_update_every) < 1 or not 0 < float(config.dst_end) <= 1:
-    raise ValueError("config.dst_update_every must be >= 1 and config.dst_end in "
-                     "(0, 1]")
+  every = config.dst_update_every
+  if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+    raise ValueError(f"config.dst_update_every must be an integer >= 1 (steps "
+                     f"between mask updates), got {every!r}")
+  _check_range("dst_end", config.dst_end, 0, 1, low_open=True,
+               what=" (a fraction of training)")
+  _check_range("dst_alpha", config.dst_alpha, 0, 1,
+               what=" (the fraction of each layer dropped and regrown)")
 
 
 def _check_suptickets(config: ml_collections.ConfigDict) -> None:
@@ -553,6 +617,31 @@ def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
   return data.load(config.dataset, config.data_dir, train_subset=config.train_subset)
 
 
+def describe_sparsity(config: ml_collections.ConfigDict) -> str:
+  """How ``config`` makes the network sparse, for the log line of :func:`run`.
+
+  ``"pruner=snip sparsity=0.9"``; a lottery ticket as ``"pruner=ticket
+  (<mask_path>)"``; dense as ``"pruner=dense sparsity=0.0"``; with a DST method
+  its name, for GMP/GraNet from ``dst_initial_sparsity`` to the target
+  (``"dst=granet sparsity 0.0 -> 0.9"``); with Sup-tickets ``"+ suptickets"``.
+  """
+  dst_method = config.get("dst", "none")
+  if dst_method in ("gmp", "granet"):
+    text = (f"dst={dst_method} sparsity {float(config.dst_initial_sparsity)} -> "
+            f"{config.sparsity}")
+  else:
+    if config.pruner == "ticket":
+      text = f"pruner=ticket ({config.mask_path})"
+    else:
+      text = (f"pruner={config.pruner} sparsity="
+              f"{config.sparsity if config.pruner != 'dense' else 0.0}")
+    if dst_method != "none":
+      text += f" dst={dst_method}"
+  if config.get("suptickets", False):
+    text += " + suptickets"
+  return text
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, *,
         dataset: data.Dataset | None = None,
         runner: str = "experiments.train") -> train.FitResult:
@@ -612,11 +701,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     trained = recipe.model(config.model, dataset.num_classes, **model_kwargs)
     scalars.update(recipe.scalars(int(config.num_epochs) * spe))
   mesh = mesh_lib.make_mesh(config.num_devices)
-  logging.info("%s on %s (%d train / %d test), pruner=%s sparsity=%s budget=%s, "
-               "%d device(s)", config.model, dataset.name, dataset.num_train,
-               dataset.num_test, config.pruner,
-               config.sparsity if config.pruner != "dense" else 0.0,
-               config.budget, mesh.size)
+  logging.info("%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",
+               config.model, dataset.name, dataset.num_train, dataset.num_test,
+               describe_sparsity(config), config.budget, mesh.size)
   mask_fn = make_mask_fn(
       config, model, dataset, workdir,
       trained_model=trained if recipe.ghost_skips is not None else None)
@@ -678,7 +765,7 @@ def _dir_nbytes(path: str) -> int:
 def save_sparse_model(state: train.TrainState, workdir: str,
                       compression: str = "none", metadata: dict | None = None
                       ) -> dict | None:
-  """Writes ``workdir/model.sparse`` and logs its size against dense storage.
+  """Writes ``workdir/model.sparse`` and prints its size against dense storage.
 
   The file (:func:`sparsejax.sparse_io.save`) holds ``{"params": ...,
   "batch_stats": ...}``: the params under the trained mask as kept values and
@@ -712,7 +799,6 @@ def save_sparse_model(state: train.TrainState, workdir: str,
     line += (f"; the last checkpoint (train state with optimiser) is "
              f"{ckpt / 1e6:.3f} MB")
   print(line, flush=True)
-  logging.info("%s", line)
   return {**info.as_dict(), "checkpoint_nbytes": ckpt}
 
 
@@ -811,6 +897,52 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   return result
 
 
+class _NoneOrParser(flags.ArgumentParser):
+  """Parses ``"None"`` as ``None`` and anything else with ``base``."""
+
+  def __init__(self, base: flags.ArgumentParser):
+    self.base = base
+
+  def parse(self, argument):
+    if isinstance(argument, str) and argument.strip() == "None":
+      return None
+    return self.base.parse(argument)
+
+  def flag_type(self) -> str:
+    return self.base.flag_type()
+
+
+def allow_none_overrides() -> None:
+  """Lets ``--config.<field>=None`` set an int, float, bool or str field to ``None``.
+
+  ml_collections parses an override with the field's type, so an optional
+  field (``config_dict.placeholder(int)`` such as ``train_subset``, or a
+  preset's value of one) could not be reset from the command line; the
+  literal ``None`` now resets any of them (a string field can no longer be
+  set to the text "None"). Called by :func:`app_run` before the flags are
+  parsed.
+  """
+  for field_type, base in ((int, flags.IntegerParser()), (float, flags.FloatParser()),
+                           (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+    config_flags.register_flag_parser_for_type(field_type, _NoneOrParser(base))
+
+
+def app_run(main: Callable[[list[str]], Any]) -> None:
+  """``absl.app.run(main)`` with the runners' command-line conventions.
+
+  ``--help`` shows ``__main__``'s docstring as written: absl's usage text
+  %-formats it (each ``%s`` becomes the program path, so "95% sparsity"
+  printed as "95/path/to/runner.pyparsity"), so its ``%`` are doubled first,
+  which that formatting turns back. ``--config.<field>=None`` resets a field
+  (:func:`allow_none_overrides`).
+  """
+  module = sys.modules["__main__"]
+  if module.__doc__:
+    module.__doc__ = module.__doc__.replace("%", "%%")
+  allow_none_overrides()
+  app.run(main)
+
+
 def make_main(run_fn: Callable[[ml_collections.ConfigDict, str], train.FitResult]):
   """The absl ``main`` of a runner: ``run_fn(--config, --workdir)`` under
   :func:`cli_main`, then the :func:`final_line` of its history."""
@@ -826,8 +958,18 @@ def make_main(run_fn: Callable[[ml_collections.ConfigDict, str], train.FitResult
 
 
 def final_line(history: list[dict]) -> str:
-  """``"done: train_loss=..., test_loss=..., test_accuracy=..."``."""
+  """``"done: train_loss=..., test_loss=..., test_accuracy=..."``.
+
+  For a Sup-tickets run, whose result is the superposed model
+  (:class:`sparsejax.suptickets.Superpose`), the test metrics are the
+  superposed model's, followed by the last ticket's accuracy.
+  """
   final = history[-1] if history else {}
+  if "superposed_test_accuracy" in final:
+    return (f"done: train_loss={final['train_loss']:.4f}, superposed model: "
+            f"test_loss={final['superposed_test_loss']:.4f}, "
+            f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
+            f"test_accuracy={final['test_accuracy']:.4f})")
   return "done: " + ", ".join(
       f"{k}={final[k]:.4f}" for k in ("train_loss", "test_loss", "test_accuracy")
       if k in final)

@@ -31,9 +31,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app
 import ml_collections
 
+from experiments import common
 from experiments import results
 from experiments import sweep
 
@@ -80,4 +80,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -72,7 +72,6 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app
 from absl import logging
 import jax
 import jax.numpy as jnp
@@ -155,8 +154,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.init_distribution not in gradient_flow.DISTRIBUTIONS:
     raise ValueError("config.init_distribution must be one of "
                      f"{gradient_flow.DISTRIBUTIONS}")
-  if int(config.flow_every) < 1 or int(config.prune_every) < 1:
-    raise ValueError("config.flow_every and config.prune_every must be >= 1")
+  for name in ("flow_every", "prune_every"):
+    value = config[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.{name} must be an integer >= 1, got {value!r}")
 
 
 def _step(value: float, total: int) -> int:
@@ -543,4 +544,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -380,4 +380,4 @@ def main(argv):
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -32,8 +32,6 @@ saving a checkpoint (rerun the same command to resume); 1 on an error (one
 
 from __future__ import annotations
 
-from absl import app
-
 from experiments import common
 
 
@@ -54,4 +52,4 @@ main = common.make_main(run)
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -78,28 +78,61 @@ def figure(width: float, height: float) -> Figure:
   return fig
 
 
+def curve(runs: Sequence[Sequence[tuple[float, float]]], *, logy: bool = False
+          ) -> tuple[list[float], np.ndarray, np.ndarray | None] | None:
+  """The mean ± std curve that :func:`plot_series` draws for one label.
+
+  Args:
+    runs: ``[(x, y), ...]`` per run; averaged at the x values they all share.
+    logy: for a log axis: a mean <= 0 (e.g. no mask churn in an interval
+      without mask updates) cannot be drawn and becomes NaN, a gap in the
+      line (drawn, it ran to the axis edge as a spike); so does a band edge
+      <= 0.
+
+  Returns:
+    ``(xs, mean, band)``, ``band = (mean - std, mean + std)`` as a ``[2, n]``
+    array with several runs and ``None`` with one; ``None`` without runs.
+  """
+  runs = [dict(r) for r in runs if r]
+  if not runs:
+    return None
+  xs = sorted(set.intersection(*(set(r) for r in runs)))
+  ys = np.array([[r[x] for x in xs] for r in runs], float).reshape(len(runs), -1)
+  mean = ys.mean(axis=0)
+  band = None
+  if len(runs) > 1:
+    std = ys.std(axis=0, ddof=1)
+    band = np.stack([mean - std, mean + std])
+  if logy:
+    mean = np.where(mean > 0, mean, np.nan)
+    if band is not None:
+      band = np.where((band > 0) & ~np.isnan(mean), band, np.nan)
+  return xs, mean, band
+
+
 def plot_series(path: str, series: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
                 *, xlabel: str, ylabel: str, title: str = "",
-                logy: bool = False) -> None:
+                logy: bool = False) -> Figure:
   """Mean ± std curves: ``series = {label: [run, ...]}``, a run ``[(x, y), ...]``.
 
   The runs of one label are averaged at the x values they share (e.g. the
   seeds of a method logged at the same steps); a band shows ± one standard
-  deviation when there are several.
+  deviation when there are several. On a log axis (``logy``) values <= 0 are
+  left out as gaps (:func:`curve`).
+
+  Returns:
+    The figure, saved to ``path``.
   """
   fig = figure(7, 4.2)
   ax = fig.subplots()
   for label, runs in series.items():
-    runs = [dict(r) for r in runs if r]
-    if not runs:
+    drawn = curve(runs, logy=logy)
+    if drawn is None:
       continue
-    xs = sorted(set.intersection(*(set(r) for r in runs)))
-    ys = np.array([[r[x] for x in xs] for r in runs])
-    mean = ys.mean(axis=0)
+    xs, mean, band = drawn
     (line,) = ax.plot(xs, mean, label=label)
-    if len(runs) > 1:
-      std = ys.std(axis=0, ddof=1)
-      ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+    if band is not None:
+      ax.fill_between(xs, band[0], band[1], color=line.get_color(), alpha=0.2)
   if logy:
     ax.set_yscale("log")
   ax.set_xlabel(xlabel)
@@ -108,3 +141,4 @@ def plot_series(path: str, series: Mapping[str, Sequence[Sequence[tuple[float, f
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
   fig.savefig(path, dpi=120)
+  return fig

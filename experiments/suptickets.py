@@ -45,10 +45,10 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 import ml_collections
 import numpy as np
 
+from experiments import common
 from experiments import results
 from experiments import sweep
 
@@ -230,4 +230,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -61,7 +61,6 @@ from __future__ import annotations
 import math
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import ml_collections
@@ -387,4 +386,4 @@ def main(argv):
 
 if __name__ == "__main__":
   sweep.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -37,8 +37,6 @@ with ``--verbosity=1`` for the traceback).
 
 from __future__ import annotations
 
-from absl import app
-
 from experiments import common
 from experiments.common import (  # noqa: F401  (the public names of this runner)
     EXIT_PREEMPTED, PRUNABLE, PRUNERS, resolve_config, run)
@@ -49,4 +47,4 @@ main = common.make_main(run)
 
 if __name__ == "__main__":
   common.define_flags()
-  app.run(main)
+  common.app_run(main)

@@ -206,11 +206,12 @@ class Checkpoints:
     return dst
 
   def _mute_failed_restore_noise(self) -> None:
-    """Silences the fallout of a failed Orbax restore until :meth:`close`.
+    """Silences the fallout of a failed Orbax restore (see :meth:`restore_latest`).
 
     When one read of a restore fails, Orbax abandons the other concurrent
     reads: their asyncio tasks end up logged as "Task exception was never
-    retrieved" (one page of TensorStore spec each), and TensorStore callbacks
+    retrieved" (one page of TensorStore spec each, or the TensorStore error
+    naming a file of this directory), and TensorStore callbacks
     into the closed event loop raise ``RuntimeError('Event loop is closed')``
     through ``sys.unraisablehook``. The warning of :meth:`restore_latest`
     already says what happened, so exactly those two kinds of report are
@@ -228,8 +229,11 @@ class Checkpoints:
 
     def abandoned_orbax_task(record: logging.LogRecord) -> bool:
       message = record.getMessage()
-      return not (message.startswith("Task exception was never retrieved")
-                  and "orbax" in message)
+      if not message.startswith("Task exception was never retrieved"):
+        return True
+      exc = record.exc_info[1] if record.exc_info else None
+      text = f"{message} {exc}"
+      return not ("orbax" in text or self.directory in text)
 
     asyncio_logger = logging.getLogger("asyncio")
     asyncio_logger.addFilter(abandoned_orbax_task)
@@ -246,7 +250,6 @@ class Checkpoints:
     self._noise_filters = None
 
   def _skip(self, step: int, error: Exception) -> None:
-    self._mute_failed_restore_noise()
     reason = f"{type(error).__name__}: {error}".splitlines()[0]
     reason = reason if len(reason) <= 300 else reason[:297] + "..."
     moved = self._quarantine(step)
@@ -269,19 +272,32 @@ class Checkpoints:
     Returns:
       ``(step, tree, meta)`` or ``None`` when no checkpoint can be read.
     """
-    for step in reversed(self.all_steps()):
-      try:
-        meta = self.restore_meta(step)
-      except Exception as e:  # pylint: disable=broad-except
-        self._skip(step, e)
-        continue
-      if check_meta is not None:
-        check_meta(step, meta)
-      try:
-        return step, self.restore(step, abstract_tree), meta
-      except Exception as e:  # pylint: disable=broad-except
-        self._skip(step, e)
-    return None
+    # Muted from the first read on: the reads abandoned by a failing one report
+    # from TensorStore's threads while the failure is still being raised. Kept
+    # muted until close() after a failure (abandoned tasks report when
+    # collected), lifted at once otherwise.
+    was_muted = self._noise_filters is not None
+    self._mute_failed_restore_noise()
+    skipped = False
+    try:
+      for step in reversed(self.all_steps()):
+        try:
+          meta = self.restore_meta(step)
+        except Exception as e:  # pylint: disable=broad-except
+          skipped = True
+          self._skip(step, e)
+          continue
+        if check_meta is not None:
+          check_meta(step, meta)
+        try:
+          return step, self.restore(step, abstract_tree), meta
+        except Exception as e:  # pylint: disable=broad-except
+          skipped = True
+          self._skip(step, e)
+      return None
+    finally:
+      if not (skipped or was_muted):
+        self._unmute()
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are committed."""

@@ -259,7 +259,8 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
         place that was looked at and how to provide the data.
       DatasetFormatError: a dataset file exists but is corrupt or incomplete; the
         message names the file.
-      ValueError: unknown ``name`` or invalid ``train_subset``.
+      ValueError: unknown ``name`` or a ``train_subset`` outside ``[num_classes,
+        max_train_subset(...)]``; the message names that range.
     """
     canonical = canonical_name(name)
     if canonical == "digits":
@@ -278,9 +279,15 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
     train_y, test_y = train_y.astype(np.int32), test_y.astype(np.int32)
     mean, std = _channel_stats(train_x)
     if train_subset is not None:
-        if not num_classes <= train_subset <= len(train_y):
-            raise ValueError(f"train_subset must lie in [{num_classes}, {len(train_y)}], "
-                             f"got {train_subset}")
+        largest = max_train_subset(train_y, num_classes)
+        if not num_classes <= train_subset <= largest:
+            sizes = np.bincount(train_y, minlength=num_classes)
+            smallest = int(np.argmin(sizes))
+            raise ValueError(
+                f"train_subset must lie in [{num_classes}, {largest}] for {canonical}, got "
+                f"{train_subset}: the subset is class-balanced and class {smallest}, the "
+                f"smallest, has {sizes[smallest]} of the {len(train_y)} training examples "
+                "(None keeps them all)")
         base, extra = divmod(train_subset, num_classes)
         counts = [base + (c < extra) for c in range(num_classes)]
         idx = _sample_per_class(train_y, counts, seed=0)
@@ -289,6 +296,21 @@ def load(name: str, data_dir: str | os.PathLike | None = None, *,
                    train_images=train_x, train_labels=train_y,
                    test_images=test_x, test_labels=test_y,
                    mean=mean, std=std, augment=augment_default)
+
+
+def max_train_subset(labels: np.ndarray, num_classes: int) -> int:
+    """The largest ``train_subset`` of :func:`load` that ``labels`` allow.
+
+    The subset takes ``n // num_classes`` examples of every class and one more
+    of each of the ``n % num_classes`` lowest class ids, so with ``m`` examples
+    in the smallest class the largest is ``m * num_classes`` plus the number of
+    leading classes (0, 1, ...) with more than ``m`` examples.
+    """
+    sizes = np.bincount(np.asarray(labels), minlength=num_classes)[:num_classes]
+    m = int(sizes.min())
+    above = sizes > m
+    leading = int(np.argmin(above)) if not above.all() else num_classes
+    return m * num_classes + leading
 
 
 def _channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

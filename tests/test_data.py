@@ -305,6 +305,25 @@ def test_train_subset_is_balanced_deterministic_and_nested(digits):
         data.load("digits", train_subset=5)
 
 
+def test_train_subset_error_names_the_valid_range(digits):
+    # digits' smallest training class (8) has 139 of the 1437 examples: 139 of
+    # every class plus one more of classes 0..7 (all larger) is the most.
+    assert data.max_train_subset(digits.train_labels, 10) == 1398
+    assert data.load("digits", train_subset=1398).num_train == 1398
+    for n in (1399, 1437, 5):
+        with pytest.raises(ValueError, match=rf"train_subset must lie in \[10, 1398\] "
+                           rf"for digits, got {n}: .*class 8, the smallest, has 139 "
+                           r"of the 1437 training examples \(None keeps them all\)"):
+            data.load("digits", train_subset=n)
+
+
+def test_max_train_subset_counts_the_leading_larger_classes():
+    labels = np.array([0] * 4 + [1] * 3 + [2] * 4)
+    assert data.max_train_subset(labels, 3) == 3 * 3 + 1  # class 0 only; 2 is not leading
+    assert data.max_train_subset(np.array([0, 0, 1, 1]), 2) == 4
+    assert data.max_train_subset(np.array([0, 1, 1]), 3) == 2  # class 2 has none
+
+
 def test_class_balanced_indices():
     labels = np.array([0, 1, 2] * 5 + [2, 2])
     idx = data.class_balanced_indices(labels, 3, seed=0)

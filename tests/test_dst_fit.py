@@ -140,3 +140,25 @@ def test_dst_config_errors():
   config.dst = "bogus"
   with pytest.raises(ValueError, match="config.dst must be one of"):
     common.resolve_config(config)
+
+
+def test_mask_churn_plot_leaves_zero_churn_out_of_the_log_axis(tmp_path):
+  from experiments import results  # pylint: disable=g-import-not-at-top
+  # Two seeds: churn until step 40, none after the last mask update.
+  runs = [[(20, 0.02), (40, 0.01), (60, 0.0), (80, 0.0)],
+          [(20, 0.04), (40, 0.01), (60, 0.0), (80, 0.0)]]
+  xs, mean, band = results.curve(runs, logy=True)
+  assert xs == [20, 40, 60, 80]
+  np.testing.assert_allclose(mean[:2], [0.03, 0.01])
+  assert np.isnan(mean[2:]).all()
+  # Seed spread: the band's lower edge at step 20 is 0.03 - 0.014 > 0; at
+  # step 40 both seeds agree (std 0): band = the mean.
+  assert (band[:, :2] > 0).all() and np.isnan(band[:, 2:]).all()
+  _, lin_mean, _ = results.curve(runs)  # linear axis: zeros drawn
+  np.testing.assert_allclose(lin_mean, [0.03, 0.01, 0.0, 0.0])
+  fig = results.plot_series(str(tmp_path / "mask_churn.png"), {"rigl 90%": runs},
+                            xlabel="step", ylabel="churn", logy=True)
+  (line,) = fig.axes[0].get_lines()
+  drawn = np.asarray(line.get_ydata(), float)
+  assert np.isnan(drawn[2:]).all() and (drawn[:2] > 0).all()
+  assert fig.axes[0].get_ylim()[0] > 1e-3  # no spike down to the axis edge

@@ -148,6 +148,64 @@ def test_bad_config_values_are_refused():
       exp_train.resolve_config(bad)
 
 
+def _dst_config(**fields):
+  config = digits.get_config()
+  config.update({"num_epochs": 3, "dst": "granet", **fields})
+  return config
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(dst_alpha=-0.3), r"config\.dst_alpha must be in \[0, 1\] .*got -0\.3"),
+    (dict(dst_alpha=1.5), r"config\.dst_alpha must be in \[0, 1\] .*got 1\.5"),
+    (dict(dst="rigl", pruner="random", dst_alpha=2.0),
+     r"config\.dst_alpha must be in \[0, 1\] .*got 2\.0"),
+    (dict(dst_end=0.0), r"config\.dst_end must be in \(0, 1\] .*got 0\.0"),
+    (dict(dst_end=1.5), r"config\.dst_end must be in \(0, 1\] .*got 1\.5"),
+    (dict(dst_update_every=0),
+     r"config\.dst_update_every must be an integer >= 1 .*got 0"),
+    (dict(dst_prune_epochs=(1, 10)),
+     r"config\.dst_prune_epochs=\(1, 10\) ends at epoch 10, after training "
+     r"\(config\.num_epochs = 3\).*0 <= start < end <= config\.num_epochs = 3"),
+    (dict(dst_prune_epochs=(0.5, 0.2)),
+     r"config\.dst_prune_epochs=\(0\.5, 0\.2\) starts at epoch 1\.5, not before "
+     r"its end at epoch 0\.6"),
+    (dict(dst_prune_epochs=(2, 2)), r"starts at epoch 2, not before its end"),
+    (dict(dst_prune_epochs=(-1, 2)), r"must be \(start, end\).*got \(-1, 2\)"),
+    (dict(dst_prune_epochs=(0.1,)), r"must be \(start, end\).*got \(0\.1,\)"),
+])
+def test_out_of_range_dst_values_are_refused_with_their_range(fields, match):
+  with pytest.raises(ValueError, match=match):
+    exp_train.resolve_config(_dst_config(**fields))
+
+
+def test_in_range_dst_values_pass():
+  for fields in (dict(dst_alpha=0.0), dict(dst_alpha=1.0), dict(dst_end=1.0),
+                 dict(dst_prune_epochs=(1, 3)), dict(dst_prune_epochs=(0.0, 0.5))):
+    exp_train.resolve_config(_dst_config(**fields))
+
+
+def test_ticket_sparsity_must_be_the_tickets(tmp_path):
+  from sparsejax import lottery  # pylint: disable=g-import-not-at-top
+  mask = {"Dense_0": {"kernel": np.arange(20).reshape(4, 5) % 5 != 0}}  # 20% pruned
+  params = {"Dense_0": {"kernel": np.ones((4, 5), np.float32)}}
+  ticket = lottery.save_ticket(tmp_path / "ticket", mask, params)
+  config = digits.get_config()
+  config.update(model="mlp", pruner="ticket", mask_path=ticket)
+  # The default 0.9 used to be recorded in config.json while 0.2 trained.
+  with pytest.raises(ValueError, match=r"config\.sparsity=0\.9 differs from the "
+                     r"sparsity 0\.2000 of the ticket in .*ticket: with "
+                     r"config\.pruner='ticket' set config\.sparsity=None"):
+    exp_train.resolve_config(config)
+  config.sparsity = None
+  assert exp_train.resolve_config(config).sparsity == pytest.approx(0.2)
+  config.sparsity = 0.2004
+  assert exp_train.resolve_config(config).sparsity == pytest.approx(0.2)
+  # experiments.lottery's meta.json records the density over its prunable set.
+  lottery.save_ticket(tmp_path / "ticket", mask, params, {"density": 0.25})
+  config.sparsity = None
+  assert exp_train.resolve_config(config).sparsity == pytest.approx(0.75)
+
+
 # ----------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------

@@ -359,7 +359,10 @@ def test_exported_ticket_trains_as_the_lth_mask_in_experiments_train(reference, 
   config = digits_config.get_config()
   config.update(dict(pruner="ticket", mask_path=result.ticket_dir, num_epochs=1,
                      progress_bar=False, tensorboard=False))
-  run = common.run(common.resolve_config(config), str(tmp_path / "lth"))
+  config.sparsity = None  # the ticket's
+  resolved = common.resolve_config(config)
+  assert resolved.sparsity == pytest.approx(1 - 32_128 / N)
+  run = common.run(resolved, str(tmp_path / "lth"))
   ticket_mask = lottery.load_ticket(result.ticket_dir)[0]
   assert_trees_equal(run.state.mask, ticket_mask)
   saved = json.loads((tmp_path / "lth" / "pruning.json").read_text())

@@ -447,3 +447,41 @@ def test_a_plan_that_is_not_the_fits_is_refused_before_the_first_step(
       (tmp_path / "checkpoints").iterdir())
   assert not (tmp_path / "metrics.jsonl").exists() or not (
       tmp_path / "metrics.jsonl").read_text()
+
+def test_granet_suptickets_run_logs_its_target_and_reports_the_superposed_model(
+    tmp_path, capsys, caplog):
+  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.update(model="mlp", train_subset=200, num_epochs=2, batch_size=32,
+                dst="granet", sparsity=0.9, dst_update_every=2, suptickets=True,
+                sup_cycles=1, sup_cycle_epochs=1, save_sparse=True,
+                progress_bar=False, tensorboard=False, async_checkpointing=False)
+  with caplog.at_level("INFO"):
+    result = common.run(config, str(tmp_path))
+  logged = [r.getMessage() for r in caplog.records]
+  # It used to log "pruner=dense sparsity=0.0".
+  start = [m for m in logged if m.startswith("mlp on digits")]
+  assert len(start) == 1 and "dst=granet sparsity 0.0 -> 0.9 + suptickets" in start[0]
+  assert "pruner=dense" not in start[0]
+  # The sparse model file is reported once (it was printed and logged).
+  out = capsys.readouterr()
+  assert (out.out + out.err).count("sparse model file") == 1
+  assert out.out.count("sparse model file") == 1
+  assert not any("sparse model file" in m for m in logged)
+  # The done line gives the superposed model's accuracy, then the ticket's.
+  final = result.history[-1]
+  line = common.final_line(result.history)
+  assert (f"superposed model: test_loss={final['superposed_test_loss']:.4f}, "
+          f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
+          f"test_accuracy={final['test_accuracy']:.4f})") in line
+  assert line.startswith(f"done: train_loss={final['train_loss']:.4f}, ")
+
+
+def test_describe_sparsity_of_each_kind_of_run():
+  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  assert common.describe_sparsity(config) == "pruner=dense sparsity=0.0"
+  config.update(pruner="random", sparsity=0.8, dst="rigl")
+  assert common.describe_sparsity(config) == "pruner=random sparsity=0.8 dst=rigl"
+  config.update(pruner="dense", dst="gmp", dst_initial_sparsity=0.5)
+  assert common.describe_sparsity(config) == "dst=gmp sparsity 0.5 -> 0.8"

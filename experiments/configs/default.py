@@ -5,6 +5,9 @@ Run::
   python -m experiments.train --config experiments/configs/default.py \
       --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
 
+``--config.<field>=None`` resets an optional field (e.g. ``train_subset`` of a
+preset) from the command line.
+
 Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
 SPEC §8 reference protocols), ``digits.py`` (offline, CPU-sized),
 ``prune_at_init.py`` (``experiments.prune_at_init``) and the grids of
@@ -45,7 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   # With pruner="ticket": a ticket directory written by experiments.lottery
   # (WORKDIR/ticket), read with sparsejax.lottery.load_ticket.
   config.mask_path = config_dict.placeholder(str)
-  # Fraction of the prunable weights set to zero (0.9 keeps 10%).
+  # Fraction of the prunable weights set to zero (0.9 keeps 10%). With
+  # pruner="ticket" the ticket's sparsity: None takes it, another value (more
+  # than 1e-3 away) is an error; config.json records the ticket's.
   config.sparsity = 0.9
   # "global", "uniform", "erk", "er" or an N:M pattern such as "2:4" (N kept
   # in every M consecutive weights along the input dimension; set sparsity to
@@ -79,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.dst = "none"
   # Mask update every this many steps (ΔT).
   config.dst_update_every = 100
-  # Drop fraction α (RigL/SET 0.3; GraNet's regrowth 0.5), "cosine"
+  # Drop fraction α in [0, 1] (RigL/SET 0.3; GraNet's regrowth 0.5), "cosine"
   # (α/2)(1 + cos(π t / T_end)) or "constant".
   config.dst_alpha = 0.3
   config.dst_drop_schedule = "cosine"
@@ -88,7 +93,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Skip the weight update on mask-update steps (the reference RigL code).
   config.dst_skip_update = True
   # GMP/GraNet: starting sparsity and the (start, end) of the cubic schedule,
-  # in epochs (>= 1) or fractions of training (< 1).
+  # in epochs (>= 1) or fractions of training (< 1), 0 <= start < end <=
+  # num_epochs.
   config.dst_initial_sparsity = 0.0
   config.dst_prune_epochs = (0.0, 0.5)
 
@@ -172,7 +178,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.async_checkpointing = True
   # When training finishes, write WORKDIR/model.sparse: the trained params as
   # kept values + bit-packed mask and the batch-norm statistics as they are
-  # (sparsejax.sparse_io), and log its size against the dense arrays and the
+  # (sparsejax.sparse_io), and print its size against the dense arrays and the
   # last checkpoint (results.json "sparse_file"); experiments.lottery writes
   # WORKDIR/level_L/model.sparse per level. "zlib" also deflates the file.
   config.save_sparse = False
