@@ -143,6 +143,19 @@ def dense_nbytes(tree: PyTree) -> int:
              for x in jax.tree.leaves(tree))
 
 
+def full_mask(tree: PyTree, mask: PyTree | None) -> PyTree | None:
+  """``mask`` for the whole ``tree``: a mask of ``tree["params"]`` alone is
+  extended with all-``True`` masks of the other collections (``batch_stats``).
+
+  A mask with the structure of ``tree`` (or ``None``) is returned unchanged.
+  """
+  if (mask is None or not isinstance(tree, Mapping) or "params" not in tree
+      or jax.tree.structure(mask) == jax.tree.structure(tree)
+      or jax.tree.structure(mask) != jax.tree.structure(tree["params"])):
+    return mask
+  return {k: (mask if k == "params" else masks.ones_like(v)) for k, v in tree.items()}
+
+
 def encode(tree: PyTree, mask: PyTree | None = None, *, prunable=None,
            metadata: Mapping[str, Any] | None = None,
            compression: str = "none") -> tuple[bytes, FileInfo]:
@@ -151,6 +164,7 @@ def encode(tree: PyTree, mask: PyTree | None = None, *, prunable=None,
   if compression not in COMPRESSIONS:
     raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}")
   named = _named_arrays(tree, "tree")
+  mask = full_mask(tree, mask)
   if mask is not None:
     masks.check_mask(mask, tree)
     mask_leaves = [np.asarray(jax.device_get(m)) for m in jax.tree.leaves(mask)]
@@ -218,7 +232,10 @@ def save(path: str | os.PathLike, tree: PyTree, mask: PyTree | None = None, *,
     path: the file to write (replaced atomically if it exists).
     tree: any pytree of arrays, e.g. ``{"params": ..., "batch_stats": ...}``
       or an NNX ``State``; leaves of any dtype, on any device.
-    mask: optional bool pytree parallel to ``tree``.
+    mask: optional bool pytree parallel to ``tree``, or, for a variables
+      dict ``{"params": ..., "batch_stats": ...}``, parallel to its
+      ``"params"`` alone (e.g. ``TrainState.mask``): the other collections
+      are then stored dense.
     prunable: without ``mask``, which leaves may be stored sparse; see
       :func:`sparsejax.masks.prunable_tree` (default: ``ndim > 1``).
     metadata: JSON-serialisable dict stored in the header (e.g. the model

@@ -226,3 +226,21 @@ def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   tree, mask = sparse_io.load(tmp_path / "model.sparse")
   _assert_bitwise(jax.device_get(result.state.params), tree["params"])
   masks.check_nm(mask["params"], "2:4")
+
+
+def test_a_params_mask_stores_the_other_collections_dense(tmp_path):
+  # README: sparse_io.save(path, {"params": ..., "batch_stats": ...}, state.mask).
+  params = {"conv": {"kernel": jnp.array([[1., 0.], [0., 2.]]), "bias": jnp.ones(2)}}
+  mask = {"conv": {"kernel": jnp.array([[True, False], [False, True]]),
+                   "bias": jnp.ones(2, bool)}}
+  variables = {"params": params, "batch_stats": {"bn": {"mean": jnp.array([0.5, 0.])}}}
+  info = sparse_io.save(tmp_path / "m.sparse", variables, mask)
+  back, back_mask = sparse_io.load(tmp_path / "m.sparse", target=variables)
+  np.testing.assert_array_equal(back["params"]["conv"]["kernel"], params["conv"]["kernel"])
+  np.testing.assert_array_equal(back["batch_stats"]["bn"]["mean"], [0.5, 0.])
+  assert bool(back_mask["batch_stats"]["bn"]["mean"].all())  # dense, its 0 kept
+  np.testing.assert_array_equal(back_mask["params"]["conv"]["kernel"],
+                                mask["conv"]["kernel"])
+  assert (info.kept, info.total) == (2, 4)  # only the kernel is stored sparse
+  with pytest.raises(ValueError, match="mask does not match the structure"):
+    sparse_io.save(tmp_path / "x.sparse", variables, {"other": jnp.ones(2, bool)})
