@@ -196,6 +196,13 @@ class Plan:
     schedule over the ``dst_steps`` of the phase (e.g.
     :func:`sparsejax.schedules.lr_schedule` of the config with
     ``num_epochs = dst_epochs``).
+
+    The schedule reads the optimiser's own step count. A DST optimiser with
+    ``skip_update=True`` (the default) leaves that count alone on its
+    mask-update steps (SPEC §4), so after ``u`` mask updates the rate is the
+    one of step ``t − u``: the cyclic part starts ``u`` steps after the
+    first cycle's large drop-and-regrow (a few of its thousands of steps at
+    the reference ``ΔT``).
     """
     return optax.join_schedules(
         [dst_schedule, cyclic_lr(lr1, lr2, self.cycle_steps, shape)],
