@@ -84,6 +84,10 @@ PRUNABLE = {
 #: Exit status of a run stopped by SIGTERM after saving its checkpoint.
 EXIT_PREEMPTED = 143
 
+#: ``config.dtype`` values: the models' computation dtype (see
+#: :func:`model_kwargs`).
+DTYPES = ("float32", "bfloat16")
+
 PRUNING_FILE = "pruning.json"
 #: LRsI's scales and objective curve (ToST runs with LRsI).
 LRSI_FILE = "lrsi.json"
@@ -101,6 +105,32 @@ def define_flags(workdir_help: str = "Directory for checkpoints, logs and result
   config_flags.DEFINE_config_file("config", None, "Configuration file.",
                                   lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
+
+
+def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The model's constructor fields: ``config.model_kwargs`` and ``config.dtype``.
+
+  ``config.dtype`` (default ``"float32"``) becomes the model's ``dtype``: with
+  ``"bfloat16"`` the convolutions, matrix products and activations compute
+  in bfloat16 (mixed precision) while the parameters, the optimiser state, the
+  batch-norm statistics, the logits and the loss stay float32 (the models
+  cast their logits to float32; :mod:`sparsejax.losses` computes in float32).
+
+  Example: ``models.get(config.model, 10, **model_kwargs(config))``.
+
+  Raises:
+    ValueError: ``config.dtype`` not in :data:`DTYPES`, or a ``dtype`` in
+      ``config.model_kwargs`` (``config.dtype`` is the one switch).
+  """
+  dtype = config.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.dtype must be one of {DTYPES}, got {dtype!r}")
+  kwargs = config.model_kwargs.to_dict() if "model_kwargs" in config else {}
+  if "dtype" in kwargs:
+    raise ValueError("set the model's computation dtype with config.dtype, not "
+                     "config.model_kwargs.dtype")
+  kwargs["dtype"] = jnp.dtype(dtype)
+  return kwargs
 
 
 def base_method(pruner: str) -> str:
@@ -126,13 +156,14 @@ def resolve_config(config: ml_collections.ConfigDict,
 
   Raises:
     ValueError: an unknown pruner, prunable preset, model name, scoring
-      batch-norm mode or SynFlow dtype, a sparsity outside [0, 1), a bad
+      batch-norm mode, SynFlow or model dtype, a sparsity outside [0, 1), a bad
       ``act_coef_schedule``, or what ``extra`` refuses.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model not in models.names():
     raise ValueError(f"unknown model {config.model!r}; valid names are: "
                      f"{', '.join(models.names())}")
+  model_kwargs(config)  # checks config.dtype
   if config.prunable not in PRUNABLE:
     raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
                      f"{config.prunable!r}")
@@ -688,17 +719,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   dataset = load_dataset(config) if dataset is None else dataset
   spe = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
   act_coef = act_coef_schedule(config, spe)
-  model_kwargs = config.model_kwargs.to_dict()
+  kwargs = model_kwargs(config)
   if act_coef is not None:
-    model_kwargs["act"] = activations.blend()
-  model = models.get(config.model, dataset.num_classes, **model_kwargs)
+    kwargs["act"] = activations.blend()
+  model = models.get(config.model, dataset.num_classes, **kwargs)
   # ToST: the model that trains (blend activation, ghost skips), its scalars,
   # loss and LRsI; the mask is scored on the plain `model`.
   recipe = make_tost(config)
   scalars = {} if act_coef is None else {"act_coef": act_coef}
   trained = model
   if recipe.techniques:
-    trained = recipe.model(config.model, dataset.num_classes, **model_kwargs)
+    trained = recipe.model(config.model, dataset.num_classes, **kwargs)
     scalars.update(recipe.scalars(int(config.num_epochs) * spe))
   mesh = mesh_lib.make_mesh(config.num_devices)
   logging.info("%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",

@@ -201,7 +201,7 @@ def small_dense_kwargs(config: ml_collections.ConfigDict, num_classes: int,
   Raises:
     ValueError: a model without a fractional width.
   """
-  kwargs = config.model_kwargs.to_dict()
+  kwargs = common.model_kwargs(config)
   sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
   if config.model == "lenet5":
     make = lambda w: dict(kwargs, width=w)
@@ -247,7 +247,7 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
   if workdir_lib.claim(cell_dir, RUNNER, cfg):
     return common.finished_result(cell_dir)
   common.write_json(os.path.join(cell_dir, "config.json"), cfg.to_dict())
-  kwargs = cfg.model_kwargs.to_dict()
+  kwargs = common.model_kwargs(cfg)
   if method == "small_dense":
     kwargs = small_dense_kwargs(config, dataset.num_classes, dataset.image_shape)
   model = models.get(cfg.model, dataset.num_classes, **kwargs)

@@ -269,7 +269,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
 
   dataset = common.load_dataset(config)
   model = models.get(config.model, dataset.num_classes,
-                     **config.model_kwargs.to_dict())
+                     **common.model_kwargs(config))
   mesh = mesh_lib.make_mesh(config.num_devices)
   sample = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
   prunable = make_prunable(config, model, sample)

@@ -86,7 +86,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   common.write_json(saved, config.to_dict())
 
   ds = data.load(config.dataset)
-  model = models.get(config.model, ds.num_classes)
+  model = models.get(config.model, ds.num_classes, **common.model_kwargs(config))
   mesh = mesh_lib.make_mesh()
   tx = schedules.make_optimizer(
       config, schedules.steps_per_epoch(ds.num_train, config.batch_size))

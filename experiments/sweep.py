@@ -390,7 +390,7 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   fig = results.figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
   ax = fig.subplots()
   # Forward order (stem first, classifier last), not the sorted key order.
-  model = models.get(config.model, 10, **config.model_kwargs.to_dict())
+  model = models.get(config.model, 10, **common.model_kwargs(config))
   sample = jnp.zeros((1, *data.IMAGE_SHAPES[data.canonical_name(config.dataset)]))
   forward = {p: i for i, p in enumerate(models.layer_order(model, sample))}
   layers = sorted(next(iter(densities.values()))[0],

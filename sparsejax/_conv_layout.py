@@ -27,6 +27,7 @@ says so.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import Any, Callable
@@ -36,6 +37,11 @@ import jax
 from jax import lax
 import jax.extend.core as jex
 import numpy as np
+
+try:
+  import jax.extend.source_info_util as _source_info  # pylint: disable=g-import-not-at-top
+except ImportError:  # a JAX release without it: equations lose their names
+  _source_info = None
 
 # Call-like primitives whose body is evaluated in place: no layout-relevant
 # semantics is lost (the jaxpr has already been differentiated). Optional: one
@@ -59,6 +65,10 @@ def _lookup(primitives) -> tuple[Any, dict[Any, str]] | None:
             if getattr(primitives, name, None) is not None}
   return conv, inline
 
+
+SCOPE = "sparsejax_cpu_canonical_conv"
+"""Named scope of the transposes and convolutions :func:`canonical_convs`
+lowers for CPU (a ``sparsejax._xla_cpu.CPU_SCOPE`` name)."""
 
 _found = _lookup(getattr(jex, "primitives", None))
 _conv_p, _INLINE = _found if _found else (None, {})
@@ -120,6 +130,21 @@ def _transform_param(value):
   return value
 
 
+def _source_context(eqn) -> contextlib.AbstractContextManager:
+  """Re-binds ``eqn`` under its traceback and name stack, as
+  ``jax.core.eval_jaxpr`` does, so that the rewritten program keeps the op
+  names and locations of the original (and its named scopes, e.g. those of
+  :mod:`sparsejax._xla_cpu`)."""
+  info = getattr(eqn, "source_info", None)
+  if _source_info is None or info is None:
+    return contextlib.nullcontext()
+  try:
+    name_stack = _source_info.current_name_stack() + info.name_stack
+    return _source_info.user_context(info.traceback, name_stack=name_stack)
+  except Exception:  # pylint: disable=broad-except
+    return contextlib.nullcontext()
+
+
 def _eval(jaxpr: jex.Jaxpr, consts, args) -> list:
   """Evaluates ``jaxpr`` with every convolution in canonical form."""
   env: dict[Any, Any] = {}
@@ -133,17 +158,20 @@ def _eval(jaxpr: jex.Jaxpr, consts, args) -> list:
     env[var] = value
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
-    if eqn.primitive is _conv_p:
-      outvals = [_canonical_conv(*invals, **eqn.params)]
-    elif eqn.primitive in _INLINE:
-      sub = eqn.params[_INLINE[eqn.primitive]]
-      outvals = _eval(sub.jaxpr, sub.consts, invals)
-    else:
-      params = {k: _transform_param(v) for k, v in eqn.params.items()}
-      with eqn.ctx.manager:
-        outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
-      if not eqn.primitive.multiple_results:
-        outvals = [outvals]
+    with _source_context(eqn):
+      if eqn.primitive is _conv_p:
+        with jax.named_scope(SCOPE):
+          outvals = [_canonical_conv(*invals, **eqn.params)]
+      elif eqn.primitive in _INLINE:
+        sub = eqn.params[_INLINE[eqn.primitive]]
+        outvals = _eval(sub.jaxpr, sub.consts, invals)
+      else:
+        params = {k: _transform_param(v) for k, v in eqn.params.items()}
+        with eqn.ctx.manager:
+          outvals = eqn.primitive.bind(*invals,
+                                       **eqn.primitive.get_bind_params(params))
+        if not eqn.primitive.multiple_results:
+          outvals = [outvals]
     for var, value in zip(eqn.outvars, outvals):
       if not isinstance(var, jex.DropVar):
         env[var] = value

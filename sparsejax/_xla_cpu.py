@@ -86,6 +86,22 @@ and the materialisation of :func:`conv_general_dilated` (read when a step is
 traced)."""
 
 
+CPU_SCOPE = "sparsejax_cpu"
+"""Prefix of the ``jax.named_scope`` of every CPU-only rewrite of sparsejax.
+
+The rewrites' operations carry it in their names (the locations of a
+lowering's ``as_text(debug_info=True)`` and XLA's op metadata), so a
+lowering can be checked for them: ``tests/test_lowering.py`` asserts the
+names are there when lowering for CPU and absent for GPU and TPU. A new
+CPU-only trick runs under ``jax.named_scope(CPU_SCOPE + "_<what>")``."""
+
+MATERIALIZE_SCOPE = CPU_SCOPE + "_materialize"
+"""Named scope of :func:`conv_general_dilated`'s CPU materialisation."""
+
+BN_GEMV_SCOPE = CPU_SCOPE + "_bn_gemv"
+"""Named scope of :func:`batch_norm_train`'s CPU GEMV forward and backward."""
+
+
 def _name(flag: str) -> str:
   return flag.lstrip("-").split("=", 1)[0]
 
@@ -230,8 +246,9 @@ def _materialize(x: jax.Array) -> jax.Array:
   becoming +0.0): branches XLA sees as identical would be merged and the
   conditional removed.
   """
-  return lax.cond(_first_is_finite(x), lambda v: v,
-                  lambda v: v + jax.numpy.zeros((), v.dtype), x)
+  with jax.named_scope(MATERIALIZE_SCOPE):
+    return lax.cond(_first_is_finite(x), lambda v: v,
+                    lambda v: v + jax.numpy.zeros((), v.dtype), x)
 
 
 def conv_general_dilated(lhs, rhs, *args, **kwargs):
@@ -254,13 +271,16 @@ def _column_sum(a: jax.Array) -> jax.Array:
 
 def _bn_forward(x, scale, bias, epsilon):
   """Batch norm of ``x [..., C]`` over all leading axes, statistics as GEMVs."""
-  x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-  m = x2.shape[0]
-  mean = _column_sum(x2) / m
-  var = jnp.maximum(_column_sum(x2 * x2) / m - mean * mean, 0.0)
-  rstd = lax.rsqrt(var + epsilon)
-  y = ((x2 - mean) * (scale * rstd) + bias).reshape(x.shape)
-  return (y, mean, var), (x2, scale, mean, rstd)
+  with jax.named_scope(BN_GEMV_SCOPE):
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = x2.shape[0]
+    mean = _column_sum(x2) / m
+    var = jnp.maximum(_column_sum(x2 * x2) / m - mean * mean, 0.0)
+    rstd = lax.rsqrt(var + epsilon)
+    y = ((x2 - mean) * (scale * rstd) + bias).reshape(x.shape)
+  # x in its own dtype (half the residual memory for bfloat16); the backward
+  # pass casts it again and returns dx in that dtype.
+  return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -275,19 +295,25 @@ def _bn_gemv_bwd(epsilon, residuals, cotangents):
   ``dbias = sum(dy)``, ``dscale = sum(dy * xhat)``, and
   ``dx = scale * rstd * (dy - dbias / M - xhat * dscale / M)``, plus the
   terms of the cotangents of the returned ``mean`` and ``var`` (zero when
-  they only feed the running averages).
+  they only feed the running averages). Each gradient has the dtype of its
+  input (``dx`` bfloat16 for a bfloat16 ``x``), as autodiff of the plain form
+  gives it: the two are branches of one ``lax.platform_dependent``, whose
+  result types must agree.
   """
   del epsilon
-  x2, scale, mean, rstd = residuals
-  dy, dmean, dvar = cotangents
-  m = x2.shape[0]
-  dy2 = dy.reshape(x2.shape).astype(jnp.float32)
-  xhat = (x2 - mean) * rstd
-  dbias = _column_sum(dy2)
-  dscale = _column_sum(dy2 * xhat)
-  dx = ((scale * rstd) * (dy2 - dbias / m - xhat * (dscale / m))
-        + dmean / m + dvar * (2.0 / m) * (x2 - mean))
-  return dx.reshape(dy.shape).astype(dy.dtype), dscale, dbias
+  with jax.named_scope(BN_GEMV_SCOPE):
+    x, scale, bias, mean, rstd = residuals
+    dy, dmean, dvar = cotangents
+    x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+    m = x2.shape[0]
+    dy2 = dy.reshape(x2.shape).astype(jnp.float32)
+    xhat = (x2 - mean) * rstd
+    dbias = _column_sum(dy2)
+    dscale = _column_sum(dy2 * xhat)
+    dx = ((scale * rstd) * (dy2 - dbias / m - xhat * (dscale / m))
+          + dmean / m + dvar * (2.0 / m) * (x2 - mean))
+    return (dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype),
+            dbias.astype(bias.dtype))
 
 
 _bn_gemv.defvjp(lambda x, s, b, eps: _bn_forward(x, s, b, eps), _bn_gemv_bwd)

@@ -211,6 +211,26 @@ def test_ticket_sparsity_must_be_the_tickets(tmp_path):
 # ----------------------------------------------------------------------------
 
 
+def test_config_dtype_is_the_models_computation_dtype():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from experiments import common  # pylint: disable=g-import-not-at-top
+  from sparsejax import models  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  assert config.dtype == "float32"
+  assert common.model_kwargs(config)["dtype"] == jnp.float32
+  config.dtype = "bfloat16"
+  model = models.get(config.model, 10, **common.model_kwargs(config))
+  assert model.dtype == jnp.bfloat16
+  assert exp_train.resolve_config(config).dtype == "bfloat16"
+  config.dtype = "float16"
+  with pytest.raises(ValueError, match="config.dtype"):
+    exp_train.resolve_config(config)
+  config.dtype = "float32"
+  config.model_kwargs.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="config.dtype"):
+    exp_train.resolve_config(config)
+
+
 def test_default_weight_decay_follows_the_model_family():
   config = default.get_config()
   assert config.weight_decay is None

@@ -39,6 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
   # Extra constructor fields, e.g. width=2 for ResNets, hidden=(300, 100) for
   # the MLP (set them in a config file: the dict is locked on the command line).
   config.model_kwargs = ml_collections.ConfigDict()
+  # The model's computation dtype: "float32", or "bfloat16" for mixed
+  # precision (convolutions, matrix products and activations in bfloat16;
+  # params, optimiser state, batch-norm statistics, logits and loss float32;
+  # masks are scored in it too). For accelerators: on CPU bfloat16 is slower,
+  # and one ResNet-20 training gradient (batch 128, He init) was 14-19% off
+  # the float32 one in global norm, cosine 0.98-0.99, on a 2-core AMD EPYC
+  # (README "Mixed precision"; benchmarks/bf16_gradient.py). Not
+  # config.model_kwargs.dtype.
+  config.dtype = "float32"
 
   # --- Pruning (static mask chosen at initialisation) -------------------------
   # "dense", or a method of sparsejax.scores.prune_at_init: "random",

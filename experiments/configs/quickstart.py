@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Data and model: the offline digits set and LeNet-300-100.
   config.dataset = "digits"
   config.model = "mlp"
+  # Computation dtype, "float32" or "bfloat16" (see default.py).
+  config.dtype = "float32"
   # Pruning at initialisation: every method at every sparsity, global budget,
   # all kernels prunable. Sparsity 0 is the dense baseline.
   config.methods = ("random", "magnitude", "snip", "grasp", "synflow")
