@@ -41,12 +41,14 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
 from experiments import workdir as workdir_lib
+from sparsejax import _paths
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
@@ -502,20 +504,17 @@ def make_prunable(name: str, model, input_shape) -> masks.Prunable:
   return dataclasses.replace(preset, order=models.layer_order(model, x))
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as JSON atomically (process 0 only)."""
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` as JSON atomically (process 0 only); ``path`` may be any
+  ``etils.epath`` location."""
   if jax.process_index() != 0:
     return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  _paths.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+def read_json(path: str | os.PathLike) -> Any:
+  """The JSON value in ``path`` (any ``etils.epath`` location)."""
+  return json.loads(epath.Path(path).read_text())
 
 
 # ----------------------------------------------------------------------------
@@ -625,8 +624,7 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
                  report["sparsity"], report["effective_sparsity"],
                  report["collapsed"] or "none")
     if workdir is not None and jax.process_index() == 0:
-      with open(os.path.join(workdir, "pruning.txt"), "w") as f:
-        f.write(f"{header}\n{report}\n")
+      epath.Path(workdir, "pruning.txt").write_text(f"{header}\n{report}\n")
       write_json(os.path.join(workdir, PRUNING_FILE), {
           "method": config.pruner,
           "sparsity": float(report["sparsity"] if config.pruner == "ticket"
@@ -711,7 +709,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
       run.
   """
   config = resolve_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   if workdir_lib.claim(workdir, runner, config):
     return finished_result(workdir)
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -763,7 +761,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         if config.get("save_sparse", False) else None)
     pruning = None
     pruning_file = os.path.join(workdir, PRUNING_FILE)
-    if config.pruner != "dense" and os.path.exists(pruning_file):
+    if config.pruner != "dense" and epath.Path(pruning_file).exists():
       pruning = read_json(pruning_file)
       pruning["report"] = {k: v for k, v in pruning["report"].items()
                            if k != "layers"}
@@ -788,9 +786,9 @@ def finished_result(workdir: str) -> train.FitResult:
                          resumed_from=None)
 
 
-def _dir_nbytes(path: str) -> int:
-  return sum(os.path.getsize(os.path.join(root, f))
-             for root, _, files in os.walk(path) for f in files)
+def _dir_nbytes(path: epath.Path) -> int:
+  return sum((root / f).stat().length
+             for root, _, files in path.walk() for f in files)
 
 
 def save_sparse_model(state: train.TrainState, workdir: str,
@@ -820,11 +818,10 @@ def save_sparse_model(state: train.TrainState, workdir: str,
   info = sparse_io.save(os.path.join(workdir, SPARSE_FILE), jax.device_get(tree),
                         jax.device_get(full_mask), metadata=metadata,
                         compression=compression)
-  ckpt_root = os.path.join(workdir, "checkpoints")
-  steps = ([d for d in os.listdir(ckpt_root) if d.isdigit()]
-           if os.path.isdir(ckpt_root) else [])
-  ckpt = (_dir_nbytes(os.path.join(ckpt_root, max(steps, key=int)))
-          if steps else None)
+  ckpt_root = epath.Path(workdir, "checkpoints")
+  steps = ([d.name for d in ckpt_root.iterdir() if d.name.isdigit()]
+           if ckpt_root.is_dir() else [])
+  ckpt = (_dir_nbytes(ckpt_root / max(steps, key=int)) if steps else None)
   line = f"sparse model file {info}"
   if ckpt is not None:
     line += (f"; the last checkpoint (train state with optimiser) is "
@@ -899,6 +896,26 @@ def quiet_orbax_info() -> None:
   logging.get_absl_handler().addFilter(keep)
 
 
+def initialize_distributed() -> None:
+  """``jax.distributed.initialize()``; on failure one ``error:`` line, exit 1.
+
+  Without a cluster JAX detects (a Cloud TPU pod slice, SLURM, Open MPI, ...)
+  there is no coordinator address and JAX raises a ``ValueError``; the line
+  names what to set instead of a traceback.
+  """
+  try:
+    jax.distributed.initialize()
+  except (ValueError, RuntimeError) as e:
+    logging.debug("jax.distributed.initialize() failed", exc_info=True)
+    reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print("error: --config.distributed=true but jax.distributed.initialize() "
+          f"failed ({reason}): start every process on a cluster that JAX "
+          "detects (a Cloud TPU pod slice, SLURM, Open MPI, GKE), or drop "
+          "--config.distributed to train on this host's devices",
+          file=sys.stderr)
+    sys.exit(1)
+
+
 def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   """Runs an entry point's ``fn()`` with the shared exit statuses.
 
@@ -906,14 +923,16 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   there are any) on a missing or corrupt dataset, a non-finite loss or a bad
   config value (``--verbosity=1`` logs the traceback); 143 when
   ``preempted(result)`` (stopped by SIGTERM after saving a checkpoint).
-  Calls ``jax.distributed.initialize()`` first when ``--config.distributed``.
+  Calls ``jax.distributed.initialize()`` first when ``--config.distributed``
+  (:func:`initialize_distributed`: exit status 1 with one ``error:`` line when
+  no cluster is found).
 
   Returns:
     ``fn()``'s result otherwise.
   """
   quiet_orbax_info()
   if flags.FLAGS.config.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   try:
     result = fn()
   except (FileNotFoundError, data.DatasetFormatError, FloatingPointError,

@@ -31,11 +31,13 @@ from __future__ import annotations
 import json
 import os
 
+from etils import epath
 import ml_collections
 
 from experiments import common
 from experiments import results
 from experiments import sweep
+from sparsejax import _paths
 
 #: The runner named in the signatures of the grid and its cells.
 RUNNER = "experiments.dst"
@@ -46,9 +48,9 @@ def churn_series(workdir: str, cells: list[sweep.Cell]) -> dict[str, list]:
   series: dict[str, list] = {}
   for cell in cells:
     path = os.path.join(workdir, "cells", cell.name, "steps.jsonl")
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():
       continue
-    with open(path) as f:
+    with epath.Path(path).open() as f:
       points = [(r["step"], r["mask_churn"]) for r in map(json.loads, f)
                 if "mask_churn" in r]
     if points:
@@ -64,7 +66,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER)
   if out["finished"]:
     return out
-  series = churn_series(os.path.abspath(workdir), sweep.grid(config))
+  series = churn_series(str(_paths.resolve(workdir)), sweep.grid(config))
   if series:
     every = int(config.dst_update_every)
     results.plot_series(

@@ -73,6 +73,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -83,6 +84,7 @@ from experiments import results
 from experiments import sweep
 from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
+from sparsejax import _paths
 from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import lottery
@@ -312,7 +314,7 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
                                      mask=fit_kw.get("mask"))
   else:
     start = base
-  if not os.path.exists(os.path.join(cell_dir, "initial", lottery.TICKET_META)):
+  if not epath.Path(os.path.join(cell_dir, "initial", lottery.TICKET_META)).exists():
     _save(os.path.join(cell_dir, "initial"),
           start.mask if start.mask is not None else masks.ones_like(start.params),
           start.params, method=method, seed=seed)
@@ -453,8 +455,8 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
   """Writes ``results.csv``, ``results.md`` and the plots (nothing with
   ``write=False``); returns ``{"rows", "table", "missing"}``."""
   all_cells = cells(config)
-  finished = [(m, s) for m, s in all_cells if os.path.exists(os.path.join(
-      workdir, "cells", cell_name(m, s), common.RESULTS_FILE))]
+  finished = [(m, s) for m, s in all_cells if epath.Path(os.path.join(
+      workdir, "cells", cell_name(m, s), common.RESULTS_FILE)).exists()]
   rows = [cell_row(workdir, m, s) for m, s in finished]
   table = format_table(config, rows)
   report = {"rows": rows, "table": table,
@@ -463,7 +465,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
   if not write:
     return report
   results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with epath.Path(os.path.join(workdir, "results.md")).open("w") as f:
     f.write(table + "\n")
   done = sorted({m for m, _ in finished}, key=METHODS.index)
   title = (f"{config.model} on {config.dataset}, "
@@ -498,7 +500,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     "finished"}`` (as :func:`experiments.sweep.run`).
   """
   check_config(config)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   todo = cells(config)
   if sweep.claim_grid(
       workdir, RUNNER, config,
@@ -514,7 +516,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
         common.load_dataset(config), int(config.flow_examples_per_class))
     for i, (method, seed) in enumerate(todo, 1):
       name = cell_name(method, seed)
-      if os.path.exists(os.path.join(workdir, "cells", name, common.RESULTS_FILE)):
+      if epath.Path(os.path.join(workdir, "cells", name, common.RESULTS_FILE)).exists():
         logging.info("cell %s: finished already, skipped", name)
         skipped.append(name)
         continue

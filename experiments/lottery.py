@@ -59,6 +59,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -66,6 +67,7 @@ import ml_collections
 from experiments import common
 from experiments import results
 from experiments import workdir as workdir_lib
+from sparsejax import _paths
 from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
@@ -179,7 +181,7 @@ def plot_accuracy_vs_density(rows: list[dict], controls, path: str,
   ax.set_title(title)
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.savefig(path, dpi=120)
+  results.save_figure(fig, path)
 
 
 def write_results(workdir: str, rows: list[dict], config) -> None:
@@ -190,7 +192,7 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
   fields = ["level", "kept", "total", "density", "ticket", *controls]
   results.write_csv(os.path.join(workdir, "results.csv"), rows, fields)
   table = format_table(rows, controls)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with epath.Path(os.path.join(workdir, "results.md")).open("w") as f:
     f.write(table + "\n")
   common.write_json(os.path.join(workdir, "results.json"),
                     {"levels": rows, "table": table})
@@ -259,7 +261,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       run.
   """
   config = common.resolve_config(config, check_config)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   final_ticket = os.path.join(workdir, "ticket")
   if workdir_lib.claim(workdir, RUNNER, config,
                        done=(os.path.join("ticket", lottery.TICKET_META),)):
@@ -374,7 +376,7 @@ def main(argv):
   print(f"\nTest accuracy (%) of {config.model} on {config.dataset}, iterative "
         "magnitude pruning with rewinding:\n")
   print(format_table(result.rows, tuple(config.controls)))
-  print(f"\nResults in {os.path.abspath(workdir)}; the last level's ticket in "
+  print(f"\nResults in {_paths.resolve(workdir)}; the last level's ticket in "
         f"{result.ticket_dir}")
 
 

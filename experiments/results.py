@@ -9,9 +9,11 @@ the Agg canvas (no pyplot state, safe in any thread or process).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable, Mapping, Sequence
 
+from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import numpy as np
@@ -59,16 +61,26 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
 
 def read_jsonl(path: str) -> list[dict]:
   """The records of a JSON-lines file (e.g. a run's ``metrics.jsonl``)."""
-  with open(path) as f:
+  with epath.Path(path).open() as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
 def write_csv(path: str, rows: Sequence[Mapping], fields: Sequence[str]) -> None:
-  """Writes ``rows`` with the columns ``fields`` (extra keys ignored)."""
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
+  """Writes ``rows`` with the columns ``fields`` (extra keys ignored); ``path``
+  may be any ``etils.epath`` location."""
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=list(fields), extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  epath.Path(path).write_text(text.getvalue())
+
+
+def save_figure(fig: Figure, path: str) -> None:
+  """Saves ``fig`` as a PNG (120 dpi) to ``path``, any ``etils.epath``
+  location (matplotlib itself writes local files only)."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=120)
+  epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def figure(width: float, height: float) -> Figure:
@@ -140,5 +152,5 @@ def plot_series(path: str, series: Mapping[str, Sequence[Sequence[tuple[float, f
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
-  fig.savefig(path, dpi=120)
+  save_figure(fig, path)
   return fig

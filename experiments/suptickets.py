@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import os
 
+from etils import epath
 import ml_collections
 import numpy as np
 
 from experiments import common
 from experiments import results
 from experiments import sweep
+from sparsejax import _paths
 
 #: The runner named in the signatures of the grid and its cells.
 RUNNER = "experiments.suptickets"
@@ -188,7 +190,7 @@ def plot_cycles(path: str, config: ml_collections.ConfigDict, rows: list[dict],
   fig.suptitle(f"Sup-tickets: {config.model} on {config.dataset}"
                + (f", mean ± std over {len(config.seeds)} seeds"
                   if len(config.seeds) > 1 else ""))
-  fig.savefig(path, dpi=120)
+  results.save_figure(fig, path)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *,
@@ -209,14 +211,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
                      "with suptickets=True")
   out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER,
                   report_files=REPORT_FILES)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   cells = sweep.grid(config)
   cycles = cycle_rows(workdir, cells, config)
   table = format_table(config, out["rows"], cycles)
   if not out["finished"]:
     results.write_csv(os.path.join(workdir, "suptickets.csv"), cycles,
                       CYCLE_FIELDS)
-    with open(os.path.join(workdir, "suptickets.md"), "w") as f:
+    with epath.Path(os.path.join(workdir, "suptickets.md")).open("w") as f:
       f.write(table + "\n")
     plot_cycles(os.path.join(workdir, "suptickets_vs_cycle.png"), config,
                 out["rows"], cycles)

@@ -64,6 +64,7 @@ import os
 from absl import app
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -72,6 +73,7 @@ import numpy as np
 from experiments import common
 from experiments import results
 from experiments import workdir as workdir_lib
+from sparsejax import _paths
 from sparsejax import data
 from sparsejax import masks
 from sparsejax import models
@@ -207,7 +209,7 @@ def claim_grid(workdir: str, runner: str, config: ml_collections.ConfigDict,
   for cell_dir, cell_cfg in cells:
     check_cell(cell_dir, runner, cell_cfg)
   if report_only:
-    os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+    epath.Path(os.path.join(workdir, "cells")).mkdir(parents=True, exist_ok=True)
     return False
   done = [os.path.relpath(os.path.join(d, common.RESULTS_FILE), workdir)
           for d, _ in cells] + list(report_files)
@@ -215,12 +217,12 @@ def claim_grid(workdir: str, runner: str, config: ml_collections.ConfigDict,
       workdir, runner, config, done=done,
       done_text=f"{len(cells)} cells and {', '.join(report_files)}")
   if not finished:
-    os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
+    epath.Path(os.path.join(workdir, "cells")).mkdir(parents=True, exist_ok=True)
   return finished
 
 
 def is_finished(cell_dir: str) -> bool:
-  return os.path.exists(os.path.join(cell_dir, common.RESULTS_FILE))
+  return epath.Path(os.path.join(cell_dir, common.RESULTS_FILE)).exists()
 
 
 # ----------------------------------------------------------------------------
@@ -376,7 +378,7 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
                + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
-  fig.savefig(path, dpi=120)
+  results.save_figure(fig, path)
 
 
 def plot_layer_density(path: str, config: ml_collections.ConfigDict,
@@ -414,7 +416,7 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
                f"{results.fmt_sparsity(sparsity)}")
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend(fontsize="small")
-  fig.savefig(path, dpi=120)
+  results.save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------
@@ -435,7 +437,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
   if not write:
     return report
   results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with epath.Path(os.path.join(workdir, "results.md")).open("w") as f:
     f.write(table + "\n")
   if rows:
     plot_accuracy(os.path.join(workdir, "accuracy_vs_sparsity.png"), config, rows)
@@ -483,7 +485,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     written).
   """
   cells = grid(config)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   cell_dir = lambda cell: os.path.join(workdir, "cells", cell.name)
   if claim_grid(workdir, runner, config,
                 [(cell_dir(c), cell_config(config, c)) for c in cells],
@@ -528,7 +530,7 @@ def main(argv, run_fn=run):
     # the masks are data, so cells of one model compile to the same programs,
     # which the persistent cache then compiles once.
     jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.abspath(workdir), "jax_cache"))
+                      str(_paths.resolve(workdir) / "jax_cache"))
   result = common.cli_main(
       lambda: run_fn(config, workdir, report_only=flags.FLAGS.report_only),
       lambda r: r["preempted"])
@@ -536,7 +538,7 @@ def main(argv, run_fn=run):
   done = len(result["rows"])
   print(f"{done} of {done + len(result['missing'])} cells finished "
         f"({len(result['ran'])} run now, {len(result['skipped'])} skipped); "
-        f"results in {os.path.abspath(workdir)}")
+        f"results in {_paths.resolve(workdir)}")
 
 
 def define_flags() -> None:

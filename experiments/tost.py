@@ -63,6 +63,7 @@ import os
 
 from absl import flags
 from absl import logging
+from etils import epath
 import ml_collections
 import numpy as np
 
@@ -70,6 +71,7 @@ from experiments import common
 from experiments import results
 from experiments import sweep
 from experiments import workdir as workdir_lib
+from sparsejax import _paths
 from sparsejax import lottery
 from sparsejax import tost
 
@@ -290,7 +292,7 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   axes[0].set_ylabel("test accuracy (%)")
   fig.suptitle(f"{config.model} on {config.dataset}, "
                f"{results.epochs_text(config.num_epochs)}: baseline vs ToST")
-  fig.savefig(path, dpi=120)
+  results.save_figure(fig, path)
 
 
 def write_report(config, workdir: str, cells: list[sweep.Cell],
@@ -301,7 +303,7 @@ def write_report(config, workdir: str, cells: list[sweep.Cell],
   table = format_table(config, out["rows"])
   if not write:
     return dict(out, table=table)
-  with open(os.path.join(workdir, "tost.md"), "w") as f:
+  with epath.Path(os.path.join(workdir, "tost.md")).open("w") as f:
     f.write(table + "\n")
   if out["rows"]:
     plot(os.path.join(workdir, "tost_accuracy.png"), config, out["rows"])
@@ -337,7 +339,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   from experiments import lottery as lottery_runner  # pylint: disable=g-import-not-at-top
   grid_config = sweep_config(config)
   cells = sweep.grid(grid_config)
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   if _uses_lottery(config):
     for seed in config.seeds:
       workdir_lib.check(os.path.join(workdir, f"lottery_seed{seed}"),

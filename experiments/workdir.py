@@ -23,10 +23,12 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 
 from experiments.configs import default as default_config
+from sparsejax import _paths
 from sparsejax import checkpoints
 
 #: The signature file of a run directory: ``{"runner", "config"}``.
@@ -64,8 +66,7 @@ RESULT_INDEPENDENT = ("data_dir", "progress_bar", "tensorboard",
 
 
 def _read_json(path: str) -> Any:
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(epath.Path(path).read_text())
 
 
 def _as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
@@ -94,10 +95,10 @@ def recorded(workdir: str) -> dict | None:
   """The signature ``workdir`` holds: its ``run.json``, else its ``config.json``
   as ``{"runner": None, "config": ...}``; ``None`` for a fresh directory."""
   path = os.path.join(workdir, SIGNATURE_FILE)
-  if os.path.exists(path):
+  if epath.Path(path).exists():
     return _read_json(path)
   legacy = os.path.join(workdir, CONFIG_FILE)
-  if os.path.exists(legacy):
+  if epath.Path(legacy).exists():
     return {"runner": None, "config": _read_json(legacy)}
   return None
 
@@ -110,7 +111,8 @@ def check(workdir: str, runner: str, config: ml_collections.ConfigDict) -> None:
       line) naming each differing field (``runner`` among them) with both
       values and the remedy: another workdir, or the config that wrote it.
   """
-  found = recorded(os.path.abspath(workdir))
+  workdir = str(_paths.resolve(workdir))
+  found = recorded(workdir)
   if found is None:
     return
   expected = signature(runner, config)
@@ -122,12 +124,12 @@ def check(workdir: str, runner: str, config: ml_collections.ConfigDict) -> None:
   there_runner = runner if found["runner"] is None else found["runner"]
   checkpoints.check_same_run({"runner": there_runner, **there},
                              {"runner": runner, **here},
-                             where=os.path.abspath(workdir))
+                             where=workdir)
 
 
 def is_finished(workdir: str, done: Iterable[str]) -> bool:
   """Whether every file of ``done`` (paths relative to ``workdir``) exists."""
-  return all(os.path.exists(os.path.join(workdir, p)) for p in done)
+  return all(epath.Path(workdir, p).exists() for p in done)
 
 
 def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
@@ -138,7 +140,8 @@ def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
   The first thing a runner does, before it writes anything in ``workdir``.
 
   Args:
-    workdir: the run directory (created unless the run is finished).
+    workdir: the run directory (created unless the run is finished): a
+      local directory or any ``etils.epath`` location such as ``gs://...``.
     runner: the runner's module name.
     config: the run's config (see :func:`signature`).
     done: the files (relative to ``workdir``) whose presence means the run
@@ -154,7 +157,7 @@ def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
     sparsejax.checkpoints.CheckpointMismatchError: ``workdir`` holds another
       run (see :func:`check`).
   """
-  workdir = os.path.abspath(workdir)
+  workdir = str(_paths.resolve(workdir))
   done = tuple(done)
   check(workdir, runner, config)
   if done and is_finished(workdir, done):
@@ -162,11 +165,9 @@ def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
     print(f"already finished: {workdir} ({text}); nothing to do", flush=True)
     return True
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    if not os.path.exists(os.path.join(workdir, SIGNATURE_FILE)):
-      path = os.path.join(workdir, SIGNATURE_FILE)
-      with open(path + ".tmp", "w") as f:
-        json.dump(signature(runner, config), f, indent=2, sort_keys=True)
-        f.write("\n")
-      os.replace(path + ".tmp", path)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    path = epath.Path(workdir, SIGNATURE_FILE)
+    if not path.exists():
+      _paths.write_text(path, json.dumps(signature(runner, config), indent=2,
+                                         sort_keys=True) + "\n")
   return False

@@ -21,17 +21,18 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from sparsejax import _paths
 from sparsejax import masks as masks_lib
 
 PyTree = Any
@@ -137,14 +138,15 @@ class Checkpoints:
   :meth:`restore_latest` tries the checkpoints newest first; one that cannot be
   read is reported with a warning naming it, moved (never deleted) into
   ``quarantine_dir`` so that the run can write that step again, and the
-  previous one is tried.
+  previous one is tried. ``directory`` may be any path Orbax accepts (a local
+  directory, ``gs://...``); a relative local one is made absolute.
   """
 
   def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
                quarantine_dir: str | os.PathLike | None = None,
                async_save: bool = True):
-    self.directory = os.path.abspath(os.fspath(directory))
-    self.quarantine_dir = os.path.abspath(os.fspath(
+    self.directory = str(_paths.resolve(directory))
+    self.quarantine_dir = str(_paths.resolve(
         quarantine_dir or self.directory.rstrip("/") + ".unreadable"))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
@@ -165,7 +167,7 @@ class Checkpoints:
 
   def step_dir(self, step: int) -> str:
     """The directory of checkpoint ``step``."""
-    return os.path.join(self.directory, str(step))
+    return str(epath.Path(self.directory) / str(step))
 
   def save(self, step: int, tree: PyTree, meta: dict) -> None:
     """Starts an (asynchronous) save of ``tree`` and ``meta`` as ``step``."""
@@ -190,20 +192,21 @@ class Checkpoints:
 
   def _quarantine(self, step: int) -> str:
     """Moves the directory of ``step`` into :attr:`quarantine_dir`; returns it."""
-    src = self.step_dir(step)
-    dst = os.path.join(self.quarantine_dir, str(step))
+    src = epath.Path(self.step_dir(step))
+    quarantine = epath.Path(self.quarantine_dir)
+    dst = quarantine / str(step)
     k = 1
-    while os.path.exists(dst):
-      dst = os.path.join(self.quarantine_dir, f"{step}.{k}")
+    while dst.exists():
+      dst = quarantine / f"{step}.{k}"
       k += 1
-    if jax.process_index() == 0 and os.path.exists(src):
-      os.makedirs(self.quarantine_dir, exist_ok=True)
-      shutil.move(src, dst)
+    if jax.process_index() == 0 and src.exists():
+      quarantine.mkdir(parents=True, exist_ok=True)
+      src.rename(dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices(f"sparsejax_quarantine_{step}")
     self.manager.reload()
-    return dst
+    return str(dst)
 
   def _mute_failed_restore_noise(self) -> None:
     """Silences the fallout of a failed Orbax restore (see :meth:`restore_latest`).

@@ -54,16 +54,19 @@ The experiment driver is ``python -m experiments.lottery``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _paths
 from sparsejax import masks
 from sparsejax import optim
 from sparsejax import scores
@@ -304,7 +307,7 @@ def _flat_arrays(tree: PyTree, what: str) -> dict[str, np.ndarray]:
 
 def ticket_exists(directory: str | os.PathLike) -> bool:
   """Whether ``directory`` holds a complete ticket (its ``meta.json`` is last)."""
-  return os.path.isfile(os.path.join(os.fspath(directory), TICKET_META))
+  return epath.Path(directory, TICKET_META).is_file()
 
 
 def save_ticket(directory: str | os.PathLike, mask: PyTree,
@@ -326,30 +329,29 @@ def save_ticket(directory: str | os.PathLike, mask: PyTree,
     meta: JSON-serialisable metadata (model, dataset, level, density, ...).
 
   Returns:
-    ``directory`` as an absolute path.
+    ``directory`` as an absolute path (a URI such as ``gs://...``, any
+    ``etils.epath`` location, as given).
 
   Raises:
     ValueError: a mask that does not fit, or params that are not nested dicts.
   """
-  directory = os.path.abspath(os.fspath(directory))
+  directory = str(_paths.resolve(directory))
   masks.check_mask(mask, rewind_params)
   arrays = {f"mask/{p}": x for p, x in _flat_arrays(mask, "mask").items()}
   arrays.update({f"params/{p}": x for p, x in
                  _flat_arrays(rewind_params, "rewind params").items()})
   if jax.process_index() != 0:
     return directory
-  os.makedirs(directory, exist_ok=True)
-  meta_path = os.path.join(directory, TICKET_META)
-  if os.path.exists(meta_path):
-    os.remove(meta_path)
-  arrays_path = os.path.join(directory, TICKET_ARRAYS)
-  with open(arrays_path + ".tmp", "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(arrays_path + ".tmp", arrays_path)
-  with open(meta_path + ".tmp", "w") as f:
-    json.dump(dict(meta or {}), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(meta_path + ".tmp", meta_path)
+  root = epath.Path(directory)
+  root.mkdir(parents=True, exist_ok=True)
+  meta_path = root / TICKET_META
+  if meta_path.exists():
+    meta_path.unlink()
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  _paths.write_bytes(root / TICKET_ARRAYS, buffer.getvalue())
+  _paths.write_text(meta_path, json.dumps(dict(meta or {}), indent=2,
+                                          sort_keys=True) + "\n")
   return directory
 
 
@@ -373,11 +375,11 @@ def load_ticket(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
     raise FileNotFoundError(
         f"no lottery ticket in {directory!r}: {TICKET_META} is missing (write "
         "one with sparsejax.lottery.save_ticket or python -m experiments.lottery)")
-  with np.load(os.path.join(directory, TICKET_ARRAYS)) as z:
+  root = epath.Path(directory)
+  with np.load(io.BytesIO((root / TICKET_ARRAYS).read_bytes())) as z:
     mask = _nest({k[len("mask/"):]: z[k] for k in z.files
                   if k.startswith("mask/")})
     params = _nest({k[len("params/"):]: z[k] for k in z.files
                     if k.startswith("params/")})
-  with open(os.path.join(directory, TICKET_META)) as f:
-    meta = json.load(f)
+  meta = json.loads((root / TICKET_META).read_text())
   return mask, params, meta

@@ -6,6 +6,12 @@ epochs (steps) after it are dropped, and the resumed run writes them again.
 So an interrupted and resumed run ends with exactly the lines of one that
 never stopped, each epoch (step) once, and no checkpoint has to carry the
 history.
+
+The run directory may be any ``etils.epath`` location (``gs://...``). Locally
+a record is appended to its file; on an object store, which cannot append, the
+file is rewritten whole. TensorBoard events go through tensorboardX, which
+writes local directories, ``gs://`` (with ``google-cloud-storage`` installed)
+and ``s3://`` itself; for any other location pass ``tensorboard=False``.
 """
 
 from __future__ import annotations
@@ -15,7 +21,10 @@ import logging
 import os
 from collections.abc import Callable, Iterable
 
+from etils import epath
 import jax
+
+from sparsejax import _paths
 
 logger = logging.getLogger(__name__)
 
@@ -23,13 +32,14 @@ METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """The JSON records of ``path`` (``[]`` if missing); a line that does not
   parse (a write cut short by a crash) is skipped with a warning."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     return []
   records = []
-  with open(path) as f:
+  with path.open() as f:
     for n, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -43,25 +53,30 @@ def read_jsonl(path: str) -> list[dict]:
 class _JsonLines:
   """An append-only JSON-lines file truncated to the records that ``keep``."""
 
-  def __init__(self, path: str, keep: Callable[[dict], bool],
+  def __init__(self, path: epath.Path, keep: Callable[[dict], bool],
                create: bool = True):
-    self.path = path
+    self._path = path
+    self.path = str(path)
     self.active = jax.process_index() == 0
     self.records = [r for r in read_jsonl(path) if keep(r)]
-    if self.active and (create or os.path.exists(path)):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        for record in self.records:
-          f.write(json.dumps(record) + "\n")
-      os.replace(tmp, self.path)
+    if self.active and (create or path.exists()):
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    _paths.write_text(self._path,
+                      "".join(json.dumps(r) + "\n" for r in self.records))
 
   def append(self, records: Iterable[dict]) -> None:
     records = [dict(r) for r in records]
     self.records.extend(records)
-    if self.active and records:
-      with open(self.path, "a") as f:
-        for record in records:
-          f.write(json.dumps(record) + "\n")
+    if not (self.active and records):
+      return
+    if _paths.is_uri(self._path):
+      self._rewrite()
+      return
+    with self._path.open("a") as f:
+      for record in records:
+        f.write(json.dumps(record) + "\n")
 
 
 class MetricsLog:
@@ -74,14 +89,16 @@ class MetricsLog:
   written since.
 
   Args:
-    workdir: the run directory.
+    workdir: the run directory (any ``etils.epath`` location).
     epochs_done: epochs completed by the restored state; 0 starts a new file.
-    tensorboard: also write TensorBoard events to ``workdir/tb``.
+    tensorboard: also write TensorBoard events to ``workdir/tb`` (see the
+      module docstring for the locations tensorboardX can write).
   """
 
-  def __init__(self, workdir: str, epochs_done: int = 0,
+  def __init__(self, workdir: str | os.PathLike, epochs_done: int = 0,
                tensorboard: bool = True):
-    self._file = _JsonLines(os.path.join(workdir, METRICS_FILE),
+    workdir = _paths.resolve(workdir)
+    self._file = _JsonLines(workdir / METRICS_FILE,
                             lambda r: int(r.get("epoch", 0)) <= epochs_done)
     self.path = self._file.path
     kept = [int(r["epoch"]) for r in self._file.records]
@@ -91,7 +108,7 @@ class MetricsLog:
     self.writer = None
     if tensorboard and self._file.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(os.path.join(workdir, "tb"),
+      self.writer = SummaryWriter(str(workdir / "tb"),
                                   purge_step=epochs_done + 1 if epochs_done else None)
 
   @property
@@ -126,8 +143,8 @@ class StepLog:
   with a larger ``step`` are dropped. The file is created by the first write.
   """
 
-  def __init__(self, workdir: str, steps_done: int = 0):
-    self._file = _JsonLines(os.path.join(workdir, STEPS_FILE),
+  def __init__(self, workdir: str | os.PathLike, steps_done: int = 0):
+    self._file = _JsonLines(_paths.resolve(workdir) / STEPS_FILE,
                             lambda r: int(r.get("step", 0)) <= steps_done,
                             create=False)
     self.path = self._file.path

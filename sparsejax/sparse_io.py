@@ -25,7 +25,9 @@ File layout (format version 1, all integers little-endian)::
 A truncated or corrupted file fails the sha256 check and :func:`load` raises
 :class:`SparseFileError` naming the file; it never returns a wrong model.
 Files are written atomically (a temporary file in the same directory, then
-``os.replace``), so an interrupted save leaves any previous file intact.
+``os.replace``), so an interrupted save leaves any previous file intact; a
+path on an object store (``gs://...``, any ``etils.epath`` location) is
+written as one object, which appears only once complete.
 
 Works on any params pytree (Flax linen ``variables``, Flax NNX ``State``,
 plain dicts); leaves are read with ``np.asarray`` (``jax.Array`` on any
@@ -49,10 +51,12 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _paths
 from sparsejax import masks
 
 PyTree = Any
@@ -255,6 +259,13 @@ def save(path: str | os.PathLike, tree: PyTree, mask: PyTree | None = None, *,
   blob, info = encode(tree, mask, prunable=prunable, metadata=metadata,
                       compression=compression)
   path = os.fspath(path)
+  if _paths.is_uri(path):
+    # An object store (gs://...) makes an object visible only once it is
+    # written whole: write it directly.
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(blob)
+    return dataclasses.replace(info, path=path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
@@ -275,8 +286,7 @@ def save(path: str | os.PathLike, tree: PyTree, mask: PyTree | None = None, *,
 def _read(path: str | os.PathLike) -> tuple[dict, bytes]:
   """``(header, stored payload)`` of a verified file."""
   path = os.fspath(path)
-  with open(path, "rb") as f:
-    blob = f.read()
+  blob = epath.Path(path).read_bytes()
   return decode_header(blob, path)
 
 
@@ -390,6 +400,5 @@ def load(path: str | os.PathLike, target: PyTree | None = None
       match ``target`` (naming the paths).
   """
   path = os.fspath(path)
-  with open(path, "rb") as f:
-    blob = f.read()
+  blob = epath.Path(path).read_bytes()
   return decode(blob, target, path)

@@ -67,6 +67,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from etils import epath
 import flax
 import flax.linen as nn
 import jax
@@ -75,6 +76,7 @@ import numpy as np
 import optax
 import tqdm
 
+from sparsejax import _paths
 from sparsejax import checkpoints as ckpt_lib
 from sparsejax.batch_stats import BN_VARIANCE_MODES, recompute_batch_stats  # noqa: F401  (re-exported)
 from sparsejax import data as data_lib
@@ -583,7 +585,8 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
 
   Args:
     config: the run configuration.
-    workdir: run directory.
+    workdir: run directory: a local directory or any path ``etils.epath``
+      and Orbax accept (e.g. ``gs://bucket/run``).
     model: linen module.
     dataset: a :class:`sparsejax.data.Dataset`.
     mask: ``None`` (dense, or ``tx`` holds its own mask), a mask or a callable
@@ -627,9 +630,12 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       structure; a negative ``stop_at_step``; a scalar named like a record
       field.
   """
-  workdir = os.path.abspath(os.fspath(workdir))
-  os.makedirs(workdir, exist_ok=True)
+  workdir = _paths.resolve(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  mesh_lib.assert_same_across_processes(
+      (dataset.train_images, dataset.train_labels, dataset.test_images,
+       dataset.test_labels), what=f"dataset {dataset.name!r}")
   cfg = functools.partial(schedules.config_value, config)
   seed = int(cfg("seed", 0))
   num_epochs = int(cfg("num_epochs"))
@@ -700,7 +706,7 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
         "train state of this model and optimiser (dense or with a mask)")
 
   with contextlib.ExitStack() as cleanup:
-    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"),
+    ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints",
                                  max_to_keep=int(cfg("max_to_keep", 3)),
                                  async_save=bool(cfg("async_checkpointing", True)))
     cleanup.callback(ckpts.close)
@@ -735,7 +741,7 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
       logger.info("Resumed from checkpoint %s (epoch %d, global step %d).",
                   ckpts.step_dir(resumed_from), epochs_done, resumed_from)
     else:
-      if ckpts.all_steps() or os.path.isdir(ckpts.quarantine_dir):
+      if ckpts.all_steps() or epath.Path(ckpts.quarantine_dir).is_dir():
         logger.warning("No readable checkpoint in %s; starting from scratch.",
                        ckpts.directory)
       state = mesh_lib.put_replicated(
