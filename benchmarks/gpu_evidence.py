@@ -27,9 +27,10 @@ so a run cut short still reports everything measured so far. Each line has
 numbers, ``"skipped": reason`` or ``"error": message``. Before a figure starts
 its cost is estimated from the dense step's compile and step times; what
 would not fit in the ``--budget`` seconds left is recorded as
-``"skipped": "budget"``, and a watchdog ends the run at the deadline whatever
-is running, after a last line ``{"figure": "end", "stopped": "budget"}``. In
-order:
+``"skipped": "budget"`` (the figures before the real run also leave it and the
+vmap section the time they need), and a watchdog ends the run at the deadline
+whatever is running, after a last line ``{"figure": "end", "stopped":
+"budget"}`` (``"done"`` when everything ran). In order:
 
 1. ``versions``: jax, jaxlib and library versions, backend, device kind and
    count, CPU name.
@@ -59,9 +60,10 @@ order:
    optimiser state and mask batched, the same batch) against the K runs
    stepped one after another: img/s of each.
 
-``--quick`` runs the same code on a tiny ResNet (one block per stage, 4
-filters) at batch 16 with few steps and a 40 s budget: the test suite's
-check of this script (``tests/test_gpu_evidence.py``). The last line printed
+``--quick`` runs the same code on the CPU in about a minute: a ResNet of one
+4-filter block at batch 16, few steps, a real run of two epochs on 256
+random images, a 120 s budget; the test suite's check of this script
+(``tests/test_gpu_evidence.py``). The last line printed
 is ``masked_vs_dense X.XX  rigl_vs_masked X.XX  jax_vs_torch X.XX
 vmap8_vs_sequential X.XX`` (time ratios, the last one img/s of the vmapped
 program over the sequential runs; ``nan`` where not measured).
@@ -173,8 +175,11 @@ class Evidence:
     self.results: dict[str, dict] = {}
     self.skipped: list[str] = []
     self.current = "start"
+    #: Seconds the later sections need (the real run and the vmapped runs),
+    #: kept free by the figures before them.
+    self.reserve: Callable[[], float] = lambda: 0.0
     self._lock = threading.Lock()
-    self._file = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._file = open(path, "w", encoding="utf-8")  # pylint: disable=consider-using-with
     self._ended = False
     self.write({"section": "run", "figure": "args", **argv_summary})
     watchdog = threading.Thread(target=self._watch, daemon=True)
@@ -202,16 +207,20 @@ class Evidence:
     print(line, flush=True)
 
   def figure(self, section: str, name: str, need: float,
-             fn: Callable[[], dict]) -> dict | None:
+             fn: Callable[[], dict], *, reserve: bool = True) -> dict | None:
     """Runs ``fn() -> {numbers}`` if ``need`` seconds are left; writes its line.
 
-    Returns the numbers, or ``None`` when skipped or failed.
+    With ``reserve``, the seconds :attr:`reserve` says the later sections
+    need are not counted as left. Returns the numbers, or ``None`` when
+    skipped or failed.
     """
     head = {"section": section, "figure": name}
-    if self.left() < need:
+    reserved = self.reserve() if reserve else 0.0
+    if self.left() - reserved < need:
       self.skipped.append(name)
       self.write({**head, "skipped": "budget", "needed_s": round(need, 1),
-                  "left_s": round(self.left(), 1)})
+                  "left_s": round(self.left(), 1),
+                  "reserved_s": round(reserved, 1)})
       return None
     self.current = name
     t0 = time.monotonic()
@@ -288,13 +297,16 @@ class Costs:
     self.compile = sizes.compile_prior
     self.step = sizes.step_prior
     self.timed_steps = sizes.steps * sizes.rounds + 1
+    self.calibrated = False  # the priors until the dense step is measured
 
   def measured(self, compile_s: float, step_s: float) -> None:
     self.compile, self.step = max(compile_s, 0.05), max(step_s, 1e-4)
+    self.calibrated = True
 
-  def of(self, compiles: float, steps: float, fixed: float = 0.0) -> float:
-    """``compiles`` compilations and ``steps`` steps, with 30% slack."""
-    return 1.3 * (compiles * self.compile + steps * self.step) + fixed
+  def of(self, compiles: float, steps: float, fixed: float = 0.0,
+         slack: float = 1.3) -> float:
+    """``compiles`` compilations and ``steps`` steps, times ``slack``."""
+    return slack * (compiles * self.compile + steps * self.step) + fixed
 
 
 # ----------------------------------------------------------------------------
@@ -510,7 +522,8 @@ def torch_figures(ev: Evidence, sizes: Sizes, costs: Costs, args):
       if jax.default_backend() not in ("gpu", "cpu"):
         return {"skipped": f"JAX runs on {jax.default_backend()}, which "
                            "PyTorch cannot share"}
-      timeout = max(1.0, ev.left() - 1.0)
+      # Ends the worker before the time the later sections need.
+      timeout = max(1.0, ev.left() - ev.reserve() - 1.0)
       cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker",
              f"{device},{precision}", "--batch", str(sizes.batch)]
       if args.quick:
@@ -793,11 +806,23 @@ class DeadlineHook(sj.hooks.Hook):
       os.kill(os.getpid(), signal.SIGTERM)
 
 
+def real_run_need(costs: Costs, args, slack: float = 1.3) -> float:
+  """Seconds the real run needs at least: data, SNIP, compilations, and a
+  minute of training (a few seconds with ``--quick``)."""
+  data = 0.0 if args.data is None else (40.0 if not args.quick else 20.0)
+  return costs.of(3, 100, fixed=data + (3.0 if args.quick else 60.0),
+                  slack=slack)
+
+
 def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
-                    reserve: float):
-  """Section 6: ResNet-20, CIFAR-10, SNIP 90%, SPEC §8, until the deadline."""
-  data_est = 0.0 if args.data is None else (40.0 if not args.quick else 20.0)
-  need = costs.of(4, 100, fixed=data_est) + reserve
+                    later: Callable[[float], float]):
+  """Section 6: ResNet-20, CIFAR-10, SNIP 90%, SPEC §8, until the deadline.
+
+  ``later(slack)``: the estimated seconds of the vmap section after it; the
+  run starts if it fits without slack, and trains until the time it needs
+  with slack.
+  """
+  need = real_run_need(costs, args, 1.0) + later(1.0)
 
   def fn():
     t0 = time.monotonic()
@@ -829,6 +854,7 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     # Stop training early enough to save, evaluate and leave the later
     # sections their time.
     final = costs.of(0.5, 0, fixed=2.0)
+    reserve = later(1.3)
     hook = DeadlineHook(ev.deadline - reserve - final)
     t_fit = time.monotonic()
     stop_at = (None if sizes.real_run_epochs is None
@@ -880,7 +906,7 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
       sys.exit(0)
     return out
 
-  ev.figure("real_run", "real_run", need, fn)
+  ev.figure("real_run", "real_run", need, fn, reserve=False)
 
 
 # ----------------------------------------------------------------------------
@@ -959,12 +985,13 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
     return fn
 
   for k in VMAP_KS:
-    ev.figure("vmap", f"vmap_k{k}", vmap_cost(costs, k), one(k))
+    ev.figure("vmap", f"vmap_k{k}", vmap_cost(costs, k), one(k), reserve=False)
 
 
-def vmap_cost(costs: Costs, k: int) -> float:
-  """Estimated seconds of the K-runs figure (compiles, vmapped and in turn)."""
-  return costs.of(1.5 + 0.1 * k, 3 * k * costs.timed_steps)
+def vmap_cost(costs: Costs, k: int, slack: float = 1.3) -> float:
+  """Estimated seconds of the K-runs figure: two compilations (the vmapped
+  step and the single one), the steps vmapped and in turn."""
+  return costs.of(2, 3 * k * costs.timed_steps, slack=slack)
 
 
 # ----------------------------------------------------------------------------
@@ -1022,7 +1049,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True,
                       help="evidence file (.jsonl) or directory")
   parser.add_argument("--budget", type=float, default=None,
-                      help="seconds (default 480; 40 with --quick)")
+                      help="seconds (default 480; 120 with --quick)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny model and steps, for CPU and the tests")
   parser.add_argument("--workdir", default=None,
@@ -1039,7 +1066,7 @@ def main(argv=None) -> None:
                                   sizes.steps, sizes.rounds)))
     return
 
-  budget = args.budget if args.budget is not None else (40.0 if args.quick
+  budget = args.budget if args.budget is not None else (120.0 if args.quick
                                                         else 480.0)
   path = out_path(args.out)
   if args.workdir is None:
@@ -1056,6 +1083,12 @@ def main(argv=None) -> None:
   signal.signal(signal.SIGTERM, external_stop)  # fit installs its own inside
 
   costs = Costs(sizes)
+  vmap_total = lambda slack=1.3: sum(vmap_cost(costs, k, slack) for k in VMAP_KS)
+  # Once the dense step has calibrated the estimates, the figures before the
+  # real run leave it and the vmapped runs their time (estimated without
+  # slack: a reserve too large would skip figures that fit).
+  ev.reserve = lambda: (real_run_need(costs, args, 1.0) + vmap_total(1.0)
+                        if costs.calibrated else 0.0)
   versions(ev)
   mesh = sj.mesh.make_mesh(1)
   data = step_images(sizes, mesh)
@@ -1063,8 +1096,7 @@ def main(argv=None) -> None:
   torch_figures(ev, sizes, costs, args)
   scoring_figures(ev, sizes, costs)
   tost_figures(ev, sizes, costs, mesh, data)
-  reserve = sum(vmap_cost(costs, k) for k in VMAP_KS)
-  real_run_figure(ev, sizes, costs, args, reserve)
+  real_run_figure(ev, sizes, costs, args, vmap_total)
   vmap_figures(ev, sizes, costs, mesh, data)
   ev.end("budget" if ev.skipped else "done")
 
