@@ -60,7 +60,7 @@ whatever is running, after a last line ``{"figure": "end", "stopped":
    optimiser state and mask batched, the same batch) against the K runs
    stepped one after another: img/s of each.
 
-``--quick`` runs the same code on the CPU in about a minute: a ResNet of one
+``--quick`` runs the same code on the CPU in one to two minutes: a ResNet of one
 4-filter block at batch 16, few steps, a real run of two epochs on 256
 random images, a 120 s budget; the test suite's check of this script
 (``tests/test_gpu_evidence.py``). The last line printed
@@ -239,13 +239,17 @@ class Evidence:
     self.results[name] = numbers
     return numbers
 
-  def end(self, stopped: str) -> None:
-    """Writes the ``end`` line and prints the summary line (once)."""
+  def end(self, stopped: str, during: str | None = None) -> None:
+    """Writes the ``end`` line and prints the summary line (once).
+
+    ``stopped``: ``"done"``, ``"budget"`` (figures skipped, or the deadline)
+    or a signal's name; ``during``: the figure cut short, if one was.
+    """
     with self._lock:
       if self._ended:
         return
       self._write({"section": "end", "figure": "end", "stopped": stopped,
-                   "during": None if stopped == "done" else self.current,
+                   "during": during,
                    "skipped_for_budget": self.skipped,
                    "elapsed_s": round(self.elapsed(), 2),
                    "budget_s": self.budget})
@@ -260,7 +264,7 @@ class Evidence:
         break
       time.sleep(min(left, 0.25))
     if not self._ended:
-      self.end("budget")
+      self.end("budget", during=self.current)
       os._exit(0)  # pylint: disable=protected-access
 
 
@@ -550,10 +554,12 @@ def torch_figures(ev: Evidence, sizes: Sizes, costs: Costs, args):
     return fn
 
   need = costs.of(0, 3 * costs.timed_steps, fixed=15.0 if not args.quick else 5.0)
-  ev.figure("pytorch", "torch_f32", need if torch_version else 0.0,
-            one("f32", "dense"))
-  ev.figure("pytorch", "torch_bf16", need if torch_version else 0.0,
-            one("bf16", "bf16"))
+  for name, precision, jax_figure in (("torch_f32", "f32", "dense"),
+                                      ("torch_bf16", "bf16", "bf16")):
+    if torch_version is None:  # says so whatever the time left
+      ev.figure("pytorch", name, 0.0, one(precision, jax_figure), reserve=False)
+    else:
+      ev.figure("pytorch", name, need, one(precision, jax_figure))
 
 
 # ----------------------------------------------------------------------------
@@ -773,6 +779,28 @@ def load_data(data: str | None, sizes: Sizes) -> tuple[sj.data.Dataset, str]:
   raise FileNotFoundError(f"--data {data}: no such file or directory")
 
 
+def in_background(fn: Callable, *args) -> futures.Future:
+  """``fn(*args)`` on a daemon thread (the process does not wait for it at
+  exit): its future."""
+  future = futures.Future()
+
+  def target():
+    try:
+      future.set_result(fn(*args))
+    except BaseException as e:  # pylint: disable=broad-except
+      future.set_exception(e)
+
+  threading.Thread(target=target, daemon=True).start()
+  return future
+
+
+def timed_load(data: str | None, sizes: Sizes) -> tuple[sj.data.Dataset, str, float]:
+  """:func:`load_data` and its seconds."""
+  t0 = time.monotonic()
+  dataset, source = load_data(data, sizes)
+  return dataset, source, time.monotonic() - t0
+
+
 # ----------------------------------------------------------------------------
 # The real run
 # ----------------------------------------------------------------------------
@@ -807,9 +835,11 @@ class DeadlineHook(sj.hooks.Hook):
 
 
 def real_run_need(costs: Costs, args, slack: float = 1.3) -> float:
-  """Seconds the real run needs at least: data, SNIP, compilations, and a
-  minute of training (a few seconds with ``--quick``)."""
-  data = 0.0 if args.data is None else (40.0 if not args.quick else 20.0)
+  """Seconds the real run needs at least: the data (while still loading),
+  SNIP, compilations, and a minute of training (a few seconds with
+  ``--quick``)."""
+  loading = args.data is not None and not args.data_future.done()
+  data = 30.0 if loading else 0.0
   return costs.of(3, 100, fixed=data + (3.0 if args.quick else 60.0),
                   slack=slack)
 
@@ -826,8 +856,8 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
 
   def fn():
     t0 = time.monotonic()
-    dataset, source = load_data(args.data, sizes)
-    load_s = time.monotonic() - t0
+    dataset, source, load_s = args.data_future.result()
+    wait_s = time.monotonic() - t0
     model = sj.models.get("resnet20", dataset.num_classes, **sizes.model_kwargs)
     mesh = sj.mesh.make_mesh(1)
     config = dict(SPEC8_CONFIG, tensorboard=False, progress_bar=False,
@@ -872,6 +902,7 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
            "schedule": "SPEC §8: SGD momentum 0.9, lr 0.1 x0.1 at 80, 120; "
                        "wd 1e-4; crop+flip",
            "workdir": args.workdir, "data_load_s": round(load_s, 2),
+           "data_wait_s": round(wait_s, 2),
            "snip_s": round(snip_s, 2), "fit_s": round(fit_s, 2),
            "resumed_from": result.resumed_from, "step": step,
            "epochs_done": round(step / spe, 3),
@@ -902,7 +933,7 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
       out["test_accuracy_now"] = history[-1].get("test_accuracy")
     if result.preempted and not hook.sent:
       ev.write({"section": "real_run", "figure": "real_run", **out})
-      ev.end("SIGTERM")
+      ev.end("SIGTERM", during="real_run")
       sys.exit(0)
     return out
 
@@ -1077,18 +1108,27 @@ def main(argv=None) -> None:
 
   def external_stop(signum, frame):
     del frame
-    ev.end(signal.Signals(signum).name)
+    ev.end(signal.Signals(signum).name, during=ev.current)
     os._exit(0)  # pylint: disable=protected-access
 
   signal.signal(signal.SIGTERM, external_stop)  # fit installs its own inside
 
+  # The real run's data loads (a JPEG archive decodes) while the figures
+  # before it are measured.
+  args.data_future = in_background(timed_load, args.data, sizes)
   costs = Costs(sizes)
   vmap_total = lambda slack=1.3: sum(vmap_cost(costs, k, slack) for k in VMAP_KS)
-  # Once the dense step has calibrated the estimates, the figures before the
-  # real run leave it and the vmapped runs their time (estimated without
-  # slack: a reserve too large would skip figures that fit).
-  ev.reserve = lambda: (real_run_need(costs, args, 1.0) + vmap_total(1.0)
-                        if costs.calibrated else 0.0)
+  def reserve() -> float:
+    """Once the dense step has calibrated the estimates, the figures before
+    the real run leave it and the vmapped runs their time (estimated without
+    slack: a reserve too large would skip figures that fit); a real run that
+    no longer fits is not protected."""
+    if not costs.calibrated:
+      return 0.0
+    later = real_run_need(costs, args, 1.0) + vmap_total(1.0)
+    return later if ev.left() >= later else vmap_total(1.0)
+
+  ev.reserve = reserve
   versions(ev)
   mesh = sj.mesh.make_mesh(1)
   data = step_images(sizes, mesh)
