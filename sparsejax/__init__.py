@@ -32,14 +32,19 @@ Submodules:
   sparse_io: compressed sparse model files (kept values + bit-packed mask).
   sparse_inference: evaluate a pruned linen model with BCOO sparse kernels.
 
+sparsejax is tested with the JAX versions of ``sparsejax/_jax_range.py``
+(the range pyproject.toml pins); imported under another JAX it warns once.
+
 Importing sparsejax appends XLA:CPU options that make convolution training
 several times faster on some CPUs to ``XLA_FLAGS`` (never overriding the
 user's own; ``SPARSEJAX_XLA_CPU_DEFAULTS=0`` turns this off). Import it before
 running any JAX computation; see ``sparsejax/_xla_cpu.py``.
 """
 
+from sparsejax import _jax_range
 from sparsejax import _xla_cpu
 
+_jax_range.warn_if_untested()
 _xla_cpu.apply()  # before any submodule can start a JAX backend
 
 from sparsejax import checkpoints

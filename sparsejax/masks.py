@@ -523,9 +523,10 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
 
   A radix select finds the k-th largest value bit by bit from the most
   significant one (32 or 64 count passes over the scores, ``O(N)`` each, no
-  sort); every score above it is kept, and of the scores equal to it the ones
-  of lowest flat index fill the remaining places. So the count is exact, never
-  a ``>=`` threshold whose ties change it.
+  sort; a ``lax.fori_loop``, so the compiled program holds one pass whatever
+  the bit width); every score above it is kept, and of the scores equal to it
+  the ones of lowest flat index fill the remaining places. So the count is
+  exact, never a ``>=`` threshold whose ties change it.
 
   Example::
 
@@ -538,11 +539,17 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
   keys = sortable_bits(flat_scores)
   utype = keys.dtype
   k = jnp.asarray(k, jnp.int32)
-  threshold = jnp.zeros((), utype)
-  for bit in reversed(range(8 * jnp.dtype(utype).itemsize)):
+  bits = 8 * jnp.dtype(utype).itemsize
+
+  def radix_pass(i, threshold):
+    bit = (bits - 1 - i).astype(utype)
     candidate = threshold | (jnp.array(1, utype) << bit)
     enough = jnp.sum(keys >= candidate, dtype=jnp.int32) >= k
-    threshold = jnp.where(enough, candidate, threshold)
+    return jnp.where(enough, candidate, threshold)
+
+  # A loop, not 32 or 64 unrolled passes: a DST step selects twice in every
+  # layer, and unrolled it compiled several times slower than the static step.
+  threshold = jax.lax.fori_loop(0, bits, radix_pass, jnp.zeros((), utype))
   above = keys > threshold
   need = k - jnp.sum(above, dtype=jnp.int32)
   at = keys == threshold

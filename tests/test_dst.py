@@ -460,3 +460,50 @@ def test_out_of_range_arguments_are_refused_where_given(build, match):
   mask = {"w": jnp.ones((4, 4), bool)}
   with pytest.raises(ValueError, match=match):
     build(optax.sgd(0.1), mask)
+
+
+# Issue #24: a DST step that compiles about as cheaply as the static one.
+
+
+def test_same_shape_layers_update_together_as_each_alone():
+  k = jax.random.split(jax.random.key(3), 6)
+  params = {f"d{i}": {"kernel": jax.random.normal(k[i], (12, 8))} for i in range(3)}
+  params["head"] = {"kernel": jax.random.normal(k[3], (8, 4))}
+  grads = jax.tree.map(lambda p: jax.random.normal(k[4], p.shape), params)
+  mask = dst.random_mask(k[5], params, 0.7)
+  rule = dst.drop_and_grow_rule(0.3)
+  got = jax.jit(rule)(mask, params, grads, k[0], 0)
+  for name in params:
+    expect, _ = dst.drop_and_grow(mask[name]["kernel"], params[name]["kernel"],
+                                  jnp.abs(grads[name]["kernel"]), 0.3)
+    np.testing.assert_array_equal(got[name]["kernel"], expect)
+
+
+def test_rigl_step_does_not_grow_with_the_number_of_same_shape_layers():
+  # Each selection is one loop, and same-shape layers share one vmapped
+  # drop-and-grow: a layer adds to RigL's program beyond the static step's
+  # only its share of the per-leaf bookkeeping (~20 lines), not two more
+  # radix selections (~200 lines looped, thousands unrolled).
+  def excess(depth):
+    params = {f"d{i}": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}
+              for i in range(depth)}
+    mask = dst.random_mask(jax.random.key(0), params, 0.8)
+
+    def size(tx):
+      def step(p, state, x):
+        def loss(q):
+          h = x
+          for i in range(depth):
+            h = jnp.tanh(h @ q[f"d{i}"]["kernel"] + q[f"d{i}"]["bias"])
+          return jnp.sum(h ** 2)
+        updates, state = tx.update(jax.grad(loss)(p), state, p)
+        return optax.apply_updates(p, updates), state
+      lowered = jax.jit(step).lower(params, tx.init(params), jnp.ones((8, 16)))
+      return len(lowered.as_text().splitlines())
+
+    inner = optax.sgd(0.1, momentum=0.9)
+    return (size(dst.rigl(inner, mask, end_step=1000, update_every=10))
+            - size(optim.masked(inner, mask)))
+
+  two, six = excess(2), excess(6)
+  assert six - two <= 4 * 40, (two, six)

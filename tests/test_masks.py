@@ -314,3 +314,36 @@ def test_apply_with_a_mask_of_another_structure_is_one_clear_error():
   with pytest.raises(ValueError, match=r"mask leaf 'dense/kernel' has shape \(2, 3\)"):
     masks.apply(params, {"dense": {"kernel": jnp.ones((2, 3), bool),
                                    "bias": jnp.ones(2, bool)}})
+
+
+# Issue #24: the radix select is a loop, exact in every float dtype.
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_keep_top_is_exact_in_every_float_dtype(dtype):
+  rng = np.random.default_rng(1)
+  with jax.enable_x64(dtype == "float64"):
+    for trial in range(12):
+      n = int(rng.integers(1, 300))
+      x = rng.integers(-3, 4, n).astype(np.float64) * rng.choice([1.0, 0.5, 1e-3])
+      x[rng.integers(0, n)] = [-0.0, np.nan, -np.inf, np.inf][trial % 4]
+      x = np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
+      k = int(rng.integers(0, n + 1))
+      got = np.asarray(masks.keep_top(jnp.asarray(x, dtype), k))
+      ranked = np.where(np.isnan(x), -np.inf, x) + 0.0  # NaN lowest, -0.0 == 0.0
+      expect = np.zeros(n, bool)
+      expect[np.argsort(-ranked, kind="stable")[:k]] = True
+      np.testing.assert_array_equal(got, expect)
+      assert got.sum() == k
+
+
+def test_keep_top_lowers_to_one_radix_pass_whatever_the_bit_width():
+  # 32 or 64 unrolled passes made a DST step (two selections per layer)
+  # compile several times slower than the static step; the loop holds one.
+  def size(dtype):
+    with jax.enable_x64(True):
+      lowered = jax.jit(masks.keep_top).lower(jnp.zeros(1000, dtype), 10)
+    return len(lowered.as_text().splitlines())
+
+  assert size(jnp.float64) <= size(jnp.float32) + 5
+  assert size(jnp.float32) < 200
