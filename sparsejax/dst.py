@@ -61,6 +61,7 @@ from typing import Any, Callable, NamedTuple, Union
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax import _checks
@@ -226,16 +227,43 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
     growth_scores: float array, higher grows first (same shape).
     fraction: drop fraction in [0, 1] (may be traced).
   """
-  shape = mask.shape
-  m = jnp.ravel(mask)
-  n_active = jnp.sum(m, dtype=jnp.int32)
+  new, grown = drop_and_grow_layers([mask], [weights], [growth_scores], fraction)
+  return new[0], grown[0]
+
+
+def drop_and_grow_layers(layer_masks: Sequence[jax.Array],
+                         weights: Sequence[jax.Array],
+                         growth_scores: Sequence[jax.Array], fraction
+                         ) -> tuple[list[jax.Array], list[jax.Array]]:
+  """:func:`drop_and_grow` on every layer at once; returns ``(new, grown)`` lists.
+
+  Each layer gets exactly what :func:`drop_and_grow` gives it alone; the
+  layers are flattened and laid end to end, so the drop and the growth are
+  one :func:`sparsejax.masks.keep_top_in_segments` each, whatever the number
+  of layers (a step compiles two selection loops, not two per layer).
+
+  Args:
+    layer_masks, weights, growth_scores: one array per layer (same shapes
+      layer by layer).
+    fraction: drop fraction in [0, 1] (may be traced).
+  """
+  shapes = [jnp.shape(m) for m in layer_masks]
+  sizes = [math.prod(shape) for shape in shapes]
+  flat = lambda xs: jnp.concatenate([jnp.ravel(x) for x in xs])
+  m = flat(layer_masks)
+  n_active = jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in layer_masks])
   k = drop_count(fraction, n_active)
-  magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
-  kept = masks.keep_top(jnp.where(m, magnitude, -jnp.inf), n_active - k)
-  grow = jnp.ravel(growth_scores).astype(jnp.float32)
+  magnitude = jnp.abs(flat([jnp.asarray(w, jnp.float32) for w in weights]))
+  kept = masks.keep_top_in_segments(jnp.where(m, magnitude, -jnp.inf),
+                                    n_active - k, sizes)
+  grow = flat([jnp.asarray(g, jnp.float32) for g in growth_scores])
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
-  new = kept | masks.keep_top(jnp.where(kept, -jnp.inf, grow), k)
-  return new.reshape(shape), (new & ~m).reshape(shape)
+  new = kept | masks.keep_top_in_segments(jnp.where(kept, -jnp.inf, grow), k,
+                                          sizes)
+  offsets = np.cumsum([0] + sizes)
+  split = lambda x: [x[a:b].reshape(shape)
+                     for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)]
+  return split(new), split(new & ~m)
 
 
 def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
@@ -528,12 +556,25 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
                             if flag else g),
         flags, params, grads)
 
-    def layer(m, p, s):
-      if group is not None and p.ndim >= 2 and p.shape[-2] % group == 0:
-        return drop_and_grow_nm(m, p, s, f, group)[0]
-      return drop_and_grow(m, p, s, f)[0]
+    def nm_layer(m, p, s):
+      return drop_and_grow_nm(m, p, s, f, group)[0]
 
-    return _per_prunable_layer(layer, mask, params, scores, prunable=flags)
+    in_groups = jax.tree.map(
+        lambda flag, p: bool(flag) and group is not None and p.ndim >= 2
+        and p.shape[-2] % group == 0, flags, params)
+    out = _per_prunable_layer(nm_layer, mask, params, scores, prunable=in_groups)
+    # Every other prunable layer: one drop and one growth selection for all.
+    rest = [i for i, (f_, g_) in enumerate(zip(jax.tree.leaves(flags),
+                                               jax.tree.leaves(in_groups)))
+            if f_ and not g_]
+    if rest:
+      leaves, treedef = jax.tree.flatten(out)
+      pick = lambda tree: [jax.tree.leaves(tree)[i] for i in rest]
+      new, _ = drop_and_grow_layers(pick(mask), pick(params), pick(scores), f)
+      for i, x in zip(rest, new):
+        leaves[i] = x
+      out = jax.tree.unflatten(treedef, leaves)
+    return out
 
   return rule
 

@@ -536,24 +536,74 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
     >>> masks.keep_top(scores, 3)  # 2.0, 1.0 and the first of the tied 0.5s
     Array([ True,  True, False,  True, False], dtype=bool)
   """
+  return keep_top_in_segments(flat_scores, jnp.reshape(k, (1,)),
+                              (jnp.shape(flat_scores)[0],))
+
+
+def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
+                         ) -> jax.Array:
+  """:func:`keep_top` in each of several contiguous segments, in one pass.
+
+  The scores of several pools laid end to end (``sizes[0]`` entries, then
+  ``sizes[1]``, ...), e.g. the layers of a network flattened and
+  concatenated: segment ``j`` keeps exactly its ``k[j]`` highest scores,
+  ties to the lower index, as :func:`keep_top` on it alone would. One radix
+  select serves every segment (per-segment counts by
+  ``jax.ops.segment_sum``), so a dynamic-sparse-training step compiles one
+  selection loop for all its layers, not one per layer.
+
+  >>> import jax.numpy as jnp
+  >>> from sparsejax import masks
+  >>> scores = jnp.array([0.5, 2.0, 0.5, 3.0, 1.0])   # segments [0:3], [3:5]
+  >>> masks.keep_top_in_segments(scores, jnp.array([2, 1]), (3, 2))
+  Array([ True,  True, False,  True, False], dtype=bool)
+
+  Args:
+    flat_scores: float scores ``[N]``, ``N = sum(sizes)``.
+    k: int32 ``[len(sizes)]``, each in ``[0, sizes[j]]`` (may be traced).
+    sizes: the static segment sizes.
+
+  Returns:
+    bool ``[N]``.
+  """
+  sizes = tuple(int(n) for n in sizes)
+  num = len(sizes)
   keys = sortable_bits(flat_scores)
   utype = keys.dtype
-  k = jnp.asarray(k, jnp.int32)
+  k = jnp.asarray(k, jnp.int32).reshape(num)
   bits = 8 * jnp.dtype(utype).itemsize
+  if num == 1:
+    spread = lambda per_segment: per_segment[0]
+    count = lambda flags: jnp.sum(flags, dtype=jnp.int32).reshape(1)
+  else:
+    # Segment ids from broadcasts (no N-sized constant in the program).
+    seg = jnp.concatenate([jnp.full((n,), j, jnp.int32)
+                           for j, n in enumerate(sizes)])
+    spread = lambda per_segment: per_segment[seg]
+    count = lambda flags: jax.ops.segment_sum(
+        flags.astype(jnp.int32), seg, num_segments=num, indices_are_sorted=True)
 
   def radix_pass(i, threshold):
     bit = (bits - 1 - i).astype(utype)
     candidate = threshold | (jnp.array(1, utype) << bit)
-    enough = jnp.sum(keys >= candidate, dtype=jnp.int32) >= k
+    enough = count(keys >= spread(candidate)) >= k
     return jnp.where(enough, candidate, threshold)
 
   # A loop, not 32 or 64 unrolled passes: a DST step selects twice in every
   # layer, and unrolled it compiled several times slower than the static step.
-  threshold = jax.lax.fori_loop(0, bits, radix_pass, jnp.zeros((), utype))
+  threshold = spread(jax.lax.fori_loop(0, bits, radix_pass,
+                                       jnp.zeros((num,), utype)))
   above = keys > threshold
-  need = k - jnp.sum(above, dtype=jnp.int32)
+  need = k - count(above)
   at = keys == threshold
-  return above | (at & (jnp.cumsum(at, dtype=jnp.int32) <= need))
+  # Rank of each tie within its segment: the running count minus the count
+  # before the segment's first entry.
+  ties = jnp.cumsum(at, dtype=jnp.int32)
+  starts = np.cumsum((0,) + sizes[:-1])
+  before = jnp.zeros((1,), jnp.int32)
+  if num > 1:
+    before = jnp.concatenate([before, ties[starts[1:] - 1]])
+  return above | (at & (ties - spread(before) <= spread(need)))
 
 
 def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",

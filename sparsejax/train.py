@@ -31,8 +31,10 @@ On N devices XLA inserts the gradient all-reduce and batch norm in training
 mode uses the global batch, so an N-device step equals the one-device step up
 to float summation order. Multi-host: call ``jax.distributed.initialize()``
 first and build the mesh over ``jax.devices()``; a preemption stop is agreed on
-through ``CheckpointManager.reached_preemption``. Only the single-process path
-is tested.
+through ``CheckpointManager.reached_preemption``; ``fit`` checks at start-up
+that every process loaded the same dataset. The suite tests two local
+processes of two CPU devices each, on a contiguous and on an interleaved
+device order (``tests/test_multihost.py``).
 
 Resume determinism. Nothing in a step depends on host state: the batch is
 ``batch_indices(epoch_permutation(seed, epoch, n), step_in_epoch, batch_size)``,
