@@ -17,7 +17,9 @@ def sortable_bits(scores: jax.Array) -> jax.Array:
 
   float64 scores give ``uint64`` keys, every other float dtype ``uint32``.
   """
-  x = jnp.where(jnp.isnan(scores), -jnp.inf, scores) + 0.0
+  x = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+  # -0.0 -> +0.0 by a select: XLA simplifies ``x + 0.0`` to ``x`` under jit.
+  x = jnp.where(x == 0, jnp.zeros((), x.dtype), x)
   utype = jnp.uint64 if x.dtype == jnp.float64 else jnp.uint32
   x = x.astype(jnp.float64 if utype == jnp.uint64 else jnp.float32)
   bits = jax.lax.bitcast_convert_type(x, utype)

@@ -507,3 +507,16 @@ def test_rigl_step_does_not_grow_with_the_number_of_same_shape_layers():
 
   two, six = excess(2), excess(6)
   assert six - two <= 4 * 40, (two, six)
+
+
+def test_drop_and_grow_layers_is_drop_and_grow_on_each_layer():
+  rng = np.random.default_rng(5)
+  shapes = [(3, 4), (2, 2, 3, 5), (6,), (3, 4)]
+  layer_masks = [jnp.asarray(rng.random(s) < 0.5) for s in shapes]
+  weights = [jnp.asarray(rng.integers(-3, 4, s), jnp.float32) for s in shapes]
+  grow = [jnp.asarray(rng.integers(0, 3, s), jnp.float32) for s in shapes]
+  new, grown = dst.drop_and_grow_layers(layer_masks, weights, grow, 0.5)
+  for m, w, g, n, gr in zip(layer_masks, weights, grow, new, grown):
+    want_new, want_grown = dst.drop_and_grow(m, w, g, 0.5)
+    np.testing.assert_array_equal(n, want_new)
+    np.testing.assert_array_equal(gr, want_grown)

@@ -347,3 +347,20 @@ def test_keep_top_lowers_to_one_radix_pass_whatever_the_bit_width():
 
   assert size(jnp.float64) <= size(jnp.float32) + 5
   assert size(jnp.float32) < 200
+
+
+def test_keep_top_in_segments_is_keep_top_on_each_segment():
+  rng = np.random.default_rng(3)
+  sizes = (7, 1, 30, 12, 30)
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    # Few distinct values: many ties, which must go to the lower index.
+    scores = jnp.asarray(rng.integers(0, 4, sum(sizes)), dtype)
+    scores = scores.at[5].set(jnp.nan).at[40].set(-0.0)
+    k = np.array([rng.integers(0, n + 1) for n in sizes], np.int32)
+    got = jax.jit(masks.keep_top_in_segments, static_argnums=2)(scores, k, sizes)
+    start = 0
+    for n, kj in zip(sizes, k):
+      np.testing.assert_array_equal(got[start:start + n],
+                                    masks.keep_top(scores[start:start + n], kj))
+      assert int(got[start:start + n].sum()) == kj
+      start += n
