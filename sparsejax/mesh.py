@@ -104,8 +104,13 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def _from_host(x, sharding: NamedSharding) -> jax.Array:
-  """``x`` (the whole array, on every process) placed with ``sharding``."""
+  """``x`` (the whole array, on every process) placed with ``sharding``.
+
+  In JAX's canonical dtype (int64 becomes int32 unless x64 is on), as
+  ``jax.device_put`` would give it.
+  """
   x = np.asarray(x)
+  x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index],
                                       dtype=x.dtype)
 
