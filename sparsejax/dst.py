@@ -255,11 +255,11 @@ def drop_and_grow_layers(layer_masks: Sequence[jax.Array],
   k = drop_count(fraction, n_active)
   magnitude = jnp.abs(flat([jnp.asarray(w, jnp.float32) for w in weights]))
   kept = masks.keep_top_in_segments(jnp.where(m, magnitude, -jnp.inf),
-                                    n_active - k, sizes)
+                                    n_active - k, sizes=tuple(sizes))
   grow = flat([jnp.asarray(g, jnp.float32) for g in growth_scores])
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
   new = kept | masks.keep_top_in_segments(jnp.where(kept, -jnp.inf, grow), k,
-                                          sizes)
+                                          sizes=tuple(sizes))
   offsets = np.cumsum([0] + sizes)
   split = lambda x: [x[a:b].reshape(shape)
                      for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)]

@@ -44,6 +44,7 @@ masks keep them dense and budgets and summaries do not count them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -537,9 +538,10 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
     Array([ True,  True, False,  True, False], dtype=bool)
   """
   return keep_top_in_segments(flat_scores, jnp.reshape(k, (1,)),
-                              (jnp.shape(flat_scores)[0],))
+                              sizes=(jnp.shape(flat_scores)[0],))
 
 
+@functools.partial(jax.jit, static_argnames="sizes")
 def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
                          ) -> jax.Array:
   """:func:`keep_top` in each of several contiguous segments, in one pass.
@@ -550,7 +552,8 @@ def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
   ties to the lower index, as :func:`keep_top` on it alone would. One radix
   select serves every segment (per-segment counts by
   ``jax.ops.segment_sum``), so a dynamic-sparse-training step compiles one
-  selection loop for all its layers, not one per layer.
+  selection loop for all its layers, not one per layer. Jitted (``sizes``
+  static): a call outside ``jit`` compiles once per shape and dtype.
 
   >>> import jax.numpy as jnp
   >>> from sparsejax import masks
