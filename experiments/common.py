@@ -393,6 +393,40 @@ def _check_tost(config: ml_collections.ConfigDict) -> None:
                      "set: use config.tost_label_smoothing")
 
 
+def check_dst_schedule(config: ml_collections.ConfigDict,
+                       steps_per_epoch: int) -> None:
+  """Refuses a DST schedule under which no mask update would run.
+
+  The steps are known only with the data: SET/RigL update every
+  ``dst_update_every`` steps from that step on, until ``dst_end`` of
+  training; GraNet regrows from the first step of ``dst_prune_epochs`` until
+  ``dst_end``. (The library refuses the same, naming its own arguments.)
+
+  Raises:
+    ValueError: naming the config fields, their values and the steps.
+  """
+  method = config.get("dst", "none")
+  if method == "none":
+    return
+  total = int(config.num_epochs) * steps_per_epoch
+  end = round(float(config.dst_end) * total)
+  every = int(config.dst_update_every)
+  if method in ("set", "rigl") and end <= every:
+    raise ValueError(
+        f"config.dst_update_every={every} leaves no mask update before "
+        f"config.dst_end={config.dst_end} of training (step {end} of {total}, "
+        f"{steps_per_epoch} per epoch): set config.dst_update_every below {end} "
+        "or train longer")
+  if method == "granet":
+    start = _epoch_step(float(config.dst_prune_epochs[0]), int(config.num_epochs),
+                        steps_per_epoch)
+    if end <= start:
+      raise ValueError(
+          f"config.dst_end={config.dst_end} (step {end} of {total}) is not after "
+          f"the start of config.dst_prune_epochs={tuple(config.dst_prune_epochs)} "
+          f"(step {start}): GraNet would never regrow; set config.dst_end later")
+
+
 def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
   """A point of training given in epochs (>= 1) or as a fraction (< 1), in steps."""
   epochs = value * num_epochs if 0 < value < 1 else value
@@ -710,11 +744,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config = resolve_config(config)
   workdir = str(_paths.resolve(workdir))
+  # Everything that needs the data is checked before the claim writes run.json,
+  # so a refused config leaves the workdir as it was (and free for the fix).
+  workdir_lib.check(workdir, runner, config)
+  if not workdir_lib.is_finished(workdir, (workdir_lib.RESULTS_FILE,)):
+    dataset = load_dataset(config) if dataset is None else dataset
+    check_dst_schedule(config, schedules.steps_per_epoch(dataset.num_train,
+                                                         config.batch_size))
   if workdir_lib.claim(workdir, runner, config):
     return finished_result(workdir)
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  dataset = load_dataset(config) if dataset is None else dataset
   spe = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
   act_coef = act_coef_schedule(config, spe)
   kwargs = model_kwargs(config)

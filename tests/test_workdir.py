@@ -208,3 +208,15 @@ def test_a_finished_sweep_rerun_does_nothing(tmp_path, capsys):
   (workdir / "results.md").unlink()
   sweep.run(_one_cell_sweep(), str(workdir), report_only=True)
   assert (workdir / "results.md").read_text() == first["table"] + "\n"
+
+
+def test_a_dst_schedule_without_any_mask_update_is_refused_before_the_claim(tmp_path):
+  # One epoch of 5 steps: RigL's first update at step 100 would never come
+  # (before, the run trained a fixed mask and reported it as RigL).
+  workdir = tmp_path / "w"
+  with pytest.raises(ValueError, match=r"config.dst_update_every=100 leaves no mask "
+                     r"update before config.dst_end=0.75 of training \(step 4 of 5"):
+    exp_train.run(digits_config(dst="rigl"), str(workdir))
+  assert not workdir.exists()  # nothing written: the fixed config may use it
+  result = exp_train.run(digits_config(dst="rigl", dst_update_every=2), str(workdir))
+  assert not result.preempted and (workdir / "results.json").exists()
