@@ -1,8 +1,10 @@
 """sparsejax: sparse neural-network training in JAX.
 
 Submodules:
-  masks: pytree masks, prunability, exact sparsity budgets (global/uniform/ERK).
-  nm: N:M ("2:4") budgets, exactly N kept in every group of M input weights.
+  budgets: sparsity budgets as objects (Global, Uniform, ERK, ER, NM(n, m),
+    per-layer overrides) and ``parse`` for command-line names.
+  masks: pytree masks, prunability, exact top-k under a budget, random masks.
+  nm: N:M masks (``budgets.NM(2, 4)``): checks and the group helpers.
   optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
   data: dataset loaders and the on-device input pipeline.
@@ -47,6 +49,7 @@ from sparsejax import _xla_cpu
 _jax_range.warn_if_untested()
 _xla_cpu.apply()  # before any submodule can start a JAX backend
 
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import diagnostics
@@ -71,7 +74,7 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
+__all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "nm", "optim",
            "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
            "tost", "train"]

@@ -35,8 +35,8 @@ Usage with RigL (``E = 250``, ``M = 3``, ``C = 8``)::
       0.1, {plan.dst_steps // 2: 0.1, 3 * plan.dst_steps // 4: 0.1})
   inner = optax.chain(optax.add_decayed_weights(5e-4),
                       optax.sgd(plan.learning_rate(base_lr), momentum=0.9))
-  tx = sj.dst.rigl(inner, mask, end_step=int(0.75 * plan.dst_steps),
-                   extra_updates=plan.mask_updates())
+  tx = sj.dst.rigl_optimizer(inner, mask, end_step=int(0.75 * plan.dst_steps),
+                             extra_updates=plan.mask_updates())
   result = sj.train.fit(config, workdir, model=model, dataset=ds, tx=tx,
                         hooks=[sj.suptickets.Superpose(plan)])
   sup = result.hook_states["suptickets"]   # params, batch_stats, mask, ...
@@ -215,8 +215,9 @@ class Plan:
     At :attr:`cycle_start_steps` every prunable layer drops ``⌊fraction ·
     n_active⌋`` weights by magnitude and grows as many by dense gradient
     magnitude (:func:`sparsejax.dst.drop_and_grow_rule`). Pass the result
-    as ``extra_updates`` of :func:`sparsejax.dst.rigl` (``set``, ``gmp``,
-    ``granet``, ``dynamic_sparse``) whose periodic updates end within the
+    as ``extra_updates`` of :func:`sparsejax.dst.rigl_optimizer`
+    (``set_optimizer``, ``gmp_optimizer``, ``granet_optimizer``,
+    ``dynamic_sparse``) whose periodic updates end within the
     DST phase (``end_step`` / ``regrow_end_step <= dst_steps``): then no
     periodic update happens after it.
 
