@@ -54,7 +54,7 @@ def main():
   y = jax.random.randint(key, (args.batch,), 0, 10)
   variables = model.init(key, x[:1], train=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  mask = sj.dst.random_mask(key, params, args.sparsity, budget="erk")
+  mask = sj.masks.random_mask(key, params, args.sparsity, budget=sj.budgets.ERK())
   params = sj.masks.apply(params, mask)
 
   def inner():
@@ -64,10 +64,10 @@ def main():
   txs = {
       "static": sj.optim.masked(inner(), mask),
       # start_step far away: every timed step takes the no-update branch.
-      "rigl": sj.dst.rigl(inner(), mask, end_step=10**9, update_every=100,
-                          start_step=10**8),
-      "update": sj.dst.rigl(inner(), mask, end_step=10**9, update_every=1,
-                            start_step=0),
+      "rigl": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=100,
+                                    start_step=10**8),
+      "update": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=1,
+                                      start_step=0),
   }
   runs, ops, compile_s = {}, {}, {}
   for name, tx in txs.items():

@@ -410,10 +410,10 @@ def train_step_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   def rigl():
     # start_step far away: every timed step takes the branch without a mask
     # update; update_every=1 from step 0: every step updates the mask.
-    plain_tx = sj.dst.rigl(base_optimizer(), mask, end_step=10**9,
-                           update_every=100, start_step=10**8)
-    update_tx = sj.dst.rigl(base_optimizer(), mask, end_step=10**9,
-                            update_every=1, start_step=0)
+    plain_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
+                                     update_every=100, start_step=10**8)
+    update_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
+                                      update_every=1, start_step=0)
     plain = time_runner(StepRunner(model, plain_tx, **common).run, sizes,
                         sizes.batch)
     update = time_runner(StepRunner(model, update_tx, **common).run, sizes,

@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from experiments import workdir as workdir_lib
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
@@ -57,7 +58,6 @@ from sparsejax import masks
 from sparsejax import mesh as mesh_lib
 from sparsejax import metrics_log
 from sparsejax import models
-from sparsejax import nm as nm_lib
 from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_io
@@ -200,12 +200,22 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
     _check_ticket_sparsity(config)
   elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
+    config_budget(config)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
     raise ValueError(f"config.score_bn_mode must be None, 'train' or 'eval', got "
                      f"{config.score_bn_mode!r}")
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
+
+
+def config_budget(config: ml_collections.ConfigDict) -> budgets.Budget:
+  """The budget object of ``config.budget`` (a command-line name such as
+  ``"erk"`` or ``"2:4"``, :func:`sparsejax.budgets.parse`)."""
+  try:
+    return budgets.parse(config.budget)
+  except ValueError as e:
+    raise ValueError(f"config.budget: {e}") from None
 
 
 def ticket_sparsity(directory: str) -> float:
@@ -282,7 +292,7 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
     _check_prune_epochs(config)
-    if nm_lib.parse_nm(config.budget) is not None:
+    if isinstance(config_budget(config), budgets.NM):
       raise ValueError(
           f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
           f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
@@ -438,13 +448,15 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
                        extra_updates: dst.ExtraUpdates = ()):
   """The dynamic-sparse-training optimiser of ``config.dst`` around ``inner``.
 
-  * ``set`` / ``rigl``: :func:`sparsejax.dst.set` / :func:`~sparsejax.dst.rigl`
+  * ``set`` / ``rigl``: :func:`sparsejax.dst.set_optimizer` /
+    :func:`~sparsejax.dst.rigl_optimizer`
     from ``mask`` (the ``pruner`` mask), every ``dst_update_every`` steps until
     ``dst_end`` of training, drop fraction ``dst_alpha`` with a cosine decay
     to 0 at that point (``dst_drop_schedule="cosine"``, RigL) or constant.
     With an ``"N:M"`` ``config.budget`` the updates keep the mask N:M
-    (``nm=config.budget``).
-  * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp` / :func:`~sparsejax.dst.granet`
+    (``nm=budgets.parse(config.budget)``).
+  * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp_optimizer` /
+    :func:`~sparsejax.dst.granet_optimizer`
     from dense (``dst_initial_sparsity = 0``) or a random mask at that
     sparsity under ``config.budget``, pruned to ``config.sparsity`` along the
     cubic schedule between ``dst_prune_epochs`` (epochs, or fractions of
@@ -466,22 +478,23 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
   if config.dst in ("set", "rigl"):
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
-    method = dst.set if config.dst == "set" else dst.rigl
-    nm = config.budget if nm_lib.parse_nm(config.budget) is not None else None
+    method = dst.set_optimizer if config.dst == "set" else dst.rigl_optimizer
+    budget = config_budget(config)
+    nm = budget if isinstance(budget, budgets.NM) else None
     kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
-  initial = (masks.ones_like(params) if s0 == 0 else dst.random_mask(
+  initial = (masks.ones_like(params) if s0 == 0 else masks.random_mask(
       jax.random.fold_in(jax.random.key(config.seed), 2), params, s0,
-      budget=config.budget, prunable=prunable))
+      budget=config_budget(config), prunable=prunable))
   start, stop = (_epoch_step(float(v), int(config.num_epochs), steps_per_epoch)
                  for v in config.dst_prune_epochs)
   kw = dict(final_sparsity=float(config.sparsity), initial_sparsity=s0,
             start_step=start, end_step=stop, **common_kw)
   if config.dst == "gmp":
-    return dst.gmp(inner, initial, **kw), initial
-  return dst.granet(inner, initial, regrow_end_step=end,
-                    alpha=float(config.dst_alpha), **kw), initial
+    return dst.gmp_optimizer(inner, initial, **kw), initial
+  return dst.granet_optimizer(inner, initial, regrow_end_step=end,
+                              alpha=float(config.dst_alpha), **kw), initial
 
 
 def act_coef_schedule(config: ml_collections.ConfigDict,
@@ -643,7 +656,7 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
     else:
       mask = scores.prune_at_init(
           config.pruner, params, sparsity=float(config.sparsity),
-          budget=config.budget, prunable=prunable, apply_fn=apply_fn,
+          budget=config_budget(config), prunable=prunable, apply_fn=apply_fn,
           **_method_kwargs(config, dataset))
     mask = jax.block_until_ready(mask)
     seconds = time.perf_counter() - start

@@ -22,7 +22,7 @@ from the training set; every ``flow_every`` steps and just before and after
 each mask update):
 
 * ``dense``: the dense network;
-* ``pruned``: gradual magnitude pruning (:func:`sparsejax.dst.gmp`) of the
+* ``pruned``: gradual magnitude pruning (:func:`sparsejax.dst.gmp_optimizer`) of the
   dense network from ``θ_0`` to ``sparsity`` between ``prune_start`` and
   ``prune_end`` every ``prune_every`` steps (the end moved up to the next
   update step, so the last update reaches ``sparsity``): *the pruned
@@ -33,7 +33,7 @@ each mask update):
   model's dense initialiser (the paper's "Scratch");
 * ``scratch_plus``: the same mask on ``θ'_0`` re-initialised by
   :func:`sparsejax.gradient_flow.sparse_init` ("Scratch+");
-* ``rigl``: RigL (:func:`sparsejax.dst.rigl`) from a random mask under
+* ``rigl``: RigL (:func:`sparsejax.dst.rigl_optimizer`) from a random mask under
   ``rigl_budget`` (ERK) on ``θ_0`` masked; ``rigl_plus``: the same with
   :func:`~sparsejax.gradient_flow.sparse_init` weights;
 * ``small_dense``: a dense network of the same family with about as many
@@ -85,6 +85,7 @@ from experiments import sweep
 from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import lottery
@@ -272,9 +273,10 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
     every = int(cfg.prune_every)
     # The last pruning step must be an update step to reach the sparsity.
     end = start + -(-(end - start) // every) * every
-    tx = dst.gmp(inner, masks.ones_like(theta0), final_sparsity=float(cfg.sparsity),
-                 start_step=start, end_step=end, update_every=every,
-                 prunable=prunable, seed=seed)
+    tx = dst.gmp_optimizer(inner, masks.ones_like(theta0),
+                           final_sparsity=float(cfg.sparsity), start_step=start,
+                           end_step=end, update_every=every, prunable=prunable,
+                           seed=seed)
     update_steps = gradient_flow.UpdateSteps(every, start, end + 1)
     fit_kw = dict(tx=tx)
   elif method in NEED_PRUNED:
@@ -289,15 +291,17 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
       params = reinit(other, mask) if method == "scratch_plus" else other
       fit_kw = dict(initial_state=state.replace(params=masks.apply(params, mask)))
   elif method in ("rigl", "rigl_plus"):
-    mask = dst.random_mask(jax.random.fold_in(key, _RIGL_MASK_KEY), theta0,
-                           float(cfg.sparsity), budget=cfg.rigl_budget,
-                           prunable=prunable)
+    mask = masks.random_mask(jax.random.fold_in(key, _RIGL_MASK_KEY), theta0,
+                             float(cfg.sparsity),
+                             budget=budgets.parse(cfg.rigl_budget),
+                             prunable=prunable)
     every, end = int(cfg.dst_update_every), round(float(cfg.dst_end) * total)
     fraction = (dst.cosine_drop_fraction(float(cfg.dst_alpha), end)
                 if cfg.dst_drop_schedule == "cosine" else float(cfg.dst_alpha))
-    tx = dst.rigl(inner, mask, end_step=end, drop_fraction=fraction,
-                  update_every=every, skip_update=bool(cfg.dst_skip_update),
-                  prunable=prunable, seed=seed)
+    tx = dst.rigl_optimizer(inner, mask, end_step=end, drop_fraction=fraction,
+                            update_every=every,
+                            skip_update=bool(cfg.dst_skip_update),
+                            prunable=prunable, seed=seed)
     update_steps = gradient_flow.UpdateSteps(every, None, end)
     if method == "rigl":
       fit_kw = dict(tx=tx)

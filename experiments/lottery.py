@@ -68,6 +68,7 @@ from experiments import common
 from experiments import results
 from experiments import workdir as workdir_lib
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
@@ -97,9 +98,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       number of levels; a pruning fraction outside (0, 1); a negative rewind
       point.
   """
-  if config.budget not in lottery.BUDGETS:
-    raise ValueError(f"config.budget must be one of {lottery.BUDGETS} for IMP, "
-                     f"got {config.budget!r}")
+  try:
+    budget = budgets.parse(config.budget)
+  except ValueError:
+    budget = None
+  if type(budget) not in lottery.BUDGETS:
+    raise ValueError("config.budget must be 'global' or 'uniform' for IMP "
+                     f"(lottery.BUDGETS), got {config.budget!r}")
   if isinstance(config.levels, bool) or not isinstance(config.levels, int) or (
       config.levels < 0):
     raise ValueError(f"config.levels must be an integer >= 0, got {config.levels!r}")
@@ -213,7 +218,7 @@ def control_state(control: str, key: jax.Array, point: train.TrainState,
 
   * ``"reinit"``: ``mask`` on the weights (and batch-norm statistics) of
     another initialisation, ``init_variables(model, sample, key)``;
-  * ``"reprune"``: ``random_reprune(key, mask)`` (each layer's mask shuffled)
+  * ``"reprune"``: ``random_reprune_mask(key, mask)`` (each layer's mask shuffled)
     on the rewind weights θ_k.
 
   Both with a fresh optimiser state at step ``k``
@@ -223,7 +228,7 @@ def control_state(control: str, key: jax.Array, point: train.TrainState,
     variables = train.init_variables(model, sample, key)
     return lottery.rewind_state(point, mask, params=variables["params"],
                                 batch_stats=variables.get("batch_stats", {}))
-  return lottery.rewind_state(point, lottery.random_reprune(key, mask))
+  return lottery.rewind_state(point, lottery.random_reprune_mask(key, mask))
 
 
 @dataclasses.dataclass
@@ -321,7 +326,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     else:
       mask = (masks.ones_like(point.params) if level == 0 else
               lottery.prune_level(trained, mask, level, config.prune_fraction,
-                                  prunable=prunable, budget=config.budget))
+                                  prunable=prunable,
+                                  budget=budgets.parse(config.budget)))
     summary = masks.summary(mask, prunable)
     row = {"level": level, "kept": summary.kept, "total": summary.total,
            "density": 1.0 - summary.sparsity}

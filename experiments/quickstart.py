@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import common
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import masks
@@ -117,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with warnings.catch_warnings():  # collapse is marked in the table instead
       warnings.simplefilter("ignore", RuntimeWarning)
       return scores.prune_at_init(
-          method, params, sparsity=sparsity, budget=config.budget, key=mask_key,
+          method, params, sparsity=sparsity, budget=budgets.parse(config.budget), key=mask_key,
           apply_fn=apply_fn, batches=batches, input_shape=ds.image_shape)
 
   def train_and_test(name: str, mask) -> tuple[float, masks.MaskSummary]:

@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _select
 from sparsejax import budgets
-from sparsejax._select import nm_keep
 from sparsejax._sort_keys import sortable_bits
 
 PyTree = Any
@@ -357,8 +357,8 @@ def layer_sparsities(params: PyTree, sparsity: float,
     >>> masks.layer_sparsities(params, 0.5, budgets.Uniform().with_overrides({"a": 0.0}))
     {'a': 0.0, 'b': 0.5}
   """
-  budgets.check(budget)
   check_sparsity(sparsity)
+  budgets.check(budget)
   flags = dict(named_leaves(prunable_tree(params, prunable)))
   shapes = {p: tuple(jnp.shape(x)) for p, x in named_leaves(params) if flags[p]}
   return budget.layer_sparsities(shapes, float(sparsity))
@@ -601,7 +601,7 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
     if pool.group is not None:
       n, m = pool.group
       for i in members:
-        out[i] = nm_keep(leaves[i], n, m, keep_in[i])
+        out[i] = _select.nm_keep(leaves[i], n, m, keep_in[i])
     elif pool.joint and members:
       flat = jnp.concatenate([prepared(i) for i in members])
       keep = keep_top(flat, capped(kept_count(flat.shape[0], pool.sparsity), members))
@@ -644,6 +644,7 @@ def random_mask(key: jax.Array, params: PyTree, sparsity: float | None = None, *
     >>> int(mask["w"].sum())
     16
   """
+  budgets.check(budget)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
   scores = jax.tree.unflatten(

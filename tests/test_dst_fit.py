@@ -18,7 +18,7 @@ import pytest
 from experiments import dst as dst_runner
 from tests.test_fit_hooks import config  # the same digits/MLP training settings
 from experiments.configs import dst_cpu
-from sparsejax import data, dst, masks, models, optim, train
+from sparsejax import budgets, data, dst, masks, models, optim, train
 
 SPE = 44
 
@@ -31,9 +31,9 @@ def ds():
 def _rigl(model, ds, update_every=10):
   sample = jax.numpy.zeros((1, *ds.image_shape))
   params = train.init_variables(model, sample, jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
+  mask = masks.random_mask(jax.random.key(1), params, 0.9, budget=budgets.ERK())
   inner = optax.sgd(0.05, momentum=0.9)
-  return dst.rigl(inner, mask, end_step=2 * SPE, update_every=update_every), mask
+  return dst.rigl_optimizer(inner, mask, end_step=2 * SPE, update_every=update_every), mask
 
 
 def _read(path):

@@ -16,7 +16,7 @@ import optax
 import pytest
 from scipy import stats
 
-from sparsejax import data, dst, gradient_flow as gf, hooks, masks, models, train
+from sparsejax import budgets, data, dst, gradient_flow as gf, hooks, masks, models, train
 from tests.test_fit_hooks import config
 
 SPE = 43  # (1437 - 50 held out) // 32
@@ -133,7 +133,7 @@ def test_sparse_init_raises_the_flow_of_a_sparse_network():
   model = models.get("lenet5", 10)
   params = train.init_variables(model, jnp.zeros((1, 16, 16, 3)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.95, budget="erk")
+  mask = masks.random_mask(jax.random.key(1), params, 0.95, budget=budgets.ERK())
   x = jax.random.normal(jax.random.key(3), (32, 16, 16, 3))
   y = jnp.arange(32) % 10
   norms = jax.jit(lambda p: gf.masked_grad_norms(model, p, (x, y), mask)[0])
@@ -185,7 +185,7 @@ def test_grad_norms_match_jax_grad_on_a_masked_mlp():
   model = models.get("mlp", 10, hidden=(16,))
   params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.7, budget="uniform")
+  mask = masks.random_mask(jax.random.key(1), params, 0.7, budget=budgets.Uniform())
   x = jax.random.normal(jax.random.key(2), (12, 8, 8, 1))
   y = jnp.arange(12) % 10
 
@@ -236,8 +236,8 @@ def test_hook_logs_flow_and_before_after_rigl_updates(split, tmp_path):
   model = models.get("mlp", 10)
   params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
-  tx = dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
+  mask = masks.random_mask(jax.random.key(1), params, 0.9, budget=budgets.ERK())
+  tx = dst.rigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
   flow = gf.GradientFlow(model, batch, every=25,
                          update_steps=gf.UpdateSteps(10, end_step=70))
   result = train.fit(config(num_epochs=2), tmp_path, model=model, dataset=rest,
@@ -312,8 +312,8 @@ def test_hook_resumes_bitwise(split, tmp_path):
   def run(workdir, **kw):
     params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                   jax.random.key(0))["params"]
-    mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
-    tx = dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
+    mask = masks.random_mask(jax.random.key(1), params, 0.9, budget=budgets.ERK())
+    tx = dst.rigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
     flow = gf.GradientFlow(model, batch, every=25,
                            update_steps=gf.UpdateSteps(10, end_step=70))
     return train.fit(config(num_epochs=2), workdir, model=model, dataset=rest,

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 from experiments import lottery as exp_lottery  # noqa: E402
 from experiments.configs import lottery_cpu_small, lottery_digits, lottery_openlth  # noqa: E402
 from experiments import common  # noqa: E402
-from sparsejax import checkpoints, data, lottery, masks, models, optim, schedules, train  # noqa: E402
+from sparsejax import budgets, checkpoints, data, lottery, masks, models, optim, schedules, train  # noqa: E402
 from sparsejax import mesh as mesh_lib  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
@@ -151,9 +151,8 @@ def test_prune_level_budgets_prunable_and_errors():
   params = mlp_params()
   ones = masks.ones_like(params)
   # Layer-wise IMP: every layer keeps round(0.64 * its size) at level 2.
-  uniform = lottery.prune_level(params, lottery.prune_level(params, ones, 1,
-                                                            budget="uniform"),
-                                2, budget="uniform")
+  level_1 = lottery.prune_level(params, ones, 1, budget=budgets.Uniform())
+  uniform = lottery.prune_level(params, level_1, 2, budget=budgets.Uniform())
   for layer in masks.summary(uniform).layers:
     assert layer.kept == round(0.64 * layer.total), layer.path
   # A dense classifier is not counted: N = 64*300 + 300*100.
@@ -172,16 +171,18 @@ def test_prune_level_budgets_prunable_and_errors():
   with pytest.raises(ValueError, match="level"):
     lottery.level_sparsity(-1)
   with pytest.raises(ValueError, match="budget"):
-    lottery.prune_level(params, ones, 1, budget="erk")
+    lottery.prune_level(params, ones, 1, budget=budgets.ERK())
+  with pytest.raises(ValueError, match="budgets.parse"):  # a string is refused
+    lottery.prune_level(params, ones, 1, budget="uniform")
 
 
 def test_random_reprune_keeps_per_layer_counts_at_new_positions():
   params = mlp_params()
   mask = lottery.prune_level(params, lottery.prune_level(
       params, masks.ones_like(params), 1), 2)
-  a = lottery.random_reprune(jax.random.key(0), mask)
-  b = lottery.random_reprune(jax.random.key(1), mask)
-  assert_trees_equal(a, lottery.random_reprune(jax.random.key(0), mask))
+  a = lottery.random_reprune_mask(jax.random.key(0), mask)
+  b = lottery.random_reprune_mask(jax.random.key(1), mask)
+  assert_trees_equal(a, lottery.random_reprune_mask(jax.random.key(0), mask))
   for (path, m), ma, mb in zip(masks.named_leaves(mask), leaves(a), leaves(b)):
     m = np.asarray(m)
     assert ma.dtype == bool and ma.shape == m.shape

@@ -96,7 +96,7 @@ def _train_step(model, tx=None, *, mask=None, batch_size=BATCH, shape=SHAPE,
 
 
 def _random_mask(model, sparsity=0.8):
-  return dst.random_mask(jax.random.key(1), _variables(model)["params"], sparsity)
+  return masks.random_mask(jax.random.key(1), _variables(model)["params"], sparsity)
 
 
 def dense_step():
@@ -110,28 +110,28 @@ def masked_step():
 
 def rigl_step():
   model = _small_model()
-  return _train_step(model, dst.rigl(optax.sgd(0.1), _random_mask(model),
-                                     end_step=1000))
+  return _train_step(model, dst.rigl_optimizer(optax.sgd(0.1), _random_mask(model),
+                                               end_step=1000))
 
 
 def mask_update_step():
   """SET with ΔT = 1 from step 0: step 0 updates the mask."""
   model = _small_model()
-  return _train_step(model, dst.set(optax.sgd(0.1), _random_mask(model),
-                                    end_step=10, update_every=1, start_step=0))
+  return _train_step(model, dst.set_optimizer(optax.sgd(0.1), _random_mask(model),
+                                              end_step=10, update_every=1, start_step=0))
 
 
 def gmp_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.gmp(optax.sgd(0.1), ones, final_sparsity=0.8,
-                                    start_step=0, end_step=4, update_every=1))
+  return _train_step(model, dst.gmp_optimizer(optax.sgd(0.1), ones, final_sparsity=0.8,
+                                              start_step=0, end_step=4, update_every=1))
 
 
 def granet_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.granet(
+  return _train_step(model, dst.granet_optimizer(
       optax.sgd(0.1), ones, final_sparsity=0.8, start_step=0, end_step=4,
       regrow_end_step=8, update_every=1))
 
@@ -221,7 +221,7 @@ def lrsi():
 def sparse_apply():
   model = models.get("mlp", 10, hidden=(16,))
   variables = _variables(model)
-  mask = dst.random_mask(jax.random.key(1), variables["params"], 0.97)
+  mask = masks.random_mask(jax.random.key(1), variables["params"], 0.97)
   sparse = sparse_inference.sparsify(model, variables, jnp.zeros((1, *SHAPE)),
                                      mask, min_sparsity=0.0)
   fn = lambda v, x: sparse_inference.apply(model, v, x)

@@ -115,8 +115,8 @@ def test_mask_updates_only_in_the_dst_phase_and_one_large_one_per_cycle_start():
   mask = random_mask(params, 0.4)
   params = masks.apply(params, mask)
   # periodic RigL updates at t = 3, 6 (end 8 < dst_steps = 10)
-  tx = dst.rigl(optax.sgd(0.1), mask, end_step=8, update_every=3, drop_fraction=0.3,
-                extra_updates=plan.mask_updates())
+  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, end_step=8, update_every=3, drop_fraction=0.3,
+                          extra_updates=plan.mask_updates())
   state = tx.init(params)
   update = jax.jit(tx.update)
   updated_at = []
@@ -275,8 +275,8 @@ def _sup_fit(ds, workdir, extra_hooks=()):
                                 jax.random.key(0))["params"]
   mask = random_mask(params, 0.2)
   lr = PLAN.learning_rate(optax.cosine_decay_schedule(0.1, PLAN.dst_steps))
-  tx = dst.rigl(optax.sgd(lr, momentum=0.9), mask, end_step=PLAN.dst_steps - 20,
-                update_every=10, extra_updates=PLAN.mask_updates())
+  tx = dst.rigl_optimizer(optax.sgd(lr, momentum=0.9), mask, end_step=PLAN.dst_steps - 20,
+                          update_every=10, extra_updates=PLAN.mask_updates())
   return train.fit(config(num_epochs=PLAN.num_epochs), workdir, model=model,
                    dataset=ds, tx=tx,
                    hooks=[suptickets.Superpose(PLAN), *extra_hooks])
@@ -437,8 +437,8 @@ def test_a_plan_that_is_not_the_fits_is_refused_before_the_first_step(
   model = ConvBN()
   params = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
                                 jax.random.key(0))["params"]
-  tx = dst.rigl(optax.sgd(0.1), random_mask(params, 0.2), end_step=20,
-                update_every=10)
+  tx = dst.rigl_optimizer(optax.sgd(0.1), random_mask(params, 0.2), end_step=20,
+                          update_every=10)
   with pytest.raises(ValueError, match=match):
     train.fit(config(num_epochs=4), tmp_path, model=model, dataset=ds, tx=tx,
               hooks=[suptickets.Superpose(plan)])

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import data, dst, masks, models, tost, train
+from sparsejax import budgets, data, dst, masks, models, tost, train
 from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
@@ -146,10 +146,10 @@ def test_ghost_params_are_untouched_by_masks_and_budgets():
     assert summary.as_dict() == plain_summary.as_dict()
     assert not any(masks.is_ghost(p) for p in summary.as_dict()["layers"])
   # random masks and the ghost model's pruning at initialisation
-  mask = dst.random_mask(jax.random.key(2), params, 0.95, budget="erk")
+  mask = masks.random_mask(jax.random.key(2), params, 0.95, budget=budgets.ERK())
   assert all(bool(dict(masks.named_leaves(mask))[p].all()) for p in ghost_leaves)
   # a plain model's mask lifts to the ghost model: ghost leaves all True
-  plain_mask = dst.random_mask(jax.random.key(2), plain, 0.95)
+  plain_mask = masks.random_mask(jax.random.key(2), plain, 0.95)
   lifted = tost.lift_mask(plain_mask, params)
   masks.check_mask(lifted, params)
   assert masks.summary(lifted).as_dict() == masks.summary(plain_mask).as_dict()
@@ -218,7 +218,7 @@ def _small_problem(sparsity=0.8):
   x = rng.normal(size=(64, 4, 4, 1)).astype(np.float32)
   y = (np.arange(64) % 10).astype(np.int32)
   params = model.init(jax.random.key(0), x[:1])["params"]
-  mask = dst.random_mask(jax.random.key(1), params, sparsity, budget="uniform")
+  mask = masks.random_mask(jax.random.key(1), params, sparsity, budget=budgets.Uniform())
 
   def loss(p, batch):
     xb, yb = batch
@@ -268,7 +268,7 @@ def test_lrsi_hook_rescales_the_initial_state_of_fit(tmp_path):
   model = models.get("mlp", 10, hidden=(16,))
   sample = jnp.zeros((1, 8, 8, 3))
   params = train.init_variables(model, sample, jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.9)
+  mask = masks.random_mask(jax.random.key(1), params, 0.9)
   hook = tost.LRsIHook(tost.LRsI(steps=5, batch_size=8))
   config = dict(num_epochs=1, batch_size=8, learning_rate=0.0, seed=0,
                 progress_bar=False, tensorboard=False, async_checkpointing=False)
