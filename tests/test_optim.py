@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from sparsejax import masks, optim
+from sparsejax import budgets, masks, optim
 
 OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.3),
@@ -48,7 +48,7 @@ def _problem():
 def _random_mask(params, sparsity=0.7, seed=1):
   scores = jax.tree.map(
       lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
-  return masks.topk_mask(scores, sparsity, budget="uniform")
+  return masks.topk_mask(scores, sparsity, budget=budgets.Uniform())
 
 
 def _pruned_values(params, mask):

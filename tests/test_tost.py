@@ -135,7 +135,7 @@ def test_ghost_params_are_untouched_by_masks_and_budgets():
     flags = dict(masks.named_leaves(masks.prunable_tree(params, prunable)))
     assert not any(flags[p] for p in ghost_leaves)
   # budgets: the same per-layer sparsities and counts as on the plain model
-  for budget in ("global", "erk", "uniform"):
+  for budget in (budgets.Global(), budgets.ERK(), budgets.Uniform()):
     scores_ = jax.tree.map(lambda p: jnp.abs(p), params)
     mask = masks.topk_mask(scores_, 0.9, budget=budget)
     for p in ghost_leaves:
