@@ -79,7 +79,7 @@ sample = jnp.zeros((1,) + ds.image_shape)
 params = model.init(jax.random.key(0), sample)["params"]
 
 # A 90%-sparse mask: exact global top-k of |θ| (any score tree works the same way).
-mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), 0.9, budget="global")
+mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), 0.9, budget=sj.budgets.Global())
 print(sj.masks.summary(mask))
 
 tx = sj.optim.masked(optax.sgd(0.05, momentum=0.9), mask)  # the one extra line
@@ -159,8 +159,9 @@ SPARSITY = 0.95
 pai_masks, reports = {}, {}
 for method in sj.scores.METHODS:
   pai_masks[method] = sj.scores.prune_at_init(
-      method, init_params, sparsity=SPARSITY, budget="global", key=jax.random.key(1),
-      apply_fn=apply_fn, batches=scoring_batch, input_shape=ds.image_shape)
+      method, init_params, sparsity=SPARSITY, budget=sj.budgets.Global(),
+      key=jax.random.key(1), apply_fn=apply_fn, batches=scoring_batch,
+      input_shape=ds.image_shape)
   reports[method] = sj.diagnostics.report(pai_masks[method], init_params, apply_fn,
                                           ds.image_shape)
 print(reports["snip"])
@@ -234,14 +235,17 @@ print(f"sparsity {sj.masks.summary(ticket_mask).sparsity:.3f}: "
 # %%
 DST_SPARSITY, EPOCHS = 0.95, 12
 total = EPOCHS * SPE
-start_mask = sj.dst.random_mask(jax.random.key(2), init_params, DST_SPARSITY, budget="erk")
+start_mask = sj.masks.random_mask(jax.random.key(2), init_params, DST_SPARSITY,
+                                  budget=sj.budgets.ERK())
 inner = optax.sgd(optax.cosine_decay_schedule(0.05, total), momentum=0.9)
 dst_runs = {}
 for name, tx in {
     "static": sj.optim.masked(inner, start_mask),
-    "SET": sj.dst.set(inner, start_mask, update_every=20, end_step=int(0.75 * total),
-                      drop_fraction=sj.dst.cosine_drop_fraction(0.3, int(0.75 * total))),
-    "RigL": sj.dst.rigl(inner, start_mask, update_every=20, end_step=int(0.75 * total)),
+    "SET": sj.dst.set_optimizer(
+        inner, start_mask, update_every=20, end_step=int(0.75 * total),
+        drop_fraction=sj.dst.cosine_drop_fraction(0.3, int(0.75 * total))),
+    "RigL": sj.dst.rigl_optimizer(inner, start_mask, update_every=20,
+                                  end_step=int(0.75 * total)),
 }.items():
   dst_runs[name] = sj.train.fit(config(num_epochs=EPOCHS), run_dir(f"dst_{name}"),
                                 model=model, dataset=ds, tx=tx,
@@ -307,7 +311,7 @@ print("max |difference| at γ = 0:", float(jnp.abs(ghost_logits - plain_logits).
 
 # %%
 train_ds, held_out = sj.gradient_flow.held_out_split(ds, per_class=10)
-flow_mask = sj.dst.random_mask(jax.random.key(4), init_params, 0.98, budget="erk")
+flow_mask = sj.masks.random_mask(jax.random.key(4), init_params, 0.98, budget=sj.budgets.ERK())
 flows = {}
 for name, start in {
     "Scratch (dense init)": sj.masks.apply(init_params, flow_mask),
@@ -345,9 +349,9 @@ plan = sj.suptickets.Plan(num_epochs=EPOCHS, num_cycles=3, cycle_epochs=2,
                           steps_per_epoch=SPE)
 lr = plan.learning_rate(optax.cosine_decay_schedule(0.05, plan.dst_steps), lr1=0.005,
                         lr2=0.02)
-tx = sj.dst.rigl(optax.sgd(lr, momentum=0.9), start_mask, update_every=20,
-                 end_step=int(0.75 * plan.dst_steps),
-                 extra_updates=plan.mask_updates(fraction=0.5))
+tx = sj.dst.rigl_optimizer(optax.sgd(lr, momentum=0.9), start_mask, update_every=20,
+                           end_step=int(0.75 * plan.dst_steps),
+                           extra_updates=plan.mask_updates(fraction=0.5))
 result = sj.train.fit(config(num_epochs=plan.num_epochs), run_dir("suptickets"),
                       model=model, dataset=ds, tx=tx,
                       hooks=[sj.suptickets.Superpose(plan)])
