@@ -7,7 +7,7 @@ Builds the same jitted train step (forward, backward, SGD momentum with
 weight decay, apply) three times on ResNet-20 at 90% ERK sparsity:
 
 * ``static``: ``sparsejax.optim.masked`` (a fixed mask);
-* ``rigl``: ``sparsejax.dst.rigl`` with ``ΔT = 100``, timed on steps that do
+* ``rigl``: ``sparsejax.dst.rigl_optimizer`` with ``ΔT = 100``, timed on steps that do
   not update the mask (the ``lax.cond`` takes the cheap branch);
 * ``update``: the same RigL step on a mask-update step (``ΔT = 1``, so every
   step drops and regrows: top-k by magnitude and by gradient in every layer,

@@ -39,7 +39,7 @@ whatever is running, after a last line ``{"figure": "end", "stopped":
    (:func:`sparsejax.train.make_train_step`: batch gathered on device from a
    uint8 set, crop and flip, SGD momentum with weight decay) on ResNet-20 at
    batch 128: ``dense``; ``masked`` (:func:`sparsejax.optim.masked`, 90% ERK);
-   ``rigl`` (:func:`sparsejax.dst.rigl` at ΔT = 100: the step without a mask
+   ``rigl`` (:func:`sparsejax.dst.rigl_optimizer` at ΔT = 100: the step without a mask
    update and the update step timed apart, amortised as (99 · plain +
    update) / 100); ``bf16`` (the dense step of the model built with
    ``dtype=jnp.bfloat16``).
@@ -338,7 +338,7 @@ def random_mask(model, seed: int = 1):
   """A random mask keeping 10% of every prunable kernel of ``model``.
 
   Drawn with numpy: a step's cost does not depend on which weights are kept,
-  and this compiles nothing (:func:`sparsejax.dst.random_mask`'s exact
+  and this compiles nothing (:func:`sparsejax.masks.random_mask`'s exact
   per-layer top-k compiles for tens of seconds on a small CPU).
   """
   params = jax.eval_shape(sj.train.init_variables, model,

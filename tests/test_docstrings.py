@@ -16,8 +16,9 @@ import pytest
 
 import sparsejax.models
 
-MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scores",
-           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
+MODULES = ["sparsejax.budgets", "sparsejax.masks", "sparsejax.nm", "sparsejax.optim",
+           "sparsejax.scores", "sparsejax.diagnostics", "sparsejax.dst",
+           "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
            "sparsejax.models"] + [
@@ -57,6 +58,7 @@ def test_the_main_public_functions_have_examples():
   for name in ["masks.topk_mask", "masks.keep_top", "masks.Prunable", "masks.apply",
                "masks.summary", "optim.masked", "optim.reset_moments",
                "scores.prune_at_init", "lottery.prune_level", "data",
+               "budgets.parse", "budgets.ERK.densities", "masks.random_mask",
                "models.layer_order"]:
     assert f"sparsejax.{name}" in names
 
