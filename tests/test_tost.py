@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, data, dst, masks, models, tost, train
+from sparsejax import budgets, data, masks, models, tost, train
 from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
