@@ -20,7 +20,7 @@ MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scor
            "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
-           "sparsejax.models"] + [
+           "sparsejax.models", "sparsejax.modeling"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
