@@ -38,8 +38,8 @@ def cpu_name() -> str:
 
 def gradient(model, variables, x, y):
   def loss(params):
-    logits, _ = sj.models.apply(model, {**variables, "params": params}, x,
-                                train=True)
+    logits, _ = sj.modeling.apply_model(model, {**variables, "params": params}, x,
+                                        train=True)
     return sj.losses.cross_entropy(logits, y).mean()
   return jax.jit(jax.grad(loss))(variables["params"])
 

@@ -15,7 +15,8 @@ alike; each figure is the median over rounds of the mean step time of
   convolutions.
 * ``sparsejax``: the same step with what sparsejax does on CPU
   (``sparsejax/_xla_cpu.py``): the XLA option set by ``import sparsejax`` and
-  the models' convolutions with materialised inputs.
+  the models' convolutions with materialised inputs and batch norm as GEMVs
+  (applied by ``sparsejax.modeling``).
 * ``pytorch``: the same network (CIFAR ResNet-20, option-A-free 1x1
   projection shortcuts with batch norm as in ``sparsejax.models``), eager,
   channels-last, the

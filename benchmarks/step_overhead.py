@@ -23,7 +23,7 @@ import sparsejax as sj
 def make_step(model, tx):
 
   def loss_fn(params, batch_stats, x, y):
-    logits, new_state = sj.models.apply(
+    logits, new_state = sj.modeling.apply_model(
         model, {"params": params, "batch_stats": batch_stats}, x, train=True)
     loss = sj.losses.cross_entropy(logits, y).mean()
     return loss, new_state["batch_stats"]

@@ -7,6 +7,8 @@ Submodules:
   nm: N:M masks (``budgets.NM(2, 4)``): checks and the group helpers.
   optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
+  modeling: the one closure that applies a model (model state, per-step
+    scalars, the CPU fast path): ``apply_model``, ``loss_and_logits``.
   data: dataset loaders and the on-device input pipeline.
   scores: pruning-at-initialisation scores (SNIP, GraSP, SynFlow, magnitude,
     random), iterative pruning, ``prune_at_init``.
@@ -61,6 +63,7 @@ from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh
 from sparsejax import metrics_log
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import nm
 from sparsejax import optim
@@ -75,6 +78,6 @@ from sparsejax import train
 __version__ = "0.1.0"
 
 __all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
-           "lottery", "masks", "mesh", "metrics_log", "models", "nm", "optim",
+           "lottery", "masks", "mesh", "metrics_log", "modeling", "models", "nm", "optim",
            "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
            "tost", "train"]

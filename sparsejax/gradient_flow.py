@@ -29,7 +29,7 @@ input unit the one before it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -43,7 +43,7 @@ from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import losses
 from sparsejax import masks
-from sparsejax import models
+from sparsejax import modeling
 from sparsejax.models import activations
 
 PyTree = Any
@@ -230,7 +230,7 @@ def grad_norms(grads: PyTree, mask: PyTree | None = None, prunable=None
 
 def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
                       mask: PyTree | None = None, *, batch_stats: PyTree = None,
-                      prunable=None, **model_kwargs
+                      prunable=None, scalars: Mapping[str, Any] | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The gradient flow of ``params`` on ``batch`` (SPEC §5).
 
@@ -248,7 +248,8 @@ def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
     mask: bool mask parallel to ``params``; ``None``: dense.
     batch_stats: the model's batch statistics (``{}``/``None`` without).
     prunable: leaves with a per-layer norm (see :func:`grad_norms`).
-    **model_kwargs: further ``__call__`` arguments, e.g. ``act_coef``.
+    scalars: per-step scalars the model reads (``model.scalar_names``),
+      e.g. ``{"act_coef": beta}`` (:func:`sparsejax.modeling.apply_model`).
 
   Returns:
     ``(global_norm, {path: layer_norm})``.
@@ -258,10 +259,12 @@ def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
     params = masks.apply(params, mask)
   state = {"batch_stats": batch_stats} if batch_stats else {}
 
+  modeling.check_scalars(model, scalars or {})
+
   def loss(p):
-    logits, _ = models.apply(model, {"params": p, **state}, x, train=True,
-                             rngs={"dropout": jax.random.key(0)}, **model_kwargs)
-    return jnp.mean(losses.cross_entropy(logits, y))
+    return modeling.loss_and_logits(
+        model, p, state, x, y, lambda logits, labels, _: losses.cross_entropy(logits, labels),
+        scalars=scalars, rngs={"dropout": jax.random.key(0)})[0]
 
   return grad_norms(jax.grad(loss)(params), mask, prunable)
 
@@ -355,7 +358,6 @@ class GradientFlow(hooks.Hook):
     self.update_steps = update_steps
     self.prunable = prunable
     self.name = name
-    self._model_scalars = models.call_keywords(model) - {"x", "train"}
 
   def _due(self, s):
     due = (s == 1) | (s % self.every == 0)
@@ -368,10 +370,9 @@ class GradientFlow(hooks.Hook):
 
   def measure(self, state, scalars=None) -> tuple[jax.Array, dict]:
     """``masked_grad_norms`` of a train state on the hook's batch (traceable)."""
-    kwargs = {k: v for k, v in (scalars or {}).items() if k in self._model_scalars}
     return masked_grad_norms(self.model, state.params, self.batch, state.mask,
-                             batch_stats=state.batch_stats,
-                             prunable=self.prunable, **kwargs)
+                             batch_stats=state.batch_stats, prunable=self.prunable,
+                             scalars=modeling.model_scalars(self.model, scalars))
 
   def init(self, state):
     del state

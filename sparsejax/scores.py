@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import _conv_layout, _xla_cpu, budgets, losses, masks, models
+from sparsejax import budgets, losses, masks, modeling
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -117,12 +117,12 @@ class _LinenFn:
   """``fn(params, state, x, train)`` of a Flax linen module."""
 
   module: Any
-  kwargs: tuple[tuple[str, Any], ...] = ()
+  scalars: tuple[tuple[str, Any], ...] = ()
 
   def __call__(self, params, state, x, train):
     variables = {"params": params, **(state or {})}
-    logits, _ = models.apply(self.module, variables, x, train=train,
-                             **dict(self.kwargs))
+    logits, _ = modeling.apply_model(self.module, variables, x, train=train,
+                                     scalars=dict(self.scalars))
     return logits
 
 
@@ -141,12 +141,14 @@ def as_apply_fn(apply_fn) -> ApplyFn:
   return ApplyFn(_Stateless(apply_fn), None)
 
 
-def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tuple[PyTree, ApplyFn]:
+def linen_apply_fn(model, variables: Mapping[str, PyTree],
+                   scalars: Mapping[str, float] | None = None) -> tuple[PyTree, ApplyFn]:
   """Splits Flax linen ``variables`` into ``(params, apply_fn)``.
 
   Every collection but ``'params'`` (e.g. ``'batch_stats'``) becomes the
   :class:`ApplyFn` state. ``apply_fn(params, x, train)`` calls
-  ``model.apply(variables, x, train=train, **apply_kwargs)``; with
+  :func:`sparsejax.modeling.apply_model` ``(model, variables, x,
+  train=train, scalars=scalars)``; with
   ``train=True`` and state it passes ``mutable=[<state collections>]`` and
   discards the updated statistics, so batch norm normalises with the statistics
   of ``x``. With ``train=False`` batch norm uses the stored running averages.
@@ -154,8 +156,8 @@ def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tu
   Args:
     model: a linen module whose ``__call__`` takes ``(x, train=...)``.
     variables: ``{'params': ..., 'batch_stats': ...}`` from ``model.init``.
-    **apply_kwargs: further static keyword arguments of ``model.apply``
-      (hashable, e.g. ``act_coef=1.0``).
+    scalars: per-step scalars the model reads (``model.scalar_names``), as
+      static Python numbers (hashable), e.g. ``{"act_coef": 1.0}``.
 
   Returns:
     ``(variables['params'], apply_fn)``.
@@ -163,7 +165,9 @@ def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tu
   if "params" not in variables:
     raise ValueError(f"variables have no 'params' collection: {list(variables)}")
   state = {k: v for k, v in variables.items() if k != "params"}
-  fn = _LinenFn(model, tuple(sorted(apply_kwargs.items())))
+  scalars = dict(scalars or {})
+  modeling.check_scalars(model, scalars)
+  fn = _LinenFn(model, tuple(sorted(scalars.items())))
   return variables["params"], ApplyFn(fn, state or None)
 
 
@@ -219,11 +223,11 @@ def _summed_over_batches(fn, like: PyTree, xs, ys) -> PyTree:
 
   A single batch is computed without a loop. On CPU the loop body's
   convolutions are put in XLA:CPU's fast layout, which XLA does not do inside
-  loops (:mod:`sparsejax._conv_layout`).
+  loops (:func:`sparsejax.modeling.loop_body`).
   """
   if xs.shape[0] == 1:
     return fn(xs[0], ys[0])
-  fn = _conv_layout.canonical_convs(fn)
+  fn = modeling.loop_body(fn)
   def body(acc, xy):
     return jax.tree.map(jnp.add, acc, fn(*xy)), None
   zeros = jax.tree.map(jnp.zeros_like, like)
@@ -391,11 +395,11 @@ def grasp(params: PyTree, mask: PyTree, apply_fn, batches, temperature: float = 
   """
   xs, ys = stack_batches(batches)
   # Second order (jvp of grad): the whole program is traced without the
-  # models' CPU rewrites, whose branches autodiff would multiply
-  # (sparsejax._xla_cpu.plain_ops). On a ResNet-20 (100 images, 2-core AMD
+  # models' CPU fast path, whose branches autodiff would multiply
+  # (modeling.second_order). On a ResNet-20 (100 images, 2-core AMD
   # EPYC Zen 4) the first call took 5.0 s instead of 10.8 s, later calls
   # 1.05 s instead of 0.99 s (one run). _grasp is only traced here.
-  with _xla_cpu.plain_ops():
+  with modeling.second_order():
     return _grasp(params, mask, as_apply_fn(apply_fn), xs, ys,
                   _flags_static(params, prunable), float(temperature),
                   _bn_train(bn_mode))
@@ -471,9 +475,9 @@ def _iterate(score_fn, params, mask, sparsity: float, rounds: int,
   exactly those of a one-shot mask. ``score_fn(params, mask)`` is traced
   once; on CPU its convolutions are put in the layout of XLA:CPU's fast
   kernel, which XLA does not do inside a loop (see
-  :mod:`sparsejax._conv_layout`).
+  :func:`sparsejax.modeling.loop_body`).
   """
-  score_fn = _conv_layout.canonical_convs(score_fn)
+  score_fn = modeling.loop_body(score_fn)
   shapes = {p: tuple(jnp.shape(x)) for (p, x), f in zip(
       masks.named_leaves(params), jax.tree.leaves(flags)) if f}
   pools = budget.pools(shapes, sparsity)

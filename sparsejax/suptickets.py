@@ -59,7 +59,7 @@ from sparsejax import _checks
 from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import masks
-from sparsejax import models
+from sparsejax import modeling
 from sparsejax import schedules
 from sparsejax import train
 
@@ -394,15 +394,15 @@ class Superpose(hooks.Hook):
                params=params, mask=mask)
     superposed = state.replace(params=params)
     if state.batch_stats:
-      # The per-step scalars the model takes (e.g. act_coef), as in training.
-      names = models.call_keywords(ctx.model) & set(ctx.scalars) - {"x", "train"}
-      kwargs = schedules.scalar_values({n: ctx.scalars[n] for n in names}, state.step)
+      # The per-step scalars the model reads (e.g. act_coef), as in training.
+      values = schedules.scalar_values(modeling.model_scalars(ctx.model, ctx.scalars),
+                                       state.step)
       batch_size = self.bn_batch_size or schedules.config_value(ctx.config, "batch_size")
       stats = train.recompute_batch_stats(
           ctx.model, {"params": params, "batch_stats": state.batch_stats},
           ctx.dataset.train_images, mean=ctx.dataset.mean, std=ctx.dataset.std,
           batch_size=int(batch_size), mesh=ctx.mesh, variance=self.bn_variance,
-          model_kwargs=kwargs)
+          scalars=values)
       out["batch_stats"] = stats
       superposed = superposed.replace(batch_stats=stats)
     fields = {"cycle": int(jax.device_get(out["tickets"]))}

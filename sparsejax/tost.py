@@ -75,21 +75,22 @@ import numpy as np
 import optax
 
 from sparsejax import _checks
-from sparsejax import _xla_cpu
 from sparsejax import data as data_lib
 from sparsejax import hooks as hooks_lib
 from sparsejax import losses
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax.models import activations
+from sparsejax.models import scalars as scalars_lib
 
 PyTree = Any
 
 #: Per-step scalar names: β (activation blend), γ (ghost skips), α (smoothing).
-ACT_COEF = "act_coef"
-GHOST_COEF = "ghost_coef"
+ACT_COEF = scalars_lib.ACT_COEF
+GHOST_COEF = scalars_lib.GHOST_COEF
 #: ToST's smoothing has a key of its own: it is not the ``"label_smoothing"``
 #: scalar of :func:`sparsejax.losses.smoothed_cross_entropy` (optax's α / C),
 #: so passing α(t) without ToST's loss is an error, never the other formula.
@@ -222,8 +223,8 @@ def supports_ghost_skips(name: str) -> bool:
 def ghost_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """The ghost-skip variant of the registered model ``name``.
 
-  ``models.get(name, num_classes, ghost_skips=True, **kwargs)``; its
-  ``__call__`` takes ``ghost_coef`` (γ, traced). Exists for ``resnet20``,
+  ``models.get(name, num_classes, ghost_skips=True, **kwargs)``; it reads
+  the scalar ``ghost_coef`` (γ, traced; in its ``scalar_names``). Exists for ``resnet20``,
   ``resnet32``, ``resnet56``, ``resnet18``, ``wrn22_2`` and ``wrn28_10``
   (any depth and width of those families).
 
@@ -422,9 +423,10 @@ def lrsi(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
   """
   mask = masks.ones_like(params) if mask is None else mask
   params = masks.apply(params, mask)
-  # Second order: the models' CPU rewrites would multiply the traced program
-  # (sparsejax._xla_cpu.plain_ops); _lrsi_scan retraces per call (new closures).
-  with _xla_cpu.plain_ops():
+  # Second order: traced without the CPU fast path, whose branches autodiff
+  # would multiply (modeling.second_order); _lrsi_scan retraces per call (new
+  # closures).
+  with modeling.second_order():
     scales, info = _lrsi_scan(loss, settings, preprocess, params, mask, data, key)
   info = jax.device_get(info)
   out = {k: np.asarray(v) for k, v in info.items()}
@@ -496,8 +498,6 @@ class LRsIHook(hooks_lib.Hook):
     model, ds = ctx.model, ctx.dataset
     loss_fn = ctx.loss_fn or losses.smoothed_cross_entropy()
     values = schedules.scalar_values(ctx.scalars, jnp.zeros((), jnp.int32))
-    keywords = models.call_keywords(model)
-    model_values = {k: v for k, v in values.items() if k in keywords}
     augment = schedules.config_value(ctx.config, "augment", None)
     augment = bool(ds.augment if augment is None else augment)
     mean = jnp.asarray(ds.mean, jnp.float32)
@@ -512,12 +512,9 @@ class LRsIHook(hooks_lib.Hook):
 
     def loss(params, batch):
       x, y = batch
-      variables = {"params": params, **({"batch_stats": batch_stats}
-                                        if batch_stats else {})}
-      logits, _ = models.apply(model, variables, x, train=True,
-                               rngs={"dropout": jax.random.key(0)},
-                               **model_values)
-      return jnp.mean(loss_fn(logits, y, values))
+      return modeling.loss_and_logits(
+          model, params, {"batch_stats": batch_stats} if batch_stats else {},
+          x, y, loss_fn, scalars=values, rngs={"dropout": jax.random.key(0)})[0]
 
     seed = int(schedules.config_value(ctx.config, "seed", 0))
     data = mesh_lib.put_replicated(

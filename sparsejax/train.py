@@ -87,7 +87,7 @@ from sparsejax import losses
 from sparsejax import masks as masks_lib
 from sparsejax import mesh as mesh_lib
 from sparsejax import metrics_log
-from sparsejax import models
+from sparsejax import modeling
 from sparsejax import optim
 from sparsejax import schedules
 
@@ -249,10 +249,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def _model_scalar_names(model: nn.Module, scalars) -> tuple[str, ...]:
-  """The scalars passed to the model: those named like a keyword of its
-  ``__call__`` (decided once, when a step is built)."""
-  keywords = models.call_keywords(model) - {"x", "train"}
-  return tuple(name for name in (scalars or {}) if name in keywords)
+  """The scalars passed to the model: those it reads
+  (:func:`sparsejax.modeling.scalar_names`)."""
+  return tuple(modeling.model_scalars(model, scalars))
 
 
 class _ReadKeys(Mapping):
@@ -347,8 +346,8 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
       default :func:`sparsejax.losses.smoothed_cross_entropy` ``()`` (plain
       cross-entropy unless a ``"label_smoothing"`` scalar is given).
     scalars: per-step scalar schedules ``{name: optax.Schedule}``; those named
-      like a keyword of ``model.__call__`` (e.g. ``act_coef``) are passed to
-      the model, all of them to ``loss_fn`` and the hooks. Their values are
+      the model reads (``model.scalar_names``, e.g. ``act_coef``) are passed
+      to the model, all of them to ``loss_fn`` and the hooks. Their values are
       traced: changing them never recompiles. Each must be read by the
       model, the loss or a hook (:attr:`sparsejax.hooks.Hook.scalar_names`):
       a scalar nothing reads (a typo such as ``act_coeff``) raises
@@ -383,11 +382,10 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
     loss_scalars = _ReadKeys(values)
 
     def objective(params):
-      logits, model_state = models.apply(
-          model, _variables(params, state.batch_stats), x, train=True,
-          rngs={"dropout": dropout_key},
-          **{name: values[name] for name in model_scalars})
-      loss = jnp.mean(loss_fn(logits, y, loss_scalars))
+      loss, (logits, model_state) = modeling.loss_and_logits(
+          model, params, {"batch_stats": state.batch_stats} if state.batch_stats else {},
+          x, y, loss_fn,
+          scalars=values, loss_scalars=loss_scalars, rngs={"dropout": dropout_key})
       return loss, (logits, model_state.get("batch_stats", state.batch_stats))
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
@@ -444,7 +442,8 @@ def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean, std,
   def step(state: TrainState, sums, images, labels, valid):
     values = schedules.scalar_values({n: scalars[n] for n in model_scalars}, state.step)
     x = data_lib.normalize(images, mean, std)
-    logits, _ = models.apply(model, state.variables, x, train=False, **values)
+    logits, _ = modeling.apply_model(model, state.variables, x, train=False,
+                                     scalars=values)
     loss = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(valid, loss, 0.0)),

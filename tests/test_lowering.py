@@ -39,6 +39,7 @@ from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import scores
 from sparsejax import sparse_inference
@@ -207,12 +208,12 @@ def lrsi():
 
   def loss(p, batch):
     x, y = batch
-    logits, _ = models.apply(model, {**variables, "params": p},
-                             x.astype(jnp.float32) / 255.0, train=True)
+    logits, _ = modeling.apply_model(model, {**variables, "params": p},
+                                     x.astype(jnp.float32) / 255.0, train=True)
     return jnp.mean(tost.off_target_smoothed_cross_entropy(logits, y, 0.0))
 
   settings = tost.LRsI(steps=2, batch_size=BATCH)
-  with _xla_cpu.plain_ops():
+  with modeling.second_order():
     return tost._lrsi_scan.trace(  # pylint: disable=protected-access
         loss, settings, None, masks.apply(params, mask), mask, _data(),
         jax.random.key(2))

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, data, masks, models, tost, train
+from sparsejax import budgets, data, masks, modeling, models, tost, train
 from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
@@ -99,10 +99,12 @@ def test_ghost_model_at_gamma_zero_equals_the_exported_plain_model(name):
   exported = jax.tree.map(lambda p: p * 1.1 + 0.01, exported)
   vg = jax.tree.map(lambda p: p * 1.1 + 0.01, vg)
   for is_train in (False, True):
-    lp, _ = models.apply(plain, exported, X16, train=is_train)
-    lg, _ = models.apply(ghost, vg, X16, train=is_train, ghost_coef=jnp.float32(0))
+    lp, _ = modeling.apply_model(plain, exported, X16, train=is_train)
+    lg, _ = modeling.apply_model(ghost, vg, X16, train=is_train,
+                                 scalars={"ghost_coef": jnp.float32(0)})
     np.testing.assert_array_equal(np.asarray(lp), np.asarray(lg))
-    l1, _ = models.apply(ghost, vg, X16, train=is_train, ghost_coef=jnp.float32(1))
+    l1, _ = modeling.apply_model(ghost, vg, X16, train=is_train,
+                                 scalars={"ghost_coef": jnp.float32(1)})
     assert float(jnp.abs(l1 - lp).max()) > 1e-3  # the paths do act when on
   # two ghost paths (1x1 conv + BN) per block, kernels the constant 1e-4
   ghost_paths = [p for p in masks.paths(vg["params"]) if masks.is_ghost(p)]
@@ -183,9 +185,9 @@ def test_changing_beta_gamma_alpha_never_recompiles():
     return base_loss(logits, labels, scalars)
 
   class Counting(type(model)):
-    def __call__(self, x, train=False, act_coef=None, ghost_coef=None):
+    def __call__(self, x, train=False):
       traces["model"] += 1
-      return super().__call__(x, train, act_coef, ghost_coef)
+      return super().__call__(x, train)
 
   model = Counting(**{f: getattr(model, f) for f in (
       "num_classes", "stage_sizes", "num_filters", "act", "ghost_skips")})
