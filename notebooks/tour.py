@@ -297,7 +297,8 @@ ghost = sj.tost.ghost_model("resnet20", 10)
 images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
 ghost_vars = ghost.init(jax.random.key(0), images[:1])
 plain_vars = sj.tost.export(ghost_vars)
-ghost_logits = ghost.apply(ghost_vars, images, train=False, ghost_coef=0.0)
+ghost_logits, _ = sj.modeling.apply_model(ghost, ghost_vars, images, train=False,
+                                         scalars={"ghost_coef": 0.0})
 plain_logits = sj.models.get("resnet20", 10).apply(plain_vars, images, train=False)
 print("max |difference| at γ = 0:", float(jnp.abs(ghost_logits - plain_logits).max()))
 

@@ -418,6 +418,19 @@ def fast_path() -> contextlib.AbstractContextManager:
   :func:`sparsejax.modeling.apply_model`, the only caller. Inside
   :func:`plain_ops`, or with ``SPARSEJAX_XLA_CPU_DEFAULTS=0``, it changes
   nothing. Values are the same up to float rounding; GPU and TPU lower the
-  plain forms.
+  plain forms. Nested (an ``apply_model`` inside another), the inner context
+  adds nothing: each convolution input is materialised once.
   """
-  return nn.intercept_methods(_intercept)
+  if getattr(_local, "fast_path", False):
+    return contextlib.nullcontext()
+  return _fast_path_context()
+
+
+@contextlib.contextmanager
+def _fast_path_context():
+  _local.fast_path = True
+  try:
+    with nn.intercept_methods(_intercept):
+      yield
+  finally:
+    _local.fast_path = False

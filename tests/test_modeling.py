@@ -112,3 +112,19 @@ def test_only_modeling_applies_the_cpu_fast_path():
            if _imports(p) & cpu}
   assert users == {"sparsejax/__init__.py", "sparsejax/modeling.py",
                    "sparsejax/_xla_cpu.py"}
+
+
+def test_the_fast_path_is_installed_once_when_nested():
+  from sparsejax import _xla_cpu  # pylint: disable=g-import-not-at-top
+  model = _small()
+  variables = model.init(jax.random.key(0), X)
+
+  def conds(nested):
+    def f(v):
+      if nested:
+        with _xla_cpu.fast_path():
+          return modeling.apply_model(model, v, X, train=False)[0]
+      return modeling.apply_model(model, v, X, train=False)[0]
+    return str(jax.make_jaxpr(f)(variables)).count("platform_index")
+
+  assert conds(False) > 0 and conds(True) == conds(False)
