@@ -223,8 +223,13 @@ def reset_moments(opt_state, positions: PyTree):
   return jax.tree.map(reset, opt_state, is_leaf=_is_masked_state)
 
 
+_HYPERPARAMS_STATES = tuple({optax.InjectHyperparamsState,
+                             getattr(optax, "InjectStatefulHyperparamsState",
+                                     optax.InjectHyperparamsState)})
+
+
 def _is_hyperparams_state(x) -> bool:
-  return isinstance(x, optax.InjectHyperparamsState)
+  return isinstance(x, _HYPERPARAMS_STATES)
 
 
 def find_hyperparam(opt_state, name: str) -> jax.Array | None:
