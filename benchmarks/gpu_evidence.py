@@ -38,7 +38,7 @@ whatever is running, after a last line ``{"figure": "end", "stopped":
    img/s of the train step :func:`sparsejax.train.fit` runs
    (:func:`sparsejax.train.make_train_step`: batch gathered on device from a
    uint8 set, crop and flip, SGD momentum with weight decay) on ResNet-20 at
-   batch 128: ``dense``; ``masked`` (:func:`sparsejax.optim.masked`, 90% ERK);
+   batch 128: ``dense``; ``masked`` (:func:`sparsejax.optim.sparse`, 90% ERK);
    ``rigl`` (:func:`sparsejax.dst.rigl` at ΔT = 100: the step without a mask
    update and the update step timed apart, amortised as (99 · plain +
    update) / 100); ``bf16`` (the dense step of the model built with
@@ -950,7 +950,7 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   model = sj.models.get("resnet20", 10, **sizes.model_kwargs)
   inner = base_optimizer()
   sample = jnp.zeros((1, *INPUT_SHAPE))
-  shared_tx = sj.optim.masked(inner, random_mask(model, 1))
+  shared_tx = sj.optim.sparse(inner, random_mask(model, 1))
   images, labels = data
   batches = sizes.images // sizes.batch
   base = {"model": sizes.model_label, "batch": sizes.batch,

@@ -66,7 +66,7 @@ WORK = tempfile.mkdtemp(prefix="sparsejax-tour-")  # every run's checkpoints and
 # %% [markdown]
 # ## 1. The library in one optax loop (SPEC §1)
 #
-# A mask is a pytree of booleans parallel to the params. `sj.optim.masked` wraps any optax
+# A mask is a pytree of booleans parallel to the params. `sj.optim.sparse` wraps any optax
 # optimiser: the mask lives in the optimiser state and pruned weights stay exactly zero.
 # That is the one line a plain optax training loop needs.
 
@@ -82,7 +82,7 @@ params = model.init(jax.random.key(0), sample)["params"]
 mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), 0.9, budget="global")
 print(sj.masks.summary(mask))
 
-tx = sj.optim.masked(optax.sgd(0.05, momentum=0.9), mask)  # the one extra line
+tx = sj.optim.sparse(optax.sgd(0.05, momentum=0.9), mask)  # the one extra line
 params = sj.masks.apply(params, mask)
 opt_state = tx.init(params)
 
@@ -238,7 +238,7 @@ start_mask = sj.dst.random_mask(jax.random.key(2), init_params, DST_SPARSITY, bu
 inner = optax.sgd(optax.cosine_decay_schedule(0.05, total), momentum=0.9)
 dst_runs = {}
 for name, tx in {
-    "static": sj.optim.masked(inner, start_mask),
+    "static": sj.optim.sparse(inner, start_mask),
     "SET": sj.dst.set(inner, start_mask, update_every=20, end_step=int(0.75 * total),
                       drop_fraction=sj.dst.cosine_drop_fraction(0.3, int(0.75 * total))),
     "RigL": sj.dst.rigl(inner, start_mask, update_every=20, end_step=int(0.75 * total)),

@@ -325,3 +325,19 @@ def test_experiments_refuse_gmp_with_nm():
   config.dst, config.budget, config.sparsity = "gmp", "2:4", 0.5
   with pytest.raises(ValueError, match="cannot keep an N:M budget"):
     common.resolve_config(ml_collections.ConfigDict(config.to_dict()))
+
+
+def test_runner_anneals_the_activation_blend(tmp_path):
+  """experiments.common feeds the act_coef scalar to fit (from test_fit_hooks)."""
+  cfg = digits.get_config()
+  cfg.update(dict(num_epochs=2, batch_size=32, progress_bar=False,
+                  tensorboard=False, act_coef_schedule=(1.0, 0.0, 1, 1)))
+  result = common.run(cfg, str(tmp_path))
+  # Swish for epoch 1 (44 steps), then linear to ReLU over epoch 2.
+  assert [r["act_coef"] for r in result.history] == pytest.approx(
+      [1.0, 1 - 43 / 44])
+  bad = cfg.copy_and_resolve_references()
+  bad.update(dict(act_coef_schedule=(1.0, 0.0)))
+  with pytest.raises(ValueError, match="act_coef_schedule"):
+    common.resolve_config(bad)
+
