@@ -6,7 +6,7 @@ Usage:
 Builds the same jitted train step (forward, backward, SGD momentum with
 weight decay, apply) three times on ResNet-20 at 90% ERK sparsity:
 
-* ``static``: ``sparsejax.optim.masked`` (a fixed mask);
+* ``static``: ``sparsejax.optim.sparse`` (a fixed mask);
 * ``rigl``: ``sparsejax.dst.rigl_optimizer`` with ``ΔT = 100``, timed on steps that do
   not update the mask (the ``lax.cond`` takes the cheap branch);
 * ``update``: the same RigL step on a mask-update step (``ΔT = 1``, so every
@@ -62,7 +62,7 @@ def main():
                        optax.sgd(0.1, momentum=0.9))
 
   txs = {
-      "static": sj.optim.masked(inner(), mask),
+      "static": sj.optim.sparse(inner(), mask),
       # start_step far away: every timed step takes the no-update branch.
       "rigl": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=100,
                                     start_step=10**8),

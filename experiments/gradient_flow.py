@@ -93,6 +93,7 @@ from sparsejax import masks
 from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import schedules
+from sparsejax import state as state_lib
 from sparsejax import train
 
 #: The runner named in the signatures of the grid and its cells.
@@ -187,7 +188,7 @@ def cell_config(config: ml_collections.ConfigDict, method: str,
 
 
 def _kernel_count(model, sample) -> int:
-  params = jax.eval_shape(lambda: train.init_variables(
+  params = jax.eval_shape(lambda: state_lib.init_variables(
       model, sample, jax.random.key(0)))["params"]
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)
              if len(p.shape) > 1)
@@ -256,11 +257,11 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
   model = models.get(cfg.model, dataset.num_classes, **kwargs)
   spe = schedules.steps_per_epoch(dataset.num_train, cfg.batch_size)
   total = int(cfg.num_epochs) * spe
-  inner = schedules.make_optimizer(cfg, spe)
+  inner = common.make_optimizer(cfg, spe)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   key = jax.random.key(seed)
   prunable = common.make_prunable(cfg.prunable, model, dataset.image_shape)
-  base = train.create_train_state(model, inner, sample, key)
+  base = state_lib.create_train_state(model, inner, sample, key)
   theta0 = base.params
   init_gain = getattr(model, "init_gain", None)
   reinit = lambda params, mask: gradient_flow.sparse_init(
@@ -285,8 +286,8 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
     if method == "lottery":
       fit_kw = dict(mask=mask)  # θ_0 ⊙ m: the same seed, the same init
     else:
-      state = train.create_train_state(model, inner, sample, key, mask=mask)
-      other = train.init_variables(model, sample, jax.random.fold_in(
+      state = state_lib.create_train_state(model, inner, sample, key, mask=mask)
+      other = state_lib.init_variables(model, sample, jax.random.fold_in(
           key, _SCRATCH_KEY))["params"]
       params = reinit(other, mask) if method == "scratch_plus" else other
       fit_kw = dict(initial_state=state.replace(params=masks.apply(params, mask)))
@@ -306,16 +307,16 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
     if method == "rigl":
       fit_kw = dict(tx=tx)
     else:
-      state = train.create_train_state(model, tx, sample, key)
+      state = state_lib.create_train_state(model, tx, sample, key)
       fit_kw = dict(initial_state=state.replace(params=reinit(state.params, mask)))
   flow = gradient_flow.GradientFlow(model, flow_batch, every=int(cfg.flow_every),
                                     update_steps=update_steps, prunable=prunable)
-  # The state fit starts from (without a checkpoint), for initial/.
+  # The state fit starts from (without a checkpoint; saved in initial/).
   if "initial_state" in fit_kw:
     start = fit_kw["initial_state"]
   elif fit_kw:
-    start = train.create_train_state(model, fit_kw.get("tx", inner), sample, key,
-                                     mask=fit_kw.get("mask"))
+    start = state_lib.create_train_state(model, fit_kw.get("tx", inner), sample,
+                                         key, mask=fit_kw.get("mask"))
   else:
     start = base
   if not epath.Path(os.path.join(cell_dir, "initial", lottery.TICKET_META)).exists():
@@ -323,8 +324,9 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
           start.mask if start.mask is not None else masks.ones_like(start.params),
           start.params, method=method, seed=seed)
   t0 = time.perf_counter()
-  result = train.fit(cfg, cell_dir, model=model, dataset=dataset, hooks=[flow],
-                     **fit_kw)
+  result = train.fit(model, dataset, cell_dir, init=start, hooks=[flow.hook()],
+                     callbacks=[flow.callback()], loss_fn=common.default_loss(cfg),
+                     **common.fit_args(cfg))
   if result.preempted:
     return result
   state = result.state

@@ -75,6 +75,7 @@ from sparsejax import masks
 from sparsejax import mesh as mesh_lib
 from sparsejax import models
 from sparsejax import schedules
+from sparsejax import state as state_lib
 from sparsejax import train
 
 #: The runner named in the signature of the run directory (``run.json``).
@@ -212,8 +213,8 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
 # ----------------------------------------------------------------------------
 
 
-def control_state(control: str, key: jax.Array, point: train.TrainState,
-                  mask, model, sample: jax.Array) -> train.TrainState:
+def control_state(control: str, key: jax.Array, point: state_lib.TrainState,
+                  mask, model, sample: jax.Array) -> state_lib.TrainState:
   """The state a control starts from, at the rewind point with ``mask``'s level.
 
   * ``"reinit"``: ``mask`` on the weights (and batch-norm statistics) of
@@ -225,7 +226,7 @@ def control_state(control: str, key: jax.Array, point: train.TrainState,
   (:func:`sparsejax.lottery.rewind_state`).
   """
   if control == "reinit":
-    variables = train.init_variables(model, sample, key)
+    variables = state_lib.init_variables(model, sample, key)
     return lottery.rewind_state(point, mask, params=variables["params"],
                                 batch_stats=variables.get("batch_stats", {}))
   return lottery.rewind_state(point, lottery.random_reprune_mask(key, mask))
@@ -291,13 +292,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
                config.levels, 100 * config.prune_fraction, k,
                config.controls or "off")
 
-  def fit(subdir, **kwargs) -> train.FitResult:
-    return train.fit(config, os.path.join(workdir, subdir), model=model,
-                     dataset=dataset, mesh=mesh, **kwargs)
+  def fit(subdir, init, **kwargs) -> train.FitResult:
+    return train.fit(model, dataset, os.path.join(workdir, subdir), init=init,
+                     mesh=mesh, loss_fn=common.default_loss(config),
+                     **common.fit_args(config), **kwargs)
 
   # The rewind point: dense training (in the sparse format, all-ones mask, so
   # that every level shares one state structure) stopped at step k.
-  point = fit("rewind_point", mask=masks.ones_like, stop_at_step=k)
+  tx = common.make_optimizer(config, steps_per_epoch)
+  point = fit("rewind_point", lambda: state_lib.create_train_state(
+      model, tx, sample, jax.random.key(int(config.seed)), mask=masks.ones_like),
+              stop_at_step=k)
   if point.preempted:
     return LotteryResult([], True, None)
   point = point.state
@@ -338,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       logging.warning("level %d: layer collapse in %s", level,
                       list(summary.collapsed))
 
-    result = fit(f"level_{level}", initial_state=lottery.rewind_state(point, mask))
+    result = fit(f"level_{level}", lottery.rewind_state(point, mask))
     if result.preempted:
       return LotteryResult(rows, True, None)
     row["ticket"] = result.history[-1]["test_accuracy"]
@@ -354,8 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       key = jax.random.fold_in(jax.random.fold_in(control_key,
                                                   CONTROLS.index(control)), level)
       ctrl = fit(os.path.join(f"level_{level}", f"control_{control}"),
-                 initial_state=control_state(control, key, point, mask, model,
-                                             sample))
+                 control_state(control, key, point, mask, model, sample))
       if ctrl.preempted:
         return LotteryResult(rows, True, None)
       row[control] = ctrl.history[-1]["test_accuracy"]

@@ -5,7 +5,7 @@ Submodules:
     per-layer overrides) and ``parse`` for command-line names.
   masks: pytree masks, prunability, exact top-k under a budget, random masks.
   nm: N:M masks (``budgets.NM(2, 4)``): checks and the group helpers.
-  optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
+  optim: ``sparse(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
   modeling: the one closure that applies a model (model state, per-step
     scalars, the CPU fast path): ``apply_model``, ``loss_and_logits``.
@@ -23,11 +23,13 @@ Submodules:
     random re-initialisation and re-pruning controls, ticket files.
   tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
     skips, label smoothing, LRsI) and its presets.
-  train: train state, sharded train/eval steps, checkpointed ``fit`` and its
-    extension points (optimiser, per-step scalars, loss, hooks).
-  hooks: the ``Hook`` protocol through which methods extend ``fit``.
-  schedules: the optimiser and learning-rate schedule of a config, steps per
-    epoch, per-step scalar schedules.
+  state: the train state (``TrainState``, ``create_train_state``).
+  train: the carry, sharded train/eval steps, checkpointed ``fit`` and its
+    extension points (initial state, per-step scalars, loss, hooks, callbacks).
+  hooks: step hooks ``StepHook(init, update)`` and host ``Callback`` s,
+    through which methods extend ``fit``.
+  schedules: the optimiser and its learning-rate schedule, steps per epoch,
+    per-step scalar schedules.
   losses: the softmax cross-entropy and the default training loss.
   mesh: the data-parallel mesh and array placement.
   checkpoints: Orbax checkpoints with quarantine, run signatures, the
@@ -71,6 +73,7 @@ from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
+from sparsejax import state
 from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import train
@@ -79,5 +82,5 @@ __version__ = "0.1.0"
 
 __all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "modeling", "models", "nm", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
+           "schedules", "scores", "sparse_inference", "sparse_io", "state", "suptickets",
            "tost", "train"]

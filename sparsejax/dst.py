@@ -2,7 +2,7 @@
 
 SET, RigL, gradual magnitude pruning (GMP) and GraNet change the mask during
 training. Each is a wrapper around any optax optimiser, like
-:func:`sparsejax.optim.masked`: the mask lives in the optimiser state, the
+:func:`sparsejax.optim.sparse`: the mask lives in the optimiser state, the
 mask update runs inside the jitted step under ``lax.cond`` every ``ΔT``
 steps (never a recompilation, never a host round trip), and
 ``optax.apply_updates`` alone keeps every pruned entry exactly 0::
@@ -346,7 +346,7 @@ ExtraUpdates = Sequence[tuple[StepPredicate, MaskUpdate]]
 :func:`dynamic_sparse`)."""
 
 
-def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
+def dynamic_sparse(inner: optax.GradientTransformation, mask: optim.MaskOrFn,
                    mask_update: MaskUpdate, *, update_every: int = 100,
                    start_step: int | None = None, end_step: int | None = None,
                    skip_update: bool = True, seed: int = 0,
@@ -382,7 +382,8 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
 
   Args:
     inner: any optax transformation (extra args are forwarded).
-    mask: the initial bool mask, parallel to the params.
+    mask: the initial bool mask, parallel to the params, or a callable
+      ``params -> mask`` called by ``init`` (as in :func:`sparsejax.optim.sparse`).
     mask_update: the rule, e.g. that of :func:`set_optimizer`,
       :func:`rigl_optimizer`, :func:`gmp_optimizer` or :func:`granet_optimizer`.
     update_every: ``ΔT`` in steps (default 100).
@@ -409,7 +410,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
   if end_step is not None and _checks.step(end_step, "end_step") <= start:
     raise ValueError(f"end_step must be after start_step ({start}): no mask "
                      f"update would run; got end_step={end_step!r}")
-  masked = optim.masked(inner, mask)
+  masked = optim.sparse(inner, mask)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -525,6 +526,21 @@ def _check_nm_start(mask: PyTree, nm: budgets.NM | None, prunable) -> None:
   nm_lib.check_nm(mask, nm, prunable=divisible)
 
 
+def _nm_start(mask, nm: str | None, prunable):
+  """``mask`` checked by :func:`_check_nm_start` (a mask function: its result,
+  when ``init`` calls it)."""
+  if not callable(mask):
+    _check_nm_start(mask, nm, prunable)
+    return mask
+
+  def checked(params):
+    out = mask(params)
+    _check_nm_start(out, nm, prunable)
+    return out
+
+  return checked
+
+
 def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
                        prunable=None, nm: budgets.NM | None = None) -> MaskUpdate:
   """The :data:`MaskUpdate` of SET and RigL: :func:`drop_and_grow` per prunable layer.
@@ -581,7 +597,7 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
   return rule
 
 
-def set_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
+def set_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
                   drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
                   start_step: int | None = None, end_step: int | None = None,
                   skip_update: bool = True, prunable=None, seed: int = 0,
@@ -592,7 +608,7 @@ def set_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
   Args:
     inner: the optimiser to wrap.
     mask: initial mask (e.g. :func:`sparsejax.masks.random_mask` with an
-      ``ERK()`` budget).
+      ``ERK()`` budget), or a callable ``params -> mask`` called by ``init``.
     drop_fraction: ``f(t)``: a float or an optax schedule of the step, e.g.
       :func:`cosine_drop_fraction` (default constant 0.3).
     update_every, start_step, end_step, skip_update, seed, extra_updates:
@@ -606,7 +622,7 @@ def set_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
       emptied (:func:`drop_and_grow_nm`), so the mask stays N:M. Layers whose
       input dimension is not divisible by M keep per-layer counts.
   """
-  _check_nm_start(mask, nm, prunable)
+  mask = _nm_start(mask, nm, prunable)
   rule = drop_and_grow_rule(drop_fraction, "random", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
@@ -614,7 +630,7 @@ def set_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
                         extra_updates=extra_updates)
 
 
-def rigl_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
+def rigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
                    end_step: int, alpha: float = 0.3,
                    drop_fraction: ScalarOrSchedule | None = None,
                    update_every: int = 100, start_step: int | None = None,
@@ -647,7 +663,7 @@ def rigl_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
   Args:
     inner: the optimiser to wrap.
     mask: initial mask (e.g. :func:`sparsejax.masks.random_mask` with an
-      ``ERK()`` budget).
+      ``ERK()`` budget), or a callable ``params -> mask`` called by ``init``.
     end_step: ``T_end``.
     alpha: initial drop fraction of the cosine schedule.
     drop_fraction: overrides the cosine schedule (float or optax schedule).
@@ -657,7 +673,7 @@ def rigl_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
     nm: ``None`` or an :class:`~sparsejax.budgets.NM` budget kept through
       every update; see :func:`set_optimizer`.
   """
-  _check_nm_start(mask, nm, prunable)
+  mask = _nm_start(mask, nm, prunable)
   _checks.fraction(alpha, "alpha")
   end_step = _checks.step(end_step, "end_step", 1)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
@@ -678,7 +694,7 @@ def _magnitude_prune(sparsity: optax.Schedule, prunable):
   return rule
 
 
-def gmp_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
+def gmp_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
                   final_sparsity: float, start_step: int, end_step: int,
                   initial_sparsity: float = 0.0, update_every: int = 100,
                   regrow_fraction: ScalarOrSchedule | None = None,
@@ -743,7 +759,7 @@ def gmp_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
                         extra_updates=extra_updates)
 
 
-def granet_optimizer(inner: optax.GradientTransformation, mask: PyTree, *,
+def granet_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
                      final_sparsity: float, start_step: int, end_step: int,
                      regrow_end_step: int, initial_sparsity: float = 0.0,
                      alpha: float = 0.5, update_every: int = 1000,
@@ -774,25 +790,31 @@ def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
   return jnp.asarray(changed, jnp.float32) / max(total, 1)
 
 
-class MaskChurn(hooks.Hook):
-  """A :func:`sparsejax.train.fit` hook that records how much the mask moves.
+class MaskChurn:
+  """How much the mask moves: a step hook and an epoch-end callback of
+  :func:`sparsejax.train.fit`.
 
-  Adds ``mask_churn`` to every epoch record: the fraction of all mask entries
-  (non-prunable ones included) that differ from the mask at the previous
-  epoch end (at the start of training for the first epoch). With
-  ``log_every_steps=K`` it also logs ``mask_churn`` every ``K`` steps to
-  ``steps.jsonl`` (the change since the previous log), computed inside the
-  jitted step. The reference masks are the hook's state, so a resumed run
-  continues the same series.
+  :meth:`callback` adds ``mask_churn`` to every epoch record: the fraction of
+  all mask entries (non-prunable ones included) that differ from the mask at
+  the previous epoch end (at the start of training for the first epoch).
+  With ``log_every_steps=K`` :meth:`hook` also logs ``mask_churn`` every
+  ``K`` steps to ``steps.jsonl`` (the change since the previous log),
+  computed inside the jitted step. The reference masks are the hook's state,
+  so a resumed run continues the same series.
+
+  Example::
+
+    churn = dst.MaskChurn(log_every_steps=100)
+    train.fit(..., hooks=[churn.hook()], callbacks=[churn.callback()])
 
   Args:
     log_every_steps: per-step logging period, or ``None`` (epochs only).
+    name: the hook's name (default ``"dst"``).
   """
 
-  name = "dst"
-
-  def __init__(self, log_every_steps: int | None = None):
+  def __init__(self, log_every_steps: int | None = None, name: str = "dst"):
     self.log_every_steps = log_every_steps
+    self.name = name
 
   def init(self, state):
     mask = state.mask
@@ -801,7 +823,7 @@ class MaskChurn(hooks.Hook):
                        "state that holds a mask)")
     return {"epoch": mask, "step": mask}
 
-  def after_step(self, hook_state, state, info):
+  def update(self, hook_state, state, info):
     if self.log_every_steps is None:
       return hook_state, state, {}
     mask = state.mask
@@ -811,8 +833,18 @@ class MaskChurn(hooks.Hook):
     ref = jax.tree.map(lambda a, b: jnp.where(due, b, a), hook_state["step"], mask)
     return dict(hook_state, step=ref), state, {"mask_churn": churn}
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    del epoch, ctx
-    mask = state.mask
-    churn = float(mask_churn(hook_state["epoch"], mask))
-    return dict(hook_state, epoch=mask), state, {"mask_churn": churn}
+  def hook(self) -> hooks.StepHook:
+    """The :class:`sparsejax.hooks.StepHook` (state: the reference masks)."""
+    return hooks.StepHook(self.init, self.update, name=self.name,
+                          logs_at=hooks.every(self.log_every_steps))
+
+  def epoch_end(self, step, carry, ctx):
+    del step
+    hook_state, mask = carry.hook_states[self.name], carry.state.mask
+    ctx.record["mask_churn"] = float(mask_churn(hook_state["epoch"], mask))
+    return carry.replace(hook_states=dict(
+        carry.hook_states, **{self.name: dict(hook_state, epoch=mask)}))
+
+  def callback(self) -> hooks.Callback:
+    """The epoch-end :class:`sparsejax.hooks.Callback` (``mask_churn`` field)."""
+    return hooks.callback(self.epoch_end, at_epoch_end=True)

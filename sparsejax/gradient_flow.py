@@ -12,14 +12,15 @@ that. This module has
 * :func:`active_fans`: those per-weight active fan-ins / fan-outs;
 * :func:`masked_grad_norms`: the global and per-layer L2 norm of the masked
   gradient of the plain cross-entropy on a fixed batch;
-* :class:`GradientFlow`: a :class:`sparsejax.hooks.Hook` that measures it
+* :class:`GradientFlow`: a :class:`sparsejax.hooks.StepHook` that measures it
   inside the jitted train step every ``K`` steps and on every step of a
   dynamic-sparse-training mask update, just before and just after it, and
   logs it to ``steps.jsonl`` without a host sync per step::
 
     flow = gradient_flow.GradientFlow(model, held_out, every=100,
                                       update_steps=gradient_flow.UpdateSteps(100))
-    train.fit(config, workdir, model=model, dataset=ds, tx=tx, hooks=[flow])
+    train.fit(model, ds, workdir, init=init, num_epochs=E, batch_size=B,
+              hooks=[flow.hook()], callbacks=[flow.callback()])
 
 Shapes follow Flax: a dense kernel is ``[d_in, d_out]``, a conv kernel
 ``[kh, kw, c_in / groups, c_out]``; the output unit is the last axis, the
@@ -312,8 +313,10 @@ class UpdateSteps:
     return on
 
 
-class GradientFlow(hooks.Hook):
-  """A :func:`sparsejax.train.fit` hook logging the gradient flow (SPEC §5).
+class GradientFlow:
+  """The gradient flow (SPEC §5): a step hook and an epoch-end callback of
+  :func:`sparsejax.train.fit` (``hooks=[flow.hook()],
+  callbacks=[flow.callback()]``).
 
   On the steps it logs it computes, inside the jitted train step (under
   ``lax.cond``, nothing on the other steps), the gradient flow
@@ -334,7 +337,7 @@ class GradientFlow(hooks.Hook):
   at ``s = t + 1`` for every mask-update step ``t`` (the optimiser's step
   count equals the train state's when training starts at step 0). Its state
   keeps the latest ``grad_norm``, which every epoch record of
-  ``metrics.jsonl`` (and TensorBoard) also gets.
+  ``metrics.jsonl`` (and TensorBoard) also gets (:meth:`callback`).
 
   Args:
     model: the linen module being trained.
@@ -354,7 +357,7 @@ class GradientFlow(hooks.Hook):
     self.model = model
     self.batch = (jnp.asarray(batch[0], jnp.float32),
                   jnp.asarray(batch[1], jnp.int32))
-    self.every = self.log_every_steps = int(every)
+    self.every = int(every)
     self.update_steps = update_steps
     self.prunable = prunable
     self.name = name
@@ -378,11 +381,20 @@ class GradientFlow(hooks.Hook):
     del state
     return {"grad_norm": jnp.zeros((), jnp.float32)}
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    del epoch, ctx
-    return hook_state, state, {"grad_norm": hook_state["grad_norm"]}
+  def epoch_end(self, step, carry, ctx):
+    del step
+    ctx.record["grad_norm"] = carry.hook_states[self.name]["grad_norm"]
 
-  def after_step(self, hook_state, state, info):
+  def hook(self) -> hooks.StepHook:
+    """The :class:`sparsejax.hooks.StepHook` that measures in the step."""
+    return hooks.StepHook(self.init, self.update, name=self.name,
+                          logs_at=self.logs_at)
+
+  def callback(self) -> hooks.Callback:
+    """The epoch-end :class:`sparsejax.hooks.Callback` (``grad_norm`` field)."""
+    return hooks.callback(self.epoch_end, at_epoch_end=True)
+
+  def update(self, hook_state, state, info):
     if info.state_before is None:
       raise ValueError("GradientFlow needs StepInfo.state_before")
     before = info.state_before

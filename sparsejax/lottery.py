@@ -27,7 +27,7 @@ Fresh optimiser state at the rewind point: every moment (momentum trace, Adam
 schedule -- stay at ``k``, like the new optimiser of OpenLTH whose schedule is
 advanced to the rewind step. Training then runs steps ``k..T`` with the data
 order and augmentation of those steps (:func:`sparsejax.train.fit` with
-``initial_state``).
+``init=rewind_state(...)``).
 
 The control experiments of the lottery-ticket literature, on the same masks:
 
@@ -71,7 +71,7 @@ from sparsejax import budgets
 from sparsejax import masks
 from sparsejax import optim
 from sparsejax import scores
-from sparsejax import train
+from sparsejax import state as state_lib
 
 PyTree = Any
 
@@ -245,9 +245,9 @@ def fresh_optimizer_state(opt_state, mask: PyTree):
   return optim.set_mask(optim.reset_moments(opt_state, everywhere), mask)
 
 
-def rewind_state(point: train.TrainState, mask: PyTree, *,
+def rewind_state(point: state_lib.TrainState, mask: PyTree, *,
                  params: PyTree | None = None,
-                 batch_stats: PyTree | None = None) -> train.TrainState:
+                 batch_stats: PyTree | None = None) -> state_lib.TrainState:
   """The train state a level starts from: ``point`` rewound under ``mask``.
 
   * ``step``: ``point.step`` (the rewind step ``k``), so that

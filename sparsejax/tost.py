@@ -30,7 +30,7 @@ final network is the plain sparse network of the original architecture:
   (Zhu et al. 2021) on the masked network, :func:`lrsi`: one positive scale
   per parameter tensor, learned by Adam so that the loss after one
   normalised SGD step is minimal subject to a gradient-norm bound; then
-  folded into the weights (pruned entries stay exactly 0). :class:`LRsIHook`
+  folded into the weights (pruned entries stay exactly 0). :class:`LRsICallback`
   runs it inside :func:`sparsejax.train.fit` on a fresh start.
 
 Every schedule is a :class:`Ramp` (hold a value for a fraction of training,
@@ -49,14 +49,15 @@ counter: changing β, γ or α never recompiles. Presets (:func:`preset`):
 
 Example::
 
-  from sparsejax import tost, train
+  from sparsejax import state, tost, train
 
   recipe = tost.preset("ghost")
   model = recipe.model("resnet20", num_classes=10)   # ghost skips, blend act
   total = num_epochs * steps_per_epoch
-  result = train.fit(config, workdir, model=model, dataset=ds, mask=mask_fn,
-                     scalars=recipe.scalars(total), loss_fn=recipe.loss_fn(),
-                     hooks=recipe.hooks())
+  init = lambda: state.create_train_state(model, tx, sample, key, mask=mask_fn)
+  result = train.fit(model, ds, workdir, init=init, num_epochs=num_epochs,
+                     batch_size=batch_size, scalars=recipe.scalars(total),
+                     loss_fn=recipe.loss_fn(), callbacks=recipe.callbacks())
   plain = tost.export(result.state.variables)  # params of resnet20 itself
 """
 
@@ -472,14 +473,15 @@ def _lrsi_scan(loss, settings, preprocess, params, mask, data, key):
   return scales, info
 
 
-class LRsIHook(hooks_lib.Hook):
-  """Runs :func:`lrsi` on the initial train state of a fresh :func:`fit` run.
+class LRsICallback(hooks_lib.Callback):
+  """Runs :func:`lrsi` on the initial train state of a fresh :func:`fit` run
+  (a :class:`sparsejax.hooks.Callback` ``at_fresh_start``).
 
   The loss is ``fit``'s training loss of the model in training mode (batch
   statistics of the batch, running averages left as they are) with the
   per-step scalars of step 0 (e.g. β(0), γ(0), α(0)); the data are the
-  training images, augmented like training (when the dataset or config
-  says so) and normalised; the key is ``fold_in(key(seed), 3)``. After the
+  training images, augmented like training (when fit augments) and
+  normalised; the key is ``fold_in(key(seed), 3)``. After the
   run, :attr:`info` holds :func:`lrsi`'s info and ``seconds``, its wall time
   with compilation (on a resumed run, where the
   checkpoint already holds the rescaled weights, it stays ``None``).
@@ -488,18 +490,18 @@ class LRsIHook(hooks_lib.Hook):
     settings: :class:`LRsI`.
   """
 
-  name = "lrsi"
+  at_fresh_start = True
 
   def __init__(self, settings: LRsI = LRsI()):
     self.settings = settings
     self.info: dict | None = None
 
-  def fresh_start(self, state, ctx: hooks_lib.FitContext):
-    model, ds = ctx.model, ctx.dataset
+  def __call__(self, step, carry, ctx: hooks_lib.FitContext):
+    del step
+    state, model, ds = carry.state, ctx.model, ctx.dataset
     loss_fn = ctx.loss_fn or losses.smoothed_cross_entropy()
     values = schedules.scalar_values(ctx.scalars, jnp.zeros((), jnp.int32))
-    augment = schedules.config_value(ctx.config, "augment", None)
-    augment = bool(ds.augment if augment is None else augment)
+    augment = ctx.augment
     mean = jnp.asarray(ds.mean, jnp.float32)
     std = jnp.asarray(ds.std, jnp.float32)
     batch_stats = state.batch_stats
@@ -516,7 +518,7 @@ class LRsIHook(hooks_lib.Hook):
           model, params, {"batch_stats": batch_stats} if batch_stats else {},
           x, y, loss_fn, scalars=values, rngs={"dropout": jax.random.key(0)})[0]
 
-    seed = int(schedules.config_value(ctx.config, "seed", 0))
+    seed = ctx.seed
     data = mesh_lib.put_replicated(
         (np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)),
         ctx.mesh)
@@ -525,7 +527,7 @@ class LRsIHook(hooks_lib.Hook):
         loss, state.params, state.mask, data,
         jax.random.fold_in(jax.random.key(seed), 3), self.settings, preprocess)
     self.info = dict(info, seconds=time.perf_counter() - start)
-    return state.replace(params=params)
+    return carry.replace(state=state.replace(params=params))
 
 
 # ----------------------------------------------------------------------------
@@ -593,9 +595,9 @@ class ToST:
     (``fit``'s default loss)."""
     return label_smoothing_loss() if self.label_smoothing is not None else None
 
-  def hooks(self) -> tuple[hooks_lib.Hook, ...]:
-    """``(LRsIHook(lrsi),)`` with ``lrsi``, else ``()``."""
-    return (LRsIHook(self.lrsi),) if self.lrsi is not None else ()
+  def callbacks(self) -> tuple[hooks_lib.Callback, ...]:
+    """``(LRsICallback(lrsi),)`` with ``lrsi``, else ``()``."""
+    return (LRsICallback(self.lrsi),) if self.lrsi is not None else ()
 
 
 PRESETS: dict[str, ToST] = {
@@ -627,7 +629,7 @@ def preset(name: str, **overrides: Any) -> ToST:
 
 __all__ = [
     "ACT_COEF", "GHOST_COEF", "GHOST_RAMP", "GHOST_SMOOTHING", "LABEL_SMOOTHING",
-    "LRsI", "LRsIHook", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
+    "LRsI", "LRsICallback", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
     "is_bias", "label_smoothing_loss", "lift_mask", "lrsi", "lrsi_objective",
     "off_target_smoothed_cross_entropy", "preset", "scale_floors", "smoothed_targets",
     "supports_ghost_skips",

@@ -503,7 +503,7 @@ def test_rigl_step_does_not_grow_with_the_number_of_same_shape_layers():
 
     inner = optax.sgd(0.1, momentum=0.9)
     return (size(dst.rigl_optimizer(inner, mask, end_step=1000, update_every=10))
-            - size(optim.masked(inner, mask)))
+            - size(optim.sparse(inner, mask)))
 
   two, six = excess(2), excess(6)
   assert six - two <= 4 * 40, (two, six)

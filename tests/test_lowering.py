@@ -42,6 +42,7 @@ from sparsejax import mesh as mesh_lib
 from sparsejax import modeling
 from sparsejax import models
 from sparsejax import scores
+from sparsejax import state as state_lib
 from sparsejax import sparse_inference
 from sparsejax import suptickets
 from sparsejax import tost
@@ -77,23 +78,21 @@ def _data(n=2 * BATCH, shape=SHAPE):
 
 
 def _variables(model, shape=SHAPE):
-  return train.init_variables(model, jnp.zeros((1, *shape)), jax.random.key(0))
+  return state_lib.init_variables(model, jnp.zeros((1, *shape)), jax.random.key(0))
 
 
 def _train_step(model, tx=None, *, mask=None, batch_size=BATCH, shape=SHAPE,
                 hooks=(), **step_kwargs):
   """``(traced train step, None)`` of ``model`` with ``tx`` (default SGD)."""
   tx = optax.sgd(0.1, 0.9) if tx is None else tx
-  state = train.create_train_state(model, tx, jnp.zeros((1, *shape)),
-                                   jax.random.key(0), mask=mask)
+  state = state_lib.create_train_state(model, tx, jnp.zeros((1, *shape)),
+                                       jax.random.key(0), mask=mask)
   step = train.make_train_step(model, mesh=mesh_lib.make_mesh(1),
                                batch_size=batch_size, mean=np.zeros(3),
                                std=np.ones(3), hooks=hooks, **step_kwargs)
   images, labels = _data(2 * batch_size, shape)
-  hook_states = {h.key: h.init(state) for h in hooks}
-  hook_states = {k: v for k, v in hook_states.items() if v is not None}
-  return step.trace(state, train.init_train_metrics(), images, labels,
-                    np.arange(len(labels), dtype=np.int32), 0, hook_states)
+  return step.trace(train.init_carry(state, hooks), images, labels,
+                    np.arange(len(labels), dtype=np.int32), 0)
 
 
 def _random_mask(model, sparsity=0.8):
@@ -154,13 +153,13 @@ def gradient_flow_step():
   model = _small_model()
   images, labels = _data(BATCH)
   hook = gradient_flow.GradientFlow(model, (images / 255.0, labels), every=1)
-  return _train_step(model, mask=_random_mask(model), hooks=(hook,))
+  return _train_step(model, mask=_random_mask(model), hooks=(hook.hook(),))
 
 
 def eval_step():
   model = _small_model()
-  state = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
-                                   jax.random.key(0))
+  state = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+                                       jax.random.key(0))
   step = train.make_eval_step(model, mesh=mesh_lib.make_mesh(1),
                               mean=np.zeros(3), std=np.ones(3))
   images, labels = _data(BATCH)

@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -201,15 +200,6 @@ def test_drop_and_grow_nm_keeps_every_group_count_for_any_mask():
   np.testing.assert_array_equal(nm.group_counts(new, 8),
                                 nm.group_counts(mask, 8))
   assert not bool(jnp.any(grown & mask))
-
-
-def test_experiments_refuse_gmp_with_nm():
-  from experiments import common
-  from experiments.configs import default
-  config = default.get_config()
-  config.dst, config.budget, config.sparsity = "gmp", "2:4", 0.5
-  with pytest.raises(ValueError, match="cannot keep an N:M budget"):
-    common.resolve_config(ml_collections.ConfigDict(config.to_dict()))
 
 
 def test_masks_and_nm_import_no_circle_and_masks_reexports_no_nm_name():

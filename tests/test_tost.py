@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, data, masks, modeling, models, tost, train
+from sparsejax import budgets, data, masks, modeling, models, schedules, state as state_lib, tost, train
 from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
@@ -193,18 +193,18 @@ def test_changing_beta_gamma_alpha_never_recompiles():
       "num_classes", "stage_sizes", "num_filters", "act", "ghost_skips")})
   scalars = recipe.scalars(10)  # beta, gamma, alpha all move over 10 steps
   tx = optax.sgd(0.01)
-  state = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
-                                   jax.random.key(0))
+  state = state_lib.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
+                                       jax.random.key(0))
   step = train.make_train_step(model, mesh=mesh, batch_size=4, mean=ds.mean,
                                std=ds.std, loss_fn=loss_fn, scalars=scalars)
-  state, metrics, images, labels, perm = mesh_lib.put_replicated(
-      (state, train.init_train_metrics(), ds.train_images, ds.train_labels,
+  carry, images, labels, perm = mesh_lib.put_replicated(
+      (train.init_carry(state), ds.train_images, ds.train_labels,
        np.arange(16)), mesh)
   traces.update(model=0, loss=0)  # create_train_state traced the model once
   seen = []
   for k in range(8):
-    seen.append([float(scalars[n](state.step)) for n in sorted(scalars)])
-    state, metrics, _, _ = step(state, metrics, images, labels, perm, k % 4)
+    seen.append([float(scalars[n](carry.state.step)) for n in sorted(scalars)])
+    carry, _ = step(carry, images, labels, perm, k % 4)
   assert len({tuple(v) for v in seen}) == 5  # the values did change
   assert traces == {"model": 1, "loss": 1}  # traced once, never again
 
@@ -265,27 +265,37 @@ def test_lrsi_objective_is_the_grad_norm_while_the_bound_is_violated():
   assert float(tight) == pytest.approx(norm, rel=1e-5)
 
 
-def test_lrsi_hook_rescales_the_initial_state_of_fit(tmp_path):
+def _fit(model, ds, workdir, *, num_epochs, learning_rate, mask=None, **kwargs):
+  """fit with batch 8, SGD (momentum 0.9) at a constant ``learning_rate``."""
+  tx = schedules.make_optimizer(learning_rate)
+  init = lambda: state_lib.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
+                                              jax.random.key(0), mask=mask)
+  return train.fit(model, ds, workdir, init=init, num_epochs=num_epochs,
+                   batch_size=8, options=train.FitOptions(
+                       progress_bar=False, tensorboard=False,
+                       async_checkpointing=False), **kwargs)
+
+
+def test_lrsi_callback_rescales_the_initial_state_of_fit(tmp_path):
   ds = _tiny_dataset(n=32)
   model = models.get("mlp", 10, hidden=(16,))
   sample = jnp.zeros((1, 8, 8, 3))
-  params = train.init_variables(model, sample, jax.random.key(0))["params"]
+  params = state_lib.init_variables(model, sample, jax.random.key(0))["params"]
   mask = masks.random_mask(jax.random.key(1), params, 0.9)
-  hook = tost.LRsIHook(tost.LRsI(steps=5, batch_size=8))
-  config = dict(num_epochs=1, batch_size=8, learning_rate=0.0, seed=0,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
-  result = train.fit(config, tmp_path, model=model, dataset=ds, mask=mask,
-                     hooks=[hook])
+  hook = tost.LRsICallback(tost.LRsI(steps=5, batch_size=8))
+  result = _fit(model, ds, tmp_path, num_epochs=1, learning_rate=0.0, mask=mask,
+                callbacks=[hook])
   assert hook.info is not None and len(hook.info["scales"]) == 4
   # lr 0: the trained params are the rescaled initial ones, zeros kept
-  start = train.create_train_state(model, optax.sgd(0.0), sample,
-                                   jax.random.key(0), mask=mask).params
+  start = state_lib.create_train_state(model, optax.sgd(0.0), sample,
+                                       jax.random.key(0), mask=mask).params
   for path, p in masks.named_leaves(result.state.params):
     np.testing.assert_allclose(p, hook.info["scales"][path] * np.asarray(
         dict(masks.named_leaves(start))[path]), rtol=1e-6)
   # a rerun resumes from the checkpoint: no second LRsI
-  again = tost.LRsIHook(tost.LRsI(steps=5, batch_size=8))
-  train.fit(config, tmp_path, model=model, dataset=ds, mask=mask, hooks=[again])
+  again = tost.LRsICallback(tost.LRsI(steps=5, batch_size=8))
+  _fit(model, ds, tmp_path, num_epochs=1, learning_rate=0.0, mask=mask,
+       callbacks=[again])
   assert again.info is None
 
 
@@ -293,10 +303,8 @@ def test_recipe_scalars_reach_model_and_loss_in_fit(tmp_path):
   ds = _tiny_dataset(n=32)
   recipe = tost.preset("ghost", lrsi=None)
   model = recipe.model("resnet20", 10, num_filters=4, stage_sizes=(1, 1, 1))
-  config = dict(num_epochs=2, batch_size=8, learning_rate=0.05, seed=0,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
-  result = train.fit(config, tmp_path, model=model, dataset=ds,
-                     scalars=recipe.scalars(10), loss_fn=recipe.loss_fn())
+  result = _fit(model, ds, tmp_path, num_epochs=2, learning_rate=0.05,
+                scalars=recipe.scalars(10), loss_fn=recipe.loss_fn())
   # the epoch records hold beta, gamma, alpha at each epoch's last step
   last = result.history[-1]
   assert last["act_coef"] == 0.0 and last["ghost_coef"] == 0.0
