@@ -68,6 +68,7 @@ from sparsejax import nm
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import shrink
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
 from sparsejax import suptickets
@@ -78,5 +79,5 @@ __version__ = "0.1.0"
 
 __all__ = ["checkpoints", "condensed", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
            "lottery", "masks", "mesh", "metrics_log", "models", "nm", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
+           "schedules", "scores", "shrink", "sparse_inference", "sparse_io", "suptickets",
            "tost", "train"]
