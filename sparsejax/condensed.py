@@ -36,6 +36,16 @@ saving is then only in memory). Condensed convolutions gather from im2col
 patches (``kh · kw`` times the input): they save memory, not time, on CPU
 and are off by default.
 
+For SRigL (a DST method, built on this module after the #25 redesign): the
+initial mask is :func:`constant_fan_in` of random scores (layer sparsities
+from ERK, :func:`sparsejax.masks.layer_sparsities`); a drop-and-grow step is
+:func:`constant_fan_in_mask` twice per layer, once on ``|θ|`` of the active
+weights (``within=mask``, ``k_o`` = kept minus dropped) and once on ``|g|``
+of the candidates (``within=~kept``, ``k_o`` = the number to regrow), with a
+per-unit ``k`` array of 0 for ablated units; :func:`fan_in_counts` counts
+the salient weights per unit for the ablation test, and
+:func:`check_constant_fan_in` checks every step's mask.
+
 Example::
 
   mask = condensed.constant_fan_in(scores, 0.9)           # exact k per unit

@@ -19,7 +19,8 @@ import sparsejax.models
 MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scores",
            "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
-           "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
+           "sparsejax.sparse_inference", "sparsejax.condensed", "sparsejax.shrink",
+           "sparsejax.suptickets", "sparsejax.tost",
            "sparsejax.models"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
