@@ -106,6 +106,13 @@ def test_condensed_kernel_of_a_hand_computed_layer_with_an_ablated_unit():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x[:rows] @ kernel))
   np.testing.assert_array_equal(
       np.asarray(condensed._condensed_matmul(ck, x, gather_max_rows=1)), x @ kernel)
+  # Every unit ablated (k = 0): no rows, the output is 0 (+ bias in a layer).
+  empty = condensed.to_condensed_kernel(np.zeros((3, 2), np.float32))
+  assert empty.values.shape == (0, 0) and empty.units.shape == (0,)
+  for rows in (1, 2):
+    np.testing.assert_array_equal(
+        np.asarray(condensed._condensed_matmul(empty, x[:rows], gather_max_rows=32)),
+        np.zeros((rows, 2)))
 
 
 @pytest.mark.parametrize("batch", [1, 7])
