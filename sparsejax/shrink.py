@@ -265,7 +265,6 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
   inputs = _reader_inputs(model, mvars, x, train=False, **kwargs)
   kernel = lambda module: _get(params, module)["kernel"]
 
-  by_name = {g.name: g for g in groups}
   size = {g.name: kernel(g.writers[0][0]).shape[-1] for g in groups}
   dead = {}
   for g in groups:
@@ -382,14 +381,13 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
   report = Report(layers=layers, params_before=count(params),
                   params_after=count(shrunk_params))
   shrunk_vars = {**shrunk_state, "params": shrunk_params}
-  _check_fits(small, shrunk_vars, x, by_name)
+  _check_fits(small, shrunk_vars, x)
   return Result(small, jax.tree.map(jnp.asarray, shrunk_vars),
                 jax.tree.map(jnp.asarray, shrunk_mask), report)
 
 
-def _check_fits(model: nn.Module, variables: dict, x: jax.Array, groups) -> None:
+def _check_fits(model: nn.Module, variables: dict, x: jax.Array) -> None:
   """The shrunk variables have the structure and shapes of the shrunk model."""
-  del groups
   want = jax.eval_shape(model.init, jax.random.key(0), x[:1])
   got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
   if jax.tree.structure(want) != jax.tree.structure(got) or any(
