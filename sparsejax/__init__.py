@@ -37,6 +37,10 @@ Submodules:
   metrics_log: ``metrics.jsonl`` / TensorBoard and ``steps.jsonl``.
   sparse_io: compressed sparse model files (kept values + bit-packed mask).
   sparse_inference: evaluate a pruned linen model with BCOO sparse kernels.
+  condensed: constant fan-in masks (SRigL) and condensed layers (values +
+    indices per unit, a gather and a small product) for inference.
+  shrink: a physically smaller dense model of the same family with the
+    logits of a masked one (dead units and channels cut out).
 
 sparsejax is tested with the JAX versions of ``sparsejax/_jax_range.py``
 (the range pyproject.toml pins); imported under another JAX it warns once.
@@ -55,6 +59,7 @@ _xla_cpu.apply()  # before any submodule can start a JAX backend
 
 from sparsejax import budgets
 from sparsejax import checkpoints
+from sparsejax import condensed
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
@@ -71,6 +76,7 @@ from sparsejax import nm
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import shrink
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
 from sparsejax import state
@@ -80,7 +86,8 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
-           "lottery", "masks", "mesh", "metrics_log", "modeling", "models", "nm", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "state", "suptickets",
+__all__ = ["budgets", "checkpoints", "condensed", "data", "diagnostics", "dst", "gradient_flow",
+           "hooks", "losses", "lottery", "masks", "mesh", "metrics_log", "modeling", "models",
+           "nm", "optim", "schedules", "scores", "shrink", "sparse_inference", "sparse_io",
+           "state", "suptickets",
            "tost", "train"]
