@@ -1348,6 +1348,13 @@ class Built:
     return out
 
 
+def _changes_state(method: Method) -> bool:
+  """Whether ``method`` has an :meth:`Method.init_state` of its own."""
+  if isinstance(method, Composed):
+    return any(_changes_state(m) for m in method.methods)
+  return type(method).init_state is not Method.init_state
+
+
 def build(method: Method, model: nn.Module,
           inner: optax.GradientTransformation | Callable[[optax.Schedule],
                                                          optax.GradientTransformation],
@@ -1390,9 +1397,7 @@ def build(method: Method, model: nn.Module,
   holds = optim.find_mask(jax.eval_shape(tx.init, state.params)) is not None
   fit_mask = None if holds else mask
   initial = None
-  if type(method).init_state is not Method.init_state or (
-      isinstance(method, Composed) and any(
-          type(m).init_state is not Method.init_state for m in method.methods)):
+  if _changes_state(method):
     state = train.create_train_state(trained, tx, sample, ctx.key, mask=fit_mask)
     initial = method.init_state(state, ctx)
   if ctx.num_epochs is not None and ctx.steps_per_epoch is not None:
