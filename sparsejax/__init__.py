@@ -19,6 +19,8 @@ Submodules:
     random re-initialisation and re-pruning controls, ticket files.
   tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
     skips, label smoothing, LRsI) and its presets.
+  methods: every method as a registered frozen dataclass of one protocol
+    (mask, optimiser, scalars, loss, hooks, ...), ``from_config``, ``compose``.
   train: train state, sharded train/eval steps, checkpointed ``fit`` and its
     extension points (optimiser, per-step scalars, loss, hooks).
   hooks: the ``Hook`` protocol through which methods extend ``fit``.
@@ -57,6 +59,7 @@ from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh
+from sparsejax import methods
 from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import nm

@@ -20,6 +20,7 @@ MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scor
            "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
+           "sparsejax.methods",
            "sparsejax.models"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
