@@ -406,7 +406,8 @@ def test_dst_and_suptickets_equal_what_experiments_common_builds(fields, method)
   spe = schedules.steps_per_epoch(ds.num_train, config.batch_size)
   model = models.get("mlp", 10, hidden=(32,))
   mask_fn = common.make_mask_fn(config, model, ds)
-  want = common._dst_fit_kwargs(config, model, ds, mask_fn, None)  # pylint: disable=protected-access
+  want = common._dst_fit_kwargs(  # pylint: disable=protected-access
+      config, model, ds, mask_fn, None)
   batches = (data.class_balanced_batch(ds, int(config.score_samples_per_class),
                                        int(config.seed))
              if config.pruner == "snip" else None)
@@ -524,3 +525,25 @@ def test_build_fixed_mask_with_sparse_init_and_a_dst_run(tiny):
   fixed = methods.build(methods.SNIP(0.5), model, inner,
                         dataclasses.replace(ctx, batches=batch))
   assert fixed.tx is inner and masks.summary(fixed.mask).kept == masks.kept_count(708, 0.5)
+
+
+def test_registry_mlp_residual_and_pytorch_initialisation():
+  x = jax.random.normal(jax.random.key(1), (5, *SHAPE))
+  torch_like = models.get("mlp", 3, hidden=(64, 64), initializer="pytorch")
+  params = train.init_variables(torch_like, x, jax.random.key(0))["params"]
+  for name, fan_in in (("Dense_0", 16), ("Dense_1", 64), ("Dense_2", 64)):
+    bound = 1 / fan_in ** 0.5  # U(±1/sqrt(fan_in)), kernel and bias
+    assert 0.8 * bound < float(jnp.max(jnp.abs(params[name]["kernel"]))) <= bound
+    assert 0 < float(jnp.max(jnp.abs(params[name]["bias"]))) <= bound
+  residual = models.get("mlp", 3, hidden=(8, 8), residual=True)  # 16 -> 8 -> 8 (+)
+  params = train.init_variables(residual, x, jax.random.key(0))["params"]
+  params["Dense_1"] = jax.tree.map(jnp.zeros_like, params["Dense_1"])
+  flat = x.reshape(5, -1)
+  h = jax.nn.relu(flat @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
+  want = h @ params["Dense_2"]["kernel"] + params["Dense_2"]["bias"]  # h + relu(0)
+  np.testing.assert_allclose(jax.jit(residual.apply)({"params": params}, x), want,
+                             rtol=1e-5, atol=1e-6)
+  plain = models.get("mlp", 3, hidden=(8, 8))
+  assert not np.allclose(jax.jit(plain.apply)({"params": params}, x), want)
+  with pytest.raises(ValueError, match="MLP.initializer must be one of"):
+    models.get("mlp", 3, initializer="torch").init(jax.random.key(0), x)
