@@ -81,13 +81,13 @@ from sparsejax import hooks as hooks_lib
 from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
+from sparsejax import nm as nm_lib
 from sparsejax import optim
 from sparsejax import scores
 from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import train
 from sparsejax.models import activations
-from sparsejax import nm as nm_lib
 
 PyTree = Any
 

@@ -547,3 +547,21 @@ def test_registry_mlp_residual_and_pytorch_initialisation():
   assert not np.allclose(jax.jit(plain.apply)({"params": params}, x), want)
   with pytest.raises(ValueError, match="MLP.initializer must be one of"):
     models.get("mlp", 3, initializer="torch").init(jax.random.key(0), x)
+
+
+def test_build_gives_fit_a_run_that_trains_the_method(tmp_path):
+  """One fit (current API): Magnitude + SparseInit, the mask and weights of build."""
+  from sparsejax import data, schedules  # pylint: disable=g-import-not-at-top
+  ds = data.load("digits")
+  cfg = dict(learning_rate=0.05, lr_schedule="constant", num_epochs=1, batch_size=256,
+             seed=0, progress_bar=False, tensorboard=False, eval_batch_size=500)
+  model = models.get("mlp", 10, hidden=(32,))
+  spe = schedules.steps_per_epoch(ds.num_train, 256)
+  ctx = methods.Context(seed=0, model=model, input_shape=ds.image_shape,
+                        steps_per_epoch=spe, num_epochs=1)
+  method = methods.compose(methods.Magnitude(0.8), methods.SparseInit())
+  built = methods.build(method, model, schedules.make_optimizer(cfg, spe), ctx)
+  result = train.fit(cfg, tmp_path, dataset=ds, **built.fit_kwargs())
+  assert_trees_equal(result.state.mask, built.initial_state.mask)
+  assert masks.summary(result.state.mask).kept == masks.kept_count(64 * 32 + 320, 0.8)
+  assert result.history[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
