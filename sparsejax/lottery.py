@@ -510,7 +510,7 @@ def imp(init: train.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
                      f"rewind_step={rewind_step}")
   flags = masks.prunable_tree(point.params, prunable)
   mask = masks.ones_like(point.params)
-  levels, state = [], point
+  levels, state, source = [], point, None
   for level, sparsity in enumerate(sparsities):
     if level:
       mask = prune_to(source, mask, sparsity, prunable=flags, budget=budget)

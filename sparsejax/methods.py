@@ -4,19 +4,19 @@ A method is a small frozen dataclass (its settings, checked when it is built)
 that implements only the parts of :class:`Method` it needs; every other part
 is a no-op. The parts, in the order a run uses them:
 
-==========================  ================================================
-part                        what it does (default)
-==========================  ================================================
-``model(model)``            the model that trains (the given one)
-``initial_mask(ctx, p, m)`` the starting mask of params ``p`` (``m``: none)
-``learning_rate(fn, ctx)``  the lr schedule from ``fn(num_epochs)`` (as is)
-``optimizer(inner, m, ctx)`` the optimiser around ``inner`` (``inner``)
-``init_state(state, ctx)``  a changed initial train state (unchanged)
-``scalars(total_steps)``    per-step scalar schedules (none)
-``loss_fn()``               the training loss (``None``: fit's default)
-``hooks(ctx)``              traced step hooks (none)
-``callbacks(ctx)``          epoch-end actions (none)
-==========================  ================================================
+============================  ===============================================
+part                          what it does (default)
+============================  ===============================================
+``model(model)``              the model that trains (the given one)
+``initial_mask(ctx, p, m)``   the starting mask of params ``p`` (``m``: none)
+``learning_rate(fn, ctx)``    the lr schedule from ``fn(num_epochs)`` (as is)
+``optimizer(inner, m, ctx)``  the optimiser around ``inner`` (``inner``)
+``init_state(state, ctx)``    a changed initial train state (unchanged)
+``scalars(total_steps)``      per-step scalar schedules (none)
+``loss_fn()``                 the training loss (``None``: fit's default)
+``hooks(ctx)``                traced step hooks (none)
+``callbacks(ctx)``            epoch-end actions (none)
+============================  ===============================================
 
 The registered methods (:func:`names`):
 
@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -1413,9 +1413,9 @@ def build(method: Method, model: nn.Module,
 
 
 __all__ = [
-    "Built", "Composed", "Context", "Dense", "DST_MASK_KEY", "GMP", "GraNet",
-    "GraSP", "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL",
-    "SET", "SNIP", "SPARSE_INIT_KEY", "SparseInit", "SupTickets", "SynFlow",
-    "Ticket", "ToST", "as_method", "build", "compose", "fields", "from_config",
-    "get", "names", "register",
+    "Built", "Composed", "Context", "DST_MASK_KEY", "Dense", "GMP", "GraNet", "GraSP",
+    "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL", "SET", "SNIP",
+    "SPARSE_INIT_KEY", "SparseInit", "SupTickets", "SynFlow", "Ticket", "ToST",
+    "as_method", "build", "compose", "fields", "from_config", "get", "names",
+    "register",
 ]
