@@ -447,8 +447,8 @@ class IMPResult:
 def imp(init: train.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
         *, rewind_step: int = 0, prune_from_step: int | None = None,
         prunable=None, budget: str = "global",
-        callback: Callable[[Level, train.TrainState], None] | None = None
-        ) -> IMPResult:
+        callback: Callable[[Level, train.TrainState], None] | None = None,
+        known_masks: Mapping[int, PyTree] | None = None) -> IMPResult:
   r"""Iterative magnitude pruning with rewinding: the whole level loop (SPEC §3).
 
   Frankle & Carbin (2019), rewinding to step ``k`` as in Frankle et al.
@@ -475,6 +475,10 @@ def imp(init: train.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
     prunable, budget: as in :func:`prune_to`.
     callback: ``callback(level, trained_state)`` after each level (e.g.
       evaluate it, save its ticket with :func:`save_ticket`).
+    known_masks: ``{L: m_L}``, masks already computed (e.g. read back from
+      the tickets of an interrupted run): level ``L`` takes ``m_L`` instead of
+      pruning again, and level ``L − 1`` then trains in one call (its step-``p``
+      weights are not needed). Default none.
 
   Returns:
     An :class:`IMPResult`.
@@ -510,13 +514,18 @@ def imp(init: train.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
                      f"rewind_step={rewind_step}")
   flags = masks.prunable_tree(point.params, prunable)
   mask = masks.ones_like(point.params)
+  known = dict(known_masks or {})
   levels, state, source = [], point, None
   for level, sparsity in enumerate(sparsities):
-    if level:
+    if level in known:
+      masks.check_mask(known[level], point.params)
+      mask = jax.tree.map(jnp.asarray, known[level])
+    elif level:
       mask = prune_to(source, mask, sparsity, prunable=flags, budget=budget)
     name = f"level_{level}"
     state = rewind_state(point, mask)
-    if prune_from_step is not None:
+    needed = level + 1 < len(sparsities) and level + 1 not in known
+    if prune_from_step is not None and needed:
       state = run(name, state, prune_from_step)
       source = state.params
     state = run(name, state, None)

@@ -677,15 +677,15 @@ class IMP(Method):
 
   def run(self, init: train.TrainState, train_fn: lottery.TrainFn,
           ctx: Context = Context(),
-          callback: Callable[[lottery.Level, train.TrainState], None] | None = None
-          ) -> lottery.IMPResult:
+          callback: Callable[[lottery.Level, train.TrainState], None] | None = None,
+          known_masks: Mapping[int, PyTree] | None = None) -> lottery.IMPResult:
     """The level loop, :func:`sparsejax.lottery.imp` with these settings and
     ``ctx.prunable``."""
     return lottery.imp(init, train_fn, self.sparsities_per_level(),
                        rewind_step=int(self.rewind_step),
                        prune_from_step=self.prune_from_step,
                        prunable=ctx.prunable, budget=self.budget,
-                       callback=callback)
+                       callback=callback, known_masks=known_masks)
 
 
 # ----------------------------------------------------------------------------

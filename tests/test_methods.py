@@ -253,7 +253,8 @@ def test_imp_linear_100_levels_prunes_the_step_k_weights(tiny):
   # Calls: the rewind point 0 -> 1, then each level 1 -> 3 and 3 -> 5.
   assert [(n, a, b) for n, a, b, *_ in log[:3]] == [
       ("rewind_point", 0, 1), ("level_0", 1, 3), ("level_0", 3, 5)]
-  assert len(log) == 1 + 2 * 101
+  assert len(log) == 1 + 2 * 100 + 1  # the last level is not pruned from
+  assert [(n, a, b) for n, a, b, *_ in log[-2:]] == [("level_99", 3, 5), ("level_100", 1, 5)]
   point = result.point
   for level in (1, 50, 100):
     start, mid = log[1 + 2 * level], log[1 + 2 * (level - 1)]
@@ -283,6 +284,23 @@ def test_imp_geometric_masks_equal_prune_level_of_the_final_weights(tiny):
     mask = lottery.prune_level(log[level - 1][5], mask, level)
     assert_trees_equal(result.levels[level].mask, mask)
     assert result.levels[level].kept == masks.kept_count(708, lottery.level_sparsity(level))
+
+
+def test_imp_resumes_from_known_masks_without_the_step_p_weights(tiny):
+  model, _, data = tiny
+  init = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+                                  jax.random.key(2), mask=masks.ones_like)
+  imp = methods.IMP(levels=3, rewind_step=1, prune_from_step=2)
+  first = imp.run(init, _sgd_train_fn(model, data, 4, []))
+  known = {l.level: l.mask for l in first.levels[:3]}  # levels 0..2 saved
+  log = []
+  again = imp.run(init, _sgd_train_fn(model, data, 4, log), known_masks=known)
+  assert [(n, a, b) for n, a, b, *_ in log] == [
+      ("rewind_point", 0, 1), ("level_0", 1, 4), ("level_1", 1, 4),
+      ("level_2", 1, 2), ("level_2", 2, 4), ("level_3", 1, 4)]
+  for a, b in zip(first.levels, again.levels):
+    assert_trees_equal(a.mask, b.mask)
+    assert a.kept == b.kept
 
 
 def test_imp_refuses_a_train_fn_that_stops_elsewhere_and_bad_schedules(tiny):
