@@ -39,7 +39,7 @@ never reads a config object: the runner builds it from its own sub-config
 :class:`Context`. :func:`build` turns a method into the arguments of
 :func:`sparsejax.train.fit`.
 
-Example (RigL from an ERK random mask at 90%, the ToST-free reference)::
+Example (RigL from an ERK random mask at 90%, the reference)::
 
   from sparsejax import methods
 
@@ -49,6 +49,14 @@ Example (RigL from an ERK random mask at 90%, the ToST-free reference)::
   built = methods.build(method, model, lambda lr: make_inner(lr), ctx,
                         base_lr=lambda epochs: my_schedule(epochs))
   result = train.fit(config, workdir, dataset=ds, **built.fit_kwargs())
+
+Sup-tickets over it: ``methods.compose(methods.Random(0.9, budget="erk"),
+methods.SupTickets(dst=methods.RigL(), cycles=3, cycle_epochs=8))``. IMP is a
+loop of trainings (:func:`sparsejax.lottery.imp`)::
+
+  imp = methods.IMP(schedule="linear", levels=100, final_sparsity=0.99,
+                    prune_from_step=1000)
+  result = imp.run(init_state, train_fn)  # train_fn(name, state, stop) -> state
 
 A new method is one dataclass and :func:`register`::
 
