@@ -21,7 +21,7 @@ MODULES = ["sparsejax.budgets", "sparsejax.masks", "sparsejax.nm", "sparsejax.op
            "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
-           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks",
+           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks", "sparsejax.methods",
            "sparsejax.models", "sparsejax.modeling"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
