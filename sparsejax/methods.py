@@ -83,17 +83,19 @@ import jax.numpy as jnp
 import optax
 
 from sparsejax import _checks
+from sparsejax import batch_stats
+from sparsejax import budgets
 from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import hooks as hooks_lib
 from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
-from sparsejax import nm as nm_lib
 from sparsejax import optim
 from sparsejax import scores
 from sparsejax import suptickets
 from sparsejax import tost
+from sparsejax import state as state_lib
 from sparsejax import train
 from sparsejax.models import activations
 
@@ -183,7 +185,7 @@ class Context:
 def _fresh_model_state(model, input_shape) -> dict:
   """The non-param collections of a fresh ``model.init`` (batch statistics do
   not depend on the key)."""
-  variables = train.init_variables(model, jnp.zeros((1, *input_shape)),
+  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)),
                                    jax.random.key(0))
   return {k: v for k, v in variables.items() if k != "params"}
 
@@ -242,7 +244,7 @@ class Method:
     del mask, ctx
     return inner
 
-  def init_state(self, state: train.TrainState, ctx: Context) -> train.TrainState:
+  def init_state(self, state: state_lib.TrainState, ctx: Context) -> state_lib.TrainState:
     """A changed initial train state (e.g. re-initialised weights); default
     ``state``."""
     del ctx
@@ -388,11 +390,15 @@ def _choice(value, valid, name) -> None:
     raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
 
 
-def _check_budget(value, name: str) -> None:
+def _as_budget(value, name: str, overrides=None) -> budgets.Budget:
+  """``value`` (a :class:`sparsejax.budgets.Budget` or its command-line name,
+  :func:`sparsejax.budgets.parse`) as an object, with ``overrides`` applied."""
   try:
-    masks.check_budget(value)
+    budget = budgets.parse(value) if isinstance(value, str) else value
+    budgets.check(budget, name)
   except ValueError as e:
     raise ValueError(f"{name}: {e}") from None
+  return budget.with_overrides(dict(overrides)) if overrides else budget
 
 
 # ----------------------------------------------------------------------------
@@ -414,34 +420,40 @@ class _PruneAtInit(Method):
 
   Attributes:
     sparsity: fraction in [0, 1) of the prunable weights pruned; default 0.9.
-    budget: ``"global"`` (default), ``"uniform"``, ``"erk"``, ``"er"`` or
-      ``"N:M"``.
+      With an ``NM(n, m)`` budget ``None`` or ``1 − n/m`` (implied).
+    budget: a :class:`sparsejax.budgets.Budget` or its command-line name
+      (:func:`sparsejax.budgets.parse`: ``"global"`` (default),
+      ``"uniform"``, ``"erk"``, ``"er"``, ``"N:M"``).
     rounds: ``None`` (one-shot) or ``n >= 1`` rounds of rescoring to
       ``d^(k/n)`` (the iterative variant).
-    overrides: ``{regex: sparsity}`` per-layer overrides, or ``None``.
-    erk_power_scale: see :func:`sparsejax.masks.erk_densities`; default 1.
+    overrides: ``{regex: sparsity}`` per-layer overrides
+      (:meth:`sparsejax.budgets.Budget.with_overrides`), or ``None``.
   """
 
   kind: ClassVar[str] = "mask"
 
-  sparsity: float = 0.9
-  budget: str = "global"
+  sparsity: float | None = 0.9
+  budget: Any = "global"
   rounds: int | None = None
   overrides: Mapping[str, float] | None = None
-  erk_power_scale: float = 1.0
 
   def __post_init__(self):
     cls = type(self).__name__
-    _checks.number(self.sparsity, f"{cls}.sparsity", 0.0, 1.0, hi_open=True)
-    _check_budget(self.budget, f"{cls}.budget")
+    budget = _as_budget(self.budget, f"{cls}.budget")
+    if isinstance(budget, budgets.NM):
+      if self.sparsity is not None and abs(self.sparsity - budget.sparsity) > 1e-9:
+        raise ValueError(f"{cls}.sparsity must be None or {budget.sparsity:g} "
+                         f"(1 - N/M) with budget {self.budget!r}, got "
+                         f"{self.sparsity!r}")
+    else:
+      _checks.number(self.sparsity, f"{cls}.sparsity", 0.0, 1.0, hi_open=True)
     if self.rounds is not None:
       _checks.step(self.rounds, f"{cls}.rounds", 1)
-    _checks.number(self.erk_power_scale, f"{cls}.erk_power_scale", 0.0, 1.0)
-    if nm_lib.parse_nm(self.budget) is not None:
-      n, m = nm_lib.parse_nm(self.budget)
-      if abs(self.sparsity - (1 - n / m)) > 1e-9:
-        raise ValueError(f"{cls}.sparsity must be {1 - n / m:g} (1 - N/M) with "
-                         f"budget {self.budget!r}, got {self.sparsity!r}")
+
+  @property
+  def budget_object(self) -> budgets.Budget:
+    """:attr:`budget` as a :class:`sparsejax.budgets.Budget`, overrides applied."""
+    return _as_budget(self.budget, f"{type(self).__name__}.budget", self.overrides)
 
   def _method_kwargs(self, ctx: Context) -> dict:
     """The method's own keywords of ``prune_at_init``."""
@@ -451,11 +463,11 @@ class _PruneAtInit(Method):
   def initial_mask(self, ctx, params, mask=None):
     """``prune_at_init(name, params, sparsity=..., budget=..., ...)``."""
     _no_prior_mask(self, mask)
+    budget = self.budget_object
+    nm = isinstance(_as_budget(self.budget, "budget"), budgets.NM)
     return scores.prune_at_init(
-        self.name, params, sparsity=float(self.sparsity), budget=self.budget,
-        prunable=ctx.prunable, rounds=self.rounds,
-        overrides=dict(self.overrides) if self.overrides else None,
-        erk_power_scale=float(self.erk_power_scale),
+        self.name, params, sparsity=None if nm else float(self.sparsity),
+        budget=budget, prunable=ctx.prunable, rounds=self.rounds,
         **self._method_kwargs(ctx), **self._data(ctx, params))
 
   def _data(self, ctx, params) -> dict:
@@ -473,8 +485,7 @@ class Random(_PruneAtInit):
   """Random pruning: i.i.d. ``N(0, 1)`` scores, exact counts under ``budget``.
 
   The key is ``fold_in(key(ctx.seed), MASK_KEY)``. Fields: those of
-  :class:`Magnitude` (``sparsity``, ``budget``, ``rounds``, ``overrides``,
-  ``erk_power_scale``).
+  :class:`Magnitude` (``sparsity``, ``budget``, ``rounds``, ``overrides``).
 
   Example:
 
@@ -501,7 +512,6 @@ class Magnitude(_PruneAtInit):
       ``"N:M"``.
     rounds: ``None`` (one-shot) or the rounds of the iterative variant.
     overrides: ``{regex: sparsity}``, or ``None``.
-    erk_power_scale: default 1.
   """
 
 
@@ -637,7 +647,8 @@ class IMP(Method):
     rewind_step: ``k >= 0``; default 0.
     prune_from_step: prune from the weights of this global step of each
       level's training (``> rewind_step``); default ``None``: the final ones.
-    budget: ``"global"`` (default) or ``"uniform"`` (layer-wise IMP).
+    budget: ``Global()`` / ``"global"`` (default) or ``Uniform()`` /
+      ``"uniform"`` (layer-wise IMP).
 
   Example:
 
@@ -656,11 +667,13 @@ class IMP(Method):
   sparsities: tuple[float, ...] | None = None
   rewind_step: int = 0
   prune_from_step: int | None = None
-  budget: str = "global"
+  budget: Any = "global"
 
   def __post_init__(self):
     _choice(self.schedule, lottery.SCHEDULES, "IMP.schedule")
-    _choice(self.budget, lottery.BUDGETS, "IMP.budget")
+    if type(_as_budget(self.budget, "IMP.budget")) not in lottery.BUDGETS:
+      raise ValueError(f"IMP.budget must be 'global' or 'uniform' (Global() or "
+                       f"Uniform()), got {self.budget!r}")
     _checks.step(self.rewind_step, "IMP.rewind_step")
     if self.prune_from_step is not None:
       _checks.step(self.prune_from_step, "IMP.prune_from_step",
@@ -683,16 +696,17 @@ class IMP(Method):
     _no_prior_mask(self, mask)
     return masks.ones_like(params)
 
-  def run(self, init: train.TrainState, train_fn: lottery.TrainFn,
+  def run(self, init: state_lib.TrainState, train_fn: lottery.TrainFn,
           ctx: Context = Context(),
-          callback: Callable[[lottery.Level, train.TrainState], None] | None = None,
+          callback: Callable[[lottery.Level, state_lib.TrainState], None] | None = None,
           known_masks: Mapping[int, PyTree] | None = None) -> lottery.IMPResult:
     """The level loop, :func:`sparsejax.lottery.imp` with these settings and
     ``ctx.prunable``."""
     return lottery.imp(init, train_fn, self.sparsities_per_level(),
                        rewind_step=int(self.rewind_step),
                        prune_from_step=self.prune_from_step,
-                       prunable=ctx.prunable, budget=self.budget,
+                       prunable=ctx.prunable,
+                       budget=_as_budget(self.budget, "IMP.budget"),
                        callback=callback, known_masks=known_masks)
 
 
@@ -763,7 +777,8 @@ class _DropAndGrow(_DST):
     alpha: the drop fraction ``α``; default 0.3.
     drop_schedule: ``"cosine"`` (default, ``f(t) = (α/2)(1 + cos(π t /
       T_end))``) or ``"constant"`` (``f = α``).
-    nm: ``None`` or an ``"N:M"`` budget the updates keep.
+    nm: ``None``, or an ``NM(n, m)`` budget (or its name ``"N:M"``) the
+      updates keep.
     and those of the DST methods: ``update_every`` (100), ``end`` (0.75),
     ``skip_update`` (True).
 
@@ -773,7 +788,7 @@ class _DropAndGrow(_DST):
 
   alpha: float = 0.3
   drop_schedule: str = "cosine"
-  nm: str | None = None
+  nm: Any = None
 
   _wrapper: ClassVar[Callable[..., Any]]
 
@@ -782,7 +797,8 @@ class _DropAndGrow(_DST):
     cls = type(self).__name__
     _checks.fraction(self.alpha, f"{cls}.alpha")
     _choice(self.drop_schedule, ("cosine", "constant"), f"{cls}.drop_schedule")
-    if self.nm is not None and nm_lib.parse_nm(self.nm) is None:
+    if self.nm is not None and not isinstance(
+        _as_budget(self.nm, f"{cls}.nm"), budgets.NM):
       raise ValueError(f"{cls}.nm must be None or 'N:M' such as '2:4', got "
                        f"{self.nm!r}")
 
@@ -801,23 +817,24 @@ class _DropAndGrow(_DST):
     fraction = (dst.cosine_drop_fraction(float(self.alpha), end)
                 if self.drop_schedule == "cosine" else float(self.alpha))
     return type(self)._wrapper(inner, mask, drop_fraction=fraction, end_step=end,
-                               nm=self.nm, **self._common(ctx, extra_updates))
+                               nm=None if self.nm is None else _as_budget(self.nm, "nm"),
+                               **self._common(ctx, extra_updates))
 
 
 @register("set")
 @dataclasses.dataclass(frozen=True)
 class SET(_DropAndGrow):
   """SET (Mocanu et al. 2018): magnitude drop, uniform random regrowth
-  (:func:`sparsejax.dst.set`). Fields: see :class:`RigL`."""
+  (:func:`sparsejax.dst.set_optimizer`). Fields: see :class:`RigL`."""
 
-  _wrapper = staticmethod(dst.set)
+  _wrapper = staticmethod(dst.set_optimizer)
 
 
 @register("rigl")
 @dataclasses.dataclass(frozen=True)
 class RigL(_DropAndGrow):
   """RigL (Evci et al. 2020): magnitude drop, regrowth by dense gradient
-  magnitude (:func:`sparsejax.dst.rigl`).
+  magnitude (:func:`sparsejax.dst.rigl_optimizer`).
 
   Every ``ΔT = update_every`` steps until ``T_end = end · T``, each layer
   drops ``⌊f(t) · n_active⌋`` weights of smallest ``|θ|`` and grows as many
@@ -826,13 +843,14 @@ class RigL(_DropAndGrow):
   Attributes:
     alpha: ``α``; default 0.3.
     drop_schedule: ``"cosine"`` (default) or ``"constant"``.
-    nm: ``None`` or an ``"N:M"`` budget kept through every update.
+    nm: ``None`` or an ``NM(n, m)`` (or ``"N:M"``) budget kept through every
+      update.
     update_every: ``ΔT``; default 100.
     end: ``T_end`` as a fraction of training; default 0.75.
     skip_update: default True.
   """
 
-  _wrapper = staticmethod(dst.rigl)
+  _wrapper = staticmethod(dst.rigl_optimizer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -851,7 +869,7 @@ class _Gradual(_DST):
 
   sparsity: float = 0.9
   initial_sparsity: float = 0.0
-  budget: str = "erk"
+  budget: Any = "erk"
   prune_epochs: tuple[float, float] = (0.0, 0.5)
 
   def __post_init__(self):
@@ -860,8 +878,7 @@ class _Gradual(_DST):
     _checks.number(self.sparsity, f"{cls}.sparsity", 0.0, 1.0, hi_open=True)
     _checks.number(self.initial_sparsity, f"{cls}.initial_sparsity", 0.0,
                    float(self.sparsity), why="at most the final sparsity")
-    _check_budget(self.budget, f"{cls}.budget")
-    if nm_lib.parse_nm(self.budget) is not None:
+    if isinstance(_as_budget(self.budget, f"{cls}.budget"), budgets.NM):
       raise ValueError(f"{cls}.budget: gradual pruning is a global ranking and "
                        f"cannot keep an N:M budget, got {self.budget!r}")
     pe = tuple(self.prune_epochs)
@@ -876,8 +893,9 @@ class _Gradual(_DST):
     s0 = float(self.initial_sparsity)
     if s0 == 0:
       return masks.ones_like(params)
-    return dst.random_mask(jax.random.fold_in(ctx.key, DST_MASK_KEY), params, s0,
-                           budget=self.budget, prunable=ctx.prunable)
+    return masks.random_mask(jax.random.fold_in(ctx.key, DST_MASK_KEY), params, s0,
+                             budget=_as_budget(self.budget, "budget"),
+                             prunable=ctx.prunable)
 
   def _schedule_kwargs(self, ctx, extra_updates) -> dict:
     start, stop = (_epoch_step(v, int(ctx.num_epochs), int(ctx.steps_per_epoch))
@@ -896,7 +914,7 @@ class _Gradual(_DST):
 @register("gmp")
 @dataclasses.dataclass(frozen=True)
 class GMP(_Gradual):
-  """Gradual magnitude pruning (Zhu & Gupta 2017), :func:`sparsejax.dst.gmp`.
+  """Gradual magnitude pruning (Zhu & Gupta 2017), :func:`sparsejax.dst.gmp_optimizer`.
 
   Every ``ΔT`` steps between ``prune_epochs``, the global top-``|θ|`` of the
   active weights at ``s_t = s_f + (s_i − s_f)(1 − progress)^3``.
@@ -908,14 +926,14 @@ class GMP(_Gradual):
   """
 
   def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
-    return dst.gmp(inner, mask, **self._schedule_kwargs(ctx, extra_updates))
+    return dst.gmp_optimizer(inner, mask, **self._schedule_kwargs(ctx, extra_updates))
 
 
 @register("granet")
 @dataclasses.dataclass(frozen=True)
 class GraNet(_Gradual):
   """GraNet (Liu et al. 2021): GMP plus a RigL-style drop-and-regrow at every
-  pruning step until ``end`` (:func:`sparsejax.dst.granet`).
+  pruning step until ``end`` (:func:`sparsejax.dst.granet_optimizer`).
 
   Attributes:
     sparsity: ``s_f``; default 0.9.
@@ -937,7 +955,7 @@ class GraNet(_Gradual):
     _checks.fraction(self.alpha, "GraNet.alpha")
 
   def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
-    return dst.granet(inner, mask, regrow_end_step=self._end_step(ctx),
+    return dst.granet_optimizer(inner, mask, regrow_end_step=self._end_step(ctx),
                       alpha=float(self.alpha),
                       **self._schedule_kwargs(ctx, extra_updates))
 
@@ -1003,7 +1021,7 @@ class SupTickets(Method):
       _checks.number(self.ema, "SupTickets.ema", 0.0, 1.0, lo_open=True)
     if self.bn_batch_size is not None:
       _checks.step(self.bn_batch_size, "SupTickets.bn_batch_size", 1)
-    _choice(self.bn_variance, train.BN_VARIANCE_MODES, "SupTickets.bn_variance")
+    _choice(self.bn_variance, batch_stats.BN_VARIANCE_MODES, "SupTickets.bn_variance")
 
   def plan(self, ctx: Context) -> suptickets.Plan:
     """The run's :class:`sparsejax.suptickets.Plan`."""
@@ -1339,7 +1357,7 @@ class Built:
   model: nn.Module
   tx: optax.GradientTransformation
   mask: PyTree | None
-  initial_state: train.TrainState | None
+  initial_state: state_lib.TrainState | None
   scalars: dict[str, optax.Schedule]
   loss_fn: losses.LossFn | None
   hooks: tuple[hooks_lib.Hook, ...]
@@ -1399,14 +1417,14 @@ def build(method: Method, model: nn.Module,
     inner = inner(method.learning_rate(base_lr, ctx))
   ctx = dataclasses.replace(ctx, model=ctx.model if ctx.model is not None else model)
   sample = jnp.zeros((1, *ctx.input_shape), jnp.float32)
-  state = train.create_train_state(trained, inner, sample, ctx.key)
+  state = state_lib.create_train_state(trained, inner, sample, ctx.key)
   mask = method.initial_mask(ctx, state.params)
   tx = method.optimizer(inner, mask, ctx)
   holds = optim.find_mask(jax.eval_shape(tx.init, state.params)) is not None
   fit_mask = None if holds else mask
   initial = None
   if _changes_state(method):
-    state = train.create_train_state(trained, tx, sample, ctx.key, mask=fit_mask)
+    state = state_lib.create_train_state(trained, tx, sample, ctx.key, mask=fit_mask)
     initial = method.init_state(state, ctx)
   if ctx.num_epochs is not None and ctx.steps_per_epoch is not None:
     scalars = dict(method.scalars(ctx.total_steps))
