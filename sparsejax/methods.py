@@ -48,7 +48,8 @@ Example (RigL from an ERK random mask at 90%, the reference)::
                         steps_per_epoch=spe, num_epochs=160)
   built = methods.build(method, model, lambda lr: make_inner(lr), ctx,
                         base_lr=lambda epochs: my_schedule(epochs))
-  result = train.fit(config, workdir, dataset=ds, **built.fit_kwargs())
+  result = train.fit(dataset=ds, workdir=workdir, num_epochs=160,
+                     batch_size=128, **built.fit_kwargs())
 
 Sup-tickets over it: ``methods.compose(methods.Random(0.9, budget="erk"),
 methods.SupTickets(dst=methods.RigL(), cycles=3, cycle_epochs=8))``. IMP is a
@@ -259,13 +260,14 @@ class Method:
     """The training loss; default ``None`` (``fit``'s)."""
     return None
 
-  def hooks(self, ctx: Context) -> tuple[hooks_lib.Hook, ...]:
+  def hooks(self, ctx: Context) -> tuple[hooks_lib.StepHook, ...]:
     """Step hooks (traced in the train step); default none."""
     del ctx
     return ()
 
-  def callbacks(self, ctx: Context) -> tuple[hooks_lib.Hook, ...]:
-    """Epoch-end actions (on the host); default none."""
+  def callbacks(self, ctx: Context) -> tuple[hooks_lib.Callback, ...]:
+    """Host actions of :func:`sparsejax.train.fit` (epoch ends, a fresh
+    start, every K steps); default none."""
     del ctx
     return ()
 
@@ -310,6 +312,59 @@ def _lookup(name: str) -> type[Method]:
 def fields(name: str) -> tuple[str, ...]:
   """The fields of the method ``name`` (its sub-config's keys)."""
   return tuple(f.name for f in dataclasses.fields(_lookup(name)))
+
+
+def _config_value(value: Any) -> Any:
+  """A field's default as a config value: budgets as their command-line names,
+  methods as ``{"name": ..., **fields}``, tuples kept, mappings as dicts."""
+  if isinstance(value, Method):
+    return {"name": value.name, **{f.name: _config_value(getattr(value, f.name))
+                                   for f in dataclasses.fields(value)}}
+  if isinstance(value, budgets.Budget):
+    return _budget_name(value)
+  if isinstance(value, Mapping):
+    return {k: _config_value(v) for k, v in value.items()}
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: _config_value(getattr(value, f.name))
+            for f in dataclasses.fields(value)}
+  return value
+
+
+def _budget_name(budget: budgets.Budget) -> str:
+  for name in ("global", "uniform", "erk", "er"):
+    if budgets.parse(name) == budget:
+      return name
+  if isinstance(budget, budgets.NM):
+    return f"{budget.n}:{budget.m}"
+  raise ValueError(f"budget {budget!r} has no command-line name: set it in Python")
+
+
+def default_config(name: str) -> dict[str, Any]:
+  """The sub-config of method ``name``: every field at its default.
+
+  Budgets appear as their command-line names (:func:`sparsejax.budgets.parse`
+  reads them back) and a method field (:attr:`SupTickets.dst`) as the nested
+  sub-config of its default, with its ``name``; :func:`from_config` of the
+  result builds the default method. The experiments' config files build
+  ``config.method.<name>`` from it.
+
+  Example:
+
+    >>> from sparsejax import methods
+    >>> methods.default_config("magnitude")
+    {'sparsity': 0.9, 'budget': 'global', 'rounds': None, 'overrides': None}
+  """
+  cls = _lookup(name)
+  out = {}
+  for f in dataclasses.fields(cls):
+    if f.default is not dataclasses.MISSING:
+      value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+      value = f.default_factory()
+    else:
+      value = None
+    out[f.name] = _config_value(value)
+  return out
 
 
 def get(name: str, **settings: Any) -> Method:
@@ -763,9 +818,18 @@ class _DST(Method):
     :func:`sparsejax.dst.dynamic_sparse`), e.g. Sup-tickets' cycle starts."""
     raise NotImplementedError
 
+  def _churn(self) -> dst.MaskChurn:
+    return dst.MaskChurn(log_every_steps=int(self.update_every))
+
   def hooks(self, ctx):
-    """``(dst.MaskChurn(log_every_steps=update_every),)``."""
-    return (dst.MaskChurn(log_every_steps=int(self.update_every)),)
+    """``(dst.MaskChurn(log_every_steps=update_every).hook(),)``."""
+    del ctx
+    return (self._churn().hook(),)
+
+  def callbacks(self, ctx):
+    """``(dst.MaskChurn(...).callback(),)``: ``mask_churn`` per epoch."""
+    del ctx
+    return (self._churn().callback(),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1055,15 +1119,21 @@ class SupTickets(Method):
     extra = plan.mask_updates(float(self.fraction), ctx.prunable)
     return self.dst.dst_optimizer(inner, mask, self.phase(ctx), extra)
 
-  def hooks(self, ctx):
-    return self.dst.hooks(ctx)
-
-  def callbacks(self, ctx):
-    """``(suptickets.Superpose(plan, ...),)``."""
-    return (suptickets.Superpose(
+  def _superpose(self, ctx: Context) -> suptickets.Superpose:
+    return suptickets.Superpose(
         self.plan(ctx), ema=self.ema, prunable=ctx.prunable,
         bn_batch_size=self.bn_batch_size, bn_variance=self.bn_variance,
-        evaluate_tickets=bool(self.evaluate_tickets)),)
+        evaluate_tickets=bool(self.evaluate_tickets))
+
+  def hooks(self, ctx):
+    """The DST method's hooks and the superposition's state
+    (:meth:`sparsejax.suptickets.Superpose.hook`)."""
+    return (*self.dst.hooks(ctx), self._superpose(ctx).hook())
+
+  def callbacks(self, ctx):
+    """The DST method's callbacks and the cycle-end superposition
+    (:class:`sparsejax.suptickets.Superpose`)."""
+    return (*self.dst.callbacks(ctx), self._superpose(ctx))
 
 
 # ----------------------------------------------------------------------------
@@ -1161,9 +1231,10 @@ class ToST(Method):
   def loss_fn(self):
     return self.recipe.loss_fn()
 
-  def hooks(self, ctx):
-    """``(tost.LRsIHook(lrsi),)`` with LRsI (it runs on fit's fresh start)."""
-    return self.recipe.hooks()
+  def callbacks(self, ctx):
+    """``(tost.LRsICallback(lrsi),)`` with LRsI (it runs on fit's fresh start)."""
+    del ctx
+    return self.recipe.callbacks()
 
 
 @register("sparse_init")
@@ -1342,43 +1413,43 @@ def compose(*methods: Method | str | Mapping[str, Any]) -> Method:
 
 @dataclasses.dataclass(frozen=True)
 class Built:
-  """What :func:`build` returns: the parts of a run.
+  """What :func:`build` returns: the parts of a run, as :func:`sparsejax.train.fit`
+  takes them.
 
   Attributes:
     model: the model that trains.
-    tx: the optimiser (a DST optimiser holds the mask itself).
-    mask: the starting mask ``fit`` applies (``None`` when ``tx`` holds one,
-      or dense).
-    initial_state: the changed initial state (:meth:`Method.init_state`), or
-      ``None`` when the method does not change it.
-    scalars, loss_fn, hooks: for ``fit`` (the callbacks follow the hooks).
+    init: a zero-argument function making the initial train state (the
+      starting mask in its optimiser state; :meth:`Method.init_state`
+      applied). ``fit`` traces it for the checkpoint layout and calls it on a
+      fresh start only, so a fixed mask (pruning at initialisation, a ticket)
+      is scored only then; a DST start mask is computed by :func:`build`.
+    scalars, loss_fn, hooks, callbacks: for ``fit``.
   """
 
   model: nn.Module
-  tx: optax.GradientTransformation
-  mask: PyTree | None
-  initial_state: state_lib.TrainState | None
+  init: Callable[[], state_lib.TrainState]
   scalars: dict[str, optax.Schedule]
   loss_fn: losses.LossFn | None
-  hooks: tuple[hooks_lib.Hook, ...]
+  hooks: tuple[hooks_lib.StepHook, ...]
+  callbacks: tuple[hooks_lib.Callback, ...]
 
   def fit_kwargs(self) -> dict[str, Any]:
-    """Keyword arguments of :func:`sparsejax.train.fit` (all but the config,
-    workdir and dataset)."""
-    out = dict(model=self.model, scalars=self.scalars or None,
-               loss_fn=self.loss_fn, hooks=self.hooks)
-    if self.initial_state is not None:
-      out["initial_state"] = self.initial_state
-    else:
-      out.update(tx=self.tx, mask=self.mask)
-    return out
+    """Keyword arguments of :func:`sparsejax.train.fit` besides ``dataset``,
+    ``workdir``, the length of training and ``options``."""
+    return dict(model=self.model, init=self.init, scalars=self.scalars or None,
+                loss_fn=self.loss_fn, hooks=self.hooks, callbacks=self.callbacks)
 
 
-def _changes_state(method: Method) -> bool:
-  """Whether ``method`` has an :meth:`Method.init_state` of its own."""
+def _makes_mask(method: Method) -> bool:
+  """Whether ``method`` makes a starting mask (not dense)."""
   if isinstance(method, Composed):
-    return any(_changes_state(m) for m in method.methods)
-  return type(method).init_state is not Method.init_state
+    return any(_makes_mask(m) for m in method.methods)
+  return (type(method).initial_mask is not Method.initial_mask
+          and not isinstance(method, Dense))
+
+
+def _is_traced(tree) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def build(method: Method, model: nn.Module,
@@ -1392,10 +1463,12 @@ def build(method: Method, model: nn.Module,
   2. the optimiser: ``inner(method.learning_rate(base_lr, ctx))`` when
      ``inner`` is a function of the schedule (Sup-tickets changes the
      schedule), else ``inner``;
-  3. the starting mask on the params of ``create_train_state(trained, inner,
-     zeros(1, *ctx.input_shape), key(ctx.seed))`` (the params ``fit``
-     initialises); ``tx = method.optimizer(inner, mask, ctx)``;
-  4. with an :meth:`Method.init_state`, that of the created train state.
+  3. ``tx = method.optimizer(inner, mask, ctx)``, the starting mask made on
+     the params of ``create_train_state(trained, inner, zeros(1,
+     *ctx.input_shape), key(ctx.seed))`` (the params ``fit`` initialises):
+     by :func:`build` when ``tx`` holds the mask (DST), else inside
+     :attr:`Built.init` (a fixed mask, given to ``create_train_state``);
+  4. :meth:`Method.init_state` of that state, inside :attr:`Built.init`.
 
   Args:
     method: any method (:func:`compose`).
@@ -1417,15 +1490,29 @@ def build(method: Method, model: nn.Module,
     inner = inner(method.learning_rate(base_lr, ctx))
   ctx = dataclasses.replace(ctx, model=ctx.model if ctx.model is not None else model)
   sample = jnp.zeros((1, *ctx.input_shape), jnp.float32)
-  state = state_lib.create_train_state(trained, inner, sample, ctx.key)
-  mask = method.initial_mask(ctx, state.params)
-  tx = method.optimizer(inner, mask, ctx)
-  holds = optim.find_mask(jax.eval_shape(tx.init, state.params)) is not None
-  fit_mask = None if holds else mask
-  initial = None
-  if _changes_state(method):
-    state = state_lib.create_train_state(trained, tx, sample, ctx.key, mask=fit_mask)
-    initial = method.init_state(state, ctx)
+  abstract = jax.eval_shape(
+      lambda: state_lib.create_train_state(trained, inner, sample, ctx.key)).params
+  probe = method.optimizer(inner, masks.ones_like(abstract), ctx)
+  holds = optim.find_mask(jax.eval_shape(probe.init, abstract)) is not None
+  if holds:  # DST: the optimiser holds its starting mask
+    params = state_lib.create_train_state(trained, inner, sample, ctx.key).params
+    tx = method.optimizer(inner, method.initial_mask(ctx, params), ctx)
+    mask_arg = None
+  else:
+    tx = probe
+
+    def mask_arg(params):
+      if _is_traced(params):  # fit's layout trace: the layout of any mask
+        return masks.ones_like(params)
+      return method.initial_mask(ctx, params)
+
+    if not _makes_mask(method):  # dense
+      mask_arg = None
+
+  def init() -> state_lib.TrainState:
+    state = state_lib.create_train_state(trained, tx, sample, ctx.key, mask=mask_arg)
+    return method.init_state(state, ctx)
+
   if ctx.num_epochs is not None and ctx.steps_per_epoch is not None:
     scalars = dict(method.scalars(ctx.total_steps))
   elif method.scalars(1):
@@ -1433,9 +1520,8 @@ def build(method: Method, model: nn.Module,
                      "and Context.steps_per_epoch")
   else:
     scalars = {}
-  return Built(model=trained, tx=tx, mask=fit_mask, initial_state=initial,
-               scalars=scalars, loss_fn=method.loss_fn(),
-               hooks=tuple(method.hooks(ctx)) + tuple(method.callbacks(ctx)))
+  return Built(model=trained, init=init, scalars=scalars, loss_fn=method.loss_fn(),
+               hooks=tuple(method.hooks(ctx)), callbacks=tuple(method.callbacks(ctx)))
 
 
 __all__ = [
