@@ -2,9 +2,7 @@
 on tiny models (masks equal to the direct library calls, exact counts), IMP's
 level loop and schedules (sparsejax.lottery.imp), composition and build.
 
-The tests marked "experiments" compare the method objects to what
-``experiments.common`` assembles today for the same settings; they go when the
-runners are rewired onto the methods."""
+Library only: no test here imports ``experiments``."""
 
 from __future__ import annotations
 
@@ -16,8 +14,9 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import (dst, gradient_flow, losses, lottery, masks, methods, models,
-                       optim, scores, suptickets, tost, train)
+from sparsejax import hooks as hooks_lib
+from sparsejax import (budgets, dst, gradient_flow, losses, lottery, masks, methods,
+                       models, optim, scores, state as state_lib, suptickets, tost, train)
 from sparsejax.models import activations
 
 ALL = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "ticket", "imp",
@@ -35,7 +34,7 @@ def assert_trees_equal(a, b):
 def tiny():
   """A tiny MLP on 4x4x1 inputs (16*24 + 24*12 + 12*3 = 708 prunable) and data."""
   model = models.get("mlp", 3, hidden=(24, 12))
-  variables = train.init_variables(model, jnp.zeros((1, *SHAPE)), jax.random.key(0))
+  variables = state_lib.init_variables(model, jnp.zeros((1, *SHAPE)), jax.random.key(0))
   rng = np.random.default_rng(0)
   x = rng.normal(size=(12, *SHAPE)).astype(np.float32)
   y = np.arange(12) % 3
@@ -104,7 +103,7 @@ def test_register_a_new_method_without_any_runner_change():
     (methods.SNIP, dict(bn_mode="test"), "SNIP.bn_mode must be one of"),
     (methods.GraSP, dict(temperature=0), "GraSP.temperature"),
     (methods.SynFlow, dict(dtype="float16"), "SynFlow.dtype"),
-    (methods.Magnitude, dict(budget="2:4", sparsity=0.9), r"Magnitude.sparsity must be 0.5"),
+    (methods.Magnitude, dict(budget="2:4", sparsity=0.9), r"Magnitude.sparsity must be None or 0.5"),
     (methods.Ticket, {}, "Ticket.path"),
     (methods.IMP, dict(schedule="cubic"), "IMP.schedule must be one of"),
     (methods.IMP, dict(schedule="linear", levels=10), "final_sparsity"),
@@ -112,7 +111,7 @@ def test_register_a_new_method_without_any_runner_change():
     (methods.IMP, dict(fraction=1.0), r"fraction must be in \(0, 1\)"),
     (methods.IMP, dict(rewind_step=5, prune_from_step=5),
      "IMP.prune_from_step must be an integer >= 6"),
-    (methods.IMP, dict(budget="erk"), "IMP.budget must be one of"),
+    (methods.IMP, dict(budget="erk"), "IMP.budget must be .global. or .uniform."),
     (methods.RigL, dict(update_every=0), "RigL.update_every must be an integer >= 1"),
     (methods.RigL, dict(end=0.0), r"RigL.end must be in \(0, 1\]"),
     (methods.SET, dict(alpha=1.5), r"SET.alpha must be in \[0, 1\]"),
@@ -149,8 +148,8 @@ def _direct(name, params, model, batch, **kw):
 
 @pytest.mark.parametrize("method, name, kw", [
     (methods.Random(0.8), "random", {}),
-    (methods.Random(0.8, budget="erk"), "random", dict(budget="erk")),
-    (methods.Magnitude(0.7, budget="uniform"), "magnitude", dict(budget="uniform")),
+    (methods.Random(0.8, budget="erk"), "random", dict(budget=budgets.ERK())),
+    (methods.Magnitude(0.7, budget="uniform"), "magnitude", dict(budget=budgets.Uniform())),
     (methods.Magnitude(0.7, rounds=3), "iterative_magnitude", dict(rounds=3)),
     (methods.SNIP(0.9), "snip", {}),
     (methods.SNIP(0.9, rounds=2), "snip", dict(rounds=2)),
@@ -173,7 +172,7 @@ def test_prune_at_init_masks_equal_the_library_call(tiny, method, name, kw):
   if method.budget == "global":
     assert summary.kept == masks.kept_count(708, sparsity)
   else:
-    layer_s = masks.layer_sparsities(params, sparsity, method.budget)
+    layer_s = masks.layer_sparsities(params, sparsity, method.budget_object)
     for layer in summary.layers:
       assert layer.kept == masks.kept_count(layer.total, layer_s[layer.path])
 
@@ -237,7 +236,7 @@ def test_imp_linear_100_levels_prunes_the_step_k_weights(tiny):
   linear schedule, each level pruned from the weights of step p < T."""
   model, _, data = tiny
   tx = optax.sgd(0.1, momentum=0.9)
-  init = train.create_train_state(model, tx, jnp.zeros((1, *SHAPE)),
+  init = state_lib.create_train_state(model, tx, jnp.zeros((1, *SHAPE)),
                                   jax.random.key(0), mask=masks.ones_like)
   imp = methods.IMP(schedule="linear", levels=100, final_sparsity=0.99,
                     rewind_step=1, prune_from_step=3)
@@ -274,7 +273,7 @@ def test_imp_linear_100_levels_prunes_the_step_k_weights(tiny):
 
 def test_imp_geometric_masks_equal_prune_level_of_the_final_weights(tiny):
   model, _, data = tiny
-  init = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+  init = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
                                   jax.random.key(1), mask=masks.ones_like)
   log = []
   result = methods.IMP(levels=3).run(init, _sgd_train_fn(model, data, 4, log))
@@ -288,7 +287,7 @@ def test_imp_geometric_masks_equal_prune_level_of_the_final_weights(tiny):
 
 def test_imp_resumes_from_known_masks_without_the_step_p_weights(tiny):
   model, _, data = tiny
-  init = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+  init = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
                                   jax.random.key(2), mask=masks.ones_like)
   imp = methods.IMP(levels=3, rewind_step=1, prune_from_step=2)
   first = imp.run(init, _sgd_train_fn(model, data, 4, []))
@@ -305,13 +304,13 @@ def test_imp_resumes_from_known_masks_without_the_step_p_weights(tiny):
 
 def test_imp_refuses_a_train_fn_that_stops_elsewhere_and_bad_schedules(tiny):
   model, _, _ = tiny
-  init = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+  init = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
                                   jax.random.key(1), mask=masks.ones_like)
   with pytest.raises(ValueError, match="returned a state at step 0, not 2"):
     lottery.imp(init, lambda name, state, stop: state, (0.0, 0.5), rewind_step=2)
   with pytest.raises(ValueError, match="start with level 0 at 0.0"):
     lottery.imp(init, lambda name, state, stop: state, (0.2, 0.5))
-  dense = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+  dense = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
                                    jax.random.key(1))
   with pytest.raises(ValueError, match="must hold a mask"):
     lottery.imp(dense, lambda name, state, stop: state, (0.0, 0.5))
@@ -342,7 +341,7 @@ def test_dst_optimizers_equal_the_library_calls(tiny):
   inner = optax.sgd(0.05, momentum=0.9)
   start = methods.Random(0.8, budget="erk").initial_mask(ctx, params)
   rigl = methods.RigL(update_every=3, alpha=0.4, end=0.5)
-  direct = dst.rigl(inner, start, end_step=10, drop_fraction=dst.cosine_drop_fraction(0.4, 10),
+  direct = dst.rigl_optimizer(inner, start, end_step=10, drop_fraction=dst.cosine_drop_fraction(0.4, 10),
                     update_every=3, seed=2)
   a, b = _run_tx(rigl.optimizer(inner, start, ctx), params, 12), _run_tx(direct, params, 12)
   assert_trees_equal(a, b)
@@ -351,14 +350,17 @@ def test_dst_optimizers_equal_the_library_calls(tiny):
   ones = gmp.initial_mask(ctx, params)
   assert_trees_equal(ones, masks.ones_like(params))
   got = _run_tx(gmp.optimizer(inner, ones, ctx), params, 12)
-  assert_trees_equal(got, _run_tx(dst.gmp(inner, ones, final_sparsity=0.9, start_step=4,
+  assert_trees_equal(got, _run_tx(dst.gmp_optimizer(inner, ones, final_sparsity=0.9, start_step=4,
                                           end_step=10, update_every=2, seed=2), params, 12))
   assert masks.summary(optim.get_mask(got[1])).kept == masks.kept_count(708, 0.9)
   granet = methods.GraNet(sparsity=0.9, initial_sparsity=0.5)
-  assert_trees_equal(granet.initial_mask(ctx, params), dst.random_mask(
+  assert_trees_equal(granet.initial_mask(ctx, params), masks.random_mask(
       jax.random.fold_in(jax.random.key(2), methods.DST_MASK_KEY), params, 0.5,
-      budget="erk"))
-  assert isinstance(rigl.hooks(ctx)[0], dst.MaskChurn)
+      budget=budgets.ERK()))
+  (churn,) = rigl.hooks(ctx)
+  assert isinstance(churn, hooks_lib.StepHook) and churn.name == "dst"
+  (churn_cb,) = rigl.callbacks(ctx)
+  assert churn_cb.at_epoch_end
   with pytest.raises(ValueError, match="needs a starting mask"):
     rigl.initial_mask(ctx, params)
   with pytest.raises(ValueError, match="within the 20 steps"):
@@ -376,81 +378,16 @@ def test_suptickets_parts(tiny):
   lr = sup.learning_rate(base, ctx)
   expected = plan.learning_rate(base(4), 0.001, 0.005, "cosine")
   assert [float(lr(t)) for t in range(50)] == [float(expected(t)) for t in range(50)]
-  (hook,) = sup.callbacks(ctx)
+  churn_cb, hook = sup.callbacks(ctx)
   assert isinstance(hook, suptickets.Superpose) and hook.plan == plan and hook.ema == 0.5
-  assert isinstance(sup.hooks(ctx)[0], dst.MaskChurn)
+  assert churn_cb.at_epoch_end
+  churn, sup_state = sup.hooks(ctx)
+  assert churn.name == "dst" and sup_state.name == hook.hook().name
   start = methods.Random(0.8, budget="erk").initial_mask(ctx, params)
   inner = optax.sgd(0.05)
   got = _run_tx(sup.optimizer(inner, start, ctx), params, 40)
   # 15 // 3 = 4 periodic updates (steps 3..12), then the cycle starts 20, 35.
   assert int(got[1].mask_updates) == 6
-
-
-def _experiments_config(**fields):
-  from experiments.configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.update(dict(model="mlp", dataset="digits", num_epochs=6, batch_size=128,
-                     learning_rate=0.05, lr_schedule="cosine", seed=4,
-                     weight_decay=5e-4, progress_bar=False))
-  config.update(fields)
-  return config
-
-
-@pytest.mark.parametrize("fields, method", [
-    (dict(pruner="random", budget="erk", sparsity=0.9, dst="rigl", dst_update_every=7,
-          dst_alpha=0.3, dst_end=0.75, suptickets=True, sup_cycles=2, sup_cycle_epochs=2,
-          sup_fraction=0.5, sup_ema=0.3),
-     methods.compose(methods.Random(0.9, budget="erk"),
-                     methods.SupTickets(dst=methods.RigL(update_every=7), cycles=2,
-                                        cycle_epochs=2, ema=0.3))),
-    (dict(pruner="dense", budget="erk", sparsity=0.9, dst="granet", dst_update_every=5,
-          dst_alpha=0.5, dst_end=0.5, dst_initial_sparsity=0.5,
-          dst_prune_epochs=(0.0, 0.5), suptickets=True, sup_cycles=1,
-          sup_cycle_epochs=2, sup_lr_shape="cosine"),
-     methods.SupTickets(dst=methods.GraNet(sparsity=0.9, initial_sparsity=0.5,
-                                           update_every=5, alpha=0.5, end=0.5),
-                        cycles=1, cycle_epochs=2, lr_shape="cosine")),
-    (dict(pruner="snip", budget="global", sparsity=0.8, dst="set", dst_update_every=6,
-          dst_alpha=0.2, dst_drop_schedule="constant", dst_end=0.5),
-     methods.compose(methods.SNIP(0.8), methods.SET(update_every=6, alpha=0.2,
-                                                    drop_schedule="constant", end=0.5))),
-])
-def test_dst_and_suptickets_equal_what_experiments_common_builds(fields, method):
-  """experiments: the same tx (updates, masks), hooks and plan."""
-  from experiments import common  # pylint: disable=g-import-not-at-top
-  from sparsejax import data, schedules  # pylint: disable=g-import-not-at-top
-  config = common.resolve_config(_experiments_config(**fields))
-  ds = data.load("digits")
-  spe = schedules.steps_per_epoch(ds.num_train, config.batch_size)
-  model = models.get("mlp", 10, hidden=(32,))
-  mask_fn = common.make_mask_fn(config, model, ds)
-  want = common._dst_fit_kwargs(  # pylint: disable=protected-access
-      config, model, ds, mask_fn, None)
-  batches = (data.class_balanced_batch(ds, int(config.score_samples_per_class),
-                                       int(config.seed))
-             if config.pruner == "snip" else None)
-  ctx = methods.Context(seed=4, model=model, input_shape=ds.image_shape,
-                        batches=batches, prunable=masks.KERNELS, steps_per_epoch=spe,
-                        num_epochs=6)
-
-  def inner(lr):
-    return schedules.make_optimizer(config, spe, schedule=lr)
-
-  def base_lr(epochs):
-    return schedules.lr_schedule(dict(config.to_dict(), num_epochs=epochs), spe)
-
-  built = methods.build(method, model, inner, ctx, base_lr=base_lr)
-  assert built.mask is None and built.initial_state is None
-  assert [type(h) for h in built.hooks] == [type(h) for h in want["hooks"]]
-  for got_hook, want_hook in zip(built.hooks, want["hooks"]):
-    assert vars(got_hook).keys() == vars(want_hook).keys()
-    for k, v in vars(want_hook).items():
-      if not k.startswith("_"):
-        assert vars(got_hook)[k] == v, k
-  params = train.create_train_state(model, built.tx, jnp.zeros((1, *ds.image_shape)),
-                                    jax.random.key(4)).params
-  steps = 6 * spe
-  assert_trees_equal(_run_tx(built.tx, params, steps), _run_tx(want["tx"], params, steps))
 
 
 # ----------------------------------------------------------------------------
@@ -474,8 +411,9 @@ def test_tost_parts_delegate_to_the_recipe():
   assert all(float(s[k](t)) == float(recipe.scalars(100)[k](t))
              for k in s for t in (0, 10, 30, 60))
   assert method.loss_fn() is not None and methods.ToST().loss_fn() is None
-  (hook,) = method.hooks(methods.Context())
-  assert isinstance(hook, tost.LRsIHook) and hook.settings.steps == 7
+  (hook,) = method.callbacks(methods.Context())
+  assert isinstance(hook, tost.LRsICallback) and hook.settings.steps == 7
+  assert method.hooks(methods.Context()) == ()
   ramp = methods.ToST(soft_neurons=(1.0, 0.0, 0.2, 0.4))
   assert ramp.recipe.soft_neurons == tost.Ramp(1.0, 0.0, 0.2, 0.4)
   params = {"Conv_0": {"kernel": jnp.ones((3, 3, 1, 2))},
@@ -527,34 +465,42 @@ def test_build_fixed_mask_with_sparse_init_and_a_dst_run(tiny):
   inner = optax.sgd(0.1)
   built = methods.build(methods.compose(methods.Magnitude(0.75), methods.SparseInit()),
                         model, inner, ctx)
-  state = built.initial_state
-  params0 = train.create_train_state(model, inner, jnp.zeros((1, *SHAPE)),
-                                     jax.random.key(0)).params
+  state = built.init()
+  params0 = state_lib.create_train_state(model, inner, jnp.zeros((1, *SHAPE)),
+                                         jax.random.key(0)).params
   mask = methods.Magnitude(0.75).initial_mask(ctx, params0)
   assert_trees_equal(state.mask, mask)
   assert_trees_equal(state.params, methods.SparseInit().reinit(ctx, params0, mask))
-  assert set(built.fit_kwargs()) == {"model", "scalars", "loss_fn", "hooks",
-                                     "initial_state"}
+  assert set(built.fit_kwargs()) == {"model", "init", "scalars", "loss_fn", "hooks",
+                                     "callbacks"}
+  # fit traces init for the checkpoint layout: the same layout, no scoring.
+  layout = lambda tree: [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]
+  assert layout(jax.eval_shape(built.init)) == layout(state)
   rigl = methods.build(methods.compose(methods.Random(0.5), methods.RigL(update_every=2)),
                        model, inner, ctx)
-  assert rigl.mask is None and rigl.initial_state is None
-  kwargs = rigl.fit_kwargs()
-  assert kwargs["tx"] is rigl.tx and kwargs["mask"] is None
+  rstate = rigl.init()
+  assert int(rstate.opt_state.mask_updates) == 0  # the DST optimiser holds the mask
+  assert_trees_equal(rstate.mask, methods.Random(0.5).initial_mask(ctx, params0))
+  assert len(rigl.hooks) == 1 and len(rigl.callbacks) == 1
   fixed = methods.build(methods.SNIP(0.5), model, inner,
                         dataclasses.replace(ctx, batches=batch))
-  assert fixed.tx is inner and masks.summary(fixed.mask).kept == masks.kept_count(708, 0.5)
+  fstate = fixed.init()
+  assert isinstance(fstate.opt_state, optim.MaskedState)
+  assert masks.summary(fstate.mask).kept == masks.kept_count(708, 0.5)
+  dense = methods.build(methods.Dense(), model, inner, ctx).init()
+  assert dense.mask is None
 
 
 def test_registry_mlp_residual_and_pytorch_initialisation():
   x = jax.random.normal(jax.random.key(1), (5, *SHAPE))
   torch_like = models.get("mlp", 3, hidden=(64, 64), initializer="pytorch")
-  params = train.init_variables(torch_like, x, jax.random.key(0))["params"]
+  params = state_lib.init_variables(torch_like, x, jax.random.key(0))["params"]
   for name, fan_in in (("Dense_0", 16), ("Dense_1", 64), ("Dense_2", 64)):
     bound = 1 / fan_in ** 0.5  # U(±1/sqrt(fan_in)), kernel and bias
     assert 0.8 * bound < float(jnp.max(jnp.abs(params[name]["kernel"]))) <= bound
     assert 0 < float(jnp.max(jnp.abs(params[name]["bias"]))) <= bound
   residual = models.get("mlp", 3, hidden=(8, 8), residual=True)  # 16 -> 8 -> 8 (+)
-  params = train.init_variables(residual, x, jax.random.key(0))["params"]
+  params = state_lib.init_variables(residual, x, jax.random.key(0))["params"]
   params["Dense_1"] = jax.tree.map(jnp.zeros_like, params["Dense_1"])
   flat = x.reshape(5, -1)
   h = jax.nn.relu(flat @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"])
@@ -568,18 +514,31 @@ def test_registry_mlp_residual_and_pytorch_initialisation():
 
 
 def test_build_gives_fit_a_run_that_trains_the_method(tmp_path):
-  """One fit (current API): Magnitude + SparseInit, the mask and weights of build."""
+  """One fit: Magnitude + SparseInit, the mask and weights of build."""
   from sparsejax import data, schedules  # pylint: disable=g-import-not-at-top
   ds = data.load("digits")
-  cfg = dict(learning_rate=0.05, lr_schedule="constant", num_epochs=1, batch_size=256,
-             seed=0, progress_bar=False, tensorboard=False, eval_batch_size=500)
   model = models.get("mlp", 10, hidden=(32,))
   spe = schedules.steps_per_epoch(ds.num_train, 256)
   ctx = methods.Context(seed=0, model=model, input_shape=ds.image_shape,
                         steps_per_epoch=spe, num_epochs=1)
   method = methods.compose(methods.Magnitude(0.8), methods.SparseInit())
-  built = methods.build(method, model, schedules.make_optimizer(cfg, spe), ctx)
-  result = train.fit(cfg, tmp_path, dataset=ds, **built.fit_kwargs())
-  assert_trees_equal(result.state.mask, built.initial_state.mask)
+  built = methods.build(method, model, schedules.make_optimizer(0.05), ctx)
+  options = train.FitOptions(progress_bar=False, tensorboard=False)
+  result = train.fit(dataset=ds, workdir=tmp_path, num_epochs=1, batch_size=256,
+                     options=options, **built.fit_kwargs())
+  assert_trees_equal(result.state.mask, built.init().mask)
   assert masks.summary(result.state.mask).kept == masks.kept_count(64 * 32 + 320, 0.8)
   assert result.history[-1]["sparsity"] == pytest.approx(0.8, abs=1e-3)
+
+
+def test_default_config_round_trips_through_from_config():
+  for name in methods.names():
+    config = methods.default_config(name)
+    assert sorted(config) == sorted(methods.fields(name))
+    if name != "ticket":  # a ticket needs its path
+      assert methods.from_config(name, config) == methods.get(name)
+  sup = methods.default_config("suptickets")
+  assert sup["dst"]["name"] == "rigl" and sup["dst"]["alpha"] == 0.3
+  assert methods.default_config("granet")["budget"] == "erk"
+  rigl_nm = methods.from_config("rigl", dict(methods.default_config("rigl"), nm="2:4"))
+  assert rigl_nm.nm == "2:4"
