@@ -23,6 +23,8 @@ Submodules:
     random re-initialisation and re-pruning controls, ticket files.
   tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
     skips, label smoothing, LRsI) and its presets.
+  methods: every method as a registered frozen dataclass of one protocol
+    (mask, optimiser, scalars, loss, hooks, ...), ``from_config``, ``compose``.
   state: the train state (``TrainState``, ``create_train_state``).
   train: the carry, sharded train/eval steps, checkpointed ``fit`` and its
     extension points (initial state, per-step scalars, loss, hooks, callbacks).
@@ -69,6 +71,7 @@ from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh
+from sparsejax import methods
 from sparsejax import metrics_log
 from sparsejax import modeling
 from sparsejax import models
