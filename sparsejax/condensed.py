@@ -70,22 +70,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparsejax import _select
 from sparsejax import masks
 from sparsejax import sparse_inference
-from sparsejax._sort_keys import sortable_bits
 
 PyTree = Any
 
 # ----------------------------------------------------------------------------
 # Constant fan-in masks
 # ----------------------------------------------------------------------------
-
-
-def _units_by_fan_in(x: jax.Array) -> jax.Array:
-  """``[..., d_out]`` → ``[d_out, fan_in]``: row ``o`` is unit ``o``'s inputs
-  in increasing flat index."""
-  x = jnp.asarray(x)
-  return x.reshape(-1, x.shape[-1]).T
 
 
 def fan_in_counts(mask_leaf: jax.Array) -> np.ndarray:
@@ -137,28 +130,7 @@ def constant_fan_in_mask(scores_leaf: jax.Array, k, *,
   shape = tuple(jnp.shape(scores_leaf))
   if len(shape) < 2:
     raise ValueError(f"constant fan-in needs a kernel of ndim >= 2, got shape {shape}")
-  return _constant_fan_in_mask(scores_leaf, k, within)
-
-
-@jax.jit
-def _constant_fan_in_mask(scores_leaf, k, within):
-  shape = jnp.shape(scores_leaf)
-  s = jnp.asarray(scores_leaf)
-  s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-  keys = sortable_bits(_units_by_fan_in(s))            # [d_out, F]
-  if within is not None:
-    w = _units_by_fan_in(jnp.asarray(within, bool))
-    keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
-  f = keys.shape[1]
-  # Descending keys, ties to the lower index: a stable sort of the complement.
-  order = jnp.argsort(~keys, axis=1, stable=True)
-  rank = jnp.zeros_like(order).at[
-      jnp.arange(keys.shape[0])[:, None], order].set(
-          jnp.broadcast_to(jnp.arange(f, dtype=order.dtype), order.shape))
-  kept = rank < jnp.reshape(jnp.asarray(k, rank.dtype), (-1, 1))
-  if within is not None:
-    kept = kept & w
-  return kept.T.reshape(shape)
+  return _select.fan_in_keep(scores_leaf, k, within)
 
 
 def unit_k(fan_in: int, sparsity) -> Any:
