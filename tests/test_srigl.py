@@ -234,10 +234,12 @@ def test_constant_fan_in_after_every_update_of_a_tiny_mlp():
     return optax.apply_updates(params, updates), state
 
   budget = jax.device_get(state.budget)
+  ablated = []
   for _ in range(30):
     params, state = step(params, state)
     mask = jax.device_get(optim.get_mask(state))
     fan = condensed.check_constant_fan_in(mask)
+    ablated.append(dst.ablated_units(mask)[0])
     for path, k_now in fan.items():
       layer = path.split("/")[0]
       counts = condensed.fan_in_counts(mask[layer]["kernel"])
@@ -248,6 +250,7 @@ def test_constant_fan_in_after_every_update_of_a_tiny_mlp():
     for leaf, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)):
       assert not np.asarray(leaf)[~np.asarray(m)].any()   # pruned entries are 0
   assert int(state.dst.mask_updates) == 15
+  assert max(ablated) > 0   # ablation ran (and may revive units later)
   assert np.isfinite(float(_mlp_loss(params, x, y)))
 
 
