@@ -38,15 +38,13 @@ saving is then only in memory). Condensed convolutions gather from im2col
 patches (``kh · kw`` times the input): they save memory, not time, on CPU
 and are off by default.
 
-For SRigL (a DST method, built on this module after the #25 redesign): the
-initial mask is :func:`constant_fan_in` of random scores (layer sparsities
-from ERK, :func:`sparsejax.masks.layer_sparsities`); a drop-and-grow step is
-:func:`constant_fan_in_mask` twice per layer, once on ``|θ|`` of the active
-weights (``within=mask``, ``k_o`` = kept minus dropped) and once on ``|g|``
-of the candidates (``within=~kept``, ``k_o`` = the number to regrow), with a
-per-unit ``k`` array of 0 for ablated units; :func:`fan_in_counts` counts
-the salient weights per unit for the ablation test, and
-:func:`check_constant_fan_in` checks every step's mask.
+SRigL (:func:`sparsejax.dst.srigl_optimizer`) builds on this module: its
+starting mask is :func:`sparsejax.masks.random_mask` with a
+``budgets.ConstantFanIn(budgets.ERK())`` budget (the selection of
+:func:`constant_fan_in_mask`, shared through ``sparsejax._select``), every
+update caps and regrows each unit with :func:`constant_fan_in_mask` and a
+per-unit ``k`` array (0 for ablated units), and every mask it makes passes
+:func:`check_constant_fan_in`.
 
 Example::
 
