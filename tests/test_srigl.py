@@ -78,6 +78,18 @@ def test_erk_base_k_from_each_layer_sparsity_and_traced_uniform():
       jax.tree.leaves(traced(0.8)), jax.tree.leaves(eager)))
 
 
+def test_overrides_inside_and_outside_constant_fan_in():
+  sc = {"a": jax.random.uniform(jax.random.key(0), (10, 4)),
+        "b": jax.random.uniform(jax.random.key(1), (10, 4))}
+  inside = budgets.ConstantFanIn(budgets.Uniform().with_overrides({"^b": 0.5}))
+  m = masks.topk_mask(sc, 0.8, budget=inside)
+  assert condensed.check_constant_fan_in(m, allow_ablated=False) == {"a": 2, "b": 5}
+  outside = budgets.ConstantFanIn().with_overrides({"^b": 0.5})
+  m = masks.topk_mask(sc, 0.8, budget=outside)
+  assert condensed.fan_in_counts(m["a"]).tolist() == [2] * 4
+  assert int(m["b"].sum()) == 20   # a plain per-layer top-k of the 40
+
+
 def test_within_keeps_min_k_available_per_unit():
   s = jnp.arange(12.).reshape(4, 3)
   within = jnp.array([[1, 1, 0], [1, 1, 0], [1, 0, 0], [0, 0, 1]], bool)
