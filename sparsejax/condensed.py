@@ -38,15 +38,13 @@ saving is then only in memory). Condensed convolutions gather from im2col
 patches (``kh · kw`` times the input): they save memory, not time, on CPU
 and are off by default.
 
-For SRigL (a DST method, built on this module after the #25 redesign): the
-initial mask is :func:`constant_fan_in` of random scores (layer sparsities
-from ERK, :func:`sparsejax.masks.layer_sparsities`); a drop-and-grow step is
-:func:`constant_fan_in_mask` twice per layer, once on ``|θ|`` of the active
-weights (``within=mask``, ``k_o`` = kept minus dropped) and once on ``|g|``
-of the candidates (``within=~kept``, ``k_o`` = the number to regrow), with a
-per-unit ``k`` array of 0 for ablated units; :func:`fan_in_counts` counts
-the salient weights per unit for the ablation test, and
-:func:`check_constant_fan_in` checks every step's mask.
+SRigL (:func:`sparsejax.dst.srigl_optimizer`) builds on this module: its
+starting mask is :func:`sparsejax.masks.random_mask` with a
+``budgets.ConstantFanIn(budgets.ERK())`` budget (the selection of
+:func:`constant_fan_in_mask`, shared through ``sparsejax._select``), every
+update caps and regrows each unit with :func:`constant_fan_in_mask` and a
+per-unit ``k`` array (0 for ablated units), and every mask it makes passes
+:func:`check_constant_fan_in`.
 
 Example::
 
@@ -70,22 +68,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from sparsejax import _select
 from sparsejax import masks
 from sparsejax import sparse_inference
-from sparsejax._sort_keys import sortable_bits
 
 PyTree = Any
 
 # ----------------------------------------------------------------------------
 # Constant fan-in masks
 # ----------------------------------------------------------------------------
-
-
-def _units_by_fan_in(x: jax.Array) -> jax.Array:
-  """``[..., d_out]`` → ``[d_out, fan_in]``: row ``o`` is unit ``o``'s inputs
-  in increasing flat index."""
-  x = jnp.asarray(x)
-  return x.reshape(-1, x.shape[-1]).T
 
 
 def fan_in_counts(mask_leaf: jax.Array) -> np.ndarray:
@@ -137,28 +128,7 @@ def constant_fan_in_mask(scores_leaf: jax.Array, k, *,
   shape = tuple(jnp.shape(scores_leaf))
   if len(shape) < 2:
     raise ValueError(f"constant fan-in needs a kernel of ndim >= 2, got shape {shape}")
-  return _constant_fan_in_mask(scores_leaf, k, within)
-
-
-@jax.jit
-def _constant_fan_in_mask(scores_leaf, k, within):
-  shape = jnp.shape(scores_leaf)
-  s = jnp.asarray(scores_leaf)
-  s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-  keys = sortable_bits(_units_by_fan_in(s))            # [d_out, F]
-  if within is not None:
-    w = _units_by_fan_in(jnp.asarray(within, bool))
-    keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
-  f = keys.shape[1]
-  # Descending keys, ties to the lower index: a stable sort of the complement.
-  order = jnp.argsort(~keys, axis=1, stable=True)
-  rank = jnp.zeros_like(order).at[
-      jnp.arange(keys.shape[0])[:, None], order].set(
-          jnp.broadcast_to(jnp.arange(f, dtype=order.dtype), order.shape))
-  kept = rank < jnp.reshape(jnp.asarray(k, rank.dtype), (-1, 1))
-  if within is not None:
-    kept = kept & w
-  return kept.T.reshape(shape)
+  return _select.fan_in_keep(scores_leaf, k, within)
 
 
 def unit_k(fan_in: int, sparsity) -> Any:
