@@ -26,8 +26,9 @@ The registered methods (:func:`names`):
   with ``rounds=n``), ``ticket`` (:class:`Ticket`, a saved lottery ticket);
 * ``imp`` (:class:`IMP`): iterative magnitude pruning with rewinding, its
   level loop :meth:`IMP.run` (SPEC §3);
-* dynamic sparse training (SPEC §4): ``set``, ``rigl``, ``gmp``, ``granet``
-  (:class:`SET`, :class:`RigL`, :class:`GMP`, :class:`GraNet`);
+* dynamic sparse training (SPEC §4): ``set``, ``rigl``, ``srigl``, ``gmp``,
+  ``granet`` (:class:`SET`, :class:`RigL`, :class:`SRigL`, :class:`GMP`,
+  :class:`GraNet`);
 * ``suptickets`` (:class:`SupTickets`): Sup-tickets over a DST method
   (SPEC §6);
 * recipes for any mask: ``tost`` (:class:`ToST`, SPEC §7) and
@@ -98,6 +99,7 @@ from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import state as state_lib
 from sparsejax import train
+from sparsejax import models
 from sparsejax.models import activations
 
 PyTree = Any
@@ -917,6 +919,65 @@ class RigL(_DropAndGrow):
   _wrapper = staticmethod(dst.rigl_optimizer)
 
 
+@register("srigl")
+@dataclasses.dataclass(frozen=True)
+class SRigL(_DST):
+  """SRigL (Lasby et al. 2024): RigL under constant fan-in, with neuron ablation
+  (:func:`sparsejax.dst.srigl_optimizer`).
+
+  Every active output unit keeps exactly ``k`` inputs; every ``ΔT`` steps until
+  ``T_end`` each layer drops by ``|θ|`` and regrows by ``|g|`` per unit, and a
+  unit with fewer than ``max(1, ⌊γ_sal · k⌋)`` salient weights is ablated (its
+  ``k`` shared among the others). The starting mask comes from the mask
+  method composed before it, constant fan-in, e.g. ``Random(0.9,
+  budget="cfi-erk")``.
+
+  Attributes:
+    alpha: ``α``; default 0.3.
+    drop_schedule: ``"cosine"`` (default) or ``"constant"``.
+    ablation_threshold: ``γ_sal`` in [0, 1]; default 0.3 (0: no ablation).
+    ablate_classifier: whether the classifier's units may be ablated;
+      default False, as in the reference code.
+    update_every: ``ΔT``; default 100. end: ``T_end``; default 0.75.
+    skip_update: default True.
+  """
+
+  alpha: float = 0.3
+  drop_schedule: str = "cosine"
+  ablation_threshold: float = 0.3
+  ablate_classifier: bool = False
+
+  def __post_init__(self):
+    super().__post_init__()
+    _checks.fraction(self.alpha, "SRigL.alpha")
+    _choice(self.drop_schedule, ("cosine", "constant"), "SRigL.drop_schedule")
+    _checks.number(self.ablation_threshold, "SRigL.ablation_threshold", 0.0, 1.0)
+
+  def initial_mask(self, ctx, params, mask=None):
+    """The constant fan-in mask of the composed mask method (required)."""
+    return _DropAndGrow.initial_mask(self, ctx, params, mask)
+
+  def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
+    end = self._end_step(ctx)
+    fraction = (dst.cosine_drop_fraction(float(self.alpha), end)
+                if self.drop_schedule == "cosine" else float(self.alpha))
+    ablatable = None
+    if not self.ablate_classifier:
+      if ctx.model is None or ctx.input_shape is None:
+        raise ValueError("SRigL needs Context.model and Context.input_shape to "
+                         "keep the classifier's units (ablate_classifier=False)")
+      ablatable = dataclasses.replace(
+          masks.KEEP_CLASSIFIER_DENSE, order=models.layer_order(
+              ctx.model, jax.ShapeDtypeStruct((1, *ctx.input_shape), jnp.float32)))
+    return dst.srigl_optimizer(inner, mask, end_step=end, drop_fraction=fraction,
+                               ablation_threshold=float(self.ablation_threshold),
+                               ablatable=ablatable, **self._common(ctx, extra_updates))
+
+  def callbacks(self, ctx):
+    """Mask churn and ``ablated_units`` in every epoch record."""
+    return (*super().callbacks(ctx), dst.AblatedUnits(ctx.prunable).callback())
+
+
 @dataclasses.dataclass(frozen=True)
 class _Gradual(_DST):
   """GMP and GraNet: global magnitude pruning along the cubic schedule.
@@ -1526,7 +1587,7 @@ def build(method: Method, model: nn.Module,
 
 __all__ = [
     "Built", "Composed", "Context", "DST_MASK_KEY", "Dense", "GMP", "GraNet", "GraSP",
-    "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL", "SET", "SNIP",
+    "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL", "SET", "SNIP", "SRigL",
     "SPARSE_INIT_KEY", "SparseInit", "SupTickets", "SynFlow", "Ticket", "ToST",
     "as_method", "build", "compose", "fields", "from_config", "get", "names",
     "register",

@@ -20,7 +20,7 @@ from sparsejax import (budgets, dst, gradient_flow, losses, lottery, masks, meth
 from sparsejax.models import activations
 
 ALL = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "ticket", "imp",
-       "set", "rigl", "gmp", "granet", "suptickets", "tost", "sparse_init")
+       "set", "rigl", "srigl", "gmp", "granet", "suptickets", "tost", "sparse_init")
 SHAPE = (4, 4, 1)
 
 
@@ -542,3 +542,27 @@ def test_default_config_round_trips_through_from_config():
   assert methods.default_config("granet")["budget"] == "erk"
   rigl_nm = methods.from_config("rigl", dict(methods.default_config("rigl"), nm="2:4"))
   assert rigl_nm.nm == "2:4"
+
+
+def test_srigl_equals_the_library_call_and_keeps_the_classifier(tiny):
+  model, params, _ = tiny
+  ctx = methods.Context(seed=2, model=model, input_shape=SHAPE, steps_per_epoch=5,
+                        num_epochs=4)  # 20 steps
+  start = methods.Random(0.8, budget="cfi-erk").initial_mask(ctx, params)
+  assert_trees_equal(start, methods.Random(
+      0.8, budget=budgets.ConstantFanIn(budgets.ERK())).initial_mask(ctx, params))
+  inner = optax.sgd(0.05, momentum=0.9)
+  srigl = methods.SRigL(update_every=3, alpha=0.4, end=0.5, ablation_threshold=0.3)
+  order = models.layer_order(model, jax.ShapeDtypeStruct((1, *SHAPE), jnp.float32))
+  direct = dst.srigl_optimizer(
+      inner, start, end_step=10, drop_fraction=dst.cosine_drop_fraction(0.4, 10),
+      update_every=3, seed=2, ablation_threshold=0.3,
+      ablatable=dataclasses.replace(masks.KEEP_CLASSIFIER_DENSE, order=order))
+  a, b = _run_tx(srigl.optimizer(inner, start, ctx), params, 12), _run_tx(direct, params, 12)
+  assert_trees_equal(a, b)
+  assert int(b[1].dst.mask_updates) == 3
+  assert len(srigl.callbacks(ctx)) == 2 and len(srigl.hooks(ctx)) == 1
+  with pytest.raises(ValueError, match="SRigL.ablation_threshold"):
+    methods.SRigL(ablation_threshold=1.5)
+  with pytest.raises(ValueError, match="needs a starting mask"):
+    srigl.initial_mask(ctx, params)
