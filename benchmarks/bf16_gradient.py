@@ -38,8 +38,8 @@ def cpu_name() -> str:
 
 def gradient(model, variables, x, y):
   def loss(params):
-    logits, _ = sj.models.apply(model, {**variables, "params": params}, x,
-                                train=True)
+    logits, _ = sj.modeling.apply_model(model, {**variables, "params": params}, x,
+                                        train=True)
     return sj.losses.cross_entropy(logits, y).mean()
   return jax.jit(jax.grad(loss))(variables["params"])
 
@@ -56,7 +56,7 @@ def main():
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(args.batch, 32, 32, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)
-    variables = sj.train.init_variables(f32, x[:1], jax.random.key(seed))
+    variables = sj.state.init_variables(f32, x[:1], jax.random.key(seed))
     g32 = gradient(f32, variables, x, y)
     g16 = gradient(bf16, variables, x, y)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g16))

@@ -15,7 +15,8 @@ alike; each figure is the median over rounds of the mean step time of
   convolutions.
 * ``sparsejax``: the same step with what sparsejax does on CPU
   (``sparsejax/_xla_cpu.py``): the XLA option set by ``import sparsejax`` and
-  the models' convolutions with materialised inputs.
+  the models' convolutions with materialised inputs and batch norm as GEMVs
+  (applied by ``sparsejax.modeling``).
 * ``pytorch``: the same network (CIFAR ResNet-20, option-A-free 1x1
   projection shortcuts with batch norm as in ``sparsejax.models``), eager,
   channels-last, the
@@ -134,24 +135,23 @@ def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
   labels = sj.mesh.put_replicated(
       rng.integers(0, 10, (1024,)).astype(np.int32), mesh)
   sample = jax.numpy.zeros((1, 32, 32, 3))
-  state = sj.mesh.put_replicated(
-      sj.train.create_train_state(model, tx, sample, jax.random.key(0)), mesh)
-  metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
+  state = sj.state.create_train_state(model, tx, sample, jax.random.key(0))
+  train_carry = sj.mesh.put_replicated(sj.train.init_carry(state), mesh)
   step = sj.train.make_train_step(model, mesh=mesh, batch_size=batch,
                                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
                                   loss_fn=loss_fn, scalars=scalars)
   perm = jax.numpy.arange(1024)
-  carry = [state, metrics, 0]
+  carry = [train_carry, 0]
 
   def run(k: int) -> float:
-    state, metrics, i = carry
+    train_carry, i = carry
     t0 = time.perf_counter()
     for _ in range(k):
-      state, metrics, _, _ = step(state, metrics, images, labels, perm,
-                                  i % (1024 // batch))
+      train_carry, _ = step(train_carry, images, labels, perm,
+                            i % (1024 // batch))
       i += 1
-    jax.block_until_ready(state)
-    carry[:] = [state, metrics, i]
+    jax.block_until_ready(train_carry)
+    carry[:] = [train_carry, i]
     return (time.perf_counter() - t0) / k
 
   return run

@@ -17,7 +17,7 @@ backward) of the same network, in place, by what each run leaves out:
   gradients, i.e. what the convolutions' kernel gradients cost in the step.
 
 JAX runs with sparsejax's CPU settings (``import sparsejax``; the models'
-convolutions and batch norm), PyTorch eager channels-last, each library in
+convolutions and batch norm as ``sparsejax.modeling.apply_model`` applies them), PyTorch eager channels-last, each library in
 its own process, one at a time, ``--rounds`` times alternately; a figure is
 the median over rounds of the median of ``--reps`` calls. Prints the CPU
 model; the last line is
@@ -56,8 +56,8 @@ def jax_runs(batch: int) -> dict:
   def loss(p, frozen: bool):
     if frozen:  # no kernel gradient for any convolution
       p = jax.tree.map(lambda a: jax.lax.stop_gradient(a) if a.ndim == 4 else a, p)
-    logits, _ = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                            mutable=["batch_stats"])
+    logits, _ = sj.modeling.apply_model(model, {"params": p, "batch_stats": stats}, x,
+                                        train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   fns = {"full": jax.jit(lambda p: jax.grad(loss)(p, False)),

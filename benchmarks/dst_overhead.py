@@ -6,8 +6,8 @@ Usage:
 Builds the same jitted train step (forward, backward, SGD momentum with
 weight decay, apply) three times on ResNet-20 at 90% ERK sparsity:
 
-* ``static``: ``sparsejax.optim.masked`` (a fixed mask);
-* ``rigl``: ``sparsejax.dst.rigl`` with ``ΔT = 100``, timed on steps that do
+* ``static``: ``sparsejax.optim.sparse`` (a fixed mask);
+* ``rigl``: ``sparsejax.dst.rigl_optimizer`` with ``ΔT = 100``, timed on steps that do
   not update the mask (the ``lax.cond`` takes the cheap branch);
 * ``update``: the same RigL step on a mask-update step (``ΔT = 1``, so every
   step drops and regrows: top-k by magnitude and by gradient in every layer,
@@ -54,7 +54,7 @@ def main():
   y = jax.random.randint(key, (args.batch,), 0, 10)
   variables = model.init(key, x[:1], train=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
-  mask = sj.dst.random_mask(key, params, args.sparsity, budget="erk")
+  mask = sj.masks.random_mask(key, params, args.sparsity, budget=sj.budgets.ERK())
   params = sj.masks.apply(params, mask)
 
   def inner():
@@ -62,12 +62,12 @@ def main():
                        optax.sgd(0.1, momentum=0.9))
 
   txs = {
-      "static": sj.optim.masked(inner(), mask),
+      "static": sj.optim.sparse(inner(), mask),
       # start_step far away: every timed step takes the no-update branch.
-      "rigl": sj.dst.rigl(inner(), mask, end_step=10**9, update_every=100,
-                          start_step=10**8),
-      "update": sj.dst.rigl(inner(), mask, end_step=10**9, update_every=1,
-                            start_step=0),
+      "rigl": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=100,
+                                    start_step=10**8),
+      "update": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=1,
+                                      start_step=0),
   }
   runs, ops, compile_s = {}, {}, {}
   for name, tx in txs.items():

@@ -38,8 +38,8 @@ whatever is running, after a last line ``{"figure": "end", "stopped":
    img/s of the train step :func:`sparsejax.train.fit` runs
    (:func:`sparsejax.train.make_train_step`: batch gathered on device from a
    uint8 set, crop and flip, SGD momentum with weight decay) on ResNet-20 at
-   batch 128: ``dense``; ``masked`` (:func:`sparsejax.optim.masked`, 90% ERK);
-   ``rigl`` (:func:`sparsejax.dst.rigl` at ΔT = 100: the step without a mask
+   batch 128: ``dense``; ``masked`` (:func:`sparsejax.optim.sparse`, 90% ERK);
+   ``rigl`` (:func:`sparsejax.dst.rigl_optimizer` at ΔT = 100: the step without a mask
    update and the update step timed apart, amortised as (99 · plain +
    update) / 100); ``bf16`` (the dense step of the model built with
    ``dtype=jnp.bfloat16``).
@@ -322,7 +322,19 @@ class Costs:
 def base_optimizer():
   """The SPEC §8 optimiser (:func:`sparsejax.schedules.make_optimizer`), one
   object for every timed step: its state's initialisation compiles once."""
-  return sj.schedules.make_optimizer(SPEC8_CONFIG, 390)
+  return spec8_optimizer(390)
+
+
+def spec8_optimizer(steps_per_epoch: int):
+  """The SPEC §8 optimiser of :data:`SPEC8_CONFIG` with ``steps_per_epoch``."""
+  c = SPEC8_CONFIG
+  lr = sj.schedules.lr_schedule(
+      c["learning_rate"], num_epochs=c["num_epochs"], steps_per_epoch=steps_per_epoch,
+      kind=c["lr_schedule"], decay_epochs=c["lr_decay_epochs"],
+      decay_factor=c["lr_decay_factor"])
+  return sj.schedules.make_optimizer(lr, momentum=c["momentum"],
+                                     nesterov=c["nesterov"],
+                                     weight_decay=c["weight_decay"])
 
 
 def step_images(sizes: Sizes, mesh):
@@ -338,10 +350,10 @@ def random_mask(model, seed: int = 1):
   """A random mask keeping 10% of every prunable kernel of ``model``.
 
   Drawn with numpy: a step's cost does not depend on which weights are kept,
-  and this compiles nothing (:func:`sparsejax.dst.random_mask`'s exact
+  and this compiles nothing (:func:`sparsejax.masks.random_mask`'s exact
   per-layer top-k compiles for tens of seconds on a small CPU).
   """
-  params = jax.eval_shape(sj.train.init_variables, model,
+  params = jax.eval_shape(sj.state.init_variables, model,
                           jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(0))["params"]
   rng = np.random.default_rng(seed)
   return jax.tree.map(
@@ -357,10 +369,9 @@ class StepRunner:
     self.images, self.labels = data
     self.batches = sizes.images // sizes.batch
     if state is None:
-      state = sj.train.create_train_state(
+      state = sj.state.create_train_state(
           model, tx, jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(seed), mask=mask)
-    self.state = sj.mesh.put_replicated(state, mesh)
-    self.metrics = sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)
+    self.carry = sj.mesh.put_replicated(sj.train.init_carry(state), mesh)
     self.step_fn = sj.train.make_train_step(
         model, mesh=mesh, batch_size=sizes.batch, mean=(0.49, 0.48, 0.45),
         std=(0.25, 0.24, 0.26), augment=True, loss_fn=loss_fn, scalars=scalars)
@@ -370,11 +381,10 @@ class StepRunner:
   def run(self, k: int) -> float:
     t0 = time.perf_counter()
     for _ in range(k):
-      self.state, self.metrics, _, _ = self.step_fn(
-          self.state, self.metrics, self.images, self.labels, self.perm,
-          self.i % self.batches)
+      self.carry, _ = self.step_fn(self.carry, self.images, self.labels,
+                                   self.perm, self.i % self.batches)
       self.i += 1
-    jax.block_until_ready(self.state)
+    jax.block_until_ready(self.carry)
     return (time.perf_counter() - t0) / k
 
 
@@ -410,10 +420,10 @@ def train_step_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   def rigl():
     # start_step far away: every timed step takes the branch without a mask
     # update; update_every=1 from step 0: every step updates the mask.
-    plain_tx = sj.dst.rigl(base_optimizer(), mask, end_step=10**9,
-                           update_every=100, start_step=10**8)
-    update_tx = sj.dst.rigl(base_optimizer(), mask, end_step=10**9,
-                            update_every=1, start_step=0)
+    plain_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
+                                     update_every=100, start_step=10**8)
+    update_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
+                                      update_every=1, start_step=0)
     plain = time_runner(StepRunner(model, plain_tx, **common).run, sizes,
                         sizes.batch)
     update = time_runner(StepRunner(model, update_tx, **common).run, sizes,
@@ -596,7 +606,7 @@ def scoring_figures(ev: Evidence, sizes: Sizes, costs: Costs):
     initialisation may compile)."""
     if not ctx:
       model = sj.models.get("resnet20", 10, **sizes.model_kwargs)
-      variables = sj.train.init_variables(model, jnp.zeros((1, *INPUT_SHAPE)),
+      variables = sj.state.init_variables(model, jnp.zeros((1, *INPUT_SHAPE)),
                                           jax.random.key(0))
       ctx["params"], ctx["apply_fn"] = sj.scores.linen_apply_fn(model, variables)
       ctx["mask"] = sj.masks.ones_like(ctx["params"])
@@ -806,7 +816,7 @@ def timed_load(data: str | None, sizes: Sizes) -> tuple[sj.data.Dataset, str, fl
 # ----------------------------------------------------------------------------
 
 
-class DeadlineHook(sj.hooks.Hook):
+class DeadlineCallback(sj.hooks.Callback):
   """Stops :func:`sparsejax.train.fit` at a wall-clock time, and times it.
 
   On the host after each step: records the first step's time (compilation
@@ -815,7 +825,7 @@ class DeadlineHook(sj.hooks.Hook):
   a checkpoint at the next step boundary and returns.
   """
 
-  name = "deadline"
+  every_steps = 1
 
   def __init__(self, deadline: float):
     self.deadline = deadline
@@ -824,7 +834,7 @@ class DeadlineHook(sj.hooks.Hook):
     self.last: tuple[int, float] | None = None
     self.sent = False
 
-  def after_step_host(self, step: int) -> None:
+  def __call__(self, step, carry, ctx) -> None:
     now = time.monotonic()
     if self.first is None:
       self.first = (step, now)
@@ -860,18 +870,19 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     wait_s = time.monotonic() - t0
     model = sj.models.get("resnet20", dataset.num_classes, **sizes.model_kwargs)
     mesh = sj.mesh.make_mesh(1)
-    config = dict(SPEC8_CONFIG, tensorboard=False, progress_bar=False,
-                  max_to_keep=1, log_every_steps=50)
+    config = dict(SPEC8_CONFIG)
+    options = sj.train.FitOptions(tensorboard=False, progress_bar=False,
+                                  max_to_keep=1, log_every_steps=50)
     batch = int(config["batch_size"]) if sizes is FULL else sizes.batch
     config["batch_size"] = batch
     spe = sj.schedules.steps_per_epoch(dataset.num_train, batch)
     total = int(config["num_epochs"]) * spe
-    tx = sj.schedules.make_optimizer(config, spe)
+    tx = spec8_optimizer(spe)
     sample = jnp.zeros((1, *dataset.image_shape))
 
     t0 = time.monotonic()
-    dense = sj.train.create_train_state(model, tx, sample,
-                                        jax.random.key(config["seed"]))
+    key = jax.random.key(config["seed"])
+    dense = sj.state.create_train_state(model, tx, sample, key)
     params, apply_fn = sj.scores.linen_apply_fn(model, dense.variables)
     batches = sj.data.class_balanced_batch(dataset, 10, config["seed"])
     with warnings.catch_warnings():
@@ -885,13 +896,16 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     # sections their time.
     final = costs.of(0.5, 0, fixed=2.0)
     reserve = later(1.3)
-    hook = DeadlineHook(ev.deadline - reserve - final)
+    hook = DeadlineCallback(ev.deadline - reserve - final)
     t_fit = time.monotonic()
     stop_at = (None if sizes.real_run_epochs is None
                else sizes.real_run_epochs * spe)
-    result = sj.train.fit(config, args.workdir, model=model, dataset=dataset,
-                          mask=mask, mesh=mesh, stop_at_step=stop_at,
-                          hooks=(hook,))
+    result = sj.train.fit(
+        model, dataset, args.workdir,
+        init=lambda: sj.state.create_train_state(model, tx, sample, key, mask=mask),
+        num_epochs=int(config["num_epochs"]), batch_size=batch,
+        seed=int(config["seed"]), mesh=mesh, stop_at_step=stop_at,
+        callbacks=(hook,), options=options)
     fit_s = time.monotonic() - t_fit
     step = int(jax.device_get(result.state.step))
     history = result.history
@@ -950,7 +964,7 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   model = sj.models.get("resnet20", 10, **sizes.model_kwargs)
   inner = base_optimizer()
   sample = jnp.zeros((1, *INPUT_SHAPE))
-  shared_tx = sj.optim.masked(inner, random_mask(model, 1))
+  shared_tx = sj.optim.sparse(inner, random_mask(model, 1))
   images, labels = data
   batches = sizes.images // sizes.batch
   base = {"model": sizes.model_label, "batch": sizes.batch,
@@ -960,7 +974,7 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   def states(k: int):
     # One transformation object for all K (the mask it was built with only
     # initialises; updates read the mask in each state), so they stack.
-    return [sj.train.create_train_state(
+    return [sj.state.create_train_state(
         model, inner, sample, jax.random.key(i), mask=random_mask(model, 100 + i)
     ).replace(tx=shared_tx) for i in range(k)]
 
@@ -971,20 +985,18 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
           model, mesh=mesh, batch_size=sizes.batch, mean=(0.49, 0.48, 0.45),
           std=(0.25, 0.24, 0.26), augment=True)
       perm = sj.mesh.put_replicated(np.arange(sizes.images), mesh)
-      runs = [[sj.mesh.put_replicated(s, mesh),
-               sj.mesh.put_replicated(sj.train.init_train_metrics(), mesh)]
+      runs = [sj.mesh.put_replicated(sj.train.init_carry(s), mesh)
               for s in states(k)]
-      stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *[r[i] for r in runs])
-                 for i in range(2)]
-      vstep = jax.jit(jax.vmap(step, in_axes=(0, 0, None, None, None, None)),
-                      donate_argnums=(0, 1))
+      stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *runs)]
+      vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None, None, None)),
+                      donate_argnums=(0,))
       counter = [0]
 
       def run_vmapped(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-          stacked[0], stacked[1], _, _ = vstep(
-              stacked[0], stacked[1], images, labels, perm, counter[0] % batches)
+          stacked[0], _ = vstep(stacked[0], images, labels, perm,
+                                counter[0] % batches)
           counter[0] += 1
         jax.block_until_ready(stacked[0])
         return (time.perf_counter() - t0) / n
@@ -992,11 +1004,10 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
       def run_sequential(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-          for r in runs:
-            r[0], r[1], _, _ = step(r[0], r[1], images, labels, perm,
-                                    counter[0] % batches)
+          for i, r in enumerate(runs):
+            runs[i], _ = step(r, images, labels, perm, counter[0] % batches)
           counter[0] += 1
-        jax.block_until_ready([r[0] for r in runs])
+        jax.block_until_ready(runs)
         return (time.perf_counter() - t0) / n
 
       vm = time_runner(run_vmapped, sizes, k * sizes.batch)

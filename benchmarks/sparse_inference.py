@@ -41,7 +41,7 @@ from cpu_step import cpu_model  # noqa: E402  (benchmarks/ is on the path)
 def _masked_variables(model, x, sparsity):
   variables = jax.jit(lambda k, x: model.init(k, x, train=False))(jax.random.key(0), x[:1])
   params = variables["params"]
-  mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), sparsity, budget="uniform")
+  mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), sparsity, budget=sj.budgets.Uniform())
   return {**variables, "params": sj.masks.apply(params, mask)}
 
 

@@ -4,7 +4,7 @@ Usage:
   python benchmarks/step_overhead.py [--model resnet20] [--batch 128] [--reps 30]
 
 Builds the same jitted train step (forward, backward, SGD-momentum with weight
-decay, apply) twice: with ``optax`` alone and with ``sparsejax.optim.masked``
+decay, apply) twice: with ``optax`` alone and with ``sparsejax.optim.sparse``
 around it at 90% sparsity. The two are timed interleaved (dense, masked, dense,
 ...) after compilation so that machine noise hits both alike, and the script
 prints the median step-time ratio masked / dense. Target: at most 1.03.
@@ -23,7 +23,7 @@ import sparsejax as sj
 def make_step(model, tx):
 
   def loss_fn(params, batch_stats, x, y):
-    logits, new_state = sj.models.apply(
+    logits, new_state = sj.modeling.apply_model(
         model, {"params": params, "batch_stats": batch_stats}, x, train=True)
     loss = sj.losses.cross_entropy(logits, y).mean()
     return loss, new_state["batch_stats"]
@@ -62,7 +62,7 @@ def main():
 
   runs = {}
   for name, tx, p0 in (("dense", inner(), params),
-                       ("masked", sj.optim.masked(inner(), mask),
+                       ("masked", sj.optim.sparse(inner(), mask),
                         sj.masks.apply(params, mask))):
     step = make_step(model, tx)
     carry = (p0, batch_stats, tx.init(p0))

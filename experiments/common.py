@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from experiments import workdir as workdir_lib
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
@@ -57,10 +58,11 @@ from sparsejax import masks
 from sparsejax import mesh as mesh_lib
 from sparsejax import metrics_log
 from sparsejax import models
-from sparsejax import nm as nm_lib
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import losses
 from sparsejax import sparse_io
+from sparsejax import state as state_lib
 from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import train
@@ -200,12 +202,22 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
     _check_ticket_sparsity(config)
   elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
+    config_budget(config)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
     raise ValueError(f"config.score_bn_mode must be None, 'train' or 'eval', got "
                      f"{config.score_bn_mode!r}")
   if config.synflow_dtype not in ("float32", "float64"):
     raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
                      f"{config.synflow_dtype!r}")
+
+
+def config_budget(config: ml_collections.ConfigDict) -> budgets.Budget:
+  """The budget object of ``config.budget`` (a command-line name such as
+  ``"erk"`` or ``"2:4"``, :func:`sparsejax.budgets.parse`)."""
+  try:
+    return budgets.parse(config.budget)
+  except ValueError as e:
+    raise ValueError(f"config.budget: {e}") from None
 
 
 def ticket_sparsity(directory: str) -> float:
@@ -282,7 +294,7 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
     _check_prune_epochs(config)
-    if nm_lib.parse_nm(config.budget) is not None:
+    if isinstance(config_budget(config), budgets.NM):
       raise ValueError(
           f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
           f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
@@ -438,13 +450,15 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
                        extra_updates: dst.ExtraUpdates = ()):
   """The dynamic-sparse-training optimiser of ``config.dst`` around ``inner``.
 
-  * ``set`` / ``rigl``: :func:`sparsejax.dst.set` / :func:`~sparsejax.dst.rigl`
+  * ``set`` / ``rigl``: :func:`sparsejax.dst.set_optimizer` /
+    :func:`~sparsejax.dst.rigl_optimizer`
     from ``mask`` (the ``pruner`` mask), every ``dst_update_every`` steps until
     ``dst_end`` of training, drop fraction ``dst_alpha`` with a cosine decay
     to 0 at that point (``dst_drop_schedule="cosine"``, RigL) or constant.
     With an ``"N:M"`` ``config.budget`` the updates keep the mask N:M
-    (``nm=config.budget``).
-  * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp` / :func:`~sparsejax.dst.granet`
+    (``nm=budgets.parse(config.budget)``).
+  * ``gmp`` / ``granet``: :func:`sparsejax.dst.gmp_optimizer` /
+    :func:`~sparsejax.dst.granet_optimizer`
     from dense (``dst_initial_sparsity = 0``) or a random mask at that
     sparsity under ``config.budget``, pruned to ``config.sparsity`` along the
     cubic schedule between ``dst_prune_epochs`` (epochs, or fractions of
@@ -466,22 +480,23 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
   if config.dst in ("set", "rigl"):
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
                 if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
-    method = dst.set if config.dst == "set" else dst.rigl
-    nm = config.budget if nm_lib.parse_nm(config.budget) is not None else None
+    method = dst.set_optimizer if config.dst == "set" else dst.rigl_optimizer
+    budget = config_budget(config)
+    nm = budget if isinstance(budget, budgets.NM) else None
     kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
-  initial = (masks.ones_like(params) if s0 == 0 else dst.random_mask(
+  initial = (masks.ones_like(params) if s0 == 0 else masks.random_mask(
       jax.random.fold_in(jax.random.key(config.seed), 2), params, s0,
-      budget=config.budget, prunable=prunable))
+      budget=config_budget(config), prunable=prunable))
   start, stop = (_epoch_step(float(v), int(config.num_epochs), steps_per_epoch)
                  for v in config.dst_prune_epochs)
   kw = dict(final_sparsity=float(config.sparsity), initial_sparsity=s0,
             start_step=start, end_step=stop, **common_kw)
   if config.dst == "gmp":
-    return dst.gmp(inner, initial, **kw), initial
-  return dst.granet(inner, initial, regrow_end_step=end,
-                    alpha=float(config.dst_alpha), **kw), initial
+    return dst.gmp_optimizer(inner, initial, **kw), initial
+  return dst.granet_optimizer(inner, initial, regrow_end_step=end,
+                              alpha=float(config.dst_alpha), **kw), initial
 
 
 def act_coef_schedule(config: ml_collections.ConfigDict,
@@ -556,6 +571,62 @@ def read_json(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------
 
 
+def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                num_epochs: int | None = None):
+  """:func:`sparsejax.schedules.lr_schedule` of the config's fields
+  (``learning_rate``, ``lr_schedule``, ``warmup_epochs``, ``lr_decay_factor``,
+  ``lr_decay_epochs``, ``lr_end_factor``) over ``num_epochs`` (default
+  ``config.num_epochs``)."""
+  def get(name, default):
+    value = config.get(name, default)
+    return default if value is None else value
+
+  return schedules.lr_schedule(
+      float(config.learning_rate),
+      num_epochs=int(config.num_epochs if num_epochs is None else num_epochs),
+      steps_per_epoch=steps_per_epoch, kind=get("lr_schedule", "constant"),
+      warmup_epochs=float(get("warmup_epochs", 0.0)),
+      decay_factor=float(get("lr_decay_factor", 0.1)),
+      decay_epochs=tuple(get("lr_decay_epochs", ())),
+      end_factor=float(get("lr_end_factor", 0.0)))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
+                   schedule=None):
+  """:func:`sparsejax.schedules.make_optimizer` of the config (``momentum``,
+  ``nesterov``, ``weight_decay``) with ``schedule`` (default
+  :func:`lr_schedule` of the config)."""
+  def get(name, default):
+    value = config.get(name, default)
+    return default if value is None else value
+
+  if schedule is None:
+    schedule = lr_schedule(config, steps_per_epoch)
+  return schedules.make_optimizer(
+      schedule, momentum=float(get("momentum", 0.9)),
+      nesterov=bool(get("nesterov", False)),
+      weight_decay=float(get("weight_decay", 0.0)))
+
+
+def fit_options(config: ml_collections.ConfigDict) -> train.FitOptions:
+  """The :class:`sparsejax.train.FitOptions` of the config's loop fields."""
+  fields = {f.name: config.get(f.name) for f in dataclasses.fields(train.FitOptions)}
+  return train.FitOptions(**{k: v for k, v in fields.items() if v is not None})
+
+
+def fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``num_epochs``, ``batch_size``, ``seed`` and ``options`` of
+  :func:`sparsejax.train.fit` from the config."""
+  return dict(num_epochs=int(config.num_epochs), batch_size=int(config.batch_size),
+              seed=int(config.get("seed", 0) or 0), options=fit_options(config))
+
+
+def default_loss(config: ml_collections.ConfigDict):
+  """The training loss of the config: cross-entropy with
+  ``config.label_smoothing`` (default 0)."""
+  return losses.smoothed_cross_entropy(float(config.get("label_smoothing", 0.0) or 0.0))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _initial_state(model, input_shape) -> dict:
   """The non-trainable collections of a freshly initialised ``model``.
@@ -563,8 +634,8 @@ def _initial_state(model, input_shape) -> dict:
   These are the batch-norm statistics (mean 0, variance 1), which do not
   depend on the initialisation key; the params are dropped.
   """
-  variables = train.init_variables(model, jnp.zeros((1, *input_shape)),
-                                   jax.random.key(0))
+  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)),
+                                       jax.random.key(0))
   return {k: v for k, v in variables.items() if k != "params"}
 
 
@@ -595,8 +666,10 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
                  ) -> Callable[[PyTree], PyTree] | None:
   """The ``params -> mask`` function of ``config.pruner``; ``None`` if dense.
 
-  Given the freshly initialised params (as :func:`sparsejax.train.fit` calls
-  it; it is not called when a run resumes from a checkpoint), the function
+  Given the freshly initialised params (as :func:`sparsejax.train.fit`'s
+  ``init`` calls it on a fresh start; not when a run resumes from a
+  checkpoint, and traced params, of fit's layout trace, get the all-ones
+  mask without scoring), the function
 
   1. prunes with :func:`sparsejax.scores.prune_at_init` (``config.pruner``,
      ``sparsity``, ``budget``, ``prunable``, ``pruning_rounds``): the model
@@ -634,6 +707,10 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
   prunable = make_prunable(config.prunable, model, input_shape)
 
   def mask_fn(params: PyTree) -> PyTree:
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+      # Traced for a layout (fit's jax.eval_shape of its init): the all-ones
+      # mask has the mask's layout, without scoring.
+      return masks.ones_like(params)
     variables = {"params": params, **_initial_state(model, input_shape)}
     params, apply_fn = scores.linen_apply_fn(model, variables)
     start = time.perf_counter()
@@ -643,7 +720,7 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
     else:
       mask = scores.prune_at_init(
           config.pruner, params, sparsity=float(config.sparsity),
-          budget=config.budget, prunable=prunable, apply_fn=apply_fn,
+          budget=config_budget(config), prunable=prunable, apply_fn=apply_fn,
           **_method_kwargs(config, dataset))
     mask = jax.block_until_ready(mask)
     seconds = time.perf_counter() - start
@@ -776,13 +853,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   mask_fn = make_mask_fn(
       config, model, dataset, workdir,
       trained_model=trained if recipe.ghost_skips is not None else None)
-  fit_kwargs = dict(mask=mask_fn, hooks=recipe.hooks(), loss_fn=recipe.loss_fn())
+  sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
+  key = jax.random.key(int(config.seed))
+  callbacks = recipe.callbacks()
+  fit_kwargs = dict(callbacks=callbacks,
+                    loss_fn=recipe.loss_fn() or default_loss(config))
   if config.get("dst", "none") != "none":
-    fit_kwargs = _dst_fit_kwargs(config, model, dataset, mask_fn, workdir)
-  result = train.fit(config, workdir, model=trained, dataset=dataset, mesh=mesh,
-                     scalars=scalars or None, **fit_kwargs)
-  lrsi_info = [h.info for h in fit_kwargs["hooks"]
-               if isinstance(h, tost.LRsIHook) and h.info is not None]
+    fit_kwargs.update(_dst_fit_kwargs(config, model, dataset, mask_fn, workdir))
+    tx = fit_kwargs.pop("tx")
+    init = lambda: state_lib.create_train_state(trained, tx, sample, key)
+  else:
+    inner = make_optimizer(config, spe)
+    init = lambda: state_lib.create_train_state(trained, inner, sample, key,
+                                                mask=mask_fn)
+  result = train.fit(trained, dataset, workdir, init=init, mesh=mesh,
+                     scalars=scalars or None, **fit_args(config), **fit_kwargs)
+  lrsi_info = [cb.info for cb in callbacks
+               if isinstance(cb, tost.LRsICallback) and cb.info is not None]
   if lrsi_info:
     info = lrsi_info[0]
     write_json(os.path.join(workdir, LRSI_FILE), {
@@ -831,7 +918,7 @@ def _dir_nbytes(path: epath.Path) -> int:
              for root, _, files in path.walk() for f in files)
 
 
-def save_sparse_model(state: train.TrainState, workdir: str,
+def save_sparse_model(state: state_lib.TrainState, workdir: str,
                       compression: str = "none", metadata: dict | None = None
                       ) -> dict | None:
   """Writes ``workdir/model.sparse`` and prints its size against dense storage.
@@ -871,7 +958,8 @@ def save_sparse_model(state: train.TrainState, workdir: str,
 
 
 def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
-  """``fit`` arguments of a DST run: the optimiser holding its mask, the churn hook.
+  """``fit`` arguments of a DST run: the optimiser holding its mask (``tx``),
+  the churn hook and callback (and Sup-tickets' superposition).
 
   With ``config.suptickets`` (SPEC §6): the learning rate and the DST
   schedules of the config over the DST phase (``num_epochs − sup_cycles ·
@@ -882,7 +970,7 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
   over the same prunable leaves).
 
   The starting mask is computed on the params ``fit`` will initialise (the
-  same model, input and seed: :func:`sparsejax.train.create_train_state` is
+  same model, input and seed: :func:`sparsejax.state.create_train_state` is
   deterministic), so a pruning-at-initialisation start scores the very
   network that trains.
   """
@@ -893,15 +981,15 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
     plan = suptickets_plan(config, steps)
     phase = ml_collections.ConfigDict(config.to_dict())
     phase.num_epochs = plan.dst_epochs
-    lr = plan.learning_rate(schedules.lr_schedule(phase, steps),
+    lr = plan.learning_rate(lr_schedule(phase, steps),
                             float(config.sup_lr1), float(config.sup_lr2),
                             config.sup_lr_shape)
-    inner = schedules.make_optimizer(config, steps, schedule=lr)
+    inner = make_optimizer(config, steps, schedule=lr)
   else:
-    phase, inner = config, schedules.make_optimizer(config, steps)
+    phase, inner = config, make_optimizer(config, steps)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  params = train.create_train_state(model, inner, sample,
-                                    jax.random.key(int(config.seed))).params
+  params = state_lib.create_train_state(model, inner, sample,
+                                        jax.random.key(int(config.seed))).params
   prunable = make_prunable(config.prunable, model, dataset.image_shape)
   mask = mask_fn(params) if mask_fn is not None else None
   extra = (plan.mask_updates(float(config.sup_fraction), prunable) if sup else ())
@@ -911,14 +999,16 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
     write_json(os.path.join(workdir, "dst.json"), {
         "method": config.dst, "initial_sparsity": float(config.dst_initial_sparsity),
         "initial_mask": masks.summary(initial, prunable).as_dict()})
-  every = int(config.dst_update_every)
-  hooks = [dst.MaskChurn(log_every_steps=every)]
+  churn = dst.MaskChurn(log_every_steps=int(config.dst_update_every))
+  hooks, callbacks = [churn.hook()], [churn.callback()]
   if sup:
-    hooks.append(suptickets.Superpose(
+    sup_cb = suptickets.Superpose(
         plan, ema=config.sup_ema, prunable=prunable,
         bn_batch_size=config.sup_bn_batch_size,
-        bn_variance=config.sup_bn_variance))
-  return dict(mask=None, tx=tx, hooks=tuple(hooks))
+        bn_variance=config.sup_bn_variance)
+    hooks.append(sup_cb.hook())
+    callbacks.append(sup_cb)
+  return dict(tx=tx, hooks=tuple(hooks), callbacks=tuple(callbacks))
 
 
 # ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from the training set; every ``flow_every`` steps and just before and after
 each mask update):
 
 * ``dense``: the dense network;
-* ``pruned``: gradual magnitude pruning (:func:`sparsejax.dst.gmp`) of the
+* ``pruned``: gradual magnitude pruning (:func:`sparsejax.dst.gmp_optimizer`) of the
   dense network from ``θ_0`` to ``sparsity`` between ``prune_start`` and
   ``prune_end`` every ``prune_every`` steps (the end moved up to the next
   update step, so the last update reaches ``sparsity``): *the pruned
@@ -33,7 +33,7 @@ each mask update):
   model's dense initialiser (the paper's "Scratch");
 * ``scratch_plus``: the same mask on ``θ'_0`` re-initialised by
   :func:`sparsejax.gradient_flow.sparse_init` ("Scratch+");
-* ``rigl``: RigL (:func:`sparsejax.dst.rigl`) from a random mask under
+* ``rigl``: RigL (:func:`sparsejax.dst.rigl_optimizer`) from a random mask under
   ``rigl_budget`` (ERK) on ``θ_0`` masked; ``rigl_plus``: the same with
   :func:`~sparsejax.gradient_flow.sparse_init` weights;
 * ``small_dense``: a dense network of the same family with about as many
@@ -85,6 +85,7 @@ from experiments import sweep
 from experiments import workdir as workdir_lib
 from experiments.configs import default as default_config
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import lottery
@@ -92,6 +93,7 @@ from sparsejax import masks
 from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import schedules
+from sparsejax import state as state_lib
 from sparsejax import train
 
 #: The runner named in the signatures of the grid and its cells.
@@ -186,7 +188,7 @@ def cell_config(config: ml_collections.ConfigDict, method: str,
 
 
 def _kernel_count(model, sample) -> int:
-  params = jax.eval_shape(lambda: train.init_variables(
+  params = jax.eval_shape(lambda: state_lib.init_variables(
       model, sample, jax.random.key(0)))["params"]
   return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)
              if len(p.shape) > 1)
@@ -255,11 +257,11 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
   model = models.get(cfg.model, dataset.num_classes, **kwargs)
   spe = schedules.steps_per_epoch(dataset.num_train, cfg.batch_size)
   total = int(cfg.num_epochs) * spe
-  inner = schedules.make_optimizer(cfg, spe)
+  inner = common.make_optimizer(cfg, spe)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   key = jax.random.key(seed)
   prunable = common.make_prunable(cfg.prunable, model, dataset.image_shape)
-  base = train.create_train_state(model, inner, sample, key)
+  base = state_lib.create_train_state(model, inner, sample, key)
   theta0 = base.params
   init_gain = getattr(model, "init_gain", None)
   reinit = lambda params, mask: gradient_flow.sparse_init(
@@ -272,9 +274,10 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
     every = int(cfg.prune_every)
     # The last pruning step must be an update step to reach the sparsity.
     end = start + -(-(end - start) // every) * every
-    tx = dst.gmp(inner, masks.ones_like(theta0), final_sparsity=float(cfg.sparsity),
-                 start_step=start, end_step=end, update_every=every,
-                 prunable=prunable, seed=seed)
+    tx = dst.gmp_optimizer(inner, masks.ones_like(theta0),
+                           final_sparsity=float(cfg.sparsity), start_step=start,
+                           end_step=end, update_every=every, prunable=prunable,
+                           seed=seed)
     update_steps = gradient_flow.UpdateSteps(every, start, end + 1)
     fit_kw = dict(tx=tx)
   elif method in NEED_PRUNED:
@@ -283,35 +286,37 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
     if method == "lottery":
       fit_kw = dict(mask=mask)  # θ_0 ⊙ m: the same seed, the same init
     else:
-      state = train.create_train_state(model, inner, sample, key, mask=mask)
-      other = train.init_variables(model, sample, jax.random.fold_in(
+      state = state_lib.create_train_state(model, inner, sample, key, mask=mask)
+      other = state_lib.init_variables(model, sample, jax.random.fold_in(
           key, _SCRATCH_KEY))["params"]
       params = reinit(other, mask) if method == "scratch_plus" else other
       fit_kw = dict(initial_state=state.replace(params=masks.apply(params, mask)))
   elif method in ("rigl", "rigl_plus"):
-    mask = dst.random_mask(jax.random.fold_in(key, _RIGL_MASK_KEY), theta0,
-                           float(cfg.sparsity), budget=cfg.rigl_budget,
-                           prunable=prunable)
+    mask = masks.random_mask(jax.random.fold_in(key, _RIGL_MASK_KEY), theta0,
+                             float(cfg.sparsity),
+                             budget=budgets.parse(cfg.rigl_budget),
+                             prunable=prunable)
     every, end = int(cfg.dst_update_every), round(float(cfg.dst_end) * total)
     fraction = (dst.cosine_drop_fraction(float(cfg.dst_alpha), end)
                 if cfg.dst_drop_schedule == "cosine" else float(cfg.dst_alpha))
-    tx = dst.rigl(inner, mask, end_step=end, drop_fraction=fraction,
-                  update_every=every, skip_update=bool(cfg.dst_skip_update),
-                  prunable=prunable, seed=seed)
+    tx = dst.rigl_optimizer(inner, mask, end_step=end, drop_fraction=fraction,
+                            update_every=every,
+                            skip_update=bool(cfg.dst_skip_update),
+                            prunable=prunable, seed=seed)
     update_steps = gradient_flow.UpdateSteps(every, None, end)
     if method == "rigl":
       fit_kw = dict(tx=tx)
     else:
-      state = train.create_train_state(model, tx, sample, key)
+      state = state_lib.create_train_state(model, tx, sample, key)
       fit_kw = dict(initial_state=state.replace(params=reinit(state.params, mask)))
   flow = gradient_flow.GradientFlow(model, flow_batch, every=int(cfg.flow_every),
                                     update_steps=update_steps, prunable=prunable)
-  # The state fit starts from (without a checkpoint), for initial/.
+  # The state fit starts from (without a checkpoint; saved in initial/).
   if "initial_state" in fit_kw:
     start = fit_kw["initial_state"]
   elif fit_kw:
-    start = train.create_train_state(model, fit_kw.get("tx", inner), sample, key,
-                                     mask=fit_kw.get("mask"))
+    start = state_lib.create_train_state(model, fit_kw.get("tx", inner), sample,
+                                         key, mask=fit_kw.get("mask"))
   else:
     start = base
   if not epath.Path(os.path.join(cell_dir, "initial", lottery.TICKET_META)).exists():
@@ -319,8 +324,9 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
           start.mask if start.mask is not None else masks.ones_like(start.params),
           start.params, method=method, seed=seed)
   t0 = time.perf_counter()
-  result = train.fit(cfg, cell_dir, model=model, dataset=dataset, hooks=[flow],
-                     **fit_kw)
+  result = train.fit(model, dataset, cell_dir, init=start, hooks=[flow.hook()],
+                     callbacks=[flow.callback()], loss_fn=common.default_loss(cfg),
+                     **common.fit_args(cfg))
   if result.preempted:
     return result
   state = result.state

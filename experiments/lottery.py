@@ -68,12 +68,14 @@ from experiments import common
 from experiments import results
 from experiments import workdir as workdir_lib
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
 from sparsejax import models
 from sparsejax import schedules
+from sparsejax import state as state_lib
 from sparsejax import train
 
 #: The runner named in the signature of the run directory (``run.json``).
@@ -97,9 +99,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       number of levels; a pruning fraction outside (0, 1); a negative rewind
       point.
   """
-  if config.budget not in lottery.BUDGETS:
-    raise ValueError(f"config.budget must be one of {lottery.BUDGETS} for IMP, "
-                     f"got {config.budget!r}")
+  try:
+    budget = budgets.parse(config.budget)
+  except ValueError:
+    budget = None
+  if type(budget) not in lottery.BUDGETS:
+    raise ValueError("config.budget must be 'global' or 'uniform' for IMP "
+                     f"(lottery.BUDGETS), got {config.budget!r}")
   if isinstance(config.levels, bool) or not isinstance(config.levels, int) or (
       config.levels < 0):
     raise ValueError(f"config.levels must be an integer >= 0, got {config.levels!r}")
@@ -207,23 +213,23 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
 # ----------------------------------------------------------------------------
 
 
-def control_state(control: str, key: jax.Array, point: train.TrainState,
-                  mask, model, sample: jax.Array) -> train.TrainState:
+def control_state(control: str, key: jax.Array, point: state_lib.TrainState,
+                  mask, model, sample: jax.Array) -> state_lib.TrainState:
   """The state a control starts from, at the rewind point with ``mask``'s level.
 
   * ``"reinit"``: ``mask`` on the weights (and batch-norm statistics) of
     another initialisation, ``init_variables(model, sample, key)``;
-  * ``"reprune"``: ``random_reprune(key, mask)`` (each layer's mask shuffled)
+  * ``"reprune"``: ``random_reprune_mask(key, mask)`` (each layer's mask shuffled)
     on the rewind weights θ_k.
 
   Both with a fresh optimiser state at step ``k``
   (:func:`sparsejax.lottery.rewind_state`).
   """
   if control == "reinit":
-    variables = train.init_variables(model, sample, key)
+    variables = state_lib.init_variables(model, sample, key)
     return lottery.rewind_state(point, mask, params=variables["params"],
                                 batch_stats=variables.get("batch_stats", {}))
-  return lottery.rewind_state(point, lottery.random_reprune(key, mask))
+  return lottery.rewind_state(point, lottery.random_reprune_mask(key, mask))
 
 
 @dataclasses.dataclass
@@ -286,13 +292,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
                config.levels, 100 * config.prune_fraction, k,
                config.controls or "off")
 
-  def fit(subdir, **kwargs) -> train.FitResult:
-    return train.fit(config, os.path.join(workdir, subdir), model=model,
-                     dataset=dataset, mesh=mesh, **kwargs)
+  def fit(subdir, init, **kwargs) -> train.FitResult:
+    return train.fit(model, dataset, os.path.join(workdir, subdir), init=init,
+                     mesh=mesh, loss_fn=common.default_loss(config),
+                     **common.fit_args(config), **kwargs)
 
   # The rewind point: dense training (in the sparse format, all-ones mask, so
   # that every level shares one state structure) stopped at step k.
-  point = fit("rewind_point", mask=masks.ones_like, stop_at_step=k)
+  tx = common.make_optimizer(config, steps_per_epoch)
+  point = fit("rewind_point", lambda: state_lib.create_train_state(
+      model, tx, sample, jax.random.key(int(config.seed)), mask=masks.ones_like),
+              stop_at_step=k)
   if point.preempted:
     return LotteryResult([], True, None)
   point = point.state
@@ -321,7 +331,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     else:
       mask = (masks.ones_like(point.params) if level == 0 else
               lottery.prune_level(trained, mask, level, config.prune_fraction,
-                                  prunable=prunable, budget=config.budget))
+                                  prunable=prunable,
+                                  budget=budgets.parse(config.budget)))
     summary = masks.summary(mask, prunable)
     row = {"level": level, "kept": summary.kept, "total": summary.total,
            "density": 1.0 - summary.sparsity}
@@ -332,7 +343,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       logging.warning("level %d: layer collapse in %s", level,
                       list(summary.collapsed))
 
-    result = fit(f"level_{level}", initial_state=lottery.rewind_state(point, mask))
+    result = fit(f"level_{level}", lottery.rewind_state(point, mask))
     if result.preempted:
       return LotteryResult(rows, True, None)
     row["ticket"] = result.history[-1]["test_accuracy"]
@@ -348,8 +359,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       key = jax.random.fold_in(jax.random.fold_in(control_key,
                                                   CONTROLS.index(control)), level)
       ctrl = fit(os.path.join(f"level_{level}", f"control_{control}"),
-                 initial_state=control_state(control, key, point, mask, model,
-                                             sample))
+                 control_state(control, key, point, mask, model, sample))
       if ctrl.preempted:
         return LotteryResult(rows, True, None)
       row[control] = ctrl.history[-1]["test_accuracy"]

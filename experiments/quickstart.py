@@ -35,6 +35,7 @@ import ml_collections
 from ml_collections import config_flags
 
 from experiments import common
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import masks
@@ -42,6 +43,7 @@ from sparsejax import mesh as mesh_lib
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import state as state_lib
 from sparsejax import train
 
 FLAGS = flags.FLAGS
@@ -88,7 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ds = data.load(config.dataset)
   model = models.get(config.model, ds.num_classes, **common.model_kwargs(config))
   mesh = mesh_lib.make_mesh()
-  tx = schedules.make_optimizer(
+  tx = common.make_optimizer(
       config, schedules.steps_per_epoch(ds.num_train, config.batch_size))
   sample = jnp.zeros((1,) + ds.image_shape, jnp.float32)
   rng = jax.random.key(config.seed)
@@ -100,7 +102,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # One initial network for every run (fit's: the same seed); its params are
   # what gets pruned.
-  dense = train.create_train_state(model, tx, sample, rng)
+  dense = state_lib.create_train_state(model, tx, sample, rng)
   # Pruning at initialisation (SPEC §2): every method prunes the same initial
   # network with sparsejax.scores.prune_at_init (exact global top-k); SNIP and
   # GraSP score on a class-balanced sample of the training set.
@@ -117,12 +119,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with warnings.catch_warnings():  # collapse is marked in the table instead
       warnings.simplefilter("ignore", RuntimeWarning)
       return scores.prune_at_init(
-          method, params, sparsity=sparsity, budget=config.budget, key=mask_key,
+          method, params, sparsity=sparsity, budget=budgets.parse(config.budget), key=mask_key,
           apply_fn=apply_fn, batches=batches, input_shape=ds.image_shape)
 
   def train_and_test(name: str, mask) -> tuple[float, masks.MaskSummary]:
-    result = train.fit(run_config, os.path.join(workdir, "runs", name),
-                       model=model, dataset=ds, mask=mask, mesh=mesh)
+    init = lambda: state_lib.create_train_state(model, tx, sample, rng, mask=mask)
+    result = train.fit(model, ds, os.path.join(workdir, "runs", name), init=init,
+                       mesh=mesh, loss_fn=common.default_loss(run_config),
+                       **common.fit_args(run_config))
     return result.history[-1]["test_accuracy"], masks.summary(result.state.mask)
 
   accuracy, collapsed, runs = {}, {}, []

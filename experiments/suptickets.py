@@ -17,7 +17,7 @@ The grid of ``experiments.sweep`` (resumable cell by cell; ``results.csv``,
 ``results.md``, the accuracy and layer-density plots) over the named variants
 of ``config.variants``: a DST method (``config.dst``) and the same method
 with ``suptickets=True`` (:func:`experiments.common.run`: the DST phase, the
-cycles, the :class:`sparsejax.suptickets.Superpose` hook). In ``results.*``
+cycles, the :class:`sparsejax.suptickets.Superpose` callback). In ``results.*``
 the accuracy of a Sup-tickets cell is that of its trained network (the last
 ticket). Each Sup-tickets cell's ``metrics.jsonl`` has, at every cycle end,
 ``cycle``, ``ticket_test_accuracy`` and ``superposed_test_accuracy``; this

@@ -10,7 +10,7 @@ The mask is chosen once at initialisation by any method of
 :func:`sparsejax.scores.prune_at_init` (``config.pruner``; ``dense`` trains
 without one), reported (nominal and effective sparsity, per-layer density,
 layer collapse) and kept fixed: it lives in the optimiser state
-(:func:`sparsejax.optim.masked`), so pruned weights stay exactly zero. The
+(:func:`sparsejax.optim.sparse`), so pruned weights stay exactly zero. The
 pruning and the run are those of :mod:`experiments.common`; training is
 :func:`sparsejax.train.fit`: checkpoints every epoch and on SIGTERM,
 automatic resume, ``metrics.jsonl`` and TensorBoard events.

@@ -66,7 +66,7 @@ WORK = tempfile.mkdtemp(prefix="sparsejax-tour-")  # every run's checkpoints and
 # %% [markdown]
 # ## 1. The library in one optax loop (SPEC §1)
 #
-# A mask is a pytree of booleans parallel to the params. `sj.optim.masked` wraps any optax
+# A mask is a pytree of booleans parallel to the params. `sj.optim.sparse` wraps any optax
 # optimiser: the mask lives in the optimiser state and pruned weights stay exactly zero.
 # That is the one line a plain optax training loop needs.
 
@@ -79,10 +79,10 @@ sample = jnp.zeros((1,) + ds.image_shape)
 params = model.init(jax.random.key(0), sample)["params"]
 
 # A 90%-sparse mask: exact global top-k of |θ| (any score tree works the same way).
-mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), 0.9, budget="global")
+mask = sj.masks.topk_mask(jax.tree.map(jnp.abs, params), 0.9, budget=sj.budgets.Global())
 print(sj.masks.summary(mask))
 
-tx = sj.optim.masked(optax.sgd(0.05, momentum=0.9), mask)  # the one extra line
+tx = sj.optim.sparse(optax.sgd(0.05, momentum=0.9), mask)  # the one extra line
 params = sj.masks.apply(params, mask)
 opt_state = tx.init(params)
 
@@ -118,17 +118,37 @@ assert pruned_nonzero == 0
 # %% [markdown]
 # `sj.train.fit` is the same step, jit-compiled with data parallelism over all devices,
 # checkpointed (it resumes where it stopped), logged to `metrics.jsonl`, and extended
-# through hooks, per-step scalars and an optional loss. The rest of the tour uses it.
+# through step hooks, callbacks, per-step scalars and an optional loss. It starts from a
+# train state, or a function making one (`sj.state.create_train_state`: the model's
+# params, the optimiser, the mask). The rest of the tour uses it.
 
 
 # %%
-def config(**overrides):
-  """A small training configuration for fit (a dict or an ml_collections.ConfigDict)."""
-  base = dict(seed=0, num_epochs=10, batch_size=64, learning_rate=0.05, momentum=0.9,
-              lr_schedule="cosine", weight_decay=5e-4, eval_batch_size=512,
-              eval_every_epochs=1, max_to_keep=1, async_checkpointing=False,
-              progress_bar=False, tensorboard=False)
-  return {**base, **overrides}
+OPTIONS = sj.train.FitOptions(eval_batch_size=512, max_to_keep=1,
+                              async_checkpointing=False, progress_bar=False,
+                              tensorboard=False)
+
+
+def optimizer(num_epochs=10, learning_rate=0.05, steps_per_epoch=None):
+  """SGD with momentum 0.9, weight decay 5e-4 and a cosine learning rate."""
+  lr = sj.schedules.lr_schedule(learning_rate, num_epochs=num_epochs,
+                                steps_per_epoch=steps_per_epoch or SPE, kind="cosine")
+  return sj.schedules.make_optimizer(lr, momentum=0.9, weight_decay=5e-4)
+
+
+def start(mask=None, tx=None, net=None):
+  """``init`` of fit: the state of ``net`` (default ``model``, seed 0) with ``tx``
+  (default ``optimizer()``) and ``mask``."""
+  net = model if net is None else net
+  return lambda: sj.state.create_train_state(net, tx or optimizer(), sample,
+                                             jax.random.key(0), mask=mask)
+
+
+def fit(name, init, *, net=None, dataset=None, num_epochs=10, batch_size=64, **kwargs):
+  """``sj.train.fit`` of ``init`` in ``run_dir(name)``, 10 epochs of 64 by default."""
+  return sj.train.fit(model if net is None else net, ds if dataset is None else dataset,
+                      run_dir(name), init=init, num_epochs=num_epochs,
+                      batch_size=batch_size, options=OPTIONS, **kwargs)
 
 
 def steps_log(workdir):
@@ -159,8 +179,9 @@ SPARSITY = 0.95
 pai_masks, reports = {}, {}
 for method in sj.scores.METHODS:
   pai_masks[method] = sj.scores.prune_at_init(
-      method, init_params, sparsity=SPARSITY, budget="global", key=jax.random.key(1),
-      apply_fn=apply_fn, batches=scoring_batch, input_shape=ds.image_shape)
+      method, init_params, sparsity=SPARSITY, budget=sj.budgets.Global(),
+      key=jax.random.key(1), apply_fn=apply_fn, batches=scoring_batch,
+      input_shape=ds.image_shape)
   reports[method] = sj.diagnostics.report(pai_masks[method], init_params, apply_fn,
                                           ds.image_shape)
 print(reports["snip"])
@@ -184,13 +205,13 @@ for method, rep in reports.items():
         f"collapsed layers {rep['collapsed'] or '-'}")
 
 # %% [markdown]
-# Each mask trains from the same initialisation and data order with `fit(mask=...)`:
+# Each mask trains from the same initialisation and data order, as the mask of the
+# initial state:
 
 # %%
 pai_accuracy = {}
 for method, m in pai_masks.items():
-  result = sj.train.fit(config(), run_dir(f"pai_{method}"), model=model, dataset=ds,
-                        mask=m)
+  result = fit(f"pai_{method}", start(mask=m))
   pai_accuracy[method] = result.history[-1]["test_accuracy"]
 print({k: round(v, 3) for k, v in pai_accuracy.items()})  # a collapsed mask: chance
 
@@ -203,22 +224,19 @@ print({k: round(v, 3) for k, v in pai_accuracy.items()})  # a collapsed mask: ch
 # at random.
 
 # %%
-tx_dense = sj.schedules.make_optimizer(config(), SPE)
-point = sj.train.create_train_state(model, tx_dense, sample, jax.random.key(0),
+tx_dense = optimizer()
+point = sj.state.create_train_state(model, tx_dense, sample, jax.random.key(0),
                                     mask=sj.masks.ones_like)  # the rewind point, step 0
-dense = sj.train.fit(config(), run_dir("lt_dense"), model=model, dataset=ds,
-                     initial_state=point)
+dense = fit("lt_dense", point)
 
 fraction = 1 - np.sqrt(1 - 0.9)  # two levels of IMP reach 90% sparsity
 ticket_mask, ticket = point.mask, dense
 for level in (1, 2):
   ticket_mask = sj.lottery.prune_level(ticket.state.params, ticket_mask, level, fraction)
-  ticket = sj.train.fit(config(), run_dir(f"lt_level{level}"), model=model, dataset=ds,
-                        initial_state=sj.lottery.rewind_state(point, ticket_mask))
+  ticket = fit(f"lt_level{level}", sj.lottery.rewind_state(point, ticket_mask))
 other_init = model.init(jax.random.key(7), sample)["params"]
-control = sj.train.fit(config(), run_dir("lt_reinit"), model=model, dataset=ds,
-                       initial_state=sj.lottery.rewind_state(point, ticket_mask,
-                                                             params=other_init))
+control = fit("lt_reinit", sj.lottery.rewind_state(point, ticket_mask,
+                                                   params=other_init))
 print(f"sparsity {sj.masks.summary(ticket_mask).sparsity:.3f}: "
       f"ticket {ticket.history[-1]['test_accuracy']:.3f}, "
       f"random re-init {control.history[-1]['test_accuracy']:.3f}, "
@@ -229,23 +247,25 @@ print(f"sparsity {sj.masks.summary(ticket_mask).sparsity:.3f}: "
 #
 # The mask changes on device every ΔT steps inside `tx.update`, under `lax.cond`: no
 # recompilation and no host round trip. SET grows at random, RigL where the dense gradient
-# is largest. The `MaskChurn` hook records how much of the mask moved in each epoch.
+# is largest. `MaskChurn` (a step hook and an epoch-end callback) records how much of the
+# mask moved in each epoch.
 
 # %%
 DST_SPARSITY, EPOCHS = 0.95, 12
 total = EPOCHS * SPE
-start_mask = sj.dst.random_mask(jax.random.key(2), init_params, DST_SPARSITY, budget="erk")
+start_mask = sj.masks.random_mask(jax.random.key(2), init_params, DST_SPARSITY,
+                                  budget=sj.budgets.ERK())
 inner = optax.sgd(optax.cosine_decay_schedule(0.05, total), momentum=0.9)
 dst_runs = {}
 for name, tx in {
-    "static": sj.optim.masked(inner, start_mask),
-    "SET": sj.dst.set(inner, start_mask, update_every=20, end_step=int(0.75 * total),
+    "static": sj.optim.sparse(inner, start_mask),
+    "SET": sj.dst.set_optimizer(inner, start_mask, update_every=20, end_step=int(0.75 * total),
                       drop_fraction=sj.dst.cosine_drop_fraction(0.3, int(0.75 * total))),
-    "RigL": sj.dst.rigl(inner, start_mask, update_every=20, end_step=int(0.75 * total)),
+    "RigL": sj.dst.rigl_optimizer(inner, start_mask, update_every=20, end_step=int(0.75 * total)),
 }.items():
-  dst_runs[name] = sj.train.fit(config(num_epochs=EPOCHS), run_dir(f"dst_{name}"),
-                                model=model, dataset=ds, tx=tx,
-                                hooks=[sj.dst.MaskChurn()]).history
+  churn = sj.dst.MaskChurn()
+  dst_runs[name] = fit(f"dst_{name}", start(tx=tx), num_epochs=EPOCHS,
+                       hooks=[churn.hook()], callbacks=[churn.callback()]).history
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 for name, history in dst_runs.items():
@@ -275,11 +295,10 @@ for name, recipe in {"baseline": sj.tost.preset("none"),
                      "ToST": sj.tost.preset("ghost", ghost_skips=None,
                                             lrsi=sj.tost.LRsI(steps=30, batch_size=64))
                      }.items():
-  cfg = config()
-  result = sj.train.fit(cfg, run_dir(f"tost_{name}"), model=recipe.model("mlp", 10),
-                        dataset=ds, mask=pai_masks["snip"],
-                        scalars=recipe.scalars(cfg["num_epochs"] * SPE),
-                        loss_fn=recipe.loss_fn(), hooks=recipe.hooks())
+  net = recipe.model("mlp", 10)
+  result = fit(f"tost_{name}", start(mask=pai_masks["snip"], net=net), net=net,
+               scalars=recipe.scalars(10 * SPE), loss_fn=recipe.loss_fn(),
+               callbacks=recipe.callbacks())
   tost_acc[name] = result.history[-1]["test_accuracy"]
 print({k: round(v, 3) for k, v in tost_acc.items()})
 
@@ -293,7 +312,8 @@ ghost = sj.tost.ghost_model("resnet20", 10)
 images = jax.random.normal(jax.random.key(3), (4, 32, 32, 3))
 ghost_vars = ghost.init(jax.random.key(0), images[:1])
 plain_vars = sj.tost.export(ghost_vars)
-ghost_logits = ghost.apply(ghost_vars, images, train=False, ghost_coef=0.0)
+ghost_logits, _ = sj.modeling.apply_model(ghost, ghost_vars, images, train=False,
+                                         scalars={"ghost_coef": 0.0})
 plain_logits = sj.models.get("resnet20", 10).apply(plain_vars, images, train=False)
 print("max |difference| at γ = 0:", float(jnp.abs(ghost_logits - plain_logits).max()))
 
@@ -302,25 +322,25 @@ print("max |difference| at γ = 0:", float(jnp.abs(ghost_logits - plain_logits).
 #
 # A sparse network initialised with the dense initialiser has a small gradient at
 # initialisation; `sj.gradient_flow.sparse_init` redraws each active weight with variance
-# `2 / fan_in(o)`, counting only the unit's *active* inputs. The `GradientFlow` hook
+# `2 / fan_in(o)`, counting only the unit's *active* inputs. `GradientFlow`'s step hook
 # measures the norm of the masked gradient on a held-out batch inside the train step.
 
 # %%
 train_ds, held_out = sj.gradient_flow.held_out_split(ds, per_class=10)
-flow_mask = sj.dst.random_mask(jax.random.key(4), init_params, 0.98, budget="erk")
+flow_mask = sj.masks.random_mask(jax.random.key(4), init_params, 0.98, budget=sj.budgets.ERK())
 flows = {}
-for name, start in {
+for name, weights in {
     "Scratch (dense init)": sj.masks.apply(init_params, flow_mask),
     "Scratch+ (sparse_init)": sj.gradient_flow.sparse_init(jax.random.key(5), init_params,
                                                            flow_mask)}.items():
-  point = sj.train.create_train_state(model, tx_dense, sample, jax.random.key(0),
+  point = sj.state.create_train_state(model, tx_dense, sample, jax.random.key(0),
                                       mask=flow_mask)
-  point = sj.lottery.rewind_state(point, flow_mask, params=start)
-  hook = sj.gradient_flow.GradientFlow(model, held_out, every=5)
-  workdir = run_dir(f"flow_{name.split()[0]}")
-  result = sj.train.fit(config(), workdir, model=model, dataset=train_ds,
-                        initial_state=point, hooks=[hook])
-  flows[name] = (steps_log(workdir), result.history[-1]["test_accuracy"])
+  point = sj.lottery.rewind_state(point, flow_mask, params=weights)
+  flow = sj.gradient_flow.GradientFlow(model, held_out, every=5)
+  workdir = f"flow_{name.split()[0]}"
+  result = fit(workdir, point, dataset=train_ds, hooks=[flow.hook()],
+               callbacks=[flow.callback()])
+  flows[name] = (steps_log(run_dir(workdir)), result.history[-1]["test_accuracy"])
 
 for name, (log, acc) in flows.items():
   plt.plot([r["step"] for r in log], [r["grad_norm"] for r in log],
@@ -337,7 +357,7 @@ plt.show()
 #
 # RigL for the first E − C·M epochs, then M cycles of C epochs, each starting with a large
 # drop-and-regrow and running a cyclic learning rate. At each cycle end the `Superpose`
-# hook averages the ticket into a running model, re-prunes it to the same count, recomputes
+# callback averages the ticket into a running model, re-prunes it to the same count, recomputes
 # batch-norm statistics (if any) and evaluates it; training continues from the ticket.
 
 # %%
@@ -345,12 +365,12 @@ plan = sj.suptickets.Plan(num_epochs=EPOCHS, num_cycles=3, cycle_epochs=2,
                           steps_per_epoch=SPE)
 lr = plan.learning_rate(optax.cosine_decay_schedule(0.05, plan.dst_steps), lr1=0.005,
                         lr2=0.02)
-tx = sj.dst.rigl(optax.sgd(lr, momentum=0.9), start_mask, update_every=20,
+tx = sj.dst.rigl_optimizer(optax.sgd(lr, momentum=0.9), start_mask, update_every=20,
                  end_step=int(0.75 * plan.dst_steps),
                  extra_updates=plan.mask_updates(fraction=0.5))
-result = sj.train.fit(config(num_epochs=plan.num_epochs), run_dir("suptickets"),
-                      model=model, dataset=ds, tx=tx,
-                      hooks=[sj.suptickets.Superpose(plan)])
+superpose = sj.suptickets.Superpose(plan)  # its state: a step hook of its own
+result = fit("suptickets", start(tx=tx), num_epochs=plan.num_epochs,
+             hooks=[superpose.hook()], callbacks=[superpose])
 for record in result.history:
   if "cycle" in record:
     print(f"cycle {record['cycle']}: ticket {record['ticket_test_accuracy']:.3f}, "
@@ -376,9 +396,11 @@ if RUN_CIFAR:
   snip_mask = sj.scores.prune_at_init("snip", cifar_params, sparsity=0.9,
                                       apply_fn=cifar_apply,
                                       batches=sj.data.class_balanced_batch(cifar, 10))
-  result = sj.train.fit(config(num_epochs=2, batch_size=128, learning_rate=0.1),
-                        run_dir("cifar10_snip"), model=resnet, dataset=cifar,
-                        mask=snip_mask)
+  cifar_tx = optimizer(2, 0.1, sj.schedules.steps_per_epoch(cifar.num_train, 128))
+  cifar_init = lambda: sj.state.create_train_state(
+      resnet, cifar_tx, jnp.zeros((1, 32, 32, 3)), jax.random.key(0), mask=snip_mask)
+  result = fit("cifar10_snip", cifar_init, net=resnet, dataset=cifar, num_epochs=2,
+               batch_size=128)
   print(json.dumps(result.history[-1], indent=1))
 else:
   print("CIFAR-10 section skipped (set SPARSEJAX_TOUR_CIFAR=1 where tfds can download)")

@@ -1,10 +1,14 @@
 """sparsejax: sparse neural-network training in JAX.
 
 Submodules:
-  masks: pytree masks, prunability, exact sparsity budgets (global/uniform/ERK).
-  nm: N:M ("2:4") budgets, exactly N kept in every group of M input weights.
-  optim: ``masked(inner, mask)``, the optax wrapper that keeps pruned weights 0.
+  budgets: sparsity budgets as objects (Global, Uniform, ERK, ER, NM(n, m),
+    per-layer overrides) and ``parse`` for command-line names.
+  masks: pytree masks, prunability, exact top-k under a budget, random masks.
+  nm: N:M masks (``budgets.NM(2, 4)``): checks and the group helpers.
+  optim: ``sparse(inner, mask)``, the optax wrapper that keeps pruned weights 0.
   models: CIFAR ResNets, ResNet-18, VGG-bn, MobileNetV2, LeNet-5, MLP (linen).
+  modeling: the one closure that applies a model (model state, per-step
+    scalars, the CPU fast path): ``apply_model``, ``loss_and_logits``.
   data: dataset loaders and the on-device input pipeline.
   scores: pruning-at-initialisation scores (SNIP, GraSP, SynFlow, magnitude,
     random), iterative pruning, ``prune_at_init``.
@@ -19,11 +23,13 @@ Submodules:
     random re-initialisation and re-pruning controls, ticket files.
   tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
     skips, label smoothing, LRsI) and its presets.
-  train: train state, sharded train/eval steps, checkpointed ``fit`` and its
-    extension points (optimiser, per-step scalars, loss, hooks).
-  hooks: the ``Hook`` protocol through which methods extend ``fit``.
-  schedules: the optimiser and learning-rate schedule of a config, steps per
-    epoch, per-step scalar schedules.
+  state: the train state (``TrainState``, ``create_train_state``).
+  train: the carry, sharded train/eval steps, checkpointed ``fit`` and its
+    extension points (initial state, per-step scalars, loss, hooks, callbacks).
+  hooks: step hooks ``StepHook(init, update)`` and host ``Callback`` s,
+    through which methods extend ``fit``.
+  schedules: the optimiser and its learning-rate schedule, steps per epoch,
+    per-step scalar schedules.
   losses: the softmax cross-entropy and the default training loss.
   mesh: the data-parallel mesh and array placement.
   checkpoints: Orbax checkpoints with quarantine, run signatures, the
@@ -47,6 +53,7 @@ from sparsejax import _xla_cpu
 _jax_range.warn_if_untested()
 _xla_cpu.apply()  # before any submodule can start a JAX backend
 
+from sparsejax import budgets
 from sparsejax import checkpoints
 from sparsejax import data
 from sparsejax import diagnostics
@@ -58,6 +65,7 @@ from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh
 from sparsejax import metrics_log
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import nm
 from sparsejax import optim
@@ -65,13 +73,14 @@ from sparsejax import schedules
 from sparsejax import scores
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
+from sparsejax import state
 from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
-           "lottery", "masks", "mesh", "metrics_log", "models", "nm", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "suptickets",
+__all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
+           "lottery", "masks", "mesh", "metrics_log", "modeling", "models", "nm", "optim",
+           "schedules", "scores", "sparse_inference", "sparse_io", "state", "suptickets",
            "tost", "train"]

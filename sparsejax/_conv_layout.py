@@ -1,5 +1,9 @@
 """Canonical-layout convolutions for loop bodies on XLA:CPU.
 
+Part of the CPU fast path of :mod:`sparsejax._xla_cpu` (which re-exports
+:func:`canonical_convs`); the library reaches it through
+:func:`sparsejax.modeling.loop_body` only.
+
 XLA:CPU runs a convolution with its fast (Eigen) kernel only when the
 dimension numbers are canonical, input ``NHWC`` and kernel ``HWIO``. Its
 ``ConvCanonicalization`` pass rewrites other convolutions into that form with

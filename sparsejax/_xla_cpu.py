@@ -1,4 +1,24 @@
-"""XLA:CPU settings that make convolution training fast, applied on import.
+"""The CPU fast path of sparsejax: every XLA:CPU-specific rewrite, in one place.
+
+Nothing else in the library imports this module but ``sparsejax/__init__.py``
+(which calls :func:`apply` first) and :mod:`sparsejax.modeling`, the one
+closure that applies models; models, scores and recipes never see it. Its
+parts:
+
+* :func:`apply`: XLA:CPU options, set by ``import sparsejax``.
+* :func:`fast_path`: a ``flax.linen.intercept_methods`` context, entered by
+  :func:`sparsejax.modeling.apply_model` around every ``model.apply``, that
+  gives the models' convolutions (:class:`sparsejax.models.activations.Conv`)
+  a materialised input (:func:`conv_general_dilated`) and their training-mode
+  batch norm (:meth:`sparsejax.models.norm.BatchNorm.normalize_batch`) GEMV
+  statistics (:func:`batch_norm_train`).
+* :func:`plain_ops`: turns those two off for a trace that differentiates twice
+  (entered by :func:`sparsejax.modeling.second_order`).
+* :func:`canonical_convs` (:mod:`sparsejax._conv_layout`): canonical conv
+  layouts in loop bodies (:func:`sparsejax.modeling.loop_body`).
+
+Every rewrite is lowered for CPU only (``lax.platform_dependent``): GPU and TPU
+programs are free of it (``tests/test_lowering.py``).
 
 XLA:CPU hands convolutions to YNNPACK library fusions by default. For the
 kernel gradient of a convolution (a convolution whose window is the whole
@@ -27,10 +47,11 @@ fusions) to ``XLA_FLAGS`` before the CPU backend starts. It is called once, by
 
 These are CPU options: GPU and TPU compilation is unchanged.
 
-:func:`conv_general_dilated` is the convolution of the sparsejax models (the
-``conv_general_dilated`` of their ``nn.Conv`` layers). On CPU it passes its
-input through a data-dependent identity (a ``lax.cond`` whose branches both
-return the input), which XLA cannot fuse through. XLA:CPU otherwise fuses the
+:func:`conv_general_dilated` is ``lax.conv_general_dilated`` with its input
+passed through a data-dependent identity on CPU (a ``lax.cond`` whose
+branches both return the input), which XLA cannot fuse through;
+:func:`fast_path` does the same to the input of every model convolution.
+XLA:CPU otherwise fuses the
 whole batch-norm / ReLU / residual chain that produced a convolution's input
 into the layout transpose that feeds the convolution's kernel gradient (the
 Eigen kernel wants ``[C, H, W, N]``), recomputing the chain at every element
@@ -40,7 +61,8 @@ a plain copy. Values are unchanged; GPU and TPU lower the plain convolution
 (``lax.platform_dependent``), and so does CPU under
 ``SPARSEJAX_XLA_CPU_DEFAULTS=0`` (XLA's defaults throughout).
 
-:func:`batch_norm_train` is the training-mode batch norm of the models
+:func:`batch_norm_train` is the training-mode batch norm that
+:func:`fast_path` puts in place of the models' own
 (:class:`sparsejax.models.norm.BatchNorm`). XLA:CPU lowers a reduction over
 the batch and spatial axes of an NHWC tensor (the batch statistics, and in
 the backward pass the gradients of the scale and bias) to a split
@@ -73,9 +95,12 @@ import os
 import threading
 import warnings
 
+import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from sparsejax._conv_layout import canonical_convs  # noqa: F401  (the loop-body part)
 
 FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
 """Flags :func:`apply` adds to ``XLA_FLAGS`` (each as ``--name=value``)."""
@@ -258,9 +283,14 @@ def conv_general_dilated(lhs, rhs, *args, **kwargs):
   ``conv_general_dilated`` field of the models' ``nn.Conv``). See the module
   docstring for why; other platforms lower the plain convolution.
   """
-  if not _plain() and jax.dtypes.issubdtype(lhs.dtype, jax.numpy.inexact):
-    lhs = lax.platform_dependent(lhs, cpu=_materialize, default=lambda v: v)
-  return lax.conv_general_dilated(lhs, rhs, *args, **kwargs)
+  return lax.conv_general_dilated(_materialized_on_cpu(lhs), rhs, *args, **kwargs)
+
+
+def _materialized_on_cpu(x: jax.Array) -> jax.Array:
+  """``x`` through :func:`_materialize` when lowered for CPU (unless plain)."""
+  if not _plain() and jax.dtypes.issubdtype(x.dtype, jax.numpy.inexact):
+    x = lax.platform_dependent(x, cpu=_materialize, default=lambda v: v)
+  return x
 
 
 def _column_sum(a: jax.Array) -> jax.Array:
@@ -352,3 +382,55 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
       x, scale, bias,
       cpu=lambda *a: _bn_gemv(*a, epsilon),
       default=lambda *a: _bn_plain(*a, epsilon))
+
+
+def _intercept(next_fun, args, kwargs, context):
+  """The ``flax.linen`` interceptor of :func:`fast_path`."""
+  # Imported here: `import sparsejax` imports this module before the models.
+  from sparsejax.models import activations, norm  # pylint: disable=g-import-not-at-top
+  module, method = context.module, context.method_name
+  if _plain():
+    return next_fun(*args, **kwargs)
+  if method == "__call__" and isinstance(module, activations.Conv) and args:
+    # nn.Conv promotes its input to the computation dtype before the
+    # convolution: promote here, so that the convolution's own input (the
+    # value of _xla_cpu.conv_general_dilated's lhs) is what is materialised.
+    x = jnp.asarray(args[0])
+    dtype = (module.dtype if module.dtype is not None
+             else jnp.result_type(x.dtype, module.param_dtype))
+    if jax.dtypes.issubdtype(dtype, jnp.inexact):
+      x = _materialized_on_cpu(x.astype(dtype))
+    return next_fun(x, *args[1:], **kwargs)
+  if method == "normalize_batch" and isinstance(module, norm.BatchNorm):
+    x, scale, bias = args
+    return batch_norm_train(x, scale, bias, module.epsilon)
+  return next_fun(*args, **kwargs)
+
+
+def fast_path() -> contextlib.AbstractContextManager:
+  """The CPU rewrites of the models, for the ``model.apply`` traced inside.
+
+  Inside the context (a ``flax.linen.intercept_methods``), the input of every
+  :class:`sparsejax.models.activations.Conv` is materialised on CPU (as by
+  :func:`conv_general_dilated`) and every training-mode
+  :class:`sparsejax.models.norm.BatchNorm` computes its statistics with
+  :func:`batch_norm_train`; other modules run as they are. Entered by
+  :func:`sparsejax.modeling.apply_model`, the only caller. Inside
+  :func:`plain_ops`, or with ``SPARSEJAX_XLA_CPU_DEFAULTS=0``, it changes
+  nothing. Values are the same up to float rounding; GPU and TPU lower the
+  plain forms. Nested (an ``apply_model`` inside another), the inner context
+  adds nothing: each convolution input is materialised once.
+  """
+  if getattr(_local, "fast_path", False):
+    return contextlib.nullcontext()
+  return _fast_path_context()
+
+
+@contextlib.contextmanager
+def _fast_path_context():
+  _local.fast_path = True
+  try:
+    with nn.intercept_methods(_intercept):
+      yield
+  finally:
+    _local.fast_path = False

@@ -20,7 +20,7 @@ import numpy as np
 
 from sparsejax import data as data_lib
 from sparsejax import mesh as mesh_lib
-from sparsejax import models
+from sparsejax import modeling
 
 PyTree = Any
 
@@ -30,20 +30,20 @@ BN_VARIANCE_MODES = ("pooled", "average")
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _stats_update(model, params, stats, images, mean, std, key, model_kwargs):
+def _stats_update(model, params, stats, images, mean, std, key, scalars):
   """The ``batch_stats`` a training-mode forward pass writes, from ``stats``."""
   x = data_lib.normalize(images, mean, std)
-  _, new = models.apply(model, {"params": params, "batch_stats": stats}, x, train=True,
-                        rngs={"dropout": key}, **model_kwargs)
+  _, new = modeling.apply_model(model, {"params": params, "batch_stats": stats}, x,
+                                train=True, scalars=scalars, rngs={"dropout": key})
   return new["batch_stats"]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _accumulate_stats(model, params, sums, rate, images, mean, std, key,
-                      model_kwargs):
+                      scalars):
   """Adds ``n ×`` the batch's statistics (and squared means) to ``sums``."""
   zeros = jax.tree.map(jnp.zeros_like, rate)
-  scaled = _stats_update(model, params, zeros, images, mean, std, key, model_kwargs)
+  scaled = _stats_update(model, params, zeros, images, mean, std, key, scalars)
   # r <- m r + (1 - m) s from r = 0 gives (1 - m) s: divide by the rate 1 - m.
   batch = jax.tree.map(lambda a, r: jnp.where(r > 0, a / jnp.where(r > 0, r, 1), 0),
                        scaled, rate)
@@ -58,7 +58,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
                           mesh: jax.sharding.Mesh | None = None,
                           variance: str = "pooled",
                           key: jax.Array | None = None,
-                          model_kwargs: Mapping[str, Any] | None = None) -> PyTree:
+                          scalars: Mapping[str, Any] | None = None) -> PyTree:
   """Exact batch-norm statistics of ``variables["params"]`` over a dataset.
 
   What ``torch.optim.swa_utils.update_bn`` does for averaged weights: the
@@ -102,8 +102,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
     variance: ``"pooled"`` or ``"average"`` (above).
     key: PRNG key for dropout in training mode (default ``key(0)``; batch
       ``b`` uses ``fold_in(key, b)``).
-    model_kwargs: further keyword arguments of the model's ``__call__``
-      (e.g. ``act_coef``).
+    scalars: per-step scalars the model reads (``model.scalar_names``),
+      e.g. ``{"act_coef": beta}`` (:func:`sparsejax.modeling.apply_model`).
 
   Returns:
     The new ``batch_stats`` (same structure, replicated on ``mesh``);
@@ -125,7 +125,8 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
                      f"batch_size={batch_size}")
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   key = jax.random.key(0) if key is None else key
-  model_kwargs = dict(model_kwargs or {})
+  scalars = dict(scalars or {})
+  modeling.check_scalars(model, scalars)
   params = mesh_lib.put_replicated(variables["params"], mesh)
   norm = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
 
@@ -136,15 +137,15 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
   first = put(images[:batch_size])
   zeros = jax.tree.map(jnp.zeros_like, stats)
   ones = jax.tree.map(jnp.ones_like, stats)
-  a = _stats_update(model, params, zeros, first, *norm, key, model_kwargs)
-  c = _stats_update(model, params, ones, first, *norm, key, model_kwargs)
+  a = _stats_update(model, params, zeros, first, *norm, key, scalars)
+  c = _stats_update(model, params, ones, first, *norm, key, scalars)
   # c - a = m (the momentum); layers that do not update give a = 0, c = 1.
   rate = jax.tree.map(lambda a, c: 1.0 - (c - a), a, c)
   sums = {"stats": zeros, "squares": zeros, "count": jnp.zeros((), jnp.float32)}
   for b, start in enumerate(range(0, n_total, batch_size)):
     x = first if b == 0 else put(images[start:start + batch_size])
     sums = _accumulate_stats(model, params, sums, rate, x, *norm,
-                             jax.random.fold_in(key, b), model_kwargs)
+                             jax.random.fold_in(key, b), scalars)
   flat = flax.traverse_util.flatten_dict(stats)
   avg = flax.traverse_util.flatten_dict(
       jax.tree.map(lambda t: t / sums["count"], sums["stats"]))

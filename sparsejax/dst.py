@@ -2,13 +2,13 @@
 
 SET, RigL, gradual magnitude pruning (GMP) and GraNet change the mask during
 training. Each is a wrapper around any optax optimiser, like
-:func:`sparsejax.optim.masked`: the mask lives in the optimiser state, the
+:func:`sparsejax.optim.sparse`: the mask lives in the optimiser state, the
 mask update runs inside the jitted step under ``lax.cond`` every ``ΔT``
 steps (never a recompilation, never a host round trip), and
 ``optax.apply_updates`` alone keeps every pruned entry exactly 0::
 
-  mask = sj.dst.random_mask(key, params, sparsity=0.9, budget="erk")
-  tx = sj.dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=7500)
+  mask = sj.masks.random_mask(key, params, 0.9, budget=sj.budgets.ERK())
+  tx = sj.dst.rigl_optimizer(optax.sgd(0.1, momentum=0.9), mask, end_step=7500)
   params = sj.masks.apply(params, mask)
   opt_state = tx.init(params)
   ...                                   # the ordinary optax loop
@@ -36,8 +36,9 @@ prunable layer with ``n`` active weights (SPEC §4):
    optimiser state (moments, counters, schedules) stay as they were, apart
    from the mask and the reset moments of new connections.
 
-N:M masks: :func:`set` and :func:`rigl` with ``nm="2:4"`` start from an N:M
-mask (:func:`random_mask` with ``budget="2:4"``) and regrow, in each group of
+N:M masks: :func:`set_optimizer` and :func:`rigl_optimizer` with
+``nm=budgets.NM(2, 4)`` start from an N:M mask
+(:func:`sparsejax.masks.random_mask` with that budget) and regrow, in each group of
 M weights along the input dimension, as many weights as the drop removed from
 it (:func:`drop_and_grow_nm`), so the mask stays exactly N:M. Without ``nm``
 the regrowth only keeps per-layer counts and an N:M mask does not stay N:M.
@@ -58,13 +59,13 @@ import math
 from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple, Union
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from sparsejax import _checks
+from sparsejax import budgets
 from sparsejax import hooks
 from sparsejax import masks
 from sparsejax import nm as nm_lib
@@ -345,7 +346,7 @@ ExtraUpdates = Sequence[tuple[StepPredicate, MaskUpdate]]
 :func:`dynamic_sparse`)."""
 
 
-def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
+def dynamic_sparse(inner: optax.GradientTransformation, mask: optim.MaskOrFn,
                    mask_update: MaskUpdate, *, update_every: int = 100,
                    start_step: int | None = None, end_step: int | None = None,
                    skip_update: bool = True, seed: int = 0,
@@ -381,9 +382,10 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
 
   Args:
     inner: any optax transformation (extra args are forwarded).
-    mask: the initial bool mask, parallel to the params.
-    mask_update: the rule, e.g. built by :func:`set`, :func:`rigl`,
-      :func:`gmp` or :func:`granet`.
+    mask: the initial bool mask, parallel to the params, or a callable
+      ``params -> mask`` called by ``init`` (as in :func:`sparsejax.optim.sparse`).
+    mask_update: the rule, e.g. that of :func:`set_optimizer`,
+      :func:`rigl_optimizer`, :func:`gmp_optimizer` or :func:`granet_optimizer`.
     update_every: ``ΔT`` in steps (default 100).
     start_step: first mask-update step (default ``update_every``).
     end_step: no mask update at or after this step (default: never stops).
@@ -408,7 +410,7 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: PyTree,
   if end_step is not None and _checks.step(end_step, "end_step") <= start:
     raise ValueError(f"end_step must be after start_step ({start}): no mask "
                      f"update would run; got end_step={end_step!r}")
-  masked = optim.masked(inner, mask)
+  masked = optim.sparse(inner, mask)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -495,25 +497,26 @@ def _per_prunable_layer(fn, mask, params, *trees, prunable=None):
   return jax.tree.unflatten(treedef, out)
 
 
-def _nm_group_size(nm: str | None) -> int | None:
-  """``M`` of an ``"N:M"`` string (checked), ``None`` for ``None``."""
+def _nm_group_size(nm: budgets.NM | None) -> int | None:
+  """``M`` of an :class:`~sparsejax.budgets.NM` budget (checked), ``None`` for ``None``."""
   if nm is None:
     return None
-  parsed = nm_lib.parse_nm(nm)
-  if parsed is None:
-    raise ValueError(f"nm must be an 'N:M' string such as '2:4', got {nm!r}")
-  return parsed[1]
+  budgets.check(nm, "nm")
+  if not isinstance(nm, budgets.NM):
+    raise ValueError(f"nm must be None or an NM(n, m) budget such as "
+                     f"budgets.NM(2, 4), got {nm!r}")
+  return nm.m
 
 
-def _check_nm_start(mask: PyTree, nm: str | None, prunable) -> None:
+def _check_nm_start(mask: PyTree, nm: budgets.NM | None, prunable) -> None:
   """An N:M DST run must start from an N:M mask (checked when concrete).
 
   Layers whose input dimension is not divisible by M are not checked (they
-  can only be in an N:M mask through ``overrides``).
+  can only be in an N:M mask through ``NM(n, m).with_overrides``).
   """
+  m = _nm_group_size(nm)
   if nm is None or any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(mask)):
     return
-  m = _nm_group_size(nm)
   flags = masks.prunable_tree(mask, prunable)
   divisible = jax.tree.map(
       lambda f, x: bool(f) and x.ndim >= 2 and x.shape[-2] % m == 0, flags, mask)
@@ -523,8 +526,23 @@ def _check_nm_start(mask: PyTree, nm: str | None, prunable) -> None:
   nm_lib.check_nm(mask, nm, prunable=divisible)
 
 
+def _nm_start(mask, nm: str | None, prunable):
+  """``mask`` checked by :func:`_check_nm_start` (a mask function: its result,
+  when ``init`` calls it)."""
+  if not callable(mask):
+    _check_nm_start(mask, nm, prunable)
+    return mask
+
+  def checked(params):
+    out = mask(params)
+    _check_nm_start(out, nm, prunable)
+    return out
+
+  return checked
+
+
 def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
-                       prunable=None, nm: str | None = None) -> MaskUpdate:
+                       prunable=None, nm: budgets.NM | None = None) -> MaskUpdate:
   """The :data:`MaskUpdate` of SET and RigL: :func:`drop_and_grow` per prunable layer.
 
   Every prunable layer drops ``⌊f(t) · n_active⌋`` active weights by
@@ -536,7 +554,7 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
     fraction: ``f(t)``, a float or an optax schedule of the step.
     growth: ``"gradient"`` (default) or ``"random"``.
     prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`).
-    nm: ``None`` (default) or an ``"N:M"`` budget: layers whose input
+    nm: ``None`` (default) or an :class:`~sparsejax.budgets.NM` budget: layers whose input
       dimension is divisible by M regrow within the groups the drop emptied
       (:func:`drop_and_grow_nm`), so an N:M mask stays N:M.
   """
@@ -579,30 +597,32 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
   return rule
 
 
-def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable=redefined-builtin
-        drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
-        start_step: int | None = None, end_step: int | None = None,
-        skip_update: bool = True, prunable=None, seed: int = 0,
-        nm: str | None = None, extra_updates: ExtraUpdates = ()
-        ) -> optax.GradientTransformationExtraArgs:
+def set_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
+                  drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
+                  start_step: int | None = None, end_step: int | None = None,
+                  skip_update: bool = True, prunable=None, seed: int = 0,
+                  nm: budgets.NM | None = None, extra_updates: ExtraUpdates = ()
+                  ) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
 
   Args:
     inner: the optimiser to wrap.
-    mask: initial mask (e.g. :func:`random_mask` with an ERK budget).
+    mask: initial mask (e.g. :func:`sparsejax.masks.random_mask` with an
+      ``ERK()`` budget), or a callable ``params -> mask`` called by ``init``.
     drop_fraction: ``f(t)``: a float or an optax schedule of the step, e.g.
       :func:`cosine_drop_fraction` (default constant 0.3).
     update_every, start_step, end_step, skip_update, seed, extra_updates:
       see :func:`dynamic_sparse`.
     prunable: which leaves change (see :func:`sparsejax.masks.prunable_tree`);
       the others keep their mask.
-    nm: ``None`` (default; per-layer counts kept) or an ``"N:M"`` budget such
-      as ``"2:4"``: ``mask`` must be N:M (e.g. :func:`random_mask` with
-      ``budget="2:4"``) and every update regrows within the groups the drop
+    nm: ``None`` (default; per-layer counts kept) or an
+      :class:`~sparsejax.budgets.NM` budget such as ``NM(2, 4)``: ``mask``
+      must be N:M (e.g. :func:`sparsejax.masks.random_mask` with
+      ``budget=NM(2, 4)``) and every update regrows within the groups the drop
       emptied (:func:`drop_and_grow_nm`), so the mask stays N:M. Layers whose
       input dimension is not divisible by M keep per-layer counts.
   """
-  _check_nm_start(mask, nm, prunable)
+  mask = _nm_start(mask, nm, prunable)
   rule = drop_and_grow_rule(drop_fraction, "random", prunable, nm)
   return dynamic_sparse(inner, mask, rule, update_every=update_every,
                         start_step=start_step, end_step=end_step,
@@ -610,13 +630,13 @@ def set(inner: optax.GradientTransformation, mask: PyTree, *,  # pylint: disable
                         extra_updates=extra_updates)
 
 
-def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
-         end_step: int, alpha: float = 0.3,
-         drop_fraction: ScalarOrSchedule | None = None, update_every: int = 100,
-         start_step: int | None = None, skip_update: bool = True,
-         prunable=None, seed: int = 0, nm: str | None = None,
-         extra_updates: ExtraUpdates = ()
-         ) -> optax.GradientTransformationExtraArgs:
+def rigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
+                   end_step: int, alpha: float = 0.3,
+                   drop_fraction: ScalarOrSchedule | None = None,
+                   update_every: int = 100, start_step: int | None = None,
+                   skip_update: bool = True, prunable=None, seed: int = 0,
+                   nm: budgets.NM | None = None, extra_updates: ExtraUpdates = ()
+                   ) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by magnitude, grow by dense gradient magnitude.
 
   Defaults are SPEC §4's: ``ΔT = 100``, ``f(t) = (α/2)(1 + cos(π t / T_end))``
@@ -632,8 +652,8 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
   >>> params = {"w": jnp.array([[0.5, -0.1], [0., 0.]])}
   >>> mask = {"w": jnp.array([[True, True], [False, False]])}
   >>> grads = {"w": jnp.array([[1., 0.], [0.9, 0.2]])}
-  >>> tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.5,
-  ...               update_every=1, start_step=0)
+  >>> tx = dst.rigl_optimizer(optax.sgd(0.1), mask, end_step=100,
+  ...                         drop_fraction=0.5, update_every=1, start_step=0)
   >>> updates, state = tx.update(grads, tx.init(params), params)
   >>> optim.get_mask(state)["w"].astype(int).tolist()
   [[1, 0], [1, 0]]
@@ -642,17 +662,18 @@ def rigl(inner: optax.GradientTransformation, mask: PyTree, *,
 
   Args:
     inner: the optimiser to wrap.
-    mask: initial mask (e.g. :func:`random_mask` with an ERK budget).
+    mask: initial mask (e.g. :func:`sparsejax.masks.random_mask` with an
+      ``ERK()`` budget), or a callable ``params -> mask`` called by ``init``.
     end_step: ``T_end``.
     alpha: initial drop fraction of the cosine schedule.
     drop_fraction: overrides the cosine schedule (float or optax schedule).
     update_every, start_step, skip_update, seed, extra_updates: see
       :func:`dynamic_sparse`.
     prunable: which leaves change; the others keep their mask.
-    nm: ``None`` or an ``"N:M"`` budget kept through every update; see
-      :func:`set`.
+    nm: ``None`` or an :class:`~sparsejax.budgets.NM` budget kept through
+      every update; see :func:`set_optimizer`.
   """
-  _check_nm_start(mask, nm, prunable)
+  mask = _nm_start(mask, nm, prunable)
   _checks.fraction(alpha, "alpha")
   end_step = _checks.step(end_step, "end_step", 1)
   fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
@@ -668,18 +689,18 @@ def _magnitude_prune(sparsity: optax.Schedule, prunable):
   def rule(mask, params, grads, key, t):
     del grads, key
     magnitude = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
-    return masks.topk_mask(magnitude, sparsity(t), budget="global",
+    return masks.topk_mask(magnitude, sparsity(t), budget=budgets.Global(),
                            prunable=prunable, within=mask)
   return rule
 
 
-def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
-        final_sparsity: float, start_step: int, end_step: int,
-        initial_sparsity: float = 0.0, update_every: int = 100,
-        regrow_fraction: ScalarOrSchedule | None = None,
-        regrow_end_step: int | None = None, skip_update: bool = True,
-        prunable=None, seed: int = 0, extra_updates: ExtraUpdates = ()
-        ) -> optax.GradientTransformationExtraArgs:
+def gmp_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
+                  final_sparsity: float, start_step: int, end_step: int,
+                  initial_sparsity: float = 0.0, update_every: int = 100,
+                  regrow_fraction: ScalarOrSchedule | None = None,
+                  regrow_end_step: int | None = None, skip_update: bool = True,
+                  prunable=None, seed: int = 0, extra_updates: ExtraUpdates = ()
+                  ) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta 2017), optionally with regrowth.
 
   At every update step ``t`` in ``[start_step, end_step]`` (every
@@ -696,8 +717,8 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
 
   GMP and GraNet cannot target an N:M budget: their pruning is a global
   ranking whose sparsity follows a schedule, not N of every M. For N:M
-  sparse training use :func:`set` or :func:`rigl` with ``nm=``, or prune
-  at initialisation with ``budget="N:M"``.
+  sparse training use :func:`set_optimizer` or :func:`rigl_optimizer` with
+  ``nm=``, or prune at initialisation with ``budget=NM(n, m)``.
 
   Args:
     inner: the optimiser to wrap.
@@ -738,43 +759,27 @@ def gmp(inner: optax.GradientTransformation, mask: PyTree, *,
                         extra_updates=extra_updates)
 
 
-def granet(inner: optax.GradientTransformation, mask: PyTree, *,
-           final_sparsity: float, start_step: int, end_step: int,
-           regrow_end_step: int, initial_sparsity: float = 0.0,
-           alpha: float = 0.5, update_every: int = 1000,
-           skip_update: bool = True, prunable=None, seed: int = 0,
-           extra_updates: ExtraUpdates = ()
-           ) -> optax.GradientTransformationExtraArgs:
+def granet_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
+                     final_sparsity: float, start_step: int, end_step: int,
+                     regrow_end_step: int, initial_sparsity: float = 0.0,
+                     alpha: float = 0.5, update_every: int = 1000,
+                     skip_update: bool = True, prunable=None, seed: int = 0,
+                     extra_updates: ExtraUpdates = ()
+                     ) -> optax.GradientTransformationExtraArgs:
   """GraNet (Liu et al. 2021): gradual magnitude pruning plus gradient regrowth.
 
   SPEC §4's CIFAR reference: ERK start at ``initial_sparsity = 0.5`` (or
   dense), pruning every 1000 iterations from epoch 0 to epoch 80 of 160
   (``start_step``, ``end_step``), regrowth fraction 0.5 decayed by cosine to 0
   at ``regrow_end_step``, gradient growth, per-layer counts kept during
-  regrowth. See :func:`gmp` for the arguments.
+  regrowth. See :func:`gmp_optimizer` for the arguments.
   """
-  return gmp(inner, mask, final_sparsity=final_sparsity, start_step=start_step,
+  return gmp_optimizer(inner, mask, final_sparsity=final_sparsity, start_step=start_step,
              end_step=end_step, initial_sparsity=initial_sparsity,
              update_every=update_every,
              regrow_fraction=cosine_drop_fraction(alpha, regrow_end_step),
              regrow_end_step=regrow_end_step, skip_update=skip_update,
              prunable=prunable, seed=seed, extra_updates=extra_updates)
-
-
-def random_mask(key: chex.PRNGKey, params: PyTree, sparsity: float, *,
-                budget: masks.Budget = "erk", prunable=None, **kwargs) -> PyTree:
-  """A uniformly random mask at ``sparsity`` under ``budget`` (DST's start).
-
-  Exact per-layer counts of :func:`sparsejax.masks.topk_mask` over i.i.d.
-  uniform scores; extra keyword arguments go to it (``overrides``,
-  ``erk_power_scale``).
-  """
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, max(len(leaves), 1))
-  scores = jax.tree.unflatten(
-      treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
-  return masks.topk_mask(scores, sparsity, budget=budget, prunable=prunable,
-                         **kwargs)
 
 
 def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
@@ -785,25 +790,31 @@ def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
   return jnp.asarray(changed, jnp.float32) / max(total, 1)
 
 
-class MaskChurn(hooks.Hook):
-  """A :func:`sparsejax.train.fit` hook that records how much the mask moves.
+class MaskChurn:
+  """How much the mask moves: a step hook and an epoch-end callback of
+  :func:`sparsejax.train.fit`.
 
-  Adds ``mask_churn`` to every epoch record: the fraction of all mask entries
-  (non-prunable ones included) that differ from the mask at the previous
-  epoch end (at the start of training for the first epoch). With
-  ``log_every_steps=K`` it also logs ``mask_churn`` every ``K`` steps to
-  ``steps.jsonl`` (the change since the previous log), computed inside the
-  jitted step. The reference masks are the hook's state, so a resumed run
-  continues the same series.
+  :meth:`callback` adds ``mask_churn`` to every epoch record: the fraction of
+  all mask entries (non-prunable ones included) that differ from the mask at
+  the previous epoch end (at the start of training for the first epoch).
+  With ``log_every_steps=K`` :meth:`hook` also logs ``mask_churn`` every
+  ``K`` steps to ``steps.jsonl`` (the change since the previous log),
+  computed inside the jitted step. The reference masks are the hook's state,
+  so a resumed run continues the same series.
+
+  Example::
+
+    churn = dst.MaskChurn(log_every_steps=100)
+    train.fit(..., hooks=[churn.hook()], callbacks=[churn.callback()])
 
   Args:
     log_every_steps: per-step logging period, or ``None`` (epochs only).
+    name: the hook's name (default ``"dst"``).
   """
 
-  name = "dst"
-
-  def __init__(self, log_every_steps: int | None = None):
+  def __init__(self, log_every_steps: int | None = None, name: str = "dst"):
     self.log_every_steps = log_every_steps
+    self.name = name
 
   def init(self, state):
     mask = state.mask
@@ -812,7 +823,7 @@ class MaskChurn(hooks.Hook):
                        "state that holds a mask)")
     return {"epoch": mask, "step": mask}
 
-  def after_step(self, hook_state, state, info):
+  def update(self, hook_state, state, info):
     if self.log_every_steps is None:
       return hook_state, state, {}
     mask = state.mask
@@ -822,8 +833,18 @@ class MaskChurn(hooks.Hook):
     ref = jax.tree.map(lambda a, b: jnp.where(due, b, a), hook_state["step"], mask)
     return dict(hook_state, step=ref), state, {"mask_churn": churn}
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    del epoch, ctx
-    mask = state.mask
-    churn = float(mask_churn(hook_state["epoch"], mask))
-    return dict(hook_state, epoch=mask), state, {"mask_churn": churn}
+  def hook(self) -> hooks.StepHook:
+    """The :class:`sparsejax.hooks.StepHook` (state: the reference masks)."""
+    return hooks.StepHook(self.init, self.update, name=self.name,
+                          logs_at=hooks.every(self.log_every_steps))
+
+  def epoch_end(self, step, carry, ctx):
+    del step
+    hook_state, mask = carry.hook_states[self.name], carry.state.mask
+    ctx.record["mask_churn"] = float(mask_churn(hook_state["epoch"], mask))
+    return carry.replace(hook_states=dict(
+        carry.hook_states, **{self.name: dict(hook_state, epoch=mask)}))
+
+  def callback(self) -> hooks.Callback:
+    """The epoch-end :class:`sparsejax.hooks.Callback` (``mask_churn`` field)."""
+    return hooks.callback(self.epoch_end, at_epoch_end=True)

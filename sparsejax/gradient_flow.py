@@ -12,14 +12,15 @@ that. This module has
 * :func:`active_fans`: those per-weight active fan-ins / fan-outs;
 * :func:`masked_grad_norms`: the global and per-layer L2 norm of the masked
   gradient of the plain cross-entropy on a fixed batch;
-* :class:`GradientFlow`: a :class:`sparsejax.hooks.Hook` that measures it
+* :class:`GradientFlow`: a :class:`sparsejax.hooks.StepHook` that measures it
   inside the jitted train step every ``K`` steps and on every step of a
   dynamic-sparse-training mask update, just before and just after it, and
   logs it to ``steps.jsonl`` without a host sync per step::
 
     flow = gradient_flow.GradientFlow(model, held_out, every=100,
                                       update_steps=gradient_flow.UpdateSteps(100))
-    train.fit(config, workdir, model=model, dataset=ds, tx=tx, hooks=[flow])
+    train.fit(model, ds, workdir, init=init, num_epochs=E, batch_size=B,
+              hooks=[flow.hook()], callbacks=[flow.callback()])
 
 Shapes follow Flax: a dense kernel is ``[d_in, d_out]``, a conv kernel
 ``[kh, kw, c_in / groups, c_out]``; the output unit is the last axis, the
@@ -29,7 +30,7 @@ input unit the one before it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex
@@ -43,7 +44,7 @@ from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import losses
 from sparsejax import masks
-from sparsejax import models
+from sparsejax import modeling
 from sparsejax.models import activations
 
 PyTree = Any
@@ -230,7 +231,7 @@ def grad_norms(grads: PyTree, mask: PyTree | None = None, prunable=None
 
 def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
                       mask: PyTree | None = None, *, batch_stats: PyTree = None,
-                      prunable=None, **model_kwargs
+                      prunable=None, scalars: Mapping[str, Any] | None = None
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The gradient flow of ``params`` on ``batch`` (SPEC §5).
 
@@ -248,7 +249,8 @@ def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
     mask: bool mask parallel to ``params``; ``None``: dense.
     batch_stats: the model's batch statistics (``{}``/``None`` without).
     prunable: leaves with a per-layer norm (see :func:`grad_norms`).
-    **model_kwargs: further ``__call__`` arguments, e.g. ``act_coef``.
+    scalars: per-step scalars the model reads (``model.scalar_names``),
+      e.g. ``{"act_coef": beta}`` (:func:`sparsejax.modeling.apply_model`).
 
   Returns:
     ``(global_norm, {path: layer_norm})``.
@@ -258,10 +260,12 @@ def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
     params = masks.apply(params, mask)
   state = {"batch_stats": batch_stats} if batch_stats else {}
 
+  modeling.check_scalars(model, scalars or {})
+
   def loss(p):
-    logits, _ = models.apply(model, {"params": p, **state}, x, train=True,
-                             rngs={"dropout": jax.random.key(0)}, **model_kwargs)
-    return jnp.mean(losses.cross_entropy(logits, y))
+    return modeling.loss_and_logits(
+        model, p, state, x, y, lambda logits, labels, _: losses.cross_entropy(logits, labels),
+        scalars=scalars, rngs={"dropout": jax.random.key(0)})[0]
 
   return grad_norms(jax.grad(loss)(params), mask, prunable)
 
@@ -309,8 +313,10 @@ class UpdateSteps:
     return on
 
 
-class GradientFlow(hooks.Hook):
-  """A :func:`sparsejax.train.fit` hook logging the gradient flow (SPEC §5).
+class GradientFlow:
+  """The gradient flow (SPEC §5): a step hook and an epoch-end callback of
+  :func:`sparsejax.train.fit` (``hooks=[flow.hook()],
+  callbacks=[flow.callback()]``).
 
   On the steps it logs it computes, inside the jitted train step (under
   ``lax.cond``, nothing on the other steps), the gradient flow
@@ -331,7 +337,7 @@ class GradientFlow(hooks.Hook):
   at ``s = t + 1`` for every mask-update step ``t`` (the optimiser's step
   count equals the train state's when training starts at step 0). Its state
   keeps the latest ``grad_norm``, which every epoch record of
-  ``metrics.jsonl`` (and TensorBoard) also gets.
+  ``metrics.jsonl`` (and TensorBoard) also gets (:meth:`callback`).
 
   Args:
     model: the linen module being trained.
@@ -351,11 +357,10 @@ class GradientFlow(hooks.Hook):
     self.model = model
     self.batch = (jnp.asarray(batch[0], jnp.float32),
                   jnp.asarray(batch[1], jnp.int32))
-    self.every = self.log_every_steps = int(every)
+    self.every = int(every)
     self.update_steps = update_steps
     self.prunable = prunable
     self.name = name
-    self._model_scalars = models.call_keywords(model) - {"x", "train"}
 
   def _due(self, s):
     due = (s == 1) | (s % self.every == 0)
@@ -368,20 +373,28 @@ class GradientFlow(hooks.Hook):
 
   def measure(self, state, scalars=None) -> tuple[jax.Array, dict]:
     """``masked_grad_norms`` of a train state on the hook's batch (traceable)."""
-    kwargs = {k: v for k, v in (scalars or {}).items() if k in self._model_scalars}
     return masked_grad_norms(self.model, state.params, self.batch, state.mask,
-                             batch_stats=state.batch_stats,
-                             prunable=self.prunable, **kwargs)
+                             batch_stats=state.batch_stats, prunable=self.prunable,
+                             scalars=modeling.model_scalars(self.model, scalars))
 
   def init(self, state):
     del state
     return {"grad_norm": jnp.zeros((), jnp.float32)}
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    del epoch, ctx
-    return hook_state, state, {"grad_norm": hook_state["grad_norm"]}
+  def epoch_end(self, step, carry, ctx):
+    del step
+    ctx.record["grad_norm"] = carry.hook_states[self.name]["grad_norm"]
 
-  def after_step(self, hook_state, state, info):
+  def hook(self) -> hooks.StepHook:
+    """The :class:`sparsejax.hooks.StepHook` that measures in the step."""
+    return hooks.StepHook(self.init, self.update, name=self.name,
+                          logs_at=self.logs_at)
+
+  def callback(self) -> hooks.Callback:
+    """The epoch-end :class:`sparsejax.hooks.Callback` (``grad_norm`` field)."""
+    return hooks.callback(self.epoch_end, at_epoch_end=True)
+
+  def update(self, hook_state, state, info):
     if info.state_before is None:
       raise ValueError("GradientFlow needs StepInfo.state_before")
     before = info.state_before

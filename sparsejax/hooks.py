@@ -1,38 +1,42 @@
-"""Hooks: how a training method extends :func:`sparsejax.train.fit` without a
-branch in its loop.
+"""How a training method extends :func:`sparsejax.train.fit` without a branch
+in its loop: traced step hooks and host callbacks.
 
-A :class:`Hook` has a state of its own, saved in the same checkpoint as the
-train state and part of the run signature, and up to three entry points:
-
-* :meth:`Hook.after_step`, traced inside the jitted train step after the
-  optimiser update, with the step's :class:`StepInfo` (loss, gradients,
-  scalars, batch, key): e.g. a dynamic-sparse-training mask update every K
-  steps with :func:`sparsejax.optim.set_mask` under ``lax.cond``, or a
-  gradient-flow measurement, without host round trips. Its logs of every
-  :attr:`Hook.log_every_steps` steps go to ``steps.jsonl``.
-* :meth:`Hook.fresh_start`, on the host once before the first step of a run
-  that starts from scratch (not on resume): it may change the initial train
-  state, e.g. ToST's LRsI rescales the initial weights (:mod:`sparsejax.tost`).
-* :meth:`Hook.after_step_host`, on the host after each step is dispatched.
-* :meth:`Hook.epoch_end`, on the host at each epoch end, before the
-  evaluation, with a :class:`FitContext` (model, data, mesh, config): e.g. a
-  weight superposition followed by a batch-norm recompute.
+* :class:`StepHook` ``(init, update)``: traced, composed into the jitted train
+  step like an optax transformation. ``init(state) -> hook_state`` (a pytree,
+  or ``None`` for a stateless hook) gives its state, carried in the
+  :class:`sparsejax.train.TrainCarry`, checkpointed with the train state and
+  part of the run signature; ``update(hook_state, state, info) -> (hook_state,
+  state, logs)`` runs after the optimiser update with the step's
+  :class:`StepInfo` (loss, gradients, scalars, batch, key): e.g. a
+  gradient-flow measurement under ``lax.cond`` every K steps, without host
+  round trips. Its ``logs`` of the steps ``logs_at`` selects go to
+  ``steps.jsonl``.
+* :class:`Callback`: host side, run by ``fit`` after each step in the style
+  of clu's periodic actions: every ``every_steps`` steps, at each epoch end
+  and/or once on a fresh start (before the first step of a run that does not
+  resume). ``callback(step, carry, ctx) -> carry | None`` may return a changed
+  carry (e.g. superposed weights in a hook state, or ToST's rescaled initial
+  weights) and add fields to the epoch record (``ctx.record``). fit's own
+  actions (checkpoint and preemption, non-finite check, evaluation, epoch
+  record, metrics log, progress bar) are callbacks of the same kind.
 
 Example, the global gradient norm every 100 steps::
 
-  class GradNorm(hooks.Hook):
-    log_every_steps = 100
-
-    def init(self, state):
+  def grad_norm_hook(every=100):
+    def init(state):
       return jnp.zeros((), jnp.int32)           # measurements so far
 
-    def after_step(self, count, state, info):
-      due = (info.step + 1) % 100 == 0
+    def update(count, state, info):
+      due = (info.step + 1) % every == 0
       norm = jax.lax.cond(due, lambda: optax.tree.norm(info.grads),
                           lambda: jnp.zeros((), jnp.float32))
       return count + due, state, {"grad_norm": norm}
 
-  train.fit(config, workdir, model=model, dataset=ds, hooks=[GradNorm()])
+    return hooks.StepHook(init, update, name="grad_norm",
+                          logs_at=hooks.every(every))
+
+  train.fit(model, ds, workdir, init=..., num_epochs=2, batch_size=64,
+            hooks=[grad_norm_hook()])
 """
 
 from __future__ import annotations
@@ -50,16 +54,14 @@ from sparsejax import data as data_lib
 from sparsejax import metrics_log
 
 if TYPE_CHECKING:
-  from sparsejax.train import TrainState  # pylint: disable=g-bad-import-order
+  from sparsejax.state import TrainState  # pylint: disable=g-bad-import-order
+  from sparsejax.train import TrainCarry  # pylint: disable=g-bad-import-order
 
 PyTree = Any
 
 
-# ----------------------------------------------------------------------------
-
-
 class StepInfo(NamedTuple):
-  """What :meth:`Hook.after_step` learns about the step just taken (traced).
+  """What :attr:`StepHook.update` learns about the step just taken (traced).
 
   Attributes:
     step: ``int32``, the global index ``t`` of the step (the state it returns
@@ -73,7 +75,7 @@ class StepInfo(NamedTuple):
     state_before: the train state the step started from (``step == t``),
       before the optimiser update: with a dynamic-sparse-training optimiser,
       the params and mask just before a mask update of step ``t``, while
-      the ``state`` given to :meth:`Hook.after_step` holds those just after.
+      the ``state`` given to :attr:`StepHook.update` holds those just after.
   """
 
   step: jax.Array
@@ -85,140 +87,209 @@ class StepInfo(NamedTuple):
   state_before: Any = None
 
 
-@dataclasses.dataclass(frozen=True)
-class FitContext:
-  """What :meth:`Hook.fresh_start` and :meth:`Hook.epoch_end` may use besides
-  the states (host side).
+def _no_state(state):
+  del state
+
+
+def _no_update(hook_state, state, info):
+  del info
+  return hook_state, state, {}
+
+
+class StepHook(NamedTuple):
+  """A traced extension of the train step, composed like an optax transformation.
 
   Attributes:
-    model, dataset, mesh, config: those of :func:`fit`.
+    init: ``init(state) -> hook_state``: the hook's state from the initial
+      train state; ``None`` for a stateless hook. It is checkpointed with the
+      train state, is part of the run signature (a workdir written with other
+      hook states is refused) and resumes bitwise.
+    update: ``update(hook_state, state, info) -> (hook_state, state, logs)``,
+      traced inside the jitted train step after the optimiser update: it may
+      change the train state (e.g. the mask, with
+      :func:`sparsejax.optim.set_mask`) and its own state, and return logs
+      (``{name: array}``). Use ``lax.cond`` on ``info.step`` to act every K
+      steps; the structure, shapes and dtypes of both states must not change.
+    name: the key of the hook's state (``carry.hook_states[name]``) and logs;
+      unique among the hooks of a run.
+    logs_at: ``logs_at(step) -> bool``, on the host without waiting for the
+      device: whether the logs of the step that makes the step count ``step``
+      go to ``steps.jsonl`` (as ``{"step": step, **logs}``); ``None``
+      (default): never. :func:`every` gives a period.
+    scalar_names: the per-step scalars (``info.scalars``) the hook reads
+      besides those the model takes. A scalar that neither the model, the
+      loss nor a hook reads is an error of
+      :func:`sparsejax.train.make_train_step`.
+  """
+
+  init: Callable[[TrainState], PyTree] = _no_state
+  update: Callable[..., tuple[PyTree, TrainState, dict]] = _no_update
+  name: str = "hook"
+  logs_at: Callable[[int], bool] | None = None
+  scalar_names: tuple[str, ...] = ()
+
+
+def every(steps: int | None) -> Callable[[int], bool] | None:
+  """``logs_at`` of every ``steps`` steps (``step % steps == 0``); ``None``
+  for ``None``."""
+  if steps is None:
+    return None
+  steps = int(steps)
+  if steps < 1:
+    raise ValueError(f"steps must be >= 1 or None, got {steps}")
+  return lambda step: int(step) % steps == 0
+
+
+def check_hooks(hooks: Sequence[StepHook]) -> tuple[StepHook, ...]:
+  """``hooks`` as a tuple; refuses non-hooks and duplicate names."""
+  hooks = tuple(hooks)
+  for hook in hooks:
+    if not isinstance(hook, StepHook):
+      raise TypeError(f"hooks must be sparsejax.hooks.StepHook instances, got "
+                      f"{type(hook).__name__}")
+  names = [h.name for h in hooks]
+  if len(set(names)) != len(names):
+    raise ValueError(f"hook names must be unique, got {names}")
+  return hooks
+
+
+@dataclasses.dataclass
+class FitContext:
+  """What a :class:`Callback` may use besides the carry (host side).
+
+  The first fields describe the run; the last ones the loop's position and
+  are updated by :func:`sparsejax.train.fit` as it goes.
+
+  Attributes:
+    model, dataset, mesh: those of :func:`fit`.
+    num_epochs, batch_size, seed, augment: the run's (``augment`` resolved
+      against the dataset's default).
     steps_per_epoch: optimiser steps per epoch.
     scalars: the per-step scalar schedules of :func:`fit`.
-    num_epochs: the epochs of the run (``None`` when built by hand).
+    loss_fn: the training loss ``loss_fn(logits, labels, scalars)``.
     evaluate: ``evaluate(state) -> {"loss", "accuracy", "count"}``: fit's
       test-set evaluation (:func:`sparsejax.train.evaluate` with fit's
       compiled eval step and ``eval_batch_size``) of any train state of the
-      run's layout, e.g. the train state with other weights
-      (``state.replace(params=..., batch_stats=...)``).
-    loss_fn: the training loss ``loss_fn(logits, labels, scalars)`` of
-      :func:`fit`; ``None`` when built by hand.
+      run's layout, e.g. ``state.replace(params=...)``.
+    total_steps, end_step: the schedule's length and where this call stops
+      (``stop_at_step``).
+    epoch: the 1-based epoch the last step belongs to.
+    epoch_end: whether the last step ended its epoch.
+    logs: ``{hook name: logs}`` of the last step (on device).
+    record: the epoch record being built at an epoch end; a callback adds
+      its fields (JSON numbers, or device scalars) here.
+    stop: ``None`` while training; ``"preempted"`` (SIGTERM) or
+      ``"stop_at_step"`` once a checkpoint of the stop was saved.
   """
 
   model: nn.Module
   dataset: data_lib.Dataset
   mesh: jax.sharding.Mesh
-  config: Any
   steps_per_epoch: int
   scalars: Mapping[str, optax.Schedule]
-  evaluate: Callable[[Any], dict[str, float]] | None = None
-  loss_fn: Any = None
   num_epochs: int | None = None
+  batch_size: int | None = None
+  seed: int = 0
+  augment: bool = False
+  loss_fn: Any = None
+  evaluate: Callable[[Any], dict[str, float]] | None = None
+  total_steps: int | None = None
+  end_step: int | None = None
+  epoch: int = 0
+  epoch_end: bool = False
+  logs: dict = dataclasses.field(default_factory=dict)
+  record: dict = dataclasses.field(default_factory=dict)
+  stop: str | None = None
 
 
-class Hook:
-  """An extension of :func:`fit` with a state of its own. Override what you need.
+class Callback:
+  """A host-side action of :func:`sparsejax.train.fit`, run after steps.
 
-  * :meth:`init` gives the hook's state (a pytree of arrays, or ``None`` for a
-    stateless hook). It is saved in the same checkpoint as the train state,
-    is part of the run signature (a workdir written with other hook states is
-    refused), and resumes bitwise.
-  * :meth:`after_step` runs *traced*, inside the jitted train step, after the
-    optimiser update: it may change the train state (e.g. the mask, with
-    :func:`sparsejax.optim.set_mask`) and its own state, and return logs. Use
-    ``lax.cond`` on ``info.step`` to act every K steps; the structure,
-    shapes and dtypes of both states must not change.
-  * :meth:`check` runs on the host before the first step of every run, fresh
-    or resumed, and raises ``ValueError`` when the hook's settings do not fit
-    the run (e.g. a plan made for another number of epochs).
-  * :meth:`fresh_start` runs on the host once, before the first step of a
-    run that does not resume from a checkpoint (and before :meth:`init`), and
-    may change the initial train state, keeping its structure, shapes and
-    dtypes. A resumed run gets the changed state from its checkpoint.
-  * :meth:`after_step_host` runs on the host after each step is dispatched
-    (not waited for), with the global step count.
-  * :meth:`logs_at` decides, on the host and without waiting for the device,
-    which steps' :meth:`after_step` logs go to ``steps.jsonl`` (default: every
-    :attr:`log_every_steps` steps).
-  * :meth:`epoch_end` runs on the host at the end of each epoch, before the
-    evaluation, and may change both states and add fields to the epoch record.
+  ``fit`` calls ``callback(step, carry, ctx)`` (``step``: the global step
+  count after the step) when :meth:`due`: every :attr:`every_steps` steps,
+  after the last step of each epoch with :attr:`at_epoch_end`, and once
+  before the first step of a run that starts from scratch (not on resume)
+  with :attr:`at_fresh_start`. It returns ``None`` or a changed
+  :class:`sparsejax.train.TrainCarry` of the same structure, shapes and
+  dtypes. Callbacks run in the order given, after fit's step log and
+  before its progress bar, evaluation, epoch record and checkpoint; an
+  epoch-end callback adds fields to the epoch record through
+  ``ctx.record``. :meth:`check` runs once before the first step of every run
+  (fresh or resumed) and raises ``ValueError`` when the callback does not
+  fit the run.
 
-  Attributes:
-    name: key of the hook's state and logs; default the class name. Names
-      must be unique among the hooks of a run.
-    log_every_steps: the logs of :meth:`after_step` after every this many
-      global steps go to ``steps.jsonl`` as ``{"step": s, **logs}``, ``s``
-      the number of steps taken; ``None`` (default): not logged. Override
-      :meth:`logs_at` for another set of steps.
-    scalar_names: the per-step scalars (``info.scalars``) the hook reads
-      besides those the model takes; default none. A scalar that neither
-      the model, the loss nor a hook reads is an error of
-      :func:`sparsejax.train.make_train_step`.
+  Build one from a function with :func:`callback`, or subclass and override
+  :meth:`__call__` (and :meth:`check`).
   """
 
-  name: str | None = None
-  log_every_steps: int | None = None
-  scalar_names: tuple[str, ...] = ()
+  every_steps: int | None = None
+  at_epoch_end: bool = False
+  at_fresh_start: bool = False
 
-  @property
-  def key(self) -> str:
-    """The hook's name, :attr:`name` or the class name."""
-    return self.name or type(self).__name__
+  def due(self, step: int, ctx: FitContext) -> bool:
+    """Whether the callback runs after the step that makes the count ``step``."""
+    every = self.every_steps
+    return bool(every and step % int(every) == 0) or (
+        self.at_epoch_end and ctx.epoch_end)
 
   def check(self, ctx: FitContext) -> None:
-    """Raises ``ValueError`` if the hook cannot run in this fit; default: fits."""
+    """Raises ``ValueError`` if the callback cannot run in this fit; default: fits."""
     del ctx
 
-  def init(self, state: TrainState) -> PyTree:
-    """The hook's initial state, from the initial train state; default ``None``."""
-    del state
-    return None
-
-  def fresh_start(self, state: TrainState, ctx: FitContext) -> TrainState:
-    """On the host before the first step of a fresh run: the (changed) initial
-    train state, replicated on ``ctx.mesh``; default unchanged."""
-    del ctx
-    return state
-
-  def after_step(self, hook_state: PyTree, state: TrainState,
-                 info: StepInfo) -> tuple[PyTree, TrainState, dict[str, jax.Array]]:
-    """Traced after each update: ``(hook_state, state, logs)``; default no-op."""
-    del info
-    return hook_state, state, {}
-
-  def logs_at(self, step: int) -> bool:
-    """Whether the logs of the step that makes the step count ``step`` are
-    written to ``steps.jsonl`` (host side, a pure function of ``step``);
-    default ``step % log_every_steps == 0`` (never when it is ``None``)."""
-    every = self.log_every_steps
-    return bool(every) and step % int(every) == 0
-
-  def after_step_host(self, step: int) -> None:
-    """On the host after step ``step`` (the global step count) was dispatched."""
-
-  def epoch_end(self, hook_state: PyTree, state: TrainState, epoch: int,
-                ctx: FitContext) -> tuple[PyTree, TrainState, dict[str, Any]]:
-    """On the host after epoch ``epoch`` (1-based): ``(hook_state, state,
-    record_fields)``; the fields (JSON numbers) join the epoch record."""
-    del epoch, ctx
-    return hook_state, state, {}
+  def __call__(self, step: int, carry: TrainCarry,
+               ctx: FitContext) -> TrainCarry | None:
+    raise NotImplementedError
 
 
-def overrides(hook: Hook, method: str) -> bool:
-  """Whether ``hook``'s class overrides ``method`` (else fit skips it)."""
-  return getattr(type(hook), method) is not getattr(Hook, method)
+class _FunctionCallback(Callback):
+
+  def __init__(self, fn, every_steps, at_epoch_end, at_fresh_start):
+    self.fn = fn
+    self.every_steps = every_steps
+    self.at_epoch_end = at_epoch_end
+    self.at_fresh_start = at_fresh_start
+
+  def __call__(self, step, carry, ctx):
+    return self.fn(step, carry, ctx)
+
+  def __repr__(self):
+    return (f"callback({getattr(self.fn, '__name__', self.fn)}, every_steps="
+            f"{self.every_steps}, at_epoch_end={self.at_epoch_end}, "
+            f"at_fresh_start={self.at_fresh_start})")
 
 
-def check_hooks(hooks: Sequence[Hook]) -> tuple[Hook, ...]:
-  """``hooks`` as a tuple; refuses non-hooks and duplicate names."""
-  hooks = tuple(hooks)
-  for hook in hooks:
-    if not isinstance(hook, Hook):
-      raise TypeError(f"hooks must be sparsejax.hooks.Hook instances, got "
-                      f"{type(hook).__name__}")
-  names = [h.key for h in hooks]
-  if len(set(names)) != len(names):
-    raise ValueError(f"hook names must be unique, got {names}")
-  return hooks
+def callback(fn: Callable[[int, TrainCarry, FitContext], TrainCarry | None], *,
+             every_steps: int | None = None, at_epoch_end: bool = False,
+             at_fresh_start: bool = False) -> Callback:
+  """A :class:`Callback` that calls ``fn(step, carry, ctx)``.
+
+  Example, the epoch record gets the global weight norm::
+
+    def weight_norm(step, carry, ctx):
+      ctx.record["weight_norm"] = float(optax.tree.norm(carry.state.params))
+
+    train.fit(..., callbacks=[hooks.callback(weight_norm, at_epoch_end=True)])
+
+  Raises:
+    ValueError: ``every_steps`` below 1, or a callback that never runs.
+  """
+  if every_steps is not None and int(every_steps) < 1:
+    raise ValueError(f"every_steps must be >= 1 or None, got {every_steps}")
+  if every_steps is None and not (at_epoch_end or at_fresh_start):
+    raise ValueError("a callback needs every_steps, at_epoch_end or "
+                     "at_fresh_start: it would never run")
+  return _FunctionCallback(fn, None if every_steps is None else int(every_steps),
+                           bool(at_epoch_end), bool(at_fresh_start))
+
+
+def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:
+  """``callbacks`` as a tuple; refuses non-callbacks."""
+  callbacks = tuple(callbacks)
+  for cb in callbacks:
+    if not isinstance(cb, Callback):
+      raise TypeError(f"callbacks must be sparsejax.hooks.Callback instances "
+                      f"(see hooks.callback), got {type(cb).__name__}")
+  return callbacks
 
 
 def json_number(value) -> Any:
@@ -230,14 +301,13 @@ def json_number(value) -> Any:
 class PendingStepLogs:
   """Hook logs of the steps to record, kept on device until :meth:`flush`."""
 
-  def __init__(self, hooks: Sequence[Hook], log: metrics_log.StepLog):
-    self.hooks = [h for h in hooks if overrides(h, "after_step") and (
-        h.log_every_steps or overrides(h, "logs_at"))]
+  def __init__(self, hooks: Sequence[StepHook], log: metrics_log.StepLog):
+    self.hooks = [h for h in hooks if h.logs_at is not None]
     self.log = log
     self.pending: list[tuple[int, dict]] = []
 
   def add(self, step: int, logs: dict) -> None:
-    keep = {h.key: logs[h.key] for h in self.hooks if h.logs_at(step)}
+    keep = {h.name: logs[h.name] for h in self.hooks if h.logs_at(step)}
     if keep:
       self.pending.append((step, keep))
 

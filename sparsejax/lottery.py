@@ -27,14 +27,14 @@ Fresh optimiser state at the rewind point: every moment (momentum trace, Adam
 schedule -- stay at ``k``, like the new optimiser of OpenLTH whose schedule is
 advanced to the rewind step. Training then runs steps ``k..T`` with the data
 order and augmentation of those steps (:func:`sparsejax.train.fit` with
-``initial_state``).
+``init=rewind_state(...)``).
 
 The control experiments of the lottery-ticket literature, on the same masks:
 
 * **random re-initialisation**: the same mask ``m_L`` on the weights of another
   initialisation ``θ'_0``: ``rewind_state(point, m_L, params=θ'_0)``;
 * **random re-pruning**: every layer's mask shuffled uniformly at random
-  (:func:`random_reprune`: same per-layer counts, random positions), trained
+  (:func:`random_reprune_mask`: same per-layer counts, random positions), trained
   from ``θ_k``.
 
 A *ticket* on disk (:func:`save_ticket`, :func:`load_ticket`) is a directory
@@ -46,7 +46,7 @@ Functions:
 * :func:`level_sparsity`, :func:`prune_level`: the masks ``m_L``.
 * :func:`rewind`, :func:`fresh_optimizer_state`, :func:`rewind_state`: reset
   to the rewind point.
-* :func:`random_reprune`: the re-pruning control.
+* :func:`random_reprune_mask`: the re-pruning control.
 * :func:`save_ticket`, :func:`load_ticket`, :func:`ticket_exists`.
 
 The experiment driver is ``python -m experiments.lottery``.
@@ -67,18 +67,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import _paths
+from sparsejax import budgets
 from sparsejax import masks
 from sparsejax import optim
 from sparsejax import scores
-from sparsejax import train
+from sparsejax import state as state_lib
 
 PyTree = Any
 
 #: Fraction of the remaining prunable weights removed per level (SPEC §3).
 DEFAULT_FRACTION = 0.2
-#: Budgets :func:`prune_level` accepts: one global ranking (IMP default) or
-#: the same fraction of every layer (layer-wise IMP).
-BUDGETS = ("global", "uniform")
+#: The budget types :func:`prune_level` accepts: one global ranking (IMP
+#: default) or the same fraction of every layer (layer-wise IMP).
+BUDGETS = (budgets.Global, budgets.Uniform)
 #: File names of a ticket directory.
 TICKET_ARRAYS = "ticket.npz"
 TICKET_META = "meta.json"
@@ -116,14 +117,14 @@ def level_sparsity(level: int, fraction: float = DEFAULT_FRACTION) -> float:
   return 1.0 - (1.0 - p) ** int(level)
 
 
-def _check_enough(mask: PyTree, prunable, sparsity: float, budget: str,
-                  level: int) -> None:
+def _check_enough(mask: PyTree, prunable, sparsity: float,
+                  budget: budgets.Budget, level: int) -> None:
   """Raises unless ``mask`` keeps at least level ``level``'s count per pool."""
   if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
     return
   summary = masks.summary(mask, prunable)
   pools = ([(summary.kept, summary.total, "prunable weights")]
-           if budget == "global" else
+           if isinstance(budget, budgets.Global) else
            [(l.kept, l.total, repr(l.path)) for l in summary.layers])
   for kept, total, name in pools:
     need = masks.kept_count(total, sparsity)
@@ -135,7 +136,7 @@ def _check_enough(mask: PyTree, prunable, sparsity: float, budget: str,
 
 def prune_level(params: PyTree, mask: PyTree, level: int,
                 fraction: float = DEFAULT_FRACTION, *, prunable=None,
-                budget: str = "global") -> PyTree:
+                budget: budgets.Budget = budgets.Global()) -> PyTree:
   """One IMP level: the mask ``m_L`` from the trained weights of level ``L − 1``.
 
   ``m_L`` keeps the ``n_L = max(1, round((1 − p)^L · N))`` prunable entries of
@@ -151,9 +152,9 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
     fraction: ``p`` in (0, 1).
     prunable: which leaves are prunable, see
       :func:`sparsejax.masks.prunable_tree`; ``N`` counts their entries.
-    budget: ``"global"`` (one ranking over all prunable layers; the IMP
-      default) or ``"uniform"`` (every layer keeps ``(1 − p)^L`` of its own
-      entries, layer-wise IMP).
+    budget: :class:`sparsejax.budgets.Global` ``()`` (one ranking over all
+      prunable layers; the IMP default) or ``Uniform()`` (every layer keeps
+      ``(1 − p)^L`` of its own entries, layer-wise IMP).
 
   Returns:
     The bool mask ``m_L``; it only keeps entries that ``mask`` kept.
@@ -175,8 +176,10 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
     >>> int(m2["w"].sum())
     6
   """
-  if budget not in BUDGETS:
-    raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+  budgets.check(budget)
+  if type(budget) not in BUDGETS:
+    raise ValueError(f"budget must be budgets.Global() or budgets.Uniform() for "
+                     f"IMP, got {budget!r}")
   sparsity = level_sparsity(level, fraction)
   masks.check_mask(mask, params)
   flags = masks.prunable_tree(params, prunable)
@@ -185,7 +188,7 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
                          budget=budget, prunable=flags, within=mask)
 
 
-def random_reprune(key: jax.Array, mask: PyTree) -> PyTree:
+def random_reprune_mask(key: jax.Array, mask: PyTree) -> PyTree:
   """The random re-pruning control: each layer's mask shuffled at random.
 
   Every leaf of ``mask`` is permuted uniformly at random (its own key from
@@ -242,9 +245,9 @@ def fresh_optimizer_state(opt_state, mask: PyTree):
   return optim.set_mask(optim.reset_moments(opt_state, everywhere), mask)
 
 
-def rewind_state(point: train.TrainState, mask: PyTree, *,
+def rewind_state(point: state_lib.TrainState, mask: PyTree, *,
                  params: PyTree | None = None,
-                 batch_stats: PyTree | None = None) -> train.TrainState:
+                 batch_stats: PyTree | None = None) -> state_lib.TrainState:
   """The train state a level starts from: ``point`` rewound under ``mask``.
 
   * ``step``: ``point.step`` (the rewind step ``k``), so that

@@ -13,23 +13,17 @@ Conventions used throughout sparsejax:
 * Top-k is exact: a pool of ``N`` scored entries keeps exactly
   ``max(1, round(d * N))`` entries, the highest scores first, ties broken by the
   lower flat index. (``round`` is Python's round-half-to-even.)
-* Budgets (how the kept entries are spread over layers):
-
-  - ``"global"``: one ranking over all prunable entries.
-  - ``"uniform"``: every prunable layer gets sparsity ``s``.
-  - ``"erk"``: Erdős–Rényi-Kernel, layer density ∝ ``(Σ dims) / (Π dims)``.
-  - ``"er"``: Erdős–Rényi, layer density ∝ ``(c_in + c_out) / (c_in · c_out)``.
-
-  - ``"N:M"`` (e.g. ``"2:4"``, see :mod:`sparsejax.nm`): exactly ``N`` kept in every
-    group of ``M`` consecutive weights along the input dimension (axis -2:
-    ``din`` of a dense ``[din, dout]`` kernel, ``c_in`` of a conv kernel
-    ``[kh, kw, c_in, c_out]``, one group per ``(kh, kw, c_out)``), the
-    pattern GPU sparse tensor cores accelerate (2:4). Its sparsity is
-    ``1 - N/M``.
-
-  ``overrides`` fixes the sparsity of the layers whose path matches a regular
-  expression (e.g. ``{"Dense_0": 0.0}``); the budget is then spread over the
-  remaining prunable layers.
+* Budgets (how the kept entries are spread over layers) are objects of
+  :mod:`sparsejax.budgets`: ``Global()`` (one ranking over all prunable
+  entries), ``Uniform()``, ``ERK(power)``, ``ER(power)``, ``NM(n, m)`` (exactly
+  ``n`` kept in every group of ``m`` consecutive weights along the input
+  dimension, axis -2; its sparsity is ``1 - n/m``) and any of them
+  ``.with_overrides({regex: sparsity})`` (matching layers at their own
+  sparsity, the budget spread over the others). Every one splits the
+  prunable layers into the pools of the exact selection
+  (:meth:`sparsejax.budgets.Budget.pools`), which :func:`select_pools`
+  applies. A budget string is refused: ``budgets.parse("erk")`` makes the
+  object.
 
 A *path* is the string that names a leaf: the pytree keys joined by ``/``, e.g.
 ``"Conv_0/kernel"`` or ``"layers/0/kernel"``.
@@ -45,25 +39,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _select
+from sparsejax import budgets
 from sparsejax._sort_keys import sortable_bits
-# The N:M budgets live in sparsejax.nm; their public names stay available here.
-from sparsejax.nm import (  # noqa: F401  (re-exported)
-    _check_nm_sparsity, _nm_topk_mask, check_nm, group_counts, keep_top_in_groups,
-    nm, nm_groups, nm_keep, nm_sparsity, nm_ungroup, parse_nm)
 
 PyTree = Any
-Budget = str
-BUDGETS = ("global", "uniform", "erk", "er")
-"""The named budgets; an ``"N:M"`` string (:mod:`sparsejax.nm`) is a budget too."""
 
 # ----------------------------------------------------------------------------
 # Paths and prunability
@@ -233,23 +221,9 @@ def _is_concrete(x) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def check_sparsity(sparsity, name: str = "sparsity") -> None:
-  """Raises ``ValueError`` unless ``0 <= sparsity < 1`` (skipped when traced)."""
-  if not _is_concrete(sparsity):
-    return
-  s = float(np.asarray(sparsity))
-  if not (math.isfinite(s) and 0.0 <= s < 1.0):
-    raise ValueError(
-        f"{name} must be in [0, 1), got {s!r}: sparsity is the fraction of "
-        "prunable weights set to zero (0.98 keeps 2%); 1.0 would prune everything.")
-
-
-def check_budget(budget) -> None:
-  """Raises ``ValueError`` unless ``budget`` is in :data:`BUDGETS` or ``"N:M"``."""
-  if budget in BUDGETS or parse_nm(budget) is not None:
-    return
-  raise ValueError(f"budget must be one of {BUDGETS} or an N:M string such as "
-                   f"'2:4', got {budget!r}")
+#: Raises ``ValueError`` unless ``0 <= sparsity < 1`` (skipped when traced);
+#: :func:`sparsejax.budgets.check_sparsity`.
+check_sparsity = budgets.check_sparsity
 
 
 def _check_same_structure(a, b, a_name, b_name) -> None:
@@ -357,125 +331,36 @@ def from_params(params: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------
 
 
-def resolve_overrides(prunable_paths: Sequence[str], overrides) -> dict[str, float]:
-  """``{path: sparsity}`` for the prunable paths matched by ``overrides``.
-
-  Args:
-    prunable_paths: the paths of the prunable leaves.
-    overrides: ``{regex: sparsity}`` (``re.search`` on each path), or ``None``.
-
-  Returns:
-    The sparsity of every matched path; unmatched paths are left out.
-
-  Raises:
-    ValueError: a sparsity outside [0, 1), a pattern that matches no path, or
-      a path matched by two patterns with different sparsities.
-
-  Example:
-
-    >>> from sparsejax import masks
-    >>> masks.resolve_overrides(["stem/kernel", "head/kernel"], {"^head": 0.0})
-    {'head/kernel': 0.0}
-  """
-  resolved: dict[str, float] = {}
-  for pattern, s in (overrides or {}).items():
-    check_sparsity(s, f"override {pattern!r}")
-    hits = [p for p in prunable_paths if re.search(pattern, p)]
-    if not hits:
-      raise ValueError(
-          f"override pattern {pattern!r} matches no prunable path; prunable "
-          f"paths are {prunable_paths}")
-    for p in hits:
-      if p in resolved and resolved[p] != float(s):
-        raise ValueError(f"path {p!r} is matched by several overrides with "
-                         "different sparsities")
-      resolved[p] = float(s)
-  return resolved
-
-
-def erk_densities(shapes: Mapping[str, tuple[int, ...]], density: float, *,
-                  kind: str = "erk", power_scale: float = 1.0) -> dict[str, float]:
-  """Per-layer densities of the Erdős–Rényi(-Kernel) allocation.
-
-  Finds ε such that ``Σ_l ε · p_l · N_l = density · Σ_l N_l`` where
-  ``p_l = (Σ dims / Π dims) ** power_scale`` (``"erk"``) or
-  ``((c_in + c_out) / (c_in · c_out)) ** power_scale`` (``"er"``, the last two
-  dims). Any layer with ``ε · p_l > 1`` is made dense and ε is recomputed, until
-  no layer exceeds 1 (the RigL reference algorithm).
-
-  Args:
-    shapes: ``{path: kernel shape}`` of the layers sharing the budget.
-    density: total density ``1 - s`` of those layers.
-    kind: ``"erk"`` or ``"er"``.
-    power_scale: ``erk_power_scale`` in [0, 1]; 0 gives uniform densities.
-
-  Returns:
-    ``{path: density}`` with ``Σ density_l · N_l = density · Σ N_l``.
-  """
-  if not 0.0 <= power_scale <= 1.0:
-    raise ValueError(f"erk_power_scale must be in [0, 1], got {power_scale}")
-  if kind not in ("erk", "er"):
-    raise ValueError(f"kind must be 'erk' or 'er', got {kind!r}")
-
-  def raw(shape):
-    dims = shape if kind == "erk" else shape[-2:]
-    return (sum(dims) / math.prod(dims)) ** power_scale
-
-  n = {p: math.prod(s) for p, s in shapes.items()}
-  dense: set[str] = set()
-  while True:
-    rhs, divisor, probs = 0.0, 0.0, {}
-    for p, shape in shapes.items():
-      if p in dense:
-        rhs -= n[p] * (1.0 - density)
-      else:
-        rhs += n[p] * density
-        probs[p] = raw(shape)
-        divisor += probs[p] * n[p]
-    if not probs:
-      break
-    eps = rhs / divisor
-    max_prob = max(probs.values())
-    if max_prob * eps <= 1.0:
-      break
-    dense |= {p for p, pr in probs.items() if pr == max_prob}
-  return {p: (1.0 if p in dense else eps * probs[p]) for p in shapes}
-
-
-def layer_sparsities(params: PyTree, sparsity: float, budget: Budget = "erk", *,
-                     prunable=None, overrides=None,
-                     erk_power_scale: float = 1.0) -> dict[str, float]:
-  """Per-layer sparsity of a ``"uniform"``, ``"erk"`` or ``"er"`` budget.
+def layer_sparsities(params: PyTree, sparsity: float,
+                     budget: budgets.Budget = budgets.ERK(), *,
+                     prunable=None) -> dict[str, float]:
+  """Per-layer sparsity of a per-layer allocation (``Uniform``, ``ERK``, ``ER``).
 
   Args:
     params: params pytree (only shapes are read; ``jax.ShapeDtypeStruct`` ok).
     sparsity: target sparsity in [0, 1) over the prunable layers that have no
       override.
-    budget: ``"uniform"``, ``"erk"`` or ``"er"``. (A ``"global"`` budget has no
+    budget: :class:`sparsejax.budgets.Uniform`, ``ERK`` (default) or ``ER``,
+      optionally ``.with_overrides(...)``. (A ``Global`` budget has no
       allocation before scores are known.)
     prunable: see :func:`prunable_tree`.
-    overrides: ``{regex: sparsity}`` fixing the sparsity of matching layers.
-    erk_power_scale: softens ERK toward uniform (0 = uniform, 1 = ERK).
 
   Returns:
     ``{path: sparsity}`` for every prunable layer.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import budgets, masks
+    >>> params = {"a": jnp.zeros((4, 4)), "b": jnp.zeros((8, 8))}
+    >>> masks.layer_sparsities(params, 0.5, budgets.Uniform().with_overrides({"a": 0.0}))
+    {'a': 0.0, 'b': 0.5}
   """
   check_sparsity(sparsity)
-  if budget not in ("uniform", "erk", "er"):
-    raise ValueError(f"budget must be 'uniform', 'erk' or 'er' for a per-layer "
-                     f"allocation, got {budget!r}")
+  budgets.check(budget)
   flags = dict(named_leaves(prunable_tree(params, prunable)))
   shapes = {p: tuple(jnp.shape(x)) for p, x in named_leaves(params) if flags[p]}
-  fixed = resolve_overrides(list(shapes), overrides)
-  pool = {p: s for p, s in shapes.items() if p not in fixed}
-  if budget == "uniform" or not pool:
-    out = {p: float(sparsity) for p in pool}
-  else:
-    out = {p: 1.0 - d for p, d in erk_densities(
-        pool, 1.0 - float(sparsity), kind=budget,
-        power_scale=erk_power_scale).items()}
-  out.update(fixed)
-  return {p: out[p] for p in shapes}
+  return budget.layer_sparsities(shapes, float(sparsity))
 
 
 def kept_count(n: int, sparsity) -> Any:
@@ -609,89 +494,92 @@ def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
   return above | (at & (ties - spread(before) <= spread(need)))
 
 
-def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
-              prunable=None, within: PyTree | None = None, overrides=None,
-              erk_power_scale: float = 1.0) -> PyTree:
+def topk_mask(scores: PyTree, sparsity=None, *,
+              budget: budgets.Budget = budgets.Global(), prunable=None,
+              within: PyTree | None = None) -> PyTree:
   """The mask keeping the highest ``scores`` under a sparsity budget.
 
-  Pure and ``jit``-compatible. With ``budget="global"`` or ``"uniform"`` the
-  ``sparsity`` may be traced (e.g. a schedule inside ``lax.fori_loop``);
-  ``"erk"``/``"er"`` allocations and ``overrides`` are computed from static
-  shapes and need a Python float.
+  Pure and ``jit``-compatible. With a :class:`~sparsejax.budgets.Global` or
+  :class:`~sparsejax.budgets.Uniform` budget the ``sparsity`` may be traced
+  (e.g. a schedule inside ``lax.fori_loop``); ``ERK``/``ER`` allocations and
+  overrides are computed from static shapes and need a Python float.
 
   Args:
     scores: pytree of float arrays parallel to the params; higher is kept.
     sparsity: fraction in [0, 1) of each pool's entries to prune. Always
-      relative to the pool's total size, also with ``within``.
-    budget: ``"global"`` (one ranking over all prunable entries), ``"uniform"``,
-      ``"erk"``, ``"er"`` or ``"N:M"`` (e.g. ``"2:4"``: exactly ``N`` kept in
-      every group of ``M`` consecutive entries along axis -2, ties to the
-      lower flat index; ``sparsity`` must then be ``1 - N/M``, a Python
-      float, and every prunable layer without an override needs an input
-      dimension divisible by ``M``; overridden layers get a per-layer top-k).
+      relative to the pool's total size, also with ``within``. ``None`` for
+      an :class:`~sparsejax.budgets.NM` budget, which implies ``1 - n/m``
+      (a different value is refused).
+    budget: a :mod:`sparsejax.budgets` object: ``Global()`` (default, one
+      ranking over all prunable entries), ``Uniform()``, ``ERK(power)``,
+      ``ER(power)``, ``NM(n, m)`` (exactly ``n`` kept in every group of ``m``
+      consecutive entries along axis -2, ties to the lower flat index; every
+      prunable layer without an override needs an input dimension divisible
+      by ``m``; overridden layers get a per-layer top-k), or one of them
+      ``.with_overrides({regex: sparsity})`` (matching layers pruned at their
+      own sparsity, outside the shared budget).
     prunable: see :func:`prunable_tree`. Non-prunable leaves get all ``True``.
     within: an existing mask; only entries it keeps can be kept (iterative
       pruning). Each pool keeps ``min(k, entries kept by within)``.
-    overrides: ``{regex: sparsity}`` for layers pruned at their own sparsity,
-      outside the shared budget.
-    erk_power_scale: see :func:`erk_densities`.
 
   Returns:
     A bool mask pytree parallel to ``scores``.
 
   Raises:
-    ValueError: bad sparsity, unknown budget, NaN scores (when not traced),
+    ValueError: bad sparsity, a budget that is not a budget object (a string:
+      use :func:`sparsejax.budgets.parse`), NaN scores (when not traced),
       ``within`` not matching, an override that matches no path, or (N:M) a
-      sparsity other than ``1 - N/M`` or an input dimension not divisible by M.
+      sparsity other than ``1 - n/m`` or an input dimension not divisible by m.
 
   Example:
 
     >>> import jax
     >>> import jax.numpy as jnp
-    >>> from sparsejax import masks
+    >>> from sparsejax import budgets, masks
     >>> scores = {"a": jnp.array([[3.0, 1.0], [4.0, 1.0]]),
     ...           "b": jnp.array([[5.0, 9.0], [2.0, 6.0]])}
     >>> as_ints = lambda mask: jax.tree.map(lambda m: m.astype(int).tolist(), mask)
     >>> as_ints(masks.topk_mask(scores, 0.5))  # the 4 highest of the 8: 9, 6, 5, 4
     {'a': [[0, 0], [1, 0]], 'b': [[1, 1], [0, 1]]}
-    >>> as_ints(masks.topk_mask(scores, 0.5, budget="uniform"))  # 2 per layer
+    >>> as_ints(masks.topk_mask(scores, 0.5, budget=budgets.Uniform()))  # 2 per layer
     {'a': [[1, 0], [1, 0]], 'b': [[0, 1], [0, 1]]}
     >>> # 1:2: one of each column (input dim 2); a's tied 1.0s keep the first.
-    >>> as_ints(masks.topk_mask(scores, 0.5, budget="1:2"))
+    >>> as_ints(masks.topk_mask(scores, budget=budgets.NM(1, 2)))
     {'a': [[0, 1], [1, 0]], 'b': [[1, 1], [0, 0]]}
   """
-  check_budget(budget)
-  check_sparsity(sparsity)
-  nm_budget = parse_nm(budget)
-  if nm_budget is not None:
-    _check_nm_sparsity(sparsity, *nm_budget)
+  budgets.check(budget)
+  sparsity = budget.resolve_sparsity(sparsity)
   prunable = prunable_tree(scores, prunable)
   check_scores(scores, prunable)
   if within is not None:
     check_mask(within, scores)
+  shapes = {p: tuple(jnp.shape(x)) for (p, x), f in zip(
+      named_leaves(scores), jax.tree.leaves(prunable)) if f}
+  return select_pools(scores, budget.pools(shapes, sparsity), within=within)
+
+
+def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTree:
+  """The exact selection of :func:`topk_mask` over given budget pools.
+
+  Every :class:`sparsejax.budgets.Pool` keeps its count: a joint pool one
+  ranking over the entries of all its layers, any other pool each layer
+  alone, an N:M pool ``n`` of every group of ``m``; leaves in no pool get all
+  ``True``. Pure and ``jit``-compatible (a pool's sparsity, or an N:M pool's
+  ``n``, may be traced). Unchecked: :func:`topk_mask` checks its arguments
+  and makes the pools with :meth:`sparsejax.budgets.Budget.pools`.
+
+  Args:
+    scores: pytree of float arrays; higher is kept.
+    pools: the :class:`sparsejax.budgets.Pool` s (disjoint).
+    within: an optional mask; only its entries can be kept.
+
+  Returns:
+    A bool mask pytree parallel to ``scores``.
+  """
   names = paths(scores)
   leaves = jax.tree.leaves(scores)
-  flags = jax.tree.leaves(prunable)
   keep_in = (jax.tree.leaves(within) if within is not None
              else [None] * len(leaves))
-  prunable_paths = [p for p, f in zip(names, flags) if f]
-  if nm_budget is not None:
-    return _nm_topk_mask(scores, nm_budget, names, leaves, flags, keep_in,
-                         resolve_overrides(prunable_paths, overrides))
-
-  traced = not _is_concrete(sparsity)
-  if traced and (budget in ("erk", "er") or overrides):
-    raise ValueError(f"a {budget!r} budget with overrides or an ERK allocation "
-                     "needs a Python float sparsity, not a traced value")
-  if budget == "global":
-    fixed = resolve_overrides(prunable_paths, overrides)
-    layer_s = {}
-  elif traced:  # "uniform" with a traced sparsity
-    fixed, layer_s = {}, {p: sparsity for p in prunable_paths}
-  else:
-    fixed, layer_s = {}, layer_sparsities(
-        scores, float(sparsity), budget, prunable=prunable,
-        overrides=overrides, erk_power_scale=erk_power_scale)
 
   def prepared(i):
     s = jnp.ravel(leaves[i])
@@ -707,24 +595,60 @@ def topk_mask(scores: PyTree, sparsity, *, budget: Budget = "global",
     return jnp.minimum(k, avail)
 
   out: list[Any] = [None] * len(leaves)
-  pooled = [i for i, p in enumerate(names) if flags[i] and p not in fixed]
-  if budget == "global" and pooled:
-    flat = jnp.concatenate([prepared(i) for i in pooled])
-    keep = keep_top(flat, capped(kept_count(flat.shape[0], sparsity), pooled))
-    offset = 0
-    for i in pooled:
-      size = int(np.prod(jnp.shape(leaves[i])))
-      out[i] = keep[offset:offset + size].reshape(jnp.shape(leaves[i]))
-      offset += size
-  for i, p in enumerate(names):
-    if not flags[i]:
+  for pool in pools:
+    members = [i for i, p in enumerate(names) if p in pool.paths]
+    if pool.group is not None:
+      n, m = pool.group
+      for i in members:
+        out[i] = _select.nm_keep(leaves[i], n, m, keep_in[i])
+    elif pool.joint and members:
+      flat = jnp.concatenate([prepared(i) for i in members])
+      keep = keep_top(flat, capped(kept_count(flat.shape[0], pool.sparsity), members))
+      offset = 0
+      for i in members:
+        size = int(np.prod(jnp.shape(leaves[i])))
+        out[i] = keep[offset:offset + size].reshape(jnp.shape(leaves[i]))
+        offset += size
+    else:
+      for i in members:
+        flat = prepared(i)
+        keep = keep_top(flat, capped(kept_count(flat.shape[0], pool.sparsity), [i]))
+        out[i] = keep.reshape(jnp.shape(leaves[i]))
+  for i in range(len(leaves)):
+    if out[i] is None:
       out[i] = jnp.ones(jnp.shape(leaves[i]), jnp.bool_)
-    elif out[i] is None:
-      s_l = fixed.get(p, layer_s.get(p))
-      flat = prepared(i)
-      keep = keep_top(flat, capped(kept_count(flat.shape[0], s_l), [i]))
-      out[i] = keep.reshape(jnp.shape(leaves[i]))
   return jax.tree.unflatten(jax.tree.structure(scores), out)
+
+
+def random_mask(key: jax.Array, params: PyTree, sparsity: float | None = None, *,
+                budget: budgets.Budget = budgets.ERK(), prunable=None) -> PyTree:
+  """A uniformly random mask at ``sparsity`` under ``budget`` (DST's start).
+
+  The exact counts of :func:`topk_mask` over i.i.d. uniform scores (leaf
+  ``i`` draws from the ``i``-th key of ``jax.random.split(key)``).
+
+  Args:
+    key: a PRNG key.
+    params: the params pytree (only shapes are read).
+    sparsity: in [0, 1); ``None`` with an ``NM`` budget.
+    budget: a :mod:`sparsejax.budgets` object, default ``ERK()``.
+    prunable: see :func:`prunable_tree`.
+
+  Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from sparsejax import budgets, masks
+    >>> mask = masks.random_mask(jax.random.key(0), {"w": jnp.zeros((8, 4))},
+    ...                          budget=budgets.NM(2, 4))
+    >>> int(mask["w"].sum())
+    16
+  """
+  budgets.check(budget)
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, max(len(leaves), 1))
+  scores = jax.tree.unflatten(
+      treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
+  return topk_mask(scores, sparsity, budget=budget, prunable=prunable)
 
 
 # ----------------------------------------------------------------------------

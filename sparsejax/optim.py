@@ -1,9 +1,9 @@
-"""The masked optimiser: sparse training in an ordinary optax loop (SPEC §1, §4).
+"""The sparse optimiser: sparse training in an ordinary optax loop (SPEC §1, §4).
 
-``masked(inner, mask)`` wraps any optax transformation. The mask lives in the
+``sparse(inner, mask)`` wraps any optax transformation. The mask lives in the
 optimiser state, so one line turns a dense loop into a sparse one::
 
-  opt = sj.optim.masked(optax.sgd(0.1, momentum=0.9), mask)
+  opt = sj.optim.sparse(optax.sgd(0.1, momentum=0.9), mask)
   params = sj.masks.apply(params, mask)
   opt_state = opt.init(params)
   ...
@@ -19,7 +19,8 @@ state instead of matching known state classes.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +29,12 @@ import optax
 from sparsejax import masks
 
 PyTree = Any
+#: A mask, or a function ``params -> mask`` (called by ``init``).
+MaskOrFn = Union[PyTree, Callable[[PyTree], PyTree]]
 
 
 class MaskedState(NamedTuple):
-  """State of :func:`masked`.
+  """State of :func:`sparse`.
 
   Attributes:
     mask: bool pytree parallel to the params; ``True`` keeps an entry.
@@ -42,8 +45,8 @@ class MaskedState(NamedTuple):
   inner_state: optax.OptState
 
 
-def masked(inner: optax.GradientTransformation,
-           mask: PyTree) -> optax.GradientTransformationExtraArgs:
+def sparse(inner: optax.GradientTransformation,
+           mask: MaskOrFn) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that pruned entries get no gradient and stay exactly 0.
 
   ``update(grads, state, params, **extra_args)``:
@@ -58,12 +61,15 @@ def masked(inner: optax.GradientTransformation,
      right after the mask changed. Without ``params`` the pruned updates are
      ``0`` and the params must already be masked.
 
-  Note: this is not ``optax.masked``, which chooses *which leaves* a
-  transformation applies to; here the mask is elementwise and in the state.
+  Unlike ``optax.masked``, which chooses *which leaves* a transformation
+  applies to, the mask here is elementwise and lives in the state. Like
+  ``optax.masked``, ``mask`` may be a function of the params, called in
+  ``init`` (e.g. a pruning-at-initialisation score of the fresh params).
 
   Args:
     inner: the optimiser to wrap.
-    mask: bool pytree with the structure and shapes of the params.
+    mask: bool pytree with the structure and shapes of the params, or a
+      callable ``params -> mask`` called by ``init``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with state :class:`MaskedState`.
@@ -75,7 +81,7 @@ def masked(inner: optax.GradientTransformation,
     >>> from sparsejax import optim
     >>> params = {"w": jnp.array([1.0, 2.0, 3.0])}
     >>> mask = {"w": jnp.array([True, False, True])}
-    >>> opt = optim.masked(optax.sgd(0.1), mask)
+    >>> opt = optim.sparse(optax.sgd(0.1), mask)
     >>> state = opt.init(params)
     >>> grads = {"w": jnp.array([1.0, 1.0, 1.0])}
     >>> updates, state = opt.update(grads, state, params)
@@ -85,8 +91,9 @@ def masked(inner: optax.GradientTransformation,
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    masks.check_mask(mask, params)
-    return MaskedState(mask=jax.tree.map(jnp.asarray, mask),
+    mask_ = mask(params) if callable(mask) else mask
+    masks.check_mask(mask_, params)
+    return MaskedState(mask=jax.tree.map(jnp.asarray, mask_),
                        inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -125,7 +132,7 @@ def find_mask(opt_state) -> PyTree | None:
     >>> params = {"w": jnp.ones(2)}
     >>> print(optim.find_mask(optax.sgd(0.1).init(params)))
     None
-    >>> state = optim.masked(optax.sgd(0.1), {"w": jnp.array([True, False])}).init(params)
+    >>> state = optim.sparse(optax.sgd(0.1), {"w": jnp.array([True, False])}).init(params)
     >>> optim.find_mask(state)
     {'w': Array([ True, False], dtype=bool)}
   """
@@ -143,7 +150,7 @@ def get_mask(opt_state) -> PyTree:
   if mask is None:
     raise ValueError(
         "the optimiser state holds no mask: build the optimiser with "
-        "sparsejax.optim.masked(inner, mask)")
+        "sparsejax.optim.sparse(inner, mask)")
   return mask
 
 
@@ -196,7 +203,7 @@ def reset_moments(opt_state, positions: PyTree):
     >>> import optax
     >>> from sparsejax import optim
     >>> params = {"w": jnp.zeros(3)}
-    >>> opt = optim.masked(optax.sgd(1.0, momentum=0.9), {"w": jnp.ones(3, bool)})
+    >>> opt = optim.sparse(optax.sgd(1.0, momentum=0.9), {"w": jnp.ones(3, bool)})
     >>> _, state = opt.update({"w": jnp.array([1.0, 2.0, 3.0])}, opt.init(params),
     ...                       params)
     >>> state = optim.reset_moments(state, {"w": jnp.array([False, True, False])})
@@ -214,3 +221,34 @@ def reset_moments(opt_state, positions: PyTree):
     return masked_state._replace(inner_state=inner)
 
   return jax.tree.map(reset, opt_state, is_leaf=_is_masked_state)
+
+
+_HYPERPARAMS_STATES = tuple({optax.InjectHyperparamsState,
+                             getattr(optax, "InjectStatefulHyperparamsState",
+                                     optax.InjectHyperparamsState)})
+
+
+def _is_hyperparams_state(x) -> bool:
+  return isinstance(x, _HYPERPARAMS_STATES)
+
+
+def find_hyperparam(opt_state, name: str) -> jax.Array | None:
+  """The hyperparameter ``name`` of the (outermost) ``optax.inject_hyperparams``
+  state in ``opt_state`` that holds it, or ``None``.
+
+  ``inject_hyperparams`` stores the values its last ``update`` used, e.g. the
+  learning rate of the step just taken (of step 0 right after ``init``).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> from sparsejax import optim
+    >>> tx = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+    >>> float(optim.find_hyperparam(tx.init({"w": jnp.ones(2)}), "learning_rate"))
+    0.5
+  """
+  for x in jax.tree.leaves(opt_state, is_leaf=_is_hyperparams_state):
+    if _is_hyperparams_state(x) and name in x.hyperparams:
+      return x.hyperparams[name]
+  return None

@@ -1,38 +1,25 @@
-"""Optimiser and schedules from a run config; per-step scalar schedules.
+"""The optimiser and its schedules; per-step scalar schedules.
 
 * :func:`make_optimizer` and :func:`lr_schedule`: SGD with momentum
   (optionally Nesterov) and PyTorch-style weight decay on all params, with
   multistep, cosine or constant learning rates and linear warmup, from optax.
-  :func:`sparsejax.train.fit` builds its optimiser with :func:`make_optimizer`
-  unless it is given one.
 * :func:`steps_per_epoch`: the one place that says how many optimiser steps an
   epoch has (the last partial batch is dropped).
 * :func:`hold_then_ramp`: a piecewise-linear ``optax.Schedule`` (hold a value,
   then ramp linearly to another), e.g. for the per-step scalars of
   :func:`sparsejax.train.fit` (an activation-blend coefficient, a
   label-smoothing factor).
-
-Config fields are read as attributes or keys (:func:`config_value`), so a
-``dict`` and an ``ml_collections.ConfigDict`` both work.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sparsejax import data as data_lib
-
-
-def config_value(config, name: str, default: Any = None) -> Any:
-  """``config.name`` or ``config[name]``; ``default`` when missing or ``None``."""
-  value = config.get(name, default) if isinstance(config, Mapping) or hasattr(
-      config, "get") else getattr(config, name, default)
-  return default if value is None else value
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -98,44 +85,58 @@ def decay_boundaries(decay_epochs: Iterable[float], num_epochs: int) -> list[int
   return sorted(e for e in set(epochs) if 0 < e < num_epochs)
 
 
-def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """The learning-rate schedule of ``config``, in optimiser steps.
-
-  Config fields (attributes or keys):
-
-  * ``learning_rate``: peak learning rate.
-  * ``lr_schedule``: ``"multistep"`` (× ``lr_decay_factor`` at each of
-    ``lr_decay_epochs``, see :func:`decay_boundaries`), ``"cosine"`` (to
-    ``learning_rate * lr_end_factor`` at the end of training) or
-    ``"constant"``.
-  * ``warmup_epochs``: linear warmup from 0 over this many epochs (may be
-    fractional); default 0. Decay epochs stay absolute.
-  * ``num_epochs``: length of training.
+def lr_schedule(learning_rate: float, *, num_epochs: int, steps_per_epoch: int,
+                kind: str = "constant", warmup_epochs: float = 0.0,
+                decay_factor: float = 0.1, decay_epochs: Iterable[float] = (),
+                end_factor: float = 0.0) -> optax.Schedule:
+  """A learning-rate schedule in optimiser steps.
 
   Multistep decays happen on epoch boundaries like PyTorch's ``MultiStepLR``
   stepped once per epoch (step ``t`` uses the rate of epoch ``t //
   steps_per_epoch``); warmup and cosine change the rate every step.
+
+  Args:
+    learning_rate: the peak learning rate.
+    num_epochs: the length of training.
+    steps_per_epoch: optimiser steps per epoch (:func:`steps_per_epoch`).
+    kind: ``"multistep"`` (× ``decay_factor`` at each of ``decay_epochs``,
+      see :func:`decay_boundaries`), ``"cosine"`` (to ``learning_rate *
+      end_factor`` at the end of training) or ``"constant"`` (default).
+    warmup_epochs: linear warmup from 0 over this many epochs (may be
+      fractional); default 0. Decay epochs stay absolute.
+    decay_factor, decay_epochs: of ``"multistep"`` (default 0.1, none).
+    end_factor: of ``"cosine"`` (default 0).
+
+  Example:
+
+    >>> from sparsejax import schedules
+    >>> lr = schedules.lr_schedule(0.1, num_epochs=4, steps_per_epoch=10,
+    ...                            kind="multistep", decay_epochs=(2,))
+    >>> round(float(lr(19)), 6), round(float(lr(20)), 6)
+    (0.1, 0.01)
+
+  Raises:
+    ValueError: an unknown ``kind``, or a warmup longer than training.
   """
-  lr = float(config_value(config, "learning_rate"))
-  kind = config_value(config, "lr_schedule", "constant")
-  num_epochs = int(config_value(config, "num_epochs"))
-  total = num_epochs * steps_per_epoch
-  warmup = int(round(float(config_value(config, "warmup_epochs", 0.0)) * steps_per_epoch))
+  lr = float(learning_rate)
+  num_epochs = int(num_epochs)
+  total = num_epochs * int(steps_per_epoch)
+  warmup = int(round(float(warmup_epochs) * steps_per_epoch))
   if not 0 <= warmup <= total:
     raise ValueError(f"warmup_epochs gives {warmup} steps, outside [0, {total}]")
 
   if kind == "constant":
     main = optax.constant_schedule(lr)
   elif kind == "multistep":
-    factor = float(config_value(config, "lr_decay_factor", 0.1))
-    epochs = decay_boundaries(config_value(config, "lr_decay_epochs", ()), num_epochs)
+    factor = float(decay_factor)
+    epochs = decay_boundaries(decay_epochs, num_epochs)
     boundaries = [e * steps_per_epoch for e in epochs]
     # Decays that fall inside the warmup apply from its end on.
     start = lr * factor ** sum(b <= warmup for b in boundaries)
     main = optax.piecewise_constant_schedule(
         start, {b - warmup: factor for b in boundaries if b > warmup})
   elif kind == "cosine":
-    end = lr * float(config_value(config, "lr_end_factor", 0.0))
+    end = lr * float(end_factor)
     main = optax.cosine_decay_schedule(lr, max(total - warmup, 1),
                                        alpha=end / lr if lr else 0.0)
   else:
@@ -147,36 +148,47 @@ def lr_schedule(config, steps_per_epoch: int) -> optax.Schedule:
       [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(config, steps_per_epoch: int,
-                   schedule: optax.Schedule | None = None
-                   ) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float | optax.Schedule, *,
+                   momentum: float = 0.9, nesterov: bool = False,
+                   weight_decay: float = 0.0) -> optax.GradientTransformation:
   """SGD with momentum and weight decay on every parameter, as in PyTorch.
 
-  ``optax.chain(add_decayed_weights(weight_decay), sgd(schedule, momentum,
-  nesterov))`` is PyTorch's ``SGD(weight_decay=wd, momentum=m,
-  nesterov=...)`` exactly: the decay is added to the gradient before the
-  momentum. With a mask (:func:`sparsejax.optim.masked`) pruned entries get
-  neither gradient nor decay.
-
-  Config fields: ``momentum`` (default 0.9), ``nesterov`` (default False),
-  ``weight_decay`` (default 0) and those of :func:`lr_schedule`.
+  ``optax.chain(add_decayed_weights(weight_decay), inject_hyperparams(sgd)(
+  learning_rate, momentum, nesterov))`` is PyTorch's ``SGD(weight_decay=wd,
+  momentum=m, nesterov=...)`` exactly: the decay is added to the gradient
+  before the momentum. With a mask (:func:`sparsejax.optim.sparse`) pruned
+  entries get neither gradient nor decay. The learning rate is injected
+  (``optax.inject_hyperparams``): the optimiser state holds the rate of its
+  last update, which :func:`sparsejax.train.fit` logs
+  (:attr:`sparsejax.state.TrainState.learning_rate`).
 
   Args:
-    config: the run config.
-    steps_per_epoch: optimiser steps per epoch.
-    schedule: the learning rate to use instead of :func:`lr_schedule` of the
-      config (e.g. Sup-tickets' cyclic rate after the DST phase,
-      :meth:`sparsejax.suptickets.Plan.learning_rate`).
+    learning_rate: a float or a schedule of the optimiser step, e.g.
+      :func:`lr_schedule` or Sup-tickets' cyclic rate after the DST phase
+      (:meth:`sparsejax.suptickets.Plan.learning_rate`).
+    momentum: default 0.9; 0 for plain SGD.
+    nesterov: Nesterov momentum (default False).
+    weight_decay: PyTorch-style L2 decay added to the gradient (default 0).
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import optim, schedules
+    >>> tx = schedules.make_optimizer(0.1, weight_decay=5e-4)
+    >>> lr = optim.find_hyperparam(tx.init({"w": jnp.ones(2)}), "learning_rate")
+    >>> round(float(lr), 6)
+    0.1
   """
-  if schedule is None:
-    schedule = lr_schedule(config, steps_per_epoch)
-  momentum = float(config_value(config, "momentum", 0.9))
+  momentum = float(momentum)
+  nesterov = bool(nesterov)
   parts = []
-  wd = float(config_value(config, "weight_decay", 0.0))
+  wd = float(weight_decay)
   if wd:
     parts.append(optax.add_decayed_weights(wd))
-  parts.append(optax.sgd(schedule, momentum=momentum or None,
-                         nesterov=bool(config_value(config, "nesterov", False))))
+  parts.append(optax.inject_hyperparams(
+      lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None,
+                                      nesterov=nesterov))(
+                                          learning_rate=learning_rate))
   return optax.chain(*parts)
 
 

@@ -8,7 +8,7 @@ turns scores into an exact-count mask under a budget. One place per method:
 ==============  =====================  ======================================
 method          function               score (higher kept)
 ==============  =====================  ======================================
-Random          :func:`random`         ``N(0, 1)``
+Random          :func:`random_scores`  ``N(0, 1)``
 Magnitude       :func:`magnitude`      ``|θ|``
 SNIP            :func:`snip`           ``|g ⊙ θ|``
 GraSP           :func:`grasp`          ``θ ⊙ (H g)`` (= −S of the paper)
@@ -61,8 +61,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import _conv_layout, _xla_cpu, losses, masks, models
-from sparsejax import nm as nm_lib
+from sparsejax import budgets, losses, masks, modeling
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -118,12 +117,12 @@ class _LinenFn:
   """``fn(params, state, x, train)`` of a Flax linen module."""
 
   module: Any
-  kwargs: tuple[tuple[str, Any], ...] = ()
+  scalars: tuple[tuple[str, Any], ...] = ()
 
   def __call__(self, params, state, x, train):
     variables = {"params": params, **(state or {})}
-    logits, _ = models.apply(self.module, variables, x, train=train,
-                             **dict(self.kwargs))
+    logits, _ = modeling.apply_model(self.module, variables, x, train=train,
+                                     scalars=dict(self.scalars))
     return logits
 
 
@@ -142,12 +141,14 @@ def as_apply_fn(apply_fn) -> ApplyFn:
   return ApplyFn(_Stateless(apply_fn), None)
 
 
-def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tuple[PyTree, ApplyFn]:
+def linen_apply_fn(model, variables: Mapping[str, PyTree],
+                   scalars: Mapping[str, float] | None = None) -> tuple[PyTree, ApplyFn]:
   """Splits Flax linen ``variables`` into ``(params, apply_fn)``.
 
   Every collection but ``'params'`` (e.g. ``'batch_stats'``) becomes the
   :class:`ApplyFn` state. ``apply_fn(params, x, train)`` calls
-  ``model.apply(variables, x, train=train, **apply_kwargs)``; with
+  :func:`sparsejax.modeling.apply_model` ``(model, variables, x,
+  train=train, scalars=scalars)``; with
   ``train=True`` and state it passes ``mutable=[<state collections>]`` and
   discards the updated statistics, so batch norm normalises with the statistics
   of ``x``. With ``train=False`` batch norm uses the stored running averages.
@@ -155,8 +156,8 @@ def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tu
   Args:
     model: a linen module whose ``__call__`` takes ``(x, train=...)``.
     variables: ``{'params': ..., 'batch_stats': ...}`` from ``model.init``.
-    **apply_kwargs: further static keyword arguments of ``model.apply``
-      (hashable, e.g. ``act_coef=1.0``).
+    scalars: per-step scalars the model reads (``model.scalar_names``), as
+      static Python numbers (hashable), e.g. ``{"act_coef": 1.0}``.
 
   Returns:
     ``(variables['params'], apply_fn)``.
@@ -164,7 +165,9 @@ def linen_apply_fn(model, variables: Mapping[str, PyTree], **apply_kwargs) -> tu
   if "params" not in variables:
     raise ValueError(f"variables have no 'params' collection: {list(variables)}")
   state = {k: v for k, v in variables.items() if k != "params"}
-  fn = _LinenFn(model, tuple(sorted(apply_kwargs.items())))
+  scalars = dict(scalars or {})
+  modeling.check_scalars(model, scalars)
+  fn = _LinenFn(model, tuple(sorted(scalars.items())))
   return variables["params"], ApplyFn(fn, state or None)
 
 
@@ -220,11 +223,11 @@ def _summed_over_batches(fn, like: PyTree, xs, ys) -> PyTree:
 
   A single batch is computed without a loop. On CPU the loop body's
   convolutions are put in XLA:CPU's fast layout, which XLA does not do inside
-  loops (:mod:`sparsejax._conv_layout`).
+  loops (:func:`sparsejax.modeling.loop_body`).
   """
   if xs.shape[0] == 1:
     return fn(xs[0], ys[0])
-  fn = _conv_layout.canonical_convs(fn)
+  fn = modeling.loop_body(fn)
   def body(acc, xy):
     return jax.tree.map(jnp.add, acc, fn(*xy)), None
   zeros = jax.tree.map(jnp.zeros_like, like)
@@ -239,10 +242,6 @@ def _flags_static(params: PyTree, prunable) -> tuple[bool, ...]:
 
 def _flags_tree(params: PyTree, flags: tuple[bool, ...]) -> PyTree:
   return jax.tree.unflatten(jax.tree.structure(params), flags)
-
-
-def _overrides_static(overrides) -> tuple[tuple[str, float], ...] | None:
-  return tuple((str(k), float(v)) for k, v in overrides.items()) if overrides else None
 
 
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
@@ -287,7 +286,7 @@ def precision_scope(dtype) -> contextlib.AbstractContextManager:
 
 
 @jax.jit
-def random(key: jax.Array, params: PyTree) -> PyTree:
+def random_scores(key: jax.Array, params: PyTree) -> PyTree:
   """Random scores: iid ``N(0, 1)`` per entry (SPEC §2 "Random").
 
   With a global budget this gives approximately uniform per-layer density.
@@ -396,11 +395,11 @@ def grasp(params: PyTree, mask: PyTree, apply_fn, batches, temperature: float = 
   """
   xs, ys = stack_batches(batches)
   # Second order (jvp of grad): the whole program is traced without the
-  # models' CPU rewrites, whose branches autodiff would multiply
-  # (sparsejax._xla_cpu.plain_ops). On a ResNet-20 (100 images, 2-core AMD
+  # models' CPU fast path, whose branches autodiff would multiply
+  # (modeling.second_order). On a ResNet-20 (100 images, 2-core AMD
   # EPYC Zen 4) the first call took 5.0 s instead of 10.8 s, later calls
   # 1.05 s instead of 0.99 s (one run). _grasp is only traced here.
-  with _xla_cpu.plain_ops():
+  with modeling.second_order():
     return _grasp(params, mask, as_apply_fn(apply_fn), xs, ys,
                   _flags_static(params, prunable), float(temperature),
                   _bn_train(bn_mode))
@@ -465,122 +464,70 @@ def synflow_scores(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence
 # ----------------------------------------------------------------------------
 
 
-def _pools(params, sparsity: float, budget: str, flags: PyTree, overrides,
-           erk_power_scale: float) -> list[tuple[str, float, frozenset]]:
-  """The budget as pools ``(kind, final sparsity, paths)``.
-
-  ``kind`` is ``'global'`` (one ranking over the pool), ``'uniform'`` (each
-  layer of the pool separately) or an ``'N:M'`` budget (each group of each
-  layer separately); layers sharing a final sparsity share a pool.
-  """
-  prunable_paths = [p for p, f in masks.named_leaves(flags) if f]
-  groups: dict[float, set] = {}
-  pools = []
-  if nm_lib.parse_nm(budget) is not None:
-    fixed = masks.resolve_overrides(prunable_paths, overrides)
-    rest = frozenset(p for p in prunable_paths if p not in fixed)
-    if rest:
-      pools.append((budget, nm_lib.nm_sparsity(budget), rest))
-  elif budget == "global":
-    fixed = masks.resolve_overrides(prunable_paths, overrides)
-    rest = frozenset(p for p in prunable_paths if p not in fixed)
-    if rest:
-      pools.append(("global", float(sparsity), rest))
-  else:
-    fixed = masks.layer_sparsities(params, sparsity, budget, prunable=flags,
-                                   overrides=overrides, erk_power_scale=erk_power_scale)
-  for p, s in fixed.items():
-    groups.setdefault(s, set()).add(p)
-  pools += [("uniform", s, frozenset(ps)) for s, ps in groups.items()]
-  return pools
-
-
-def _scheduled_mask(scores, within, pools, exponent):
-  """Each pool pruned to density ``d_pool ** exponent`` (``exponent`` traced).
-
-  An ``'N:M'`` pool keeps ``clip(round(M · (N/M) ** exponent), N, M)`` entries
-  of every group: never fewer than ``N``, so the last round can keep ``N``.
-  """
-  names = masks.paths(scores)
-  out = jax.tree.leaves(masks.ones_like(scores))
-  for kind, s, group in pools:
-    nm = nm_lib.parse_nm(kind)
-    if nm is not None:
-      n, m = nm
-      k = jnp.clip(jnp.round(m * (n / m) ** exponent), n, m).astype(jnp.int32)
-      for i, (p, leaf, w) in enumerate(zip(names, jax.tree.leaves(scores),
-                                           jax.tree.leaves(within))):
-        if p in group:
-          out[i] = nm_lib.nm_keep(leaf, k, m, w)
-      continue
-    flags = masks.map_with_path(lambda p, _: p in group, scores)
-    m = masks.topk_mask(scores, 1.0 - (1.0 - s) ** exponent, budget=kind,
-                        prunable=flags, within=within)
-    for i, (p, leaf) in enumerate(zip(names, jax.tree.leaves(m))):
-      if p in group:
-        out[i] = leaf
-  return jax.tree.unflatten(jax.tree.structure(scores), out)
-
-
-def _iterate(score_fn, params, mask, sparsity: float, rounds: int, budget: str,
-             flags: PyTree, overrides, erk_power_scale: float):
+def _iterate(score_fn, params, mask, sparsity: float, rounds: int,
+             budget: budgets.Budget, flags: PyTree):
   """``rounds`` rounds of score-then-prune inside one ``lax.fori_loop``.
 
-  Round ``k`` prunes each pool to density ``d ** (k / n)`` among the entries
-  kept so far; the last round calls ``topk_mask`` with the Python ``sparsity``
-  (under ``lax.cond``), so the final counts are exactly those of a one-shot
-  mask. ``score_fn(params, mask)`` is traced once; on CPU its convolutions
-  are put in the layout of XLA:CPU's fast kernel, which XLA does not do inside
-  a loop (see :mod:`sparsejax._conv_layout`).
+  Round ``k`` prunes each pool of the budget (:meth:`budgets.Budget.pools`)
+  to density ``d ** (k / n)`` among the entries kept so far
+  (:meth:`budgets.Pool.scheduled`); the last round calls ``topk_mask`` with
+  the Python ``sparsity`` (under ``lax.cond``), so the final counts are
+  exactly those of a one-shot mask. ``score_fn(params, mask)`` is traced
+  once; on CPU its convolutions are put in the layout of XLA:CPU's fast
+  kernel, which XLA does not do inside a loop (see
+  :func:`sparsejax.modeling.loop_body`).
   """
-  overrides = dict(overrides) if overrides else None
-  score_fn = _conv_layout.canonical_convs(score_fn)
-  pools = _pools(params, sparsity, budget, flags, overrides, erk_power_scale)
+  score_fn = modeling.loop_body(score_fn)
+  shapes = {p: tuple(jnp.shape(x)) for (p, x), f in zip(
+      masks.named_leaves(params), jax.tree.leaves(flags)) if f}
+  pools = budget.pools(shapes, sparsity)
 
   def final(scores, within):
     return masks.topk_mask(scores, sparsity, budget=budget, prunable=flags,
-                           within=within, overrides=overrides,
-                           erk_power_scale=erk_power_scale)
+                           within=within)
+
+  def scheduled(scores, within, exponent):
+    return masks.select_pools(scores, [p.scheduled(exponent) for p in pools],
+                              within=within)
 
   def body(i, m):
     scores = score_fn(params, m)
     k = i + 1
     exponent = k.astype(jnp.float32) / rounds
     return jax.lax.cond(k == rounds, final,
-                        lambda s, w: _scheduled_mask(s, w, pools, exponent), scores, m)
+                        lambda s, w: scheduled(s, w, exponent), scores, m)
 
   return jax.lax.fori_loop(0, rounds, body, mask)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "score_fn", "sparsity", "rounds", "budget", "flags", "overrides", "erk_power_scale"))
-def _iterative(score_fn, params, mask, args, sparsity, rounds, budget, flags,
-               overrides, erk_power_scale):
+    "score_fn", "sparsity", "rounds", "budget", "flags"))
+def _iterative(score_fn, params, mask, args, sparsity, rounds, budget, flags):
   return _iterate(lambda p, m: score_fn(p, m, *args), params, mask, sparsity, rounds,
-                  budget, _flags_tree(params, flags), overrides, erk_power_scale)
+                  budget, _flags_tree(params, flags))
 
 
-def _check_prune_args(params, mask, sparsity, rounds, budget):
-  masks.check_sparsity(sparsity)
+def _check_prune_args(params, mask, sparsity, rounds, budget) -> float:
+  """Checks the arguments; returns the sparsity the budget prunes to."""
+  budgets.check(budget)
+  sparsity = budget.resolve_sparsity(sparsity)
   masks.check_mask(mask, params)
-  masks.check_budget(budget)
-  if nm_lib.parse_nm(budget) is not None:
-    nm_lib._check_nm_sparsity(sparsity, *nm_lib.parse_nm(budget))  # pylint: disable=protected-access
   if int(rounds) != rounds or rounds < 1:
     raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+  return float(sparsity)
 
 
 def iterative(score_fn: Callable[..., PyTree], params: PyTree, mask: PyTree,
-              sparsity: float, rounds: int, *args, budget: str = "global",
-              prunable=None, overrides=None, erk_power_scale: float = 1.0) -> PyTree:
+              sparsity: float | None, rounds: int, *args,
+              budget: budgets.Budget = budgets.Global(), prunable=None) -> PyTree:
   """Iterative pruning with any score (SPEC §2 "Iterative variants").
 
   Round ``k = 1..n`` rescores with the current mask,
   ``S_k = score_fn(params, m_{k-1}, *args)``, and prunes to density
-  ``d^(k/n)`` of each budget pool (the whole prunable set for ``'global'``,
-  each layer at its final allocated density for ``'uniform'``/``'erk'``/
-  ``'er'``), keeping only entries of ``m_{k-1}``. The final round gives exactly
-  the counts of ``topk_mask(S_n, sparsity, budget=...)``. All rounds run in one
+  ``d^(k/n)`` of each budget pool (the whole prunable set for ``Global``,
+  each layer at its final allocated density for ``Uniform``/``ERK``/``ER``),
+  keeping only entries of ``m_{k-1}``. The final round gives exactly the
+  counts of ``topk_mask(S_n, sparsity, budget=...)``. All rounds run in one
   compiled ``lax.fori_loop``; ``score_fn`` is traced once.
 
   Args:
@@ -589,40 +536,38 @@ def iterative(score_fn: Callable[..., PyTree], params: PyTree, mask: PyTree,
       static ``jit`` argument: pass the same object to reuse the compilation.
     params: params pytree.
     mask: initial bool mask (e.g. ``masks.ones_like(params)``).
-    sparsity: final sparsity in [0, 1).
+    sparsity: final sparsity in [0, 1) (``None`` with an ``NM`` budget).
     rounds: number of rounds n ≥ 1 (1 is one-shot pruning).
     *args: further pytree arguments of ``score_fn`` (arrays, an
       :class:`ApplyFn`, stacked batches); traced.
-    budget: ``'global'`` (default), ``'uniform'``, ``'erk'``, ``'er'`` or
-      ``'N:M'`` (intermediate rounds keep ``round(M · d^(k/n))`` per group,
-      at least ``N``; the last exactly ``N``).
-    prunable, overrides, erk_power_scale: as in
-      :func:`sparsejax.masks.topk_mask`.
+    budget: a :mod:`sparsejax.budgets` object: ``Global()`` (default),
+      ``Uniform()``, ``ERK()``, ``ER()``, ``NM(n, m)`` (intermediate rounds
+      keep ``round(M · d^(k/n))`` per group, at least ``N``; the last exactly
+      ``N``), optionally ``.with_overrides(...)``.
+    prunable: as in :func:`sparsejax.masks.topk_mask`.
 
   Returns:
     The final bool mask.
   """
-  _check_prune_args(params, mask, sparsity, rounds, budget)
-  return _iterative(score_fn, params, mask, args, float(sparsity), int(rounds), budget,
-                    _flags_static(params, prunable), _overrides_static(overrides),
-                    float(erk_power_scale))
+  sparsity = _check_prune_args(params, mask, sparsity, rounds, budget)
+  return _iterative(score_fn, params, mask, args, sparsity, int(rounds), budget,
+                    _flags_static(params, prunable))
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "input_shape", "sparsity", "rounds", "budget", "flags", "overrides",
-    "erk_power_scale", "train", "dtype"))
+    "input_shape", "sparsity", "rounds", "budget", "flags", "train", "dtype"))
 def _synflow(params, mask, apply_fn: ApplyFn, input_shape, sparsity, rounds, budget,
-             flags, overrides, erk_power_scale, train, dtype):
+             flags, train, dtype):
   abs_params, abs_fn = _synflow_linearise(params, apply_fn, dtype)
   x = jnp.ones((1, *input_shape), dtype)
   score_fn = lambda p, m: _synflow_round(p, m, abs_fn, x, train)
   return _iterate(score_fn, abs_params, mask, sparsity, rounds, budget,
-                  _flags_tree(params, flags), overrides, erk_power_scale)
+                  _flags_tree(params, flags))
 
 
 def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
-            sparsity: float, rounds: int = 100, *, budget: str = "global",
-            prunable=None, overrides=None, erk_power_scale: float = 1.0,
+            sparsity: float | None, rounds: int = 100, *,
+            budget: budgets.Budget = budgets.Global(), prunable=None,
             bn_mode: str = "eval", dtype=jnp.float32) -> PyTree:
   """Iterative SynFlow (Tanaka et al. 2020) as one compiled program.
 
@@ -637,21 +582,20 @@ def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
   Args:
     params, mask, apply_fn, input_shape, bn_mode, dtype: as in
       :func:`synflow_scores` (defaults: BN eval, float32).
-    sparsity: final sparsity in [0, 1).
+    sparsity: final sparsity in [0, 1) (``None`` with an ``NM`` budget).
     rounds: n, default 100 (the reference).
-    budget: ``'global'`` (default, the reference), ``'uniform'``, ``'erk'``,
-      ``'er'`` or ``'N:M'`` (see :func:`iterative`).
-    prunable, overrides, erk_power_scale: as in :func:`sparsejax.masks.topk_mask`.
+    budget: a :mod:`sparsejax.budgets` object, ``Global()`` by default (the
+      reference); see :func:`iterative`.
+    prunable: as in :func:`sparsejax.masks.topk_mask`.
 
   Returns:
     The final bool mask.
   """
-  _check_prune_args(params, mask, sparsity, rounds, budget)
+  sparsity = _check_prune_args(params, mask, sparsity, rounds, budget)
   with precision_scope(dtype):
     return _synflow(params, mask, as_apply_fn(apply_fn), tuple(input_shape),
-                    float(sparsity), int(rounds), budget,
-                    _flags_static(params, prunable), _overrides_static(overrides),
-                    float(erk_power_scale), _bn_train(bn_mode), np.dtype(dtype))
+                    sparsity, int(rounds), budget, _flags_static(params, prunable),
+                    _bn_train(bn_mode), np.dtype(dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -667,9 +611,9 @@ _METHOD_KWARGS = {
 }
 
 
-def _random_scores(params, mask, key):
+def _random_score_fn(params, mask, key):
   del mask
-  return random(key, params)
+  return random_scores(key, params)
 
 
 # The score functions of prune_at_init are static arguments of the compiled
@@ -696,21 +640,23 @@ class _GraspScore:
                  bn_mode=self.bn_mode, prunable=_flags_tree(params, self.flags))
 
 
-def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str = "global",
+def prune_at_init(method: str, params: PyTree, *, sparsity: float | None = None,
+                  budget: budgets.Budget = budgets.Global(),
                   key: jax.Array | None = None, apply_fn=None, batches=None,
                   input_shape: Sequence[int] | None = None, prunable=None,
-                  rounds: int | None = None, overrides=None,
-                  erk_power_scale: float = 1.0, **method_kw) -> PyTree:
+                  rounds: int | None = None, **method_kw) -> PyTree:
   """A pruning-at-initialisation mask with exact counts (SPEC §2).
 
   Args:
     method: ``'random'``, ``'magnitude'``, ``'snip'``, ``'grasp'``,
       ``'synflow'``, or ``'iterative_<method>'`` (default 100 rounds).
     params: params pytree at initialisation (pruned from the dense mask).
-    sparsity: fraction in [0, 1) of the prunable weights to prune.
-    budget: ``'global'`` (default; the reference for every method),
-      ``'uniform'``, ``'erk'``, ``'er'`` or ``'N:M'`` (e.g. ``'2:4'``, with
-      ``sparsity=1 - N/M``; see :func:`sparsejax.masks.topk_mask`).
+    sparsity: fraction in [0, 1) of the prunable weights to prune; ``None``
+      (the default) only with an ``NM`` budget, which implies ``1 - n/m``.
+    budget: a :mod:`sparsejax.budgets` object: ``Global()`` (default; the
+      reference for every method), ``Uniform()``, ``ERK()``, ``ER()``,
+      ``NM(n, m)`` (e.g. ``NM(2, 4)``), optionally ``.with_overrides({regex:
+      sparsity})``; see :func:`sparsejax.masks.topk_mask`.
     key: PRNG key, required for ``'random'``.
     apply_fn: model, required for SNIP, GraSP and SynFlow; see the module doc.
     batches: scoring data, required for SNIP and GraSP (reference: 10 examples
@@ -719,8 +665,6 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
     prunable: see :func:`sparsejax.masks.prunable_tree`.
     rounds: number of pruning rounds; ``None`` means one-shot, except SynFlow
       and ``'iterative_*'`` methods which default to 100.
-    overrides: ``{regex: sparsity}`` per-layer overrides.
-    erk_power_scale: see :func:`sparsejax.masks.erk_densities`.
     **method_kw: ``bn_mode`` (SNIP default ``'eval'``, GraSP ``'train'``,
       SynFlow ``'eval'``), ``temperature`` (GraSP, default 200), ``dtype``
       (SynFlow, default float32).
@@ -755,7 +699,8 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
                     f"takes {list(_METHOD_KWARGS[base])}")
   if rounds is None and (base == "synflow" or base != method):
     rounds = 100
-  masks.check_sparsity(sparsity)
+  budgets.check(budget)
+  sparsity = budget.resolve_sparsity(sparsity)
 
   def need(value, name, hint):
     if value is None:
@@ -765,15 +710,14 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float, budget: str =
     need(apply_fn, "apply_fn", "apply_fn(params, x, train) -> logits, or "
          "sparsejax.scores.linen_apply_fn(model, variables)")
   mask = masks.ones_like(params)
-  common = dict(budget=budget, prunable=prunable, overrides=overrides,
-                erk_power_scale=erk_power_scale)
+  common = dict(budget=budget, prunable=prunable)
   if base == "synflow":
     need(input_shape, "input_shape", "the shape of one example, e.g. (32, 32, 3)")
     return _warn_collapse(method, synflow(params, mask, apply_fn, input_shape, sparsity,
                                           rounds, **common, **method_kw), prunable)
   if base == "random":
     need(key, "key", "a PRNG key, e.g. jax.random.key(0)")
-    score_fn, args = _random_scores, (key,)
+    score_fn, args = _random_score_fn, (key,)
   elif base == "magnitude":
     score_fn, args = magnitude, ()
   else:

@@ -15,7 +15,7 @@ follow with the periodic mask updates off and
   :meth:`Plan.learning_rate`, from optax schedules).
 
 At every cycle end the current weights are a cheap *ticket*; the
-:class:`Superpose` hook of :func:`sparsejax.train.fit` averages it into the
+:class:`Superpose` callback of :func:`sparsejax.train.fit` averages it into the
 running model (cumulative mean ``θ̄ ← θ̄ + (θ − θ̄)/(k + 1)``, or an EMA with
 a fixed factor; :func:`superpose`), re-prunes the average globally by
 magnitude to the tickets' exact count (:func:`reprune`), recomputes its
@@ -33,12 +33,15 @@ Usage with RigL (``E = 250``, ``M = 3``, ``C = 8``)::
   # the normal schedules, over the DST phase only
   base_lr = optax.piecewise_constant_schedule(
       0.1, {plan.dst_steps // 2: 0.1, 3 * plan.dst_steps // 4: 0.1})
-  inner = optax.chain(optax.add_decayed_weights(5e-4),
-                      optax.sgd(plan.learning_rate(base_lr), momentum=0.9))
-  tx = sj.dst.rigl(inner, mask, end_step=int(0.75 * plan.dst_steps),
-                   extra_updates=plan.mask_updates())
-  result = sj.train.fit(config, workdir, model=model, dataset=ds, tx=tx,
-                        hooks=[sj.suptickets.Superpose(plan)])
+  inner = sj.schedules.make_optimizer(plan.learning_rate(base_lr),
+                                      weight_decay=5e-4)
+  tx = sj.dst.rigl_optimizer(inner, mask_fn, end_step=int(0.75 * plan.dst_steps),
+                             extra_updates=plan.mask_updates())
+  sup = sj.suptickets.Superpose(plan)
+  init = lambda: sj.state.create_train_state(model, tx, sample, jax.random.key(0))
+  result = sj.train.fit(model, ds, workdir, init=init, num_epochs=250,
+                        batch_size=128, hooks=[sup.hook()],
+                        callbacks=[sup.callback()])
   sup = result.hook_states["suptickets"]   # params, batch_stats, mask, ...
 
 ``experiments.suptickets`` builds the same from a config
@@ -59,7 +62,7 @@ from sparsejax import _checks
 from sparsejax import dst
 from sparsejax import hooks
 from sparsejax import masks
-from sparsejax import models
+from sparsejax import modeling
 from sparsejax import schedules
 from sparsejax import train
 
@@ -215,8 +218,9 @@ class Plan:
     At :attr:`cycle_start_steps` every prunable layer drops ``⌊fraction ·
     n_active⌋`` weights by magnitude and grows as many by dense gradient
     magnitude (:func:`sparsejax.dst.drop_and_grow_rule`). Pass the result
-    as ``extra_updates`` of :func:`sparsejax.dst.rigl` (``set``, ``gmp``,
-    ``granet``, ``dynamic_sparse``) whose periodic updates end within the
+    as ``extra_updates`` of :func:`sparsejax.dst.rigl_optimizer`
+    (``set_optimizer``, ``gmp_optimizer``, ``granet_optimizer``,
+    ``dynamic_sparse``) whose periodic updates end within the
     DST phase (``end_step`` / ``regrow_end_step <= dst_steps``): then no
     periodic update happens after it.
 
@@ -300,8 +304,10 @@ def prunable_count(mask: PyTree, prunable=None) -> jax.Array:
               zip(jax.tree.leaves(mask), flags) if f), jnp.zeros((), jnp.int32))
 
 
-class Superpose(hooks.Hook):
-  """The :func:`sparsejax.train.fit` hook that superposes the tickets of a :class:`Plan`.
+class Superpose(hooks.Callback):
+  """The :func:`sparsejax.train.fit` callback that superposes the tickets of a
+  :class:`Plan`, with its state in a step hook (:meth:`hook`): pass
+  ``hooks=[sup.hook()], callbacks=[sup]``.
 
   At the end of each epoch of :attr:`Plan.cycle_end_epochs` (on the host):
 
@@ -318,8 +324,8 @@ class Superpose(hooks.Hook):
   The epoch record of a cycle end gets ``cycle`` (1-based),
   ``ticket_test_loss`` / ``ticket_test_accuracy``,
   ``superposed_test_loss`` / ``superposed_test_accuracy`` and
-  ``superposed_sparsity``. The hook's state, checkpointed with the train
-  state, is ``{"tickets": int32 count, "average": running average,
+  ``superposed_sparsity``. The state of :meth:`hook`, checkpointed with the
+  train state, is ``{"tickets": int32 count, "average": running average,
   "params": superposed (pruned) params, "mask": their mask,
   "batch_stats": their statistics}`` (no ``batch_stats`` for a model
   without); before the first cycle end ``params`` and ``average`` are 0.
@@ -330,13 +336,14 @@ class Superpose(hooks.Hook):
     ema: ``None`` (cumulative mean, default) or the EMA factor.
     prunable: the leaves of the global re-pruning (default: every kernel;
       use the DST method's).
-    bn_batch_size: batch size of the statistics pass (default: the config's
+    bn_batch_size: batch size of the statistics pass (default: fit's
       ``batch_size``).
     bn_variance: ``variance`` of :func:`sparsejax.train.recompute_batch_stats`.
     evaluate_tickets: also evaluate each ticket (default True).
   """
 
   name = "suptickets"
+  at_epoch_end = True
 
   def __init__(self, plan: Plan, *, ema: float | None = None, prunable=None,
                bn_batch_size: int | None = None, bn_variance: str = "pooled",
@@ -383,9 +390,20 @@ class Superpose(hooks.Hook):
           f"fit has {ctx.steps_per_epoch} (sparsejax.schedules.steps_per_epoch"
           "(num_train, batch_size))")
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    if epoch not in self.plan.cycle_end_epochs:
-      return hook_state, state, {}
+  def hook(self) -> hooks.StepHook:
+    """The :class:`sparsejax.hooks.StepHook` holding the superposition's
+    state (no per-step work)."""
+    return hooks.StepHook(self.init, name=self.name)
+
+  def callback(self) -> hooks.Callback:
+    """The callback itself (for symmetry with :meth:`hook`)."""
+    return self
+
+  def __call__(self, step, carry, ctx):
+    del step
+    if ctx.epoch not in self.plan.cycle_end_epochs:
+      return None
+    hook_state, state = carry.hook_states[self.name], carry.state
     average = self._superpose(hook_state["average"], state.params,
                               hook_state["tickets"])
     params, mask = self._reprune(average, state.mask)
@@ -393,15 +411,15 @@ class Superpose(hooks.Hook):
                params=params, mask=mask)
     superposed = state.replace(params=params)
     if state.batch_stats:
-      # The per-step scalars the model takes (e.g. act_coef), as in training.
-      names = models.call_keywords(ctx.model) & set(ctx.scalars) - {"x", "train"}
-      kwargs = schedules.scalar_values({n: ctx.scalars[n] for n in names}, state.step)
-      batch_size = self.bn_batch_size or schedules.config_value(ctx.config, "batch_size")
+      # The per-step scalars the model reads (e.g. act_coef), as in training.
+      values = schedules.scalar_values(modeling.model_scalars(ctx.model, ctx.scalars),
+                                       state.step)
+      batch_size = self.bn_batch_size or ctx.batch_size
       stats = train.recompute_batch_stats(
           ctx.model, {"params": params, "batch_stats": state.batch_stats},
           ctx.dataset.train_images, mean=ctx.dataset.mean, std=ctx.dataset.std,
           batch_size=int(batch_size), mesh=ctx.mesh, variance=self.bn_variance,
-          model_kwargs=kwargs)
+          scalars=values)
       out["batch_stats"] = stats
       superposed = superposed.replace(batch_stats=stats)
     fields = {"cycle": int(jax.device_get(out["tickets"]))}
@@ -414,4 +432,5 @@ class Superpose(hooks.Hook):
     fields.update(superposed_test_loss=ev["loss"],
                   superposed_test_accuracy=ev["accuracy"],
                   superposed_sparsity=masks.summary(mask).sparsity)
-    return out, state, fields
+    ctx.record.update(fields)
+    return carry.replace(hook_states=dict(carry.hook_states, **{self.name: out}))

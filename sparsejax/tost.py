@@ -30,7 +30,7 @@ final network is the plain sparse network of the original architecture:
   (Zhu et al. 2021) on the masked network, :func:`lrsi`: one positive scale
   per parameter tensor, learned by Adam so that the loss after one
   normalised SGD step is minimal subject to a gradient-norm bound; then
-  folded into the weights (pruned entries stay exactly 0). :class:`LRsIHook`
+  folded into the weights (pruned entries stay exactly 0). :class:`LRsICallback`
   runs it inside :func:`sparsejax.train.fit` on a fresh start.
 
 Every schedule is a :class:`Ramp` (hold a value for a fraction of training,
@@ -49,14 +49,15 @@ counter: changing β, γ or α never recompiles. Presets (:func:`preset`):
 
 Example::
 
-  from sparsejax import tost, train
+  from sparsejax import state, tost, train
 
   recipe = tost.preset("ghost")
   model = recipe.model("resnet20", num_classes=10)   # ghost skips, blend act
   total = num_epochs * steps_per_epoch
-  result = train.fit(config, workdir, model=model, dataset=ds, mask=mask_fn,
-                     scalars=recipe.scalars(total), loss_fn=recipe.loss_fn(),
-                     hooks=recipe.hooks())
+  init = lambda: state.create_train_state(model, tx, sample, key, mask=mask_fn)
+  result = train.fit(model, ds, workdir, init=init, num_epochs=num_epochs,
+                     batch_size=batch_size, scalars=recipe.scalars(total),
+                     loss_fn=recipe.loss_fn(), callbacks=recipe.callbacks())
   plain = tost.export(result.state.variables)  # params of resnet20 itself
 """
 
@@ -75,21 +76,22 @@ import numpy as np
 import optax
 
 from sparsejax import _checks
-from sparsejax import _xla_cpu
 from sparsejax import data as data_lib
 from sparsejax import hooks as hooks_lib
 from sparsejax import losses
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax.models import activations
+from sparsejax.models import scalars as scalars_lib
 
 PyTree = Any
 
 #: Per-step scalar names: β (activation blend), γ (ghost skips), α (smoothing).
-ACT_COEF = "act_coef"
-GHOST_COEF = "ghost_coef"
+ACT_COEF = scalars_lib.ACT_COEF
+GHOST_COEF = scalars_lib.GHOST_COEF
 #: ToST's smoothing has a key of its own: it is not the ``"label_smoothing"``
 #: scalar of :func:`sparsejax.losses.smoothed_cross_entropy` (optax's α / C),
 #: so passing α(t) without ToST's loss is an error, never the other formula.
@@ -222,8 +224,8 @@ def supports_ghost_skips(name: str) -> bool:
 def ghost_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   """The ghost-skip variant of the registered model ``name``.
 
-  ``models.get(name, num_classes, ghost_skips=True, **kwargs)``; its
-  ``__call__`` takes ``ghost_coef`` (γ, traced). Exists for ``resnet20``,
+  ``models.get(name, num_classes, ghost_skips=True, **kwargs)``; it reads
+  the scalar ``ghost_coef`` (γ, traced; in its ``scalar_names``). Exists for ``resnet20``,
   ``resnet32``, ``resnet56``, ``resnet18``, ``wrn22_2`` and ``wrn28_10``
   (any depth and width of those families).
 
@@ -422,9 +424,10 @@ def lrsi(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
   """
   mask = masks.ones_like(params) if mask is None else mask
   params = masks.apply(params, mask)
-  # Second order: the models' CPU rewrites would multiply the traced program
-  # (sparsejax._xla_cpu.plain_ops); _lrsi_scan retraces per call (new closures).
-  with _xla_cpu.plain_ops():
+  # Second order: traced without the CPU fast path, whose branches autodiff
+  # would multiply (modeling.second_order); _lrsi_scan retraces per call (new
+  # closures).
+  with modeling.second_order():
     scales, info = _lrsi_scan(loss, settings, preprocess, params, mask, data, key)
   info = jax.device_get(info)
   out = {k: np.asarray(v) for k, v in info.items()}
@@ -470,14 +473,15 @@ def _lrsi_scan(loss, settings, preprocess, params, mask, data, key):
   return scales, info
 
 
-class LRsIHook(hooks_lib.Hook):
-  """Runs :func:`lrsi` on the initial train state of a fresh :func:`fit` run.
+class LRsICallback(hooks_lib.Callback):
+  """Runs :func:`lrsi` on the initial train state of a fresh :func:`fit` run
+  (a :class:`sparsejax.hooks.Callback` ``at_fresh_start``).
 
   The loss is ``fit``'s training loss of the model in training mode (batch
   statistics of the batch, running averages left as they are) with the
   per-step scalars of step 0 (e.g. β(0), γ(0), α(0)); the data are the
-  training images, augmented like training (when the dataset or config
-  says so) and normalised; the key is ``fold_in(key(seed), 3)``. After the
+  training images, augmented like training (when fit augments) and
+  normalised; the key is ``fold_in(key(seed), 3)``. After the
   run, :attr:`info` holds :func:`lrsi`'s info and ``seconds``, its wall time
   with compilation (on a resumed run, where the
   checkpoint already holds the rescaled weights, it stays ``None``).
@@ -486,20 +490,18 @@ class LRsIHook(hooks_lib.Hook):
     settings: :class:`LRsI`.
   """
 
-  name = "lrsi"
+  at_fresh_start = True
 
   def __init__(self, settings: LRsI = LRsI()):
     self.settings = settings
     self.info: dict | None = None
 
-  def fresh_start(self, state, ctx: hooks_lib.FitContext):
-    model, ds = ctx.model, ctx.dataset
+  def __call__(self, step, carry, ctx: hooks_lib.FitContext):
+    del step
+    state, model, ds = carry.state, ctx.model, ctx.dataset
     loss_fn = ctx.loss_fn or losses.smoothed_cross_entropy()
     values = schedules.scalar_values(ctx.scalars, jnp.zeros((), jnp.int32))
-    keywords = models.call_keywords(model)
-    model_values = {k: v for k, v in values.items() if k in keywords}
-    augment = schedules.config_value(ctx.config, "augment", None)
-    augment = bool(ds.augment if augment is None else augment)
+    augment = ctx.augment
     mean = jnp.asarray(ds.mean, jnp.float32)
     std = jnp.asarray(ds.std, jnp.float32)
     batch_stats = state.batch_stats
@@ -512,14 +514,11 @@ class LRsIHook(hooks_lib.Hook):
 
     def loss(params, batch):
       x, y = batch
-      variables = {"params": params, **({"batch_stats": batch_stats}
-                                        if batch_stats else {})}
-      logits, _ = models.apply(model, variables, x, train=True,
-                               rngs={"dropout": jax.random.key(0)},
-                               **model_values)
-      return jnp.mean(loss_fn(logits, y, values))
+      return modeling.loss_and_logits(
+          model, params, {"batch_stats": batch_stats} if batch_stats else {},
+          x, y, loss_fn, scalars=values, rngs={"dropout": jax.random.key(0)})[0]
 
-    seed = int(schedules.config_value(ctx.config, "seed", 0))
+    seed = ctx.seed
     data = mesh_lib.put_replicated(
         (np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)),
         ctx.mesh)
@@ -528,7 +527,7 @@ class LRsIHook(hooks_lib.Hook):
         loss, state.params, state.mask, data,
         jax.random.fold_in(jax.random.key(seed), 3), self.settings, preprocess)
     self.info = dict(info, seconds=time.perf_counter() - start)
-    return state.replace(params=params)
+    return carry.replace(state=state.replace(params=params))
 
 
 # ----------------------------------------------------------------------------
@@ -596,9 +595,9 @@ class ToST:
     (``fit``'s default loss)."""
     return label_smoothing_loss() if self.label_smoothing is not None else None
 
-  def hooks(self) -> tuple[hooks_lib.Hook, ...]:
-    """``(LRsIHook(lrsi),)`` with ``lrsi``, else ``()``."""
-    return (LRsIHook(self.lrsi),) if self.lrsi is not None else ()
+  def callbacks(self) -> tuple[hooks_lib.Callback, ...]:
+    """``(LRsICallback(lrsi),)`` with ``lrsi``, else ``()``."""
+    return (LRsICallback(self.lrsi),) if self.lrsi is not None else ()
 
 
 PRESETS: dict[str, ToST] = {
@@ -630,7 +629,7 @@ def preset(name: str, **overrides: Any) -> ToST:
 
 __all__ = [
     "ACT_COEF", "GHOST_COEF", "GHOST_RAMP", "GHOST_SMOOTHING", "LABEL_SMOOTHING",
-    "LRsI", "LRsIHook", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
+    "LRsI", "LRsICallback", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
     "is_bias", "label_smoothing_loss", "lift_mask", "lrsi", "lrsi_objective",
     "off_target_smoothed_cross_entropy", "preset", "scale_floors", "smoothed_targets",
     "supports_ghost_skips",

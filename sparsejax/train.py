@@ -1,31 +1,36 @@
-"""Training: train state, jitted data-parallel steps and the checkpointed loop.
+"""Training: the carry, jitted data-parallel steps and the checkpointed loop.
 
-* :class:`TrainState`: params, batch statistics, optimiser state (holding the
-  mask for sparse training, :func:`sparsejax.optim.masked`), step, rng and, as
-  a static field, the optimiser transformation; a pytree.
-* :func:`create_train_state`: initialises a model, masks the fresh params and
-  builds the (masked) optimiser and its state.
+* :class:`TrainCarry`: everything a train step changes, one pytree: the
+  :class:`sparsejax.state.TrainState`, the epoch's running metric sums and the
+  step hooks' states (:func:`init_carry`).
 * :func:`make_train_step`, :func:`make_eval_step`, :func:`evaluate`: jitted,
   data-parallel steps (:mod:`sparsejax.mesh`: batches sharded along
-  ``"data"``, state and device-resident ``uint8`` datasets replicated; each
-  step gathers, augments and normalises its batch inside ``jit``).
+  ``"data"``, carry and device-resident ``uint8`` datasets replicated; each
+  step gathers, augments and normalises its batch inside ``jit``). The train
+  step is ``train_step(carry, images, labels, perm, k) -> (carry, logs)``,
+  its carry donated.
 * :func:`fit`: the epoch loop with Orbax checkpoints (:mod:`sparsejax.checkpoints`:
   every epoch and on SIGTERM, the last N kept, automatic resume that skips
   unreadable checkpoints), a progress bar, ``metrics.jsonl``, ``steps.jsonl``
   and TensorBoard logs (:mod:`sparsejax.metrics_log`) and a clear stop on a
-  non-finite loss. It can start from a given state (e.g. a lottery-ticket
-  rewind point) and stop at a given step.
+  non-finite loss. It starts from ``init``, a train state (e.g. a
+  lottery-ticket rewind point) or a function making one, and can stop at a
+  given step; :class:`FitOptions` holds the loop's knobs.
 
 Extension points of :func:`fit`, so that a method plugs in without a branch in
-the loop: ``tx`` (the optimiser; default
-:func:`sparsejax.schedules.make_optimizer`), ``scalars`` (named
-``optax.Schedule`` s of the step, evaluated inside the jitted train and eval
-steps and given to the model, e.g. ``act_coef``, and to the loss),
-``loss_fn`` (``loss_fn(logits, labels, scalars) -> per-example loss``) and
-``hooks`` (:class:`sparsejax.hooks.Hook`: a state of their own, checkpointed
-with the train state; a change of the initial state on a fresh start, e.g.
-ToST's LRsI; a traced per-step update, e.g. a mask change every K steps; host
-per-step and epoch-end updates).
+the loop: ``init`` (the initial state and so the optimiser, e.g.
+:func:`sparsejax.schedules.make_optimizer` wrapped with
+:func:`sparsejax.optim.sparse`, or a dynamic-sparse-training optimiser),
+``scalars`` (named ``optax.Schedule`` s of the step, evaluated inside the
+jitted train and eval steps and given to the model, e.g. ``act_coef``, and to
+the loss), ``loss_fn`` (``loss_fn(logits, labels, scalars) -> per-example
+loss``), ``hooks`` (:class:`sparsejax.hooks.StepHook` ``(init, update)``:
+traced in the step, a state of their own carried and checkpointed with the
+train state, e.g. a gradient-flow measurement) and ``callbacks``
+(:class:`sparsejax.hooks.Callback`: host actions after steps, at epoch ends
+or on a fresh start, e.g. Sup-tickets' superposition or ToST's LRsI). fit's
+own actions (checkpoint and preemption, non-finite check, evaluation, epoch
+record, metrics log, progress bar) are callbacks too.
 
 On N devices XLA inserts the gradient all-reduce and batch norm in training
 mode uses the global batch, so an N-device step equals the one-device step up
@@ -39,21 +44,25 @@ device order (``tests/test_multihost.py``).
 Resume determinism. Nothing in a step depends on host state: the batch is
 ``batch_indices(epoch_permutation(seed, epoch, n), step_in_epoch, batch_size)``,
 the step's random key is ``fold_in(rng, step)`` and every scalar is a function
-of the step. A checkpoint holds the train state, the hooks' states and the
-epoch's running metric sums, so a run resumed from any checkpoint (an epoch
-end, the SIGTERM step, ``stop_at_step``) computes bitwise what a run that never
-stopped computes (same devices and software); ``metrics.jsonl`` and
-``steps.jsonl`` are truncated to the restored epoch and step.
+of the step. A checkpoint holds the carry (train state, the hooks' states and
+the epoch's running metric sums), so a run resumed from any checkpoint (an
+epoch end, the SIGTERM step, ``stop_at_step``) computes bitwise what a run
+that never stopped computes (same devices and software); ``metrics.jsonl``
+and ``steps.jsonl`` are truncated to the restored epoch and step.
 
 Example::
 
-  from sparsejax import data, models, train
+  import jax, jax.numpy as jnp
+  from sparsejax import data, models, schedules, state, train
 
   ds = data.load("digits")
   model = models.get("mlp", ds.num_classes)
-  config = dict(num_epochs=20, batch_size=64, learning_rate=0.05,
-                lr_schedule="cosine", weight_decay=5e-4)
-  result = train.fit(config, "/tmp/run", model=model, dataset=ds)
+  spe = schedules.steps_per_epoch(ds.num_train, 64)
+  tx = schedules.make_optimizer(schedules.lr_schedule(
+      0.05, num_epochs=20, steps_per_epoch=spe, kind="cosine"), weight_decay=5e-4)
+  init = lambda: state.create_train_state(
+      model, tx, jnp.zeros((1, *ds.image_shape)), jax.random.key(0))
+  result = train.fit(model, ds, "/tmp/run", init=init, num_epochs=20, batch_size=64)
   print(result.history[-1]["test_accuracy"])
 """
 
@@ -87,9 +96,9 @@ from sparsejax import losses
 from sparsejax import masks as masks_lib
 from sparsejax import mesh as mesh_lib
 from sparsejax import metrics_log
-from sparsejax import models
-from sparsejax import optim
+from sparsejax import modeling
 from sparsejax import schedules
+from sparsejax import state as state_lib
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -103,156 +112,14 @@ RECORD_KEYS = ("epoch", "step", "lr", "train_loss", "train_accuracy",
 
 
 # ----------------------------------------------------------------------------
-# Train state
-# ----------------------------------------------------------------------------
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training, and the optimiser that changes it.
-
-  A pytree: the arrays are its leaves; the optimiser transformation ``tx`` is
-  a static field (part of the tree structure, not saved in checkpoints). The
-  steps call ``state.tx.update``, so what :func:`create_train_state` built (an
-  inner optimiser wrapped with :func:`sparsejax.optim.masked` for sparse
-  training, or a transformation that holds its own mask) is exactly what
-  trains. ``state.tx`` is compared by identity: each transformation object
-  compiles its own step (the persistent compilation cache shares identical
-  programs across them).
-
-  Attributes:
-    step: ``int32`` scalar, the number of optimiser steps taken.
-    params: model parameters (pruned entries exactly 0).
-    batch_stats: batch-norm running statistics; ``{}`` for models without.
-    opt_state: optimiser state; for sparse training it contains a
-      :class:`sparsejax.optim.MaskedState` holding the mask.
-    rng: ``uint32`` raw key data (``jax.random.key_data``) of the training key;
-      constant during training. The augmentation key of step ``t`` is
-      ``fold_in(key, t)``.
-    tx: the full optimiser transformation (static).
-  """
-
-  step: jax.Array
-  params: PyTree
-  batch_stats: PyTree
-  opt_state: PyTree
-  rng: jax.Array
-  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
-
-  @property
-  def key(self) -> jax.Array:
-    """The training key as a typed PRNG key."""
-    return jax.random.wrap_key_data(self.rng)
-
-  @property
-  def mask(self) -> PyTree | None:
-    """The mask held in the optimiser state, or ``None`` for dense training."""
-    return optim.find_mask(self.opt_state)
-
-  @property
-  def variables(self) -> dict:
-    """``{'params', 'batch_stats'}`` ready for ``model.apply``."""
-    return _variables(self.params, self.batch_stats)
-
-
-def _variables(params, batch_stats) -> dict:
-  variables = {"params": params}
-  if batch_stats:
-    variables["batch_stats"] = batch_stats
-  return variables
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def init_variables(model: nn.Module, sample_input: jax.Array,
-                   key: jax.Array) -> dict:
-  """``model.init`` in inference mode; returns ``{'params', 'batch_stats'?}``.
-
-  Jitted with the model static: one compilation per model and input shape,
-  shared by every caller (train-state creation, scoring, re-initialisation).
-  """
-  variables = model.init(key, sample_input, train=False)
-  return flax.core.unfreeze(variables) if isinstance(
-      variables, flax.core.FrozenDict) else dict(variables)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _init_optimizer(tx, params, mask):
-  """``(params, opt_state)`` of ``tx`` (wrapped with ``mask`` unless ``None``).
-
-  Jitted with the inner ``tx`` static and the mask traced: one compilation per
-  optimiser for every mask. Params are masked with the mask in the state.
-  """
-  if mask is not None:
-    tx = optim.masked(tx, mask)
-  opt_state = tx.init(params)
-  held = optim.find_mask(opt_state)
-  if held is not None:
-    params = masks_lib.apply(params, held)
-  return params, opt_state
-
-
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       sample_input: jax.Array, rng: jax.Array,
-                       mask: PyTree | Callable[[PyTree], PyTree] | None = None
-                       ) -> TrainState:
-  """Initialises the model and the optimiser; step 0.
-
-  ``rng`` is split into the init key and the training key; the same ``rng``
-  always gives the same state. Initialisation is jitted (one compilation per
-  model and optimiser), and the function also works under ``jax.eval_shape``.
-
-  The state's transformation is ``sparsejax.optim.masked(tx, mask)`` when a
-  ``mask`` is given, else ``tx`` itself. A ``tx`` whose state already holds a
-  mask (one that contains a :class:`sparsejax.optim.MaskedState`, e.g. a
-  dynamic-sparse-training optimiser) is used as is, with ``mask=None``. In
-  both sparse cases the fresh params are masked with the mask of the state.
-
-  Args:
-    model: a Flax linen module (e.g. from :func:`sparsejax.models.get`).
-    tx: the optimiser (e.g. :func:`sparsejax.schedules.make_optimizer`).
-    sample_input: an input batch of the right shape, e.g. ``zeros((1, H, W, C))``.
-    rng: a PRNG key (typed or raw ``uint32`` key data).
-    mask: ``None`` (dense, or ``tx`` holds its own mask); a bool mask pytree
-      parallel to the params; or a callable ``params -> mask`` applied to the
-      fresh params (e.g. magnitude pruning at initialisation; called outside
-      ``jit``).
-
-  Returns:
-    A :class:`TrainState` on the default device.
-
-  Raises:
-    ValueError: a mask that does not fit the params, or a mask for a ``tx``
-      that already holds one.
-  """
-  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
-    rng = jax.random.wrap_key_data(jnp.asarray(rng, jnp.uint32))
-  init_key, train_key = jax.random.split(rng)
-  variables = init_variables(model, sample_input, init_key)
-  params = variables["params"]
-  if callable(mask):
-    mask = mask(params)
-  if mask is not None:
-    masks_lib.check_mask(mask, params)
-    if optim.find_mask(jax.eval_shape(tx.init, params)) is not None:
-      raise ValueError("tx already holds a mask in its state (it contains an "
-                       "optim.MaskedState); pass mask=None")
-  params, opt_state = _init_optimizer(tx, params, mask)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=opt_state, rng=jax.random.key_data(train_key),
-                    tx=tx if mask is None else optim.masked(tx, mask))
-
-
-# ----------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------
 
 
 def _model_scalar_names(model: nn.Module, scalars) -> tuple[str, ...]:
-  """The scalars passed to the model: those named like a keyword of its
-  ``__call__`` (decided once, when a step is built)."""
-  keywords = models.call_keywords(model) - {"x", "train"}
-  return tuple(name for name in (scalars or {}) if name in keywords)
+  """The scalars passed to the model: those it reads
+  (:func:`sparsejax.modeling.scalar_names`)."""
+  return tuple(modeling.model_scalars(model, scalars))
 
 
 class _ReadKeys(Mapping):
@@ -280,7 +147,7 @@ class _ReadKeys(Mapping):
 
 def _check_scalars_read(names, model_scalars, loss_read, hooks) -> None:
   """Raises ``ValueError`` for a scalar that nothing of the step reads."""
-  hook_read = {n for h in hooks for n in getattr(h, "scalar_names", ())}
+  hook_read = {n for h in hooks for n in h.scalar_names}
   used = set(model_scalars) | set(loss_read) | hook_read
   unused = sorted(set(names) - used)
   if unused:
@@ -305,37 +172,73 @@ def init_train_metrics() -> dict[str, jax.Array]:
           "first_bad_step": jnp.full((), _NO_BAD_STEP, jnp.int32)}
 
 
+@flax.struct.dataclass
+class TrainCarry:
+  """Everything a train step changes: one pytree, one donated argument.
+
+  Attributes:
+    state: the :class:`sparsejax.state.TrainState`.
+    metrics: the epoch's running sums (:func:`init_train_metrics`).
+    hook_states: ``{hook.name: state}`` of the step hooks that have one.
+  """
+
+  state: state_lib.TrainState
+  metrics: dict[str, jax.Array]
+  hook_states: dict[str, PyTree]
+
+
+def init_carry(state: state_lib.TrainState,
+               hooks: Sequence[hooks_lib.StepHook] = ()) -> TrainCarry:
+  """The carry of the first step from ``state``: zeroed metrics and each
+  hook's ``init(state)`` (copied, since the carry is donated and a hook state
+  may hold arrays of the train state, e.g. its mask; ``None`` ones left out).
+
+  Example, a three-step loop::
+
+    step = train.make_train_step(model, mesh=mesh, batch_size=32, mean=m,
+                                 std=s, hooks=hooks)
+    carry = train.init_carry(state, hooks)
+    for k in range(3):
+      carry, logs = step(carry, images, labels, perm, k)
+  """
+  hook_states = {}
+  for hook in hooks_lib.check_hooks(hooks):
+    hook_state = hook.init(state)
+    if hook_state is not None:
+      hook_states[hook.name] = jax.tree.map(jnp.copy, hook_state)
+  return TrainCarry(state=state, metrics=init_train_metrics(),
+                    hook_states=hook_states)
+
+
 def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
                     batch_size: int, mean, std, augment: bool = False,
                     pad: int = 4, flip: bool = True,
                     loss_fn: losses.LossFn | None = None,
                     scalars: Mapping[str, optax.Schedule] | None = None,
-                    hooks: Sequence[hooks_lib.Hook] = ()) -> Callable:
+                    hooks: Sequence[hooks_lib.StepHook] = ()) -> Callable:
   """Builds the jitted, data-parallel training step.
 
   The returned function is::
 
-    step(state, metrics, images, labels, perm, step_in_epoch, hook_states=None)
-        -> (state, metrics, hook_states, logs)
+    step(carry, images, labels, perm, step_in_epoch) -> (carry, logs)
 
-  * ``state``: a :class:`TrainState` replicated on ``mesh``; its ``tx``
-    makes the update.
-  * ``metrics``: running sums from :func:`init_train_metrics`.
+  * ``carry``: a :class:`TrainCarry` replicated on ``mesh`` (donated); its
+    ``state.tx`` makes the update.
   * ``images``: the whole training set, ``uint8 [N, H, W, C]``, replicated on
     ``mesh``; ``labels``: ``int32 [N]``.
   * ``perm``: the epoch's permutation (:func:`sparsejax.data.epoch_permutation`).
   * ``step_in_epoch``: int, which batch of the permutation to take
     (:func:`sparsejax.data.batch_indices`).
-  * ``hook_states``: ``{hook.key: state}`` of the hooks that have one
-    (default ``{}``); ``logs``: ``{hook.key: logs}`` of each hook's
-    :meth:`sparsejax.hooks.Hook.after_step`.
+  * ``logs``: ``{hook.name: logs}`` of each hook's
+    :attr:`sparsejax.hooks.StepHook.update`.
 
   Inside ``jit``: the scalars of ``state.step``, gather the batch, shard it
   along ``"data"``, augment with ``fold_in(state.key, state.step)`` (random
   crop with ``pad`` and horizontal flip) when ``augment``, normalise with
   ``mean``/``std``, forward in training mode (batch norm over the global
-  batch), the mean of ``loss_fn``, gradient, ``state.tx`` update, then each
-  hook's :meth:`sparsejax.hooks.Hook.after_step`. ``state`` and ``metrics`` are donated.
+  batch), the mean of ``loss_fn``, gradient, ``state.tx`` update, the
+  metric sums, then each hook's ``update`` in order (composed like an optax
+  chain).
 
   Args:
     model: the linen module.
@@ -347,13 +250,14 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
       default :func:`sparsejax.losses.smoothed_cross_entropy` ``()`` (plain
       cross-entropy unless a ``"label_smoothing"`` scalar is given).
     scalars: per-step scalar schedules ``{name: optax.Schedule}``; those named
-      like a keyword of ``model.__call__`` (e.g. ``act_coef``) are passed to
-      the model, all of them to ``loss_fn`` and the hooks. Their values are
+      the model reads (``model.scalar_names``, e.g. ``act_coef``) are passed
+      to the model, all of them to ``loss_fn`` and the hooks. Their values are
       traced: changing them never recompiles. Each must be read by the
       model, the loss or a hook (:attr:`sparsejax.hooks.Hook.scalar_names`):
       a scalar nothing reads (a typo such as ``act_coeff``) raises
       ``ValueError`` when the step is first traced, before it runs.
-    hooks: :class:`sparsejax.hooks.Hook` objects.
+    hooks: :class:`sparsejax.hooks.StepHook` s; their states are
+      ``carry.hook_states`` (:func:`init_carry`).
   """
   if batch_size % mesh.size:
     raise ValueError(f"batch_size={batch_size} is not divisible by the "
@@ -365,11 +269,10 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
   scalars = dict(scalars or {})
   model_scalars = _model_scalar_names(model, scalars)
   all_hooks = hooks_lib.check_hooks(hooks)
-  stepping = [h for h in all_hooks if hooks_lib.overrides(h, "after_step")]
 
-  def step(state: TrainState, metrics, images, labels, perm, step_in_epoch,
-           hook_states=None):
-    hook_states = dict(hook_states or {})
+  def step(carry: TrainCarry, images, labels, perm, step_in_epoch):
+    state, metrics = carry.state, carry.metrics
+    hook_states = dict(carry.hook_states)
     values = schedules.scalar_values(scalars, state.step)
     idx = data_lib.batch_indices(perm, step_in_epoch, batch_size)
     x = jax.lax.with_sharding_constraint(jnp.take(images, idx, axis=0), in_batch)
@@ -383,11 +286,10 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
     loss_scalars = _ReadKeys(values)
 
     def objective(params):
-      logits, model_state = models.apply(
-          model, _variables(params, state.batch_stats), x, train=True,
-          rngs={"dropout": dropout_key},
-          **{name: values[name] for name in model_scalars})
-      loss = jnp.mean(loss_fn(logits, y, loss_scalars))
+      loss, (logits, model_state) = modeling.loss_and_logits(
+          model, params, {"batch_stats": state.batch_stats} if state.batch_stats else {},
+          x, y, loss_fn,
+          scalars=values, loss_scalars=loss_scalars, rngs={"dropout": dropout_key})
       return loss, (logits, model_state.get("batch_stats", state.batch_stats))
 
     (loss, (logits, new_stats)), grads = jax.value_and_grad(
@@ -412,14 +314,14 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
                               scalars=values, batch=(x, y), key=key,
                               state_before=state)
     logs = {}
-    for hook in stepping:
-      hook_state, new_state, logs[hook.key] = hook.after_step(
-          hook_states.get(hook.key), new_state, info)
-      if hook.key in hook_states:
-        hook_states[hook.key] = hook_state
-    return new_state, metrics, hook_states, logs
+    for hook in all_hooks:
+      hook_state, new_state, logs[hook.name] = hook.update(
+          hook_states.get(hook.name), new_state, info)
+      if hook.name in hook_states:
+        hook_states[hook.name] = hook_state
+    return TrainCarry(new_state, metrics, hook_states), logs
 
-  return jax.jit(step, donate_argnums=(0, 1),
+  return jax.jit(step, donate_argnums=(0,),
                  out_shardings=mesh_lib.replicated(mesh))
 
 
@@ -441,10 +343,11 @@ def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean, std,
   scalars = dict(scalars or {})
   model_scalars = _model_scalar_names(model, scalars)
 
-  def step(state: TrainState, sums, images, labels, valid):
+  def step(state: state_lib.TrainState, sums, images, labels, valid):
     values = schedules.scalar_values({n: scalars[n] for n in model_scalars}, state.step)
     x = data_lib.normalize(images, mean, std)
-    logits, _ = models.apply(model, state.variables, x, train=False, **values)
+    logits, _ = modeling.apply_model(model, state.variables, x, train=False,
+                                     scalars=values)
     loss = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
     return {"loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(valid, loss, 0.0)),
@@ -459,7 +362,7 @@ def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return -(-int(batch_size) // mesh.size) * mesh.size
 
 
-def evaluate(model: nn.Module, state: TrainState, images: np.ndarray,
+def evaluate(model: nn.Module, state: state_lib.TrainState, images: np.ndarray,
              labels: np.ndarray, *, mean, std, batch_size: int = 500,
              mesh: jax.sharding.Mesh | None = None,
              eval_step: Callable | None = None,
@@ -511,6 +414,49 @@ def evaluate(model: nn.Module, state: TrainState, images: np.ndarray,
 # ----------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+  """The knobs of :func:`fit`'s loop (none changes what a step computes,
+  except ``augment``).
+
+  Attributes:
+    eval_batch_size: test-set batch size, rounded up to a multiple of the
+      mesh size (default 500).
+    log_every_steps: period of the non-finite check and the progress bar's
+      loss (default 50).
+    eval_every_epochs: test-set evaluation period (default 1; the last epoch
+      always evaluates).
+    checkpoint_every_epochs: checkpoint period (default 1; the last epoch,
+      ``stop_at_step`` and SIGTERM always save).
+    max_to_keep: checkpoints kept (default 3).
+    async_checkpointing: save in the background (default True).
+    tensorboard: write TensorBoard events (default True).
+    progress_bar: show a progress bar on a terminal (default True).
+    augment: random crop and flip of the training batches; ``None``
+      (default): the dataset's default (``dataset.augment``).
+
+  Raises:
+    ValueError: a period or size below 1.
+  """
+
+  eval_batch_size: int = 500
+  log_every_steps: int = 50
+  eval_every_epochs: int = 1
+  checkpoint_every_epochs: int = 1
+  max_to_keep: int = 3
+  async_checkpointing: bool = True
+  tensorboard: bool = True
+  progress_bar: bool = True
+  augment: bool | None = None
+
+  def __post_init__(self):
+    for name in ("eval_batch_size", "log_every_steps", "eval_every_epochs",
+                 "checkpoint_every_epochs", "max_to_keep"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"FitOptions.{name} must be an int >= 1, got {value!r}")
+
+
 @dataclasses.dataclass
 class FitResult:
   """What :func:`fit` returns.
@@ -522,10 +468,10 @@ class FitResult:
     preempted: True when the run stopped early on SIGTERM (a checkpoint of
       the last step was saved; rerun to resume).
     resumed_from: global step restored from a checkpoint, or ``None``.
-    hook_states: ``{hook.key: state}`` of the hooks that have one.
+    hook_states: ``{hook.name: state}`` of the hooks that have one.
   """
 
-  state: TrainState
+  state: state_lib.TrainState
   history: list[dict]
   preempted: bool
   resumed_from: int | None
@@ -547,76 +493,259 @@ def _non_finite_message(bad_step: int, steps_per_epoch: int,
           "rate or check the data.")
 
 
-def _sparsity(state: TrainState) -> float:
+def _sparsity(state: state_lib.TrainState) -> float:
   mask = state.mask
   return masks_lib.summary(mask).sparsity if mask is not None else 0.0
 
 
-def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
-        dataset: data_lib.Dataset,
-        mask: PyTree | Callable[[PyTree], PyTree] | None = None,
-        mesh: jax.sharding.Mesh | None = None,
-        initial_state: TrainState | None = None,
-        stop_at_step: int | None = None,
-        tx: optax.GradientTransformation | None = None,
-        loss_fn: losses.LossFn | None = None,
+def _layout(init, model, sample, hooks, mesh):
+  """The abstract initial state and the checkpoint tree of the run's carry.
+
+  Raises ``ValueError`` when the params or statistics of ``init`` do not have
+  the layout of ``model``'s.
+  """
+  abstract_state = (jax.eval_shape(init) if callable(init)
+                    else ckpt_lib.abstract(init))
+  if not isinstance(abstract_state, state_lib.TrainState):
+    raise TypeError(f"init must be a TrainState or a function returning one, "
+                    f"got {type(abstract_state).__name__}")
+  variables = jax.eval_shape(
+      lambda: state_lib.init_variables(model, sample, jax.random.key(0)))
+  variables = state_lib.variables_of(variables["params"],
+                                     variables.get("batch_stats", {}))
+  if ckpt_lib.tree_signature(variables) != ckpt_lib.tree_signature(
+      abstract_state.variables):
+    raise ValueError(
+        "init does not have the structure, shapes and dtypes of the params "
+        "and batch statistics of this model")
+  abstract_carry = jax.eval_shape(lambda s: init_carry(s, hooks), abstract_state)
+  return abstract_state, ckpt_lib.abstract(_ckpt_tree(abstract_carry),
+                                           mesh_lib.replicated(mesh))
+
+
+def _ckpt_tree(carry: TrainCarry) -> dict:
+  """The checkpointed tree: ``{state, metrics, hooks?}`` (no ``hooks`` item
+  without stateful hooks)."""
+  tree = {"state": carry.state, "metrics": carry.metrics}
+  if carry.hook_states:
+    tree["hooks"] = carry.hook_states
+  return tree
+
+
+class _Loop:
+  """fit's host-side actions, as callbacks, and what they share."""
+
+  def __init__(self, ctx, ckpts, meta, options, step_logs, log, total_steps,
+               step):
+    self.ctx, self.ckpts, self.meta, self.options = ctx, ckpts, meta, options
+    self.step_logs, self.log = step_logs, log
+    self.last_good: tuple[int, int] | None = None
+    self.stop_signal = ckpt_lib.StopSignal()
+    show = options.progress_bar and sys.stderr.isatty()
+    self.bar = tqdm.tqdm(total=total_steps, initial=step, unit="step",
+                         disable=not show, dynamic_ncols=True, leave=False)
+    self.t0, self.steps_run, self.elapsed, self.host = time.perf_counter(), 0, 0.0, {}
+
+  def callbacks(self, user: Sequence[hooks_lib.Callback]) -> list:
+    every, at_end = hooks_lib.callback, functools.partial(hooks_lib.callback,
+                                                         at_epoch_end=True)
+    return [every(self.add_step_logs, every_steps=1),
+            every(self.check_finite, every_steps=self.options.log_every_steps,
+                  at_epoch_end=True),
+            *user, every(self.progress, every_steps=1),
+            every(self.stop_mid_epoch, every_steps=1),
+            at_end(self.evaluate), at_end(self.write_record),
+            at_end(self.checkpoint)]
+
+  def start_epoch(self) -> None:
+    self.t0, self.steps_run = time.perf_counter(), 0
+
+  def stop_requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.stop_signal.signum is not None
+    return bool(self.ckpts.manager.reached_preemption(step))
+
+  def save(self, carry: TrainCarry, epochs: int, step: int) -> None:
+    self.step_logs.flush()
+    self.ckpts.save(step, _ckpt_tree(carry), dict(self.meta, epoch=epochs, step=step))
+
+  def add_step_logs(self, step, carry, ctx):
+    self.steps_run += 1
+    self.step_logs.add(step, ctx.logs)
+
+  def check_finite(self, step, carry, ctx):
+    self.host = jax.device_get(carry.metrics)
+    if ctx.epoch_end:  # the epoch's training time, evaluation excluded
+      self.elapsed = time.perf_counter() - self.t0
+    bad = int(self.host["first_bad_step"])
+    if bad != _NO_BAD_STEP:
+      self.step_logs.drop()
+      raise FloatingPointError(_non_finite_message(
+          bad, ctx.steps_per_epoch, self.last_good, self.ckpts.directory))
+
+  def progress(self, step, carry, ctx):
+    self.bar.update(1)
+    if step % self.options.log_every_steps == 0:
+      self.bar.set_postfix(epoch=ctx.epoch, loss="%.4f" % (
+          float(self.host["loss_sum"]) / max(int(self.host["steps"]), 1)))
+
+  def stop_mid_epoch(self, step, carry, ctx):
+    if ctx.epoch_end:
+      return
+    preempted = self.stop_requested(step)
+    if preempted or step == ctx.end_step:
+      self.check_finite(step, carry, ctx)
+      self.save(carry, ctx.epoch - 1, step)
+      self.ckpts.wait()
+      k, spe = step % ctx.steps_per_epoch, ctx.steps_per_epoch
+      if preempted:
+        logger.warning("SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
+                       "exiting. Rerun the same command to resume.",
+                       self.ckpts.step_dir(step), ctx.epoch, k, spe)
+      else:
+        logger.info("Reached stop_at_step: saved checkpoint %s (epoch %d, "
+                    "step %d of %d).", self.ckpts.step_dir(step), ctx.epoch, k, spe)
+      ctx.stop = "preempted" if preempted else "stop_at_step"
+
+  def evaluate(self, step, carry, ctx):
+    if ctx.epoch % self.options.eval_every_epochs == 0 or step == ctx.total_steps:
+      ev = ctx.evaluate(carry.state)
+      ctx.record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
+
+  def write_record(self, step, carry, ctx):
+    host, lr = self.host, carry.state.learning_rate
+    record = {"epoch": ctx.epoch, "step": step}
+    if lr is not None:
+      record["lr"] = float(lr)
+    record.update(
+        train_loss=float(host["loss_sum"]) / max(int(host["steps"]), 1),
+        train_accuracy=float(host["correct"]) / max(int(host["count"]), 1))
+    fields = {k: hooks_lib.json_number(v) for k, v in ctx.record.items()}
+    record.update({k: fields.pop(k) for k in ("test_loss", "test_accuracy")
+                   if k in fields})
+    record.update(sparsity=_sparsity(carry.state), epoch_seconds=self.elapsed,
+                  steps_per_second=self.steps_run / max(self.elapsed, 1e-9))
+    record.update({n: float(fn(step - 1)) for n, fn in ctx.scalars.items()})
+    record.update(fields)
+    self.bar.clear()  # keep the log line off the bar's line
+    logger.info("epoch %d/%d: %s", ctx.epoch, ctx.num_epochs, ", ".join(
+        f"{k}={v:.4g}" for k, v in record.items()
+        if k != "epoch" and isinstance(v, (int, float))))
+    self.bar.refresh()
+    self.step_logs.flush()
+    self.log.write(record)
+    metrics = mesh_lib.put_replicated(init_train_metrics(), ctx.mesh)
+    return carry.replace(metrics=metrics)
+
+  def checkpoint(self, step, carry, ctx):
+    stopping = step < ctx.total_steps and self.stop_requested(step)
+    if (ctx.epoch % self.options.checkpoint_every_epochs == 0 or stopping
+        or step in (ctx.end_step, ctx.total_steps)):
+      self.save(carry, ctx.epoch, step)
+      self.last_good = (step, ctx.epoch)
+    if stopping:
+      self.ckpts.wait()
+      logger.warning("SIGTERM: saved checkpoint %s (end of epoch %d); "
+                     "exiting. Rerun the same command to resume.",
+                     self.ckpts.step_dir(step), ctx.epoch)
+      ctx.stop = "preempted"
+
+
+def _run_callbacks(callbacks, step, carry, ctx, *, fresh_start=False):
+  """Runs the due callbacks in order; the carry they return replaces the
+  carry (its hook states copied: they may share arrays with the state, and
+  both are donated to the next step)."""
+  for cb in callbacks:
+    if not (cb.at_fresh_start if fresh_start else cb.due(step, ctx)):
+      continue
+    changed = cb(step, carry, ctx)
+    if changed is None or changed is carry:
+      continue
+    if ckpt_lib.tree_signature(changed) != ckpt_lib.tree_signature(carry):
+      raise ValueError(f"callback {cb!r} changed the structure, shapes or "
+                       "dtypes of the carry")
+    if changed.hook_states is not carry.hook_states:
+      changed = changed.replace(
+          hook_states=jax.tree.map(jnp.copy, changed.hook_states))
+    carry = changed
+    if fresh_start:
+      carry = mesh_lib.put_replicated(carry, ctx.mesh)
+  return carry
+
+
+def _check_args(dataset, num_epochs, batch_size, stop_at_step, scalars):
+  n_train = int(dataset.train_images.shape[0])
+  if int(num_epochs) < 1:
+    raise ValueError(f"num_epochs must be >= 1, got {num_epochs}")
+  spe = schedules.steps_per_epoch(n_train, int(batch_size))
+  total_steps = int(num_epochs) * spe
+  if stop_at_step is not None and int(stop_at_step) < 0:
+    raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
+  end_step = (total_steps if stop_at_step is None
+              else min(int(stop_at_step), total_steps))
+  clash = sorted(set(scalars) & set(RECORD_KEYS))
+  if clash:
+    raise ValueError(f"scalar names {clash} are taken by the epoch record")
+  return n_train, spe, total_steps, end_step
+
+
+def fit(model: nn.Module, dataset: data_lib.Dataset,
+        workdir: str | os.PathLike, *,
+        init: state_lib.TrainState | Callable[[], state_lib.TrainState],
+        num_epochs: int,
+        batch_size: int, seed: int = 0, loss_fn: losses.LossFn | None = None,
         scalars: Mapping[str, optax.Schedule] | None = None,
-        hooks: Sequence[hooks_lib.Hook] = ()) -> FitResult:
+        hooks: Sequence[hooks_lib.StepHook] = (),
+        callbacks: Sequence[hooks_lib.Callback] = (),
+        mesh: jax.sharding.Mesh | None = None,
+        stop_at_step: int | None = None,
+        options: FitOptions = FitOptions()) -> FitResult:
   """Trains ``model`` on ``dataset``; checkpointed, resumable, logged.
 
   Resumes automatically from the newest readable checkpoint in
   ``workdir/checkpoints``. Writes ``workdir/metrics.jsonl`` (one JSON record
-  per epoch: ``epoch``, ``step``, ``lr`` (without a ``tx`` argument),
-  ``train_loss``, ``train_accuracy``, ``test_loss``, ``test_accuracy``,
-  ``sparsity`` (of the mask in the state at the epoch's end), ``epoch_seconds``,
+  per epoch: ``epoch``, ``step``, ``lr`` (the learning rate of the epoch's
+  last update, read from the optimiser state when it carries one:
+  :attr:`sparsejax.state.TrainState.learning_rate`), ``train_loss``,
+  ``train_accuracy``, ``test_loss``, ``test_accuracy``, ``sparsity`` (of the
+  mask in the state at the epoch's end), ``epoch_seconds``,
   ``steps_per_second``, the value of each scalar at the epoch's last step and
-  the fields added by the hooks), ``workdir/steps.jsonl`` (the hooks'
-  per-step logs, see :attr:`sparsejax.hooks.Hook.log_every_steps`) and TensorBoard events in
-  ``workdir/tb``.
-
-  Config fields (attributes or keys of an ``ml_collections.ConfigDict``):
-    ``seed``, ``num_epochs``, ``batch_size``, ``eval_batch_size`` (500),
-    the optimiser and schedule fields of
-    :func:`sparsejax.schedules.make_optimizer` (unless ``tx`` is given),
-    ``label_smoothing`` (0; for the default loss), ``augment`` (``None`` = the
-    dataset's default), ``max_to_keep`` (3), ``async_checkpointing`` (True),
-    ``progress_bar`` (True; shown only on a terminal), ``log_every_steps``
-    (50: progress-bar loss and non-finite check), ``eval_every_epochs`` (1),
-    ``checkpoint_every_epochs`` (1; the last epoch, ``stop_at_step`` and
-    SIGTERM always save) and ``tensorboard`` (True).
+  the fields the callbacks add), ``workdir/steps.jsonl`` (the hooks' per-step
+  logs, see :attr:`sparsejax.hooks.StepHook.logs_at`) and TensorBoard events
+  in ``workdir/tb``.
 
   Args:
-    config: the run configuration.
-    workdir: run directory: a local directory or any path ``etils.epath``
-      and Orbax accept (e.g. ``gs://bucket/run``).
     model: linen module.
     dataset: a :class:`sparsejax.data.Dataset`.
-    mask: ``None`` (dense, or ``tx`` holds its own mask), a mask or a callable
-      ``params -> mask``, see :func:`create_train_state`. Not called on
-      resume: the mask comes from the checkpoint.
-    mesh: default :func:`sparsejax.mesh.make_mesh` over all devices.
-    initial_state: start from this state (and its ``tx``) instead of
-      ``create_train_state(model, tx, sample, key(seed), mask)``, e.g. a
-      lottery-ticket rewind point (:func:`sparsejax.lottery.rewind_state`:
-      step ``k``, rewound params, fresh optimiser state holding the new
-      mask). Training continues from ``initial_state.step`` with the
-      schedule and data order of that step. It must have the structure,
-      shapes and dtypes of ``create_train_state(model, initial_state.tx,
-      ...)``; then pass neither ``mask`` nor ``tx``. Used on resume for its
-      ``tx`` only.
-    stop_at_step: train only up to this global step, save a checkpoint there
-      (also mid-epoch) and return; a later call without it continues exactly
-      as if the run had never stopped. ``None``: the whole schedule.
-    tx: the optimiser; default
-      ``sparsejax.schedules.make_optimizer(config, steps_per_epoch)``.
+    workdir: run directory: a local directory or any path ``etils.epath``
+      and Orbax accept (e.g. ``gs://bucket/run``).
+    init: the initial train state, or a zero-argument function making one
+      (e.g. ``lambda: state.create_train_state(model, tx, sample, key)``).
+      Its layout (traced with ``jax.eval_shape``: a mask function inside is
+      traced, not run) is the checkpoints'; the function is called only on a
+      fresh start. On resume the arrays come from the checkpoint and the
+      optimiser (``state.tx``) from ``init``'s state. A state that does not
+      start at step 0 (e.g. a lottery-ticket rewind point,
+      :func:`sparsejax.lottery.rewind_state`) continues with the schedule and
+      data order of its step.
+    num_epochs: epochs of the schedule.
+    batch_size: global batch size (full batches only,
+      :func:`sparsejax.schedules.steps_per_epoch`).
+    seed: the data order's seed (:func:`sparsejax.data.epoch_permutation`).
     loss_fn: ``loss_fn(logits, labels, scalars) -> per-example loss``; default
-      cross-entropy with label smoothing ``scalars["label_smoothing"]`` if
-      that scalar is given, else ``config.label_smoothing``.
+      :func:`sparsejax.losses.smoothed_cross_entropy` ``()``.
     scalars: ``{name: optax.Schedule}`` of the global step, evaluated inside
       the jitted train and eval steps (see :func:`make_train_step`), e.g.
       ``{"act_coef": schedules.hold_then_ramp(1.0, 0.0, 500, 2000)}``.
-    hooks: :class:`sparsejax.hooks.Hook` objects; their states are checkpointed with the
-      train state.
+    hooks: :class:`sparsejax.hooks.StepHook` s, traced in the step; their
+      states are checkpointed with the train state.
+    callbacks: :class:`sparsejax.hooks.Callback` s, run on the host after
+      the steps they are due at, before fit's own.
+    mesh: default :func:`sparsejax.mesh.make_mesh` over all devices.
+    stop_at_step: train only up to this global step, save a checkpoint there
+      (also mid-epoch) and return; a later call without it continues exactly
+      as if the run had never stopped. ``None``: the whole schedule.
+    options: :class:`FitOptions`.
 
   Returns:
     A :class:`FitResult`.
@@ -627,10 +756,9 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
     CheckpointMismatchError: ``workdir`` holds checkpoints of a different
       run (another model, mask, optimiser state, hook states, batch size,
       seed or dataset).
-    ValueError: a batch size larger than the training set; both ``mask``
-      (or ``tx``) and ``initial_state``, or an ``initial_state`` of another
-      structure; a negative ``stop_at_step``; a scalar named like a record
-      field.
+    ValueError: a batch size larger than the training set; an ``init`` of
+      another model; a negative ``stop_at_step``; a scalar named like a
+      record field.
   """
   workdir = _paths.resolve(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -638,245 +766,96 @@ def fit(config, workdir: str | os.PathLike, *, model: nn.Module,
   mesh_lib.assert_same_across_processes(
       (dataset.train_images, dataset.train_labels, dataset.test_images,
        dataset.test_labels), what=f"dataset {dataset.name!r}")
-  cfg = functools.partial(schedules.config_value, config)
-  seed = int(cfg("seed", 0))
-  num_epochs = int(cfg("num_epochs"))
-  batch_size = int(cfg("batch_size"))
-  n_train = int(dataset.train_images.shape[0])
-  spe = schedules.steps_per_epoch(n_train, batch_size)
-  total_steps = num_epochs * spe
-  if stop_at_step is not None and int(stop_at_step) < 0:
-    raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
-  end_step = (total_steps if stop_at_step is None
-              else min(int(stop_at_step), total_steps))
-  if initial_state is not None and mask is not None:
-    raise ValueError("pass either mask or initial_state (whose optimiser state "
-                     "holds the mask), not both")
-  if initial_state is not None and tx is not None:
-    raise ValueError("pass either tx or initial_state (which carries its "
-                     "optimiser, initial_state.tx), not both")
   scalars = dict(scalars or {})
-  clash = sorted(set(scalars) & set(RECORD_KEYS))
-  if clash:
-    raise ValueError(f"scalar names {clash} are taken by the epoch record")
+  n_train, spe, total_steps, end_step = _check_args(
+      dataset, num_epochs, batch_size, stop_at_step, scalars)
   hooks = hooks_lib.check_hooks(hooks)
-  augment = cfg("augment", None)
-  augment = bool(dataset.augment if augment is None else augment)
-  log_every = max(1, int(cfg("log_every_steps", 50)))
-  eval_every = max(1, int(cfg("eval_every_epochs", 1)))
-  ckpt_every = max(1, int(cfg("checkpoint_every_epochs", 1)))
-
-  lr = schedules.lr_schedule(config, spe) if tx is None else None
-  if initial_state is not None:
-    tx = initial_state.tx
-  elif tx is None:
-    tx = schedules.make_optimizer(config, spe)
-  if loss_fn is None:
-    loss_fn = losses.smoothed_cross_entropy(float(cfg("label_smoothing", 0.0)))
+  callbacks = hooks_lib.check_callbacks(callbacks)
+  augment = bool(dataset.augment if options.augment is None else options.augment)
+  loss_fn = losses.smoothed_cross_entropy() if loss_fn is None else loss_fn
   sample = jnp.zeros((1,) + tuple(dataset.train_images.shape[1:]), jnp.float32)
-  rng = jax.random.key(seed)
+  abstract_state, abstract = _layout(init, model, sample, hooks, mesh)
+  meta = {"batch_size": int(batch_size), "num_train": n_train,
+          "steps_per_epoch": spe, "seed": int(seed),
+          "state_signature": ckpt_lib.tree_signature(abstract)}
   train_step = make_train_step(
-      model, mesh=mesh, batch_size=batch_size, mean=dataset.mean,
+      model, mesh=mesh, batch_size=int(batch_size), mean=dataset.mean,
       std=dataset.std, augment=augment, loss_fn=loss_fn, scalars=scalars,
       hooks=hooks)
   eval_step = make_eval_step(model, mesh=mesh, mean=dataset.mean,
                              std=dataset.std, scalars=scalars)
-  epoch_perm = jax.jit(
-      functools.partial(data_lib.epoch_permutation, n=n_train),
-      out_shardings=mesh_lib.replicated(mesh))
-
-  # The layout of the state fit trains (and of its checkpoints). A mask
-  # function is not called for it (it may be costly): the all-ones mask has
-  # the same layout.
-  wrap = mask is not None
-  abstract_state = jax.eval_shape(lambda: create_train_state(
-      model, tx, sample, rng, mask=masks_lib.ones_like if wrap else None))
-  stateful = [h for h in hooks
-              if jax.eval_shape(h.init, abstract_state) is not None]
-  tree = {"state": abstract_state, "metrics": init_train_metrics()}
-  if stateful:
-    tree["hooks"] = {h.key: jax.eval_shape(h.init, abstract_state)
-                     for h in stateful}
-  abstract = ckpt_lib.abstract(tree, mesh_lib.replicated(mesh))
-  meta_expected = {"batch_size": batch_size, "num_train": n_train,
-                   "steps_per_epoch": spe, "seed": seed,
-                   "state_signature": ckpt_lib.tree_signature(abstract)}
-  if initial_state is not None and (ckpt_lib.tree_signature(initial_state)
-                                    != ckpt_lib.tree_signature(abstract_state)):
-    raise ValueError(
-        "initial_state does not have the structure, shapes and dtypes of the "
-        "train state of this model and optimiser (dense or with a mask)")
+  epoch_perm = jax.jit(functools.partial(data_lib.epoch_permutation, n=n_train),
+                       out_shardings=mesh_lib.replicated(mesh))
+  ctx = hooks_lib.FitContext(
+      model=model, dataset=dataset, mesh=mesh, steps_per_epoch=spe,
+      scalars=scalars, num_epochs=int(num_epochs), batch_size=int(batch_size),
+      seed=int(seed), augment=augment, loss_fn=loss_fn,
+      evaluate=functools.partial(
+          evaluate, model, images=dataset.test_images, labels=dataset.test_labels,
+          mean=dataset.mean, std=dataset.std, batch_size=options.eval_batch_size,
+          mesh=mesh, eval_step=eval_step),
+      total_steps=total_steps, end_step=end_step)
+  for cb in callbacks:
+    cb.check(ctx)
 
   with contextlib.ExitStack() as cleanup:
     ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints",
-                                 max_to_keep=int(cfg("max_to_keep", 3)),
-                                 async_save=bool(cfg("async_checkpointing", True)))
+                                 max_to_keep=options.max_to_keep,
+                                 async_save=options.async_checkpointing)
     cleanup.callback(ckpts.close)
-
-    def check_meta(step, meta):
-      ckpt_lib.check_same_run(
-          meta, meta_expected, where=f"checkpoint {ckpts.step_dir(step)}",
-          fields=meta_expected, what="another model, mask, optimiser, hooks, "
-          "batch size, seed or dataset")
-
-    evaluate_test = functools.partial(
-        evaluate, model, images=dataset.test_images, labels=dataset.test_labels,
-        mean=dataset.mean, std=dataset.std,
-        batch_size=int(cfg("eval_batch_size", 500)), mesh=mesh,
-        eval_step=eval_step)
-    ctx = hooks_lib.FitContext(model=model, dataset=dataset, mesh=mesh,
-                               config=config, steps_per_epoch=spe,
-                               scalars=scalars, loss_fn=loss_fn,
-                               evaluate=evaluate_test, num_epochs=num_epochs)
-    for hook in hooks:
-      hook.check(ctx)
-    found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
-    if found is not None:
-      resumed_from, restored, meta = found
-      state, metrics = restored["state"], restored["metrics"]
-      hook_states = dict(restored.get("hooks", {}))
-      # The restored arrays in the layout of abstract_state; the transformation
-      # is this run's (with the checkpoint's mask when fit wraps it).
-      state = state.replace(tx=optim.masked(tx, state.mask) if wrap else tx)
-      epochs_done = int(meta["epoch"])
-      last_good = (resumed_from, epochs_done)
-      logger.info("Resumed from checkpoint %s (epoch %d, global step %d).",
-                  ckpts.step_dir(resumed_from), epochs_done, resumed_from)
-    else:
-      if ckpts.all_steps() or epath.Path(ckpts.quarantine_dir).is_dir():
-        logger.warning("No readable checkpoint in %s; starting from scratch.",
-                       ckpts.directory)
-      state = mesh_lib.put_replicated(
-          create_train_state(model, tx, sample, rng, mask=mask)
-          if initial_state is None else initial_state, mesh)
-      for hook in hooks:
-        if hooks_lib.overrides(hook, "fresh_start"):
-          changed = hook.fresh_start(state, ctx)
-          if (ckpt_lib.tree_signature(changed)
-              != ckpt_lib.tree_signature(state)):
-            raise ValueError(f"hook {hook.key!r}: fresh_start changed the "
-                             "structure, shapes or dtypes of the train state")
-          state = mesh_lib.put_replicated(changed, mesh)
-      metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
-      # Copies: a hook state may hold arrays of the train state (e.g. its
-      # mask), and both are donated to the step.
-      hook_states = mesh_lib.put_replicated(
-          {h.key: jax.tree.map(np.array, h.init(state)) for h in stateful}, mesh)
-      resumed_from, epochs_done, last_good = None, 0, None
-
-    step = int(jax.device_get(state.step))
-    log = metrics_log.MetricsLog(workdir, epochs_done,
-                                 tensorboard=bool(cfg("tensorboard", True)))
+    carry, resumed_from, epochs_done = _start(
+        init, abstract_state, abstract, ckpts, meta, hooks, mesh)
+    step = int(jax.device_get(carry.state.step))
+    log = metrics_log.MetricsLog(workdir, epochs_done, tensorboard=options.tensorboard)
     cleanup.callback(log.close)
-    step_logs = hooks_lib.PendingStepLogs(hooks,
-                                          metrics_log.StepLog(workdir, step))
-    host_hooks = [h for h in hooks if hooks_lib.overrides(h, "after_step_host")]
-    epoch_hooks = [h for h in hooks if hooks_lib.overrides(h, "epoch_end")]
+    loop = _Loop(ctx, ckpts, meta, options, hooks_lib.PendingStepLogs(
+        hooks, metrics_log.StepLog(workdir, step)), log, total_steps, step)
+    cleanup.callback(loop.bar.close)
+    cleanup.enter_context(loop.stop_signal)
+    loop.last_good = (resumed_from, epochs_done) if resumed_from is not None else None
+    if resumed_from is None:
+      carry = _run_callbacks(callbacks, step, carry, ctx, fresh_start=True)
+    all_callbacks = loop.callbacks(callbacks)
     images = mesh_lib.put_replicated(np.asarray(dataset.train_images), mesh)
     labels = mesh_lib.put_replicated(
         np.asarray(dataset.train_labels, np.int32), mesh)
-    show_bar = bool(cfg("progress_bar", True)) and sys.stderr.isatty()
-    bar = tqdm.tqdm(total=total_steps, initial=step, unit="step",
-                    disable=not show_bar, dynamic_ncols=True, leave=False)
-    cleanup.callback(bar.close)
-    stop = cleanup.enter_context(ckpt_lib.StopSignal())
-    preempted = False
-
-    def stop_requested() -> bool:
-      if jax.process_count() == 1:
-        return stop.signum is not None
-      return bool(ckpts.manager.reached_preemption(step))
-
-    def check_finite(host_metrics):
-      bad = int(host_metrics["first_bad_step"])
-      if bad != _NO_BAD_STEP:
-        step_logs.drop()
-        raise FloatingPointError(_non_finite_message(
-            bad, spe, last_good, ckpts.directory))
-
-    def save(epochs: int):
-      step_logs.flush()
-      tree = {"state": state, "metrics": metrics}
-      if stateful:
-        tree["hooks"] = hook_states
-      ckpts.save(step, tree, dict(meta_expected, epoch=epochs, step=step))
-
-    while step < end_step and not preempted:
-      epoch = step // spe
-      perm = epoch_perm(seed, epoch)
-      t0, steps_run = time.perf_counter(), 0
+    while step < end_step and ctx.stop is None:
+      ctx.epoch = step // spe + 1
+      perm = epoch_perm(int(seed), ctx.epoch - 1)
+      loop.start_epoch()
       for k in range(step % spe, spe):
-        state, metrics, hook_states, logs = train_step(
-            state, metrics, images, labels, perm, k, hook_states)
+        carry, ctx.logs = train_step(carry, images, labels, perm, k)
         step += 1
-        steps_run += 1
-        step_logs.add(step, logs)
-        for hook in host_hooks:
-          hook.after_step_host(step)
-        bar.update(1)
-        if step % log_every == 0:
-          host = jax.device_get(metrics)
-          check_finite(host)
-          bar.set_postfix(epoch=epoch + 1, loss="%.4f" % (
-              float(host["loss_sum"]) / max(int(host["steps"]), 1)))
-        if k + 1 < spe:
-          preempted = stop_requested()
-          if preempted or step == end_step:
-            check_finite(jax.device_get(metrics))
-            save(epoch)
-            ckpts.wait()
-            if preempted:
-              logger.warning(
-                  "SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
-                  "exiting. Rerun the same command to resume.",
-                  ckpts.step_dir(step), epoch + 1, k + 1, spe)
-            else:
-              logger.info("Reached stop_at_step: saved checkpoint %s (epoch %d, "
-                          "step %d of %d).", ckpts.step_dir(step), epoch + 1,
-                          k + 1, spe)
-            break
-      if step % spe:  # stopped mid-epoch: no epoch record
-        break
-      host = jax.device_get(metrics)
-      check_finite(host)
-      elapsed = time.perf_counter() - t0
-      record = {"epoch": epoch + 1, "step": step}
-      if lr is not None:
-        record["lr"] = float(lr(step - 1))
-      record.update(
-          train_loss=float(host["loss_sum"]) / max(int(host["steps"]), 1),
-          train_accuracy=float(host["correct"]) / max(int(host["count"]), 1))
-      extra = {name: float(fn(step - 1)) for name, fn in scalars.items()}
-      for hook in epoch_hooks:
-        hook_state, state, fields = hook.epoch_end(
-            hook_states.get(hook.key), state, epoch + 1, ctx)
-        if hook.key in hook_states:  # a copy: it may share arrays with state
-          hook_states[hook.key] = jax.tree.map(jnp.copy, hook_state)
-        extra.update({k: hooks_lib.json_number(v) for k, v in fields.items()})
-      if (epoch + 1) % eval_every == 0 or step == total_steps:
-        ev = evaluate_test(state)
-        record.update(test_loss=ev["loss"], test_accuracy=ev["accuracy"])
-      record.update(sparsity=_sparsity(state), epoch_seconds=elapsed,
-                    steps_per_second=steps_run / max(elapsed, 1e-9))
-      record.update(extra)
-      metrics = mesh_lib.put_replicated(init_train_metrics(), mesh)
-      bar.clear()  # keep the log line off the bar's line
-      logger.info("epoch %d/%d: %s", epoch + 1, num_epochs, ", ".join(
-          f"{k}={v:.4g}" for k, v in record.items()
-          if k != "epoch" and isinstance(v, (int, float))))
-      bar.refresh()
-      step_logs.flush()
-      log.write(record)
-      stopping = step < total_steps and stop_requested()
-      if (epoch + 1) % ckpt_every == 0 or step in (end_step, total_steps) or (
-          stopping):
-        save(epoch + 1)
-        last_good = (step, epoch + 1)
-      if stopping:
-        ckpts.wait()
-        logger.warning("SIGTERM: saved checkpoint %s (end of epoch %d); "
-                       "exiting. Rerun the same command to resume.",
-                       ckpts.step_dir(step), epoch + 1)
-        preempted = True
-  return FitResult(state=state, history=list(log.history), preempted=preempted,
-                   resumed_from=resumed_from, hook_states=hook_states)
+        ctx.epoch_end, ctx.record = k + 1 == spe, {}
+        carry = _run_callbacks(all_callbacks, step, carry, ctx)
+        if ctx.stop is not None:
+          break
+  return FitResult(state=carry.state, history=list(log.history),
+                   preempted=ctx.stop == "preempted", resumed_from=resumed_from,
+                   hook_states=carry.hook_states)
+
+
+def _start(init, abstract_state, abstract, ckpts, meta, hooks, mesh):
+  """``(carry, resumed_from, epochs_done)``: the newest readable checkpoint's
+  carry (with ``init``'s optimiser), else the fresh carry of ``init``."""
+  def check_meta(step, recorded):
+    ckpt_lib.check_same_run(
+        recorded, meta, where=f"checkpoint {ckpts.step_dir(step)}", fields=meta,
+        what="another model, mask, optimiser, hooks, batch size, seed or dataset")
+
+  found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
+  if found is not None:
+    resumed_from, restored, recorded = found
+    # The restored arrays in the layout of init's state, with its optimiser.
+    state = restored["state"].replace(tx=abstract_state.tx)
+    carry = TrainCarry(state=state, metrics=restored["metrics"],
+                       hook_states=dict(restored.get("hooks", {})))
+    logger.info("Resumed from checkpoint %s (epoch %d, global step %d).",
+                ckpts.step_dir(resumed_from), int(recorded["epoch"]), resumed_from)
+    return carry, resumed_from, int(recorded["epoch"])
+  if ckpts.all_steps() or epath.Path(ckpts.quarantine_dir).is_dir():
+    logger.warning("No readable checkpoint in %s; starting from scratch.",
+                   ckpts.directory)
+  state = init() if callable(init) else init
+  carry = mesh_lib.put_replicated(init_carry(state, hooks), mesh)
+  return carry, None, 0

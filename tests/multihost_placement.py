@@ -64,7 +64,7 @@ report["expected_weighted_sum"] = float((x * np.arange(1, 9)[:, None]).sum())
 ds = sj.data.load("digits")
 model = sj.models.get("mlp", 10)
 for name, m in (("interleaved", mesh), ("contiguous", sj.mesh.make_mesh())):
-  state = sj.mesh.put_replicated(sj.train.create_train_state(
+  state = sj.mesh.put_replicated(sj.state.create_train_state(
       model, optax.sgd(0.1), np.zeros((1, *ds.image_shape), np.float32),
       jax.random.key(0)), m)
   report[f"eval_{name}"] = sj.train.evaluate(
@@ -72,11 +72,13 @@ for name, m in (("interleaved", mesh), ("contiguous", sj.mesh.make_mesh())):
       batch_size=100, mesh=m)
 
 # A whole run on the interleaved mesh (its evaluation puts batches too).
-config = dict(seed=0, num_epochs=1, batch_size=64, progress_bar=False,
-              tensorboard=False, async_checkpointing=False,
-              optimizer="sgd", learning_rate=0.1)
-result = sj.train.fit(config, os.path.join(workdir, "run"), model=model,
-                      dataset=ds, mesh=mesh)
+init = lambda: sj.state.create_train_state(
+    model, sj.schedules.make_optimizer(0.1),
+    np.zeros((1, *ds.image_shape), np.float32), jax.random.key(0))
+fit_args = dict(init=init, num_epochs=1, batch_size=64, mesh=mesh,
+                options=sj.train.FitOptions(progress_bar=False, tensorboard=False,
+                                            async_checkpointing=False))
+result = sj.train.fit(model, ds, os.path.join(workdir, "run"), **fit_args)
 report["fit_test_accuracy"] = result.history[-1]["test_accuracy"]
 
 # make_mesh(n < all devices): the same number from each process, or refused.
@@ -92,8 +94,7 @@ except ValueError as e:
 # Process 1 loads another subset: fit refuses before training, naming it.
 other = ds if process_id == 0 else sj.data.load("digits", train_subset=1000)
 try:
-  sj.train.fit(config, os.path.join(workdir, "mismatch"), model=model,
-               dataset=other, mesh=mesh)
+  sj.train.fit(model, other, os.path.join(workdir, "mismatch"), **fit_args)
   report["mismatch_error"] = None
 except ValueError as e:
   report["mismatch_error"] = str(e)

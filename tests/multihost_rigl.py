@@ -35,15 +35,18 @@ assert jax.device_count() == 8, jax.devices()
 ds = sj.data.load("digits")
 model = sj.models.get("lenet5", 10)
 sample = jax.numpy.zeros((1, *ds.image_shape))
-params = jax.eval_shape(lambda: sj.train.init_variables(
+params = jax.eval_shape(lambda: sj.state.init_variables(
     model, sample, jax.random.key(0))["params"])
-mask = sj.dst.random_mask(jax.random.key(1), params, 0.8, budget="erk")
-tx = sj.dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=80,
-                 update_every=8)
-config = dict(seed=0, num_epochs=2, batch_size=64, progress_bar=False,
-              tensorboard=False, async_checkpointing=False, log_every_steps=11)
-result = sj.train.fit(config, workdir, model=model, dataset=ds, tx=tx,
-                      hooks=[sj.dst.MaskChurn()])
+mask = sj.masks.random_mask(jax.random.key(1), params, 0.8, budget=sj.budgets.ERK())
+tx = sj.dst.rigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=80,
+                           update_every=8)
+churn = sj.dst.MaskChurn()
+result = sj.train.fit(
+    model, ds, workdir, init=lambda: sj.state.create_train_state(
+        model, tx, sample, jax.random.key(0)), num_epochs=2, batch_size=64,
+    hooks=[churn.hook()], callbacks=[churn.callback()],
+    options=sj.train.FitOptions(progress_bar=False, tensorboard=False,
+                                async_checkpointing=False, log_every_steps=11))
 state = result.state
 leaves = {
     **{f"mask/{p}": np.asarray(jax.device_get(m))

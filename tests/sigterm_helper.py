@@ -1,7 +1,7 @@
 """Test aid: the process sends itself SIGTERM after a given global step.
 
 Exercises the preemption path of :func:`sparsejax.train.fit` at an exact step,
-with a host-side :class:`sparsejax.hooks.Hook` added to every ``fit`` call:
+with a :class:`sparsejax.hooks.Callback` added to every ``fit`` call:
 
   with sigterm_at_step(50):
     result = experiments.common.run(config, workdir)   # stops after step 50
@@ -23,15 +23,15 @@ import sys
 from sparsejax import hooks, train
 
 
-class SigtermAt(hooks.Hook):
-  """Sends SIGTERM to this process after global step ``step`` (stateless)."""
+class SigtermAt(hooks.Callback):
+  """Sends SIGTERM to this process after global step ``step``."""
 
-  name = "sigterm_at"
+  every_steps = 1
 
   def __init__(self, step: int):
     self.step = int(step)
 
-  def after_step_host(self, step: int) -> None:
+  def __call__(self, step, carry, ctx):
     if step == self.step:
       os.kill(os.getpid(), signal.SIGTERM)
 
@@ -40,8 +40,8 @@ def _patch_fit(step: int):
   original = train.fit
 
   @functools.wraps(original)
-  def fit(*args, hooks=(), **kwargs):
-    return original(*args, hooks=(*hooks, SigtermAt(step)), **kwargs)
+  def fit(*args, callbacks=(), **kwargs):
+    return original(*args, callbacks=(*callbacks, SigtermAt(step)), **kwargs)
 
   train.fit = fit
   return original

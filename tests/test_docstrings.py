@@ -16,11 +16,13 @@ import pytest
 
 import sparsejax.models
 
-MODULES = ["sparsejax.masks", "sparsejax.nm", "sparsejax.optim", "sparsejax.scores",
-           "sparsejax.diagnostics", "sparsejax.dst", "sparsejax.gradient_flow",
+MODULES = ["sparsejax.budgets", "sparsejax.masks", "sparsejax.nm", "sparsejax.optim",
+           "sparsejax.scores", "sparsejax.diagnostics", "sparsejax.dst",
+           "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
            "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
-           "sparsejax.models"] + [
+           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks",
+           "sparsejax.models", "sparsejax.modeling"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -55,9 +57,11 @@ def test_docstring_example(test):
 def test_the_main_public_functions_have_examples():
   names = {t.name for t in EXAMPLES}
   for name in ["masks.topk_mask", "masks.keep_top", "masks.Prunable", "masks.apply",
-               "masks.summary", "optim.masked", "optim.reset_moments",
+               "masks.summary", "optim.sparse", "optim.reset_moments",
                "scores.prune_at_init", "lottery.prune_level", "data",
-               "models.layer_order"]:
+               "budgets.parse", "budgets.ERK.densities", "masks.random_mask",
+               "models.layer_order", "state", "schedules.lr_schedule",
+               "schedules.make_optimizer", "optim.find_hyperparam"]:
     assert f"sparsejax.{name}" in names
 
 

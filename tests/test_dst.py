@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import dst, masks, optim
+from sparsejax import budgets, dst, masks, optim
 
 
 def _b(*xs):
@@ -107,12 +107,12 @@ def _loop(tx, params, n, *, seed=1):
 @pytest.mark.parametrize("method", ["set", "rigl"])
 def test_counts_preserved_and_pruned_exactly_zero_over_100_updates(method):
   params = _params()
-  mask = dst.random_mask(jax.random.key(2), params, 0.8, budget="erk")
+  mask = masks.random_mask(jax.random.key(2), params, 0.8, budget=budgets.ERK())
   params = masks.apply(params, mask)
   inner = optax.sgd(0.05, momentum=0.9)
   kw = dict(update_every=1, start_step=0)
-  tx = (dst.set(inner, mask, drop_fraction=0.3, **kw) if method == "set"
-        else dst.rigl(inner, mask, end_step=1000, **kw))
+  tx = (dst.set_optimizer(inner, mask, drop_fraction=0.3, **kw) if method == "set"
+        else dst.rigl_optimizer(inner, mask, end_step=1000, **kw))
   params, state, seen = _loop(tx, params, 100)
   assert int(state.mask_updates) == 100
   for m in seen:
@@ -130,8 +130,8 @@ def test_rigl_update_by_hand_with_skipped_weight_update():
   params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
   mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
   grads = {"w": jnp.array([[1., 0., 1.], [0.2, 0.9, 0.2]])}
-  tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
-                update_every=1, start_step=0)
+  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
+                          update_every=1, start_step=0)
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
@@ -146,8 +146,8 @@ def test_rigl_update_applied_when_not_skipped():
   params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
   mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
   grads = {"w": jnp.array([[1., 0., 1.], [0.2, 0.9, 0.2]])}
-  tx = dst.rigl(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
-                update_every=1, start_step=0, skip_update=False)
+  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, end_step=100, drop_fraction=0.34,
+                          update_every=1, start_step=0, skip_update=False)
   state = tx.init(params)
   updates, state = tx.update(grads, state, params)
   new = optax.apply_updates(params, updates)
@@ -156,8 +156,8 @@ def test_rigl_update_applied_when_not_skipped():
 
 def test_no_mask_update_between_update_steps():
   params = _params()
-  mask = dst.random_mask(jax.random.key(2), params, 0.8, budget="uniform")
-  tx = dst.set(optax.sgd(0.1), mask, update_every=5, end_step=12)
+  mask = masks.random_mask(jax.random.key(2), params, 0.8, budget=budgets.Uniform())
+  tx = dst.set_optimizer(optax.sgd(0.1), mask, update_every=5, end_step=12)
   _, state, seen = _loop(tx, masks.apply(params, mask), 20)
   changed = [i for i in range(20) if float(dst.mask_churn(
       seen[i - 1] if i else mask, seen[i])) > 0]
@@ -174,8 +174,8 @@ def test_regrown_weights_zero_with_zero_moments(name, inner, moment_fields):
   # 2-D: the default prunability predicate only takes kernels (ndim > 1).
   params = {"w": jnp.array([[0.5, -0.1, 0.3], [0., 0., 0.]])}
   mask = {"w": jnp.array([[1, 1, 1], [0, 0, 0]], bool)}
-  tx = dst.rigl(inner, mask, end_step=100, drop_fraction=0.34,
-                update_every=1, start_step=0)
+  tx = dst.rigl_optimizer(inner, mask, end_step=100, drop_fraction=0.34,
+                          update_every=1, start_step=0)
   state = tx.init(params)
   # Pretend every moment is 1 (e.g. left over from earlier activity).
   state = state._replace(masked=state.masked._replace(
@@ -205,8 +205,8 @@ def test_regrown_weights_zero_with_zero_moments(name, inner, moment_fields):
 ], ids=["nesterov", "adamw", "chain", "inject_hyperparams"])
 def test_works_with_common_optimisers(inner):
   params = _params()
-  mask = dst.random_mask(jax.random.key(3), params, 0.7, budget="erk")
-  tx = dst.rigl(inner, mask, end_step=50, update_every=2, start_step=0)
+  mask = masks.random_mask(jax.random.key(3), params, 0.7, budget=budgets.ERK())
+  tx = dst.rigl_optimizer(inner, mask, end_step=50, update_every=2, start_step=0)
   params, state, _ = _loop(tx, masks.apply(params, mask), 10)
   final = optim.get_mask(state)
   assert _counts(final) == _counts(mask)
@@ -217,9 +217,9 @@ def test_works_with_common_optimisers(inner):
 
 def test_nan_gradient_at_pruned_position_never_reaches_kept_weights():
   params = _params()
-  mask = dst.random_mask(jax.random.key(4), params, 0.8, budget="uniform")
+  mask = masks.random_mask(jax.random.key(4), params, 0.8, budget=budgets.Uniform())
   params = masks.apply(params, mask)
-  tx = dst.set(optax.adam(1e-2), mask, update_every=3, start_step=0)
+  tx = dst.set_optimizer(optax.adam(1e-2), mask, update_every=3, start_step=0)
   state = tx.init(params)
   step = jax.jit(tx.update)
   for _ in range(7):
@@ -232,9 +232,9 @@ def test_nan_gradient_at_pruned_position_never_reaches_kept_weights():
 
 def test_one_trace_and_no_host_callbacks():
   params = _params()
-  mask = dst.random_mask(jax.random.key(2), params, 0.8)
-  tx = dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
-                update_every=2, start_step=0)
+  mask = masks.random_mask(jax.random.key(2), params, 0.8)
+  tx = dst.rigl_optimizer(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
+                          update_every=2, start_step=0)
   traces = []
 
   def step(params, state, grads):
@@ -261,8 +261,8 @@ def test_gmp_follows_the_cubic_schedule_step_by_step():
   params = _params()
   mask = masks.ones_like(params)
   n = 20 * 30 + 30 * 10  # prunable entries
-  tx = dst.gmp(optax.sgd(0.01), mask, final_sparsity=0.9, start_step=0,
-               end_step=10, update_every=1)
+  tx = dst.gmp_optimizer(optax.sgd(0.01), mask, final_sparsity=0.9, start_step=0,
+                         end_step=10, update_every=1)
   _, state, seen = _loop(tx, params, 14)
   s = dst.cubic_sparsity(0.0, 0.9, 0, 10)
   for t, m in enumerate(seen):
@@ -274,11 +274,11 @@ def test_gmp_follows_the_cubic_schedule_step_by_step():
 
 def test_granet_prunes_then_regrows_at_constant_density():
   params = _params()
-  mask = dst.random_mask(jax.random.key(5), params, 0.5, budget="erk")
+  mask = masks.random_mask(jax.random.key(5), params, 0.5, budget=budgets.ERK())
   n = 20 * 30 + 30 * 10
-  tx = dst.granet(optax.sgd(0.01), mask, initial_sparsity=0.5,
-                  final_sparsity=0.8, start_step=0, end_step=4,
-                  regrow_end_step=10, update_every=2)
+  tx = dst.granet_optimizer(optax.sgd(0.01), mask, initial_sparsity=0.5,
+                            final_sparsity=0.8, start_step=0, end_step=4,
+                            regrow_end_step=10, update_every=2)
   _, state, seen = _loop(tx, masks.apply(params, mask), 12)
   kernels = lambda m: int(m["dense1"]["kernel"].sum() + m["dense2"]["kernel"].sum())
   s = dst.cubic_sparsity(0.5, 0.8, 0, 4)
@@ -293,14 +293,14 @@ def test_granet_prunes_then_regrows_at_constant_density():
 
 def test_dst_state_works_with_optim_helpers():
   params = _params()
-  mask = dst.random_mask(jax.random.key(2), params, 0.8)
-  tx = dst.set(optax.sgd(0.1, momentum=0.9), mask)
+  mask = masks.random_mask(jax.random.key(2), params, 0.8)
+  tx = dst.set_optimizer(optax.sgd(0.1, momentum=0.9), mask)
   state = tx.init(params)
   assert optim.find_mask(state) is not None
   np.testing.assert_array_equal(optim.get_mask(state)["dense1"]["kernel"],
                                 mask["dense1"]["kernel"])
   with pytest.raises(ValueError, match="update_every"):
-    dst.set(optax.sgd(0.1), mask, update_every=0)
+    dst.set_optimizer(optax.sgd(0.1), mask, update_every=0)
   with pytest.raises(ValueError, match="needs params"):
     tx.update(params, state)
 
@@ -319,11 +319,11 @@ def test_flax_nnx_optimizer():
 
   model = MLP(nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
-  mask = dst.random_mask(jax.random.key(1), params, 0.75, budget="uniform")
+  mask = masks.random_mask(jax.random.key(1), params, 0.75, budget=budgets.Uniform())
   nnx.update(model, masks.apply(params, mask))
   optimizer = nnx.Optimizer(
-      model, dst.rigl(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
-                      update_every=2, start_step=0), wrt=nnx.Param)
+      model, dst.rigl_optimizer(optax.sgd(0.1, momentum=0.9), mask, end_step=100,
+                                update_every=2, start_step=0), wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(2), (32, 8))
   y = jnp.arange(32) % 4
 
@@ -379,10 +379,10 @@ def _granet_case(skip_update=True):
   of k = 1 whose largest gradient is on a weight that step 2's pruning removed."""
   params = {"w": jnp.array([[4., 3.], [2., 1.]])}
   regrow = lambda t: jnp.where(t >= 2, 0.5, 0.0)
-  tx = dst.gmp(optax.sgd(0.1, momentum=0.9), masks.ones_like(params),
-               final_sparsity=0.5, start_step=1, end_step=2, update_every=1,
-               regrow_fraction=regrow, regrow_end_step=10,
-               skip_update=skip_update)
+  tx = dst.gmp_optimizer(optax.sgd(0.1, momentum=0.9), masks.ones_like(params),
+                         final_sparsity=0.5, start_step=1, end_step=2, update_every=1,
+                         regrow_fraction=regrow, regrow_end_step=10,
+                         skip_update=skip_update)
   state = tx.init(params)
   g = {"w": jnp.array([[1., 1.], [1., 1.]])}
   for _ in range(2):  # t = 0 (no update), t = 1 (sparsity 0: nothing changes)
@@ -412,8 +412,8 @@ def test_granet_weight_pruned_and_regrown_in_one_step_restarts_at_zero():
 def test_mask_update_step_leaves_the_optimiser_state_untouched():
   params = {"w": jnp.array([[0.5, -0.1], [0.3, 0.]]), "b": jnp.array([1., 2.])}
   mask = {"w": jnp.array([[True, True], [True, False]]), "b": jnp.ones(2, bool)}
-  tx = dst.rigl(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
-                update_every=2, start_step=2)
+  tx = dst.rigl_optimizer(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
+                          update_every=2, start_step=2)
   state = tx.init(params)
   g = {"w": jnp.array([[1., 2.], [3., 4.]]), "b": jnp.array([1., -1.])}
   for _ in range(2):  # two ordinary steps build Adam's moments
@@ -434,8 +434,8 @@ def test_mask_update_step_leaves_the_optimiser_state_untouched():
                  expected)
   np.testing.assert_array_equal(new_params["b"], params["b"])
   # skip_update=False applies the step: counters and moments advance.
-  tx2 = dst.rigl(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
-                 update_every=2, start_step=2, skip_update=False)
+  tx2 = dst.rigl_optimizer(optax.adam(0.1), mask, end_step=100, drop_fraction=0.34,
+                           update_every=2, start_step=2, skip_update=False)
   s2 = tx2.init(params)
   for _ in range(3):
     _, s2 = tx2.update(g, s2, params)
@@ -443,18 +443,18 @@ def test_mask_update_step_leaves_the_optimiser_state_untouched():
 
 
 @pytest.mark.parametrize("build, match", [
-    (lambda tx, m: dst.rigl(tx, m, end_step=100, drop_fraction=-0.3), r"drop_fraction must be in \[0, 1\], got -0.3"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=100, alpha=1.5), r"alpha must be in \[0, 1\].*1.5"),
-    (lambda tx, m: dst.set(tx, m, drop_fraction=2.0), r"drop_fraction must be in \[0, 1\].*2.0"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=0), r"end_step must be an integer >= 1, got 0"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=-5), r"end_step must be an integer >= 1, got -5"),
-    (lambda tx, m: dst.rigl(tx, m, end_step=50, start_step=60), r"end_step must be after start_step \(60\)"),
-    (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.9, start_step=50, end_step=10), r"end_step must be after start_step \(50\)"),
-    (lambda tx, m: dst.gmp(tx, m, final_sparsity=0.5, initial_sparsity=0.8, start_step=0, end_step=10), r"initial_sparsity \(0.8\) must be <= final_sparsity"),
-    (lambda tx, m: dst.gmp(tx, m, final_sparsity=1.2, start_step=0, end_step=10), r"final_sparsity must be in \[0, 1\)"),
-    (lambda tx, m: dst.granet(tx, m, final_sparsity=0.9, start_step=0, end_step=10, regrow_end_step=20, alpha=-1), r"alpha must be in \[0, 1\]"),
-    (lambda tx, m: dst.set(tx, m, update_every=0), r"update_every must be an integer >= 1, got 0"),
-    (lambda tx, m: dst.set(tx, m, start_step=-1), r"start_step must be an integer >= 0, got -1"),
+    (lambda tx, m: dst.rigl_optimizer(tx, m, end_step=100, drop_fraction=-0.3), r"drop_fraction must be in \[0, 1\], got -0.3"),
+    (lambda tx, m: dst.rigl_optimizer(tx, m, end_step=100, alpha=1.5), r"alpha must be in \[0, 1\].*1.5"),
+    (lambda tx, m: dst.set_optimizer(tx, m, drop_fraction=2.0), r"drop_fraction must be in \[0, 1\].*2.0"),
+    (lambda tx, m: dst.rigl_optimizer(tx, m, end_step=0), r"end_step must be an integer >= 1, got 0"),
+    (lambda tx, m: dst.rigl_optimizer(tx, m, end_step=-5), r"end_step must be an integer >= 1, got -5"),
+    (lambda tx, m: dst.rigl_optimizer(tx, m, end_step=50, start_step=60), r"end_step must be after start_step \(60\)"),
+    (lambda tx, m: dst.gmp_optimizer(tx, m, final_sparsity=0.9, start_step=50, end_step=10), r"end_step must be after start_step \(50\)"),
+    (lambda tx, m: dst.gmp_optimizer(tx, m, final_sparsity=0.5, initial_sparsity=0.8, start_step=0, end_step=10), r"initial_sparsity \(0.8\) must be <= final_sparsity"),
+    (lambda tx, m: dst.gmp_optimizer(tx, m, final_sparsity=1.2, start_step=0, end_step=10), r"final_sparsity must be in \[0, 1\)"),
+    (lambda tx, m: dst.granet_optimizer(tx, m, final_sparsity=0.9, start_step=0, end_step=10, regrow_end_step=20, alpha=-1), r"alpha must be in \[0, 1\]"),
+    (lambda tx, m: dst.set_optimizer(tx, m, update_every=0), r"update_every must be an integer >= 1, got 0"),
+    (lambda tx, m: dst.set_optimizer(tx, m, start_step=-1), r"start_step must be an integer >= 0, got -1"),
 ])
 def test_out_of_range_arguments_are_refused_where_given(build, match):
   mask = {"w": jnp.ones((4, 4), bool)}
@@ -470,7 +470,7 @@ def test_same_shape_layers_update_together_as_each_alone():
   params = {f"d{i}": {"kernel": jax.random.normal(k[i], (12, 8))} for i in range(3)}
   params["head"] = {"kernel": jax.random.normal(k[3], (8, 4))}
   grads = jax.tree.map(lambda p: jax.random.normal(k[4], p.shape), params)
-  mask = dst.random_mask(k[5], params, 0.7)
+  mask = masks.random_mask(k[5], params, 0.7)
   rule = dst.drop_and_grow_rule(0.3)
   got = jax.jit(rule)(mask, params, grads, k[0], 0)
   for name in params:
@@ -487,7 +487,7 @@ def test_rigl_step_does_not_grow_with_the_number_of_same_shape_layers():
   def excess(depth):
     params = {f"d{i}": {"kernel": jnp.ones((16, 16)), "bias": jnp.zeros(16)}
               for i in range(depth)}
-    mask = dst.random_mask(jax.random.key(0), params, 0.8)
+    mask = masks.random_mask(jax.random.key(0), params, 0.8)
 
     def size(tx):
       def step(p, state, x):
@@ -502,8 +502,8 @@ def test_rigl_step_does_not_grow_with_the_number_of_same_shape_layers():
       return len(lowered.as_text().splitlines())
 
     inner = optax.sgd(0.1, momentum=0.9)
-    return (size(dst.rigl(inner, mask, end_step=1000, update_every=10))
-            - size(optim.masked(inner, mask)))
+    return (size(dst.rigl_optimizer(inner, mask, end_step=1000, update_every=10))
+            - size(optim.sparse(inner, mask)))
 
   two, six = excess(2), excess(6)
   assert six - two <= 4 * 40, (two, six)

@@ -13,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+from experiments import common  # noqa: E402
 from experiments import train as exp_train  # noqa: E402
 from experiments.configs import default, digits, grasp_cifar, quickstart, synflow_cifar  # noqa: E402
 from sparsejax import data, schedules  # noqa: E402
@@ -245,7 +246,7 @@ def test_synflow_protocol_preset():
   assert config.nesterov and config.momentum == 0.9 and config.batch_size == 128
   assert config.weight_decay == 5e-4 and config.num_epochs == 160
   assert synflow_cifar.get_config().weight_decay == 1e-4  # resnet18
-  sched = schedules.lr_schedule(config, steps_per_epoch=391)
+  sched = common.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(60 * 391 - 1), sched(60 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)
@@ -255,7 +256,7 @@ def test_grasp_protocol_preset():
   config = grasp_cifar.get_config("resnet32,cifar10")
   assert config.model_kwargs.width == 2 and not config.nesterov
   assert config.weight_decay == 1e-4
-  sched = schedules.lr_schedule(config, steps_per_epoch=391)
+  sched = common.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(80 * 391 - 1), sched(80 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)
@@ -287,3 +288,56 @@ def test_quickstart_prints_the_table(tmp_path):
   assert quickstart.get_config().sparsities == (0.0, 0.5, 0.8, 0.9, 0.95, 0.98)
   assert quickstart.get_config().methods == ("random", "magnitude", "snip",
                                              "grasp", "synflow")
+
+
+# ----------------------------------------------------------------------------
+# From the library tests (which do not import experiments)
+# ----------------------------------------------------------------------------
+
+
+def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  from sparsejax import budgets, nm, sparse_io  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = lambda n: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
+  labels = lambda n: (np.arange(n) % 10).astype(np.int32)
+  dataset = data.Dataset("synthetic", 10, images(16), labels(16), images(8),
+                         labels(8), mean=(0.5,), std=(0.25,), augment=False)
+  config = digits.get_config()
+  config.update(pruner="magnitude", sparsity=0.5, budget="2:4", num_epochs=1,
+                batch_size=8, eval_batch_size=8, progress_bar=False,
+                tensorboard=False, async_checkpointing=False, save_sparse=True)
+  result = exp_train.run(config, str(tmp_path), dataset=dataset)
+  results = json.loads((tmp_path / "results.json").read_text())
+  info = results["sparse_file"]
+  assert info["nbytes"] == os.path.getsize(tmp_path / "model.sparse")
+  assert info["ratio"] < 0.7 and info["checkpoint_nbytes"] > info["nbytes"]
+  tree, mask = sparse_io.load(tmp_path / "model.sparse")
+  for x, y in zip(jax.tree.leaves(jax.device_get(result.state.params)),
+                  jax.tree.leaves(tree["params"])):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  nm.check_nm(mask["params"], budgets.NM(2, 4))
+
+
+def test_experiments_refuse_gmp_with_nm():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.dst, config.budget, config.sparsity = "gmp", "2:4", 0.5
+  with pytest.raises(ValueError, match="cannot keep an N:M budget"):
+    common.resolve_config(ml_collections.ConfigDict(config.to_dict()))
+
+
+def test_runner_anneals_the_activation_blend(tmp_path):
+  """experiments.common feeds the act_coef scalar to fit (from test_fit_hooks)."""
+  cfg = digits.get_config()
+  cfg.update(dict(num_epochs=2, batch_size=32, progress_bar=False,
+                  tensorboard=False, act_coef_schedule=(1.0, 0.0, 1, 1)))
+  result = common.run(cfg, str(tmp_path))
+  # Swish for epoch 1 (44 steps), then linear to ReLU over epoch 2.
+  assert [r["act_coef"] for r in result.history] == pytest.approx(
+      [1.0, 1 - 43 / 44])
+  bad = cfg.copy_and_resolve_references()
+  bad.update(dict(act_coef_schedule=(1.0, 0.0)))
+  with pytest.raises(ValueError, match="act_coef_schedule"):
+    common.resolve_config(bad)
+

@@ -16,8 +16,8 @@ import optax
 import pytest
 from scipy import stats
 
-from sparsejax import data, dst, gradient_flow as gf, hooks, masks, models, train
-from tests.test_fit_hooks import config
+from sparsejax import budgets, data, dst, gradient_flow as gf, hooks, masks, models, state, train
+from tests.test_fit_hooks import run as fit_run
 
 SPE = 43  # (1437 - 50 held out) // 32
 
@@ -68,7 +68,7 @@ def test_dense_mask_gives_the_dense_initialiser(mode, distribution):
 def test_dense_mask_matches_the_models_own_initialiser():
   model = models.get("lenet5", 10)
   sample = jnp.zeros((1, 32, 32, 3))
-  own = train.init_variables(model, sample, jax.random.key(0))["params"]
+  own = state.init_variables(model, sample, jax.random.key(0))["params"]
   mine = gf.sparse_init(jax.random.key(1), own, masks.ones_like(own),
                         scale=model.init_gain)
   for (path, a), b in zip(masks.named_leaves(own), jax.tree.leaves(mine)):
@@ -110,7 +110,7 @@ def test_fans_count_the_receptive_field():
 
 def test_sparse_init_is_jittable_and_keeps_other_leaves():
   model = models.get("lenet5", 10)
-  params = train.init_variables(model, jnp.zeros((1, 16, 16, 3)),
+  params = state.init_variables(model, jnp.zeros((1, 16, 16, 3)),
                                 jax.random.key(0))["params"]
   mask = jax.tree.map(lambda p: jax.random.bernoulli(jax.random.key(1), 0.1, p.shape),
                       params)
@@ -131,9 +131,9 @@ def test_sparse_init_raises_the_flow_of_a_sparse_network():
   """SPEC §5's premise on a 95% sparse LeNet-5: the dense initialiser shrinks
   the signal with depth, sparse_init restores it."""
   model = models.get("lenet5", 10)
-  params = train.init_variables(model, jnp.zeros((1, 16, 16, 3)),
+  params = state.init_variables(model, jnp.zeros((1, 16, 16, 3)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.95, budget="erk")
+  mask = masks.random_mask(jax.random.key(1), params, 0.95, budget=budgets.ERK())
   x = jax.random.normal(jax.random.key(3), (32, 16, 16, 3))
   y = jnp.arange(32) % 10
   norms = jax.jit(lambda p: gf.masked_grad_norms(model, p, (x, y), mask)[0])
@@ -183,9 +183,9 @@ def test_grad_norm_by_hand():
 
 def test_grad_norms_match_jax_grad_on_a_masked_mlp():
   model = models.get("mlp", 10, hidden=(16,))
-  params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
+  params = state.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.7, budget="uniform")
+  mask = masks.random_mask(jax.random.key(1), params, 0.7, budget=budgets.Uniform())
   x = jax.random.normal(jax.random.key(2), (12, 8, 8, 1))
   y = jnp.arange(12) % 10
 
@@ -234,20 +234,21 @@ def test_update_steps_on_host_and_traced():
 def test_hook_logs_flow_and_before_after_rigl_updates(split, tmp_path):
   rest, batch = split
   model = models.get("mlp", 10)
-  params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
+  params = state.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                 jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
-  tx = dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
+  mask = masks.random_mask(jax.random.key(1), params, 0.9, budget=budgets.ERK())
+  tx = dst.rigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
   flow = gf.GradientFlow(model, batch, every=25,
                          update_steps=gf.UpdateSteps(10, end_step=70))
-  result = train.fit(config(num_epochs=2), tmp_path, model=model, dataset=rest,
-                     tx=tx, hooks=[flow], stop_at_step=75)
+  result = fit_run(rest, tmp_path, model, tx=tx, num_epochs=2,
+                   hooks=[flow.hook()], callbacks=[flow.callback()],
+                   stop_at_step=75)
   records = _read(tmp_path / "steps.jsonl")
   updates = [11, 21, 31, 41, 51, 61]
   assert [r["step"] for r in records] == sorted({1, 25, 50, 75, *updates})
   by_step = {r["step"]: r for r in records}
   # the flow at initialisation: the record of step 1, "before"
-  initial = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
+  initial = state.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
                                      jax.random.key(0))
   g0, layers0 = gf.masked_grad_norms(model, initial.params, batch, initial.mask)
   assert by_step[1]["grad_norm_before"] == pytest.approx(float(g0), rel=1e-5)
@@ -272,8 +273,8 @@ def test_hook_on_dense_training(split, tmp_path):
   rest, batch = split
   model = models.get("mlp", 10)
   flow = gf.GradientFlow(model, batch, every=20)
-  result = train.fit(config(num_epochs=1), tmp_path, model=model, dataset=rest,
-                     hooks=[flow])
+  result = fit_run(rest, tmp_path, model, num_epochs=1, hooks=[flow.hook()],
+                   callbacks=[flow.callback()])
   records = _read(tmp_path / "steps.jsonl")
   assert [r["step"] for r in records] == [1, 20, 40]
   assert all(r["mask_change"] == 0 and r["grad_norm"] > 0 for r in records)
@@ -288,18 +289,15 @@ def test_logs_at_and_state_before_are_general(split, tmp_path):
   """Any hook may choose its logged steps and see the state before the step."""
   rest, _ = split
 
-  class Probe(hooks.Hook):
-    def logs_at(self, step):
-      return step in (3, 7)
+  def update(hook_state, state, info):
+    moved = optax.tree.norm(jax.tree.map(jnp.subtract, state.params,
+                                         info.state_before.params))
+    return hook_state, state, {"before_step": info.state_before.step,
+                               "moved": moved}
 
-    def after_step(self, hook_state, state, info):
-      moved = optax.tree.norm(jax.tree.map(jnp.subtract, state.params,
-                                           info.state_before.params))
-      return hook_state, state, {"before_step": info.state_before.step,
-                                 "moved": moved}
-
-  train.fit(config(num_epochs=1), tmp_path, model=models.get("mlp", 10),
-            dataset=rest, hooks=[Probe()])
+  probe = hooks.StepHook(update=update, name="probe",
+                         logs_at=lambda step: step in (3, 7))
+  fit_run(rest, tmp_path, models.get("mlp", 10), num_epochs=1, hooks=[probe])
   records = _read(tmp_path / "steps.jsonl")
   assert [(r["step"], r["before_step"]) for r in records] == [(3, 2), (7, 6)]
   assert all(r["moved"] > 0 for r in records)
@@ -310,14 +308,14 @@ def test_hook_resumes_bitwise(split, tmp_path):
   model = models.get("mlp", 10)
 
   def run(workdir, **kw):
-    params = train.init_variables(model, jnp.zeros((1, 8, 8, 1)),
+    params = state.init_variables(model, jnp.zeros((1, 8, 8, 1)),
                                   jax.random.key(0))["params"]
-    mask = dst.random_mask(jax.random.key(1), params, 0.9, budget="erk")
-    tx = dst.rigl(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
+    mask = masks.random_mask(jax.random.key(1), params, 0.9, budget=budgets.ERK())
+    tx = dst.rigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=70, update_every=10)
     flow = gf.GradientFlow(model, batch, every=25,
                            update_steps=gf.UpdateSteps(10, end_step=70))
-    return train.fit(config(num_epochs=2), workdir, model=model, dataset=rest,
-                     tx=tx, hooks=[flow], **kw)
+    return fit_run(rest, workdir, model, tx=tx, num_epochs=2, hooks=[flow.hook()],
+                   callbacks=[flow.callback()], **kw)
 
   run(tmp_path / "full")
   run(tmp_path / "split", stop_at_step=SPE + 7)

@@ -39,8 +39,10 @@ from sparsejax import dst
 from sparsejax import gradient_flow
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import modeling
 from sparsejax import models
 from sparsejax import scores
+from sparsejax import state as state_lib
 from sparsejax import sparse_inference
 from sparsejax import suptickets
 from sparsejax import tost
@@ -76,27 +78,25 @@ def _data(n=2 * BATCH, shape=SHAPE):
 
 
 def _variables(model, shape=SHAPE):
-  return train.init_variables(model, jnp.zeros((1, *shape)), jax.random.key(0))
+  return state_lib.init_variables(model, jnp.zeros((1, *shape)), jax.random.key(0))
 
 
 def _train_step(model, tx=None, *, mask=None, batch_size=BATCH, shape=SHAPE,
                 hooks=(), **step_kwargs):
   """``(traced train step, None)`` of ``model`` with ``tx`` (default SGD)."""
   tx = optax.sgd(0.1, 0.9) if tx is None else tx
-  state = train.create_train_state(model, tx, jnp.zeros((1, *shape)),
-                                   jax.random.key(0), mask=mask)
+  state = state_lib.create_train_state(model, tx, jnp.zeros((1, *shape)),
+                                       jax.random.key(0), mask=mask)
   step = train.make_train_step(model, mesh=mesh_lib.make_mesh(1),
                                batch_size=batch_size, mean=np.zeros(3),
                                std=np.ones(3), hooks=hooks, **step_kwargs)
   images, labels = _data(2 * batch_size, shape)
-  hook_states = {h.key: h.init(state) for h in hooks}
-  hook_states = {k: v for k, v in hook_states.items() if v is not None}
-  return step.trace(state, train.init_train_metrics(), images, labels,
-                    np.arange(len(labels), dtype=np.int32), 0, hook_states)
+  return step.trace(train.init_carry(state, hooks), images, labels,
+                    np.arange(len(labels), dtype=np.int32), 0)
 
 
 def _random_mask(model, sparsity=0.8):
-  return dst.random_mask(jax.random.key(1), _variables(model)["params"], sparsity)
+  return masks.random_mask(jax.random.key(1), _variables(model)["params"], sparsity)
 
 
 def dense_step():
@@ -110,28 +110,28 @@ def masked_step():
 
 def rigl_step():
   model = _small_model()
-  return _train_step(model, dst.rigl(optax.sgd(0.1), _random_mask(model),
-                                     end_step=1000))
+  return _train_step(model, dst.rigl_optimizer(optax.sgd(0.1), _random_mask(model),
+                                               end_step=1000))
 
 
 def mask_update_step():
   """SET with ΔT = 1 from step 0: step 0 updates the mask."""
   model = _small_model()
-  return _train_step(model, dst.set(optax.sgd(0.1), _random_mask(model),
-                                    end_step=10, update_every=1, start_step=0))
+  return _train_step(model, dst.set_optimizer(optax.sgd(0.1), _random_mask(model),
+                                              end_step=10, update_every=1, start_step=0))
 
 
 def gmp_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.gmp(optax.sgd(0.1), ones, final_sparsity=0.8,
-                                    start_step=0, end_step=4, update_every=1))
+  return _train_step(model, dst.gmp_optimizer(optax.sgd(0.1), ones, final_sparsity=0.8,
+                                              start_step=0, end_step=4, update_every=1))
 
 
 def granet_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.granet(
+  return _train_step(model, dst.granet_optimizer(
       optax.sgd(0.1), ones, final_sparsity=0.8, start_step=0, end_step=4,
       regrow_end_step=8, update_every=1))
 
@@ -153,13 +153,13 @@ def gradient_flow_step():
   model = _small_model()
   images, labels = _data(BATCH)
   hook = gradient_flow.GradientFlow(model, (images / 255.0, labels), every=1)
-  return _train_step(model, mask=_random_mask(model), hooks=(hook,))
+  return _train_step(model, mask=_random_mask(model), hooks=(hook.hook(),))
 
 
 def eval_step():
   model = _small_model()
-  state = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
-                                   jax.random.key(0))
+  state = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
+                                       jax.random.key(0))
   step = train.make_eval_step(model, mesh=mesh_lib.make_mesh(1),
                               mean=np.zeros(3), std=np.ones(3))
   images, labels = _data(BATCH)
@@ -207,12 +207,12 @@ def lrsi():
 
   def loss(p, batch):
     x, y = batch
-    logits, _ = models.apply(model, {**variables, "params": p},
-                             x.astype(jnp.float32) / 255.0, train=True)
+    logits, _ = modeling.apply_model(model, {**variables, "params": p},
+                                     x.astype(jnp.float32) / 255.0, train=True)
     return jnp.mean(tost.off_target_smoothed_cross_entropy(logits, y, 0.0))
 
   settings = tost.LRsI(steps=2, batch_size=BATCH)
-  with _xla_cpu.plain_ops():
+  with modeling.second_order():
     return tost._lrsi_scan.trace(  # pylint: disable=protected-access
         loss, settings, None, masks.apply(params, mask), mask, _data(),
         jax.random.key(2))
@@ -221,7 +221,7 @@ def lrsi():
 def sparse_apply():
   model = models.get("mlp", 10, hidden=(16,))
   variables = _variables(model)
-  mask = dst.random_mask(jax.random.key(1), variables["params"], 0.97)
+  mask = masks.random_mask(jax.random.key(1), variables["params"], 0.97)
   sparse = sparse_inference.sparsify(model, variables, jnp.zeros((1, *SHAPE)),
                                      mask, min_sparsity=0.0)
   fn = lambda v, x: sparse_inference.apply(model, v, x)

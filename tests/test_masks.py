@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax import masks
+from sparsejax import budgets, masks
 
 
 def _params():
@@ -47,7 +47,7 @@ def test_uniform_ties_exact_per_layer_counts_and_partial_ties():
   scores = jax.tree.map(
       lambda p: jnp.asarray(np.arange(p.size).reshape(p.shape) % 3, jnp.float32),
       params)
-  mask = masks.topk_mask(scores, 0.7, budget="uniform")
+  mask = masks.topk_mask(scores, 0.7, budget=budgets.Uniform())
   kept = _kept(mask)
   assert kept["stem/kernel"] == round(0.3 * 216) == 65
   assert kept["block/kernel"] == round(0.3 * 576) == 173
@@ -72,7 +72,7 @@ def test_traced_sparsity_under_jit_matches_python():
   params = _params()
   scores = jax.tree.map(
       lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
-  for budget in ("global", "uniform"):
+  for budget in (budgets.Global(), budgets.Uniform()):
     ref = masks.topk_mask(scores, 0.83, budget=budget)
     got = jax.jit(lambda s, sp: masks.topk_mask(s, sp, budget=budget))(
         scores, jnp.float32(0.83))
@@ -101,11 +101,11 @@ def test_erk_densities_hand_computed_with_dense_layer_fix():
   # made dense. Second pass: rhs = 0.5*10000 - 0.5*4 = 4998, divisor = 200,
   # eps = 24.99 -> big density 0.4998. Total kept 4 + 4998 = 0.5 * 10004.
   shapes = {"small": (2, 2), "big": (100, 100)}
-  d = masks.erk_densities(shapes, 0.5)
+  d = budgets.ERK().densities(shapes, 0.5)
   assert d["small"] == 1.0
   assert d["big"] == pytest.approx(0.4998, abs=1e-12)
   params = {"small": jnp.zeros((2, 2)), "big": jnp.zeros((100, 100))}
-  mask = masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.5, budget="erk")
+  mask = masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.5, budget=budgets.ERK())
   assert _kept(mask) == {"big": 4998, "small": 4}
 
 
@@ -114,31 +114,34 @@ def test_erk_vs_er_on_conv_kernel_and_power_scale():
   n = {"conv": 288, "fc": 80}
   # ERK raw: conv 18/288 = 0.0625, fc 18/80 = 0.225.
   eps = 0.2 * 368 / (0.0625 * 288 + 0.225 * 80)
-  d = masks.erk_densities(shapes, 0.2)
+  d = budgets.ERK().densities(shapes, 0.2)
   assert d["conv"] == pytest.approx(eps * 0.0625)
   assert d["fc"] == pytest.approx(eps * 0.225)
   # ER raw: conv (4+8)/32 = 0.375, fc 0.225.
   eps_er = 0.2 * 368 / (0.375 * 288 + 0.225 * 80)
-  d_er = masks.erk_densities(shapes, 0.2, kind="er")
+  d_er = budgets.ER().densities(shapes, 0.2)
   assert d_er["conv"] == pytest.approx(eps_er * 0.375)
   # Total budget preserved in both; power 0 is uniform.
   for dens in (d, d_er):
     assert sum(dens[k] * n[k] for k in n) == pytest.approx(0.2 * 368)
-  d0 = masks.erk_densities(shapes, 0.2, power_scale=0.0)
+  d0 = budgets.ERK(power=0.0).densities(shapes, 0.2)
   assert d0["conv"] == pytest.approx(0.2) and d0["fc"] == pytest.approx(0.2)
 
 
 def test_overrides_and_layer_sparsities():
   params = _params()
-  sp = masks.layer_sparsities(params, 0.9, "uniform", overrides={"a_head": 0.0})
+  sp = masks.layer_sparsities(params, 0.9,
+                              budgets.Uniform().with_overrides({"a_head": 0.0}))
   assert sp == {"a_head/kernel": 0.0, "block/kernel": 0.9, "stem/kernel": 0.9}
   scores = jax.tree.map(jnp.ones_like, params)
-  mask = masks.topk_mask(scores, 0.9, budget="global", overrides={"a_head": 0.0})
+  mask = masks.topk_mask(scores, 0.9,
+                         budget=budgets.Global().with_overrides({"a_head": 0.0}))
   kept = _kept(mask)
   assert kept["a_head/kernel"] == 80
   assert kept["block/kernel"] + kept["stem/kernel"] == round(0.1 * (216 + 576))
   with pytest.raises(ValueError, match="'classifier' matches no prunable path"):
-    masks.topk_mask(scores, 0.9, overrides={"classifier": 0.0})
+    masks.topk_mask(scores, 0.9,
+                    budget=budgets.Global().with_overrides({"classifier": 0.0}))
 
 
 def test_prunable_presets_follow_the_given_order():
@@ -202,7 +205,7 @@ def test_works_on_nnx_state():
 
   state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
   scores = jax.tree.map(jnp.abs, state)
-  mask = masks.topk_mask(scores, 0.5, budget="uniform")
+  mask = masks.topk_mask(scores, 0.5, budget=budgets.Uniform())
   assert type(mask) is type(state)
   assert _kept(mask) == {"fc1/bias": 5, "fc1/kernel": 15, "fc2/bias": 3,
                          "fc2/kernel": round(0.5 * 15)}
@@ -216,7 +219,7 @@ def test_sparsity_out_of_range_errors(bad):
   with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
     masks.topk_mask({"w": jnp.ones((4, 4))}, bad)
   with pytest.raises(ValueError, match=r"must be in \[0, 1\)"):
-    masks.layer_sparsities({"w": jnp.ones((4, 4))}, bad, "erk")
+    masks.layer_sparsities({"w": jnp.ones((4, 4))}, bad, budgets.ERK())
 
 
 def test_mask_mismatch_errors_name_the_path():
@@ -248,8 +251,13 @@ def test_nan_scores_error_names_the_path():
 def test_unknown_budget_and_traced_erk_errors():
   with pytest.raises(ValueError, match="budget must be one of"):
     masks.topk_mask({"w": jnp.ones((4, 4))}, 0.5, budget="layerwise")
+  with pytest.raises(ValueError, match="budget must be one of"):
+    budgets.parse("layerwise")
+  with pytest.raises(ValueError, match="budget must be a sparsejax.budgets.Budget"):
+    masks.topk_mask({"w": jnp.ones((4, 4))}, 0.5, budget=0.5)
   with pytest.raises(ValueError, match="needs a Python float sparsity"):
-    jax.jit(lambda s: masks.topk_mask({"w": jnp.ones((4, 4))}, s, budget="erk"))(0.5)
+    jax.jit(lambda s: masks.topk_mask({"w": jnp.ones((4, 4))}, s,
+                                      budget=budgets.ERK()))(0.5)
 
 
 def test_prunable_order_survives_sorted_params():

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import models
+from sparsejax import modeling, models
 from sparsejax.models import activations
 
 ALL_NAMES = (
@@ -358,11 +358,15 @@ def test_act_receives_act_coef_everywhere(name):
     seen.append(c)
     return jax.nn.relu(x)
 
+  act.reads_coef = True  # declares that it reads coef: the model takes act_coef
   model = models.get(name, 10, act=act)
+  assert model.scalar_names == {"act_coef"}
   variables = abstract_init(model)
   seen.clear()
   jax.eval_shape(
-      lambda v, x, c: model.apply(v, x, act_coef=c), variables, CIFAR, coef
+      lambda v, x, c: modeling.apply_model(model, v, x, train=False,
+                                           scalars={"act_coef": c})[0],
+      variables, CIFAR, coef
   )
   assert len(seen) == ACT_CALLS[name]
   assert all(isinstance(c, jax.core.Tracer) for c in seen)
@@ -381,7 +385,7 @@ def test_traced_act_coef_does_not_retrace(name, resnet20_variables):
   @jax.jit
   def forward(v, x, c):
     traces.append(None)
-    return model.apply(v, x, act_coef=c)
+    return modeling.apply_model(model, v, x, train=False, scalars={"act_coef": c})[0]
 
   swish_like = forward(variables, x, jnp.float32(1.0))
   relu_like = forward(variables, x, jnp.float32(0.0))

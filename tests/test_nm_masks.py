@@ -2,13 +2,21 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
-from sparsejax import dst, masks, nm, optim, scores
+from sparsejax import budgets, dst, masks, nm, optim, scores
+
+
+TWO_FOUR = budgets.NM(2, 4)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
 
 
 def _normal(seed, shape):
@@ -39,13 +47,14 @@ def _reference_nm(scores_leaf, n, m):
   return out
 
 
-@pytest.mark.parametrize("budget", ["2:4", "3:8"])
+@pytest.mark.parametrize("budget", [budgets.NM(2, 4), budgets.NM(3, 8)])
 def test_exact_count_in_every_group_and_matches_reference(budget):
-  n, m = nm.parse_nm(budget)
+  n, m = budget.n, budget.m
   params = _params()
   # Coarse scores: many ties inside groups.
   sc = jax.tree.map(lambda p: jnp.round(p * 2) / 2, params)
-  mask = masks.topk_mask(sc, nm.nm_sparsity(budget), budget=budget)
+  mask = masks.topk_mask(sc, budget=budget)
+  assert_trees_equal(mask, masks.topk_mask(sc, budget.sparsity, budget=budget))
   nm.check_nm(mask, budget)
   for path in ("conv", "dense"):
     counts = nm.group_counts(mask[path]["kernel"], m)
@@ -61,7 +70,7 @@ def test_exact_count_in_every_group_and_matches_reference(budget):
 
 
 def test_groups_run_along_the_input_dimension_and_ties_go_to_lower_index():
-  mask = masks.topk_mask({"w": jnp.ones((8, 3))}, 0.5, budget="2:4")["w"]
+  mask = masks.topk_mask({"w": jnp.ones((8, 3))}, budget=TWO_FOUR)["w"]
   expected = np.array([1, 1, 0, 0, 1, 1, 0, 0], bool)[:, None].repeat(3, 1)
   np.testing.assert_array_equal(mask, expected)
   # NaN ranks lowest; -0.0 ties with 0.0.
@@ -78,7 +87,7 @@ def test_traced_n_and_within_under_jit():
   within = nm.nm_keep(s, 1, 4)  # one available per group
   got = nm.nm_keep(s, 2, 4, within)  # keeps min(2, 1)
   np.testing.assert_array_equal(got, within)
-  mask = masks.topk_mask({"w": s}, 0.5, budget="2:4",
+  mask = masks.topk_mask({"w": s}, budget=TWO_FOUR,
                          within={"w": nm.nm_keep(-s, 3, 4)})
   assert not bool(jnp.any(mask["w"] & ~nm.nm_keep(-s, 3, 4)))
   assert np.all(np.asarray(nm.group_counts(mask["w"], 4)) == 2)
@@ -87,34 +96,44 @@ def test_traced_n_and_within_under_jit():
 def test_errors_are_clear():
   params = _params()
   with pytest.raises(ValueError, match="divisible by M=16.*'conv/kernel'"):
-    masks.topk_mask(params, 0.5, budget="8:16")
+    masks.topk_mask(params, budget=budgets.NM(8, 16))
   with pytest.raises(ValueError, match="sparsity 0.5; got sparsity=0.9"):
-    masks.topk_mask(params, 0.9, budget="2:4")
+    masks.topk_mask(params, 0.9, budget=TWO_FOUR)
   with pytest.raises(ValueError, match="1 <= N <= M"):
-    masks.topk_mask(params, 0.5, budget="5:4")
+    budgets.NM(5, 4)
+  with pytest.raises(ValueError, match="1 <= N <= M"):
+    budgets.parse("5:4")
+  with pytest.raises(ValueError, match="budget must be one of"):
+    budgets.parse("2/4")
   with pytest.raises(ValueError, match="budget must be one of"):
     masks.topk_mask(params, 0.5, budget="2/4")
+  with pytest.raises(ValueError, match=r"budgets.parse\('2:4'\) is NM\(n=2, m=4\)"):
+    masks.topk_mask(params, 0.5, budget="2:4")  # a string is refused
   with pytest.raises(ValueError, match="axis -2"):
-    masks.topk_mask(params, 0.5, budget="2:4", prunable=lambda p, x: True)
+    masks.topk_mask(params, budget=TWO_FOUR, prunable=lambda p, x: True)
   with pytest.raises(ValueError, match="not 2:4"):
+    nm.check_nm(masks.ones_like(params), TWO_FOUR)
+  with pytest.raises(ValueError, match="budgets.parse"):
     nm.check_nm(masks.ones_like(params), "2:4")
-  assert nm.nm(2, 4) == "2:4" and nm.nm_sparsity("1:4") == 0.75
+  with pytest.raises(ValueError, match="traced sparsity"):
+    jax.jit(lambda s: masks.topk_mask(params, s, budget=TWO_FOUR))(0.5)
+  assert budgets.parse("2:4") == TWO_FOUR and budgets.NM(1, 4).sparsity == 0.75
 
 
 def test_overrides_prune_a_layer_on_its_own_and_lift_the_divisibility_need():
   params = {"stem": {"kernel": jnp.arange(3 * 3 * 3 * 8.).reshape(3, 3, 3, 8)},
             "body": {"kernel": jnp.arange(3 * 3 * 8 * 8.).reshape(3, 3, 8, 8)}}
-  mask = masks.topk_mask(params, 0.5, budget="2:4", overrides={"stem": 0.0})
+  mask = masks.topk_mask(params, budget=TWO_FOUR.with_overrides({"stem": 0.0}))
   assert bool(mask["stem"]["kernel"].all())
-  nm.check_nm({"body": mask["body"]}, "2:4")
-  mask = masks.topk_mask(params, 0.5, budget="2:4", overrides={"stem": 0.9})
+  nm.check_nm({"body": mask["body"]}, TWO_FOUR)
+  mask = masks.topk_mask(params, budget=TWO_FOUR.with_overrides({"stem": 0.9}))
   assert int(mask["stem"]["kernel"].sum()) == masks.kept_count(216, 0.9)
 
 
 def test_nnx_state():
   model = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
-  mask = masks.topk_mask(jax.tree.map(jnp.abs, state), 0.5, budget="2:4")
+  mask = masks.topk_mask(jax.tree.map(jnp.abs, state), budget=TWO_FOUR)
   assert np.all(np.asarray(nm.group_counts(mask["kernel"][...], 4)) == 2)
 
 
@@ -137,9 +156,13 @@ def _mlp():
 ])
 def test_every_pruning_method_targets_nm(method, kw):
   params, apply_fn = _mlp()
-  mask = scores.prune_at_init(method, params, sparsity=0.75, budget="1:4",
+  one_four = budgets.NM(1, 4)
+  mask = scores.prune_at_init(method, params, budget=one_four,
                               apply_fn=apply_fn, **kw)
-  nm.check_nm(mask, "1:4")
+  nm.check_nm(mask, one_four)
+  # A sparsity that agrees with the budget's is the same mask.
+  assert_trees_equal(mask, scores.prune_at_init(
+      method, params, sparsity=0.75, budget=one_four, apply_fn=apply_fn, **kw))
 
 
 def test_rigl_keeps_nm_through_updates():
@@ -147,9 +170,9 @@ def test_rigl_keeps_nm_through_updates():
   # by test_drop_and_grow_nm_keeps_every_group_count_for_any_mask.)
   params = {"conv": {"kernel": _normal(7, (1, 2, 8, 4))},
             "dense": {"kernel": _normal(8, (8, 3)), "bias": jnp.zeros(3)}}
-  mask = masks.topk_mask(jax.tree.map(jnp.abs, params), 0.5, budget="2:4")
-  tx = dst.rigl(optax.sgd(0.1), mask, drop_fraction=0.5, update_every=1,
-                start_step=0, nm="2:4", end_step=100)
+  mask = masks.topk_mask(jax.tree.map(jnp.abs, params), budget=TWO_FOUR)
+  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, drop_fraction=0.5, update_every=1,
+                          start_step=0, nm=TWO_FOUR, end_step=100)
   state = tx.init(masks.apply(params, mask))
   p = masks.apply(params, mask)
   update = jax.jit(tx.update)
@@ -158,11 +181,15 @@ def test_rigl_keeps_nm_through_updates():
     updates, state = update(grads, state, p)
     p = optax.apply_updates(p, updates)
     new = optim.get_mask(state)
-    nm.check_nm(new, "2:4")
+    nm.check_nm(new, TWO_FOUR)
   assert float(dst.mask_churn(mask, new)) > 0
-  for make in (dst.rigl, dst.set):
+  for make in (dst.rigl_optimizer, dst.set_optimizer):
     with pytest.raises(ValueError, match="not 2:4"):
-      make(optax.sgd(0.1), masks.ones_like(params), end_step=10, nm="2:4")
+      make(optax.sgd(0.1), masks.ones_like(params), end_step=10, nm=TWO_FOUR)
+    with pytest.raises(ValueError, match="budgets.parse"):
+      make(optax.sgd(0.1), mask, end_step=10, nm="2:4")
+    with pytest.raises(ValueError, match="nm must be None or an NM"):
+      make(optax.sgd(0.1), mask, end_step=10, nm=budgets.ERK())
 
 
 def test_drop_and_grow_nm_keeps_every_group_count_for_any_mask():
@@ -175,19 +202,13 @@ def test_drop_and_grow_nm_keeps_every_group_count_for_any_mask():
   assert not bool(jnp.any(grown & mask))
 
 
-def test_experiments_refuse_gmp_with_nm():
-  from experiments import common
-  from experiments.configs import default
-  config = default.get_config()
-  config.dst, config.budget, config.sparsity = "gmp", "2:4", 0.5
-  with pytest.raises(ValueError, match="cannot keep an N:M budget"):
-    common.resolve_config(ml_collections.ConfigDict(config.to_dict()))
-
-
-def test_nm_names_stay_available_from_masks():
+def test_masks_and_nm_import_no_circle_and_masks_reexports_no_nm_name():
   import sparsejax
   for name in ["nm", "parse_nm", "nm_sparsity", "check_nm", "nm_groups", "nm_ungroup",
-               "group_counts", "keep_top_in_groups", "nm_keep"]:
-    assert getattr(masks, name) is getattr(nm, name), name
+               "group_counts", "keep_top_in_groups", "nm_keep", "_check_nm_sparsity",
+               "_nm_topk_mask", "check_budget", "BUDGETS"]:
+    assert not hasattr(masks, name), name
+  for name in ["nm", "parse_nm", "nm_sparsity", "_nm_topk_mask", "_check_nm_sparsity"]:
+    assert not hasattr(nm, name), name
   assert sparsejax.nm is nm and "nm" in sparsejax.__all__
-  assert masks.check_budget("2:4") is None
+  assert sparsejax.budgets is budgets and "budgets" in sparsejax.__all__

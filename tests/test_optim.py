@@ -8,7 +8,7 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 
-from sparsejax import masks, optim
+from sparsejax import budgets, masks, optim
 
 OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.3),
@@ -48,7 +48,7 @@ def _problem():
 def _random_mask(params, sparsity=0.7, seed=1):
   scores = jax.tree.map(
       lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
-  return masks.topk_mask(scores, sparsity, budget="uniform")
+  return masks.topk_mask(scores, sparsity, budget=budgets.Uniform())
 
 
 def _pruned_values(params, mask):
@@ -60,7 +60,7 @@ def _pruned_values(params, mask):
 def test_pruned_entries_exactly_zero_after_100_steps(name):
   params, loss_fn = _problem()  # deliberately NOT pre-masked
   mask = _random_mask(params)
-  tx = optim.masked(OPTIMIZERS[name](), mask)
+  tx = optim.sparse(OPTIMIZERS[name](), mask)
   opt_state = tx.init(params)
 
   @jax.jit
@@ -107,7 +107,7 @@ def test_plain_dict_and_nnx_state_params():
 
   for params, loss_fn in ((state, nnx_loss), (plain, dict_loss)):
     mask = _random_mask(params, 0.5)
-    tx = optim.masked(optax.adam(0.05), mask)
+    tx = optim.sparse(optax.adam(0.05), mask)
     opt_state = tx.init(params)
     loss0 = float(loss_fn(masks.apply(params, mask)))
     for _ in range(30):
@@ -122,7 +122,7 @@ def test_reset_moments_zeroes_only_given_positions():
   params, loss_fn = _problem()
   mask = masks.ones_like(params)
   tx = optax.chain(optax.add_decayed_weights(1e-4),
-                   optim.masked(optax.adam(1e-2), mask))
+                   optim.sparse(optax.adam(1e-2), mask))
   opt_state = tx.init(params)
   for _ in range(3):
     updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
@@ -146,7 +146,7 @@ def test_reset_moments_zeroes_only_given_positions():
 
 def test_reset_moments_momentum_trace_and_inject_hyperparams():
   params, loss_fn = _problem()
-  tx = optim.masked(optax.inject_hyperparams(optax.sgd)(0.1, momentum=0.9),
+  tx = optim.sparse(optax.inject_hyperparams(optax.sgd)(0.1, momentum=0.9),
                     masks.ones_like(params))
   opt_state = tx.init(params)
   updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
@@ -160,7 +160,7 @@ def test_reset_moments_momentum_trace_and_inject_hyperparams():
 
 def test_changing_the_mask_never_retraces():
   params, loss_fn = _problem()
-  tx = optim.masked(optax.sgd(0.1, momentum=0.9), _random_mask(params, 0.5, 1))
+  tx = optim.sparse(optax.sgd(0.1, momentum=0.9), _random_mask(params, 0.5, 1))
   opt_state = tx.init(params)
   traces = []
 
@@ -189,9 +189,34 @@ def test_errors():
   bad = jax.tree.map(lambda m: m, mask)
   bad["Dense_1"]["kernel"] = jnp.ones((16, 4), bool)
   with pytest.raises(ValueError, match=r"'Dense_1/kernel' has shape \(16, 4\)"):
-    optim.masked(optax.sgd(0.1), bad).init(params)
-  opt_state = optim.masked(optax.sgd(0.1), mask).init(params)
+    optim.sparse(optax.sgd(0.1), bad).init(params)
+  opt_state = optim.sparse(optax.sgd(0.1), mask).init(params)
   with pytest.raises(ValueError, match="'Dense_1/kernel' has shape"):
     optim.set_mask(opt_state, bad)
   with pytest.raises(ValueError, match="holds no mask"):
     optim.get_mask(optax.sgd(0.1).init(params))
+
+
+def test_the_mask_may_be_a_function_of_the_params_called_by_init():
+  params, _ = _problem()
+  mask = _random_mask(params, 0.5, 1)
+  seen = []
+
+  def mask_fn(p):
+    seen.append(jax.tree.structure(p))
+    return mask
+
+  tx = optim.sparse(optax.sgd(0.1, momentum=0.9), mask_fn)
+  assert not seen  # not called before init
+  state = tx.init(params)
+  assert seen == [jax.tree.structure(params)]
+  want = optim.sparse(optax.sgd(0.1, momentum=0.9), mask).init(params)
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  assert np.all(_pruned_values(new, mask) == 0.0)
+  bad = lambda p: {"w": jnp.ones(3, bool)}
+  with pytest.raises(ValueError, match="structure"):
+    optim.sparse(optax.sgd(0.1), bad).init(params)

@@ -1,26 +1,19 @@
 """TPU-pod concerns that one CPU process can test (issue #24): run
 directories on a non-POSIX ``gs://`` path (a fake backend, tests/fake_gcs.py),
 ``make_mesh``'s choice of devices over several processes, and
-``--config.distributed`` without a cluster. The placement on an interleaved
+the library's ``fit`` on ``gs://``. The runners' (``experiments.train`` on
+``gs://``, ``--config.distributed`` without a cluster):
+tests/test_pods_experiment.py. The placement on an interleaved
 multi-process mesh and the dataset check across processes run in
 tests/test_multihost.py."""
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import pytest
 
 import sparsejax as sj
-from experiments import train as exp_train
-from experiments.configs import digits
 from fake_gcs import fake_gcs
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 class _FakeDevice:
 
@@ -71,60 +64,31 @@ def _files(root: pathlib.Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_fit_and_train_runner_write_a_gs_workdir(tmp_path, monkeypatch):
+def test_fit_writes_a_gs_workdir(tmp_path, monkeypatch):
   """A ``gs://`` workdir, which ``os.path.abspath`` would turn into
   ``<cwd>/gs:/...``: every run file reaches the (fake) bucket, nothing is
-  created under the working directory, and a rerun resumes / is finished.
-  TensorBoard is off: tensorboardX writes gs:// through its own client, which
-  the fake backend does not route."""
+  created under the working directory, and a rerun resumes. TensorBoard is
+  off: tensorboardX writes gs:// through its own client, which the fake
+  backend does not route."""
   cwd = tmp_path / "cwd"
   cwd.mkdir()
   monkeypatch.chdir(cwd)
   bucket = tmp_path / "bucket"
   ds = sj.data.load("digits")
-  config = dict(seed=0, num_epochs=1, batch_size=64, progress_bar=False,
-                tensorboard=False, optimizer="sgd", learning_rate=0.1)
+  model = sj.models.get("mlp", 10)
+  init = lambda: sj.state.create_train_state(
+      model, sj.schedules.make_optimizer(0.1, momentum=0.0),
+      jax.numpy.zeros((1, 8, 8, 1)), jax.random.key(0))
+  options = sj.train.FitOptions(progress_bar=False, tensorboard=False)
   with fake_gcs(bucket):
-    result = sj.train.fit(config, "gs://fake-bucket/fit",
-                          model=sj.models.get("mlp", 10), dataset=ds)
-    again = sj.train.fit(config, "gs://fake-bucket/fit",
-                         model=sj.models.get("mlp", 10), dataset=ds)
-
-    cfg = digits.get_config()
-    cfg.update(model="mlp", pruner="magnitude", sparsity=0.5, num_epochs=1,
-               progress_bar=False, tensorboard=False)
-    exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
-    rerun = exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
+    result = sj.train.fit(model, ds, "gs://fake-bucket/fit", init=init,
+                          num_epochs=1, batch_size=64, options=options)
+    again = sj.train.fit(model, ds, "gs://fake-bucket/fit", init=init,
+                         num_epochs=1, batch_size=64, options=options)
   assert len(result.history) == 1 and again.resumed_from == result.history[0]["step"]
   fit_files = _files(bucket / "fake-bucket" / "fit")
   assert "metrics.jsonl" in fit_files
   assert any(f.startswith("checkpoints/") and f.endswith("commit_success.txt")
              for f in fit_files), fit_files
-  run_dir = bucket / "fake-bucket" / "train"
-  for name in ("run.json", "config.json", "results.json", "metrics.jsonl",
-               "pruning.json", "pruning.txt", "checkpoints"):
-    assert (run_dir / name).exists(), name
-  results = json.loads((run_dir / "results.json").read_text())
-  assert results["epochs"] == 1
-  assert rerun.state is None and len(rerun.history) == 1
   assert list(cwd.iterdir()) == []
   assert not list(tmp_path.glob("**/gs:*"))
-
-
-def test_distributed_without_a_cluster_is_one_error_line(tmp_path):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_",
-                              "TPU_", "MEGASCALE"))}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.train",
-       "--config=experiments/configs/digits.py", "--config.distributed=true",
-       f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  assert "Traceback" not in proc.stderr
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1, proc.stderr[-3000:]
-  assert "--config.distributed" in errors[0]
-  assert "cluster" in errors[0]
-  assert not (tmp_path / "run").exists()

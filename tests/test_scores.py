@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import _xla_cpu, diagnostics, masks, scores
+from sparsejax import _xla_cpu, budgets, diagnostics, masks, scores
 
 # ----------------------------------------------------------------------------
 # A two-layer linear model whose gradient and Hessian we write in numpy
@@ -266,13 +266,14 @@ def _mlp_apply(p, x, train):
 
 def _expected_kept(params, sparsity, budget):
   sizes = {p: int(np.prod(x.shape)) for p, x in masks.named_leaves(params) if x.ndim > 1}
-  if budget == "global":
+  if budget == budgets.Global():
     return sum(sizes.values())
   layer_s = masks.layer_sparsities(params, sparsity, budget)
   return {p: masks.kept_count(n, layer_s[p]) for p, n in sizes.items()}
 
 
-@pytest.mark.parametrize("budget", ["global", "uniform", "erk"])
+@pytest.mark.parametrize("budget", [budgets.Global(), budgets.Uniform(), budgets.ERK()],
+                         ids=["global", "uniform", "erk"])
 @pytest.mark.parametrize("method", ["random", "magnitude", "snip", "grasp", "synflow",
                                     "iterative_snip"])
 def test_exact_sparsity_for_every_method_and_budget(method, budget):
@@ -287,7 +288,7 @@ def test_exact_sparsity_for_every_method_and_budget(method, budget):
   masks.check_mask(mask, params)
   summary = masks.summary(mask)
   expected = _expected_kept(params, sparsity, budget)
-  if budget == "global":
+  if budget == budgets.Global():
     assert summary.kept == round((1 - sparsity) * expected)
   else:
     assert {l.path: l.kept for l in summary.layers} == expected
@@ -332,11 +333,11 @@ def test_iterative_data_methods_compile_once_for_new_params(method):
 
 def test_iterative_matches_one_shot_counts_with_overrides_and_rescoring():
   params = _mlp()
-  overrides = {"^c/": 0.0}
+  budget = budgets.Global().with_overrides({"^c/": 0.0})
   mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.9, 7,
-                          overrides=overrides)
+                          budget=budget)
   one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.9,
-                             overrides=overrides)
+                             budget=budget)
   assert masks.summary(mask).as_dict() == masks.summary(one_shot).as_dict()
   # Magnitude does not change with the mask, so iterating gives the same mask.
   for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(one_shot)):
@@ -391,3 +392,29 @@ def test_errors():
     scores.prune_at_init("magnitude", params, sparsity=1.0)
   with pytest.raises(ValueError, match="integer"):
     scores.snip(params, masks.ones_like(params), _mlp_apply, (batch[0], batch[0]))
+
+
+def test_random_scores_are_the_random_method():
+  params = _mlp()
+  key = jax.random.key(4)
+  s = scores.random_scores(key, params)
+  assert jax.tree.structure(s) == jax.tree.structure(params)
+  assert all(x.shape == p.shape and x.dtype == jnp.float32
+             for x, p in zip(jax.tree.leaves(s), jax.tree.leaves(params)))
+  mask = scores.prune_at_init("random", params, sparsity=0.7, key=key,
+                              budget=budgets.ERK())
+  expected = masks.topk_mask(s, 0.7, budget=budgets.ERK())
+  for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_iterative_erk_with_overrides_ends_at_the_one_shot_counts():
+  params = _mlp()
+  budget = budgets.ERK().with_overrides({"^a/": 0.5})
+  mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.8, 4,
+                          budget=budget)
+  one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.8,
+                             budget=budget)
+  for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(one_shot)):
+    np.testing.assert_array_equal(a, b)
+  assert int(mask["a"]["kernel"].sum()) == params["a"]["kernel"].size // 2

@@ -205,29 +205,6 @@ def test_nonzero_pruned_entries_are_refused_and_the_old_file_survives(tmp_path):
     sparse_io.save(path, tree, {"v": mask["w"]})
 
 
-def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
-  from experiments import train as exp_train
-  from experiments.configs import digits
-  from sparsejax import data
-  rng = np.random.default_rng(0)
-  images = lambda n: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
-  labels = lambda n: (np.arange(n) % 10).astype(np.int32)
-  dataset = data.Dataset("synthetic", 10, images(16), labels(16), images(8),
-                         labels(8), mean=(0.5,), std=(0.25,), augment=False)
-  config = digits.get_config()
-  config.update(pruner="magnitude", sparsity=0.5, budget="2:4", num_epochs=1,
-                batch_size=8, eval_batch_size=8, progress_bar=False,
-                tensorboard=False, async_checkpointing=False, save_sparse=True)
-  result = exp_train.run(config, str(tmp_path), dataset=dataset)
-  results = json.loads((tmp_path / "results.json").read_text())
-  info = results["sparse_file"]
-  assert info["nbytes"] == os.path.getsize(tmp_path / "model.sparse")
-  assert info["ratio"] < 0.7 and info["checkpoint_nbytes"] > info["nbytes"]
-  tree, mask = sparse_io.load(tmp_path / "model.sparse")
-  _assert_bitwise(jax.device_get(result.state.params), tree["params"])
-  masks.check_nm(mask["params"], "2:4")
-
-
 def test_a_params_mask_stores_the_other_collections_dense(tmp_path):
   # README: sparse_io.save(path, {"params": ..., "batch_stats": ...}, state.mask).
   params = {"conv": {"kernel": jnp.array([[1., 0.], [0., 2.]]), "bias": jnp.ones(2)}}

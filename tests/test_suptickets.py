@@ -1,6 +1,7 @@
 """Sup-tickets (SPEC §6): the cyclic learning rate, the mask-update schedule,
-superposition and re-pruning, recompute_batch_stats, the Superpose hook in fit
-(with bitwise resume after a SIGTERM mid-cycle) and experiments.suptickets.
+superposition and re-pruning, recompute_batch_stats, the Superpose callback in
+fit (with bitwise resume after a SIGTERM mid-cycle). The runner:
+tests/test_suptickets_experiment.py.
 
 On digits (1437 8x8 images, 44 steps of 32 per epoch) with a small conv net
 with batch norm, in seconds.
@@ -19,14 +20,10 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import common
-from experiments import suptickets as runner
-from experiments import sweep
-from experiments.configs import suptickets_cpu
-from sparsejax import data, dst, hooks, masks, models, optim, suptickets, train
+from sparsejax import data, dst, hooks, masks, models, optim, state, suptickets, train
 from sparsejax.models import norm
 from tests.sigterm_helper import sigterm_at_step
-from tests.test_fit_hooks import assert_trees_equal, config, read_jsonl, without_timing
+from tests.test_fit_hooks import assert_trees_equal, read_jsonl, run, without_timing
 
 SPE = 44  # 1437 digits // 32
 
@@ -115,8 +112,8 @@ def test_mask_updates_only_in_the_dst_phase_and_one_large_one_per_cycle_start():
   mask = random_mask(params, 0.4)
   params = masks.apply(params, mask)
   # periodic RigL updates at t = 3, 6 (end 8 < dst_steps = 10)
-  tx = dst.rigl(optax.sgd(0.1), mask, end_step=8, update_every=3, drop_fraction=0.3,
-                extra_updates=plan.mask_updates())
+  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, end_step=8, update_every=3, drop_fraction=0.3,
+                          extra_updates=plan.mask_updates())
   state = tx.init(params)
   update = jax.jit(tx.update)
   updated_at = []
@@ -202,7 +199,7 @@ def _conv_bn(ds):
   """The net, its variables, the images sorted by brightness (the batches'
   statistics differ) and the first conv's outputs on them."""
   model = ConvBN()
-  variables = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
+  variables = state.init_variables(model, jnp.zeros((1, *ds.image_shape)),
                                    jax.random.key(0))
   # running statistics far from the data's, as after weight averaging
   variables["batch_stats"] = jax.tree.map(lambda s: s + 3.0, variables["batch_stats"])
@@ -248,38 +245,36 @@ def test_recompute_batch_stats_equals_full_data_mean_and_var(ds):
 
 
 # ----------------------------------------------------------------------------
-# The Superpose hook in fit
+# The Superpose callback in fit
 # ----------------------------------------------------------------------------
 
 PLAN = suptickets.Plan(num_epochs=4, num_cycles=2, cycle_epochs=1, steps_per_epoch=SPE)
 
 
-class Tickets(hooks.Hook):
+class Tickets(hooks.Callback):
   """Keeps host copies of the trained params at every epoch end and checks
   that FitContext.evaluate is fit's own evaluation."""
 
-  name = "tickets"
+  at_epoch_end = True
 
   def __init__(self):
     self.params, self.evaluated = {}, {}
 
-  def epoch_end(self, hook_state, state, epoch, ctx):
-    self.params[epoch] = jax.device_get(state.params)
-    self.evaluated[epoch] = ctx.evaluate(state)
-    return hook_state, state, {}
+  def __call__(self, step, carry, ctx):
+    self.params[ctx.epoch] = jax.device_get(carry.state.params)
+    self.evaluated[ctx.epoch] = ctx.evaluate(carry.state)
 
 
-def _sup_fit(ds, workdir, extra_hooks=()):
+def _sup_fit(ds, workdir, extra_callbacks=()):
   model = ConvBN()
-  params = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
-                                jax.random.key(0))["params"]
-  mask = random_mask(params, 0.2)
+  # The mask as a function of the fresh params (called by the optimiser's init).
+  mask_fn = lambda params: random_mask(params, 0.2)
   lr = PLAN.learning_rate(optax.cosine_decay_schedule(0.1, PLAN.dst_steps))
-  tx = dst.rigl(optax.sgd(lr, momentum=0.9), mask, end_step=PLAN.dst_steps - 20,
+  tx = dst.rigl_optimizer(optax.sgd(lr, momentum=0.9), mask_fn, end_step=PLAN.dst_steps - 20,
                 update_every=10, extra_updates=PLAN.mask_updates())
-  return train.fit(config(num_epochs=PLAN.num_epochs), workdir, model=model,
-                   dataset=ds, tx=tx,
-                   hooks=[suptickets.Superpose(PLAN), *extra_hooks])
+  sup = suptickets.Superpose(PLAN)
+  return run(ds, workdir, model, tx=tx, num_epochs=PLAN.num_epochs,
+             hooks=[sup.hook()], callbacks=[sup, *extra_callbacks])
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +285,7 @@ def full_run(ds, tmp_path_factory):
   return workdir, _sup_fit(ds, workdir, [tickets]), tickets
 
 
-def test_superpose_hook_in_fit(ds, full_run):
+def test_superpose_callback_in_fit(ds, full_run):
   _, result, tickets = full_run
   sup = result.hook_states["suptickets"]
   history = result.history
@@ -341,80 +336,6 @@ def test_superpose_resumes_bitwise_after_sigterm_mid_cycle(ds, full_run, tmp_pat
       without_timing(read_jsonl(tmp_path / "split" / "metrics.jsonl")))
 
 
-# ----------------------------------------------------------------------------
-# experiments.suptickets
-# ----------------------------------------------------------------------------
-
-
-def test_suptickets_runner_on_digits(tmp_path):
-  config = suptickets_cpu.get_config()
-  config.dataset = "digits"
-  config.model = "mlp"
-  config.train_subset = None
-  config.num_epochs = 3
-  config.batch_size = 32
-  config.dst_update_every = 20
-  config.sup_cycles = 1
-  config.sup_cycle_epochs = 1
-  config.methods = ("rigl_sup",)  # plain RigL: test_dst_fit; the pairing below
-  config.seeds = (0,)
-  out = runner.run(config, str(tmp_path))
-  assert out["missing"] == [] and len(out["rows"]) == 1
-  assert [(r["method"], r["dst_method"], r["cycle"]) for r in out["cycles"]] == [
-      ("rigl_sup", "rigl", 1)]
-  cycle = out["cycles"][0]
-  sup_dir = tmp_path / "cells" / "rigl_sup_s0.95_seed0"
-  final = read_jsonl(sup_dir / "metrics.jsonl")[-1]
-  assert final["superposed_test_accuracy"] == cycle["superposed_test_accuracy"] > 0.5
-  assert final["ticket_test_accuracy"] == final["test_accuracy"]
-  assert final["superposed_sparsity"] == pytest.approx(0.95, abs=1e-3)
-  # RigL's updates in the DST phase (steps 20, 40, 60 < 0.75 * 88), then one
-  # at the cycle start (step 88): mask churn logged every 20 steps
-  churn = {r["step"]: r["mask_churn"] for r in read_jsonl(sup_dir / "steps.jsonl")}
-  assert [s for s, c in churn.items() if c > 0] == [40, 60, 80, 100]
-  assert "| rigl | rigl_sup | 95% | – |" in out["suptickets_table"]
-  for name in ("suptickets.csv", "suptickets.md", "suptickets_vs_cycle.png",
-               "results.csv", "results.md"):
-    assert os.path.getsize(tmp_path / name) > 0
-  again = runner.run(config, str(tmp_path))
-  assert again["ran"] == [] and again["cycles"] == out["cycles"]
-
-
-def test_suptickets_report_pairs_each_method_with_plain_dst(tmp_path):
-  config = suptickets_cpu.get_config()
-  assert runner.pairs(config) == {"rigl_sup": "rigl", "granet_sup": "granet"}
-  rows = [{"method": m, "sparsity": 0.95, "seed": seed, "test_accuracy": acc}
-          for m, accs in (("rigl", (0.80, 0.82)), ("rigl_sup", (0.81, 0.83)))
-          for seed, acc in enumerate(accs)]
-  cycles = [{"method": "rigl_sup", "dst_method": "rigl", "sparsity": 0.95,
-             "seed": seed, "cycle": c, "ticket_test_accuracy": 0.78 + 0.01 * c,
-             "superposed_test_accuracy": 0.80 + 0.01 * c + 0.01 * seed, "cell": ""}
-            for seed in (0, 1) for c in (1, 2, 3)]
-  table = runner.format_table(config, rows, cycles)
-  # superposed after cycle 3: 83% and 84%; gains over RigL alone +3 and +2
-  assert "| rigl | rigl_sup | 95% | 81.0 ± 1.4 | 81.0 ± 0.0 | 83.5 ± 0.7 | +2.50 ± 0.71 | 2 |" in table
-  assert "| granet | granet_sup | 95% | – | – | – | – | 0 |" in table
-  runner.plot_cycles(str(tmp_path / "plot.png"), config, rows, cycles)
-  assert os.path.getsize(tmp_path / "plot.png") > 0
-
-
-def test_suptickets_config_checks():
-  config = suptickets_cpu.get_config()
-  cell = lambda: sweep.cell_config(config, sweep.Cell("rigl_sup", 0.95, 0))
-  common.resolve_config(cell())
-  config.sup_cycle_epochs = 8
-  with pytest.raises(ValueError, match="no DST phase"):
-    common.resolve_config(cell())
-  config.sup_cycle_epochs = 3
-  config.variants.rigl_sup.dst = "none"
-  with pytest.raises(ValueError, match="needs a DST method"):
-    common.resolve_config(cell())
-  config.variants.rigl_sup.dst = "rigl"
-  config.sup_lr_shape = "square"
-  with pytest.raises(ValueError, match="sup_lr_shape"):
-    common.resolve_config(cell())
-
-
 def test_plan_arguments_are_checked_where_given():
   for field, value in (("num_epochs", 0), ("steps_per_epoch", -3),
                        ("cycle_epochs", 2.5)):
@@ -435,53 +356,16 @@ def test_plan_arguments_are_checked_where_given():
 def test_a_plan_that_is_not_the_fits_is_refused_before_the_first_step(
     ds, tmp_path, plan, match):
   model = ConvBN()
-  params = train.init_variables(model, jnp.zeros((1, *ds.image_shape)),
+  params = state.init_variables(model, jnp.zeros((1, *ds.image_shape)),
                                 jax.random.key(0))["params"]
-  tx = dst.rigl(optax.sgd(0.1), random_mask(params, 0.2), end_step=20,
+  tx = dst.rigl_optimizer(optax.sgd(0.1), random_mask(params, 0.2), end_step=20,
                 update_every=10)
+  sup = suptickets.Superpose(plan)
   with pytest.raises(ValueError, match=match):
-    train.fit(config(num_epochs=4), tmp_path, model=model, dataset=ds, tx=tx,
-              hooks=[suptickets.Superpose(plan)])
+    run(ds, tmp_path, model, tx=tx, num_epochs=4, hooks=[sup.hook()],
+        callbacks=[sup])
   # Refused before the first step: no checkpoint, no epoch record.
   assert not (tmp_path / "checkpoints").exists() or not list(
       (tmp_path / "checkpoints").iterdir())
   assert not (tmp_path / "metrics.jsonl").exists() or not (
       tmp_path / "metrics.jsonl").read_text()
-
-def test_granet_suptickets_run_logs_its_target_and_reports_the_superposed_model(
-    tmp_path, capsys, caplog):
-  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
-  config.update(model="mlp", train_subset=200, num_epochs=2, batch_size=32,
-                dst="granet", sparsity=0.9, dst_update_every=2, suptickets=True,
-                sup_cycles=1, sup_cycle_epochs=1, save_sparse=True,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
-  with caplog.at_level("INFO"):
-    result = common.run(config, str(tmp_path))
-  logged = [r.getMessage() for r in caplog.records]
-  # It used to log "pruner=dense sparsity=0.0".
-  start = [m for m in logged if m.startswith("mlp on digits")]
-  assert len(start) == 1 and "dst=granet sparsity 0.0 -> 0.9 + suptickets" in start[0]
-  assert "pruner=dense" not in start[0]
-  # The sparse model file is reported once (it was printed and logged).
-  out = capsys.readouterr()
-  assert (out.out + out.err).count("sparse model file") == 1
-  assert out.out.count("sparse model file") == 1
-  assert not any("sparse model file" in m for m in logged)
-  # The done line gives the superposed model's accuracy, then the ticket's.
-  final = result.history[-1]
-  line = common.final_line(result.history)
-  assert (f"superposed model: test_loss={final['superposed_test_loss']:.4f}, "
-          f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
-          f"test_accuracy={final['test_accuracy']:.4f})") in line
-  assert line.startswith(f"done: train_loss={final['train_loss']:.4f}, ")
-
-
-def test_describe_sparsity_of_each_kind_of_run():
-  from experiments.configs import digits  # pylint: disable=g-import-not-at-top
-  config = digits.get_config()
-  assert common.describe_sparsity(config) == "pruner=dense sparsity=0.0"
-  config.update(pruner="random", sparsity=0.8, dst="rigl")
-  assert common.describe_sparsity(config) == "pruner=random sparsity=0.8 dst=rigl"
-  config.update(pruner="dense", dst="gmp", dst_initial_sparsity=0.5)
-  assert common.describe_sparsity(config) == "dst=gmp sparsity 0.5 -> 0.8"

@@ -24,7 +24,8 @@ from experiments import sweep  # noqa: E402
 from experiments.configs import digits  # noqa: E402
 from experiments.configs import prune_at_init as prune_at_init_config  # noqa: E402
 from experiments.configs import sweep_cpu_long, sweep_cpu_small, sweep_synflow_paper  # noqa: E402
-from sparsejax import data, masks, models, scores, train  # noqa: E402
+from sparsejax import data, masks, models, scores  # noqa: E402
+from sparsejax import state as state_lib  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -82,8 +83,8 @@ def test_prune_at_init_prunes_reports_and_trains(method, tmp_path, capsys):
   # or on an all-ones input (SynFlow, 100 rounds).
   ds = data.load("digits")
   model = models.get("mlp", ds.num_classes)
-  init = train.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)),
-                                  jax.random.key(3))
+  init = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)),
+                                      jax.random.key(3))
   params, apply_fn = scores.linen_apply_fn(model, init.variables)
   expected = scores.prune_at_init(
       method, params, sparsity=0.9, apply_fn=apply_fn,

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import data, dst, masks, models, tost, train
+from sparsejax import budgets, data, masks, modeling, models, schedules, state as state_lib, tost, train
 from sparsejax import mesh as mesh_lib
 from sparsejax.models import activations
 
@@ -99,10 +99,12 @@ def test_ghost_model_at_gamma_zero_equals_the_exported_plain_model(name):
   exported = jax.tree.map(lambda p: p * 1.1 + 0.01, exported)
   vg = jax.tree.map(lambda p: p * 1.1 + 0.01, vg)
   for is_train in (False, True):
-    lp, _ = models.apply(plain, exported, X16, train=is_train)
-    lg, _ = models.apply(ghost, vg, X16, train=is_train, ghost_coef=jnp.float32(0))
+    lp, _ = modeling.apply_model(plain, exported, X16, train=is_train)
+    lg, _ = modeling.apply_model(ghost, vg, X16, train=is_train,
+                                 scalars={"ghost_coef": jnp.float32(0)})
     np.testing.assert_array_equal(np.asarray(lp), np.asarray(lg))
-    l1, _ = models.apply(ghost, vg, X16, train=is_train, ghost_coef=jnp.float32(1))
+    l1, _ = modeling.apply_model(ghost, vg, X16, train=is_train,
+                                 scalars={"ghost_coef": jnp.float32(1)})
     assert float(jnp.abs(l1 - lp).max()) > 1e-3  # the paths do act when on
   # two ghost paths (1x1 conv + BN) per block, kernels the constant 1e-4
   ghost_paths = [p for p in masks.paths(vg["params"]) if masks.is_ghost(p)]
@@ -135,7 +137,7 @@ def test_ghost_params_are_untouched_by_masks_and_budgets():
     flags = dict(masks.named_leaves(masks.prunable_tree(params, prunable)))
     assert not any(flags[p] for p in ghost_leaves)
   # budgets: the same per-layer sparsities and counts as on the plain model
-  for budget in ("global", "erk", "uniform"):
+  for budget in (budgets.Global(), budgets.ERK(), budgets.Uniform()):
     scores_ = jax.tree.map(lambda p: jnp.abs(p), params)
     mask = masks.topk_mask(scores_, 0.9, budget=budget)
     for p in ghost_leaves:
@@ -146,10 +148,10 @@ def test_ghost_params_are_untouched_by_masks_and_budgets():
     assert summary.as_dict() == plain_summary.as_dict()
     assert not any(masks.is_ghost(p) for p in summary.as_dict()["layers"])
   # random masks and the ghost model's pruning at initialisation
-  mask = dst.random_mask(jax.random.key(2), params, 0.95, budget="erk")
+  mask = masks.random_mask(jax.random.key(2), params, 0.95, budget=budgets.ERK())
   assert all(bool(dict(masks.named_leaves(mask))[p].all()) for p in ghost_leaves)
   # a plain model's mask lifts to the ghost model: ghost leaves all True
-  plain_mask = dst.random_mask(jax.random.key(2), plain, 0.95)
+  plain_mask = masks.random_mask(jax.random.key(2), plain, 0.95)
   lifted = tost.lift_mask(plain_mask, params)
   masks.check_mask(lifted, params)
   assert masks.summary(lifted).as_dict() == masks.summary(plain_mask).as_dict()
@@ -183,26 +185,26 @@ def test_changing_beta_gamma_alpha_never_recompiles():
     return base_loss(logits, labels, scalars)
 
   class Counting(type(model)):
-    def __call__(self, x, train=False, act_coef=None, ghost_coef=None):
+    def __call__(self, x, train=False):
       traces["model"] += 1
-      return super().__call__(x, train, act_coef, ghost_coef)
+      return super().__call__(x, train)
 
   model = Counting(**{f: getattr(model, f) for f in (
       "num_classes", "stage_sizes", "num_filters", "act", "ghost_skips")})
   scalars = recipe.scalars(10)  # beta, gamma, alpha all move over 10 steps
   tx = optax.sgd(0.01)
-  state = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
-                                   jax.random.key(0))
+  state = state_lib.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
+                                       jax.random.key(0))
   step = train.make_train_step(model, mesh=mesh, batch_size=4, mean=ds.mean,
                                std=ds.std, loss_fn=loss_fn, scalars=scalars)
-  state, metrics, images, labels, perm = mesh_lib.put_replicated(
-      (state, train.init_train_metrics(), ds.train_images, ds.train_labels,
+  carry, images, labels, perm = mesh_lib.put_replicated(
+      (train.init_carry(state), ds.train_images, ds.train_labels,
        np.arange(16)), mesh)
   traces.update(model=0, loss=0)  # create_train_state traced the model once
   seen = []
   for k in range(8):
-    seen.append([float(scalars[n](state.step)) for n in sorted(scalars)])
-    state, metrics, _, _ = step(state, metrics, images, labels, perm, k % 4)
+    seen.append([float(scalars[n](carry.state.step)) for n in sorted(scalars)])
+    carry, _ = step(carry, images, labels, perm, k % 4)
   assert len({tuple(v) for v in seen}) == 5  # the values did change
   assert traces == {"model": 1, "loss": 1}  # traced once, never again
 
@@ -218,7 +220,7 @@ def _small_problem(sparsity=0.8):
   x = rng.normal(size=(64, 4, 4, 1)).astype(np.float32)
   y = (np.arange(64) % 10).astype(np.int32)
   params = model.init(jax.random.key(0), x[:1])["params"]
-  mask = dst.random_mask(jax.random.key(1), params, sparsity, budget="uniform")
+  mask = masks.random_mask(jax.random.key(1), params, sparsity, budget=budgets.Uniform())
 
   def loss(p, batch):
     xb, yb = batch
@@ -263,27 +265,37 @@ def test_lrsi_objective_is_the_grad_norm_while_the_bound_is_violated():
   assert float(tight) == pytest.approx(norm, rel=1e-5)
 
 
-def test_lrsi_hook_rescales_the_initial_state_of_fit(tmp_path):
+def _fit(model, ds, workdir, *, num_epochs, learning_rate, mask=None, **kwargs):
+  """fit with batch 8, SGD (momentum 0.9) at a constant ``learning_rate``."""
+  tx = schedules.make_optimizer(learning_rate)
+  init = lambda: state_lib.create_train_state(model, tx, jnp.zeros((1, 8, 8, 3)),
+                                              jax.random.key(0), mask=mask)
+  return train.fit(model, ds, workdir, init=init, num_epochs=num_epochs,
+                   batch_size=8, options=train.FitOptions(
+                       progress_bar=False, tensorboard=False,
+                       async_checkpointing=False), **kwargs)
+
+
+def test_lrsi_callback_rescales_the_initial_state_of_fit(tmp_path):
   ds = _tiny_dataset(n=32)
   model = models.get("mlp", 10, hidden=(16,))
   sample = jnp.zeros((1, 8, 8, 3))
-  params = train.init_variables(model, sample, jax.random.key(0))["params"]
-  mask = dst.random_mask(jax.random.key(1), params, 0.9)
-  hook = tost.LRsIHook(tost.LRsI(steps=5, batch_size=8))
-  config = dict(num_epochs=1, batch_size=8, learning_rate=0.0, seed=0,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
-  result = train.fit(config, tmp_path, model=model, dataset=ds, mask=mask,
-                     hooks=[hook])
+  params = state_lib.init_variables(model, sample, jax.random.key(0))["params"]
+  mask = masks.random_mask(jax.random.key(1), params, 0.9)
+  hook = tost.LRsICallback(tost.LRsI(steps=5, batch_size=8))
+  result = _fit(model, ds, tmp_path, num_epochs=1, learning_rate=0.0, mask=mask,
+                callbacks=[hook])
   assert hook.info is not None and len(hook.info["scales"]) == 4
   # lr 0: the trained params are the rescaled initial ones, zeros kept
-  start = train.create_train_state(model, optax.sgd(0.0), sample,
-                                   jax.random.key(0), mask=mask).params
+  start = state_lib.create_train_state(model, optax.sgd(0.0), sample,
+                                       jax.random.key(0), mask=mask).params
   for path, p in masks.named_leaves(result.state.params):
     np.testing.assert_allclose(p, hook.info["scales"][path] * np.asarray(
         dict(masks.named_leaves(start))[path]), rtol=1e-6)
   # a rerun resumes from the checkpoint: no second LRsI
-  again = tost.LRsIHook(tost.LRsI(steps=5, batch_size=8))
-  train.fit(config, tmp_path, model=model, dataset=ds, mask=mask, hooks=[again])
+  again = tost.LRsICallback(tost.LRsI(steps=5, batch_size=8))
+  _fit(model, ds, tmp_path, num_epochs=1, learning_rate=0.0, mask=mask,
+       callbacks=[again])
   assert again.info is None
 
 
@@ -291,10 +303,8 @@ def test_recipe_scalars_reach_model_and_loss_in_fit(tmp_path):
   ds = _tiny_dataset(n=32)
   recipe = tost.preset("ghost", lrsi=None)
   model = recipe.model("resnet20", 10, num_filters=4, stage_sizes=(1, 1, 1))
-  config = dict(num_epochs=2, batch_size=8, learning_rate=0.05, seed=0,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
-  result = train.fit(config, tmp_path, model=model, dataset=ds,
-                     scalars=recipe.scalars(10), loss_fn=recipe.loss_fn())
+  result = _fit(model, ds, tmp_path, num_epochs=2, learning_rate=0.05,
+                scalars=recipe.scalars(10), loss_fn=recipe.loss_fn())
   # the epoch records hold beta, gamma, alpha at each epoch's last step
   last = result.history[-1]
   assert last["act_coef"] == 0.0 and last["ghost_coef"] == 0.0

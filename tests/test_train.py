@@ -24,31 +24,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from experiments import common  # noqa: E402
-from experiments import train as exp_train  # noqa: E402
-from experiments.configs import digits as digits_config  # noqa: E402
-from sparsejax import checkpoints, data, masks, models, optim, schedules, train  # noqa: E402
+from sparsejax import checkpoints, data, masks, models, optim, schedules, state, train  # noqa: E402
+from tests.fitting import digits_fit, digits_optimizer, magnitude_mask_fn  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 TIMING_KEYS = ("epoch_seconds", "steps_per_second")
 SUBPROCESS_ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 
-def make_config(**overrides):
-  """The digits preset, small: MLP, 44 steps of 32 per epoch, 90% magnitude."""
-  config = digits_config.get_config()
-  config.unlock()
-  config.update(dict(num_epochs=3, batch_size=32, pruner="magnitude",
-                     sparsity=0.9, progress_bar=False, log_every_steps=10))
-  config.update(overrides)
-  return exp_train.resolve_config(config)
-
-
-def fit(config, workdir):
-  ds = data.load(config.dataset)
-  model = models.get(config.model, ds.num_classes)
-  return train.fit(config, workdir, model=model, dataset=ds,
-                   mask=common.make_mask_fn(config, model, ds))
+def fit(workdir, **overrides):
+  """The digits preset, small: MLP, 3 epochs of 44 steps of 32, 90% magnitude."""
+  return digits_fit(workdir, **overrides)
 
 
 def without_timing(history):
@@ -86,8 +72,8 @@ def assert_trees_equal(a, b):
 def reference(tmp_path_factory):
   """An uninterrupted 3-epoch run (90% magnitude mask): the baseline."""
   workdir = tmp_path_factory.mktemp("reference")
-  config = make_config(max_to_keep=5)
-  return config, workdir, fit(config, workdir)
+  config = dict(max_to_keep=5)
+  return config, workdir, fit(workdir, **config)
 
 
 # ----------------------------------------------------------------------------
@@ -96,8 +82,7 @@ def reference(tmp_path_factory):
 
 
 def test_dense_training_beats_chance(tmp_path):
-  config = make_config(pruner="dense", tensorboard=True, max_to_keep=2)
-  result = fit(config, tmp_path)
+  result = fit(tmp_path, sparsity=None, tensorboard=True, max_to_keep=2)
   assert not result.preempted and result.state.mask is None
   assert len(result.history) == 3
   assert result.history[-1]["test_accuracy"] > 0.85  # chance is 0.1
@@ -115,10 +100,9 @@ def test_sparse_training_keeps_mask_and_zeros(reference):
   # The mask in the final state is the one chosen at initialisation...
   ds = data.load("digits")
   model = models.get("mlp", 10)
-  init = train.create_train_state(
-      model, schedules.make_optimizer(config, 44), jnp.zeros((1, 8, 8, 1)),
-      jax.random.key(config.seed))
-  initial_mask = common.make_mask_fn(config, model, ds)(init.params)
+  init = state.create_train_state(
+      model, digits_optimizer(3, 44), jnp.zeros((1, 8, 8, 1)), jax.random.key(0))
+  initial_mask = magnitude_mask_fn(model, 0.9)(init.params)
   assert_trees_equal(result.state.mask, initial_mask)
   summary = masks.summary(result.state.mask)
   assert summary.kept == masks.kept_count(summary.total, 0.9)
@@ -129,7 +113,7 @@ def test_sparse_training_keeps_mask_and_zeros(reference):
     assert np.all(p[~m] == 0.0)
     if p.ndim > 1:  # kernels: the mask is exactly their support
       assert np.count_nonzero(p[m]) == m.sum()
-  assert ds.num_train // config.batch_size == 44
+  assert ds.num_train // 32 == 44
 
 
 def test_evaluate_counts_every_example_once(reference):
@@ -152,9 +136,9 @@ def test_evaluate_counts_every_example_once(reference):
 
 
 def test_multistep_schedule_decays_at_epoch_boundaries():
-  cfg = dict(learning_rate=0.1, lr_schedule="multistep", num_epochs=160,
-             lr_decay_epochs=(60, 120), lr_decay_factor=0.1)
-  sched = schedules.lr_schedule(cfg, steps_per_epoch=10)
+  sched = schedules.lr_schedule(0.1, kind="multistep", num_epochs=160,
+                                decay_epochs=(60, 120), decay_factor=0.1,
+                                steps_per_epoch=10)
   np.testing.assert_allclose(
       [sched(0), sched(599), sched(600), sched(1199), sched(1200), sched(1599)],
       [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
@@ -166,24 +150,23 @@ def test_multistep_schedule_decays_at_epoch_boundaries():
 
 
 def test_warmup_and_cosine_schedules():
-  cfg = dict(learning_rate=0.2, lr_schedule="multistep", num_epochs=10,
-             lr_decay_epochs=(5,), warmup_epochs=2)
-  sched = schedules.lr_schedule(cfg, steps_per_epoch=10)
+  sched = schedules.lr_schedule(0.2, kind="multistep", num_epochs=10,
+                                decay_epochs=(5,), warmup_epochs=2,
+                                steps_per_epoch=10)
   np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(49), sched(50)],
                              [0.0, 0.1, 0.2, 0.2, 0.02], rtol=1e-6, atol=1e-9)
-  cos = schedules.lr_schedule(dict(learning_rate=0.2, lr_schedule="cosine",
-                               num_epochs=10, lr_end_factor=0.1), 10)
+  cos = schedules.lr_schedule(0.2, kind="cosine", num_epochs=10,
+                              end_factor=0.1, steps_per_epoch=10)
   np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.11, 0.02],
                              rtol=1e-5)
   with pytest.raises(ValueError, match="lr_schedule"):
-    schedules.lr_schedule(dict(learning_rate=0.1, lr_schedule="step", num_epochs=1), 1)
+    schedules.lr_schedule(0.1, kind="step", num_epochs=1, steps_per_epoch=1)
 
 
 def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
   """Two steps against PyTorch's SGD(momentum, nesterov, weight_decay) formulas."""
-  cfg = dict(learning_rate=0.1, lr_schedule="constant", num_epochs=1,
-             momentum=0.9, nesterov=True, weight_decay=0.01)
-  tx = schedules.make_optimizer(cfg, steps_per_epoch=1)
+  tx = schedules.make_optimizer(0.1, momentum=0.9, nesterov=True,
+                                weight_decay=0.01)
   params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
   grads = [{"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([-0.2])},
            {"kernel": jnp.array([[-0.1, 0.4]]), "bias": jnp.array([0.1])}]
@@ -198,23 +181,49 @@ def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
     step = jax.tree.map(lambda d, b: d + 0.9 * b, d, buf)
     p_ref = jax.tree.map(lambda p, s: p - 0.1 * s, p_ref, step)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), params, p_ref)
+  # The state holds the learning rate of its last update (what fit logs).
+  assert float(optim.find_hyperparam(state, "learning_rate")) == pytest.approx(0.1)
+
+
+def test_optimizer_state_carries_the_scheduled_learning_rate():
+  lr = schedules.lr_schedule(0.1, kind="multistep", num_epochs=2,
+                             decay_epochs=(1,), steps_per_epoch=2)
+  tx = optim.sparse(schedules.make_optimizer(lr), lambda p: masks.ones_like(p))
+  params = {"w": jnp.ones(3)}
+  opt_state = tx.init(params)
+  seen = []
+  for _ in range(4):
+    _, opt_state = tx.update({"w": jnp.ones(3)}, opt_state, params)
+    seen.append(float(optim.find_hyperparam(opt_state, "learning_rate")))
+  np.testing.assert_allclose(seen, [lr(t) for t in range(4)], rtol=1e-6)
+  np.testing.assert_allclose(seen, [0.1, 0.1, 0.01, 0.01], rtol=1e-6)
+  assert optim.find_hyperparam(optax.sgd(0.1).init(params), "learning_rate") is None
 
 
 def test_create_train_state_masks_params_and_optimizer():
   model = models.get("mlp", 10, hidden=(16,))
-  tx = schedules.make_optimizer(dict(learning_rate=0.1, num_epochs=1), 1)
+  tx = schedules.make_optimizer(0.1)
   x = jnp.zeros((1, 8, 8, 1))
-  dense = train.create_train_state(model, tx, x, jax.random.key(0))
-  mask = jax.jit(lambda p: masks.topk_mask(jax.tree.map(jnp.abs, p), 0.5))(
-      dense.params)
-  sparse = train.create_train_state(model, tx, x, jax.random.key(0), mask=mask)
+  dense = state.create_train_state(model, tx, x, jax.random.key(0))
+  mask_fn = jax.jit(lambda p: masks.topk_mask(jax.tree.map(jnp.abs, p), 0.5))
+  mask = mask_fn(dense.params)
+  sparse = state.create_train_state(model, tx, x, jax.random.key(0), mask=mask)
+  # The same from optim.sparse with the mask function, called by init.
+  held = state.create_train_state(model, optim.sparse(tx, mask_fn), x,
+                                  jax.random.key(0))
+  assert_trees_equal(held.mask, mask)
+  assert_trees_equal(held.params, sparse.params)
+  assert_trees_equal(held.opt_state, sparse.opt_state)
+  with pytest.raises(ValueError, match="already holds a mask"):
+    state.create_train_state(model, optim.sparse(tx, mask_fn), x,
+                             jax.random.key(0), mask=mask)
   assert dense.mask is None and int(sparse.step) == 0
   assert_trees_equal(sparse.mask, mask)
   assert_trees_equal(sparse.params, masks.apply(dense.params, mask))
   assert isinstance(sparse.opt_state, optim.MaskedState)
   bad = jax.tree.map(lambda m: m[..., :1], mask)
   with pytest.raises(ValueError, match="shape"):
-    train.create_train_state(model, tx, x, jax.random.key(0), mask=bad)
+    state.create_train_state(model, tx, x, jax.random.key(0), mask=bad)
 
 
 # ----------------------------------------------------------------------------
@@ -225,12 +234,12 @@ def test_create_train_state_masks_params_and_optimizer():
 def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path):
   config, ref_dir, ref = reference
   with sigterm_at_step(50):
-    stopped = fit(make_config(max_to_keep=5), tmp_path)
+    stopped = fit(tmp_path, max_to_keep=5)
   # SIGTERM arrived at step 50 (epoch 2, step 6 of 44): saved there, exited.
   assert stopped.preempted
   assert checkpoint_steps(tmp_path) == [44, 50]
   assert len(read_metrics(tmp_path)) == 1
-  resumed = fit(make_config(max_to_keep=5), tmp_path)
+  resumed = fit(tmp_path, max_to_keep=5)
   assert resumed.resumed_from == 50 and not resumed.preempted
   assert without_timing(resumed.history) == without_timing(ref.history)
   assert read_metrics(tmp_path) == read_metrics(ref_dir)
@@ -240,16 +249,12 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path)
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
-  """Kills `python -m experiments.train` with SIGKILL after its first epoch."""
-  args = ["--config.num_epochs=8", "--config.batch_size=32",
-          "--config.pruner=magnitude", "--config.progress_bar=false",
-          "--config.max_to_keep=10"]
+  """Kills a digits fit (``python -m tests.fitting``) with SIGKILL after its
+  first epoch."""
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "experiments.train",
-       "--config", "experiments/configs/digits.py", "--workdir", str(killed),
-       *args], cwd=REPO, env=SUBPROCESS_ENV,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+      [sys.executable, "-m", "tests.fitting", str(killed), "8"], cwd=REPO,
+      env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = killed / "checkpoints" / "44"  # renamed into place when committed
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
@@ -261,10 +266,9 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   steps = checkpoint_steps(killed)
   assert steps and max(steps) < 8 * 44  # killed mid-way, with a checkpoint
 
-  config = make_config(num_epochs=8, max_to_keep=10)
-  resumed = exp_train.run(config, str(killed))
+  resumed = fit(killed, num_epochs=8, max_to_keep=10)
   assert resumed.resumed_from is not None and resumed.resumed_from < 8 * 44
-  uninterrupted = exp_train.run(config, str(tmp_path / "uninterrupted"))
+  uninterrupted = fit(tmp_path / "uninterrupted", num_epochs=8, max_to_keep=10)
   assert uninterrupted.resumed_from is None
   assert len(resumed.history) == 8
   assert without_timing(resumed.history) == without_timing(uninterrupted.history)
@@ -274,7 +278,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 def test_rerun_of_finished_run_is_a_no_op(reference):
   config, workdir, ref = reference
-  again = fit(config, workdir)
+  again = fit(workdir, **config)
   assert again.resumed_from == 132
   assert without_timing(again.history) == without_timing(ref.history)
   assert_trees_equal(again.state, ref.state)
@@ -290,7 +294,7 @@ def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
   config, ref_dir, ref = reference
   # SIGTERM at the last step of epoch 2: the epoch completes, saves and exits.
   with sigterm_at_step(88):
-    first = fit(make_config(max_to_keep=5), tmp_path)
+    first = fit(tmp_path, max_to_keep=5)
   assert first.preempted and len(first.history) == 2
   assert checkpoint_steps(tmp_path) == [44, 88]
   latest = tmp_path / "checkpoints" / "88"
@@ -302,7 +306,7 @@ def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
   assert corrupted
 
   with caplog.at_level(logging.WARNING, logger="sparsejax.checkpoints"):
-    resumed = fit(make_config(max_to_keep=5), tmp_path)
+    resumed = fit(tmp_path, max_to_keep=5)
   warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
   assert any(str(latest) in w and "unreadable" in w for w in warnings), warnings
   assert resumed.resumed_from == 44
@@ -355,25 +359,25 @@ def test_checkpoint_of_another_run_is_refused_and_left_alone(reference):
   config, workdir, _ = reference
   before = checkpoint_steps(workdir)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="batch_size"):
-    fit(make_config(batch_size=64, max_to_keep=5), workdir)
+    fit(workdir, batch_size=64, max_to_keep=5)
   with pytest.raises(checkpoints.CheckpointMismatchError, match="state_signature"):
-    fit(make_config(pruner="dense", max_to_keep=5), workdir)
+    fit(workdir, sparsity=None, max_to_keep=5)
   assert checkpoint_steps(workdir) == before
   assert not (Path(workdir) / "checkpoints.unreadable").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  fit(make_config(num_epochs=1), tmp_path)
+  fit(tmp_path, num_epochs=1)
   assert checkpoint_steps(tmp_path) == [44]
   with pytest.raises(FloatingPointError) as err:
-    fit(make_config(learning_rate=1e30), tmp_path)
+    fit(tmp_path, optimizer=dict(learning_rate=1e30))
   message = str(err.value)
   assert "Non-finite training loss at epoch 2" in message
   assert "last good checkpoint (epoch 1, global step 44)" in message
   assert checkpoint_steps(tmp_path) == [44]  # nothing written for the NaN state
   assert len(read_metrics(tmp_path)) == 1
   # The kept checkpoint is intact: a sane rerun resumes from it.
-  resumed = fit(make_config(num_epochs=2), tmp_path)
+  resumed = fit(tmp_path, num_epochs=2)
   assert resumed.resumed_from == 44 and len(resumed.history) == 2
 
 
@@ -385,8 +389,7 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
     import json, sys
     import flax.linen as nn
     import jax, jax.numpy as jnp, numpy as np
-    import ml_collections
-    from sparsejax import data, masks, mesh as mesh_lib, models, schedules, train
+    from sparsejax import data, masks, mesh as mesh_lib, models, schedules, state as state_lib, train
 
     assert jax.device_count() == 8, jax.devices()
 
@@ -394,48 +397,50 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
       # Batch norm makes the global-batch semantics of sharded training visible.
       num_classes: int = 10
       @nn.compact
-      def __call__(self, x, train=False, act_coef=None):
+      def __call__(self, x, train=False):
         x = nn.Conv(8, (3, 3))(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
         x = nn.relu(x).mean(axis=(1, 2))
         return nn.Dense(self.num_classes)(x)
 
     ds = data.load("digits")
-    cfg = ml_collections.ConfigDict(dict(
-        learning_rate=0.05, lr_schedule="constant", num_epochs=1, momentum=0.9,
-        nesterov=True, weight_decay=5e-4, batch_size=64, seed=0,
-        progress_bar=False, tensorboard=False, eval_batch_size=100))
+    tx = schedules.make_optimizer(0.05, momentum=0.9, nesterov=True,
+                                  weight_decay=5e-4)
+    options = train.FitOptions(progress_bar=False, tensorboard=False,
+                               eval_batch_size=100)
     out = {}
     for n in (8, 1):
       mesh = mesh_lib.make_mesh(n)
       model = ConvBN()
-      tx = schedules.make_optimizer(cfg, 22)
-      state = train.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
-                                       jax.random.key(0))
+      state = state_lib.create_train_state(model, tx, jnp.zeros((1, 8, 8, 1)),
+                                           jax.random.key(0))
       mask = masks.topk_mask(jax.tree.map(jnp.abs, state.params), 0.7)
-      state = mesh_lib.put_replicated(train.create_train_state(
-          model, tx, jnp.zeros((1, 8, 8, 1)), jax.random.key(0), mask=mask), mesh)
+      state = state_lib.create_train_state(
+          model, tx, jnp.zeros((1, 8, 8, 1)), jax.random.key(0), mask=mask)
+      carry = mesh_lib.put_replicated(train.init_carry(state), mesh)
       step = train.make_train_step(model, mesh=mesh, batch_size=64,
                                    mean=ds.mean, std=ds.std, augment=True)
       images = mesh_lib.put_replicated(ds.train_images, mesh)
       labels = mesh_lib.put_replicated(ds.train_labels, mesh)
       perm = mesh_lib.put_replicated(np.asarray(data.epoch_permutation(0, 0, 1437)), mesh)
-      metrics = mesh_lib.put_replicated(train.init_train_metrics(), mesh)
       if n == 8:
-        hlo = step.lower(state, metrics, images, labels, perm, 0).compile().as_text()
+        hlo = step.lower(carry, images, labels, perm, 0).compile().as_text()
         out["all_reduce"] = "all-reduce" in hlo
       losses = []
       for k in range(6):
-        before = float(metrics["loss_sum"])
-        state, metrics, _, _ = step(state, metrics, images, labels, perm, k)
-        losses.append(float(metrics["loss_sum"]) - before)
+        before = float(carry.metrics["loss_sum"])
+        carry, _ = step(carry, images, labels, perm, k)
+        losses.append(float(carry.metrics["loss_sum"]) - before)
+      state = carry.state
       out[n] = {"losses": losses,
                 "devices": len(state.params["Dense_0"]["kernel"].sharding.device_set),
                 "leaves": [np.asarray(x).tolist() for x in jax.tree.leaves(
                     (state.params, state.batch_stats, state.opt_state))]}
       mlp = models.get("mlp", 10)
-      result = train.fit(cfg, sys.argv[1] + f"/fit{n}", model=mlp, dataset=ds,
-                         mesh=mesh)
+      init = state_lib.create_train_state(mlp, tx, jnp.zeros((1, 8, 8, 1)),
+                                          jax.random.key(0))
+      result = train.fit(mlp, ds, sys.argv[1] + f"/fit{n}", init=init,
+                         num_epochs=1, batch_size=64, mesh=mesh, options=options)
       out[n]["fit"] = result.history[-1]
     print("RESULT" + json.dumps(out))
 """)

@@ -1,14 +1,16 @@
 """Flax linen models for sparse training, and a registry by name.
 
-All models share the call signature ``model.apply(variables, x, train=False,
-act_coef=None)`` with NHWC float inputs ``x`` and return float32 logits
-``[B, num_classes]``. Models with BatchNorm have variables ``{'params',
-'batch_stats'}`` (apply with ``mutable=['batch_stats']`` when ``train=True``,
-or use :func:`apply`, which does it for any model); LeNet-5 and the MLP have
-``{'params'}`` only. Every model has an injectable
+All models share the call signature ``model.apply(variables, x, train=False)``
+with NHWC float inputs ``x`` and return float32 logits ``[B, num_classes]``.
+Models with BatchNorm have variables ``{'params', 'batch_stats'}`` (apply with
+``mutable=['batch_stats']`` when ``train=True``, or use
+:func:`sparsejax.modeling.apply_model`, which does it for any model); LeNet-5
+and the MLP have ``{'params'}`` only. Every model has an injectable
 activation ``act(x, coef)`` (see :mod:`sparsejax.models.activations`), a
 ``dtype`` for the computation and He-normal kernels (dense initialiser gain
-2.0). Parameters are created in forward order: the first kernel of
+2.0). Per-step scalars (``act_coef``, ``ghost_coef``) are read from the
+``'scalars'`` collection and declared in ``model.scalar_names``
+(:mod:`sparsejax.models.scalars`). Parameters are created in forward order: the first kernel of
 ``variables['params']`` in dict iteration order is the first layer and the last
 one is the classifier.
 
@@ -30,19 +32,18 @@ Example (shapes only, by ``jax.eval_shape``: no FLOPs, no memory)::
 A training step updates the batch-norm statistics::
 
   logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-  logits, state = models.apply(model, variables, x, train=True)  # the same
+  logits, state = modeling.apply_model(model, variables, x, train=True)  # the same
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 from sparsejax.models.mobilenet import InvertedResidual, MobileNetV2
 from sparsejax.models.resnet import (
     BasicBlock,
@@ -106,45 +107,6 @@ def get(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
         f"Unknown model {name!r}; valid names are: {', '.join(_REGISTRY)}."
     ) from None
   return constructor(num_classes=num_classes, **kwargs)
-
-
-def apply(model: nn.Module, variables: Mapping[str, Any], x: jax.Array, *,
-          train: bool, rngs: Mapping[str, jax.Array] | None = None,
-          **kwargs: Any) -> tuple[jax.Array, dict]:
-  """``model.apply`` with the model state (batch statistics) handled.
-
-  Every collection of ``variables`` but ``'params'`` (e.g. ``'batch_stats'``)
-  is model state. In training mode it is mutable and the updated state is
-  returned (batch norm normalises with the batch's statistics and updates its
-  running averages); in eval mode it is read only and returned unchanged.
-  Models without state are called without ``mutable``.
-
-  Args:
-    model: a linen module whose ``__call__`` takes ``(x, train=...)``.
-    variables: ``{'params': ..., 'batch_stats'?: ...}``.
-    x: the input batch, e.g. ``[B, H, W, C]``.
-    train: training mode.
-    rngs: PRNG keys by name, e.g. ``{"dropout": key}``.
-    **kwargs: further keyword arguments of ``__call__``, e.g. ``act_coef``.
-
-  Returns:
-    ``(logits, state)``: the model's output and the (updated) non-param
-    collections, ``{}`` for a model without state.
-  """
-  state = {k: v for k, v in variables.items() if k != "params"}
-  if train and state:
-    logits, updates = model.apply(variables, x, train=True, mutable=list(state),
-                                  rngs=rngs, **kwargs)
-    return logits, dict(updates)
-  return model.apply(variables, x, train=train, rngs=rngs, **kwargs), state
-
-
-def call_keywords(model: nn.Module) -> frozenset[str]:
-  """Names of the keyword parameters of ``model.__call__`` (e.g. ``train``,
-  ``act_coef``), to decide once which per-step scalars a model takes."""
-  params = inspect.signature(type(model).__call__).parameters.values()
-  return frozenset(p.name for p in params if p.kind in (
-      p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
 
 
 def params_in_creation_order(
@@ -221,8 +183,6 @@ def layer_order(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[str, ...]:
 
 
 __all__ = [
-    "apply",
-    "call_keywords",
     "layer_order",
     "BasicBlock",
     "Bottleneck",
@@ -248,4 +208,5 @@ __all__ = [
     "get",
     "names",
     "params_in_creation_order",
+    "scalars",
 ]

@@ -2,14 +2,18 @@
 
 Every model in :mod:`sparsejax.models` takes an ``act`` field: a callable
 ``act(x, coef) -> y`` applied element-wise after each normalisation (or hidden
-dense) layer. ``coef`` is whatever the caller passed as ``act_coef`` to the
-model's ``__call__``; it may be ``None`` or a scalar (possibly traced) array, so
-an activation whose shape changes during training -- e.g. the ghost soft
-neurons of ToST, ``(1 - beta) * relu(x) + beta * swish(x)`` with ``beta``
-annealed to 0 -- never triggers recompilation::
+dense) layer. ``coef`` is the model's per-step scalar ``act_coef``
+(:mod:`sparsejax.models.scalars`), ``None`` when it is not fed, or a scalar
+(possibly traced) array, so an activation whose shape changes during training
+-- e.g. the ghost soft neurons of ToST, ``(1 - beta) * relu(x) + beta *
+swish(x)`` with ``beta`` annealed to 0 -- never triggers recompilation. An
+activation that reads ``coef`` says so (a true ``reads_coef`` attribute, as
+:func:`blend` sets): the model then declares ``act_coef`` in its
+``scalar_names`` and accepts it::
 
   model = models.get("resnet20", num_classes=10, act=activations.blend())
-  logits = model.apply(variables, x, act_coef=beta)  # beta: traced scalar
+  logits, _ = modeling.apply_model(model, variables, x, train=False,
+                                   scalars={"act_coef": beta})  # traced beta
 
 The weight initialiser of all models is He normal,
 ``N(0, HE_GAIN / fan_in)`` with ``HE_GAIN = 2.0`` (the "dense initialiser
@@ -25,7 +29,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sparsejax import _xla_cpu
 from sparsejax.models import norm as norm_lib
 
 Array = jax.Array
@@ -70,7 +73,7 @@ def blend(
 ) -> Activation:
   """Returns an activation that blends ``a`` into ``b`` by a coefficient.
 
-  The returned ``act(x, coef)`` computes ``a(x)`` when ``coef`` is ``None`` and
+  The returned ``act(x, coef)`` (``act.reads_coef`` is true) computes ``a(x)`` when ``coef`` is ``None`` and
   ``(1 - coef) * a(x) + coef * b(x)`` otherwise. ``coef`` may be a traced
   scalar, so annealing it inside a jit-compiled step never recompiles. With the
   defaults this is ToST's ghost soft neuron: ``coef = 1`` is pure Swish and
@@ -90,24 +93,29 @@ def blend(
     coef = jnp.asarray(coef, x.dtype)
     return (1 - coef) * a(x) + coef * b(x)
 
+  act.reads_coef = True
   return act
+
+
+class Conv(nn.Conv):
+  """``nn.Conv`` as the CNNs of :mod:`sparsejax.models` use it (same fields,
+  variables and values). A class of its own so that the models' convolutions
+  can be told apart (:func:`sparsejax.modeling.apply_model` gives them
+  XLA:CPU's fast path)."""
 
 
 def conv_and_norm(train: bool, dtype, init_gain: float = HE_GAIN):
   """The ``(conv, norm)`` layer constructors shared by the CNNs.
 
-  ``conv``: ``nn.Conv`` without bias, He-normal kernels of gain ``init_gain``,
-  and the convolution of :func:`sparsejax._xla_cpu.conv_general_dilated`
-  (on CPU its input is materialised so that XLA computes the kernel
-  gradient's layout transpose as a copy; same values).
+  ``conv``: :class:`Conv` without bias, He-normal kernels of gain
+  ``init_gain``.
   ``norm``: :class:`sparsejax.models.norm.BatchNorm` (``nn.BatchNorm``'s
-  variables and formulas, GEMV statistics on CPU) with PyTorch's defaults
+  variables and formulas) with PyTorch's defaults
   (``momentum=0.9``, i.e. PyTorch's 0.1, ``epsilon=1e-5``), batch statistics
   when ``train``.
   """
-  conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
-                           kernel_init=he_normal(init_gain),
-                           conv_general_dilated=_xla_cpu.conv_general_dilated)
+  conv = functools.partial(Conv, use_bias=False, dtype=dtype,
+                           kernel_init=he_normal(init_gain))
   norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train,
                            momentum=0.9, epsilon=1e-5, dtype=dtype)
   return conv, norm

@@ -23,13 +23,14 @@ order.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 
 ModuleDef = Any
 
@@ -69,7 +70,8 @@ class InvertedResidual(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     hidden = self.expansion * x.shape[-1]
     y = self.conv(hidden, (1, 1), padding=0)(x)
     y = self.norm()(y)
@@ -117,22 +119,25 @@ class MobileNetV2(nn.Module):
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient."""
+    return scalars.names(self.act)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Computes logits.
 
     Args:
       x: images ``[B, H, W, C]`` (NHWC), e.g. ``[B, 32, 32, 3]`` for CIFAR.
       train: use batch statistics in BatchNorm and update ``batch_stats``
         (otherwise use the running averages).
-      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
-        may be traced.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
 
     x = conv(self.stem_filters, (3, 3), self.stem_strides, padding=1)(x)
@@ -147,7 +152,7 @@ class MobileNetV2(nn.Module):
             norm=norm,
             act=self.act,
             strides=first_strides if j == 0 else 1,
-        )(x, act_coef)
+        )(x)
     x = conv(self.head_filters, (1, 1), padding=0)(x)
     x = norm()(x)
     x = self.act(x, act_coef)

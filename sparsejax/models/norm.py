@@ -3,11 +3,11 @@
 :class:`BatchNorm` is a drop-in for ``flax.linen.BatchNorm`` as the models use
 it (normalise over all axes but the last, learned ``scale`` and ``bias``,
 running ``mean`` and ``var`` in the ``batch_stats`` collection, same names and
-defaults, hence the same checkpoints). Its training-mode computation is
-:func:`sparsejax._xla_cpu.batch_norm_train`, which on CPU computes the
-statistics and their gradients as matrix-vector products (a third of a
-ResNet-20 step was XLA:CPU's lowering of those reductions); accelerators get
-the plain formulas.
+defaults, hence the same checkpoints). Its training-mode computation is the
+method :meth:`BatchNorm.normalize_batch`, which
+:func:`sparsejax.modeling.apply_model` replaces on CPU by matrix-vector
+products (a third of a ResNet-20 step was XLA:CPU's lowering of those
+reductions; see ``sparsejax/_xla_cpu.py``).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from sparsejax import _xla_cpu
 
 
 class BatchNorm(nn.Module):
@@ -62,9 +60,30 @@ class BatchNorm(nn.Module):
       mul = scale * lax.rsqrt(running_var.value + self.epsilon)
       y = (x - running_mean.value) * mul + bias
       return y.astype(dtype)
-    y, mean, var = _xla_cpu.batch_norm_train(x, scale, bias, self.epsilon)
+    y, mean, var = self.normalize_batch(x, scale, bias)
     if not self.is_initializing():
       m = self.momentum
       running_mean.value = m * running_mean.value + (1 - m) * mean
       running_var.value = m * running_var.value + (1 - m) * var
     return y.astype(dtype)
+
+  def normalize_batch(self, x: jax.Array, scale: jax.Array, bias: jax.Array
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Training-mode batch norm of ``x`` over all axes but the last.
+
+    Args:
+      x: ``[..., C]`` activations (any float dtype; statistics in float32).
+      scale, bias: ``[C]`` float32 affine parameters.
+
+    Returns:
+      ``(y, mean, var)``: ``y = (x - mean) * scale / sqrt(var + epsilon) +
+      bias`` (float32, shape of ``x``) and the batch statistics ``[C]``
+      (biased variance ``E[x^2] - E[x]^2``, as ``flax.linen.BatchNorm``
+      computes it).
+    """
+    x32 = x.astype(jnp.float32)
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x32, axes)
+    var = jnp.maximum(jnp.mean(x32 * x32, axes) - mean * mean, 0.0)
+    y = (x32 - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
+    return y, mean, var

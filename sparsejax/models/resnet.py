@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 
 ModuleDef = Any
 
@@ -66,8 +67,9 @@ class BasicBlock(nn.Module):
   ghost_init: float = 1e-4
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None,
-               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act_coef = scalars.read(self, scalars.ACT_COEF)
+    ghost_coef = scalars.read(self, scalars.GHOST_COEF)
     residual = x
     y = self.conv(self.filters, (3, 3), self.strides, padding=1)(x)
     y = self.norm()(y)
@@ -142,25 +144,25 @@ class ResNet(nn.Module):
   ghost_skips: bool = False
   ghost_init: float = 1e-4
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient, ``ghost_coef`` with ``ghost_skips``."""
+    return scalars.names(self.act, self.ghost_skips)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None,
-      ghost_coef: Optional[jax.Array] = None,
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Computes logits.
 
     Args:
       x: images ``[B, H, W, C]`` (NHWC), e.g. ``[B, 32, 32, 3]`` for CIFAR.
       train: use batch statistics in BatchNorm and update ``batch_stats``
         (otherwise use the running averages).
-      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
-        may be traced.
-      ghost_coef: γ, the scale of the ghost paths when ``ghost_skips``
-        (``None``: 1; a scalar, may be traced); ignored otherwise.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
     channels = self.num_filters * self.width
 
@@ -173,7 +175,7 @@ class ResNet(nn.Module):
         x = BasicBlock(
             channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
             ghost=self.ghost_skips, ghost_init=self.ghost_init,
-        )(x, act_coef, ghost_coef)
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
                  kernel_init=activations.he_normal(self.init_gain))(x)
@@ -195,7 +197,8 @@ class Bottleneck(nn.Module):
   strides: int = 1
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     y = self.act(self.norm()(self.conv(self.filters, (1, 1), padding=0)(x)), act_coef)
     y = self.conv(self.filters, (3, 3), self.strides, padding=1)(y)
     y = self.act(self.norm()(y), act_coef)
@@ -220,18 +223,22 @@ class ResNet50(nn.Module):
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient."""
+    return scalars.names(self.act)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Float32 logits ``[B, num_classes]`` of NHWC images ``x``."""
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
     x = self.act(norm()(conv(64 * self.width, (3, 3), padding=1)(x)), act_coef)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         x = Bottleneck(64 * self.width * 2**i, conv=conv, norm=norm,
-                       act=self.act, strides=2 if i > 0 and j == 0 else 1)(
-                           x, act_coef)
+                       act=self.act, strides=2 if i > 0 and j == 0 else 1)(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
                  kernel_init=activations.he_normal(self.init_gain))(x)

@@ -9,13 +9,14 @@ layer is the first kernel and the classifier the last kernel of
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 
 
 class LeNet5(nn.Module):
@@ -45,21 +46,24 @@ class LeNet5(nn.Module):
   dtype: Any = jnp.float32
   width: float = 1.0
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient."""
+    return scalars.names(self.act)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Computes logits.
 
     Args:
       x: images ``[B, H, W, C]`` (NHWC), e.g. ``[B, 28, 28, 1]``.
       train: unused (no dropout or normalisation); kept for a uniform API.
-      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
-        may be traced.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     del train
     kernel_init = activations.he_normal(self.init_gain)
     scaled = lambda n: max(1, round(self.width * n))
@@ -96,22 +100,25 @@ class MLP(nn.Module):
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient."""
+    return scalars.names(self.act)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Computes logits.
 
     Args:
       x: inputs ``[B, ...]``, flattened to ``[B, D]`` (e.g. ``[B, 28, 28, 1]``
         gives D = 784).
       train: unused (no dropout or normalisation); kept for a uniform API.
-      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
-        may be traced.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     del train
     kernel_init = activations.he_normal(self.init_gain)
     x = x.reshape((x.shape[0], -1))

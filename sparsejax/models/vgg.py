@@ -16,13 +16,14 @@ The stem conv is the first kernel and the classifier the last kernel of
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 
 CONFIGS: dict[str, tuple[Union[int, str], ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
@@ -59,10 +60,14 @@ class VGG(nn.Module):
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient."""
+    return scalars.names(self.act)
+
   @nn.compact
-  def __call__(
-      self, x: jax.Array, train: bool = False, act_coef: Optional[jax.Array] = None
-  ) -> jax.Array:
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Computes logits.
 
     Args:
@@ -70,12 +75,11 @@ class VGG(nn.Module):
         has four max-pools, e.g. ``[B, 32, 32, 3]`` for CIFAR.
       train: use batch statistics in BatchNorm and update ``batch_stats``
         (otherwise use the running averages).
-      act_coef: passed as ``coef`` to every activation; ``None`` or a scalar,
-        may be traced.
 
     Returns:
       Float32 logits ``[B, num_classes]``.
     """
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
     for layer in self.config:
       if layer == "M":

@@ -23,13 +23,14 @@ and WRN-28-10 (Sup-tickets, 36.5 M). Dropout between the convs is optional
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from sparsejax.models import activations
+from sparsejax.models import scalars
 from sparsejax.models.resnet import ghost_path
 
 ModuleDef = Any
@@ -60,8 +61,9 @@ class WideBasicBlock(nn.Module):
   ghost_init: float = 1e-4
 
   @nn.compact
-  def __call__(self, x: jax.Array, act_coef: Optional[jax.Array] = None,
-               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array) -> jax.Array:
+    act_coef = scalars.read(self, scalars.ACT_COEF)
+    ghost_coef = scalars.read(self, scalars.GHOST_COEF)
     pre = self.act(self.norm()(x), act_coef)
     y = self.conv(self.filters, (3, 3), self.strides, padding=1)(pre)
     if self.ghost:
@@ -105,13 +107,19 @@ class WideResNet(nn.Module):
   ghost_skips: bool = False
   ghost_init: float = 1e-4
 
+  @property
+  def scalar_names(self) -> frozenset[str]:
+    """The per-step scalars the model reads (:mod:`sparsejax.models.scalars`):
+    ``act_coef`` when ``act`` reads its coefficient, ``ghost_coef`` with ``ghost_skips``."""
+    return scalars.names(self.act, self.ghost_skips)
+
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False,
-               act_coef: Optional[jax.Array] = None,
-               ghost_coef: Optional[jax.Array] = None) -> jax.Array:
-    """Logits ``[B, num_classes]`` (float32) of NHWC images ``x``; ``act_coef``
-    goes to every activation, ``ghost_coef`` (γ; ``None``: 1) scales the ghost
-    paths when ``ghost_skips``."""
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Logits ``[B, num_classes]`` (float32) of NHWC images ``x``; the scalar
+    ``act_coef`` goes to every activation, ``ghost_coef`` (γ; ``None``: 1)
+    scales the ghost paths when ``ghost_skips``
+    (:mod:`sparsejax.models.scalars`)."""
+    act_coef = scalars.read(self, scalars.ACT_COEF)
     if (self.depth - 4) % 6 or self.depth < 10:
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1, got {self.depth}")
     n = (self.depth - 4) // 6
@@ -122,8 +130,7 @@ class WideResNet(nn.Module):
         x = WideBasicBlock(width * self.widen, conv=conv, norm=norm,
                            act=self.act, strides=2 if i > 0 and j == 0 else 1,
                            dropout=self.dropout, train=train,
-                           ghost=self.ghost_skips, ghost_init=self.ghost_init)(
-                               x, act_coef, ghost_coef)
+                           ghost=self.ghost_skips, ghost_init=self.ghost_init)(x)
     x = self.act(norm()(x), act_coef)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,
