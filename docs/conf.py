@@ -46,7 +46,7 @@ napoleon_use_ivar = True
 # it builds on (no network in CI, so no intersphinx inventories) are not checked.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jnp|np|numpy|optax|flax|nn|chex|orbax|etils|epath|ml_collections|"
+    (r"py:.*", r"(jax|jaxlib|jnp|np|numpy|optax|flax|nn|chex|orbax|etils|epath|ml_collections|"
                r"tqdm|collections|typing|os|dataclasses|contextlib|enum|abc)(\..*)?"),
     (r"py:.*", r"(PyTree|Any|Callable|Sequence|Mapping|Iterable|Iterator|ArrayLike|"
                r"ScalarOrSchedule|LossFn|Array|Schedule|PRNGKey|OptState|Budget)"),

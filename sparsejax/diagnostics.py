@@ -100,7 +100,7 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
     dtype: computation dtype, default ``jnp.float64``.
 
   Returns:
-    A bool mask: ``mask`` with the effectively pruned kernel entries set to
+    The bool mask ``mask`` with the effectively pruned kernel entries set to
     ``False``; leaves with ``ndim <= 1`` are returned unchanged.
   """
   with precision_scope(dtype):
@@ -113,7 +113,7 @@ def effective_sparsity(mask: PyTree, apply_fn, input_shape: Sequence[int],
   """Fraction of the prunable weights that are effectively pruned.
 
   Args:
-    mask, apply_fn, input_shape, **kwargs: as in :func:`effective_mask`.
+    mask, apply_fn, input_shape, \*\*kwargs: as in :func:`effective_mask`.
     prunable: which leaves count; see :func:`sparsejax.masks.prunable_tree`.
   """
   eff = effective_mask(mask, apply_fn, input_shape, **kwargs)
@@ -157,7 +157,7 @@ def report(mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int],
   Args:
     mask: bool mask pytree, checked against ``params``.
     params: the params the mask belongs to (structure and shapes are checked).
-    apply_fn, input_shape, **kwargs: as in :func:`effective_mask`.
+    apply_fn, input_shape, \*\*kwargs: as in :func:`effective_mask`.
     prunable: which leaves are reported; see :func:`sparsejax.masks.prunable_tree`.
 
   Returns:
