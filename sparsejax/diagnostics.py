@@ -110,7 +110,7 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
 
 def effective_sparsity(mask: PyTree, apply_fn, input_shape: Sequence[int],
                        prunable=None, **kwargs) -> float:
-  """Fraction of the prunable weights that are effectively pruned.
+  r"""Fraction of the prunable weights that are effectively pruned.
 
   Args:
     mask, apply_fn, input_shape, \*\*kwargs: as in :func:`effective_mask`.
@@ -152,7 +152,7 @@ class Report(dict):
 
 def report(mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int],
            prunable=None, **kwargs) -> Report:
-  """Nominal and effective sparsity of a mask, per layer, and layer collapse.
+  r"""Nominal and effective sparsity of a mask, per layer, and layer collapse.
 
   Args:
     mask: bool mask pytree, checked against ``params``.
