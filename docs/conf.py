@@ -1,6 +1,7 @@
 """Sphinx configuration of the sparsejax documentation.
 
-Build (what CI runs, warnings and broken cross-references as errors)::
+Build (what CI runs, ``.ci/docs``: warnings and broken cross-references as
+errors; ``tests/test_docs.py`` runs the same build and every guide's examples)::
 
   pip install -e ".[docs]"
   sphinx-build -W --keep-going -b html docs docs/_build/html
