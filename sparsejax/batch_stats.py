@@ -1,4 +1,4 @@
-"""Exact batch-norm statistics of a dataset: :func:`recompute_batch_stats`.
+"""Exact batch-norm statistics of a dataset: :func:`sparsejax.batch_stats.recompute_batch_stats`.
 
 Sup-tickets (SPEC §6) recomputes the batch-norm running statistics of every
 superposed model over the training data; any model whose weights were changed
@@ -92,7 +92,7 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
   Args:
     model: the linen module.
     variables: ``{"params": ..., "batch_stats": ...}`` (e.g.
-      :attr:`TrainState.variables`, or superposed params with the train
+      :attr:`sparsejax.state.TrainState.variables`, or superposed params with the train
       state's statistics as the template).
     images: ``uint8 [N, H, W, C]`` host array (e.g. ``dataset.train_images``).
     mean, std: per-channel normalisation constants (``Dataset.mean``/``std``).

@@ -302,7 +302,7 @@ class NM(Budget):
 
   The sparsity is ``1 - n/m`` (``NM(2, 4)``: 0.5); every N:M layer needs an
   input dimension (axis -2) divisible by ``m`` (layers kept out of the budget
-  by :meth:`with_overrides` are pruned per layer instead). Ties go to the
+  by :meth:`Budget.with_overrides` are pruned per layer instead). Ties go to the
   lower flat index, NaN ranks lowest, as in every sparsejax mask.
 
   Attributes:

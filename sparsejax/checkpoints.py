@@ -77,7 +77,7 @@ def tree_signature(tree: PyTree) -> str:
   """A short hash of a pytree's paths, shapes, dtypes and structure.
 
   Values are ignored, and so are the static fields of Flax struct dataclasses
-  (e.g. :attr:`sparsejax.train.TrainState.tx`): two trees with the same
+  (e.g. ``tx`` of :class:`sparsejax.state.TrainState`): two trees with the same
   signature restore into each other's layout.
   """
   tree = _without_static_fields(tree)

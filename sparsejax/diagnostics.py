@@ -100,7 +100,7 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
     dtype: computation dtype, default ``jnp.float64``.
 
   Returns:
-    A bool mask: ``mask`` with the effectively pruned kernel entries set to
+    The bool mask ``mask`` with the effectively pruned kernel entries set to
     ``False``; leaves with ``ndim <= 1`` are returned unchanged.
   """
   with precision_scope(dtype):
@@ -110,10 +110,10 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
 
 def effective_sparsity(mask: PyTree, apply_fn, input_shape: Sequence[int],
                        prunable=None, **kwargs) -> float:
-  """Fraction of the prunable weights that are effectively pruned.
+  r"""Fraction of the prunable weights that are effectively pruned.
 
   Args:
-    mask, apply_fn, input_shape, **kwargs: as in :func:`effective_mask`.
+    mask, apply_fn, input_shape, \*\*kwargs: as in :func:`effective_mask`.
     prunable: which leaves count; see :func:`sparsejax.masks.prunable_tree`.
   """
   eff = effective_mask(mask, apply_fn, input_shape, **kwargs)
@@ -152,12 +152,12 @@ class Report(dict):
 
 def report(mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int],
            prunable=None, **kwargs) -> Report:
-  """Nominal and effective sparsity of a mask, per layer, and layer collapse.
+  r"""Nominal and effective sparsity of a mask, per layer, and layer collapse.
 
   Args:
     mask: bool mask pytree, checked against ``params``.
     params: the params the mask belongs to (structure and shapes are checked).
-    apply_fn, input_shape, **kwargs: as in :func:`effective_mask`.
+    apply_fn, input_shape, \*\*kwargs: as in :func:`effective_mask`.
     prunable: which leaves are reported; see :func:`sparsejax.masks.prunable_tree`.
 
   Returns:

@@ -277,7 +277,7 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
   The drop is that of :func:`drop_and_grow` (the ``k = ⌊fraction · n_active⌋``
   active entries of smallest ``|weights|`` over the whole layer); each group
   of ``m`` consecutive entries along axis -2 (see
-  :func:`sparsejax.nm.nm_groups`) then regrows as many entries as it lost,
+  ``sparsejax.nm.nm_groups``) then regrows as many entries as it lost,
   the highest ``growth_scores`` among its entries not kept after the drop
   (just-dropped ones included), ties to the lower flat index. So an N:M mask
   stays N:M and the layer keeps exactly its count.

@@ -161,18 +161,23 @@ class FitContext:
   are updated by :func:`sparsejax.train.fit` as it goes.
 
   Attributes:
-    model, dataset, mesh: those of :func:`fit`.
-    num_epochs, batch_size, seed, augment: the run's (``augment`` resolved
-      against the dataset's default).
+    model: the model of :func:`sparsejax.train.fit`.
+    dataset: its dataset.
+    mesh: its mesh.
+    num_epochs: the run's epochs.
+    batch_size: the run's batch size.
+    seed: the run's seed.
+    augment: whether the run augments (resolved against the dataset's
+      default).
     steps_per_epoch: optimiser steps per epoch.
-    scalars: the per-step scalar schedules of :func:`fit`.
+    scalars: the per-step scalar schedules of :func:`sparsejax.train.fit`.
     loss_fn: the training loss ``loss_fn(logits, labels, scalars)``.
     evaluate: ``evaluate(state) -> {"loss", "accuracy", "count"}``: fit's
       test-set evaluation (:func:`sparsejax.train.evaluate` with fit's
       compiled eval step and ``eval_batch_size``) of any train state of the
       run's layout, e.g. ``state.replace(params=...)``.
-    total_steps, end_step: the schedule's length and where this call stops
-      (``stop_at_step``).
+    total_steps: the schedule's length.
+    end_step: where this call stops (``stop_at_step``).
     epoch: the 1-based epoch the last step belongs to.
     epoch_end: whether the last step ended its epoch.
     logs: ``{hook name: logs}`` of the last step (on device).
@@ -206,10 +211,10 @@ class Callback:
   """A host-side action of :func:`sparsejax.train.fit`, run after steps.
 
   ``fit`` calls ``callback(step, carry, ctx)`` (``step``: the global step
-  count after the step) when :meth:`due`: every :attr:`every_steps` steps,
-  after the last step of each epoch with :attr:`at_epoch_end`, and once
+  count after the step) when :meth:`due`: every ``every_steps`` steps,
+  after the last step of each epoch with ``at_epoch_end``, and once
   before the first step of a run that starts from scratch (not on resume)
-  with :attr:`at_fresh_start`. It returns ``None`` or a changed
+  with ``at_fresh_start``. It returns ``None`` or a changed
   :class:`sparsejax.train.TrainCarry` of the same structure, shapes and
   dtypes. Callbacks run in the order given, after fit's step log and
   before its progress bar, evaluation, epoch record and checkpoint; an
@@ -219,7 +224,7 @@ class Callback:
   fit the run.
 
   Build one from a function with :func:`callback`, or subclass and override
-  :meth:`__call__` (and :meth:`check`).
+  ``__call__`` (and :meth:`check`).
   """
 
   every_steps: int | None = None
@@ -299,7 +304,7 @@ def json_number(value) -> Any:
 
 
 class PendingStepLogs:
-  """Hook logs of the steps to record, kept on device until :meth:`flush`."""
+  """Hook logs of the steps to record, kept on device until ``flush()``."""
 
   def __init__(self, hooks: Sequence[StepHook], log: metrics_log.StepLog):
     self.hooks = [h for h in hooks if h.logs_at is not None]

@@ -186,6 +186,7 @@ class Prunable:
     return map_with_path(lambda p, _: flags[p], params)
 
 
+#: Every kernel (leaf with ``ndim > 1``) prunable, the default.
 KERNELS = Prunable()
 KEEP_FIRST_DENSE = Prunable(keep_first_dense=True)
 KEEP_CLASSIFIER_DENSE = Prunable(keep_last_dense=True)

@@ -14,8 +14,8 @@ An ``NM`` budget is taken wherever a budget is
 (:func:`sparsejax.masks.topk_mask`, ``scores.prune_at_init``,
 ``masks.random_mask``, the DST methods' ``nm=``). This module checks masks
 (:func:`check_nm`) and holds the group layout and within-group selection
-(:func:`nm_groups`, :func:`nm_ungroup`, :func:`group_counts`,
-:func:`keep_top_in_groups`, :func:`nm_keep`, defined in the bottom module
+(``nm_groups``, ``nm_ungroup``, ``group_counts``,
+``keep_top_in_groups``, ``nm_keep``, defined in the bottom module
 ``sparsejax._select``): ``[..., c_in, c_out]`` → ``[..., c_out, c_in/M, M]``,
 the last axis running along a group.
 """

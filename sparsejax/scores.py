@@ -5,17 +5,17 @@ returns a pytree of float scores parallel to ``params``, computed on the masked
 parameters ``θ ⊙ m``. **Higher is kept**: :func:`sparsejax.masks.topk_mask`
 turns scores into an exact-count mask under a budget. One place per method:
 
-==============  =====================  ======================================
-method          function               score (higher kept)
-==============  =====================  ======================================
-Random          :func:`random_scores`  ``N(0, 1)``
-Magnitude       :func:`magnitude`      ``|θ|``
-SNIP            :func:`snip`           ``|g ⊙ θ|``
-GraSP           :func:`grasp`          ``θ ⊙ (H g)`` (= −S of the paper)
-SynFlow         :func:`synflow_scores` ``|∂R/∂θ ⊙ θ|`` on the abs'd network
-                :func:`synflow`        100 fused rounds → mask
-Iterative       :func:`iterative`      any score, n rounds to ``d^(k/n)``
-==============  =====================  ======================================
+==============  ======================  ======================================
+method          function                score (higher kept)
+==============  ======================  ======================================
+Random          :func:`random_scores`   ``N(0, 1)``
+Magnitude       :func:`magnitude`       ``|θ|``
+SNIP            :func:`snip`            ``|g ⊙ θ|``
+GraSP           :func:`grasp`           ``θ ⊙ (H g)`` (= −S of the paper)
+SynFlow         :func:`synflow_scores`  ``|∂R/∂θ ⊙ θ|`` on the abs'd network
+                :func:`synflow`         100 fused rounds → mask
+Iterative       :func:`iterative`       any score, n rounds to ``d^(k/n)``
+==============  ======================  ======================================
 
 :func:`prune_at_init` is the entry point that returns a mask for a method name.
 

@@ -72,7 +72,7 @@ class SparseKernel:
   shape: tuple[int, ...]
 
   def todense(self) -> jax.Array:
-    """The dense kernel, of shape :attr:`shape`."""
+    """The dense kernel, of shape ``shape``."""
     dense = self.matrix.todense()
     if len(self.shape) == 2:
       return dense.T

@@ -20,7 +20,7 @@ running model (cumulative mean ``θ̄ ← θ̄ + (θ − θ̄)/(k + 1)``, or an 
 a fixed factor; :func:`superpose`), re-prunes the average globally by
 magnitude to the tickets' exact count (:func:`reprune`), recomputes its
 batch-norm statistics on the training data
-(:func:`sparsejax.train.recompute_batch_stats`) and evaluates it. Training
+(:func:`sparsejax.batch_stats.recompute_batch_stats`) and evaluates it. Training
 continues from the trained weights, not the superposed ones; the result is
 the last superposed model. The hook's state (the running average, the
 superposed model, the ticket counter) is checkpointed with the train state,
@@ -45,7 +45,7 @@ Usage with RigL (``E = 250``, ``M = 3``, ``C = 8``)::
   sup = result.hook_states["suptickets"]   # params, batch_stats, mask, ...
 
 ``experiments.suptickets`` builds the same from a config
-(``config.suptickets``; :func:`experiments.common.make_dst_optimizer`).
+(``config.suptickets``; ``experiments.common.make_dst_optimizer``).
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def prunable_count(mask: PyTree, prunable=None) -> jax.Array:
 
 class Superpose(hooks.Callback):
   """The :func:`sparsejax.train.fit` callback that superposes the tickets of a
-  :class:`Plan`, with its state in a step hook (:meth:`hook`): pass
+  :class:`Plan`, with its state in a step hook (:meth:`Superpose.hook`): pass
   ``hooks=[sup.hook()], callbacks=[sup]``.
 
   At the end of each epoch of :attr:`Plan.cycle_end_epochs` (on the host):
@@ -315,7 +315,7 @@ class Superpose(hooks.Callback):
      average (cumulative mean, or EMA with ``ema``);
   2. :func:`reprune` the average to the ticket mask's count of prunable
      weights (the target sparsity, exactly);
-  3. :func:`sparsejax.train.recompute_batch_stats` of the pruned average on
+  3. :func:`sparsejax.batch_stats.recompute_batch_stats` of the pruned average on
      the training set (no augmentation);
   4. evaluate the ticket (``evaluate_tickets``) and the superposed model on
      the test set (``FitContext.evaluate``).
@@ -338,7 +338,7 @@ class Superpose(hooks.Callback):
       use the DST method's).
     bn_batch_size: batch size of the statistics pass (default: fit's
       ``batch_size``).
-    bn_variance: ``variance`` of :func:`sparsejax.train.recompute_batch_stats`.
+    bn_variance: ``variance`` of :func:`sparsejax.batch_stats.recompute_batch_stats`.
     evaluate_tickets: also evaluate each ticket (default True).
   """
 

@@ -5,10 +5,10 @@ Mask". Four techniques, each switchable, each with a schedule of the global
 step; "ghost" means present early in training and gone by the end, so that the
 final network is the plain sparse network of the original architecture:
 
-* **Ghost soft neurons** (:attr:`ToST.soft_neurons`): the models' activation
+* **Ghost soft neurons** (``ToST.soft_neurons``): the models' activation
   becomes :func:`sparsejax.models.activations.blend`, ``(1 - β) ReLU + β
   Swish``, with β(t) the per-step scalar ``act_coef``.
-* **Ghost skip connections** (:attr:`ToST.ghost_skips`): the model variant
+* **Ghost skip connections** (``ToST.ghost_skips``): the model variant
   ``ghost_skips=True`` of the CIFAR ResNets, ResNet-18 and the Wide ResNets
   (:func:`ghost_model`): every basic block gets two dense 1x1 conv +
   BatchNorm paths (block input -> pre-activation of the first conv, same
@@ -20,13 +20,13 @@ final network is the plain sparse network of the original architecture:
   γ = 0 gives identical logits. VGG, MobileNetV2, ResNet-50 (bottlenecks) and
   the MNIST models have no basic blocks: :func:`ghost_model` refuses them
   with a ``ValueError`` (the other three techniques work on any model).
-* **Label smoothing** (:attr:`ToST.label_smoothing`): α(t), the per-step
+* **Label smoothing** (``ToST.label_smoothing``): α(t), the per-step
   scalar ``tost_label_smoothing`` (:data:`LABEL_SMOOTHING`; read only by
   :func:`label_smoothing_loss`, so :func:`sparsejax.train.fit` refuses it
   without that loss), with the reference target ``1 - α`` on the
   true class and ``α / (C - 1)`` on every other class
   (:func:`smoothed_targets`; not optax's ``(1 - α) y + α / C``).
-* **Layer-wise rescaled initialisation, LRsI** (:attr:`ToST.lrsi`): GradInit
+* **Layer-wise rescaled initialisation, LRsI** (``ToST.lrsi``): GradInit
   (Zhu et al. 2021) on the masked network, :func:`lrsi`: one positive scale
   per parameter tensor, learned by Adam so that the loss after one
   normalised SGD step is minimal subject to a gradient-norm bound; then
@@ -89,10 +89,10 @@ from sparsejax.models import scalars as scalars_lib
 
 PyTree = Any
 
-#: Per-step scalar names: β (activation blend), γ (ghost skips), α (smoothing).
+#: The per-step scalar names of β (activation blend), γ (ghost skips) and α (smoothing).
 ACT_COEF = scalars_lib.ACT_COEF
 GHOST_COEF = scalars_lib.GHOST_COEF
-#: ToST's smoothing has a key of its own: it is not the ``"label_smoothing"``
+#: ToST's smoothing has a key of its own, which is not the ``"label_smoothing"``
 #: scalar of :func:`sparsejax.losses.smoothed_cross_entropy` (optax's α / C),
 #: so passing α(t) without ToST's loss is an error, never the other formula.
 LABEL_SMOOTHING = "tost_label_smoothing"
@@ -143,9 +143,9 @@ class Ramp:
     return schedules.hold_then_ramp(self.start, self.end, hold, stop - hold)
 
 
-#: The ghost schedule of β and γ: 1 for the first 10% of training, 0 at 50%.
+#: The ghost schedule of β and γ, 1 for the first 10% of training and 0 at 50%.
 GHOST_RAMP = Ramp(1.0, 0.0, 0.1, 0.5)
-#: The ghost schedule of α: 0.1 for the first 10% of training, 0 at 50%.
+#: The ghost schedule of α, 0.1 for the first 10% of training and 0 at 50%.
 GHOST_SMOOTHING = Ramp(0.1, 0.0, 0.1, 0.5)
 
 
@@ -474,7 +474,7 @@ def _lrsi_scan(loss, settings, preprocess, params, mask, data, key):
 
 
 class LRsICallback(hooks_lib.Callback):
-  """Runs :func:`lrsi` on the initial train state of a fresh :func:`fit` run
+  """Runs :func:`lrsi` on the initial train state of a fresh :func:`sparsejax.train.fit` run
   (a :class:`sparsejax.hooks.Callback` ``at_fresh_start``).
 
   The loss is ``fit``'s training loss of the model in training mode (batch
@@ -482,7 +482,7 @@ class LRsICallback(hooks_lib.Callback):
   per-step scalars of step 0 (e.g. β(0), γ(0), α(0)); the data are the
   training images, augmented like training (when fit augments) and
   normalised; the key is ``fold_in(key(seed), 3)``. After the
-  run, :attr:`info` holds :func:`lrsi`'s info and ``seconds``, its wall time
+  run, ``info`` holds :func:`lrsi`'s info and ``seconds``, its wall time
   with compilation (on a resumed run, where the
   checkpoint already holds the rescaled weights, it stays ``None``).
 

@@ -253,7 +253,7 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
       the model reads (``model.scalar_names``, e.g. ``act_coef``) are passed
       to the model, all of them to ``loss_fn`` and the hooks. Their values are
       traced: changing them never recompiles. Each must be read by the
-      model, the loss or a hook (:attr:`sparsejax.hooks.Hook.scalar_names`):
+      model, the loss or a hook (``scalar_names`` of :class:`sparsejax.hooks.StepHook`):
       a scalar nothing reads (a typo such as ``act_coeff``) raises
       ``ValueError`` when the step is first traced, before it runs.
     hooks: :class:`sparsejax.hooks.StepHook` s; their states are

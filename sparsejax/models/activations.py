@@ -36,7 +36,7 @@ Activation = Callable[[Array, Optional[Array]], Array]
 """An activation ``act(x, coef) -> y``; ``coef`` is ``None`` or a scalar."""
 
 HE_GAIN = 2.0
-"""Variance gain of the models' dense initialiser: ``Var[w] = HE_GAIN / fan_in``."""
+"""The variance gain of the models' dense initialiser, ``Var[w] = HE_GAIN / fan_in``."""
 
 
 def he_normal(gain: float = HE_GAIN) -> nn.initializers.Initializer:

@@ -15,7 +15,7 @@ Convs have no bias and are followed by BatchNorm (``momentum=0.9``,
 ``epsilon=1e-5``); the activation defaults to ReLU (the CIFAR port's choice)
 and is not applied after the projection of a block (linear bottleneck).
 Kernels use He normal, ``N(0, 2 / fan_in)`` -- the dense initialiser gain 2.0,
-see :func:`activations.he_normal` (a depthwise 3x3 kernel has fan-in 9);
+see :func:`sparsejax.models.activations.he_normal` (a depthwise 3x3 kernel has fan-in 9);
 biases are 0, BatchNorm scale 1 and bias 0. The stem conv is the first kernel
 and the classifier the last kernel of ``variables['params']`` in dict iteration
 order.
@@ -43,7 +43,7 @@ CIFAR_CONFIG: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-"""Inverted-residual table: (expansion t, channels c, blocks n, first stride s)."""
+"""The inverted-residual table, rows (expansion t, channels c, blocks n, first stride s)."""
 
 
 class InvertedResidual(nn.Module):
@@ -100,11 +100,11 @@ class MobileNetV2(nn.Module):
 
   Attributes:
     num_classes: number of output logits.
-    config: inverted-residual table, see :data:`CIFAR_CONFIG`.
+    config: inverted-residual table, see :data:`sparsejax.models.mobilenet.CIFAR_CONFIG`.
     stem_filters: channels of the 3x3 stem conv; default 32.
     stem_strides: stride of the stem conv; default 1 (2 in the ImageNet net).
     head_filters: channels of the final 1x1 conv; default 1280.
-    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    act: activation ``act(x, coef)``; default :func:`sparsejax.models.activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.

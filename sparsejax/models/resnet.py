@@ -18,7 +18,7 @@ Conventions follow the OpenLTH / Synaptic-Flow reference code:
   ``ghost_*`` entries) gives the plain model's variables; at γ = 0 both give
   identical logits.
 * Kernels (convs and classifier) use He normal, ``N(0, 2 / fan_in)`` -- the
-  dense initialiser gain 2.0, see :func:`activations.he_normal`; biases are 0,
+  dense initialiser gain 2.0, see :func:`sparsejax.models.activations.he_normal`; biases are 0,
   BatchNorm scale 1 and bias 0.
 
 Parameters are created in forward order, so the first kernel of
@@ -53,7 +53,7 @@ class BasicBlock(nn.Module):
     norm: ``nn.BatchNorm`` constructor (with the train/eval mode set).
     act: activation ``act(x, coef)``.
     strides: stride of the first 3x3 conv and of the projection shortcut.
-    ghost: add ToST's two ghost paths (:func:`ghost_path`), scaled by
+    ghost: add ToST's two ghost paths (:func:`sparsejax.models.resnet.ghost_path`), scaled by
       ``ghost_coef``; default False.
     ghost_init: the constant of the ghost convs' kernels; default 1e-4.
     mid_filters: output channels of the first 3x3 conv; default ``None``:
@@ -129,7 +129,7 @@ class ResNet(nn.Module):
     num_filters: channels of the stem and the first stage, before ``width``;
       default 16.
     width: channel multiplier of every layer but the classifier; default 1.
-    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    act: activation ``act(x, coef)``; default :func:`sparsejax.models.activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.

@@ -28,12 +28,12 @@ COLLECTION = "scalars"
 """The variable collection holding the per-step scalars."""
 
 ACT_COEF = "act_coef"
-"""β: the coefficient passed to every activation ``act(x, coef)``; read by a
+"""The scalar β, the coefficient passed to every activation ``act(x, coef)``; read by a
 model whose activation reads it (:func:`reads_coef`, e.g.
 :func:`sparsejax.models.activations.blend`)."""
 
 GHOST_COEF = "ghost_coef"
-"""γ: the scale of ToST's ghost skip paths; read by a ``ghost_skips=True`` model."""
+"""The scalar γ, the scale of ToST's ghost skip paths; read by a ``ghost_skips=True`` model."""
 
 
 def read(module: nn.Module, name: str) -> Optional[jax.Array]:

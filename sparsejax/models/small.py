@@ -2,7 +2,7 @@
 
 Both use biases and no normalisation, so their variables are ``{'params'}``
 only. Kernels of all layers use He normal, ``N(0, 2 / fan_in)`` -- the dense
-initialiser gain 2.0, see :func:`activations.he_normal`; biases are 0. The first
+initialiser gain 2.0, see :func:`sparsejax.models.activations.he_normal`; biases are 0. The first
 layer is the first kernel and the classifier the last kernel of
 ``variables['params']`` in dict iteration order.
 """
@@ -30,7 +30,7 @@ class LeNet5(nn.Module):
 
   Attributes:
     num_classes: number of output logits.
-    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    act: activation ``act(x, coef)``; default :func:`sparsejax.models.activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.
@@ -88,7 +88,7 @@ class MLP(nn.Module):
     num_classes: number of output logits.
     hidden: widths of the hidden dense layers; default ``(300, 100)``.
     act: activation ``act(x, coef)`` after every hidden layer; default
-      :func:`activations.relu`.
+      :func:`sparsejax.models.activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0 (used by ``initializer="he"``).
     dtype: computation dtype (parameters stay float32); default float32.

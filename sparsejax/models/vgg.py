@@ -8,7 +8,7 @@ input reaches the head as a 2x2 map, which is global-average pooled and fed to a
 single ``Dense`` classifier (no hidden fully-connected layers).
 
 Kernels use He normal, ``N(0, 2 / fan_in)`` -- the dense initialiser gain 2.0,
-see :func:`activations.he_normal`; biases are 0, BatchNorm scale 1 and bias 0.
+see :func:`sparsejax.models.activations.he_normal`; biases are 0, BatchNorm scale 1 and bias 0.
 The stem conv is the first kernel and the classifier the last kernel of
 ``variables['params']`` in dict iteration order.
 """
@@ -36,7 +36,7 @@ CONFIGS: dict[str, tuple[Union[int, str], ...]] = {
         512, 512, 512, 512, "M", 512, 512, 512, 512,
     ),
 }  # fmt: skip
-"""Layer plans: conv channel counts, ``'M'`` for a 2x2 max-pool."""
+"""The layer plans, conv channel counts and ``'M'`` for a 2x2 max-pool."""
 
 
 class VGG(nn.Module):
@@ -47,8 +47,8 @@ class VGG(nn.Module):
 
   Attributes:
     num_classes: number of output logits.
-    config: layer plan, see :data:`CONFIGS`; default VGG-16.
-    act: activation ``act(x, coef)``; default :func:`activations.relu`.
+    config: layer plan, see :data:`sparsejax.models.vgg.CONFIGS`; default VGG-16.
+    act: activation ``act(x, coef)``; default :func:`sparsejax.models.activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
       ``N(0, init_gain / fan_in)``; default 2.0.
     dtype: computation dtype (parameters stay float32); default float32.

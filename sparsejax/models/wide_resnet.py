@@ -41,7 +41,9 @@ class WideBasicBlock(nn.Module):
 
   Attributes:
     filters: output channels.
-    conv, norm: layer constructors (see :func:`activations.conv_and_norm`).
+    conv: the conv layer constructor (see
+      :func:`sparsejax.models.activations.conv_and_norm`).
+    norm: the normalisation layer constructor (same).
     act: activation ``act(x, coef)``.
     strides: stride of the first conv and of the projection shortcut.
     dropout: dropout rate between the two convs.
