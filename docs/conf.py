@@ -53,6 +53,8 @@ nitpick_ignore_regex = [
                r"ScalarOrSchedule|LossFn|Array|Schedule|PRNGKey|OptState|Budget)"),
     (r"py:class", r"(int|float|str|bool|bytes|tuple|list|dict|set|None|object|type|"
                   r"callable|optional|pathlib\..*|PathLike)"),
+    # Private base classes (shown as the bases of public ones) are undocumented.
+    (r"py:class", r"sparsejax\..*\._[A-Za-z].*"),
 ]
 
 html_theme = "sphinx_book_theme"

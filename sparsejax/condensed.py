@@ -265,7 +265,7 @@ class CondensedKernel:
     return "dense" if len(self.shape) == 2 else "conv"
 
   def todense(self) -> jax.Array:
-    """The dense kernel (pruned entries 0), of shape :attr:`shape`."""
+    """The dense kernel (pruned entries 0), of shape ``shape``."""
     return _dense_kernel(self)
 
 

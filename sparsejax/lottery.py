@@ -138,7 +138,7 @@ def level_sparsities(levels: int | None = None, schedule: str = "geometric", *,
                      final_sparsity: float | None = None,
                      sparsities: Sequence[float] | None = None
                      ) -> tuple[float, ...]:
-  """The sparsity of every IMP level ``0 .. levels`` (level 0 is dense).
+  """The sparsity of every IMP level ``0`` to ``levels`` (level 0 is dense).
 
   * ``"geometric"`` (default, SPEC §3): ``s_L = 1 − (1 − p)^L`` with
     ``p = fraction``, the fraction of the remaining weights removed per level;

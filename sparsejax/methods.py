@@ -136,7 +136,9 @@ class Context:
     input_shape: the shape of one example, e.g. ``(32, 32, 3)``.
     prunable: which leaves are prunable (:func:`sparsejax.masks.prunable_tree`);
       default every kernel.
-    steps_per_epoch, num_epochs: the length of training (DST schedules,
+    steps_per_epoch: the length of an epoch in steps (DST schedules,
+      Sup-tickets' plan).
+    num_epochs: the length of training in epochs (DST schedules,
       Sup-tickets' plan).
   """
 
@@ -168,7 +170,7 @@ class Context:
     return int(self.num_epochs) * int(self.steps_per_epoch)
 
   def score_apply_fn(self, params: PyTree):
-    """The model function the scores use for ``params``: :attr:`apply_fn`,
+    """The model function the scores use for ``params``: ``apply_fn``,
     else ``linen_apply_fn(model, {params, **model_state})``; ``None`` without
     either."""
     if self.apply_fn is not None:
@@ -345,7 +347,7 @@ def default_config(name: str) -> dict[str, Any]:
   """The sub-config of method ``name``: every field at its default.
 
   Budgets appear as their command-line names (:func:`sparsejax.budgets.parse`
-  reads them back) and a method field (:attr:`SupTickets.dst`) as the nested
+  reads them back) and a method field (``SupTickets.dst``) as the nested
   sub-config of its default, with its ``name``; :func:`from_config` of the
   result builds the default method. The experiments' config files build
   ``config.method.<name>`` from it.
@@ -392,7 +394,7 @@ def from_config(name: str | Mapping[str, Any],
   ``from_config("rigl", {"update_every": 100})``, or one mapping with the
   name: ``from_config({"name": "rigl", "update_every": 100})`` (an
   ``ml_collections.ConfigDict`` works too). A field that takes a method
-  (:attr:`SupTickets.dst`) takes a name or such a mapping; the name
+  (``SupTickets.dst``) takes a name or such a mapping; the name
   ``"compose"`` takes ``{"methods": [sub-config, ...]}``.
 
   Raises:
@@ -577,11 +579,10 @@ class Magnitude(_PruneAtInit):
 class SNIP(_PruneAtInit):
   """SNIP (Lee et al. 2019): keep the largest ``|g ⊙ θ|``, ``g`` summed over
   the scoring batches ``ctx.batches`` (model: ``ctx.model`` or
-  ``ctx.apply_fn``).
+  ``ctx.apply_fn``). Fields: those of :class:`Magnitude` and the one below.
 
   Attributes:
-    bn_mode: batch norm while scoring, ``"eval"`` (default) or ``"train"``;
-    and the fields of :class:`Magnitude`.
+    bn_mode: batch norm while scoring, ``"eval"`` (default) or ``"train"``.
   """
 
   bn_mode: str = "eval"
@@ -625,13 +626,12 @@ class GraSP(SNIP):
 class SynFlow(_PruneAtInit):
   """SynFlow (Tanaka et al. 2020): data-free, ``|∂R/∂θ ⊙ θ|`` on the abs'd
   network fed all-ones of ``ctx.input_shape``, ``rounds`` rounds to
-  ``d^(k/n)``.
+  ``d^(k/n)``. Fields: those of :class:`Magnitude` and the ones below.
 
   Attributes:
     rounds: default 100 (the reference).
     bn_mode: ``"eval"`` (default) or ``"train"``.
     dtype: ``"float32"`` (default) or ``"float64"``.
-    and the other fields of :class:`Magnitude`.
   """
 
   rounds: int | None = 100
@@ -816,7 +816,7 @@ class _DST(Method):
 
   def dst_optimizer(self, inner, mask, ctx: Context,
                     extra_updates: dst.ExtraUpdates = ()):
-    """:meth:`optimizer` with ``extra_updates`` (see
+    """:meth:`sparsejax.methods.Method.optimizer` with ``extra_updates`` (see
     :func:`sparsejax.dst.dynamic_sparse`), e.g. Sup-tickets' cycle starts."""
     raise NotImplementedError
 
@@ -938,7 +938,8 @@ class SRigL(_DST):
     ablation_threshold: ``γ_sal`` in [0, 1]; default 0.3 (0: no ablation).
     ablate_classifier: whether the classifier's units may be ablated;
       default False, as in the reference code.
-    update_every: ``ΔT``; default 100. end: ``T_end``; default 0.75.
+    update_every: ``ΔT``; default 100.
+    end: ``T_end``; default 0.75.
     skip_update: default True.
   """
 
@@ -1045,8 +1046,12 @@ class GMP(_Gradual):
   active weights at ``s_t = s_f + (s_i − s_f)(1 − progress)^3``.
 
   Attributes:
-    sparsity, initial_sparsity, budget, prune_epochs: see :class:`GraNet`.
-    update_every: ``ΔT``; default 100. skip_update: default True.
+    sparsity: see :class:`GraNet`.
+    initial_sparsity: see :class:`GraNet`.
+    budget: see :class:`GraNet`.
+    prune_epochs: see :class:`GraNet`.
+    update_every: ``ΔT``; default 100.
+    skip_update: default True.
     end: unused by GMP (no regrowth).
   """
 
@@ -1068,8 +1073,9 @@ class GraNet(_Gradual):
       ``(0.0, 0.5)``.
     alpha: the regrowth fraction, decayed by cosine to 0 at ``end``;
       default 0.5.
-    update_every: ``ΔT``; default 1000. end: default 0.75. skip_update:
-      default True.
+    update_every: ``ΔT``; default 1000.
+    end: default 0.75.
+    skip_update: default True.
   """
 
   update_every: int = 1000
@@ -1108,7 +1114,8 @@ class SupTickets(Method):
       :class:`GraNet`); default ``RigL()``.
     cycles: ``M``; default 3.
     cycle_epochs: ``C``; default 8.
-    lr1, lr2: the cyclic rate's ends; default 0.001 and 0.005.
+    lr1: the cyclic rate's first end; default 0.001.
+    lr2: the cyclic rate's other end; default 0.005.
     lr_shape: ``"triangular"`` (default) or ``"cosine"``.
     fraction: the cycle-start drop-and-regrow fraction; default 0.5.
     ema: ``None`` (cumulative mean, default) or the EMA factor in (0, 1].
@@ -1223,8 +1230,12 @@ class ToST(Method):
 
   Attributes:
     preset: ``"none"`` (default), ``"ghost"``, ``"always_on"``, ...
-    soft_neurons, ghost_skips, label_smoothing: a :class:`sparsejax.tost.Ramp`
-      or ``(start, end, hold, stop)``; ``None``: the preset's.
+    soft_neurons: a :class:`sparsejax.tost.Ramp` or ``(start, end, hold,
+      stop)``; ``None``: the preset's.
+    ghost_skips: a :class:`sparsejax.tost.Ramp` or ``(start, end, hold,
+      stop)``; ``None``: the preset's.
+    label_smoothing: a :class:`sparsejax.tost.Ramp` or ``(start, end, hold,
+      stop)``; ``None``: the preset's.
     lrsi: a :class:`sparsejax.tost.LRsI`, or a mapping of its fields replacing
       the preset's; ``None``: the preset's.
   """
@@ -1484,7 +1495,10 @@ class Built:
       applied). ``fit`` traces it for the checkpoint layout and calls it on a
       fresh start only, so a fixed mask (pruning at initialisation, a ticket)
       is scored only then; a DST start mask is computed by :func:`build`.
-    scalars, loss_fn, hooks, callbacks: for ``fit``.
+    scalars: for ``fit``.
+    loss_fn: for ``fit``.
+    hooks: for ``fit``.
+    callbacks: for ``fit``.
   """
 
   model: nn.Module
@@ -1528,8 +1542,8 @@ def build(method: Method, model: nn.Module,
      the params of ``create_train_state(trained, inner, zeros(1,
      *ctx.input_shape), key(ctx.seed))`` (the params ``fit`` initialises):
      by :func:`build` when ``tx`` holds the mask (DST), else inside
-     :attr:`Built.init` (a fixed mask, given to ``create_train_state``);
-  4. :meth:`Method.init_state` of that state, inside :attr:`Built.init`.
+     ``Built.init`` (a fixed mask, given to ``create_train_state``);
+  4. :meth:`Method.init_state` of that state, inside ``Built.init``.
 
   Args:
     method: any method (:func:`compose`).
@@ -1589,6 +1603,6 @@ __all__ = [
     "Built", "Composed", "Context", "DST_MASK_KEY", "Dense", "GMP", "GraNet", "GraSP",
     "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL", "SET", "SNIP", "SRigL",
     "SPARSE_INIT_KEY", "SparseInit", "SupTickets", "SynFlow", "Ticket", "ToST",
-    "as_method", "build", "compose", "fields", "from_config", "get", "names",
-    "register",
+    "as_method", "build", "compose", "default_config", "fields", "from_config", "get",
+    "names", "register",
 ]

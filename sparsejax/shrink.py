@@ -26,7 +26,7 @@ kernels that write it) and cutting it cannot change the logits:
 **What cannot shrink, and why**: a dead channel whose input-independent value
 is nonzero and is read by a 3x3 zero-padded convolution is kept: the conv of a
 constant map is not constant at the image border, so no bias (the convs have
-none) or batch-norm offset can replace it. :attr:`Result.report` names every
+none) or batch-norm offset can replace it. ``Result.report`` names every
 such channel, its layer and the reason. A layer whose units are all cut keeps
 one unit whose outgoing weights are zeroed (a width of 0 is not a model). The
 input and the logits never shrink. Batch norm is kept (not folded): the

@@ -497,7 +497,7 @@ def load_condensed(path: str | os.PathLike) -> dict:
   """Reads a file of :func:`save_condensed`: the condensed variables, bitwise.
 
   Returns:
-    Nested dicts (keys: the path components) of numpy arrays, with every
+    Nested dicts (keyed by the path components) of numpy arrays, with every
     condensed kernel a :class:`sparsejax.condensed.CondensedKernel` (of
     ``jax.Array`` fields), ready for :func:`sparsejax.condensed.apply`.
 
