@@ -19,9 +19,9 @@ def get_config(arg: str | None = None):
   """Returns the GraSP protocol for ``arg = "MODEL[,DATASET]"``."""
   model, _, dataset = (arg or "vgg19,cifar10").partition(",")
   config = default.get_config()
-  config.model = model
-  config.dataset = dataset or "cifar10"
+  config.model.name = model
+  config.data.name = dataset or "cifar10"
   if model == "resnet32":
-    config.model_kwargs.width = 2
+    config.model.kwargs.width = 2
   default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(0.5, 0.75))
   return config
