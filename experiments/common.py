@@ -132,7 +132,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
   kwargs = config.model.kwargs.to_dict() if "kwargs" in config.model else {}
   if "dtype" in kwargs:
     raise ValueError("set the model's computation dtype with config.model.dtype, not "
-                     "config.model_kwargs.dtype")
+                     "config.model.kwargs.dtype")
   kwargs["dtype"] = jnp.dtype(dtype)
   return kwargs
 

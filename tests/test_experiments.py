@@ -40,7 +40,7 @@ def test_train_cli_trains_a_sparse_model_and_writes_the_run(tmp_path):
   assert "done: " in proc.stdout and "test_accuracy=" in proc.stdout
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["pruner"] == "random" and config["budget"] == "erk"
-  assert config["weight_decay"] == 5e-4 and config["num_epochs"] == 2
+  assert config["optimizer"]["weight_decay"] == 5e-4 and config["train"]["num_epochs"] == 2
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["epochs"] == 2
   assert results["mask"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -65,7 +65,7 @@ def _synthetic_dataset(n_train=16, n_test=8, shape=(16, 16, 3)):
 def _two_step_run(workdir, model, prunable):
   """experiments.train's run: magnitude at 90% (uniform), 2 steps of batch 8."""
   config = digits.get_config()
-  config.update(pruner='magnitude', sparsity=0.9, budget='uniform', prunable=prunable, train=dict(num_epochs=1, batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False, async_checkpointing=False), model=dict(name=dict(name=model)))
+  config.update(pruner='magnitude', sparsity=0.9, budget='uniform', prunable=prunable, train=dict(num_epochs=1, batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False, async_checkpointing=False), model=dict(name=model))
   exp_train.run(config, str(workdir), dataset=_synthetic_dataset())
   results = json.loads((workdir / "results.json").read_text())
   pruning = json.loads((workdir / "pruning.json").read_text())
@@ -137,19 +137,21 @@ def test_bad_config_values_are_refused():
   config = digits.get_config()
   for field, value, match in [("pruner", "snipp", "pruner"),
                               ("prunable", "all", "prunable"),
-                              ("model", "resnet99", "unknown model"),
+                              ("model.name", "resnet99", "unknown model"),
                               ("sparsity", 1.0, "sparsity")]:
     bad = config.copy_and_resolve_references()
     bad.unlock()
     bad.pruner = "magnitude"
-    bad[field] = value
+    group, _, name = field.rpartition(".")
+    (bad[group] if group else bad)[name] = value
     with pytest.raises(ValueError, match=match):
       exp_train.resolve_config(bad)
 
 
 def _dst_config(**fields):
   config = digits.get_config()
-  config.update({"num_epochs": 3, "dst": "granet", **fields})
+  config.update({"dst": "granet", **fields})
+  config.train.num_epochs = 3
   return config
 
 
@@ -164,7 +166,7 @@ def _dst_config(**fields):
      r"config\.dst_update_every must be an integer >= 1 .*got 0"),
     (dict(dst_prune_epochs=(1, 10)),
      r"config\.dst_prune_epochs=\(1, 10\) ends at epoch 10, after training "
-     r"\(config\.num_epochs = 3\).*0 <= start < end <= config\.num_epochs = 3"),
+     r"\(config\.train\.num_epochs = 3\).*0 <= start < end <= config\.train\.num_epochs = 3"),
     (dict(dst_prune_epochs=(0.5, 0.2)),
      r"config\.dst_prune_epochs=\(0\.5, 0\.2\) starts at epoch 1\.5, not before "
      r"its end at epoch 0\.6"),
@@ -189,7 +191,7 @@ def test_ticket_sparsity_must_be_the_tickets(tmp_path):
   params = {"Dense_0": {"kernel": np.ones((4, 5), np.float32)}}
   ticket = lottery.save_ticket(tmp_path / "ticket", mask, params)
   config = digits.get_config()
-  config.update(pruner='ticket', mask_path=ticket, model=dict(name=dict(name='mlp')))
+  config.update(pruner='ticket', mask_path=ticket, model=dict(name='mlp'))
   # The default 0.9 used to be recorded in config.json while 0.2 trained.
   with pytest.raises(ValueError, match=r"config\.sparsity=0\.9 differs from the "
                      r"sparsity 0\.2000 of the ticket in .*ticket: with "
@@ -220,12 +222,12 @@ def test_config_dtype_is_the_models_computation_dtype():
   config.model.dtype = "bfloat16"
   model = models.get(config.model.name, 10, **common.model_kwargs(config))
   assert model.dtype == jnp.bfloat16
-  assert exp_train.resolve_config(config).dtype == "bfloat16"
+  assert exp_train.resolve_config(config).model.dtype == "bfloat16"
   config.model.dtype = "float16"
   with pytest.raises(ValueError, match="config.model.dtype"):
     exp_train.resolve_config(config)
   config.model.dtype = "float32"
-  config.model_kwargs.dtype = "bfloat16"
+  config.model.kwargs.dtype = "bfloat16"
   with pytest.raises(ValueError, match="config.model.dtype"):
     exp_train.resolve_config(config)
 
@@ -233,9 +235,9 @@ def test_config_dtype_is_the_models_computation_dtype():
 def test_default_weight_decay_follows_the_model_family():
   config = default.get_config()
   assert config.optimizer.weight_decay is None
-  assert exp_train.resolve_config(config).weight_decay == 1e-4
+  assert exp_train.resolve_config(config).optimizer.weight_decay == 1e-4
   config.model.name = "vgg19"
-  assert exp_train.resolve_config(config).weight_decay == 5e-4
+  assert exp_train.resolve_config(config).optimizer.weight_decay == 5e-4
 
 
 def test_synflow_protocol_preset():
@@ -243,7 +245,7 @@ def test_synflow_protocol_preset():
   assert (config.model.name, config.data.name) == ("vgg16", "cifar100")
   assert config.optimizer.nesterov and config.optimizer.momentum == 0.9 and config.train.batch_size == 128
   assert config.optimizer.weight_decay == 5e-4 and config.train.num_epochs == 160
-  assert synflow_cifar.get_config().weight_decay == 1e-4  # resnet18
+  assert synflow_cifar.get_config().optimizer.weight_decay == 1e-4  # resnet18
   sched = common.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(60 * 391 - 1), sched(60 * 391), sched(120 * 391)],
@@ -258,7 +260,7 @@ def test_grasp_protocol_preset():
   np.testing.assert_allclose(
       [sched(80 * 391 - 1), sched(80 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)
-  assert grasp_cifar.get_config().weight_decay == 5e-4  # vgg19
+  assert grasp_cifar.get_config().optimizer.weight_decay == 5e-4  # vgg19
 
 
 # ----------------------------------------------------------------------------

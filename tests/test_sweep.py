@@ -285,7 +285,7 @@ def test_synflow_paper_grid():
   assert config.optimizer.nesterov and config.optimizer.decay_epochs == (60, 120)
   assert config.optimizer.weight_decay == 5e-4 and config.train.batch_size == 128
   resnet = sweep_synflow_paper.get_config("resnet18,cifar10")
-  assert resnet.weight_decay == 1e-4
+  assert resnet.optimizer.weight_decay == 1e-4
   assert len(sweep.grid(resnet)) == 3 * (1 + 5 * 9)
 
 
