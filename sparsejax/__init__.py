@@ -23,6 +23,8 @@ Submodules:
     random re-initialisation and re-pruning controls, ticket files.
   tost: ToST, the training recipe for any mask (ghost soft neurons, ghost
     skips, label smoothing, LRsI) and its presets.
+  methods: every method as a registered frozen dataclass of one protocol
+    (mask, optimiser, scalars, loss, hooks, ...), ``from_config``, ``compose``.
   state: the train state (``TrainState``, ``create_train_state``).
   train: the carry, sharded train/eval steps, checkpointed ``fit`` and its
     extension points (initial state, per-step scalars, loss, hooks, callbacks).
@@ -37,6 +39,10 @@ Submodules:
   metrics_log: ``metrics.jsonl`` / TensorBoard and ``steps.jsonl``.
   sparse_io: compressed sparse model files (kept values + bit-packed mask).
   sparse_inference: evaluate a pruned linen model with BCOO sparse kernels.
+  condensed: constant fan-in masks (SRigL) and condensed layers (values +
+    indices per unit, a gather and a small product) for inference.
+  shrink: a physically smaller dense model of the same family with the
+    logits of a masked one (dead units and channels cut out).
 
 sparsejax is tested with the JAX versions of ``sparsejax/_jax_range.py``
 (the range pyproject.toml pins); imported under another JAX it warns once.
@@ -55,6 +61,7 @@ _xla_cpu.apply()  # before any submodule can start a JAX backend
 
 from sparsejax import budgets
 from sparsejax import checkpoints
+from sparsejax import condensed
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
@@ -64,6 +71,7 @@ from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh
+from sparsejax import methods
 from sparsejax import metrics_log
 from sparsejax import modeling
 from sparsejax import models
@@ -71,6 +79,7 @@ from sparsejax import nm
 from sparsejax import optim
 from sparsejax import schedules
 from sparsejax import scores
+from sparsejax import shrink
 from sparsejax import sparse_inference
 from sparsejax import sparse_io
 from sparsejax import state
@@ -80,7 +89,8 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["budgets", "checkpoints", "data", "diagnostics", "dst", "gradient_flow", "hooks", "losses",
-           "lottery", "masks", "mesh", "metrics_log", "modeling", "models", "nm", "optim",
-           "schedules", "scores", "sparse_inference", "sparse_io", "state", "suptickets",
+__all__ = ["budgets", "checkpoints", "condensed", "data", "diagnostics", "dst", "gradient_flow",
+           "hooks", "losses", "lottery", "masks", "mesh", "metrics_log", "modeling", "models",
+           "nm", "optim", "schedules", "scores", "shrink", "sparse_inference", "sparse_io",
+           "state", "suptickets",
            "tost", "train"]

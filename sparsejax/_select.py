@@ -1,4 +1,4 @@
-"""N:M group layout and within-group exact selection (below masks and nm).
+"""N:M groups, constant fan-in units and their exact selections (below masks and nm).
 
 The bottom of the N:M code: :func:`sparsejax.masks.topk_mask` selects N:M
 pools with :func:`nm_keep`, :mod:`sparsejax.dst` regrows within groups with
@@ -10,6 +10,12 @@ for it.
 A layer's groups are laid out by :func:`nm_groups`: ``[..., c_in, c_out]`` →
 ``[..., c_out, c_in/M, M]``, the last axis running along a group;
 :func:`nm_ungroup` is its inverse.
+
+A layer's *units* (constant fan-in, :class:`sparsejax.budgets.ConstantFanIn`)
+are its output units: :func:`fan_in_keep` keeps the top ``k`` of each unit's
+fan-in (every axis but the last), the selection of
+``sparsejax.condensed.constant_fan_in_mask`` and of the constant fan-in pools
+of :func:`sparsejax.masks.select_pools`.
 """
 
 from __future__ import annotations
@@ -88,3 +94,47 @@ def nm_keep(scores_leaf: jax.Array, n, m: int,
   w = nm_groups(jnp.asarray(within), m)
   keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
   return nm_ungroup(keep_top_in_groups(keys, n) & w, shape)
+
+
+def units_by_fan_in(x: jax.Array) -> jax.Array:
+  """``[..., d_out]`` → ``[d_out, fan_in]``: row ``o`` is unit ``o``'s inputs in
+  increasing flat index."""
+  x = jnp.asarray(x)
+  return x.reshape(-1, x.shape[-1]).T
+
+
+@jax.jit
+def fan_in_keep(scores_leaf: jax.Array, k, within: jax.Array | None = None
+                ) -> jax.Array:
+  """The top ``k`` inputs of every output unit of one kernel (constant fan-in).
+
+  Pure and ``jit``-compatible. Unit ``o`` (the last axis) keeps exactly
+  ``min(k_o, fan_in)`` entries of its fan-in (every other axis), with
+  ``within`` ``min(k_o, available)``: the highest scores, ties to the lower
+  flat index, NaN lowest.
+
+  Args:
+    scores_leaf: float ``[..., d_out]`` (``ndim >= 2``).
+    k: an int (may be traced) or an int array ``[d_out]`` (per unit).
+    within: optional bool mask of the same shape: only its entries can be kept.
+
+  Returns:
+    bool mask of ``scores_leaf``'s shape.
+  """
+  shape = jnp.shape(scores_leaf)
+  s = jnp.asarray(scores_leaf)
+  s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
+  keys = sortable_bits(units_by_fan_in(s))            # [d_out, F]
+  if within is not None:
+    w = units_by_fan_in(jnp.asarray(within, bool))
+    keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
+  f = keys.shape[1]
+  # Descending keys, ties to the lower index: a stable sort of the complement.
+  order = jnp.argsort(~keys, axis=1, stable=True)
+  rank = jnp.zeros_like(order).at[
+      jnp.arange(keys.shape[0])[:, None], order].set(
+          jnp.broadcast_to(jnp.arange(f, dtype=order.dtype), order.shape))
+  kept = rank < jnp.reshape(jnp.asarray(k, rank.dtype), (-1, 1))
+  if within is not None:
+    kept = kept & w
+  return kept.T.reshape(shape)

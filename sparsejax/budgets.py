@@ -16,6 +16,13 @@ A budget says how the prunable entries of a network share one sparsity:
   one set of groups per ``(kh, kw, c_out)``), the pattern GPU sparse tensor
   cores accelerate (``NM(2, 4)``). Its sparsity ``1 - n/m`` is implied: a
   function taking a ``sparsity`` takes ``None`` (or that same value) with it.
+* :class:`ConstantFanIn` -- ``ConstantFanIn(base)``: layer sparsities from
+  ``base`` (``Uniform()`` or ``ERK()``), and every output unit of a layer (a
+  column of a dense ``[d_in, d_out]`` kernel, an output channel of a conv
+  kernel over ``kh · kw · c_in``) keeps exactly ``k`` inputs, ``k =
+  max(1, round((1 - s_l) · fan_in))`` (:func:`sparsejax.masks.kept_count` of
+  one unit), ties to the lower flat index: the starting mask of SRigL and
+  of condensed layers (:mod:`sparsejax.condensed`).
 * :class:`Overrides` -- any of them with per-layer sparsities fixed by path
   pattern, e.g. ``ERK().with_overrides({"Dense_0": 0.0})``; the budget is then
   spread over the remaining prunable layers.
@@ -23,12 +30,13 @@ A budget says how the prunable entries of a network share one sparsity:
 Every budget follows one protocol, :meth:`Budget.pools`: from the shapes of
 the prunable layers and the requested sparsity it returns the :class:`Pool`\\ s
 of the exact selection -- which layers are ranked together, at which
-sparsity, whole or within N:M groups. :func:`sparsejax.masks.topk_mask`,
+sparsity, whole, within N:M groups or per output unit.
+:func:`sparsejax.masks.topk_mask`,
 ``scores.prune_at_init`` / ``iterative`` / ``synflow``, ``masks.random_mask``,
 ``lottery.prune_level`` and the DST methods take budget objects only; a
 string is refused with one error naming :func:`parse`, which turns the
 command-line names (``"global"``, ``"uniform"``, ``"erk"``, ``"er"``,
-``"2:4"``) into objects.
+``"2:4"``, ``"cfi"``, ``"cfi-erk"``) into objects.
 
 Budgets are frozen dataclasses: hashable (usable as static ``jit``
 arguments) and equal when their fields are.
@@ -60,7 +68,7 @@ import numpy as np
 Shapes = Mapping[str, tuple[int, ...]]
 
 #: The command-line names of :func:`parse` (an ``"N:M"`` string is one too).
-NAMES = ("global", "uniform", "erk", "er")
+NAMES = ("global", "uniform", "erk", "er", "cfi", "cfi-erk")
 
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -92,12 +100,17 @@ class Pool(NamedTuple):
     group: ``(n, m)`` for an N:M pool: ``n`` kept in every group of ``m``
       along axis -2 of each layer (``n`` may be traced, see
       :meth:`scheduled`); ``None`` otherwise.
+    per_unit: ``True`` for a constant fan-in pool (:class:`ConstantFanIn`):
+      every output unit (last axis) of each layer keeps its top
+      ``max(1, round(d · fan_in))`` inputs, ``fan_in`` the product of the
+      other axes.
   """
 
   paths: frozenset
   sparsity: Any
   joint: bool = False
   group: tuple[Any, int] | None = None
+  per_unit: bool = False
 
   def scheduled(self, exponent) -> Pool:
     """The pool pruned to density ``d ** exponent`` (an iterative round).
@@ -356,6 +369,69 @@ class NM(Budget):
 
 
 @dataclasses.dataclass(frozen=True)
+class ConstantFanIn(Budget):
+  """Constant fan-in: every output unit of a layer keeps exactly ``k`` inputs.
+
+  The layer sparsities ``s_l`` come from ``base``; in each layer every output
+  unit (last axis: a column of a dense ``[d_in, d_out]`` kernel, an output
+  channel of a conv ``[kh, kw, c_in, c_out]`` kernel) keeps the ``k`` highest
+  scores of its fan-in (``F`` = the product of the other axes), ties to the
+  lower flat index, with ``k = max(1, round((1 - s_l) · F))``, the one
+  rounding rule of :func:`sparsejax.masks.kept_count` applied to one unit. A
+  layer therefore keeps ``d_out · k`` entries, a multiple of its units
+  (SPEC §1), and its sparsity is ``s_l`` only up to that rounding. With
+  ``within`` (iterative pruning) every unit keeps ``min(k, available)``.
+
+  Attributes:
+    base: the per-layer allocation, ``Uniform()`` (default; the sparsity may
+      then be traced) or ``ERK(power)`` / ``ER(power)``, optionally
+      ``.with_overrides(...)`` (the overridden layers are then constant fan-in
+      at their own sparsity). ``ConstantFanIn(b).with_overrides(...)`` instead
+      prunes the overridden layers by a plain per-layer top-k.
+
+  Example:
+
+    >>> import jax.numpy as jnp
+    >>> from sparsejax import budgets, masks
+    >>> budgets.parse("cfi-erk")
+    ConstantFanIn(base=ERK(power=1.0))
+    >>> scores = {"w": jnp.array([[3., 1.], [1., 1.], [2., 5.], [0., 4.]])}
+    >>> m = masks.topk_mask(scores, 0.5, budget=budgets.ConstantFanIn())
+    >>> m["w"].astype(int).tolist()  # 2 of the 4 inputs of each unit
+    [[1, 0], [0, 0], [1, 1], [0, 1]]
+  """
+
+  base: Budget = Uniform()
+
+  def __post_init__(self):
+    check(self.base, "base")
+    if isinstance(self.base, (Global, NM, ConstantFanIn)) or (
+        isinstance(self.base, Overrides)
+        and isinstance(self.base.base, (Global, NM, ConstantFanIn))):
+      raise ValueError(
+          f"ConstantFanIn needs a per-layer allocation as base (Uniform(), "
+          f"ERK(), ER(), optionally .with_overrides(...)), got {self.base!r}")
+
+  def resolve_sparsity(self, sparsity):
+    return self.base.resolve_sparsity(sparsity)
+
+  def layer_sparsities(self, shapes, sparsity):
+    """The nominal ``{path: s_l}`` of ``base`` (each layer keeps
+    ``d_out · k`` entries, see the class doc)."""
+    return self.base.layer_sparsities(shapes, sparsity)
+
+  def pools(self, shapes, sparsity):
+    for path, shape in shapes.items():
+      if len(tuple(shape)) < 2:
+        raise ValueError(
+            f"a constant fan-in budget needs kernels of ndim >= 2 (output units "
+            f"on the last axis); prunable leaf {path!r} has shape "
+            f"{tuple(shape)}: make it non-prunable")
+    return tuple(p._replace(per_unit=True, joint=False)
+                 for p in self.base.pools(shapes, sparsity))
+
+
+@dataclasses.dataclass(frozen=True)
 class Overrides(Budget):
   """``base`` with the layers matching a pattern at their own sparsity.
 
@@ -438,16 +514,19 @@ def check(budget, name: str = "budget") -> None:
       hint = f" ({e})"
     raise ValueError(
         f"{name}={budget!r} is a string; sparsejax functions take a budget "
-        f"object (budgets.Global(), Uniform(), ERK(), ER(), NM(n, m)); turn a "
+        f"object (budgets.Global(), Uniform(), ERK(), ER(), NM(n, m), "
+        f"ConstantFanIn(base)); turn a "
         f"command-line name into one with sparsejax.budgets.parse{hint}")
   raise ValueError(
       f"{name} must be a sparsejax.budgets.Budget (Global(), Uniform(), ERK(), "
-      f"ER(), NM(n, m), or one .with_overrides(...)), got {budget!r}")
+      f"ER(), NM(n, m), ConstantFanIn(base), or one .with_overrides(...)), "
+      f"got {budget!r}")
 
 
 def parse(text: str) -> Budget:
   """The budget of a command-line name: ``"global"``, ``"uniform"``,
-  ``"erk"``, ``"er"`` or ``"N:M"`` (e.g. ``"2:4"``).
+  ``"erk"``, ``"er"``, ``"cfi"`` (``ConstantFanIn(Uniform())``),
+  ``"cfi-erk"`` (``ConstantFanIn(ERK())``) or ``"N:M"`` (e.g. ``"2:4"``).
 
   Raises:
     ValueError: any other string, or an ``"N:M"`` with ``N < 1`` or ``N > M``.
@@ -463,7 +542,9 @@ def parse(text: str) -> Budget:
   if not isinstance(text, str):
     raise ValueError(f"budget must be a string such as 'erk' or '2:4', got {text!r}")
   name = text.strip()
-  named = {"global": Global, "uniform": Uniform, "erk": ERK, "er": ER}
+  named = {"global": Global, "uniform": Uniform, "erk": ERK, "er": ER,
+           "cfi": lambda: ConstantFanIn(Uniform()),
+           "cfi-erk": lambda: ConstantFanIn(ERK())}
   if name in named:
     return named[name]()
   match = _NM_PATTERN.match(name)

@@ -41,9 +41,21 @@ A *ticket* on disk (:func:`save_ticket`, :func:`load_ticket`) is a directory
 with ``ticket.npz`` (the mask and the rewind weights ``θ_k ⊙ m``, one array
 per leaf path) and ``meta.json``; other experiments load it as "the LTH mask".
 
+Other per-level schedules (:func:`level_sparsities`): ``"linear"``, the
+sparsity ``s_L = (L / levels) · s_final`` (e.g. the MNIST-1D lottery-ticket
+notebook's 100 levels), or an explicit list ``s_1 ≤ s_2 ≤ ...``; each level
+keeps ``max(1, round((1 − s_L) · N))`` entries. The weights a level is pruned
+from may be those of a chosen step ``p`` of its training
+(``prune_from_step``), not only the final ``θ_T^L``: ``m_{L+1}`` is the
+top-``n_{L+1}`` of ``|θ_p^L ⊙ m_L|`` (the level still trains to ``T``).
+:func:`imp` runs the whole level loop (train, prune, rewind, retrain) around
+any training function.
+
 Functions:
 
-* :func:`level_sparsity`, :func:`prune_level`: the masks ``m_L``.
+* :func:`imp`: the level loop; :class:`Level`, :class:`IMPResult`.
+* :func:`level_sparsity`, :func:`level_sparsities`, :func:`prune_level`,
+  :func:`prune_to`: the masks ``m_L``.
 * :func:`rewind`, :func:`fresh_optimizer_state`, :func:`rewind_state`: reset
   to the rewind point.
 * :func:`random_reprune_mask`: the re-pruning control.
@@ -54,11 +66,12 @@ The experiment driver is ``python -m experiments.lottery``.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from etils import epath
@@ -66,6 +79,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax import _checks
 from sparsejax import _paths
 from sparsejax import budgets
 from sparsejax import masks
@@ -77,6 +91,8 @@ PyTree = Any
 
 #: Fraction of the remaining prunable weights removed per level (SPEC §3).
 DEFAULT_FRACTION = 0.2
+#: Per-level sparsity schedules of :func:`level_sparsities`.
+SCHEDULES = ("geometric", "linear", "explicit")
 #: The budget types :func:`prune_level` accepts: one global ranking (IMP
 #: default) or the same fraction of every layer (layer-wise IMP).
 BUDGETS = (budgets.Global, budgets.Uniform)
@@ -117,9 +133,78 @@ def level_sparsity(level: int, fraction: float = DEFAULT_FRACTION) -> float:
   return 1.0 - (1.0 - p) ** int(level)
 
 
+def level_sparsities(levels: int | None = None, schedule: str = "geometric", *,
+                     fraction: float = DEFAULT_FRACTION,
+                     final_sparsity: float | None = None,
+                     sparsities: Sequence[float] | None = None
+                     ) -> tuple[float, ...]:
+  """The sparsity of every IMP level ``0 .. levels`` (level 0 is dense).
+
+  * ``"geometric"`` (default, SPEC §3): ``s_L = 1 − (1 − p)^L`` with
+    ``p = fraction``, the fraction of the remaining weights removed per level;
+  * ``"linear"``: ``s_L = (L / levels) · final_sparsity`` (equal steps of
+    sparsity, e.g. 100 levels to 0.99);
+  * ``"explicit"``: ``s_L = sparsities[L − 1]`` for ``L = 1 .. len(sparsities)``
+    (``levels`` defaults to, and must equal, that length).
+
+  Args:
+    levels: number of pruning levels (``>= 0``); required unless explicit.
+    schedule: one of :data:`SCHEDULES`.
+    fraction: ``p`` in (0, 1) of the geometric schedule.
+    final_sparsity: ``s_levels`` in [0, 1) of the linear schedule.
+    sparsities: the explicit levels' sparsities, each in [0, 1) and
+      non-decreasing (a level prunes among the weights the previous kept).
+
+  Returns:
+    ``(s_0 = 0.0, s_1, ..., s_levels)``.
+
+  Raises:
+    ValueError: an unknown schedule, a missing or bad argument, or explicit
+      sparsities that are out of range or decrease.
+
+  Example:
+
+    >>> from sparsejax import lottery
+    >>> lottery.level_sparsities(4, "linear", final_sparsity=0.8)
+    (0.0, 0.2, 0.4, 0.6, 0.8)
+    >>> lottery.level_sparsities(schedule="explicit", sparsities=(0.5, 0.9))
+    (0.0, 0.5, 0.9)
+  """
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+  if schedule == "explicit":
+    if sparsities is None or len(sparsities) == 0:
+      raise ValueError("the explicit schedule needs sparsities=(s_1, s_2, ...), "
+                       f"got {sparsities!r}")
+    values = tuple(_checks.number(v, f"sparsities[{i}]", 0.0, 1.0, hi_open=True)
+                   for i, v in enumerate(sparsities))
+    for i in range(1, len(values)):
+      if values[i] < values[i - 1]:
+        raise ValueError(
+            f"sparsities must not decrease (a level prunes among the weights "
+            f"the previous level kept), got sparsities[{i - 1}]={values[i - 1]} "
+            f"> sparsities[{i}]={values[i]}")
+    if levels is not None and levels != len(values):
+      raise ValueError(f"levels={levels!r} but the explicit schedule has "
+                       f"{len(values)} sparsities: leave levels unset")
+    return (0.0, *values)
+  if sparsities is not None:
+    raise ValueError(f"sparsities are for schedule='explicit', not {schedule!r}")
+  if levels is None:
+    raise ValueError(f"the {schedule} schedule needs levels (an integer >= 0)")
+  levels = _checks.step(levels, "levels")
+  if schedule == "geometric":
+    return tuple(level_sparsity(l, fraction) for l in range(levels + 1))
+  if final_sparsity is None:
+    raise ValueError("the linear schedule needs final_sparsity in [0, 1)")
+  final = _checks.number(final_sparsity, "final_sparsity", 0.0, 1.0, hi_open=True)
+  return tuple(round(final * l / levels, 12) if levels else 0.0
+               for l in range(levels + 1))
+
+
 def _check_enough(mask: PyTree, prunable, sparsity: float,
-                  budget: budgets.Budget, level: int) -> None:
-  """Raises unless ``mask`` keeps at least level ``level``'s count per pool."""
+                  budget: budgets.Budget, what: str) -> None:
+  """Raises unless ``mask`` keeps at least ``sparsity``'s count per pool."""
   if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
     return
   summary = masks.summary(mask, prunable)
@@ -130,8 +215,8 @@ def _check_enough(mask: PyTree, prunable, sparsity: float,
     need = masks.kept_count(total, sparsity)
     if kept < need:
       raise ValueError(
-          f"the mask keeps {kept} of the {total} {name} but level {level} keeps "
-          f"{need}: pass the mask of level {level - 1}")
+          f"the mask keeps {kept} of the {total} {name} but "
+          + what.format(need=need))
 
 
 def prune_level(params: PyTree, mask: PyTree, level: int,
@@ -176,14 +261,49 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
     >>> int(m2["w"].sum())
     6
   """
+  sparsity = level_sparsity(level, fraction)
+  return _prune(params, mask, sparsity, prunable, budget,
+                f"level {level} keeps {{need}}: pass the mask of level {level - 1}")
+
+
+def prune_to(params: PyTree, mask: PyTree, sparsity: float, *, prunable=None,
+             budget: budgets.Budget = budgets.Global()) -> PyTree:
+  """Magnitude pruning to ``sparsity`` among the entries ``mask`` keeps.
+
+  The mask of any IMP level (:func:`prune_level` is this at the geometric
+  level's sparsity): the ``max(1, round((1 − s) · N))`` prunable entries of
+  largest ``|θ ⊙ m|`` (exact count, ties to the lower flat index), ``N``
+  counting all prunable entries (per layer with ``budget=Uniform()``).
+
+  Args:
+    params: the weights to prune from (e.g. a level's trained weights, or
+      those of a chosen step of its training).
+    mask: the previous level's mask.
+    sparsity: the new level's sparsity in [0, 1), at least the sparsity of
+      ``mask``.
+    prunable, budget: as in :func:`prune_level`.
+
+  Returns:
+    The bool mask; it only keeps entries that ``mask`` kept.
+
+  Raises:
+    ValueError: a bad budget or sparsity, a mask that does not fit, or one
+      that keeps fewer weights than ``sparsity`` does.
+  """
+  budgets.check_sparsity(sparsity)
+  return _prune(params, mask, float(sparsity), prunable, budget,
+                f"sparsity {sparsity} keeps {{need}}: pass a mask that keeps at "
+                "least as many")
+
+
+def _prune(params, mask, sparsity, prunable, budget, what):
   budgets.check(budget)
   if type(budget) not in BUDGETS:
     raise ValueError(f"budget must be budgets.Global() or budgets.Uniform() for "
                      f"IMP, got {budget!r}")
-  sparsity = level_sparsity(level, fraction)
   masks.check_mask(mask, params)
   flags = masks.prunable_tree(params, prunable)
-  _check_enough(mask, flags, sparsity, budget, level)
+  _check_enough(mask, flags, sparsity, budget, what)
   return masks.topk_mask(scores.magnitude(params, mask), sparsity,
                          budget=budget, prunable=flags, within=mask)
 
@@ -277,6 +397,149 @@ def rewind_state(point: state_lib.TrainState, mask: PyTree, *,
       params=rewind(point.params if params is None else params, mask),
       batch_stats=point.batch_stats if batch_stats is None else batch_stats,
       opt_state=fresh_optimizer_state(point.opt_state, mask))
+
+
+# ----------------------------------------------------------------------------
+# The level loop
+# ----------------------------------------------------------------------------
+
+
+TrainFn = Callable[[str, state_lib.TrainState, "int | None"], state_lib.TrainState]
+"""``train_fn(name, state, stop_at_step) -> state``: trains ``state`` up to the
+global step ``stop_at_step`` (``None``: to the end of the schedule) and
+returns the state reached. ``name`` is the stage, ``"rewind_point"`` or
+``"level_<L>"`` (e.g. a run subdirectory); one level may be trained in two
+calls of the same name, the second continuing from the first's state (a
+:func:`sparsejax.train.fit` in ``workdir/name`` with ``init=state``
+and ``stop_at_step`` does exactly this, resuming from its checkpoint)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Level:
+  """One finished IMP level.
+
+  Attributes:
+    level: ``L`` (0 is dense).
+    sparsity: the schedule's nominal sparsity ``s_L``.
+    mask: ``m_L``, the mask the level trained.
+    kept: prunable entries kept by ``m_L``; total: all prunable entries.
+  """
+
+  level: int
+  sparsity: float
+  mask: PyTree
+  kept: int
+  total: int
+
+
+@dataclasses.dataclass(frozen=True)
+class IMPResult:
+  """What :func:`imp` returns.
+
+  Attributes:
+    levels: one :class:`Level` per level, in order.
+    point: the rewind point (the state at ``rewind_step``).
+    state: the trained state of the last level.
+  """
+
+  levels: tuple[Level, ...]
+  point: state_lib.TrainState
+  state: state_lib.TrainState
+
+
+def imp(init: state_lib.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
+        *, rewind_step: int = 0, prune_from_step: int | None = None,
+        prunable=None, budget: budgets.Budget = budgets.Global(),
+        callback: Callable[[Level, state_lib.TrainState], None] | None = None,
+        known_masks: Mapping[int, PyTree] | None = None) -> IMPResult:
+  r"""Iterative magnitude pruning with rewinding: the whole level loop (SPEC §3).
+
+  Frankle & Carbin (2019), rewinding to step ``k`` as in Frankle et al.
+  (2020), with any per-level sparsity schedule and pruning from the weights
+  of any step ``p`` of a level's training::
+
+      θ_k = train_fn("rewind_point", init, k)          (θ_0 = init if k = 0)
+      m_0 = 1
+      for L = 0 .. levels:
+          state = rewind_state(θ_k, m_L)               (θ_k ⊙ m_L, fresh moments, step k)
+          θ_p^L = train_fn("level_L", state, p)        (only with prune_from_step)
+          θ_T^L = train_fn("level_L", ..., None)       (to the end of the schedule)
+          m_{L+1} = prune_to(θ_p^L or θ_T^L, m_L, s_{L+1})
+
+  Args:
+    init: the initial train state in the sparse format (its optimiser state
+      holds an all-``True`` mask: ``create_train_state(..., mask=masks.ones_like)``).
+    train_fn: trains a state, see :data:`TrainFn`.
+    sparsities: ``(s_0 = 0, s_1, ..., s_levels)``, e.g.
+      :func:`level_sparsities`.
+    rewind_step: ``k >= 0``, the step the surviving weights rewind to.
+    prune_from_step: ``p > k``: prune from the weights of global step ``p`` of
+      each level's training instead of its final weights (``None``, default).
+    prunable, budget: as in :func:`prune_to`.
+    callback: ``callback(level, trained_state)`` after each level (e.g.
+      evaluate it, save its ticket with :func:`save_ticket`).
+    known_masks: ``{L: m_L}``, masks already computed (e.g. read back from
+      the tickets of an interrupted run): level ``L`` takes ``m_L`` instead of
+      pruning again, and level ``L − 1`` then trains in one call (its step-``p``
+      weights are not needed). Default none.
+
+  Returns:
+    An :class:`IMPResult`.
+
+  Raises:
+    ValueError: a schedule that does not start dense or decreases, a bad
+      ``rewind_step`` or ``prune_from_step``, an ``init`` without a mask, or a
+      ``train_fn`` that stops at another step than asked.
+  """
+  sparsities = tuple(float(v) for v in sparsities)
+  if not sparsities or sparsities[0] != 0.0:
+    raise ValueError(f"sparsities must start with level 0 at 0.0 (dense), got "
+                     f"{sparsities[:1]}")
+  level_sparsities(schedule="explicit", sparsities=sparsities)  # range, order
+  rewind_step = _checks.step(rewind_step, "rewind_step")
+  if prune_from_step is not None:
+    prune_from_step = _checks.step(prune_from_step, "prune_from_step",
+                                   rewind_step + 1)
+  if init.mask is None:
+    raise ValueError("init must hold a mask in its optimiser state (create it "
+                     "with mask=sparsejax.masks.ones_like)")
+
+  def run(name, state, stop):
+    out = train_fn(name, state, stop)
+    if stop is not None and int(out.step) != stop:
+      raise ValueError(f"train_fn({name!r}, ..., {stop}) returned a state at "
+                       f"step {int(out.step)}, not {stop}")
+    return out
+
+  point = run("rewind_point", init, rewind_step) if rewind_step else init
+  if int(point.step) != rewind_step:
+    raise ValueError(f"the rewind point is at step {int(point.step)}, not "
+                     f"rewind_step={rewind_step}")
+  flags = masks.prunable_tree(point.params, prunable)
+  mask = masks.ones_like(point.params)
+  known = dict(known_masks or {})
+  levels, state, source = [], point, None
+  for level, sparsity in enumerate(sparsities):
+    if level in known:
+      masks.check_mask(known[level], point.params)
+      mask = jax.tree.map(jnp.asarray, known[level])
+    elif level:
+      mask = prune_to(source, mask, sparsity, prunable=flags, budget=budget)
+    name = f"level_{level}"
+    state = rewind_state(point, mask)
+    needed = level + 1 < len(sparsities) and level + 1 not in known
+    if prune_from_step is not None and needed:
+      state = run(name, state, prune_from_step)
+      source = state.params
+    state = run(name, state, None)
+    if prune_from_step is None:
+      source = state.params
+    summary = masks.summary(mask, flags)
+    done = Level(level, sparsity, mask, summary.kept, summary.total)
+    levels.append(done)
+    if callback is not None:
+      callback(done, state)
+  return IMPResult(tuple(levels), point, state)
 
 
 # ----------------------------------------------------------------------------

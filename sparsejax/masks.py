@@ -17,7 +17,8 @@ Conventions used throughout sparsejax:
   :mod:`sparsejax.budgets`: ``Global()`` (one ranking over all prunable
   entries), ``Uniform()``, ``ERK(power)``, ``ER(power)``, ``NM(n, m)`` (exactly
   ``n`` kept in every group of ``m`` consecutive weights along the input
-  dimension, axis -2; its sparsity is ``1 - n/m``) and any of them
+  dimension, axis -2; its sparsity is ``1 - n/m``), ``ConstantFanIn(base)``
+  (every output unit keeps the same number of inputs) and any of them
   ``.with_overrides({regex: sparsity})`` (matching layers at their own
   sparsity, the budget spread over the others). Every one splits the
   prunable layers into the pools of the exact selection
@@ -515,7 +516,9 @@ def topk_mask(scores: PyTree, sparsity=None, *,
       ``ER(power)``, ``NM(n, m)`` (exactly ``n`` kept in every group of ``m``
       consecutive entries along axis -2, ties to the lower flat index; every
       prunable layer without an override needs an input dimension divisible
-      by ``m``; overridden layers get a per-layer top-k), or one of them
+      by ``m``; overridden layers get a per-layer top-k),
+      ``ConstantFanIn(base)`` (layer sparsities from ``base``, exactly
+      ``k`` inputs kept per output unit), or one of them
       ``.with_overrides({regex: sparsity})`` (matching layers pruned at their
       own sparsity, outside the shared budget).
     prunable: see :func:`prunable_tree`. Non-prunable leaves get all ``True``.
@@ -563,7 +566,10 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
 
   Every :class:`sparsejax.budgets.Pool` keeps its count: a joint pool one
   ranking over the entries of all its layers, any other pool each layer
-  alone, an N:M pool ``n`` of every group of ``m``; leaves in no pool get all
+  alone, an N:M pool ``n`` of every group of ``m``, a constant fan-in pool
+  (``per_unit``) ``max(1, round(d · fan_in))`` inputs of every output unit
+  (with ``within``: ``min`` of that and the unit's available entries,
+  :func:`sparsejax.condensed.constant_fan_in_mask`); leaves in no pool get all
   ``True``. Pure and ``jit``-compatible (a pool's sparsity, or an N:M pool's
   ``n``, may be traced). Unchecked: :func:`topk_mask` checks its arguments
   and makes the pools with :meth:`sparsejax.budgets.Budget.pools`.
@@ -601,6 +607,11 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
       n, m = pool.group
       for i in members:
         out[i] = _select.nm_keep(leaves[i], n, m, keep_in[i])
+    elif pool.per_unit:
+      for i in members:
+        shape = jnp.shape(leaves[i])
+        k = kept_count(int(np.prod(shape[:-1])), pool.sparsity)
+        out[i] = _select.fan_in_keep(leaves[i], k, keep_in[i])
     elif pool.joint and members:
       flat = jnp.concatenate([prepared(i) for i in members])
       keep = keep_top(flat, capped(kept_count(flat.shape[0], pool.sparsity), members))

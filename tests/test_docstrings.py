@@ -20,8 +20,9 @@ MODULES = ["sparsejax.budgets", "sparsejax.masks", "sparsejax.nm", "sparsejax.op
            "sparsejax.scores", "sparsejax.diagnostics", "sparsejax.dst",
            "sparsejax.gradient_flow",
            "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
-           "sparsejax.sparse_inference", "sparsejax.suptickets", "sparsejax.tost",
-           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks",
+           "sparsejax.sparse_inference", "sparsejax.condensed", "sparsejax.shrink",
+           "sparsejax.suptickets", "sparsejax.tost",
+           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks", "sparsejax.methods",
            "sparsejax.models", "sparsejax.modeling"] + [
                m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
                                                     "sparsejax.models.")]

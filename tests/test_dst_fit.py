@@ -17,7 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, data, dst, masks, models, state
+import dataclasses
+
+from sparsejax import budgets, condensed, data, dst, masks, models, state
 from tests.test_fit_hooks import SAMPLE, run  # the same digits/MLP training settings
 
 SPE = 44
@@ -105,3 +107,23 @@ def test_rigl_fit_resumes_bitwise(ds, tmp_path):
       _read(tmp_path / "split" / "metrics.jsonl"))
   assert _read(tmp_path / "full" / "steps.jsonl") == _read(
       tmp_path / "split" / "steps.jsonl")
+
+
+def test_fit_trains_srigl_and_records_the_ablated_fraction(ds, tmp_path):
+  model = models.get("mlp", 10)
+  params = state.init_variables(model, SAMPLE, jax.random.key(0))["params"]
+  mask = masks.random_mask(jax.random.key(1), params, 0.9,
+                           budget=budgets.ConstantFanIn(budgets.ERK()))
+  classifier = dataclasses.replace(masks.KEEP_CLASSIFIER_DENSE,
+                                   order=models.layer_order(model, SAMPLE))
+  tx = dst.srigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=40,
+                           update_every=10, ablatable=classifier)
+  result = run(ds, tmp_path, model, tx=tx, num_epochs=1,
+               callbacks=[dst.AblatedUnits().callback()])
+  final = jax.device_get(result.state.mask)
+  condensed.check_constant_fan_in(final)
+  assert int(result.state.opt_state.dst.mask_updates) == 3   # t = 10, 20, 30
+  record = _read(tmp_path / "metrics.jsonl")[-1]
+  assert record["ablated_units"] == pytest.approx(dst.ablated_fraction(final))
+  for p, m in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(final)):
+    assert (np.asarray(p)[~np.asarray(m)] == 0).all()

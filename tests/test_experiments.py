@@ -297,7 +297,7 @@ def test_quickstart_prints_the_table(tmp_path):
 
 def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from sparsejax import masks, sparse_io  # pylint: disable=g-import-not-at-top
+  from sparsejax import budgets, nm, sparse_io  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = lambda n: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
   labels = lambda n: (np.arange(n) % 10).astype(np.int32)
@@ -314,7 +314,7 @@ def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   for x, y in zip(jax.tree.leaves(jax.device_get(result.state.params)),
                   jax.tree.leaves(tree["params"])):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  masks.check_nm(mask["params"], "2:4")
+  nm.check_nm(mask["params"], budgets.NM(2, 4))
 
 
 def test_experiments_refuse_gmp_with_nm():

@@ -66,7 +66,9 @@ def get_config() -> ml_collections.ConfigDict:
   # "global", "uniform", "erk", "er" or an N:M pattern such as "2:4" (N kept
   # in every M consecutive weights along the input dimension; set sparsity to
   # 1 - N/M and keep layers whose input dimension M does not divide dense,
-  # e.g. prunable="keep_first" for the RGB stem). See sparsejax.masks.
+  # e.g. prunable="keep_first" for the RGB stem), or "cfi" / "cfi-erk" (constant
+  # fan-in: every output unit keeps the same number of inputs, layer sparsities
+  # uniform / ERK; sparsejax.budgets.ConstantFanIn). See sparsejax.budgets.
   config.budget = "global"
   # Which weights are prunable: "kernels" (all conv/dense kernels), "keep_first",
   # "keep_classifier" or "keep_first_and_classifier" (those stay dense).

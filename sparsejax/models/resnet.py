@@ -56,6 +56,8 @@ class BasicBlock(nn.Module):
     ghost: add ToST's two ghost paths (:func:`ghost_path`), scaled by
       ``ghost_coef``; default False.
     ghost_init: the constant of the ghost convs' kernels; default 1e-4.
+    mid_filters: output channels of the first 3x3 conv; default ``None``:
+      ``filters`` (a shrunk model, :mod:`sparsejax.shrink`, sets it).
   """
 
   filters: int
@@ -65,13 +67,15 @@ class BasicBlock(nn.Module):
   strides: int = 1
   ghost: bool = False
   ghost_init: float = 1e-4
+  mid_filters: Optional[int] = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     act_coef = scalars.read(self, scalars.ACT_COEF)
     ghost_coef = scalars.read(self, scalars.GHOST_COEF)
     residual = x
-    y = self.conv(self.filters, (3, 3), self.strides, padding=1)(x)
+    y = self.conv(self.mid_filters or self.filters, (3, 3), self.strides,
+                  padding=1)(x)
     y = self.norm()(y)
     if self.ghost:
       y = y + ghost_path(self, "ghost_in", x, self.strides, ghost_coef)
@@ -132,6 +136,12 @@ class ResNet(nn.Module):
     ghost_skips: ToST's ghost-skip variant (see the module doc); default
       False.
     ghost_init: the constant of the ghost convs' kernels; default 1e-4.
+    stage_channels: explicit channels of each stage's residual stream (the
+      stem writes stage 0's), overriding ``num_filters * width * 2**i``;
+      default ``None``. Set by :func:`sparsejax.shrink.shrink`.
+    block_channels: explicit output channels of the first conv of every
+      basic block, in order; default ``None`` (the stage's channels). Set by
+      :func:`sparsejax.shrink.shrink`.
   """
 
   num_classes: int
@@ -143,6 +153,8 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   ghost_skips: bool = False
   ghost_init: float = 1e-4
+  stage_channels: Optional[Sequence[int]] = None
+  block_channels: Optional[Sequence[int]] = None
 
   @property
   def scalar_names(self) -> frozenset[str]:
@@ -164,17 +176,20 @@ class ResNet(nn.Module):
     """
     act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
-    channels = self.num_filters * self.width
+    stages = self.stage_channels or [self.num_filters * self.width * 2**i
+                                     for i in range(len(self.stage_sizes))]
+    mids = list(self.block_channels or [None] * sum(self.stage_sizes))
 
-    x = conv(channels, (3, 3), padding=1)(x)
+    x = conv(stages[0], (3, 3), padding=1)(x)
     x = norm()(x)
     x = self.act(x, act_coef)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = BasicBlock(
-            channels * 2**i, conv=conv, norm=norm, act=self.act, strides=strides,
+            stages[i], conv=conv, norm=norm, act=self.act, strides=strides,
             ghost=self.ghost_skips, ghost_init=self.ghost_init,
+            mid_filters=mids.pop(0),
         )(x)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dense(self.num_classes, dtype=self.dtype,

@@ -90,8 +90,13 @@ class MLP(nn.Module):
     act: activation ``act(x, coef)`` after every hidden layer; default
       :func:`activations.relu`.
     init_gain: variance gain of the He-normal kernel initialiser
-      ``N(0, init_gain / fan_in)``; default 2.0.
+      ``N(0, init_gain / fan_in)``; default 2.0 (used by ``initializer="he"``).
     dtype: computation dtype (parameters stay float32); default float32.
+    residual: every hidden layer whose input and output widths agree adds its
+      input, ``x + act(Dense(x))`` (a residual MLP); default False.
+    initializer: ``"he"`` (default: He-normal kernels with ``init_gain``, zero
+      biases) or ``"pytorch"`` (``torch.nn.Linear``'s default: kernel and
+      bias uniform in ``±1 / sqrt(fan_in)``, i.e. variance gain 1/3).
   """
 
   num_classes: int
@@ -99,6 +104,8 @@ class MLP(nn.Module):
   act: activations.Activation = activations.relu
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
+  residual: bool = False
+  initializer: str = "he"
 
   @property
   def scalar_names(self) -> frozenset[str]:
@@ -117,13 +124,36 @@ class MLP(nn.Module):
 
     Returns:
       Float32 logits ``[B, num_classes]``.
+
+    Raises:
+      ValueError: ``initializer`` is neither ``"he"`` nor ``"pytorch"``.
     """
     act_coef = scalars.read(self, scalars.ACT_COEF)
     del train
-    kernel_init = activations.he_normal(self.init_gain)
+    if self.initializer not in MLP_INITS:
+      raise ValueError(f"MLP.initializer must be one of {MLP_INITS}, got "
+                       f"{self.initializer!r}")
     x = x.reshape((x.shape[0], -1))
+
+    def dense(features, h):
+      if self.initializer == "he":
+        layer = nn.Dense(features, dtype=self.dtype,
+                         kernel_init=activations.he_normal(self.init_gain))
+      else:
+        bound = 1.0 / max(1, h.shape[-1]) ** 0.5
+        layer = nn.Dense(
+            features, dtype=self.dtype,
+            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+            bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                key, shape, dtype, -bound, bound))
+      return layer(h)
+
     for features in self.hidden:
-      x = nn.Dense(features, dtype=self.dtype, kernel_init=kernel_init)(x)
-      x = self.act(x, act_coef)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=kernel_init)(x)
+      h = self.act(dense(features, x), act_coef)
+      x = x + h if self.residual and x.shape[-1] == features else h
+    x = dense(self.num_classes, x)
     return jnp.asarray(x, jnp.float32)
+
+
+#: ``MLP.initializer`` values.
+MLP_INITS = ("he", "pytorch")
