@@ -259,7 +259,7 @@ def _check_range(name: str, value, low: float, high: float, *,
 def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
   """GMP/GraNet's ``dst_prune_epochs = (start, end)``: epochs (>= 1) or fractions
   of training (< 1, as :func:`_epoch_step` reads them), start before end, end
-  within ``num_epochs``."""
+  within ``train.num_epochs``."""
   spec = tuple(config.dst_prune_epochs)
   n = int(config.train.num_epochs)
   form = ("epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
@@ -346,7 +346,7 @@ def _check_suptickets(config: ml_collections.ConfigDict) -> None:
 def suptickets_plan(config: ml_collections.ConfigDict,
                     steps_per_epoch: int) -> suptickets.Plan:
   """The :class:`sparsejax.suptickets.Plan` of ``config`` (``sup_cycles``,
-  ``sup_cycle_epochs`` within ``num_epochs``)."""
+  ``sup_cycle_epochs`` within ``train.num_epochs``)."""
   return suptickets.Plan(num_epochs=int(config.train.num_epochs),
                          num_cycles=int(config.sup_cycles),
                          cycle_epochs=int(config.sup_cycle_epochs),
@@ -619,8 +619,8 @@ def fit_options(config: ml_collections.ConfigDict) -> train.FitOptions:
 
 
 def fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``num_epochs``, ``batch_size``, ``seed`` and ``options`` of
-  :func:`sparsejax.train.fit` from the config."""
+  """``num_epochs``, ``batch_size``, ``seed`` (``config.train``) and ``options``
+  (:func:`fit_options`) of :func:`sparsejax.train.fit`."""
   return dict(num_epochs=int(config.train.num_epochs), batch_size=int(config.train.batch_size),
               seed=int(config.train.get("seed", 0) or 0), options=fit_options(config))
 
@@ -1100,7 +1100,7 @@ def allow_none_overrides() -> None:
   """Lets ``--config.<field>=None`` set an int, float, bool or str field to ``None``.
 
   ml_collections parses an override with the field's type, so an optional
-  field (``config_dict.placeholder(int)`` such as ``train_subset``, or a
+  field (``config_dict.placeholder(int)`` such as ``data.train_subset``, or a
   preset's value of one) could not be reset from the command line; the
   literal ``None`` now resets any of them (a string field can no longer be
   set to the text "None"). Called by :func:`app_run` before the flags are

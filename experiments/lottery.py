@@ -44,7 +44,7 @@ Every training is checkpointed (every epoch and on SIGTERM) and every mask is
 saved before it is trained, so rerunning the same command resumes at the level,
 the run (ticket or control) and the step where it stopped, and computes
 bitwise what an uninterrupted run computes. Test accuracy is that of the final
-step of each training (``eval_every_epochs`` may skip the others).
+step of each training (``train.eval_every_epochs`` may skip the others).
 
 Exit status: 0 when every level is done; 143 when stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume); 1 on an error, printed

@@ -65,7 +65,10 @@ def _synthetic_dataset(n_train=16, n_test=8, shape=(16, 16, 3)):
 def _two_step_run(workdir, model, prunable):
   """experiments.train's run: magnitude at 90% (uniform), 2 steps of batch 8."""
   config = digits.get_config()
-  config.update(pruner='magnitude', sparsity=0.9, budget='uniform', prunable=prunable, train=dict(num_epochs=1, batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False, async_checkpointing=False), model=dict(name=model))
+  config.update(pruner="magnitude", sparsity=0.9, budget="uniform", prunable=prunable,
+                train=dict(num_epochs=1, batch_size=8, eval_batch_size=8,
+                progress_bar=False, tensorboard=False, async_checkpointing=False),
+                model=dict(name=model))
   exp_train.run(config, str(workdir), dataset=_synthetic_dataset())
   results = json.loads((workdir / "results.json").read_text())
   pruning = json.loads((workdir / "pruning.json").read_text())
@@ -191,7 +194,7 @@ def test_ticket_sparsity_must_be_the_tickets(tmp_path):
   params = {"Dense_0": {"kernel": np.ones((4, 5), np.float32)}}
   ticket = lottery.save_ticket(tmp_path / "ticket", mask, params)
   config = digits.get_config()
-  config.update(pruner='ticket', mask_path=ticket, model=dict(name='mlp'))
+  config.update(pruner="ticket", mask_path=ticket, model=dict(name="mlp"))
   # The default 0.9 used to be recorded in config.json while 0.2 trained.
   with pytest.raises(ValueError, match=r"config\.sparsity=0\.9 differs from the "
                      r"sparsity 0\.2000 of the ticket in .*ticket: with "
@@ -304,7 +307,9 @@ def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   dataset = data.Dataset("synthetic", 10, images(16), labels(16), images(8),
                          labels(8), mean=(0.5,), std=(0.25,), augment=False)
   config = digits.get_config()
-  config.update(pruner='magnitude', sparsity=0.5, budget='2:4', train=dict(num_epochs=1, batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False, async_checkpointing=False, save_sparse=True))
+  config.update(pruner="magnitude", sparsity=0.5, budget="2:4", train=dict(num_epochs=1,
+                batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False,
+                async_checkpointing=False, save_sparse=True))
   result = exp_train.run(config, str(tmp_path), dataset=dataset)
   results = json.loads((tmp_path / "results.json").read_text())
   info = results["sparse_file"]

@@ -104,7 +104,8 @@ def test_exported_ticket_trains_as_the_lth_mask_in_experiments_train(reference, 
 
   _, workdir, result = reference
   config = digits_config.get_config()
-  config.update(pruner='ticket', mask_path=result.ticket_dir, train=dict(num_epochs=1, progress_bar=False, tensorboard=False))
+  config.update(pruner="ticket", mask_path=result.ticket_dir, train=dict(num_epochs=1,
+                progress_bar=False, tensorboard=False))
   config.sparsity = None  # the ticket's
   resolved = common.resolve_config(config)
   assert resolved.sparsity == pytest.approx(1 - 32_128 / N)

@@ -36,7 +36,8 @@ def test_train_runner_writes_a_gs_workdir(tmp_path, monkeypatch):
   ds = sj.data.load("digits")
   with fake_gcs(bucket):
     cfg = digits.get_config()
-    cfg.update(pruner='magnitude', sparsity=0.5, model=dict(name='mlp'), train=dict(num_epochs=1, progress_bar=False, tensorboard=False))
+    cfg.update(pruner="magnitude", sparsity=0.5, model=dict(name="mlp"),
+               train=dict(num_epochs=1, progress_bar=False, tensorboard=False))
     exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
     rerun = exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
   run_dir = bucket / "fake-bucket" / "train"

@@ -91,6 +91,6 @@ def test_grid_configs_and_errors():
   with pytest.raises(ValueError, match="unknown ToST recipe"):
     tost_runner.methods(bad)
   vgg = tost_cpu.get_config()
-  vgg.update(tost='ghost', pruner='random', model=dict(name='vgg11'))
+  vgg.update(tost="ghost", pruner="random", model=dict(name="vgg11"))
   with pytest.raises(ValueError, match="'vgg11' has none"):
     common.resolve_config(vgg)

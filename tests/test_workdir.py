@@ -29,7 +29,8 @@ def digits_config(**overrides):
   """Random pruning at 90% of the digits MLP, one epoch of 6 steps of 256."""
   config = digits.get_config()
   config.unlock()
-  config.update(pruner='random', sparsity=0.9, train=dict(num_epochs=1, batch_size=256, progress_bar=False, tensorboard=False, async_checkpointing=False))
+  config.update(pruner="random", sparsity=0.9, train=dict(num_epochs=1, batch_size=256,
+                progress_bar=False, tensorboard=False, async_checkpointing=False))
   config.update(overrides)
   return config
 

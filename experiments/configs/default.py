@@ -5,8 +5,13 @@ Run::
   python -m experiments.train --config experiments/configs/default.py \
       --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
 
-``--config.<field>=None`` resets an optional field (e.g. ``train_subset`` of a
-preset) from the command line.
+``--config.<field>=None`` resets an optional field (e.g. ``data.train_subset``
+of a preset) from the command line.
+
+Layout: ``config.data`` (the dataset), ``config.model`` (the network),
+``config.optimizer`` (SGD and its learning-rate schedule), ``config.train``
+(the loop: epochs, batch, seed, evaluation, checkpoints, output), and the
+method fields at the top level (pruning, DST, Sup-tickets, ToST).
 
 Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
 SPEC §8 reference protocols), ``digits.py`` (offline, CPU-sized),

@@ -11,7 +11,7 @@ accelerator (250 epochs, 27 cells)::
 Training: batch 128, 250 epochs, SGD momentum 0.9, lr 0.1, weight decay
 5e-4, random crop and flip. The learning-rate decay (x0.2 at 30%, 60% and 80%
 of training) is sparsejax's choice where the paper's step schedule could not
-be checked; change ``lr_decay_epochs`` / ``lr_decay_factor`` to match another
+be checked; change ``optimizer.decay_epochs`` / ``optimizer.decay_factor`` to match another
 reference. DST (SPEC §4 defaults): ΔT = 100 steps, drop fraction 0.3 with a
 cosine decay to 0 at 75% of training, the weight update skipped on mask-update
 steps, every conv/dense kernel prunable.

@@ -21,7 +21,7 @@ which keep the network connected at extreme sparsity) is the point. With the
 offline copy of CIFAR-10 the images are JPEG-decoded, not the original PNG
 pixels.
 
-``data_dir`` has no default: pass the directory that holds
+``data.dir`` has no default: pass the directory that holds
 ``cifar-10-batches-py/`` (or the downloaded archive)::
 
   python -m experiments.sweep --config experiments/configs/sweep_cpu_small.py \
