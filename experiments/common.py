@@ -22,8 +22,8 @@ resolved config without the fields that cannot change the result, written
 first and checked by every later call, :mod:`experiments.workdir`),
 ``config.json`` (the resolved config),
 ``pruning.json`` and ``pruning.txt`` (the mask report; not for dense runs),
-``metrics.jsonl``, ``tb/`` (when ``config.tensorboard``), ``checkpoints/`` and,
-once training has finished, ``results.json`` and, with ``config.save_sparse``,
+``metrics.jsonl``, ``tb/`` (when ``config.train.tensorboard``), ``checkpoints/`` and,
+once training has finished, ``results.json`` and, with ``config.train.save_sparse``,
 ``model.sparse`` (:func:`save_sparse_model`).
 """
 
@@ -88,7 +88,7 @@ PRUNABLE = {
 #: Exit status of a run stopped by SIGTERM after saving its checkpoint.
 EXIT_PREEMPTED = 143
 
-#: ``config.dtype`` values: the models' computation dtype (see
+#: ``config.model.dtype`` values: the models' computation dtype (see
 #: :func:`model_kwargs`).
 DTYPES = ("float32", "bfloat16")
 
@@ -112,27 +112,27 @@ def define_flags(workdir_help: str = "Directory for checkpoints, logs and result
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The model's constructor fields: ``config.model_kwargs`` and ``config.dtype``.
+  """The model's constructor fields: ``config.model.kwargs`` and ``config.model.dtype``.
 
-  ``config.dtype`` (default ``"float32"``) becomes the model's ``dtype``: with
+  ``config.model.dtype`` (default ``"float32"``) becomes the model's ``dtype``: with
   ``"bfloat16"`` the convolutions, matrix products and activations compute
   in bfloat16 (mixed precision) while the parameters, the optimiser state, the
   batch-norm statistics, the logits and the loss stay float32 (the models
   cast their logits to float32; :mod:`sparsejax.losses` computes in float32).
 
-  Example: ``models.get(config.model, 10, **model_kwargs(config))``.
+  Example: ``models.get(config.model.name, 10, **model_kwargs(config))``.
 
   Raises:
-    ValueError: ``config.dtype`` not in :data:`DTYPES`, or a ``dtype`` in
-      ``config.model_kwargs`` (``config.dtype`` is the one switch).
+    ValueError: ``config.model.dtype`` not in :data:`DTYPES`, or a ``dtype`` in
+      ``config.model.kwargs`` (``config.model.dtype`` is the one switch).
   """
-  dtype = config.get("dtype", "float32")
+  dtype = config.model.get("dtype", "float32")
   if dtype not in DTYPES:
-    raise ValueError(f"config.dtype must be one of {DTYPES}, got {dtype!r}")
-  kwargs = config.model_kwargs.to_dict() if "model_kwargs" in config else {}
+    raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {dtype!r}")
+  kwargs = config.model.kwargs.to_dict() if "kwargs" in config.model else {}
   if "dtype" in kwargs:
-    raise ValueError("set the model's computation dtype with config.dtype, not "
-                     "config.model_kwargs.dtype")
+    raise ValueError("set the model's computation dtype with config.model.dtype, not "
+                     "config.model.kwargs.dtype")
   kwargs["dtype"] = jnp.dtype(dtype)
   return kwargs
 
@@ -164,10 +164,10 @@ def resolve_config(config: ml_collections.ConfigDict,
       ``act_coef_schedule``, or what ``extra`` refuses.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.model not in models.names():
-    raise ValueError(f"unknown model {config.model!r}; valid names are: "
+  if config.model.name not in models.names():
+    raise ValueError(f"unknown model {config.model.name!r}; valid names are: "
                      f"{', '.join(models.names())}")
-  model_kwargs(config)  # checks config.dtype
+  model_kwargs(config)  # checks config.model.dtype
   if config.prunable not in PRUNABLE:
     raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
                      f"{config.prunable!r}")
@@ -181,11 +181,11 @@ def resolve_config(config: ml_collections.ConfigDict,
     act_coef_schedule(config, 1)  # checks the values
   if "tost" in config:
     _check_tost(config)
-  if config.weight_decay is None:
-    config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
-  if config.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
-    raise ValueError(f"config.save_sparse_compression must be one of "
-                     f"{sparse_io.COMPRESSIONS}, got {config.save_sparse_compression!r}")
+  if config.optimizer.weight_decay is None:
+    config.optimizer.weight_decay = 5e-4 if config.model.name.startswith("vgg") else 1e-4
+  if config.train.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
+    raise ValueError(f"config.train.save_sparse_compression must be one of "
+                     f"{sparse_io.COMPRESSIONS}, got {config.train.save_sparse_compression!r}")
   if extra is not None:
     extra(config)
   return config
@@ -259,11 +259,11 @@ def _check_range(name: str, value, low: float, high: float, *,
 def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
   """GMP/GraNet's ``dst_prune_epochs = (start, end)``: epochs (>= 1) or fractions
   of training (< 1, as :func:`_epoch_step` reads them), start before end, end
-  within ``num_epochs``."""
+  within ``train.num_epochs``."""
   spec = tuple(config.dst_prune_epochs)
-  n = int(config.num_epochs)
+  n = int(config.train.num_epochs)
   form = ("epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
-          f"<= config.num_epochs = {n}")
+          f"<= config.train.num_epochs = {n}")
   if len(spec) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
                            or v < 0 for v in spec):
     raise ValueError(f"config.dst_prune_epochs must be (start, end), {form}; got "
@@ -271,7 +271,7 @@ def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
   start, end = (float(v) * n if 0 < v < 1 else float(v) for v in spec)
   if end > n:
     raise ValueError(f"config.dst_prune_epochs={spec} ends at epoch {end:g}, after "
-                     f"training (config.num_epochs = {n}): give {form}")
+                     f"training (config.train.num_epochs = {n}): give {form}")
   if start >= end:
     raise ValueError(f"config.dst_prune_epochs={spec} starts at epoch {start:g}, "
                      f"not before its end at epoch {end:g}: give {form}")
@@ -320,11 +320,11 @@ def _check_suptickets(config: ml_collections.ConfigDict) -> None:
   if cycles < 1 or cycle_epochs < 1:
     raise ValueError("config.sup_cycles and config.sup_cycle_epochs must be >= 1, "
                      f"got {cycles} and {cycle_epochs}")
-  phase = int(config.num_epochs) - cycles * cycle_epochs
+  phase = int(config.train.num_epochs) - cycles * cycle_epochs
   if phase < 1:
     raise ValueError(f"config.sup_cycles x config.sup_cycle_epochs = "
                      f"{cycles * cycle_epochs} leave no DST phase in "
-                     f"config.num_epochs = {config.num_epochs}")
+                     f"config.train.num_epochs = {config.train.num_epochs}")
   if config.dst in ("gmp", "granet") and any(
       float(v) >= 1 and float(v) > phase for v in config.dst_prune_epochs):
     raise ValueError(f"config.dst_prune_epochs {tuple(config.dst_prune_epochs)} end "
@@ -346,8 +346,8 @@ def _check_suptickets(config: ml_collections.ConfigDict) -> None:
 def suptickets_plan(config: ml_collections.ConfigDict,
                     steps_per_epoch: int) -> suptickets.Plan:
   """The :class:`sparsejax.suptickets.Plan` of ``config`` (``sup_cycles``,
-  ``sup_cycle_epochs`` within ``num_epochs``)."""
-  return suptickets.Plan(num_epochs=int(config.num_epochs),
+  ``sup_cycle_epochs`` within ``train.num_epochs``)."""
+  return suptickets.Plan(num_epochs=int(config.train.num_epochs),
                          num_cycles=int(config.sup_cycles),
                          cycle_epochs=int(config.sup_cycle_epochs),
                          steps_per_epoch=steps_per_epoch)
@@ -392,16 +392,16 @@ def _check_tost(config: ml_collections.ConfigDict) -> None:
   recipe = make_tost(config)
   if not recipe.techniques:
     return
-  if recipe.ghost_skips is not None and not tost.supports_ghost_skips(config.model):
-    tost.ghost_model(config.model, 2)  # raises the documented error
+  if recipe.ghost_skips is not None and not tost.supports_ghost_skips(config.model.name):
+    tost.ghost_model(config.model.name, 2)  # raises the documented error
   if config.get("dst", "none") != "none":
     raise ValueError("config.tost with config.dst is not supported: ToST trains "
                      "a fixed mask")
   if recipe.soft_neurons is not None and config.get("act_coef_schedule") is not None:
     raise ValueError("config.act_coef_schedule and ToST's soft neurons both set "
                      "the activation blend: use config.tost_soft_neurons")
-  if recipe.label_smoothing is not None and config.get("label_smoothing"):
-    raise ValueError("config.label_smoothing and ToST's label smoothing are both "
+  if recipe.label_smoothing is not None and config.optimizer.get("label_smoothing"):
+    raise ValueError("config.optimizer.label_smoothing and ToST's label smoothing are both "
                      "set: use config.tost_label_smoothing")
 
 
@@ -420,7 +420,7 @@ def check_dst_schedule(config: ml_collections.ConfigDict,
   method = config.get("dst", "none")
   if method == "none":
     return
-  total = int(config.num_epochs) * steps_per_epoch
+  total = int(config.train.num_epochs) * steps_per_epoch
   end = round(float(config.dst_end) * total)
   every = int(config.dst_update_every)
   if method in ("set", "rigl") and end <= every:
@@ -430,7 +430,7 @@ def check_dst_schedule(config: ml_collections.ConfigDict,
         f"{steps_per_epoch} per epoch): set config.dst_update_every below {end} "
         "or train longer")
   if method == "granet":
-    start = _epoch_step(float(config.dst_prune_epochs[0]), int(config.num_epochs),
+    start = _epoch_step(float(config.dst_prune_epochs[0]), int(config.train.num_epochs),
                         steps_per_epoch)
     if end <= start:
       raise ValueError(
@@ -471,11 +471,11 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
   Returns:
     ``(tx, initial_mask)``.
   """
-  total = int(config.num_epochs) * steps_per_epoch
+  total = int(config.train.num_epochs) * steps_per_epoch
   end = round(float(config.dst_end) * total)
   every = int(config.dst_update_every)
   common_kw = dict(update_every=every, skip_update=bool(config.dst_skip_update),
-                   prunable=prunable, seed=int(config.seed),
+                   prunable=prunable, seed=int(config.train.seed),
                    extra_updates=tuple(extra_updates))
   if config.dst in ("set", "rigl"):
     fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
@@ -487,9 +487,9 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
   initial = (masks.ones_like(params) if s0 == 0 else masks.random_mask(
-      jax.random.fold_in(jax.random.key(config.seed), 2), params, s0,
+      jax.random.fold_in(jax.random.key(config.train.seed), 2), params, s0,
       budget=config_budget(config), prunable=prunable))
-  start, stop = (_epoch_step(float(v), int(config.num_epochs), steps_per_epoch)
+  start, stop = (_epoch_step(float(v), int(config.train.num_epochs), steps_per_epoch)
                  for v in config.dst_prune_epochs)
   kw = dict(final_sparsity=float(config.sparsity), initial_sparsity=s0,
             start_step=start, end_step=stop, **common_kw)
@@ -571,35 +571,37 @@ def read_json(path: str | os.PathLike) -> Any:
 # ----------------------------------------------------------------------------
 
 
+def _getter(sub: ml_collections.ConfigDict):
+  """``get(name, default)`` of ``sub``: ``default`` for a missing or None field."""
+  def get(name, default):
+    value = sub.get(name, default)
+    return default if value is None else value
+  return get
+
+
 def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
                 num_epochs: int | None = None):
-  """:func:`sparsejax.schedules.lr_schedule` of the config's fields
-  (``learning_rate``, ``lr_schedule``, ``warmup_epochs``, ``lr_decay_factor``,
-  ``lr_decay_epochs``, ``lr_end_factor``) over ``num_epochs`` (default
-  ``config.num_epochs``)."""
-  def get(name, default):
-    value = config.get(name, default)
-    return default if value is None else value
-
+  """:func:`sparsejax.schedules.lr_schedule` of ``config.optimizer``
+  (``learning_rate``, ``schedule``, ``warmup_epochs``, ``decay_factor``,
+  ``decay_epochs``, ``end_factor``) over ``num_epochs`` (default
+  ``config.train.num_epochs``)."""
+  get = _getter(config.optimizer)
   return schedules.lr_schedule(
-      float(config.learning_rate),
-      num_epochs=int(config.num_epochs if num_epochs is None else num_epochs),
-      steps_per_epoch=steps_per_epoch, kind=get("lr_schedule", "constant"),
+      float(config.optimizer.learning_rate),
+      num_epochs=int(config.train.num_epochs if num_epochs is None else num_epochs),
+      steps_per_epoch=steps_per_epoch, kind=get("schedule", "constant"),
       warmup_epochs=float(get("warmup_epochs", 0.0)),
-      decay_factor=float(get("lr_decay_factor", 0.1)),
-      decay_epochs=tuple(get("lr_decay_epochs", ())),
-      end_factor=float(get("lr_end_factor", 0.0)))
+      decay_factor=float(get("decay_factor", 0.1)),
+      decay_epochs=tuple(get("decay_epochs", ())),
+      end_factor=float(get("end_factor", 0.0)))
 
 
 def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
                    schedule=None):
-  """:func:`sparsejax.schedules.make_optimizer` of the config (``momentum``,
-  ``nesterov``, ``weight_decay``) with ``schedule`` (default
-  :func:`lr_schedule` of the config)."""
-  def get(name, default):
-    value = config.get(name, default)
-    return default if value is None else value
-
+  """:func:`sparsejax.schedules.make_optimizer` of ``config.optimizer``
+  (``momentum``, ``nesterov``, ``weight_decay``) with
+  ``schedule`` (default :func:`lr_schedule` of the config)."""
+  get = _getter(config.optimizer)
   if schedule is None:
     schedule = lr_schedule(config, steps_per_epoch)
   return schedules.make_optimizer(
@@ -609,22 +611,24 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
 
 
 def fit_options(config: ml_collections.ConfigDict) -> train.FitOptions:
-  """The :class:`sparsejax.train.FitOptions` of the config's loop fields."""
-  fields = {f.name: config.get(f.name) for f in dataclasses.fields(train.FitOptions)}
+  """The :class:`sparsejax.train.FitOptions` of ``config.train``'s loop fields
+  and ``config.data.augment``."""
+  given = {**config.train.to_dict(), "augment": config.data.get("augment")}
+  fields = {f.name: given.get(f.name) for f in dataclasses.fields(train.FitOptions)}
   return train.FitOptions(**{k: v for k, v in fields.items() if v is not None})
 
 
 def fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """``num_epochs``, ``batch_size``, ``seed`` and ``options`` of
-  :func:`sparsejax.train.fit` from the config."""
-  return dict(num_epochs=int(config.num_epochs), batch_size=int(config.batch_size),
-              seed=int(config.get("seed", 0) or 0), options=fit_options(config))
+  """``num_epochs``, ``batch_size``, ``seed`` (``config.train``) and ``options``
+  (:func:`fit_options`) of :func:`sparsejax.train.fit`."""
+  return dict(num_epochs=int(config.train.num_epochs), batch_size=int(config.train.batch_size),
+              seed=int(config.train.get("seed", 0) or 0), options=fit_options(config))
 
 
 def default_loss(config: ml_collections.ConfigDict):
   """The training loss of the config: cross-entropy with
-  ``config.label_smoothing`` (default 0)."""
-  return losses.smoothed_cross_entropy(float(config.get("label_smoothing", 0.0) or 0.0))
+  ``config.optimizer.label_smoothing`` (default 0)."""
+  return losses.smoothed_cross_entropy(float(config.optimizer.get("label_smoothing", 0.0) or 0.0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -647,12 +651,12 @@ def _method_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> 
   if config.pruning_rounds is not None:
     kwargs["rounds"] = int(config.pruning_rounds)
   if method == "random":
-    kwargs["key"] = jax.random.fold_in(jax.random.key(config.seed), 1)
+    kwargs["key"] = jax.random.fold_in(jax.random.key(config.train.seed), 1)
   if method in ("snip", "grasp", "synflow") and config.score_bn_mode is not None:
     kwargs["bn_mode"] = config.score_bn_mode
   if method in DATA_METHODS:
     kwargs["batches"] = data.class_balanced_batch(
-        dataset, int(config.score_samples_per_class), int(config.seed))
+        dataset, int(config.score_samples_per_class), int(config.train.seed))
   if method == "grasp":
     kwargs["temperature"] = float(config.grasp_temperature)
   if method == "synflow":
@@ -676,7 +680,7 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
      is :func:`sparsejax.scores.linen_apply_fn` of the params and the initial
      batch-norm statistics; SNIP and GraSP score on
      ``data.class_balanced_batch(dataset, config.score_samples_per_class,
-     config.seed)``; SynFlow feeds an all-ones input of the image shape;
+     config.train.seed)``; SynFlow feeds an all-ones input of the image shape;
      ``random`` uses the key ``fold_in(key(seed), 1)``; ``score_bn_mode``,
      ``grasp_temperature`` and ``synflow_dtype`` are passed to the methods
      that take them;
@@ -753,8 +757,8 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> data.Dataset:
-  """``config.dataset`` from ``config.data_dir``, keeping ``config.train_subset``."""
-  return data.load(config.dataset, config.data_dir, train_subset=config.train_subset)
+  """``config.data.name`` from ``config.data.dir``, keeping ``config.data.train_subset``."""
+  return data.load(config.data.name, config.data.dir, train_subset=config.data.train_subset)
 
 
 def describe_sparsity(config: ml_collections.ConfigDict) -> str:
@@ -800,7 +804,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   mask, :meth:`sparsejax.masks.MaskSummary.as_dict`) and ``pruning``
   (``pruning.json`` without its per-layer table; ``None`` for dense runs
   and for a run resumed from a directory without ``pruning.json``) and, with
-  ``config.save_sparse``, ``sparse_file`` (:func:`save_sparse_model`).
+  ``config.train.save_sparse``, ``sparse_file`` (:func:`save_sparse_model`).
 
   Args:
     config: a config as in ``experiments/configs/default.py``.
@@ -827,34 +831,34 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if not workdir_lib.is_finished(workdir, (workdir_lib.RESULTS_FILE,)):
     dataset = load_dataset(config) if dataset is None else dataset
     check_dst_schedule(config, schedules.steps_per_epoch(dataset.num_train,
-                                                         config.batch_size))
+                                                         config.train.batch_size))
   if workdir_lib.claim(workdir, runner, config):
     return finished_result(workdir)
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  spe = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
+  spe = schedules.steps_per_epoch(dataset.num_train, config.train.batch_size)
   act_coef = act_coef_schedule(config, spe)
   kwargs = model_kwargs(config)
   if act_coef is not None:
     kwargs["act"] = activations.blend()
-  model = models.get(config.model, dataset.num_classes, **kwargs)
+  model = models.get(config.model.name, dataset.num_classes, **kwargs)
   # ToST: the model that trains (blend activation, ghost skips), its scalars,
   # loss and LRsI; the mask is scored on the plain `model`.
   recipe = make_tost(config)
   scalars = {} if act_coef is None else {"act_coef": act_coef}
   trained = model
   if recipe.techniques:
-    trained = recipe.model(config.model, dataset.num_classes, **kwargs)
-    scalars.update(recipe.scalars(int(config.num_epochs) * spe))
-  mesh = mesh_lib.make_mesh(config.num_devices)
+    trained = recipe.model(config.model.name, dataset.num_classes, **kwargs)
+    scalars.update(recipe.scalars(int(config.train.num_epochs) * spe))
+  mesh = mesh_lib.make_mesh(config.train.num_devices)
   logging.info("%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",
-               config.model, dataset.name, dataset.num_train, dataset.num_test,
+               config.model.name, dataset.name, dataset.num_train, dataset.num_test,
                describe_sparsity(config), config.budget, mesh.size)
   mask_fn = make_mask_fn(
       config, model, dataset, workdir,
       trained_model=trained if recipe.ghost_skips is not None else None)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  key = jax.random.key(int(config.seed))
+  key = jax.random.key(int(config.train.seed))
   callbacks = recipe.callbacks()
   fit_kwargs = dict(callbacks=callbacks,
                     loss_fn=recipe.loss_fn() or default_loss(config))
@@ -883,9 +887,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     summary = masks.summary(mask if mask is not None
                             else masks.ones_like(result.state.params))
     sparse_file = (save_sparse_model(
-        result.state, workdir, config.get("save_sparse_compression", "none"),
-        metadata={"model": config.model, "dataset": dataset.name})
-        if config.get("save_sparse", False) else None)
+        result.state, workdir, config.train.get("save_sparse_compression", "none"),
+        metadata={"model": config.model.name, "dataset": dataset.name})
+        if config.train.get("save_sparse", False) else None)
     pruning = None
     pruning_file = os.path.join(workdir, PRUNING_FILE)
     if config.pruner != "dense" and epath.Path(pruning_file).exists():
@@ -974,13 +978,13 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
   deterministic), so a pruning-at-initialisation start scores the very
   network that trains.
   """
-  steps = schedules.steps_per_epoch(dataset.num_train, config.batch_size)
+  steps = schedules.steps_per_epoch(dataset.num_train, config.train.batch_size)
   sup = bool(config.get("suptickets", False))
   if sup:
     # The DST method's normal schedules over the DST phase, then the cycles.
     plan = suptickets_plan(config, steps)
     phase = ml_collections.ConfigDict(config.to_dict())
-    phase.num_epochs = plan.dst_epochs
+    phase.train.num_epochs = plan.dst_epochs
     lr = plan.learning_rate(lr_schedule(phase, steps),
                             float(config.sup_lr1), float(config.sup_lr2),
                             config.sup_lr_shape)
@@ -989,7 +993,7 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
     phase, inner = config, make_optimizer(config, steps)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   params = state_lib.create_train_state(model, inner, sample,
-                                        jax.random.key(int(config.seed))).params
+                                        jax.random.key(int(config.train.seed))).params
   prunable = make_prunable(config.prunable, model, dataset.image_shape)
   mask = mask_fn(params) if mask_fn is not None else None
   extra = (plan.mask_updates(float(config.sup_fraction), prunable) if sup else ())
@@ -1038,10 +1042,10 @@ def initialize_distributed() -> None:
   except (ValueError, RuntimeError) as e:
     logging.debug("jax.distributed.initialize() failed", exc_info=True)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print("error: --config.distributed=true but jax.distributed.initialize() "
+    print("error: --config.train.distributed=true but jax.distributed.initialize() "
           f"failed ({reason}): start every process on a cluster that JAX "
           "detects (a Cloud TPU pod slice, SLURM, Open MPI, GKE), or drop "
-          "--config.distributed to train on this host's devices",
+          "--config.train.distributed to train on this host's devices",
           file=sys.stderr)
     sys.exit(1)
 
@@ -1053,7 +1057,7 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
   there are any) on a missing or corrupt dataset, a non-finite loss or a bad
   config value (``--verbosity=1`` logs the traceback); 143 when
   ``preempted(result)`` (stopped by SIGTERM after saving a checkpoint).
-  Calls ``jax.distributed.initialize()`` first when ``--config.distributed``
+  Calls ``jax.distributed.initialize()`` first when ``--config.train.distributed``
   (:func:`initialize_distributed`: exit status 1 with one ``error:`` line when
   no cluster is found).
 
@@ -1061,7 +1065,7 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
     ``fn()``'s result otherwise.
   """
   quiet_orbax_info()
-  if flags.FLAGS.config.distributed:
+  if flags.FLAGS.config.train.distributed:
     initialize_distributed()
   try:
     result = fn()
@@ -1096,7 +1100,7 @@ def allow_none_overrides() -> None:
   """Lets ``--config.<field>=None`` set an int, float, bool or str field to ``None``.
 
   ml_collections parses an override with the field's type, so an optional
-  field (``config_dict.placeholder(int)`` such as ``train_subset``, or a
+  field (``config_dict.placeholder(int)`` such as ``data.train_subset``, or a
   preset's value of one) could not be reset from the command line; the
   literal ``None`` now resets any of them (a string field can no longer be
   set to the text "None"). Called by :func:`app_run` before the flags are

@@ -5,7 +5,7 @@ Usage::
   # the CPU grid on the offline CIFAR-10 copy (ResNet-20; dense, static ERK,
   # SET, RigL, GraNet at 90% and 95%, 3 seeds)
   python -m experiments.dst --config experiments/configs/dst_cpu.py \
-      --config.data_dir=/path/to/data --workdir runs/dst_cpu
+      --config.data.dir=/path/to/data --workdir runs/dst_cpu
 
   # the RigL CIFAR-10 protocol (WRN-22-2), for an accelerator
   python -m experiments.dst --config experiments/configs/dst_rigl_cifar.py \
@@ -72,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     results.plot_series(
         os.path.join(workdir, "mask_churn.png"), series, xlabel="training step",
         ylabel=f"mask churn per {every} steps (fraction of entries)",
-        title=f"{config.model} on {config.dataset}: mask changes", logy=True)
+        title=f"{config.model.name} on {config.data.name}: mask changes", logy=True)
   return out
 
 

@@ -5,12 +5,12 @@ Usage::
   # the CPU run on the offline CIFAR-10 copy (LeNet-5, 95%, 3 seeds)
   python -m experiments.gradient_flow \
       --config experiments/configs/gradient_flow_cpu.py \
-      --config.data_dir=/path/to/data --workdir runs/gradient_flow_cpu
+      --config.data.dir=/path/to/data --workdir runs/gradient_flow_cpu
 
   # the paper's LeNet-5 setting, on any dataset sparsejax loads
   python -m experiments.gradient_flow \
       --config experiments/configs/gradient_flow_lenet5.py \
-      --config.dataset=cifar10 --workdir runs/gradient_flow_lenet5
+      --config.data.name=cifar10 --workdir runs/gradient_flow_lenet5
 
 At one sparsity ``config.sparsity``, for each seed, from the same data order
 (the seed's) and the same initial network ``θ_0`` (the seed's, unless said
@@ -183,7 +183,8 @@ def cell_config(config: ml_collections.ConfigDict, method: str,
                 seed: int) -> ml_collections.ConfigDict:
   """The config of one cell: without the grid fields, with its seed."""
   fields = {k: v for k, v in config.to_dict().items() if k not in GRID_FIELDS}
-  fields.update(seed=seed, method=method)
+  fields["method"] = method
+  fields["train"] = dict(fields["train"], seed=seed)
   return ml_collections.ConfigDict(fields)
 
 
@@ -198,7 +199,7 @@ def small_dense_kwargs(config: ml_collections.ConfigDict, num_classes: int,
                        input_shape) -> dict:
   """Model fields of a dense network with about ``(1 − sparsity)·N`` kernel weights.
 
-  ``N`` is the kernel-weight count of ``config.model``; LeNet-5 is narrowed
+  ``N`` is the kernel-weight count of ``config.model.name``; LeNet-5 is narrowed
   with ``width`` and the MLP's ``hidden`` widths are scaled, the factor found
   by bisection (the count closest to the target).
 
@@ -207,15 +208,15 @@ def small_dense_kwargs(config: ml_collections.ConfigDict, num_classes: int,
   """
   kwargs = common.model_kwargs(config)
   sample = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  if config.model == "lenet5":
+  if config.model.name == "lenet5":
     make = lambda w: dict(kwargs, width=w)
-  elif config.model == "mlp":
+  elif config.model.name == "mlp":
     hidden = tuple(kwargs.get("hidden", (300, 100)))
     make = lambda w: dict(kwargs, hidden=tuple(max(1, round(w * h)) for h in hidden))
   else:
     raise ValueError(f"small_dense needs a model with a fractional width "
-                     f"(lenet5, mlp), not {config.model!r}")
-  count = lambda w: _kernel_count(models.get(config.model, num_classes, **make(w)),
+                     f"(lenet5, mlp), not {config.model.name!r}")
+  count = lambda w: _kernel_count(models.get(config.model.name, num_classes, **make(w)),
                                   sample)
   target = (1 - float(config.sparsity)) * count(1.0)
   lo, hi = 1e-3, 1.0
@@ -254,9 +255,9 @@ def run_cell(config: ml_collections.ConfigDict, method: str, seed: int,
   kwargs = common.model_kwargs(cfg)
   if method == "small_dense":
     kwargs = small_dense_kwargs(config, dataset.num_classes, dataset.image_shape)
-  model = models.get(cfg.model, dataset.num_classes, **kwargs)
-  spe = schedules.steps_per_epoch(dataset.num_train, cfg.batch_size)
-  total = int(cfg.num_epochs) * spe
+  model = models.get(cfg.model.name, dataset.num_classes, **kwargs)
+  spe = schedules.steps_per_epoch(dataset.num_train, cfg.train.batch_size)
+  total = int(cfg.train.num_epochs) * spe
   inner = common.make_optimizer(cfg, spe)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   key = jax.random.key(seed)
@@ -414,10 +415,10 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
                  col("grad_norm_init", 3), col("dist_init_to_pruned", 1),
                  col("dist_final_to_pruned", 1), col("update_flow_ratio", 3)])
   seeds = len(tuple(config.seeds))
-  subset = (f"{config.train_subset} training images" if config.train_subset
+  subset = (f"{config.data.train_subset} training images" if config.data.train_subset
             else "the full training set")
-  title = (f"{config.model} on {config.dataset} ({subset}, "
-           f"{results.epochs_text(config.num_epochs)}) at "
+  title = (f"{config.model.name} on {config.data.name} ({subset}, "
+           f"{results.epochs_text(config.train.num_epochs)}) at "
            f"{results.fmt_sparsity(config.sparsity)} sparsity; mean ± std over "
            f"{seeds} seeds. Weights: active kernel weights. Distances: L2 over all "
            "parameters to the pruned (GMP) solution of the same seed.")
@@ -474,7 +475,7 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
   with epath.Path(os.path.join(workdir, "results.md")).open("w") as f:
     f.write(table + "\n")
   done = sorted({m for m, _ in finished}, key=METHODS.index)
-  title = (f"{config.model} on {config.dataset}, "
+  title = (f"{config.model.name} on {config.data.name}, "
            f"{results.fmt_sparsity(config.sparsity)} sparsity")
   series = _flow_series(workdir, config, done)
   if series:

@@ -44,7 +44,7 @@ Every training is checkpointed (every epoch and on SIGTERM) and every mask is
 saved before it is trained, so rerunning the same command resumes at the level,
 the run (ticket or control) and the step where it stopped, and computes
 bitwise what an uninterrupted run computes. Test accuracy is that of the final
-step of each training (``eval_every_epochs`` may skip the others).
+step of each training (``train.eval_every_epochs`` may skip the others).
 
 Exit status: 0 when every level is done; 143 when stopped by SIGTERM after
 saving a checkpoint (rerun the same command to resume); 1 on an error, printed
@@ -204,7 +204,7 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
                     {"levels": rows, "table": table})
   plot_accuracy_vs_density(
       rows, controls, os.path.join(workdir, "accuracy_vs_density.png"),
-      title=f"{config.model} on {config.dataset}: IMP, "
+      title=f"{config.model.name} on {config.data.name}: IMP, "
             f"{100 * config.prune_fraction:g}% per level")
 
 
@@ -276,19 +276,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = common.load_dataset(config)
-  model = models.get(config.model, dataset.num_classes,
+  model = models.get(config.model.name, dataset.num_classes,
                      **common.model_kwargs(config))
-  mesh = mesh_lib.make_mesh(config.num_devices)
+  mesh = mesh_lib.make_mesh(config.train.num_devices)
   sample = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
   prunable = make_prunable(config, model, sample)
   steps_per_epoch = schedules.steps_per_epoch(dataset.num_train,
-                                              config.batch_size)
+                                              config.train.batch_size)
   k = rewind_steps(config, steps_per_epoch)
-  if k >= config.num_epochs * steps_per_epoch:
+  if k >= config.train.num_epochs * steps_per_epoch:
     raise ValueError(f"the rewind step {k} leaves nothing to train in "
-                     f"{config.num_epochs} epochs of {steps_per_epoch} steps")
+                     f"{config.train.num_epochs} epochs of {steps_per_epoch} steps")
   logging.info("IMP: %s on %s (%d train), %d levels of %g%%, rewind to step %d, "
-               "controls %s", config.model, dataset.name, dataset.num_train,
+               "controls %s", config.model.name, dataset.name, dataset.num_train,
                config.levels, 100 * config.prune_fraction, k,
                config.controls or "off")
 
@@ -301,7 +301,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   # that every level shares one state structure) stopped at step k.
   tx = common.make_optimizer(config, steps_per_epoch)
   point = fit("rewind_point", lambda: state_lib.create_train_state(
-      model, tx, sample, jax.random.key(int(config.seed)), mask=masks.ones_like),
+      model, tx, sample, jax.random.key(int(config.train.seed)), mask=masks.ones_like),
               stop_at_step=k)
   if point.preempted:
     return LotteryResult([], True, None)
@@ -311,9 +311,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
                      f"the rewind step {k}: a run of another config; use a new "
                      "workdir")
   control_key = jax.random.key(config.control_seed)
-  meta = {"model": config.model, "model_kwargs": config.model_kwargs.to_dict(),
-          "dataset": config.dataset, "train_subset": config.train_subset,
-          "seed": config.seed, "prune_fraction": config.prune_fraction,
+  meta = {"model": config.model.name, "model_kwargs": config.model.kwargs.to_dict(),
+          "dataset": config.data.name, "train_subset": config.data.train_subset,
+          "seed": config.train.seed, "prune_fraction": config.prune_fraction,
           "budget": config.budget, "prunable": config.prunable,
           "rewind_step": k}
 
@@ -348,11 +348,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
       return LotteryResult(rows, True, None)
     row["ticket"] = result.history[-1]["test_accuracy"]
     trained = result.state.params
-    if config.get("save_sparse", False):  # WORKDIR/level_L/model.sparse
+    if config.train.get("save_sparse", False):  # WORKDIR/level_L/model.sparse
       row["sparse_file_nbytes"] = (common.save_sparse_model(
           result.state, os.path.join(workdir, f"level_{level}"),
-          config.get("save_sparse_compression", "none"),
-          metadata={"model": config.model, "level": level}) or {}).get("nbytes")
+          config.train.get("save_sparse_compression", "none"),
+          metadata={"model": config.model.name, "level": level}) or {}).get("nbytes")
 
     controls = config.controls if level >= 1 else ()
     for control in controls:
@@ -383,7 +383,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   result = common.cli_main(lambda: run(config, workdir), lambda r: r.preempted)
-  print(f"\nTest accuracy (%) of {config.model} on {config.dataset}, iterative "
+  print(f"\nTest accuracy (%) of {config.model.name} on {config.data.name}, iterative "
         "magnitude pruning with rewinding:\n")
   print(format_table(result.rows, tuple(config.controls)))
   print(f"\nResults in {_paths.resolve(workdir)}; the last level's ticket in "

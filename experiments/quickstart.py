@@ -87,18 +87,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                where=workdir)
   common.write_json(saved, config.to_dict())
 
-  ds = data.load(config.dataset)
-  model = models.get(config.model, ds.num_classes, **common.model_kwargs(config))
+  ds = data.load(config.data.name)
+  model = models.get(config.model.name, ds.num_classes, **common.model_kwargs(config))
   mesh = mesh_lib.make_mesh()
   tx = common.make_optimizer(
-      config, schedules.steps_per_epoch(ds.num_train, config.batch_size))
+      config, schedules.steps_per_epoch(ds.num_train, config.train.batch_size))
   sample = jnp.zeros((1,) + ds.image_shape, jnp.float32)
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(config.train.seed)
   # Every run trains with sparsejax.train.fit, evaluated once at the end.
-  run_config = ml_collections.ConfigDict(dict(
-      config.to_dict(), progress_bar=False, tensorboard=False, max_to_keep=1,
-      eval_every_epochs=config.num_epochs,
-      checkpoint_every_epochs=config.num_epochs))
+  run_config = ml_collections.ConfigDict(config.to_dict())
+  run_config.train.update(
+      progress_bar=False, tensorboard=False, max_to_keep=1,
+      eval_every_epochs=config.train.num_epochs,
+      checkpoint_every_epochs=config.train.num_epochs)
 
   # One initial network for every run (fit's: the same seed); its params are
   # what gets pruned.
@@ -108,7 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # GraSP score on a class-balanced sample of the training set.
   params, apply_fn = scores.linen_apply_fn(model, dense.variables)
   batches = data.class_balanced_batch(ds, config.score_samples_per_class,
-                                      config.seed)
+                                      config.train.seed)
   mask_key = jax.random.fold_in(rng, 1)
   unknown = set(config.methods) - set(scores.METHODS)
   if unknown:
@@ -171,8 +172,8 @@ def main(argv):
                       os.path.join(os.path.abspath(FLAGS.workdir), "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   result = run(config, FLAGS.workdir)
-  print(f"\nTest accuracy (%) of {config.model} on {config.dataset} after "
-        f"{config.num_epochs} epochs, pruned at initialisation "
+  print(f"\nTest accuracy (%) of {config.model.name} on {config.data.name} after "
+        f"{config.train.num_epochs} epochs, pruned at initialisation "
         f"({config.budget} budget):\n")
   print(result["table"])
   print(f"\n{len(result['runs'])} runs in {result['seconds']:.0f} s; results in "

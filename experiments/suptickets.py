@@ -5,7 +5,7 @@ Usage::
   # the CPU grid on the offline CIFAR-10 copy (ResNet-20 at 95% sparsity;
   # RigL and GraNet alone and with Sup-tickets in the same 24 epochs; 3 seeds)
   python -m experiments.suptickets --config experiments/configs/suptickets_cpu.py \
-      --config.data_dir=/path/to/data --workdir runs/suptickets_cpu
+      --config.data.dir=/path/to/data --workdir runs/suptickets_cpu
 
   # the paper's CIFAR protocol (E = 250, M = 3, C = 8, density 0.05), for an
   # accelerator
@@ -137,9 +137,9 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict],
                     results.fmt_mean_std(pct(plain)), results.fmt_mean_std(pct(ticket)),
                     results.fmt_mean_std(pct(sup)), gain_text, str(len(sup))])
   seeds = len(config.seeds)
-  head = (f"Test accuracy (%) of {config.model} on {config.dataset} "
-          f"({config.train_subset or 'all'} training images, "
-          f"{results.epochs_text(config.num_epochs)} for every run; Sup-tickets: "
+  head = (f"Test accuracy (%) of {config.model.name} on {config.data.name} "
+          f"({config.data.train_subset or 'all'} training images, "
+          f"{results.epochs_text(config.train.num_epochs)} for every run; Sup-tickets: "
           f"{config.sup_cycles} cycle{'s' if config.sup_cycles != 1 else ''} of "
           f"{results.epochs_text(config.sup_cycle_epochs)} at the end); "
           f"mean ± std over {seeds} seeds. Gain: superposed − DST alone, "
@@ -187,7 +187,7 @@ def plot_cycles(path: str, config: ml_collections.ConfigDict, rows: list[dict],
     ax.set_title(f"{method}, {results.fmt_sparsity(s)} sparsity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-  fig.suptitle(f"Sup-tickets: {config.model} on {config.dataset}"
+  fig.suptitle(f"Sup-tickets: {config.model.name} on {config.data.name}"
                + (f", mean ± std over {len(config.seeds)} seeds"
                   if len(config.seeds) > 1 else ""))
   results.save_figure(fig, path)

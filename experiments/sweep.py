@@ -8,7 +8,7 @@ Usage::
 
   # the small CPU grid on CIFAR-10 (about 35 minutes on 2 CPU cores)
   python -m experiments.sweep --config experiments/configs/sweep_cpu_small.py \
-      --config.data_dir=/path/to/data --workdir runs/sweep_cpu_small
+      --config.data.dir=/path/to/data --workdir runs/sweep_cpu_small
 
   # rebuild the table and the plots from the finished cells only
   python -m experiments.sweep --config ... --workdir ... --report_only
@@ -151,7 +151,7 @@ def _variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
 def cell_config(config: ml_collections.ConfigDict,
                 cell: Cell) -> ml_collections.ConfigDict:
   """The run config of ``cell``: ``config`` without the grid fields, with the
-  cell's sparsity and seed, and its method: a pruner (``pruner=method``) or
+  cell's sparsity and seed (``train.seed``), and its method: a pruner (``pruner=method``) or
   a named variant of ``config.variants``, whose fields are set instead (e.g.
   ``{"pruner": "random", "budget": "erk", "dst": "rigl"}``)."""
   fields = {k: v for k, v in config.to_dict().items() if k not in SWEEP_FIELDS}
@@ -163,7 +163,8 @@ def cell_config(config: ml_collections.ConfigDict,
     fields.update(variants[cell.method])
   else:
     fields["pruner"] = cell.method
-  fields.update(sparsity=cell.sparsity, seed=cell.seed)
+  fields["sparsity"] = cell.sparsity
+  fields["train"] = dict(fields["train"], seed=cell.seed)
   return ml_collections.ConfigDict(fields)
 
 
@@ -298,14 +299,14 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
       text += f" ({len(found)}/{len(seeds)} seeds)"
     return text
 
-  subset = (f"{config.train_subset} training images" if config.train_subset
+  subset = (f"{config.data.train_subset} training images" if config.data.train_subset
             else "the full training set")
   spread = (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1
             else f"seed {seeds[0]}")
   how = ("with the methods of the config's variants" if _variants(config)
          else f"pruned at initialisation with a {config.budget} budget")
-  lines = [f"Test accuracy (%) of {config.model} on {config.dataset} ({subset}, "
-           f"{results.epochs_text(config.num_epochs)}), {how}; {spread}.", "",
+  lines = [f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
+           f"{results.epochs_text(config.train.num_epochs)}), {how}; {spread}.", "",
            "| sparsity | compression | " + " | ".join(methods) + " |",
            "|---:|---:|" + "---:|" * len(methods)]
   for s in sorted({float(s) for s in config.sparsities}):
@@ -374,7 +375,7 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
   ax.set_xlabel("sparsity (compression ratio 1/(1 − s), log scale)")
   ax.set_ylabel("test accuracy (%)")
   seeds = len(config.seeds)
-  ax.set_title(f"{config.model} on {config.dataset}, {results.epochs_text(config.num_epochs)}"
+  ax.set_title(f"{config.model.name} on {config.data.name}, {results.epochs_text(config.train.num_epochs)}"
                + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
@@ -392,8 +393,8 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   fig = results.figure(max(7, 0.35 * len(next(iter(densities.values()))[0]) + 2), 5)
   ax = fig.subplots()
   # Forward order (stem first, classifier last), not the sorted key order.
-  model = models.get(config.model, 10, **common.model_kwargs(config))
-  sample = jnp.zeros((1, *data.IMAGE_SHAPES[data.canonical_name(config.dataset)]))
+  model = models.get(config.model.name, 10, **common.model_kwargs(config))
+  sample = jnp.zeros((1, *data.IMAGE_SHAPES[data.canonical_name(config.data.name)]))
   forward = {p: i for i, p in enumerate(models.layer_order(model, sample))}
   layers = sorted(next(iter(densities.values()))[0],
                   key=lambda p: forward.get(p, len(forward)))
@@ -412,7 +413,7 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   ax.set_xticks(x, [p.removesuffix("/kernel") for p in layers], rotation=90,
                 fontsize="small")
   ax.set_ylabel("density (fraction of weights kept)")
-  ax.set_title(f"Per-layer density of {config.model} masks at sparsity "
+  ax.set_title(f"Per-layer density of {config.model.name} masks at sparsity "
                f"{results.fmt_sparsity(sparsity)}")
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend(fontsize="small")

@@ -5,7 +5,7 @@ Usage::
   # the CPU grid on the offline CIFAR-10 copy (ResNet-20 at 98% sparsity;
   # masks from random, SNIP, SynFlow and a lottery ticket; 2 seeds)
   python -m experiments.tost --config experiments/configs/tost_cpu.py \
-      --config.data_dir=/path/to/data --workdir runs/tost_cpu
+      --config.data.dir=/path/to/data --workdir runs/tost_cpu
 
   # ToST's released recipe (ResNet-18, 182 epochs), for an accelerator
   python -m experiments.tost --config experiments/configs/tost_cifar.py:cifar10 \
@@ -176,8 +176,10 @@ def lottery_config(config: ml_collections.ConfigDict,
   shared = {k: v for k, v in config.to_dict().items()
             if k in out and k not in TOST_FIELDS}
   out.update(shared)
-  out.update(pruner="dense", tost="none", seed=int(seed), controls=())
-  out.update(config.ticket.to_dict())
+  out.update(pruner="dense", tost="none", controls=())
+  out.train.seed = int(seed)
+  for k, v in config.ticket.to_dict().items():  # e.g. eval_every_epochs: config.train's
+    (out.train if k in out.train and k not in out else out)[k] = v
   return out
 
 
@@ -240,13 +242,13 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
           text += f" ({len(found)}/{len(config.seeds)} seeds)"
         cells.append(text)
       body.append([source, results.fmt_sparsity(s), *cells])
-  subset = (f"{config.train_subset} training images" if config.train_subset
+  subset = (f"{config.data.train_subset} training images" if config.data.train_subset
             else "the full training set")
   spread = (f"mean ± std over {len(config.seeds)} seeds" if len(config.seeds) > 1
             else f"seed {config.seeds[0]}")
   dense = [100 * r["test_accuracy"] for r in rows if r["method"] == sweep.DENSE]
-  lines = [f"Test accuracy (%) of {config.model} on {config.dataset} ({subset}, "
-           f"{results.epochs_text(config.num_epochs)}), baseline vs ToST on the "
+  lines = [f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
+           f"{results.epochs_text(config.train.num_epochs)}), baseline vs ToST on the "
            f"same mask, init and data order; {spread}; in brackets the "
            "difference to the baseline.", "",
            results.markdown_table(["mask", "sparsity",
@@ -290,8 +292,8 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize="x-small")
   axes[0].set_ylabel("test accuracy (%)")
-  fig.suptitle(f"{config.model} on {config.dataset}, "
-               f"{results.epochs_text(config.num_epochs)}: baseline vs ToST")
+  fig.suptitle(f"{config.model.name} on {config.data.name}, "
+               f"{results.epochs_text(config.train.num_epochs)}: baseline vs ToST")
   results.save_figure(fig, path)
 
 

@@ -24,7 +24,7 @@ the per-layer mask summary). ``experiments.prune_at_init`` is the same run
 with the SPEC §8 SynFlow protocol as its default config.
 
 A workdir that holds another run (another runner, or a config that differs in
-any field of its signature, e.g. ``sparsity``, ``dst`` or ``num_epochs``) is
+any field of its signature, e.g. ``sparsity``, ``dst`` or ``train.num_epochs``) is
 refused with one ``error:`` line naming each differing field, and left as it
 was; a finished run rerun with the same config trains nothing and says
 ``already finished: <workdir> (results.json); nothing to do``.

@@ -42,27 +42,31 @@ CONFIG_FILE = "config.json"
 #: Config fields that cannot change a run's result, so they may differ
 #: between the call that started a run directory and a later one:
 #:
-#: * ``data_dir``: where the dataset is read from, not which dataset
-#:   (``dataset``, ``train_subset`` are compared);
-#: * ``progress_bar``, ``tensorboard``: terminal output and TensorBoard
+#: * ``data.dir``: where the dataset is read from, not which dataset
+#:   (``data.name``, ``data.train_subset`` are compared);
+#: * ``train.progress_bar``, ``train.tensorboard``: terminal output and TensorBoard
 #:   events only;
-#: * ``log_every_steps``: how often the bar's running loss is shown and the
+#: * ``train.log_every_steps``: how often the bar's running loss is shown and the
 #:   loss checked for being finite (a finished run had finite losses);
-#: * ``async_checkpointing``, ``max_to_keep``, ``checkpoint_every_epochs``:
+#: * ``train.async_checkpointing``, ``train.max_to_keep``,
+#:   ``train.checkpoint_every_epochs``:
 #:   when and how checkpoints are written and kept; a run resumed from any of
 #:   them computes bitwise what an uninterrupted run computes;
-#: * ``num_devices``, ``distributed``: the data-parallel mesh; the global
+#: * ``train.num_devices``, ``train.distributed``: the data-parallel mesh; the global
 #:   batch, data order and updates are the same, up to the summation order of
 #:   the gradient's all-reduce;
-#: * ``eval_batch_size``: the evaluation is batched per example (batch norm in
+#: * ``train.eval_batch_size``: the evaluation is batched per example (batch norm in
 #:   its inference mode), so accuracies are the same and losses the same up
 #:   to summation order;
 #: * ``debug_sigterm_at_step``: a testing aid of earlier versions, found in
 #:   older ``config.json`` files.
-RESULT_INDEPENDENT = ("data_dir", "progress_bar", "tensorboard",
-                      "log_every_steps", "async_checkpointing", "max_to_keep",
-                      "checkpoint_every_epochs", "num_devices", "distributed",
-                      "eval_batch_size", "debug_sigterm_at_step")
+RESULT_INDEPENDENT = ("data.dir", "train.progress_bar", "train.tensorboard",
+                      "train.log_every_steps", "train.async_checkpointing",
+                      "train.max_to_keep", "train.checkpoint_every_epochs",
+                      "train.num_devices", "train.distributed",
+                      "train.eval_batch_size", "debug_sigterm_at_step")
+#: The sub-configs whose fields are compared one by one (``"train.seed"``).
+GROUPS = ("data", "model", "optimizer", "train")
 
 
 def _read_json(path: str) -> Any:
@@ -71,6 +75,18 @@ def _read_json(path: str) -> Any:
 
 def _as_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
   return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def flat(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
+  """``config``'s fields with those of the sub-configs of :data:`GROUPS` as
+  dotted names (``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``)."""
+  out = {}
+  for k, v in _as_dict(config).items():
+    if k in GROUPS and isinstance(v, Mapping):
+      out.update({f"{k}.{f}": x for f, x in v.items()})
+    else:
+      out[k] = v
+  return out
 
 
 def signature(runner: str, config: ml_collections.ConfigDict) -> dict:
@@ -86,8 +102,12 @@ def signature(runner: str, config: ml_collections.ConfigDict) -> dict:
     The runner and the config without the fields of
     :data:`RESULT_INDEPENDENT`.
   """
-  fields = {k: v for k, v in _as_dict(config).items()
-            if k not in RESULT_INDEPENDENT}
+  fields = {}
+  for k, v in _as_dict(config).items():
+    if k in GROUPS and isinstance(v, Mapping):
+      v = {f: x for f, x in v.items() if f"{k}.{f}" not in RESULT_INDEPENDENT}
+    if k not in RESULT_INDEPENDENT:
+      fields[k] = v
   return {"runner": runner, "config": fields}
 
 
@@ -116,8 +136,8 @@ def check(workdir: str, runner: str, config: ml_collections.ConfigDict) -> None:
   if found is None:
     return
   expected = signature(runner, config)
-  defaults = default_config.get_config().to_dict()
-  fill = lambda fields: {k: v for k, v in {**defaults, **fields}.items()
+  defaults = flat(default_config.get_config())
+  fill = lambda fields: {k: v for k, v in {**defaults, **flat(fields)}.items()
                          if k not in RESULT_INDEPENDENT}
   there, here = fill(found["config"]), fill(expected["config"])
   # A directory without run.json does not name its runner: not compared.

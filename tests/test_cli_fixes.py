@@ -72,17 +72,17 @@ def _parse(overrides, config="experiments/configs/digits.py"):
 
 def test_none_resets_placeholders_from_the_command_line():
   common.allow_none_overrides()
-  config = _parse(["--config.train_subset=None", "--config.sup_ema=None",
-                   "--config.data_dir=None", "--config.augment=None"])
-  assert config.train_subset is None and config.sup_ema is None
-  assert config.data_dir is None and config.augment is None
+  config = _parse(["--config.data.train_subset=None", "--config.sup_ema=None",
+                   "--config.data.dir=None", "--config.data.augment=None"])
+  assert config.data.train_subset is None and config.sup_ema is None
+  assert config.data.dir is None and config.data.augment is None
   # A preset's int (a placeholder of default.py, set to 4000) resets too.
-  config = _parse(["--config.train_subset=None"], "experiments/configs/dst_cpu.py")
-  assert config.train_subset is None
+  config = _parse(["--config.data.train_subset=None"], "experiments/configs/dst_cpu.py")
+  assert config.data.train_subset is None
   # Other values still parse with the field's type.
-  config = _parse(["--config.train_subset=100", "--config.sup_ema=0.5",
-                   "--config.data_dir=/d", "--config.augment=false"])
-  assert (config.train_subset, config.sup_ema) == (100, 0.5)
-  assert config.data_dir == "/d" and config.augment is False
+  config = _parse(["--config.data.train_subset=100", "--config.sup_ema=0.5",
+                   "--config.data.dir=/d", "--config.data.augment=false"])
+  assert (config.data.train_subset, config.sup_ema) == (100, 0.5)
+  assert config.data.dir == "/d" and config.data.augment is False
   common.allow_none_overrides()  # twice: parsers are wrapped once
-  assert _parse(["--config.train_subset=None"]).train_subset is None
+  assert _parse(["--config.data.train_subset=None"]).data.train_subset is None

@@ -20,11 +20,11 @@ def _read(path):
 
 def test_dst_grid_runner_on_digits(tmp_path):
   config = dst_cpu.get_config()
-  config.dataset = "digits"
-  config.model = "mlp"
-  config.train_subset = None
-  config.num_epochs = 2
-  config.batch_size = 32
+  config.data.name = "digits"
+  config.model.name = "mlp"
+  config.data.train_subset = None
+  config.train.num_epochs = 2
+  config.train.batch_size = 32
   config.dst_update_every = 20
   config.sparsities = (0.0, 0.9)
   config.seeds = (0,)

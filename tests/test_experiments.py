@@ -33,14 +33,14 @@ def run_module(module, *args, timeout=240):
 
 def test_train_cli_trains_a_sparse_model_and_writes_the_run(tmp_path):
   proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
-                    "--workdir", tmp_path, "--config.num_epochs=2",
+                    "--workdir", tmp_path, "--config.train.num_epochs=2",
                     "--config.pruner=random", "--config.sparsity=0.8",
-                    "--config.budget=erk", "--config.progress_bar=false")
+                    "--config.budget=erk", "--config.train.progress_bar=false")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "done: " in proc.stdout and "test_accuracy=" in proc.stdout
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["pruner"] == "random" and config["budget"] == "erk"
-  assert config["weight_decay"] == 5e-4 and config["num_epochs"] == 2
+  assert config["optimizer"]["weight_decay"] == 5e-4 and config["train"]["num_epochs"] == 2
   results = json.loads((tmp_path / "results.json").read_text())
   assert results["epochs"] == 2
   assert results["mask"]["sparsity"] == pytest.approx(0.8, abs=1e-3)
@@ -65,9 +65,10 @@ def _synthetic_dataset(n_train=16, n_test=8, shape=(16, 16, 3)):
 def _two_step_run(workdir, model, prunable):
   """experiments.train's run: magnitude at 90% (uniform), 2 steps of batch 8."""
   config = digits.get_config()
-  config.update(model=model, pruner="magnitude", sparsity=0.9, budget="uniform",
-                prunable=prunable, num_epochs=1, batch_size=8, eval_batch_size=8,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
+  config.update(pruner="magnitude", sparsity=0.9, budget="uniform", prunable=prunable,
+                train=dict(num_epochs=1, batch_size=8, eval_batch_size=8,
+                progress_bar=False, tensorboard=False, async_checkpointing=False),
+                model=dict(name=model))
   exp_train.run(config, str(workdir), dataset=_synthetic_dataset())
   results = json.loads((workdir / "results.json").read_text())
   pruning = json.loads((workdir / "pruning.json").read_text())
@@ -99,7 +100,7 @@ def test_missing_dataset_is_a_clean_error(tmp_path):
   empty = tmp_path / "no_data"
   empty.mkdir()
   proc = run_module("experiments.train", "--config", "experiments/configs/default.py",
-                    "--workdir", tmp_path / "run", f"--config.data_dir={empty}")
+                    "--workdir", tmp_path / "run", f"--config.data.dir={empty}")
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -109,8 +110,8 @@ def test_missing_dataset_is_a_clean_error(tmp_path):
 
 def test_non_finite_loss_is_a_clean_error(tmp_path):
   proc = run_module("experiments.train", "--config", "experiments/configs/digits.py",
-                    "--workdir", tmp_path, "--config.learning_rate=1e30",
-                    "--config.num_epochs=1", "--config.progress_bar=false")
+                    "--workdir", tmp_path, "--config.optimizer.learning_rate=1e30",
+                    "--config.train.num_epochs=1", "--config.train.progress_bar=false")
   assert proc.returncode == 1
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
@@ -126,7 +127,7 @@ def test_sigterm_exits_with_143_after_saving(tmp_path):
       [sys.executable, "-c", "from tests.sigterm_helper import run_module; "
        "run_module('experiments.train', 30)", "--config",
        "experiments/configs/digits.py", "--workdir", str(tmp_path),
-       "--config.num_epochs=2", "--config.progress_bar=false"],
+       "--config.train.num_epochs=2", "--config.train.progress_bar=false"],
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
   assert proc.returncode == exp_train.EXIT_PREEMPTED == 143
   assert "Traceback" not in proc.stderr
@@ -139,19 +140,21 @@ def test_bad_config_values_are_refused():
   config = digits.get_config()
   for field, value, match in [("pruner", "snipp", "pruner"),
                               ("prunable", "all", "prunable"),
-                              ("model", "resnet99", "unknown model"),
+                              ("model.name", "resnet99", "unknown model"),
                               ("sparsity", 1.0, "sparsity")]:
     bad = config.copy_and_resolve_references()
     bad.unlock()
     bad.pruner = "magnitude"
-    bad[field] = value
+    group, _, name = field.rpartition(".")
+    (bad[group] if group else bad)[name] = value
     with pytest.raises(ValueError, match=match):
       exp_train.resolve_config(bad)
 
 
 def _dst_config(**fields):
   config = digits.get_config()
-  config.update({"num_epochs": 3, "dst": "granet", **fields})
+  config.update({"dst": "granet", **fields})
+  config.train.num_epochs = 3
   return config
 
 
@@ -166,7 +169,7 @@ def _dst_config(**fields):
      r"config\.dst_update_every must be an integer >= 1 .*got 0"),
     (dict(dst_prune_epochs=(1, 10)),
      r"config\.dst_prune_epochs=\(1, 10\) ends at epoch 10, after training "
-     r"\(config\.num_epochs = 3\).*0 <= start < end <= config\.num_epochs = 3"),
+     r"\(config\.train\.num_epochs = 3\).*0 <= start < end <= config\.train\.num_epochs = 3"),
     (dict(dst_prune_epochs=(0.5, 0.2)),
      r"config\.dst_prune_epochs=\(0\.5, 0\.2\) starts at epoch 1\.5, not before "
      r"its end at epoch 0\.6"),
@@ -191,7 +194,7 @@ def test_ticket_sparsity_must_be_the_tickets(tmp_path):
   params = {"Dense_0": {"kernel": np.ones((4, 5), np.float32)}}
   ticket = lottery.save_ticket(tmp_path / "ticket", mask, params)
   config = digits.get_config()
-  config.update(model="mlp", pruner="ticket", mask_path=ticket)
+  config.update(pruner="ticket", mask_path=ticket, model=dict(name="mlp"))
   # The default 0.9 used to be recorded in config.json while 0.2 trained.
   with pytest.raises(ValueError, match=r"config\.sparsity=0\.9 differs from the "
                      r"sparsity 0\.2000 of the ticket in .*ticket: with "
@@ -217,35 +220,35 @@ def test_config_dtype_is_the_models_computation_dtype():
   from experiments import common  # pylint: disable=g-import-not-at-top
   from sparsejax import models  # pylint: disable=g-import-not-at-top
   config = default.get_config()
-  assert config.dtype == "float32"
+  assert config.model.dtype == "float32"
   assert common.model_kwargs(config)["dtype"] == jnp.float32
-  config.dtype = "bfloat16"
-  model = models.get(config.model, 10, **common.model_kwargs(config))
+  config.model.dtype = "bfloat16"
+  model = models.get(config.model.name, 10, **common.model_kwargs(config))
   assert model.dtype == jnp.bfloat16
-  assert exp_train.resolve_config(config).dtype == "bfloat16"
-  config.dtype = "float16"
-  with pytest.raises(ValueError, match="config.dtype"):
+  assert exp_train.resolve_config(config).model.dtype == "bfloat16"
+  config.model.dtype = "float16"
+  with pytest.raises(ValueError, match="config.model.dtype"):
     exp_train.resolve_config(config)
-  config.dtype = "float32"
-  config.model_kwargs.dtype = "bfloat16"
-  with pytest.raises(ValueError, match="config.dtype"):
+  config.model.dtype = "float32"
+  config.model.kwargs.dtype = "bfloat16"
+  with pytest.raises(ValueError, match="config.model.dtype"):
     exp_train.resolve_config(config)
 
 
 def test_default_weight_decay_follows_the_model_family():
   config = default.get_config()
-  assert config.weight_decay is None
-  assert exp_train.resolve_config(config).weight_decay == 1e-4
-  config.model = "vgg19"
-  assert exp_train.resolve_config(config).weight_decay == 5e-4
+  assert config.optimizer.weight_decay is None
+  assert exp_train.resolve_config(config).optimizer.weight_decay == 1e-4
+  config.model.name = "vgg19"
+  assert exp_train.resolve_config(config).optimizer.weight_decay == 5e-4
 
 
 def test_synflow_protocol_preset():
   config = synflow_cifar.get_config("vgg16,cifar100")
-  assert (config.model, config.dataset) == ("vgg16", "cifar100")
-  assert config.nesterov and config.momentum == 0.9 and config.batch_size == 128
-  assert config.weight_decay == 5e-4 and config.num_epochs == 160
-  assert synflow_cifar.get_config().weight_decay == 1e-4  # resnet18
+  assert (config.model.name, config.data.name) == ("vgg16", "cifar100")
+  assert config.optimizer.nesterov and config.optimizer.momentum == 0.9 and config.train.batch_size == 128
+  assert config.optimizer.weight_decay == 5e-4 and config.train.num_epochs == 160
+  assert synflow_cifar.get_config().optimizer.weight_decay == 1e-4  # resnet18
   sched = common.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(60 * 391 - 1), sched(60 * 391), sched(120 * 391)],
@@ -254,13 +257,13 @@ def test_synflow_protocol_preset():
 
 def test_grasp_protocol_preset():
   config = grasp_cifar.get_config("resnet32,cifar10")
-  assert config.model_kwargs.width == 2 and not config.nesterov
-  assert config.weight_decay == 1e-4
+  assert config.model.kwargs.width == 2 and not config.optimizer.nesterov
+  assert config.optimizer.weight_decay == 1e-4
   sched = common.lr_schedule(config, steps_per_epoch=391)
   np.testing.assert_allclose(
       [sched(80 * 391 - 1), sched(80 * 391), sched(120 * 391)],
       [0.1, 0.01, 0.001], rtol=1e-6)
-  assert grasp_cifar.get_config().weight_decay == 5e-4  # vgg19
+  assert grasp_cifar.get_config().optimizer.weight_decay == 5e-4  # vgg19
 
 
 # ----------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def test_grasp_protocol_preset():
 def test_quickstart_prints_the_table(tmp_path):
   proc = run_module("experiments.quickstart", "--config",
                     "experiments/configs/quickstart.py", "--workdir", tmp_path,
-                    "--config.num_epochs=4", "--config.sparsities=(0.0, 0.9)",
+                    "--config.train.num_epochs=4", "--config.sparsities=(0.0, 0.9)",
                     "--config.methods=('magnitude', 'snip')")
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
@@ -304,9 +307,9 @@ def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   dataset = data.Dataset("synthetic", 10, images(16), labels(16), images(8),
                          labels(8), mean=(0.5,), std=(0.25,), augment=False)
   config = digits.get_config()
-  config.update(pruner="magnitude", sparsity=0.5, budget="2:4", num_epochs=1,
-                batch_size=8, eval_batch_size=8, progress_bar=False,
-                tensorboard=False, async_checkpointing=False, save_sparse=True)
+  config.update(pruner="magnitude", sparsity=0.5, budget="2:4", train=dict(num_epochs=1,
+                batch_size=8, eval_batch_size=8, progress_bar=False, tensorboard=False,
+                async_checkpointing=False, save_sparse=True))
   result = exp_train.run(config, str(tmp_path), dataset=dataset)
   results = json.loads((tmp_path / "results.json").read_text())
   info = results["sparse_file"]
@@ -330,8 +333,7 @@ def test_experiments_refuse_gmp_with_nm():
 def test_runner_anneals_the_activation_blend(tmp_path):
   """experiments.common feeds the act_coef scalar to fit (from test_fit_hooks)."""
   cfg = digits.get_config()
-  cfg.update(dict(num_epochs=2, batch_size=32, progress_bar=False,
-                  tensorboard=False, act_coef_schedule=(1.0, 0.0, 1, 1)))
+  cfg.update(act_coef_schedule=(1.0, 0.0, 1, 1), train=dict(num_epochs=2, batch_size=32, progress_bar=False, tensorboard=False))
   result = common.run(cfg, str(tmp_path))
   # Swish for epoch 1 (44 steps), then linear to ReLU over epoch 2.
   assert [r["act_coef"] for r in result.history] == pytest.approx(

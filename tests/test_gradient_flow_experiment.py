@@ -14,11 +14,11 @@ from experiments.configs import gradient_flow_cpu, gradient_flow_lenet5
 
 def test_grid_on_digits(tmp_path):
   config = gradient_flow_cpu.get_config()
-  config.dataset = "digits"
-  config.model = "mlp"
-  config.train_subset = None
-  config.num_epochs = 1
-  config.batch_size = 64
+  config.data.name = "digits"
+  config.model.name = "mlp"
+  config.data.train_subset = None
+  config.train.num_epochs = 1
+  config.train.batch_size = 64
   config.flow_examples_per_class = 5
   config.flow_every = 5
   config.prune_every = 4
@@ -58,12 +58,12 @@ def test_grid_on_digits(tmp_path):
 
 def test_configs():
   paper = gradient_flow_lenet5.get_config()
-  assert (paper.model, paper.sparsity, paper.num_epochs) == ("lenet5", 0.95, 25)
+  assert (paper.model.name, paper.sparsity, paper.train.num_epochs) == ("lenet5", 0.95, 25)
   assert (paper.prune_start, paper.prune_end, paper.prune_every) == (3000, 7000, 100)
-  assert (paper.learning_rate, paper.lr_schedule, paper.weight_decay) == (
+  assert (paper.optimizer.learning_rate, paper.optimizer.schedule, paper.optimizer.weight_decay) == (
       0.05, "cosine", 5e-4)
   cpu = gradient_flow_cpu.get_config()
-  assert (cpu.train_subset, cpu.num_epochs, len(cpu.seeds)) == (6000, 20, 3)
+  assert (cpu.data.train_subset, cpu.train.num_epochs, len(cpu.seeds)) == (6000, 20, 3)
   runner.check_config(cpu)
   cpu.methods = ("dense", "lottery")
   with pytest.raises(ValueError, match="add 'pruned'"):
@@ -75,9 +75,9 @@ def test_configs():
 
 def test_small_dense_needs_a_fractional_width():
   config = gradient_flow_cpu.get_config()
-  config.model = "resnet20"
+  config.model.name = "resnet20"
   with pytest.raises(ValueError, match="fractional width"):
     runner.small_dense_kwargs(config, 10, (32, 32, 3))
-  config.model = "lenet5"
+  config.model.name = "lenet5"
   kwargs = runner.small_dense_kwargs(config, 10, (32, 32, 3))
   assert 0.1 < kwargs["width"] < 0.4

@@ -30,8 +30,7 @@ from tests.test_lottery import (N, assert_trees_equal, checkpoint_params,  # noq
 def mlp_config(**overrides):
   """Digits lottery config, small: 2 epochs of 22 steps, rewind to step 5."""
   config = lottery_digits.get_config()
-  config.update(dict(num_epochs=2, levels=2, rewind_step=5, progress_bar=False,
-                     log_every_steps=11, max_to_keep=5))
+  config.update(levels=2, rewind_step=5, train=dict(num_epochs=2, progress_bar=False, log_every_steps=11, max_to_keep=5))
   config.update(overrides)
   return config
 
@@ -105,8 +104,8 @@ def test_exported_ticket_trains_as_the_lth_mask_in_experiments_train(reference, 
 
   _, workdir, result = reference
   config = digits_config.get_config()
-  config.update(dict(pruner="ticket", mask_path=result.ticket_dir, num_epochs=1,
-                     progress_bar=False, tensorboard=False))
+  config.update(pruner="ticket", mask_path=result.ticket_dir, train=dict(num_epochs=1,
+                progress_bar=False, tensorboard=False))
   config.sparsity = None  # the ticket's
   resolved = common.resolve_config(config)
   assert resolved.sparsity == pytest.approx(1 - 32_128 / N)
@@ -164,10 +163,10 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
 
 def test_openlth_config_is_the_reference_protocol():
   config = common.resolve_config(lottery_openlth.get_config(), exp_lottery.check_config)
-  assert (config.model, config.dataset) == ("resnet20", "cifar10")
-  assert (config.num_epochs, config.batch_size, config.learning_rate) == (160, 128, 0.1)
-  assert config.momentum == 0.9 and not config.nesterov
-  assert config.weight_decay == 1e-4 and config.budget == "global"
+  assert (config.model.name, config.data.name) == ("resnet20", "cifar10")
+  assert (config.train.num_epochs, config.train.batch_size, config.optimizer.learning_rate) == (160, 128, 0.1)
+  assert config.optimizer.momentum == 0.9 and not config.optimizer.nesterov
+  assert config.optimizer.weight_decay == 1e-4 and config.budget == "global"
   assert config.prune_fraction == 0.2 and config.levels >= 10
   assert config.rewind_step == 500 and config.rewind_epochs is None
   assert config.controls == ("reinit", "reprune")
@@ -182,10 +181,10 @@ def test_openlth_config_is_the_reference_protocol():
 
   small = common.resolve_config(lottery_cpu_small.get_config(),
                                  exp_lottery.check_config)
-  assert (small.model, small.dataset) == ("resnet20", "cifar10")
-  assert 3 <= small.levels <= 4 and small.train_subset is not None
-  assert small.eval_every_epochs > small.num_epochs
-  assert not small.tensorboard and not small.progress_bar
+  assert (small.model.name, small.data.name) == ("resnet20", "cifar10")
+  assert 3 <= small.levels <= 4 and small.data.train_subset is not None
+  assert small.train.eval_every_epochs > small.train.num_epochs
+  assert not small.train.tensorboard and not small.train.progress_bar
 
 
 @pytest.mark.parametrize("field, value, match", [
@@ -204,8 +203,8 @@ def test_command_line_run(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.lottery", "--config",
        "experiments/configs/lottery_digits.py", "--workdir", str(tmp_path),
-       "--config.levels=0", "--config.num_epochs=1", "--config.controls=()",
-       "--config.progress_bar=false"],
+       "--config.levels=0", "--config.train.num_epochs=1", "--config.controls=()",
+       "--config.train.progress_bar=false"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()

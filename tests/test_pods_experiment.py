@@ -1,6 +1,6 @@
 """TPU-pod concerns of the runners (issue #24): experiments.train on a
 non-POSIX ``gs://`` run directory (a fake backend, tests/fake_gcs.py) and
-``--config.distributed`` without a cluster."""
+``--config.train.distributed`` without a cluster."""
 
 import json
 import os
@@ -36,8 +36,8 @@ def test_train_runner_writes_a_gs_workdir(tmp_path, monkeypatch):
   ds = sj.data.load("digits")
   with fake_gcs(bucket):
     cfg = digits.get_config()
-    cfg.update(model="mlp", pruner="magnitude", sparsity=0.5, num_epochs=1,
-               progress_bar=False, tensorboard=False)
+    cfg.update(pruner="magnitude", sparsity=0.5, model=dict(name="mlp"),
+               train=dict(num_epochs=1, progress_bar=False, tensorboard=False))
     exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
     rerun = exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
   run_dir = bucket / "fake-bucket" / "train"
@@ -58,13 +58,13 @@ def test_distributed_without_a_cluster_is_one_error_line(tmp_path):
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.train",
-       "--config=experiments/configs/digits.py", "--config.distributed=true",
+       "--config=experiments/configs/digits.py", "--config.train.distributed=true",
        f"--workdir={tmp_path / 'run'}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1, proc.stderr[-3000:]
-  assert "--config.distributed" in errors[0]
+  assert "--config.train.distributed" in errors[0]
   assert "cluster" in errors[0]
   assert not (tmp_path / "run").exists()

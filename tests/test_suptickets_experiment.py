@@ -21,11 +21,11 @@ from tests.test_fit_hooks import read_jsonl
 
 def test_suptickets_runner_on_digits(tmp_path):
   config = suptickets_cpu.get_config()
-  config.dataset = "digits"
-  config.model = "mlp"
-  config.train_subset = None
-  config.num_epochs = 3
-  config.batch_size = 32
+  config.data.name = "digits"
+  config.model.name = "mlp"
+  config.data.train_subset = None
+  config.train.num_epochs = 3
+  config.train.batch_size = 32
   config.dst_update_every = 20
   config.sup_cycles = 1
   config.sup_cycle_epochs = 1
@@ -92,10 +92,11 @@ def test_granet_suptickets_run_logs_its_target_and_reports_the_superposed_model(
     tmp_path, capsys, caplog):
   from experiments.configs import digits  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
-  config.update(model="mlp", train_subset=200, num_epochs=2, batch_size=32,
-                dst="granet", sparsity=0.9, dst_update_every=2, suptickets=True,
-                sup_cycles=1, sup_cycle_epochs=1, save_sparse=True,
-                progress_bar=False, tensorboard=False, async_checkpointing=False)
+  config.update(dst="granet", sparsity=0.9, dst_update_every=2, suptickets=True,
+                sup_cycles=1, sup_cycle_epochs=1, model=dict(name="mlp"),
+                data=dict(train_subset=200), train=dict(num_epochs=2, batch_size=32,
+                save_sparse=True, progress_bar=False, tensorboard=False,
+                async_checkpointing=False))
   with caplog.at_level("INFO"):
     result = common.run(config, str(tmp_path))
   logged = [r.getMessage() for r in caplog.records]

@@ -35,8 +35,7 @@ def digits_config(**overrides) -> ml_collections.ConfigDict:
   """The digits preset, one epoch of 22 steps of 64, no bar, no TensorBoard."""
   config = digits.get_config()
   config.unlock()
-  config.update(dict(num_epochs=1, batch_size=64, progress_bar=False,
-                     tensorboard=False))
+  config.update(train=dict(num_epochs=1, batch_size=64, progress_bar=False, tensorboard=False))
   config.update(overrides)
   return config
 
@@ -59,7 +58,7 @@ def read_json(path):
 
 @pytest.mark.parametrize("method", ["snip", "synflow"])
 def test_prune_at_init_prunes_reports_and_trains(method, tmp_path, capsys):
-  config = digits_config(pruner=method, sparsity=0.9, seed=3)
+  config = digits_config(pruner=method, sparsity=0.9, train=dict(seed=3))
   result = prune_at_init.run(config, str(tmp_path))
   assert not result.preempted and len(result.history) == 1
 
@@ -114,9 +113,9 @@ def test_prune_at_init_refuses_dense_and_bad_scoring_fields(tmp_path):
 
 def test_prune_at_init_config_is_the_synflow_protocol():
   config = prune_at_init_config.get_config("vgg16,cifar100")
-  assert (config.model, config.dataset, config.pruner) == ("vgg16", "cifar100", "synflow")
-  assert config.nesterov and config.lr_decay_epochs == (60, 120)
-  assert config.weight_decay == 5e-4 and config.num_epochs == 160
+  assert (config.model.name, config.data.name, config.pruner) == ("vgg16", "cifar100", "synflow")
+  assert config.optimizer.nesterov and config.optimizer.decay_epochs == (60, 120)
+  assert config.optimizer.weight_decay == 5e-4 and config.train.num_epochs == 160
   assert config.score_samples_per_class == 10 and config.pruning_rounds is None
 
 
@@ -133,7 +132,7 @@ def test_grid_has_one_dense_cell_per_seed_and_checks_its_fields():
                    "dense_s0_seed1", "magnitude_s0.9_seed1", "synflow_s0.9_seed1",
                    "magnitude_s0.99_seed1", "synflow_s0.99_seed1"]
   cell = sweep.cell_config(config, sweep.Cell("synflow", 0.99, 1))
-  assert (cell.pruner, cell.sparsity, cell.seed) == ("synflow", 0.99, 1)
+  assert (cell.pruner, cell.sparsity, cell.train.seed) == ("synflow", 0.99, 1)
   assert "methods" not in cell and "seeds" not in cell
   for bad in [dict(methods=("snipp",)), dict(methods=("dense",)),
               dict(sparsities=(0.9, 0.9)), dict(sparsities=(1.0,)), dict(seeds=())]:
@@ -235,7 +234,7 @@ def test_sweep_rerun_skips_finished_cells(swept):
 def test_sweep_refuses_a_changed_training_config(swept):
   workdir, _, _, _ = swept
   with pytest.raises(ValueError, match="learning_rate"):
-    sweep.run(sweep_config(learning_rate=0.01), str(workdir), report_only=True)
+    sweep.run(sweep_config(optimizer=dict(learning_rate=0.01)), str(workdir), report_only=True)
 
 
 def test_report_only_cli_rebuilds_the_table_and_plots(swept):
@@ -252,14 +251,15 @@ def test_report_only_cli_rebuilds_the_table_and_plots(swept):
       "from experiments.configs import digits\n\n\n"
       "def get_config():\n"
       "  config = digits.get_config()\n"
-      "  config.update(dict(num_epochs=1, batch_size=64, progress_bar=False,\n"
-      "                     tensorboard=False, methods=('magnitude', 'synflow'),\n"
+      "  config.update(dict(methods=('magnitude', 'synflow'),\n"
       "                     sparsities=(0.9, 0.99), seeds=(0,),\n"
       "                     density_plot_sparsity=None))\n"
+      "  config.train.update(dict(num_epochs=1, batch_size=64, progress_bar=False,\n"
+      "                           tensorboard=False))\n"
       "  return config\n")
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.sweep", "--config", str(config_file),
-       "--workdir", str(workdir), "--report_only", "--config.data_dir=/nonexistent"],
+       "--workdir", str(workdir), "--report_only", "--config.data.dir=/nonexistent"],
       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
       text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -278,25 +278,25 @@ def test_report_only_cli_rebuilds_the_table_and_plots(swept):
 
 def test_synflow_paper_grid():
   config = sweep_synflow_paper.get_config("vgg16,cifar100")
-  assert (config.model, config.dataset) == ("vgg16", "cifar100")
+  assert (config.model.name, config.data.name) == ("vgg16", "cifar100")
   assert config.methods == ("random", "magnitude", "snip", "grasp", "synflow")
   assert config.sparsities[0] == 0.0 and config.sparsities[-1] == 0.999
-  assert config.seeds == (0, 1, 2) and config.num_epochs == 160
-  assert config.nesterov and config.lr_decay_epochs == (60, 120)
-  assert config.weight_decay == 5e-4 and config.batch_size == 128
+  assert config.seeds == (0, 1, 2) and config.train.num_epochs == 160
+  assert config.optimizer.nesterov and config.optimizer.decay_epochs == (60, 120)
+  assert config.optimizer.weight_decay == 5e-4 and config.train.batch_size == 128
   resnet = sweep_synflow_paper.get_config("resnet18,cifar10")
-  assert resnet.weight_decay == 1e-4
+  assert resnet.optimizer.weight_decay == 1e-4
   assert len(sweep.grid(resnet)) == 3 * (1 + 5 * 9)
 
 
 def test_cpu_small_grid():
   config = sweep_cpu_small.get_config()
-  assert (config.model, config.dataset, config.data_dir) == ("resnet20", "cifar10", None)
+  assert (config.model.name, config.data.name, config.data.dir) == ("resnet20", "cifar10", None)
   assert config.sparsities == (0.9, 0.99, 0.999) and config.seeds == (0,)
   assert len(sweep.grid(config)) == 15
-  assert config.eval_every_epochs == config.num_epochs
-  assert not config.tensorboard and not config.progress_bar
-  assert config.train_subset < 50_000
+  assert config.train.eval_every_epochs == config.train.num_epochs
+  assert not config.train.tensorboard and not config.train.progress_bar
+  assert config.data.train_subset < 50_000
 
 
 def test_cpu_long_grid():
@@ -305,5 +305,5 @@ def test_cpu_long_grid():
   assert config.sparsities == (0.99, 0.999) and config.seeds == (0, 1, 2)
   assert len(sweep.grid(config)) == 18
   # About 4x the 218 steps of the small grid; tested once, at the end.
-  assert config.train_subset // config.batch_size * config.num_epochs == 936
-  assert config.eval_every_epochs == config.num_epochs == 3
+  assert config.data.train_subset // config.train.batch_size * config.train.num_epochs == 936
+  assert config.train.eval_every_epochs == config.train.num_epochs == 3

@@ -15,15 +15,15 @@ from experiments.configs import tost_cifar, tost_cpu
 
 def _config():
   config = tost_cpu.get_config()
-  config.dataset = "digits"
-  config.model = "resnet20"
-  config.model_kwargs = ml_collections.ConfigDict(dict(num_filters=4,
+  config.data.name = "digits"
+  config.model.name = "resnet20"
+  config.model.kwargs = ml_collections.ConfigDict(dict(num_filters=4,
                                                        stage_sizes=(1, 1, 1)))
-  config.train_subset = 80
-  config.num_epochs = 2
-  config.batch_size = 16
-  config.eval_batch_size = 400
-  config.async_checkpointing = False
+  config.data.train_subset = 80
+  config.train.num_epochs = 2
+  config.train.batch_size = 16
+  config.train.eval_batch_size = 400
+  config.train.async_checkpointing = False
   config.tost_lrsi = ml_collections.ConfigDict(dict(steps=3, batch_size=8))
   config.mask_sources = ("ticket",)  # random masks: tests/test_tost.py
   config.recipes = ("none", "ghost")
@@ -79,9 +79,9 @@ def test_grid_configs_and_errors():
   with pytest.raises(ValueError, match="no lottery level has sparsity 0.9"):
     tost_runner.ticket_level(cpu, 0.9)
   released = tost_cifar.get_config("cifar100")
-  assert (released.model, released.dataset, released.num_epochs) == (
+  assert (released.model.name, released.data.name, released.train.num_epochs) == (
       "resnet18", "cifar100", 182)
-  assert released.lr_decay_epochs == (90, 135) and released.weight_decay == 2e-4
+  assert released.optimizer.decay_epochs == (90, 135) and released.optimizer.weight_decay == 2e-4
   recipe = common.make_tost(ml_collections.ConfigDict(dict(
       tost="ghost", tost_soft_neurons=(1.0, 0.0, 0.2, 0.6),
       tost_lrsi=dict(steps=7))))
@@ -91,6 +91,6 @@ def test_grid_configs_and_errors():
   with pytest.raises(ValueError, match="unknown ToST recipe"):
     tost_runner.methods(bad)
   vgg = tost_cpu.get_config()
-  vgg.update(model="vgg11", tost="ghost", pruner="random")
+  vgg.update(tost="ghost", pruner="random", model=dict(name="vgg11"))
   with pytest.raises(ValueError, match="'vgg11' has none"):
     common.resolve_config(vgg)

@@ -29,9 +29,8 @@ def digits_config(**overrides):
   """Random pruning at 90% of the digits MLP, one epoch of 6 steps of 256."""
   config = digits.get_config()
   config.unlock()
-  config.update(dict(pruner="random", sparsity=0.9, num_epochs=1, batch_size=256,
-                     progress_bar=False, tensorboard=False,
-                     async_checkpointing=False))
+  config.update(pruner="random", sparsity=0.9, train=dict(num_epochs=1, batch_size=256,
+                progress_bar=False, tensorboard=False, async_checkpointing=False))
   config.update(overrides)
   return config
 
@@ -61,22 +60,24 @@ def test_the_signature_is_the_resolved_config_without_result_independent_fields(
     finished):
   saved = json.loads((finished / workdir_lib.SIGNATURE_FILE).read_text())
   assert saved["runner"] == "experiments.train"
-  assert saved["config"]["weight_decay"] == 5e-4  # resolved
+  assert saved["config"]["optimizer"]["weight_decay"] == 5e-4  # resolved
   assert saved["config"]["sparsity"] == 0.9
-  assert not set(workdir_lib.RESULT_INDEPENDENT) & set(saved["config"])
+  assert not set(workdir_lib.RESULT_INDEPENDENT) & set(workdir_lib.flat(saved["config"]))
   assert saved == json.loads(json.dumps(workdir_lib.signature(
       "experiments.train", exp_train.resolve_config(digits_config()))))
 
 
 @pytest.mark.parametrize("field, value, there", [
     ("sparsity", 0.95, "0.9"), ("dst", "set", "'none'"),
-    ("learning_rate", 0.5, "0.05"), ("pruner", "snip", "'random'"),
-    ("num_epochs", 2, "1"), ("seed", 3, "0")])
+    ("optimizer.learning_rate", 0.5, "0.05"), ("pruner", "snip", "'random'"),
+    ("train.num_epochs", 2, "1"), ("train.seed", 3, "0")])
 def test_a_changed_result_field_is_refused_and_the_workdir_left_as_it_was(
     finished, field, value, there):
   before = snapshot(finished)
   with pytest.raises(checkpoints.CheckpointMismatchError) as info:
-    exp_train.run(digits_config(**{field: value}), str(finished))
+    group, _, name = field.rpartition(".")
+    overrides = {group: {name: value}} if group else {field: value}
+    exp_train.run(digits_config(**overrides), str(finished))
   message = str(info.value)
   assert f"{field}: {there} there, {value!r} here" in message
   assert str(finished) in message and "\n" not in message
@@ -104,7 +105,7 @@ def test_another_runner_is_refused(finished):
   assert ("(runner: 'experiments.train' there, 'experiments.prune_at_init' "
           "here)") in str(info.value)
   lottery_config = lottery_digits.get_config()
-  lottery_config.update(dict(num_epochs=1, levels=1, progress_bar=False))
+  lottery_config.update(levels=1, train=dict(num_epochs=1, progress_bar=False))
   with pytest.raises(checkpoints.CheckpointMismatchError,
                      match="runner: 'experiments.train' there, "
                            "'experiments.lottery' here"):
@@ -122,9 +123,9 @@ def test_a_finished_rerun_does_nothing_also_with_result_independent_changes(
   before = snapshot(finished)
   history = [json.loads(l) for l in
              (finished / "metrics.jsonl").read_text().splitlines()]
-  for overrides in ({}, dict(progress_bar=True, tensorboard=True,
-                             data_dir="/elsewhere", max_to_keep=1,
-                             log_every_steps=3)):
+  for overrides in ({}, dict(train=dict(progress_bar=True, tensorboard=True,
+                                        max_to_keep=1, log_every_steps=3),
+                             data=dict(dir="/elsewhere"))):
     capsys.readouterr()
     result = exp_train.run(digits_config(**overrides), str(finished))
     assert not result.preempted and result.history == history
@@ -138,7 +139,7 @@ def test_the_cli_refuses_another_config_in_one_line(finished):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.train", "--config",
        "experiments/configs/digits.py", "--workdir", str(finished),
-       "--config.num_epochs=1", "--config.batch_size=256",
+       "--config.train.num_epochs=1", "--config.train.batch_size=256",
        "--config.pruner=random", "--config.sparsity=0.95"],
       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
   assert proc.returncode == 1, proc.stderr[-3000:]
@@ -173,11 +174,11 @@ def test_a_sweep_cell_of_another_run_is_refused_before_anything_is_written(
   # A cell written with another training config, found by --report_only too.
   signature = json.loads((cell / workdir_lib.SIGNATURE_FILE).read_text())
   signature.update(runner="experiments.sweep")
-  signature["config"]["learning_rate"] = 0.5
+  signature["config"]["optimizer"]["learning_rate"] = 0.5
   (cell / workdir_lib.SIGNATURE_FILE).write_text(json.dumps(signature))
   before = snapshot(workdir)
   with pytest.raises(checkpoints.CheckpointMismatchError,
-                     match="learning_rate: 0.5 there, 0.05 here"):
+                     match="optimizer.learning_rate: 0.5 there, 0.05 here"):
     sweep.run(_one_cell_sweep(), str(workdir), report_only=True)
   assert snapshot(workdir) == before
 
@@ -191,7 +192,7 @@ def test_a_finished_sweep_rerun_does_nothing(tmp_path, capsys):
   assert cell["runner"] == "experiments.sweep"
   before = snapshot(workdir)
   capsys.readouterr()
-  again = sweep.run(_one_cell_sweep(progress_bar=True), str(workdir))
+  again = sweep.run(_one_cell_sweep(train=dict(progress_bar=True)), str(workdir))
   assert again["finished"] and again["ran"] == []
   assert again["skipped"] == ["random_s0.9_seed0"]
   assert again["table"] == first["table"]

@@ -5,8 +5,13 @@ Run::
   python -m experiments.train --config experiments/configs/default.py \
       --workdir runs/resnet20_c10 --config.pruner=magnitude --config.sparsity=0.9
 
-``--config.<field>=None`` resets an optional field (e.g. ``train_subset`` of a
-preset) from the command line.
+``--config.<field>=None`` resets an optional field (e.g. ``data.train_subset``
+of a preset) from the command line.
+
+Layout: ``config.data`` (the dataset), ``config.model`` (the network),
+``config.optimizer`` (SGD and its learning-rate schedule), ``config.train``
+(the loop: epochs, batch, seed, evaluation, checkpoints, output), and the
+method fields at the top level (pruning, DST, Sup-tickets, ToST).
 
 Presets built on this file: ``synflow_cifar.py`` and ``grasp_cifar.py`` (the
 SPEC §8 reference protocols), ``digits.py`` (offline, CPU-sized),
@@ -24,21 +29,23 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data -----------------------------------------------------------------
   # One of sparsejax.data.DATASET_NAMES: cifar10, cifar100, tiny_imagenet, digits.
-  config.dataset = "cifar10"
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "cifar10"
   # Directory holding the dataset (see sparsejax.data.load); None searches
   # tensorflow-datasets, $SPARSEJAX_DATA_DIR, ~/.sparsejax/data.
-  config.data_dir = config_dict.placeholder(str)
+  config.data.dir = config_dict.placeholder(str)
   # Keep only this many (class-balanced) training examples; None = all.
-  config.train_subset = config_dict.placeholder(int)
+  config.data.train_subset = config_dict.placeholder(int)
   # Random crop (pad 4) + horizontal flip; None = the dataset's standard.
-  config.augment = config_dict.placeholder(bool)
+  config.data.augment = config_dict.placeholder(bool)
 
   # --- Model ----------------------------------------------------------------
+  config.model = ml_collections.ConfigDict()
   # Any name of sparsejax.models.names().
-  config.model = "resnet20"
+  config.model.name = "resnet20"
   # Extra constructor fields, e.g. width=2 for ResNets, hidden=(300, 100) for
   # the MLP (set them in a config file: the dict is locked on the command line).
-  config.model_kwargs = ml_collections.ConfigDict()
+  config.model.kwargs = ml_collections.ConfigDict()
   # The model's computation dtype: "float32", or "bfloat16" for mixed
   # precision (convolutions, matrix products and activations in bfloat16;
   # params, optimiser state, batch-norm statistics, logits and loss float32;
@@ -46,8 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   # and one ResNet-20 training gradient (batch 128, He init) was 14-19% off
   # the float32 one in global norm, cosine 0.98-0.99, on a 2-core AMD EPYC
   # (README "Mixed precision"; benchmarks/bf16_gradient.py). Not
-  # config.model_kwargs.dtype.
-  config.dtype = "float32"
+  # config.model.kwargs.dtype.
+  config.model.dtype = "float32"
 
   # --- Pruning (static mask chosen at initialisation) -------------------------
   # "dense", or a method of sparsejax.scores.prune_at_init: "random",
@@ -132,26 +139,27 @@ def get_config() -> ml_collections.ConfigDict:
   config.sup_bn_variance = "pooled"
   config.sup_bn_batch_size = config_dict.placeholder(int)
 
-  # --- Optimisation ---------------------------------------------------------
-  config.num_epochs = 160
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = False
+  # --- Optimisation (config.optimizer; schedules.make_optimizer, lr_schedule) --
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
   # PyTorch-style decay on every parameter; None = the SPEC §8 value for the
   # model family: 5e-4 for VGG, 1e-4 otherwise.
-  config.weight_decay = config_dict.placeholder(float)
+  config.optimizer.weight_decay = config_dict.placeholder(float)
   # "multistep", "cosine" or "constant".
-  config.lr_schedule = "multistep"
+  config.optimizer.schedule = "multistep"
   # Multistep decay points: values >= 1 are epochs, values in (0, 1) fractions
-  # of num_epochs. Pass on the command line as e.g. --config.lr_decay_epochs="(60,120)".
-  config.lr_decay_epochs = (0.5, 0.75)
-  config.lr_decay_factor = 0.1
-  # Cosine schedule: final lr = learning_rate * lr_end_factor.
-  config.lr_end_factor = 0.0
+  # of num_epochs. Pass on the command line as e.g.
+  # --config.optimizer.decay_epochs="(60,120)".
+  config.optimizer.decay_epochs = (0.5, 0.75)
+  config.optimizer.decay_factor = 0.1
+  # Cosine schedule: final lr = learning_rate * end_factor.
+  config.optimizer.end_factor = 0.0
   # Linear warmup from 0 (may be fractional).
-  config.warmup_epochs = 0.0
-  config.label_smoothing = 0.0
+  config.optimizer.warmup_epochs = 0.0
+  # Label smoothing of the cross-entropy loss (optax's a/C formula).
+  config.optimizer.label_smoothing = 0.0
   # Activation blend (ToST's ghost soft neurons): None keeps the model's ReLU;
   # (start, end, hold_epochs, ramp_epochs) uses activations.blend() (ReLU at 0,
   # Swish at 1) with act_coef = start for hold_epochs, then linear to end over
@@ -177,52 +185,55 @@ def get_config() -> ml_collections.ConfigDict:
   # batch_size) overriding the released recipe's, when the preset has LRsI.
   config.tost_lrsi = ml_collections.ConfigDict()
 
-  # --- Run ------------------------------------------------------------------
-  config.seed = 0
-  config.eval_batch_size = 500
-  config.eval_every_epochs = 1
+  # --- Training loop (config.train; train.fit's arguments and FitOptions) ------
+  config.train = ml_collections.ConfigDict()
+  config.train.num_epochs = 160
+  config.train.batch_size = 128
+  config.train.seed = 0
+  config.train.eval_batch_size = 500
+  config.train.eval_every_epochs = 1
   # Checkpoints in WORKDIR/checkpoints: every checkpoint_every_epochs epochs
   # (the last epoch and SIGTERM always save), the last max_to_keep kept; a
   # rerun resumes from the latest readable one.
-  config.max_to_keep = 3
-  config.checkpoint_every_epochs = 1
-  config.async_checkpointing = True
+  config.train.max_to_keep = 3
+  config.train.checkpoint_every_epochs = 1
+  config.train.async_checkpointing = True
   # When training finishes, write WORKDIR/model.sparse: the trained params as
   # kept values + bit-packed mask and the batch-norm statistics as they are
   # (sparsejax.sparse_io), and print its size against the dense arrays and the
   # last checkpoint (results.json "sparse_file"); experiments.lottery writes
   # WORKDIR/level_L/model.sparse per level. "zlib" also deflates the file.
-  config.save_sparse = False
-  config.save_sparse_compression = "none"
+  config.train.save_sparse = False
+  config.train.save_sparse_compression = "none"
   # tqdm progress bar (only shown on a terminal).
-  config.progress_bar = True
+  config.train.progress_bar = True
   # Every this many steps: update the bar's running loss and check the loss is
   # finite (one host sync).
-  config.log_every_steps = 50
-  config.tensorboard = True
+  config.train.log_every_steps = 50
+  config.train.tensorboard = True
   # Devices of the data-parallel mesh; None = all.
-  config.num_devices = config_dict.placeholder(int)
+  config.train.num_devices = config_dict.placeholder(int)
   # Call jax.distributed.initialize() first (multi-host runs).
-  config.distributed = False
+  config.train.distributed = False
   return config
 
 
 def sgd_protocol(config: ml_collections.ConfigDict, *, nesterov: bool,
                  lr_decay_epochs: tuple) -> ml_collections.ConfigDict:
-  """Sets the SPEC §8 CIFAR protocol on ``config`` (for ``config.model``).
+  """Sets the SPEC §8 CIFAR protocol on ``config`` (for ``config.model.name``).
 
   SGD with momentum 0.9 (Nesterov if ``nesterov``), lr 0.1, batch 128, 160
   epochs, lr x0.1 at ``lr_decay_epochs`` (epochs, or fractions of training),
   weight decay 5e-4 for VGG and 1e-4 otherwise; global budget.
   """
-  config.num_epochs = 160
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = nesterov
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = tuple(lr_decay_epochs)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 5e-4 if config.model.startswith("vgg") else 1e-4
+  config.train.num_epochs = 160
+  config.train.batch_size = 128
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = nesterov
+  config.optimizer.schedule = "multistep"
+  config.optimizer.decay_epochs = tuple(lr_decay_epochs)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.weight_decay = 5e-4 if config.model.name.startswith("vgg") else 1e-4
   config.budget = "global"
   return config

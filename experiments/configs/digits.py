@@ -12,14 +12,14 @@ from experiments.configs import default
 def get_config():
   """Returns the digits configuration."""
   config = default.get_config()
-  config.dataset = "digits"
-  config.model = "mlp"
-  config.num_epochs = 20
-  config.batch_size = 64
-  config.learning_rate = 0.05
-  config.momentum = 0.9
-  config.lr_schedule = "cosine"
-  config.weight_decay = 5e-4
-  config.eval_batch_size = 512
-  config.log_every_steps = 20
+  config.data.name = "digits"
+  config.model.name = "mlp"
+  config.train.num_epochs = 20
+  config.train.batch_size = 64
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.schedule = "cosine"
+  config.optimizer.weight_decay = 5e-4
+  config.train.eval_batch_size = 512
+  config.train.log_every_steps = 20
   return config

@@ -16,7 +16,7 @@ Calibration (2-core AMD EPYC, idle): a batch-64 step of ResNet-20 takes about
 about 2 hours. The grid is resumable: rerun the same command to continue.
 
   python -m experiments.dst --config experiments/configs/dst_cpu.py \\
-      --config.data_dir=/path/to/data --workdir runs/dst_cpu
+      --config.data.dir=/path/to/data --workdir runs/dst_cpu
 """
 
 from experiments.configs import dst_rigl_cifar
@@ -25,20 +25,20 @@ from experiments.configs import dst_rigl_cifar
 def get_config():
   """Returns the CPU grid."""
   config = dst_rigl_cifar.get_config()
-  config.model = "resnet20"
-  config.train_subset = 4000
-  config.num_epochs = 12
-  config.batch_size = 64
-  config.weight_decay = 1e-4
-  config.lr_schedule = "cosine"
+  config.model.name = "resnet20"
+  config.data.train_subset = 4000
+  config.train.num_epochs = 12
+  config.train.batch_size = 64
+  config.optimizer.weight_decay = 1e-4
+  config.optimizer.schedule = "cosine"
   config.dst_update_every = 50
   config.methods = ("static", "set", "rigl", "granet")
   config.variants = dict(dst_rigl_cifar.variants(), granet={
       "pruner": "dense", "dst": "granet", "budget": "erk",
       "dst_initial_sparsity": 0.5, "dst_alpha": 0.5})
   config.dst_prune_epochs = (0.0, 0.5)
-  # Test once, at the end (also when --config.num_epochs is changed).
-  config.eval_every_epochs = config.get_ref("num_epochs")
-  config.tensorboard = False
-  config.progress_bar = False
+  # Test once, at the end (also when --config.train.num_epochs is changed).
+  config.train.eval_every_epochs = config.train.get_ref("num_epochs")
+  config.train.tensorboard = False
+  config.train.progress_bar = False
   return config

@@ -23,8 +23,8 @@ def get_config(arg: str | None = None):
   """Returns the GraNet grid for ``arg = "MODEL[,DATASET]"``."""
   model, _, dataset = (arg or "resnet50,cifar10").partition(",")
   config = default.get_config()
-  config.model = model
-  config.dataset = dataset or "cifar10"
+  config.model.name = model
+  config.data.name = dataset or "cifar10"
   default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(0.5, 0.75))
   config.dst_update_every = 1000
   config.dst_prune_epochs = (0, 80)
@@ -42,5 +42,5 @@ def get_config(arg: str | None = None):
   config.sparsities = (0.0, 0.9, 0.95)
   config.seeds = (0, 1, 2)
   config.density_plot_sparsity = config_dict.placeholder(float)
-  config.max_to_keep = 1
+  config.train.max_to_keep = 1
   return config

@@ -11,7 +11,7 @@ accelerator (250 epochs, 27 cells)::
 Training: batch 128, 250 epochs, SGD momentum 0.9, lr 0.1, weight decay
 5e-4, random crop and flip. The learning-rate decay (x0.2 at 30%, 60% and 80%
 of training) is sparsejax's choice where the paper's step schedule could not
-be checked; change ``lr_decay_epochs`` / ``lr_decay_factor`` to match another
+be checked; change ``optimizer.decay_epochs`` / ``optimizer.decay_factor`` to match another
 reference. DST (SPEC §4 defaults): ΔT = 100 steps, drop fraction 0.3 with a
 cosine decay to 0 at 75% of training, the weight update skipped on mask-update
 steps, every conv/dense kernel prunable.
@@ -32,16 +32,16 @@ def variants(budget: str = "erk") -> dict:
 def get_config():
   """Returns the RigL CIFAR-10 grid."""
   config = default.get_config()
-  config.dataset = "cifar10"
-  config.model = "wrn22_2"
-  config.num_epochs = 250
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.weight_decay = 5e-4
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = (0.3, 0.6, 0.8)
-  config.lr_decay_factor = 0.2
+  config.data.name = "cifar10"
+  config.model.name = "wrn22_2"
+  config.train.num_epochs = 250
+  config.train.batch_size = 128
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.schedule = "multistep"
+  config.optimizer.decay_epochs = (0.3, 0.6, 0.8)
+  config.optimizer.decay_factor = 0.2
   config.dst_update_every = 100
   config.dst_alpha = 0.3
   config.dst_end = 0.75
@@ -50,5 +50,5 @@ def get_config():
   config.sparsities = (0.0, 0.9, 0.95)
   config.seeds = (0, 1, 2)
   config.density_plot_sparsity = config_dict.placeholder(float)
-  config.max_to_keep = 1
+  config.train.max_to_keep = 1
   return config

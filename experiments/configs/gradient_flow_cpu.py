@@ -16,7 +16,7 @@ continue.
 
   python -m experiments.gradient_flow \\
       --config experiments/configs/gradient_flow_cpu.py \\
-      --config.data_dir=/path/to/data --workdir runs/gradient_flow_cpu
+      --config.data.dir=/path/to/data --workdir runs/gradient_flow_cpu
 """
 
 from experiments.configs import gradient_flow_lenet5
@@ -25,16 +25,16 @@ from experiments.configs import gradient_flow_lenet5
 def get_config():
   """Returns the CPU run."""
   config = gradient_flow_lenet5.get_config()
-  config.train_subset = 6000
-  config.num_epochs = 20
+  config.data.train_subset = 6000
+  config.train.num_epochs = 20
   config.flow_examples_per_class = 25
   config.prune_start = 0.3
   config.prune_end = 0.7
   config.prune_every = 25
   config.dst_update_every = 25
   config.flow_every = 25
-  # Test once, at the end (also when --config.num_epochs is changed).
-  config.eval_every_epochs = config.get_ref("num_epochs")
-  config.tensorboard = False
-  config.progress_bar = False
+  # Test once, at the end (also when --config.train.num_epochs is changed).
+  config.train.eval_every_epochs = config.train.get_ref("num_epochs")
+  config.train.tensorboard = False
+  config.train.progress_bar = False
   return config

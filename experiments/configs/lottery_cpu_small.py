@@ -23,7 +23,7 @@ trainings of 150 steps extrapolate to about 32 minutes.
 Run on the offline CIFAR-10 copy (``DIR/cifar-10-batches-py``)::
 
   python -m experiments.lottery --config experiments/configs/lottery_cpu_small.py \
-      --config.data_dir=DIR --workdir runs/lth_cpu_small
+      --config.data.dir=DIR --workdir runs/lth_cpu_small
 """
 
 from experiments.configs import lottery_openlth
@@ -32,15 +32,15 @@ from experiments.configs import lottery_openlth
 def get_config():
   """Returns the CPU-sized lottery configuration."""
   config = lottery_openlth.get_config()
-  config.train_subset = 6400
-  config.num_epochs = 3
-  config.lr_schedule = "cosine"
+  config.data.train_subset = 6400
+  config.train.num_epochs = 3
+  config.optimizer.schedule = "cosine"
   config.levels = 3
   config.prune_fraction = 0.5
   config.rewind_step = 0
   # Evaluate only at the end of each training (the last step always is).
-  config.eval_every_epochs = 1000
-  config.tensorboard = False
-  config.progress_bar = False
-  config.log_every_steps = 25
+  config.train.eval_every_epochs = 1000
+  config.train.tensorboard = False
+  config.train.progress_bar = False
+  config.train.log_every_steps = 25
   return config

@@ -15,11 +15,13 @@ def get_config():
   """Returns the digits lottery configuration."""
   config = lottery_openlth.get_config()
   recipe = digits.get_config()  # the MLP training recipe of experiments.train
-  for field in ("dataset", "model", "num_epochs", "batch_size", "learning_rate",
-                "momentum", "lr_schedule", "weight_decay", "eval_batch_size",
-                "log_every_steps"):
-    config[field] = recipe[field]
+  for path in ("data.name", "model.name", "train.num_epochs", "train.batch_size",
+               "optimizer.learning_rate", "optimizer.momentum",
+               "optimizer.schedule", "optimizer.weight_decay",
+               "train.eval_batch_size", "train.log_every_steps"):
+    group, name = path.split(".")
+    config[group][name] = recipe[group][name]
   config.levels = 5
   config.rewind_step = 0
-  config.tensorboard = False
+  config.train.tensorboard = False
   return config

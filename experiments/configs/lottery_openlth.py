@@ -15,7 +15,7 @@ end of epoch 1 instead, ``--config.rewind_step=0`` to the initialisation).
 epoch): 49 trainings of ~160 epochs, sized for an accelerator::
 
   python -m experiments.lottery --config experiments/configs/lottery_openlth.py \
-      --workdir runs/lth_resnet20 [--config.data_dir=DIR]
+      --workdir runs/lth_resnet20 [--config.data.dir=DIR]
 
 Interrupted runs resume where they stopped when the same command is rerun.
 """
@@ -31,8 +31,8 @@ def get_config():
   # Pruning is the lottery procedure below, not a mask at initialisation.
   del config["pruner"]
   del config["sparsity"]
-  config.model = "resnet20"
-  config.dataset = "cifar10"
+  config.model.name = "resnet20"
+  config.data.name = "cifar10"
   default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(80, 120))
 
   # --- Lottery ------------------------------------------------------------------

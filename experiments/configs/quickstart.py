@@ -12,11 +12,13 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """Returns the quickstart configuration."""
   config = ml_collections.ConfigDict()
+  for group in ("data", "model", "optimizer", "train"):
+    config[group] = ml_collections.ConfigDict()
   # Data and model: the offline digits set and LeNet-300-100.
-  config.dataset = "digits"
-  config.model = "mlp"
+  config.data.name = "digits"
+  config.model.name = "mlp"
   # Computation dtype, "float32" or "bfloat16" (see default.py).
-  config.dtype = "float32"
+  config.model.dtype = "float32"
   # Pruning at initialisation: every method at every sparsity, global budget,
   # all kernels prunable. Sparsity 0 is the dense baseline.
   config.methods = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -26,13 +28,13 @@ def get_config() -> ml_collections.ConfigDict:
   # "global", "uniform", "erk" or "er".
   config.budget = "global"
   # Training (the same for every run; one compiled step serves all masks).
-  config.num_epochs = 30
-  config.batch_size = 64
-  config.learning_rate = 0.05
-  config.momentum = 0.9
-  config.nesterov = False
-  config.weight_decay = 5e-4
-  config.lr_schedule = "cosine"
-  config.seed = 0
-  config.eval_batch_size = 512
+  config.train.num_epochs = 30
+  config.train.batch_size = 64
+  config.optimizer.learning_rate = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 5e-4
+  config.optimizer.schedule = "cosine"
+  config.train.seed = 0
+  config.train.eval_batch_size = 512
   return config

@@ -46,10 +46,10 @@ def get_config(arg: str | None = None):
   """Returns the Sup-tickets grid for ``arg = "MODEL[,DATASET]"``."""
   model, _, dataset = (arg or "resnet50,cifar10").partition(",")
   config = default.get_config()
-  config.model = model
-  config.dataset = dataset or "cifar10"
+  config.model.name = model
+  config.data.name = dataset or "cifar10"
   default.sgd_protocol(config, nesterov=False, lr_decay_epochs=(0.5, 0.75))
-  config.num_epochs = 250
+  config.train.num_epochs = 250
   config.dst_prune_epochs = (0.0, 0.5)
   config.sup_cycles = 3
   config.sup_cycle_epochs = 8
@@ -59,5 +59,5 @@ def get_config(arg: str | None = None):
   config.variants = variants()
   config.sparsities = (0.95,)
   config.seeds = (0, 1, 2)
-  config.max_to_keep = 1
+  config.train.max_to_keep = 1
   return config

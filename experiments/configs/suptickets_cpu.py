@@ -22,7 +22,7 @@ superposed evaluations) about 4; the grid about 40 minutes. Resumable:
 rerun the same command to continue.
 
   python -m experiments.suptickets --config experiments/configs/suptickets_cpu.py \\
-      --config.data_dir=/path/to/data --workdir runs/suptickets_cpu
+      --config.data.dir=/path/to/data --workdir runs/suptickets_cpu
 """
 
 from experiments.configs import dst_cpu
@@ -31,8 +31,8 @@ from experiments.configs import dst_cpu
 def get_config():
   """Returns the CPU grid."""
   config = dst_cpu.get_config()
-  config.train_subset = 2500
-  config.num_epochs = 12
+  config.data.train_subset = 2500
+  config.train.num_epochs = 12
   config.dst_update_every = 25
   config.sup_cycles = 3
   config.sup_cycle_epochs = 2

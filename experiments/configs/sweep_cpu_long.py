@@ -16,7 +16,7 @@ each other after 160 epochs), and whether SynFlow's lead at 99.9% holds over
 seeds. With the offline copy of CIFAR-10 the images are JPEG-decoded::
 
   python -m experiments.sweep --config experiments/configs/sweep_cpu_long.py \
-      --config.data_dir=/path/to/data --workdir runs/sweep_cpu_long
+      --config.data.dir=/path/to/data --workdir runs/sweep_cpu_long
 """
 
 from experiments.configs import sweep_cpu_small
@@ -28,6 +28,6 @@ def get_config():
   config.methods = ("snip", "grasp", "synflow")
   config.sparsities = (0.99, 0.999)
   config.seeds = (0, 1, 2)
-  config.train_subset = 20000
-  config.num_epochs = 3
+  config.data.train_subset = 20000
+  config.train.num_epochs = 3
   return config

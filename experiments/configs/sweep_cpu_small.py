@@ -21,11 +21,11 @@ which keep the network connected at extreme sparsity) is the point. With the
 offline copy of CIFAR-10 the images are JPEG-decoded, not the original PNG
 pixels.
 
-``data_dir`` has no default: pass the directory that holds
+``data.dir`` has no default: pass the directory that holds
 ``cifar-10-batches-py/`` (or the downloaded archive)::
 
   python -m experiments.sweep --config experiments/configs/sweep_cpu_small.py \
-      --config.data_dir=/path/to/data --workdir runs/sweep_cpu_small
+      --config.data.dir=/path/to/data --workdir runs/sweep_cpu_small
 """
 
 from experiments.configs import sweep_synflow_paper
@@ -36,12 +36,12 @@ def get_config():
   config = sweep_synflow_paper.get_config("resnet20,cifar10")
   config.sparsities = (0.9, 0.99, 0.999)
   config.seeds = (0,)
-  config.train_subset = 7000
-  config.num_epochs = 2
-  config.batch_size = 64
-  config.lr_schedule = "cosine"
-  # Test once, at the end (also when --config.num_epochs is changed).
-  config.eval_every_epochs = config.get_ref("num_epochs")
-  config.tensorboard = False
-  config.progress_bar = False
+  config.data.train_subset = 7000
+  config.train.num_epochs = 2
+  config.train.batch_size = 64
+  config.optimizer.schedule = "cosine"
+  # Test once, at the end (also when --config.train.num_epochs is changed).
+  config.train.eval_every_epochs = config.train.get_ref("num_epochs")
+  config.train.tensorboard = False
+  config.train.progress_bar = False
   return config

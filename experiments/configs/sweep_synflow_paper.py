@@ -38,5 +38,5 @@ def get_config(arg: str | None = None):
   config.seeds = (0, 1, 2)
   config.density_plot_sparsity = config_dict.placeholder(float)
   # A finished cell needs only its final checkpoint.
-  config.max_to_keep = 1
+  config.train.max_to_keep = 1
   return config

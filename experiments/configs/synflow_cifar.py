@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
   """Returns the SynFlow protocol for ``arg = "MODEL[,DATASET]"``."""
   model, _, dataset = (arg or "resnet18,cifar10").partition(",")
   config = default.get_config()
-  config.model = model
-  config.dataset = dataset or "cifar10"
+  config.model.name = model
+  config.data.name = dataset or "cifar10"
   default.sgd_protocol(config, nesterov=True, lr_decay_epochs=(60, 120))
   return config

@@ -30,17 +30,17 @@ from experiments.configs import default
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the released ToST recipe on ``arg`` (``cifar10`` or ``cifar100``)."""
   config = default.get_config()
-  config.model = "resnet18"
-  config.dataset = arg or "cifar10"
-  config.num_epochs = 182
-  config.batch_size = 128
-  config.learning_rate = 0.1
-  config.momentum = 0.9
-  config.nesterov = False
-  config.lr_schedule = "multistep"
-  config.lr_decay_epochs = (90, 135)
-  config.lr_decay_factor = 0.1
-  config.weight_decay = 2e-4
+  config.model.name = "resnet18"
+  config.data.name = arg or "cifar10"
+  config.train.num_epochs = 182
+  config.train.batch_size = 128
+  config.optimizer.learning_rate = 0.1
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.schedule = "multistep"
+  config.optimizer.decay_epochs = (90, 135)
+  config.optimizer.decay_factor = 0.1
+  config.optimizer.weight_decay = 2e-4
   config.budget = "global"
   # The grid (experiments.tost).
   config.mask_sources = ("random", "snip", "grasp", "synflow")

@@ -33,7 +33,7 @@ step, 15 s per test), a cell of 186 steps takes about 60 s without LRsI and
 to continue.
 
   python -m experiments.tost --config experiments/configs/tost_cpu.py \\
-      --config.data_dir=/path/to/data --workdir runs/tost_cpu
+      --config.data.dir=/path/to/data --workdir runs/tost_cpu
 """
 
 import math
@@ -46,12 +46,12 @@ from experiments.configs import tost_cifar
 def get_config():
   """Returns the CPU grid."""
   config = tost_cifar.get_config("cifar10")
-  config.model = "resnet20"
-  config.train_subset = 2000
-  config.num_epochs = 6
-  config.batch_size = 64
-  config.lr_schedule = "cosine"
-  config.weight_decay = 2e-4
+  config.model.name = "resnet20"
+  config.data.train_subset = 2000
+  config.train.num_epochs = 6
+  config.train.batch_size = 64
+  config.optimizer.schedule = "cosine"
+  config.optimizer.weight_decay = 2e-4
   config.tost_lrsi = ml_collections.ConfigDict(dict(steps=30, batch_size=32))
   config.mask_sources = ("random", "snip", "synflow", "ticket")
   config.recipes = ("none", "ghost", "always_on")
@@ -62,8 +62,8 @@ def get_config():
   config.ticket = ml_collections.ConfigDict(dict(
       levels=2, prune_fraction=1 - math.sqrt(0.02), rewind_step=0,
       eval_every_epochs=1000))
-  # Test once, at the end (also when --config.num_epochs is changed).
-  config.eval_every_epochs = config.get_ref("num_epochs")
-  config.tensorboard = False
-  config.progress_bar = False
+  # Test once, at the end (also when --config.train.num_epochs is changed).
+  config.train.eval_every_epochs = config.train.get_ref("num_epochs")
+  config.train.tensorboard = False
+  config.train.progress_bar = False
   return config
