@@ -38,11 +38,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import sparsejax  # noqa: E402,F401  pylint: disable=unused-import,g-bad-import-order
+from cpu_step import cpu_model  # noqa: E402
+from cpu_step import jax_versus_torch  # noqa: E402
 import jax  # noqa: E402
 from jax import lax  # noqa: E402
 
-from cpu_step import cpu_model, jax_versus_torch  # noqa: E402
+import sparsejax  # noqa: E402,F401  pylint: disable=unused-import,g-bad-import-order
 
 # (count in ResNet-20, spatial size, in channels, out channels, kernel, stride,
 #  whether the input needs a gradient: not the stem's, the image)

@@ -102,7 +102,7 @@ def jax_versus_torch(script: str, description: str, worker, *, reps: int,
     print(json.dumps(worker(args.worker, args.batch, args.reps)))
     sys.exit(0)
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     sys.exit(f"benchmarks/{os.path.basename(script)} needs torch: "
              "pip install -e '.[bench]'")
@@ -122,6 +122,7 @@ def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
 
   if model is None:
@@ -244,7 +245,7 @@ def main():
     return serve(args.worker, args.batch)
 
   try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
     have_torch = True
   except ImportError:
     have_torch = False

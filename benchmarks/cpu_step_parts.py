@@ -35,16 +35,20 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cpu_step import cpu_model, jax_versus_torch, torch_resnet20  # noqa: E402
+from cpu_step import cpu_model  # noqa: E402
+from cpu_step import jax_versus_torch  # noqa: E402
+from cpu_step import torch_resnet20  # noqa: E402
+
 
 def jax_runs(batch: int) -> dict:
   """``{run: callable}`` for the sparsejax ResNet-20: ``"full"`` (the gradient),
   ``"frozen"`` (the gradient with the convolution kernels held fixed) and
   ``"forward"`` (the loss alone)."""
-  import sparsejax as sj  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
+
+  import sparsejax as sj  # pylint: disable=g-import-not-at-top
 
   model = sj.models.get("resnet20", num_classes=10)
   rng = np.random.default_rng(0)

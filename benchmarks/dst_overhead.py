@@ -30,9 +30,9 @@ import time
 
 import jax
 import optax
+from step_overhead import make_step  # the same train step (benchmarks/ is on the path)
 
 import sparsejax as sj
-from step_overhead import make_step  # the same train step (benchmarks/ is on the path)
 
 
 def stablehlo_ops(text: str) -> int:

@@ -77,9 +77,12 @@ START = time.monotonic()  # the budget counts from here, before the imports
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
 import argparse
+from collections.abc import Callable
+from concurrent import futures
 import contextlib
 import dataclasses
 import functools
+from importlib import metadata
 import io
 import json
 import math
@@ -93,19 +96,15 @@ import tarfile
 import threading
 import traceback
 import warnings
-from collections.abc import Callable
-from concurrent import futures
-from importlib import metadata
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from cpu_step import cpu_model  # stdlib only at its module level
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import sparsejax as sj
-
-from cpu_step import cpu_model  # stdlib only at its module level
 
 INPUT_SHAPE = (32, 32, 3)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
@@ -474,9 +473,9 @@ def torch_worker(device: str, precision: str, batch: int, steps: int,
   autocast. The first step (cuDNN autotuning, allocations) is reported as
   ``compile_s`` like JAX's compilation.
   """
+  from cpu_step import torch_resnet20
   import torch
   import torch.nn.functional as F
-  from cpu_step import torch_resnet20
 
   torch.backends.cudnn.benchmark = True
   dev = torch.device(device)

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax import masks, models, scores
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import scores
 
 INPUT_SHAPE = (32, 32, 3)
 

@@ -33,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_step import cpu_model  # noqa: E402  (benchmarks/ is on the path)
+
 import sparsejax as sj  # noqa: E402
 from sparsejax import sparse_inference  # noqa: E402
-from cpu_step import cpu_model  # noqa: E402  (benchmarks/ is on the path)
 
 
 def _masked_variables(model, x, sparsity):

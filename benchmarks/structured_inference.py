@@ -43,9 +43,12 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import sparsejax as sj  # noqa: E402
-from sparsejax import condensed, shrink, sparse_inference  # noqa: E402
 from cpu_step import cpu_model  # noqa: E402  (benchmarks/ is on the path)
+
+import sparsejax as sj  # noqa: E402
+from sparsejax import condensed  # noqa: E402
+from sparsejax import shrink  # noqa: E402
+from sparsejax import sparse_inference  # noqa: E402
 
 
 def _variants(model, x, sparsity):

@@ -27,10 +27,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import sparsejax as sj  # noqa: E402  pylint: disable=g-bad-import-order
+from cpu_step import cpu_model  # noqa: E402
+from cpu_step import jax_worker  # noqa: E402
 import jax  # noqa: E402
 
-from cpu_step import cpu_model, jax_worker  # noqa: E402
+import sparsejax as sj  # noqa: E402  pylint: disable=g-bad-import-order
 
 
 def make_run(recipe: sj.tost.ToST, name: str, batch: int, total_steps: int):

@@ -29,13 +29,13 @@ once training has finished, ``results.json`` and, with ``config.train.save_spars
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import dataclasses
 import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from absl import app
@@ -53,6 +53,7 @@ from sparsejax import budgets
 from sparsejax import data
 from sparsejax import diagnostics
 from sparsejax import dst
+from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
 from sparsejax import mesh as mesh_lib
@@ -60,7 +61,6 @@ from sparsejax import metrics_log
 from sparsejax import models
 from sparsejax import schedules
 from sparsejax import scores
-from sparsejax import losses
 from sparsejax import sparse_io
 from sparsejax import state as state_lib
 from sparsejax import suptickets

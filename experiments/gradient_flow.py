@@ -409,7 +409,7 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
     found = [r for r in rows if r["method"] == method]
     if not found:
       continue
-    col = lambda k, d, s=1.0: _fmt([r[k] for r in found], d, s)
+    col = lambda k, d, s=1.0: _fmt([r[k] for r in found], d, s)  # noqa: B023 (used at once)
     body.append([LABELS[method], f"{int(np.mean([r['weights'] for r in found]))}",
                  col("test_accuracy", 1, 100), col("train_loss", 3),
                  col("grad_norm_init", 3), col("dist_init_to_pruned", 1),

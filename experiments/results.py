@@ -8,10 +8,12 @@ the Agg canvas (no pyplot state, safe in any thread or process).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import csv
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
 
 from etils import epath
 from matplotlib.backends.backend_agg import FigureCanvasAgg

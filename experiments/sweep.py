@@ -58,7 +58,6 @@ resume), 1 with one ``error:`` line on an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from absl import app

@@ -61,7 +61,6 @@ from __future__ import annotations
 import math
 import os
 
-from absl import flags
 from absl import logging
 from etils import epath
 import ml_collections

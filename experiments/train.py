@@ -38,9 +38,11 @@ with ``--verbosity=1`` for the traceback).
 from __future__ import annotations
 
 from experiments import common
-from experiments.common import (  # noqa: F401  (the public names of this runner)
-    EXIT_PREEMPTED, PRUNABLE, PRUNERS, resolve_config, run)
-
+from experiments.common import EXIT_PREEMPTED  # noqa: F401  (the public names of this runner)
+from experiments.common import PRUNABLE  # noqa: F401  (the public names of this runner)
+from experiments.common import PRUNERS  # noqa: F401  (the public names of this runner)
+from experiments.common import resolve_config  # noqa: F401  (the public names of this runner)
+from experiments.common import run  # noqa: F401  (the public names of this runner)
 
 main = common.make_main(run)
 

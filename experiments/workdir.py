@@ -18,9 +18,10 @@ count as their ``experiments/configs/default.py`` value.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Mapping
 import json
 import os
-from collections.abc import Iterable, Mapping
 from typing import Any
 
 from etils import epath

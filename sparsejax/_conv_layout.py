@@ -31,10 +31,11 @@ says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import contextlib
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any
 import warnings
 
 import jax

@@ -387,7 +387,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
 def _intercept(next_fun, args, kwargs, context):
   """The ``flax.linen`` interceptor of :func:`fast_path`."""
   # Imported here: `import sparsejax` imports this module before the models.
-  from sparsejax.models import activations, norm  # pylint: disable=g-import-not-at-top
+  from sparsejax.models import activations  # pylint: disable=g-import-not-at-top
+  from sparsejax.models import norm  # pylint: disable=g-import-not-at-top
   module, method = context.module, context.method_name
   if _plain():
     return next_fun(*args, **kwargs)

@@ -8,8 +8,8 @@ available as ``sparsejax.train.recompute_batch_stats``.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
+import functools
 from typing import Any
 
 import flax

@@ -55,11 +55,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
 import dataclasses
 import gc
 import hashlib
@@ -24,7 +27,6 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from etils import epath

@@ -58,15 +58,15 @@ run in another order).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from sparsejax import _select
 from sparsejax import masks

@@ -83,18 +83,21 @@ Without ``data_dir`` the on-disk search looks in ``$SPARSEJAX_DATA_DIR``,
 from __future__ import annotations
 
 import codecs
+from collections.abc import Iterator
+from collections.abc import Sequence
 import dataclasses
 import importlib.util
 import io
 import math
 import os
+from pathlib import Path
 import pickle
 import posixpath
 import tarfile
+from typing import Any
+from typing import BinaryIO
+from typing import NamedTuple
 import zlib
-from collections.abc import Iterator, Sequence
-from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -622,7 +625,8 @@ def _decode_images(paths: Sequence[Path],
 
     All images must have ``shape`` (default: the shape of the first one).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+    from PIL import UnidentifiedImageError
 
     out = np.zeros((len(paths), *shape), np.uint8) if shape is not None else None
     for i, path in enumerate(paths):

@@ -35,8 +35,8 @@ sharing of convolutions makes this harmless for conv kernels in practice.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
+import functools
 from typing import Any
 
 import jax
@@ -44,7 +44,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparsejax import masks
-from sparsejax.scores import ApplyFn, as_apply_fn, precision_scope
+from sparsejax.scores import ApplyFn
+from sparsejax.scores import as_apply_fn
+from sparsejax.scores import precision_scope
 
 PyTree = Any
 

@@ -55,9 +55,12 @@ The state is :class:`DSTState`; it contains a
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from collections.abc import Sequence
-from typing import Any, Callable, NamedTuple, Union
+import math
+from typing import Any
+from typing import NamedTuple
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -75,7 +78,7 @@ from sparsejax import optim
 from sparsejax._sort_keys import sortable_bits
 
 PyTree = Any
-ScalarOrSchedule = Union[float, optax.Schedule]
+ScalarOrSchedule = Union[float, optax.Schedule]  # noqa: UP007 (a runtime alias)
 
 
 class DSTState(NamedTuple):
@@ -336,7 +339,7 @@ class MaskStep(NamedTuple):
   survivors: PyTree
 
 
-MaskUpdate = Callable[..., Union[PyTree, MaskStep]]
+MaskUpdate = Callable[..., PyTree | MaskStep]
 """``(mask, params, grads, key, t) -> new_mask`` (or a :class:`MaskStep`),
 traced inside ``lax.cond``."""
 

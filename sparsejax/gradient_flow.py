@@ -29,8 +29,9 @@ input unit the one before it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import chex

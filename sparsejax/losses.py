@@ -9,7 +9,8 @@ the mean. :func:`smoothed_cross_entropy` is the default one.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -66,12 +66,14 @@ The experiment driver is ``python -m experiments.lottery``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import io
 import json
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from etils import epath

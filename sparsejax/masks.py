@@ -38,10 +38,11 @@ masks keep them dense and budgets and summaries do not count them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Sequence
 import dataclasses
 import functools
 import re
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax

@@ -20,13 +20,15 @@ same data.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Sequence
 import hashlib
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 PyTree = Any
 

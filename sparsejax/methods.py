@@ -74,10 +74,12 @@ A new method is one dataclass and :func:`register`::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -93,13 +95,12 @@ from sparsejax import hooks as hooks_lib
 from sparsejax import losses
 from sparsejax import lottery
 from sparsejax import masks
+from sparsejax import models
 from sparsejax import optim
 from sparsejax import scores
+from sparsejax import state as state_lib
 from sparsejax import suptickets
 from sparsejax import tost
-from sparsejax import state as state_lib
-from sparsejax import train
-from sparsejax import models
 from sparsejax.models import activations
 
 PyTree = Any

@@ -16,10 +16,11 @@ and ``s3://`` itself; for any other location pass ``tensorboard=False``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Iterable
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
 
 from etils import epath
 import jax

@@ -40,8 +40,9 @@ Example (shapes only, by ``jax.eval_shape``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import contextlib
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn

@@ -29,8 +29,11 @@ import numpy as np
 
 from sparsejax import budgets
 from sparsejax import masks
-from sparsejax._select import (  # noqa: F401  (the public N:M helpers)
-    group_counts, keep_top_in_groups, nm_groups, nm_keep, nm_ungroup)
+from sparsejax._select import group_counts  # noqa: F401  (the public N:M helpers)
+from sparsejax._select import keep_top_in_groups  # noqa: F401  (the public N:M helpers)
+from sparsejax._select import nm_groups  # noqa: F401  (the public N:M helpers)
+from sparsejax._select import nm_keep  # noqa: F401  (the public N:M helpers)
+from sparsejax._select import nm_ungroup  # noqa: F401  (the public N:M helpers)
 
 PyTree = Any
 

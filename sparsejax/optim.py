@@ -20,7 +20,9 @@ state instead of matching known state classes.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, Union
+from typing import Any
+from typing import NamedTuple
+from typing import Union
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +32,7 @@ from sparsejax import masks
 
 PyTree = Any
 #: A mask, or a function ``params -> mask`` (called by ``init``).
-MaskOrFn = Union[PyTree, Callable[[PyTree], PyTree]]
+MaskOrFn = Union[PyTree, Callable[[PyTree], PyTree]]  # noqa: UP007 (a runtime alias)
 
 
 class MaskedState(NamedTuple):

@@ -50,18 +50,23 @@ The reference scoring sample is class balanced, 10 examples per class
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import functools
-import warnings
-from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import budgets, losses, masks, modeling
+from sparsejax import budgets
+from sparsejax import losses
+from sparsejax import masks
+from sparsejax import modeling
 
 PyTree = Any
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow")
@@ -94,7 +99,7 @@ class ApplyFn:
   def __call__(self, params: PyTree, x: jax.Array, train: bool = False):
     return self.fn(params, self.state, x, train)
 
-  def replace(self, **changes) -> "ApplyFn":
+  def replace(self, **changes) -> ApplyFn:
     return dataclasses.replace(self, **changes)
 
 

@@ -55,8 +55,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn

@@ -40,15 +40,15 @@ rounding (the sums run in another order).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
+from jax.experimental import sparse
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import sparse
 
 from sparsejax import masks
 

@@ -47,6 +47,7 @@ device, numpy). Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 import hashlib
 import json
@@ -54,9 +55,8 @@ import os
 import struct
 import sys
 import tempfile
-import zlib
-from collections.abc import Mapping
 from typing import Any
+import zlib
 
 from etils import epath
 import jax

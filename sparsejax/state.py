@@ -20,8 +20,8 @@ Example:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
+import functools
 from typing import Any
 
 import flax

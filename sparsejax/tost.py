@@ -63,10 +63,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn

@@ -68,6 +68,9 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
 import contextlib
 import dataclasses
 import functools
@@ -75,8 +78,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from etils import epath
 import flax
@@ -89,7 +91,6 @@ import tqdm
 
 from sparsejax import _paths
 from sparsejax import checkpoints as ckpt_lib
-from sparsejax.batch_stats import BN_VARIANCE_MODES, recompute_batch_stats  # noqa: F401  (re-exported)
 from sparsejax import data as data_lib
 from sparsejax import hooks as hooks_lib
 from sparsejax import losses
@@ -99,6 +100,8 @@ from sparsejax import metrics_log
 from sparsejax import modeling
 from sparsejax import schedules
 from sparsejax import state as state_lib
+from sparsejax.batch_stats import BN_VARIANCE_MODES  # noqa: F401  (re-exported)
+from sparsejax.batch_stats import recompute_batch_stats  # noqa: F401  (re-exported)
 
 PyTree = Any
 logger = logging.getLogger(__name__)

@@ -17,7 +17,14 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from sparsejax import budgets, data, masks, models, schedules, scores, state, train
+from sparsejax import budgets
+from sparsejax import data
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import schedules
+from sparsejax import scores
+from sparsejax import state
+from sparsejax import train
 
 DIGITS = dict(learning_rate=0.05, momentum=0.9, kind="cosine", weight_decay=5e-4)
 

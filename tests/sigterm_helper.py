@@ -20,7 +20,8 @@ import runpy
 import signal
 import sys
 
-from sparsejax import hooks, train
+from sparsejax import hooks
+from sparsejax import train
 
 
 class SigtermAt(hooks.Callback):

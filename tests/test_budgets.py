@@ -6,7 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, dst, lottery, masks, scores
+from sparsejax import budgets
+from sparsejax import dst
+from sparsejax import lottery
+from sparsejax import masks
+from sparsejax import scores
 
 
 def _params():

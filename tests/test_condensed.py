@@ -1,16 +1,19 @@
 """Constant fan-in masks, condensed layers and condensed files (sparsejax.condensed)."""
 
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import condensed, masks, models, sparse_io
+from sparsejax import condensed
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import sparse_io
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +151,8 @@ def test_condensed_resnet_convs_match_and_non_constant_layers_stay_dense():
   ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       {**variables, "params": masks.apply(variables["params"], mask)}, x)
   for rows in (1, 10**9):
-    got = jax.jit(lambda v, x: condensed.apply(
-        model, v, x, train=False, gather_max_rows=rows))(cvars, x)
+    fn = lambda v, x, rows=rows: condensed.apply(model, v, x, train=False, gather_max_rows=rows)
+    got = jax.jit(fn)(cvars, x)
     assert float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))) < 1e-6
   back = condensed.uncondense(cvars)
   for a, b in zip(jax.tree.leaves(back["params"]),

@@ -5,12 +5,15 @@ import re
 import warnings
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import _conv_layout, masks, models, scores
+from sparsejax import _conv_layout
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import scores
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

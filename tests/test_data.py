@@ -2,18 +2,18 @@
 
 import collections
 import os
+from pathlib import Path
 import pickle
 import shutil
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from sparsejax import data
 

@@ -5,7 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax import diagnostics, masks, scores
+from sparsejax import diagnostics
+from sparsejax import masks
+from sparsejax import scores
 
 
 def _mlp_params():

@@ -15,9 +15,9 @@ skipped where Sphinx (the ``docs`` extra) is not installed.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -6,7 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, dst, masks, optim
+from sparsejax import budgets
+from sparsejax import dst
+from sparsejax import masks
+from sparsejax import optim
 
 
 def _b(*xs):

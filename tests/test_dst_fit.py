@@ -8,8 +8,8 @@ tests/test_dst_experiment.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -17,10 +17,15 @@ import numpy as np
 import optax
 import pytest
 
-import dataclasses
-
-from sparsejax import budgets, condensed, data, dst, masks, models, state
-from tests.test_fit_hooks import SAMPLE, run  # the same digits/MLP training settings
+from sparsejax import budgets
+from sparsejax import condensed
+from sparsejax import data
+from sparsejax import dst
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import state
+from tests.test_fit_hooks import SAMPLE  # the same digits/MLP training settings
+from tests.test_fit_hooks import run  # the same digits/MLP training settings
 
 SPE = 44
 

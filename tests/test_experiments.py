@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,8 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 from experiments import common  # noqa: E402
 from experiments import train as exp_train  # noqa: E402
-from experiments.configs import default, digits, grasp_cifar, quickstart, synflow_cifar  # noqa: E402
-from sparsejax import data, schedules  # noqa: E402
+from experiments.configs import default  # noqa: E402
+from experiments.configs import digits  # noqa: E402
+from experiments.configs import grasp_cifar  # noqa: E402
+from experiments.configs import quickstart  # noqa: E402
+from experiments.configs import synflow_cifar  # noqa: E402
+from sparsejax import data  # noqa: E402
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
@@ -217,6 +221,7 @@ def test_ticket_sparsity_must_be_the_tickets(tmp_path):
 
 def test_config_dtype_is_the_models_computation_dtype():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   from experiments import common  # pylint: disable=g-import-not-at-top
   from sparsejax import models  # pylint: disable=g-import-not-at-top
   config = default.get_config()
@@ -300,7 +305,10 @@ def test_quickstart_prints_the_table(tmp_path):
 
 def test_experiment_writes_the_sparse_file_of_an_nm_run(tmp_path):
   import jax  # pylint: disable=g-import-not-at-top
-  from sparsejax import budgets, nm, sparse_io  # pylint: disable=g-import-not-at-top
+
+  from sparsejax import budgets  # pylint: disable=g-import-not-at-top
+  from sparsejax import nm  # pylint: disable=g-import-not-at-top
+  from sparsejax import sparse_io  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = lambda n: rng.integers(0, 256, (n, 8, 8, 1), dtype=np.uint8)
   labels = lambda n: (np.arange(n) % 10).astype(np.int32)

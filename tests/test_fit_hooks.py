@@ -16,8 +16,18 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import checkpoints, data, hooks, losses, masks, models, optim, schedules, state, tost, train
+from sparsejax import checkpoints
+from sparsejax import data
+from sparsejax import hooks
+from sparsejax import losses
+from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import models
+from sparsejax import optim
+from sparsejax import schedules
+from sparsejax import state
+from sparsejax import tost
+from sparsejax import train
 from sparsejax.models import activations
 
 SPE = 44  # steps per epoch: 1437 digits // 32

@@ -13,12 +13,12 @@ import io
 import json
 import math
 import os
+from pathlib import Path
 import re
 import subprocess
 import sys
 import tarfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -16,7 +16,14 @@ import optax
 import pytest
 from scipy import stats
 
-from sparsejax import budgets, data, dst, gradient_flow as gf, hooks, masks, models, state, train
+from sparsejax import budgets
+from sparsejax import data
+from sparsejax import dst
+from sparsejax import gradient_flow as gf
+from sparsejax import hooks
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import state
 from tests.test_fit_hooks import run as fit_run
 
 SPE = 43  # (1437 - 50 held out) // 32

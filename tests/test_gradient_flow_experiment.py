@@ -9,7 +9,8 @@ import os
 import pytest
 
 from experiments import gradient_flow as runner
-from experiments.configs import gradient_flow_cpu, gradient_flow_lenet5
+from experiments.configs import gradient_flow_cpu
+from experiments.configs import gradient_flow_lenet5
 
 
 def test_grid_on_digits(tmp_path):

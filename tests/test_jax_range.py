@@ -1,8 +1,8 @@
 """The tested JAX range: one place holds it, the pins agree, the import warns."""
 
+from pathlib import Path
 import re
 import warnings
-from pathlib import Path
 
 import jax
 import pytest

@@ -6,12 +6,7 @@ tests/test_lottery_experiment.py."""
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -23,8 +18,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from sparsejax import budgets, checkpoints, data, lottery, masks, models, optim, schedules, state as state_lib, train  # noqa: E402
+from sparsejax import budgets  # noqa: E402
+from sparsejax import checkpoints  # noqa: E402
+from sparsejax import data  # noqa: E402
+from sparsejax import lottery  # noqa: E402
+from sparsejax import masks  # noqa: E402
 from sparsejax import mesh as mesh_lib  # noqa: E402
+from sparsejax import models  # noqa: E402
+from sparsejax import optim  # noqa: E402
+from sparsejax import schedules  # noqa: E402
+from sparsejax import state as state_lib  # noqa: E402
+from sparsejax import train  # noqa: E402
 from tests.fitting import digits_optimizer  # noqa: E402
 
 #: Prunable weights of the MLP on 8x8 digits: 64*300 + 300*100 + 100*10.
@@ -117,7 +121,7 @@ def test_density_after_L_levels_is_exactly_0_8_to_the_L():
     new = lottery.prune_level(trained, mask, level)
     assert masks.summary(new).kept == count == round(0.8 ** level * N)
     assert lottery.level_sparsity(level) == pytest.approx(1 - 0.8 ** level)
-    for (path, old_m), new_m, w in zip(masks.named_leaves(mask), leaves(new),
+    for (path, old_m), new_m, _w in zip(masks.named_leaves(mask), leaves(new),
                                        leaves(trained)):
       old_m = np.asarray(old_m)
       assert new_m.dtype == bool

@@ -7,24 +7,29 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from experiments import lottery as exp_lottery  # noqa: E402
-from experiments.configs import lottery_cpu_small, lottery_digits, lottery_openlth  # noqa: E402
 from experiments import common  # noqa: E402
-from sparsejax import lottery, masks  # noqa: E402
+from experiments import lottery as exp_lottery  # noqa: E402
+from experiments.configs import lottery_cpu_small  # noqa: E402
+from experiments.configs import lottery_digits  # noqa: E402
+from experiments.configs import lottery_openlth  # noqa: E402
+from sparsejax import lottery  # noqa: E402
+from sparsejax import masks  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
-from tests.test_lottery import (N, assert_trees_equal, checkpoint_params,  # noqa: E402
-                                leaves, read_history)
+from tests.test_lottery import N  # noqa: E402
+from tests.test_lottery import assert_trees_equal  # noqa: E402
+from tests.test_lottery import checkpoint_params  # noqa: E402
+from tests.test_lottery import leaves  # noqa: E402
+from tests.test_lottery import read_history  # noqa: E402
 
 
 def mlp_config(**overrides):

@@ -42,8 +42,8 @@ from sparsejax import mesh as mesh_lib
 from sparsejax import modeling
 from sparsejax import models
 from sparsejax import scores
-from sparsejax import state as state_lib
 from sparsejax import sparse_inference
+from sparsejax import state as state_lib
 from sparsejax import suptickets
 from sparsejax import tost
 from sparsejax import train

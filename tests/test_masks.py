@@ -2,13 +2,14 @@
 
 import dataclasses
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from sparsejax import budgets, masks
+from sparsejax import budgets
+from sparsejax import masks
 
 
 def _params():
@@ -74,7 +75,7 @@ def test_traced_sparsity_under_jit_matches_python():
       lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
   for budget in (budgets.Global(), budgets.Uniform()):
     ref = masks.topk_mask(scores, 0.83, budget=budget)
-    got = jax.jit(lambda s, sp: masks.topk_mask(s, sp, budget=budget))(
+    got = jax.jit(lambda s, sp: masks.topk_mask(s, sp, budget=budget))(  # noqa: B023
         scores, jnp.float32(0.83))
     assert _kept(got) == _kept(ref)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):

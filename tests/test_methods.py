@@ -14,9 +14,21 @@ import numpy as np
 import optax
 import pytest
 
+from sparsejax import budgets
+from sparsejax import dst
+from sparsejax import gradient_flow
 from sparsejax import hooks as hooks_lib
-from sparsejax import (budgets, dst, gradient_flow, losses, lottery, masks, methods,
-                       models, optim, scores, state as state_lib, suptickets, tost, train)
+from sparsejax import losses
+from sparsejax import lottery
+from sparsejax import masks
+from sparsejax import methods
+from sparsejax import models
+from sparsejax import optim
+from sparsejax import scores
+from sparsejax import state as state_lib
+from sparsejax import suptickets
+from sparsejax import tost
+from sparsejax import train
 from sparsejax.models import activations
 
 ALL = ("dense", "random", "magnitude", "snip", "grasp", "synflow", "ticket", "imp",
@@ -515,7 +527,8 @@ def test_registry_mlp_residual_and_pytorch_initialisation():
 
 def test_build_gives_fit_a_run_that_trains_the_method(tmp_path):
   """One fit: Magnitude + SparseInit, the mask and weights of build."""
-  from sparsejax import data, schedules  # pylint: disable=g-import-not-at-top
+  from sparsejax import data  # pylint: disable=g-import-not-at-top
+  from sparsejax import schedules  # pylint: disable=g-import-not-at-top
   ds = data.load("digits")
   model = models.get("mlp", 10, hidden=(32,))
   spe = schedules.steps_per_epoch(ds.num_train, 256)

@@ -8,7 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import gradient_flow, modeling, models, scores, tost
+from sparsejax import gradient_flow
+from sparsejax import modeling
+from sparsejax import models
+from sparsejax import scores
+from sparsejax import tost
 from sparsejax.models import activations
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import modeling, models
+from sparsejax import modeling
+from sparsejax import models
 from sparsejax.models import activations
 
 ALL_NAMES = (

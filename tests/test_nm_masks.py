@@ -1,14 +1,18 @@
 """N:M budgets: exact counts per group, ties, errors, pruning methods, DST."""
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
-from sparsejax import budgets, dst, masks, nm, optim, scores
-
+from sparsejax import budgets
+from sparsejax import dst
+from sparsejax import masks
+from sparsejax import nm
+from sparsejax import optim
+from sparsejax import scores
 
 TWO_FOUR = budgets.NM(2, 4)
 
@@ -177,7 +181,7 @@ def test_rigl_keeps_nm_through_updates():
   p = masks.apply(params, mask)
   update = jax.jit(tx.update)
   for step in range(2):
-    grads = jax.tree.map(lambda x: _normal(10 + step, x.shape), p)
+    grads = jax.tree.map(lambda x: _normal(10 + step, x.shape), p)  # noqa: B023
     updates, state = update(grads, state, p)
     p = optax.apply_updates(p, updates)
     new = optim.get_mask(state)

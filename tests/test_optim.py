@@ -1,14 +1,16 @@
 """The masked optimiser: exact zeros, moment resets, no retrace (SPEC §1, §4)."""
 
+from flax import linen as nn
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
-from flax import nnx
 
-from sparsejax import budgets, masks, optim
+from sparsejax import budgets
+from sparsejax import masks
+from sparsejax import optim
 
 OPTIMIZERS = {
     "sgd": lambda: optax.sgd(0.3),

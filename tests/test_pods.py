@@ -9,11 +9,12 @@ tests/test_multihost.py."""
 
 import pathlib
 
+from fake_gcs import fake_gcs
 import jax
 import pytest
 
 import sparsejax as sj
-from fake_gcs import fake_gcs
+
 
 class _FakeDevice:
 

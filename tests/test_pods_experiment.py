@@ -8,12 +8,12 @@ import pathlib
 import subprocess
 import sys
 
+from fake_gcs import fake_gcs
 import pytest
 
-import sparsejax as sj
 from experiments import train as exp_train
 from experiments.configs import digits
-from fake_gcs import fake_gcs
+import sparsejax as sj
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -11,9 +11,9 @@ checks the ``model.sparse`` round trip.
 
 from __future__ import annotations
 
+from pathlib import Path
 import re
 import textwrap
-from pathlib import Path
 
 import pytest
 

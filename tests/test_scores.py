@@ -9,7 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import _xla_cpu, budgets, diagnostics, masks, scores
+from sparsejax import _xla_cpu
+from sparsejax import budgets
+from sparsejax import diagnostics
+from sparsejax import masks
+from sparsejax import scores
 
 # ----------------------------------------------------------------------------
 # A two-layer linear model whose gradient and Hessian we write in numpy
@@ -210,7 +214,7 @@ def test_synflow_abs_the_batch_norm_statistics():
   want = scores.synflow_scores(params, m, apply_fn.replace(state=abs_state), (3,))
   raw = scores.synflow_scores(
       params, m, lambda p, x, t: model.apply({"params": p, **apply_fn.state}, x), (3,))
-  for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(raw)):
+  for a, b, _c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(raw)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert not np.allclose(got["Dense_0"]["kernel"], raw["Dense_0"]["kernel"])
 

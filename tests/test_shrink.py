@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import condensed, masks, models, shrink
+from sparsejax import condensed
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import shrink
 
 
 def _init(model, x, seed=0):

@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax import masks, models, sparse_inference
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import sparse_inference
 
 
 class _Net(nn.Module):

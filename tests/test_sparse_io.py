@@ -1,17 +1,17 @@
 """Compressed sparse model files: bitwise round trips, sizes, clear errors."""
 
-import json
 import math
 import os
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
-from flax import nnx
 
-from sparsejax import masks, models, sparse_io
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import sparse_io
 
 
 def _random_like(abstract, seed=0):

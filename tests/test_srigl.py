@@ -6,8 +6,12 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, condensed, dst, masks, optim, scores
-
+from sparsejax import budgets
+from sparsejax import condensed
+from sparsejax import dst
+from sparsejax import masks
+from sparsejax import optim
+from sparsejax import scores
 from tests import test_lowering as lowering
 
 

@@ -9,10 +9,6 @@ with batch norm, in seconds.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,10 +16,21 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import data, dst, hooks, masks, models, optim, state, suptickets, train
+from sparsejax import data
+from sparsejax import dst
+from sparsejax import hooks
+from sparsejax import masks
+from sparsejax import models
+from sparsejax import optim
+from sparsejax import state
+from sparsejax import suptickets
+from sparsejax import train
 from sparsejax.models import norm
 from tests.sigterm_helper import sigterm_at_step
-from tests.test_fit_hooks import assert_trees_equal, read_jsonl, run, without_timing
+from tests.test_fit_hooks import assert_trees_equal
+from tests.test_fit_hooks import read_jsonl
+from tests.test_fit_hooks import run
+from tests.test_fit_hooks import without_timing
 
 SPE = 44  # 1437 digits // 32
 
@@ -122,7 +129,7 @@ def test_mask_updates_only_in_the_dst_phase_and_one_large_one_per_cycle_start():
     # gradients only where the mask is off: growth never picks a dropped weight
     noise = jax.random.uniform(jax.random.fold_in(keys[3], t), (26, 10))
     grads = jax.tree.map(
-        lambda m, p: jnp.where(m, 0.0, 1.0 + noise[:p.shape[0], :p.shape[-1]]
+        lambda m, p: jnp.where(m, 0.0, 1.0 + noise[:p.shape[0], :p.shape[-1]]  # noqa: B023
                                if p.ndim > 1 else 1.0), old, params)
     before = int(state.mask_updates)
     updates, state = update(grads, state, params)

@@ -13,7 +13,6 @@ from experiments import sweep
 from experiments.configs import suptickets_cpu
 from tests.test_fit_hooks import read_jsonl
 
-
 # ----------------------------------------------------------------------------
 # experiments.suptickets
 # ----------------------------------------------------------------------------

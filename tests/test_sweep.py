@@ -5,9 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,13 @@ from experiments import prune_at_init  # noqa: E402
 from experiments import sweep  # noqa: E402
 from experiments.configs import digits  # noqa: E402
 from experiments.configs import prune_at_init as prune_at_init_config  # noqa: E402
-from experiments.configs import sweep_cpu_long, sweep_cpu_small, sweep_synflow_paper  # noqa: E402
-from sparsejax import data, masks, models, scores  # noqa: E402
+from experiments.configs import sweep_cpu_long  # noqa: E402
+from experiments.configs import sweep_cpu_small  # noqa: E402
+from experiments.configs import sweep_synflow_paper  # noqa: E402
+from sparsejax import data  # noqa: E402
+from sparsejax import masks  # noqa: E402
+from sparsejax import models  # noqa: E402
+from sparsejax import scores  # noqa: E402
 from sparsejax import state as state_lib  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 

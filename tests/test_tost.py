@@ -8,8 +8,16 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax import budgets, data, masks, modeling, models, schedules, state as state_lib, tost, train
+from sparsejax import budgets
+from sparsejax import data
+from sparsejax import masks
 from sparsejax import mesh as mesh_lib
+from sparsejax import modeling
+from sparsejax import models
+from sparsejax import schedules
+from sparsejax import state as state_lib
+from sparsejax import tost
+from sparsejax import train
 from sparsejax.models import activations
 
 X16 = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))

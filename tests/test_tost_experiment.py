@@ -10,7 +10,8 @@ import pytest
 
 from experiments import common
 from experiments import tost as tost_runner
-from experiments.configs import tost_cifar, tost_cpu
+from experiments.configs import tost_cifar
+from experiments.configs import tost_cpu
 
 
 def _config():

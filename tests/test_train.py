@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from sparsejax import checkpoints, data, masks, models, optim, schedules, state, train  # noqa: E402
-from tests.fitting import digits_fit, digits_optimizer, magnitude_mask_fn  # noqa: E402
+from sparsejax import checkpoints  # noqa: E402
+from sparsejax import data  # noqa: E402
+from sparsejax import masks  # noqa: E402
+from sparsejax import models  # noqa: E402
+from sparsejax import optim  # noqa: E402
+from sparsejax import schedules  # noqa: E402
+from sparsejax import state  # noqa: E402
+from sparsejax import train  # noqa: E402
+from tests.fitting import digits_fit  # noqa: E402
+from tests.fitting import digits_optimizer  # noqa: E402
+from tests.fitting import magnitude_mask_fn  # noqa: E402
 from tests.sigterm_helper import sigterm_at_step  # noqa: E402
 
 TIMING_KEYS = ("epoch_seconds", "steps_per_second")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +19,8 @@ from experiments import prune_at_init  # noqa: E402
 from experiments import sweep  # noqa: E402
 from experiments import train as exp_train  # noqa: E402
 from experiments import workdir as workdir_lib  # noqa: E402
-from experiments.configs import digits, lottery_digits  # noqa: E402
+from experiments.configs import digits  # noqa: E402
+from experiments.configs import lottery_digits  # noqa: E402
 from sparsejax import checkpoints  # noqa: E402
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -38,7 +39,7 @@ def digits_config(**overrides):
 def snapshot(directory) -> dict:
   """Every file (relative path: SHA-256 of its bytes) and every folder."""
   out = {}
-  for root, dirs, files in os.walk(directory):
+  for root, _dirs, files in os.walk(directory):
     rel = os.path.relpath(root, directory)
     out[rel + os.sep] = "folder"
     for name in files:

@@ -165,7 +165,9 @@ def test_import_after_jax_started_warns_through_real_jax():
 def test_models_conv_same_gradients_and_cpu_only_materialisation():
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from sparsejax import modeling, models  # pylint: disable=g-import-not-at-top
+
+  from sparsejax import modeling  # pylint: disable=g-import-not-at-top
+  from sparsejax import models  # pylint: disable=g-import-not-at-top
 
   # resnet20's convs are activations.Conv: modeling.apply_model's fast path
   # materialises their inputs; a bare model.apply is the plain reference.
@@ -200,6 +202,7 @@ def _bn_pair(x, *, train):
   """Variables, outputs and updated statistics of sparsejax's and flax's BN."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+
   from sparsejax.models import norm  # pylint: disable=g-import-not-at-top
 
   ours = norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
@@ -275,8 +278,8 @@ def test_batch_norm_reductions_are_gemvs_on_cpu_only():
 
 def test_plain_ops_traces_without_the_cpu_rewrites_and_restores_them():
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jax import lax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   x = jax.random.normal(jax.random.key(1), (2, 6, 6, 3))
   w = jax.random.normal(jax.random.key(2), (3, 3, 3, 4))

@@ -37,27 +37,34 @@ A training step updates the batch-norm statistics::
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 
 from sparsejax.models import activations
 from sparsejax.models import scalars
-from sparsejax.models.mobilenet import InvertedResidual, MobileNetV2
-from sparsejax.models.resnet import (
-    BasicBlock,
-    Bottleneck,
-    ResNet,
-    ResNet18,
-    ResNet20,
-    ResNet32,
-    ResNet50,
-    ResNet56,
-)
-from sparsejax.models.small import MLP, LeNet5
-from sparsejax.models.vgg import VGG, VGG11, VGG16, VGG19
-from sparsejax.models.wide_resnet import WRN22_2, WRN28_10, WideBasicBlock, WideResNet
+from sparsejax.models.mobilenet import InvertedResidual
+from sparsejax.models.mobilenet import MobileNetV2
+from sparsejax.models.resnet import BasicBlock
+from sparsejax.models.resnet import Bottleneck
+from sparsejax.models.resnet import ResNet
+from sparsejax.models.resnet import ResNet18
+from sparsejax.models.resnet import ResNet20
+from sparsejax.models.resnet import ResNet32
+from sparsejax.models.resnet import ResNet50
+from sparsejax.models.resnet import ResNet56
+from sparsejax.models.small import MLP
+from sparsejax.models.small import LeNet5
+from sparsejax.models.vgg import VGG
+from sparsejax.models.vgg import VGG11
+from sparsejax.models.vgg import VGG16
+from sparsejax.models.vgg import VGG19
+from sparsejax.models.wide_resnet import WRN22_2
+from sparsejax.models.wide_resnet import WRN28_10
+from sparsejax.models.wide_resnet import WideBasicBlock
+from sparsejax.models.wide_resnet import WideResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "resnet20": ResNet20,

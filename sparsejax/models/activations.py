@@ -22,8 +22,8 @@ gain"), the variance-preserving choice for ReLU networks.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import functools
-from typing import Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from sparsejax.models import norm as norm_lib
 
 Array = jax.Array
-Activation = Callable[[Array, Optional[Array]], Array]
+Activation = Callable[[Array, Array | None], Array]
 """An activation ``act(x, coef) -> y``; ``coef`` is ``None`` or a scalar."""
 
 HE_GAIN = 2.0
@@ -55,13 +55,13 @@ def he_normal(gain: float = HE_GAIN) -> nn.initializers.Initializer:
   return nn.initializers.variance_scaling(gain, "fan_in", "normal")
 
 
-def relu(x: Array, coef: Optional[Array] = None) -> Array:
+def relu(x: Array, coef: Array | None = None) -> Array:
   """Rectified linear unit ``max(x, 0)``; ``coef`` is ignored."""
   del coef
   return jax.nn.relu(x)
 
 
-def swish(x: Array, coef: Optional[Array] = None) -> Array:
+def swish(x: Array, coef: Array | None = None) -> Array:
   """Swish / SiLU ``x * sigmoid(x)``; ``coef`` is ignored."""
   del coef
   return jax.nn.swish(x)
@@ -87,7 +87,7 @@ def blend(
     An activation ``act(x, coef) -> Array`` with the shape and dtype of ``x``.
   """
 
-  def act(x: Array, coef: Optional[Array] = None) -> Array:
+  def act(x: Array, coef: Array | None = None) -> Array:
     if coef is None:
       return a(x)
     coef = jnp.asarray(coef, x.dtype)

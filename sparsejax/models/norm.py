@@ -12,12 +12,12 @@ reductions; see ``sparsejax/_xla_cpu.py``).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 
 class BatchNorm(nn.Module):
@@ -44,7 +44,7 @@ class BatchNorm(nn.Module):
   use_running_average: bool = False
   momentum: float = 0.9
   epsilon: float = 1e-5
-  dtype: Optional[Any] = None
+  dtype: Any | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:

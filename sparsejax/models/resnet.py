@@ -28,8 +28,9 @@ one is the classifier.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -67,7 +68,7 @@ class BasicBlock(nn.Module):
   strides: int = 1
   ghost: bool = False
   ghost_init: float = 1e-4
-  mid_filters: Optional[int] = None
+  mid_filters: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -94,7 +95,7 @@ class BasicBlock(nn.Module):
 
 
 def ghost_path(block: nn.Module, name: str, x: jax.Array, strides: int,
-               coef: Optional[jax.Array]) -> jax.Array:
+               coef: jax.Array | None) -> jax.Array:
   """``coef * norm(conv1x1(x))``: one ghost skip path of ToST inside ``block``.
 
   A dense 1x1 conv (``block.filters`` outputs, stride ``strides``, no bias,
@@ -153,8 +154,8 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   ghost_skips: bool = False
   ghost_init: float = 1e-4
-  stage_channels: Optional[Sequence[int]] = None
-  block_channels: Optional[Sequence[int]] = None
+  stage_channels: Sequence[int] | None = None
+  block_channels: Sequence[int] | None = None
 
   @property
   def scalar_names(self) -> frozenset[str]:

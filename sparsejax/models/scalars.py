@@ -19,7 +19,7 @@ recompiles.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,7 +36,7 @@ GHOST_COEF = "ghost_coef"
 """The scalar γ, the scale of ToST's ghost skip paths; read by a ``ghost_skips=True`` model."""
 
 
-def read(module: nn.Module, name: str) -> Optional[jax.Array]:
+def read(module: nn.Module, name: str) -> jax.Array | None:
   """The scalar ``name`` fed to the model ``module`` belongs to, or ``None``.
 
   Reads the root scope's :data:`COLLECTION`, so a block deep in a model sees

@@ -9,7 +9,8 @@ layer is the first kernel and the classifier the last kernel of
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax

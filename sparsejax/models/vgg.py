@@ -15,8 +15,9 @@ The stem conv is the first kernel and the classifier the last kernel of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import functools
-from typing import Any, Sequence, Union
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from sparsejax.models import activations
 from sparsejax.models import scalars
 
-CONFIGS: dict[str, tuple[Union[int, str], ...]] = {
+CONFIGS: dict[str, tuple[int | str, ...]] = {
     "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512),
     "vgg16": (
         64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
@@ -55,7 +56,7 @@ class VGG(nn.Module):
   """
 
   num_classes: int
-  config: Sequence[Union[int, str]] = CONFIGS["vgg16"]
+  config: Sequence[int | str] = CONFIGS["vgg16"]
   act: activations.Activation = activations.relu
   init_gain: float = activations.HE_GAIN
   dtype: Any = jnp.float32
