@@ -38,9 +38,9 @@ def cpu_name() -> str:
 
 def gradient(model, variables, x, y):
   def loss(params):
-    logits, _ = sj.modeling.apply_model(model, {**variables, "params": params}, x,
-                                        train=True)
+    logits, _ = sj.modeling.apply_model(model, {**variables, "params": params}, x, train=True)
     return sj.losses.cross_entropy(logits, y).mean()
+
   return jax.jit(jax.grad(loss))(variables["params"])
 
 
@@ -64,13 +64,16 @@ def main():
     b = jnp.concatenate([g.ravel() for g in jax.tree.leaves(g16)])
     rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
     cos = float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
-    worst = max(float(jnp.linalg.norm(q - p) / jnp.linalg.norm(p))
-                for p, q in zip(jax.tree.leaves(g32), jax.tree.leaves(g16))
-                if float(jnp.linalg.norm(p)) > 0)
-    print(f"seed {seed}: relative error {rel:.4f}, cosine {cos:.6f}, "
-          f"worst tensor {worst:.4f}")
-  print(f"{args.model}, batch {args.batch}, jax {jax.__version__}, "
-        f"{jax.default_backend()}: {cpu_name()}, {jax.device_count()} device(s)")
+    worst = max(
+      float(jnp.linalg.norm(q - p) / jnp.linalg.norm(p))
+      for p, q in zip(jax.tree.leaves(g32), jax.tree.leaves(g16))
+      if float(jnp.linalg.norm(p)) > 0
+    )
+    print(f"seed {seed}: relative error {rel:.4f}, cosine {cos:.6f}, worst tensor {worst:.4f}")
+  print(
+    f"{args.model}, batch {args.batch}, jax {jax.__version__}, "
+    f"{jax.default_backend()}: {cpu_name()}, {jax.device_count()} device(s)"
+  )
 
 
 if __name__ == "__main__":

@@ -48,14 +48,14 @@ import sparsejax  # noqa: E402,F401  pylint: disable=unused-import,g-bad-import-
 # (count in ResNet-20, spatial size, in channels, out channels, kernel, stride,
 #  whether the input needs a gradient: not the stem's, the image)
 SHAPES = (
-    (1, 32, 3, 16, 3, 1, False),   # stem
-    (6, 32, 16, 16, 3, 1, True),   # stage 1
-    (1, 32, 16, 32, 3, 2, True),   # stage 2, first conv
-    (1, 32, 16, 32, 1, 2, True),   # stage 2, projection shortcut
-    (5, 16, 32, 32, 3, 1, True),   # stage 2
-    (1, 16, 32, 64, 3, 2, True),   # stage 3, first conv
-    (1, 16, 32, 64, 1, 2, True),   # stage 3, projection shortcut
-    (5, 8, 64, 64, 3, 1, True),    # stage 3
+  (1, 32, 3, 16, 3, 1, False),  # stem
+  (6, 32, 16, 16, 3, 1, True),  # stage 1
+  (1, 32, 16, 32, 3, 2, True),  # stage 2, first conv
+  (1, 32, 16, 32, 1, 2, True),  # stage 2, projection shortcut
+  (5, 16, 32, 32, 3, 1, True),  # stage 2
+  (1, 16, 32, 64, 3, 2, True),  # stage 3, first conv
+  (1, 16, 32, 64, 1, 2, True),  # stage 3, projection shortcut
+  (5, 8, 64, 64, 3, 1, True),  # stage 3
 )
 PARTS = ("fwd", "dx", "dw")
 
@@ -68,13 +68,16 @@ def jax_ops(batch, size, cin, cout, k, stride):
   pad = ((k // 2, k // 2),) * 2  # PyTorch's padding, for like-for-like shapes
 
   def conv(x, w):
-    return lax.conv_general_dilated(x, w, (stride, stride), pad,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+      x, w, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
   g = jax.random.normal(key_x, conv(x, w).shape)
-  fns = {"fwd": jax.jit(conv),
-         "dx": jax.jit(lambda x, w, g: jax.vjp(lambda a: conv(a, w), x)[1](g)[0]),
-         "dw": jax.jit(lambda x, w, g: jax.vjp(lambda b: conv(x, b), w)[1](g)[0])}
+  fns = {
+    "fwd": jax.jit(conv),
+    "dx": jax.jit(lambda x, w, g: jax.vjp(lambda a: conv(a, w), x)[1](g)[0]),
+    "dw": jax.jit(lambda x, w, g: jax.vjp(lambda b: conv(x, b), w)[1](g)[0]),
+  }
   args = {"fwd": (x, w), "dx": (x, w, g), "dw": (x, w, g)}
   ops = {}
   for part, fn in fns.items():
@@ -123,25 +126,27 @@ def worker(lib: str, batch: int, reps: int) -> dict:
   make = jax_ops if lib == "jax" else torch_ops
   if lib == "torch":
     import torch  # pylint: disable=g-import-not-at-top
+
     torch.set_num_threads(len(os.sched_getaffinity(0)))
   out = {}
   for count, size, cin, cout, k, stride, with_dx in SHAPES:
     ops = make(batch, size, cin, cout, k, stride)
     for part in PARTS if with_dx else ("fwd", "dw"):
       out[f"{count} {size} {cin} {cout} {k} {stride} {part}"] = 1e3 * statistics.median(
-          timed(ops[part]) for _ in range(reps))
+        timed(ops[part]) for _ in range(reps)
+      )
   return out
 
 
 def main():
-  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker,
-                               reps=15, rounds=2)
+  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=15, rounds=2)
 
   print(f"cpu: {cpu_model()}")
-  print(f"ResNet-20 convolutions, batch {args.batch}, NHWC / channels-last, ms: "
-        f"median over {args.rounds} alternating runs of the median of {args.reps} calls")
-  print(f"  {'count x shape':28s}" + "".join(
-      f"{p + ' jax':>9s}{p + ' torch':>10s}" for p in PARTS))
+  print(
+    f"ResNet-20 convolutions, batch {args.batch}, NHWC / channels-last, ms: "
+    f"median over {args.rounds} alternating runs of the median of {args.reps} calls"
+  )
+  print(f"  {'count x shape':28s}" + "".join(f"{p + ' jax':>9s}{p + ' torch':>10s}" for p in PARTS))
   totals = {"jax": 0.0, "torch": 0.0}
   for count, size, cin, cout, k, stride, _ in SHAPES:
     row = f"  {f'{count} x {size}x{size}x{cin}->{cout} k{k} s{stride}':28s}"
@@ -155,8 +160,10 @@ def main():
         totals[lib] += count * med[lib][key]
     print(row)
   print(f"  total per step: jax {totals['jax']:.1f} ms, torch {totals['torch']:.1f} ms")
-  print(f"conv_ratio_vs_pytorch {totals['jax'] / totals['torch']:.2f}  "
-        f"conv_ms_per_step {totals['jax']:.1f}")
+  print(
+    f"conv_ratio_vs_pytorch {totals['jax'] / totals['torch']:.2f}  "
+    f"conv_ms_per_step {totals['jax']:.1f}"
+  )
 
 
 if __name__ == "__main__":

@@ -71,17 +71,20 @@ def alternate_workers(script: str, libs, argv, rounds: int) -> dict:
   results = {lib: [] for lib in libs}
   for _ in range(rounds):
     for lib in libs:
-      out = subprocess.run([sys.executable, script, "--worker", lib, *argv],
-                           capture_output=True, text=True, check=False,
-                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      out = subprocess.run(
+        [sys.executable, script, "--worker", lib, *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      )
       if out.returncode:
         sys.exit(f"the {lib} worker failed:\n{out.stderr}")
       results[lib].append(json.loads(out.stdout.strip().splitlines()[-1]))
   return results
 
 
-def jax_versus_torch(script: str, description: str, worker, *, reps: int,
-                     rounds: int):
+def jax_versus_torch(script: str, description: str, worker, *, reps: int, rounds: int):
   """The command line of the JAX-versus-PyTorch diagnostics (``cpu_convs.py``,
   ``cpu_step_parts.py``): ``--batch``, ``--reps`` (default ``reps``),
   ``--rounds`` (default ``rounds``).
@@ -104,13 +107,13 @@ def jax_versus_torch(script: str, description: str, worker, *, reps: int,
   try:
     import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
-    sys.exit(f"benchmarks/{os.path.basename(script)} needs torch: "
-             "pip install -e '.[bench]'")
-  runs = alternate_workers(script, ("jax", "torch"),
-                           ("--batch", str(args.batch), "--reps", str(args.reps)),
-                           args.rounds)
-  return args, {lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-                for lib, rs in runs.items()}
+    sys.exit(f"benchmarks/{os.path.basename(script)} needs torch: pip install -e '.[bench]'")
+  runs = alternate_workers(
+    script, ("jax", "torch"), ("--batch", str(args.batch), "--reps", str(args.reps)), args.rounds
+  )
+  return args, {
+    lib: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for lib, rs in runs.items()
+  }
 
 
 def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
@@ -127,20 +130,23 @@ def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
 
   if model is None:
     model = sj.models.get("resnet20", num_classes=10)
-  tx = optax.chain(optax.add_decayed_weights(1e-4),
-                   optax.sgd(0.1, momentum=0.9, nesterov=True))
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9, nesterov=True))
   mesh = sj.mesh.make_mesh(1)
   rng = np.random.default_rng(0)
-  images = sj.mesh.put_replicated(
-      rng.integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8), mesh)
-  labels = sj.mesh.put_replicated(
-      rng.integers(0, 10, (1024,)).astype(np.int32), mesh)
+  images = sj.mesh.put_replicated(rng.integers(0, 256, (1024, 32, 32, 3), dtype=np.uint8), mesh)
+  labels = sj.mesh.put_replicated(rng.integers(0, 10, (1024,)).astype(np.int32), mesh)
   sample = jax.numpy.zeros((1, 32, 32, 3))
   state = sj.state.create_train_state(model, tx, sample, jax.random.key(0))
   train_carry = sj.mesh.put_replicated(sj.train.init_carry(state), mesh)
-  step = sj.train.make_train_step(model, mesh=mesh, batch_size=batch,
-                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-                                  loss_fn=loss_fn, scalars=scalars)
+  step = sj.train.make_train_step(
+    model,
+    mesh=mesh,
+    batch_size=batch,
+    mean=(0.5, 0.5, 0.5),
+    std=(0.25, 0.25, 0.25),
+    loss_fn=loss_fn,
+    scalars=scalars,
+  )
   perm = jax.numpy.arange(1024)
   carry = [train_carry, 0]
 
@@ -148,8 +154,7 @@ def jax_worker(batch: int, model=None, *, loss_fn=None, scalars=None):
     train_carry, i = carry
     t0 = time.perf_counter()
     for _ in range(k):
-      train_carry, _ = step(train_carry, images, labels, perm,
-                            i % (1024 // batch))
+      train_carry, _ = step(train_carry, images, labels, perm, i % (1024 // batch))
       i += 1
     jax.block_until_ready(train_carry)
     carry[:] = [train_carry, i]
@@ -165,7 +170,6 @@ def torch_resnet20():
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
 
   class Block(nn.Module):
-
     def __init__(self, cin, cout, stride):
       super().__init__()
       self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -174,19 +178,18 @@ def torch_resnet20():
       self.b2 = nn.BatchNorm2d(cout)
       self.proj = None
       if stride != 1 or cin != cout:
-        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                  nn.BatchNorm2d(cout))
+        self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x):
       out = self.b2(self.c2(F.relu(self.b1(self.c1(x)))))
       return F.relu(out + (x if self.proj is None else self.proj(x)))
 
   class ResNet20(nn.Module):
-
     def __init__(self):
       super().__init__()
-      self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False),
-                                nn.BatchNorm2d(16), nn.ReLU())
+      self.stem = nn.Sequential(
+        nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()
+      )
       blocks, cin = [], 16
       for cout, stride in ((16, 1), (32, 2), (64, 2)):
         for i in range(3):
@@ -209,8 +212,7 @@ def torch_worker(batch: int):
 
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   model = torch_resnet20()
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                        nesterov=True, weight_decay=1e-4)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
   x = torch.randn(batch, 3, 32, 32).to(memory_format=torch.channels_last)
   y = torch.randint(0, 10, (batch,))
 
@@ -246,6 +248,7 @@ def main():
 
   try:
     import torch  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+
     have_torch = True
   except ImportError:
     have_torch = False
@@ -253,16 +256,22 @@ def main():
   base.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   if os.environ.get("XLA_FLAGS"):
     sys.exit("benchmarks/cpu_step.py compares XLA settings: unset XLA_FLAGS first")
-  envs = {"xla_default": dict(base, SPARSEJAX_XLA_CPU_DEFAULTS="0"),
-          "sparsejax": dict(base, SPARSEJAX_XLA_CPU_DEFAULTS="1")}
+  envs = {
+    "xla_default": dict(base, SPARSEJAX_XLA_CPU_DEFAULTS="0"),
+    "sparsejax": dict(base, SPARSEJAX_XLA_CPU_DEFAULTS="1"),
+  }
   if have_torch:
     envs["pytorch"] = base
   workers = {}
   for name, env in envs.items():
     kind = "torch" if name == "pytorch" else "jax"
     workers[name] = subprocess.Popen(
-        [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+      [sys.executable, __file__, "--worker", kind, "--batch", str(args.batch)],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
+    )
   try:
     for name, proc in workers.items():  # compile one at a time, then time
       if proc.stdout.readline().strip() != "ready":
@@ -280,8 +289,10 @@ def main():
 
   med = {name: statistics.median(t) for name, t in times.items()}
   print(f"cpu: {cpu_model()}")
-  print(f"ResNet-20 train step, batch {args.batch}, median of {args.rounds} "
-        f"interleaved rounds of {args.steps} steps")
+  print(
+    f"ResNet-20 train step, batch {args.batch}, median of {args.rounds} "
+    f"interleaved rounds of {args.steps} steps"
+  )
   for name, t in med.items():
     print(f"  {name:12s} {t * 1e3:8.1f} ms/step")
   speedup = med["xla_default"] / med["sparsejax"]

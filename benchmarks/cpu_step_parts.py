@@ -60,15 +60,15 @@ def jax_runs(batch: int) -> dict:
   def loss(p, frozen: bool):
     if frozen:  # no kernel gradient for any convolution
       p = jax.tree.map(lambda a: jax.lax.stop_gradient(a) if a.ndim == 4 else a, p)
-    logits, _ = sj.modeling.apply_model(model, {"params": p, "batch_stats": stats}, x,
-                                        train=True)
+    logits, _ = sj.modeling.apply_model(model, {"params": p, "batch_stats": stats}, x, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  fns = {"full": jax.jit(lambda p: jax.grad(loss)(p, False)),
-         "frozen": jax.jit(lambda p: jax.grad(loss)(p, True)),
-         "forward": jax.jit(lambda p: loss(p, False))}
-  return {name: (lambda f=f: jax.block_until_ready(f(params)))
-          for name, f in fns.items()}
+  fns = {
+    "full": jax.jit(lambda p: jax.grad(loss)(p, False)),
+    "frozen": jax.jit(lambda p: jax.grad(loss)(p, True)),
+    "forward": jax.jit(lambda p: loss(p, False)),
+  }
+  return {name: (lambda f=f: jax.block_until_ready(f(params))) for name, f in fns.items()}
 
 
 def torch_runs(batch: int) -> dict:
@@ -92,8 +92,7 @@ def torch_runs(batch: int) -> dict:
     with torch.no_grad():
       F.cross_entropy(model(x), y)
 
-  return {"full": lambda: gradient(False), "frozen": lambda: gradient(True),
-          "forward": forward}
+  return {"full": lambda: gradient(False), "frozen": lambda: gradient(True), "forward": forward}
 
 
 def worker(lib: str, batch: int, reps: int) -> dict:
@@ -113,24 +112,32 @@ def worker(lib: str, batch: int, reps: int) -> dict:
 
 
 def main():
-  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker,
-                               reps=9, rounds=3)
-  parts = {lib: {"forward": m["forward"],
-                 "backward without kernel gradients": m["frozen"] - m["forward"],
-                 "kernel gradients": m["full"] - m["frozen"],
-                 "whole gradient": m["full"]} for lib, m in med.items()}
+  args, med = jax_versus_torch(__file__, __doc__.splitlines()[0], worker, reps=9, rounds=3)
+  parts = {
+    lib: {
+      "forward": m["forward"],
+      "backward without kernel gradients": m["frozen"] - m["forward"],
+      "kernel gradients": m["full"] - m["frozen"],
+      "whole gradient": m["full"],
+    }
+    for lib, m in med.items()
+  }
 
   print(f"cpu: {cpu_model()}")
-  print(f"ResNet-20 training gradient, batch {args.batch}, ms: median over "
-        f"{args.rounds} alternating runs of the median of {args.reps} calls")
+  print(
+    f"ResNet-20 training gradient, batch {args.batch}, ms: median over "
+    f"{args.rounds} alternating runs of the median of {args.reps} calls"
+  )
   print(f"  {'part':36s}{'jax':>9s}{'torch':>9s}{'gap':>9s}{'ratio':>8s}")
   for part in parts["jax"]:
     j, t = parts["jax"][part], parts["torch"][part]
     print(f"  {part:36s}{j:9.1f}{t:9.1f}{j - t:9.1f}{j / t:8.2f}")
   ratio = {part: parts["jax"][part] / parts["torch"][part] for part in parts["jax"]}
-  print(f"ratio_forward {ratio['forward']:.2f}  "
-        f"ratio_backward_rest {ratio['backward without kernel gradients']:.2f}  "
-        f"ratio_kernel_gradients {ratio['kernel gradients']:.2f}")
+  print(
+    f"ratio_forward {ratio['forward']:.2f}  "
+    f"ratio_backward_rest {ratio['backward without kernel gradients']:.2f}  "
+    f"ratio_kernel_gradients {ratio['kernel gradients']:.2f}"
+  )
 
 
 if __name__ == "__main__":

@@ -58,16 +58,15 @@ def main():
   params = sj.masks.apply(params, mask)
 
   def inner():
-    return optax.chain(optax.add_decayed_weights(1e-4),
-                       optax.sgd(0.1, momentum=0.9))
+    return optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
 
   txs = {
-      "static": sj.optim.sparse(inner(), mask),
-      # start_step far away: every timed step takes the no-update branch.
-      "rigl": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=100,
-                                    start_step=10**8),
-      "update": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=1,
-                                      start_step=0),
+    "static": sj.optim.sparse(inner(), mask),
+    # start_step far away: every timed step takes the no-update branch.
+    "rigl": sj.dst.rigl_optimizer(
+      inner(), mask, end_step=10**9, update_every=100, start_step=10**8
+    ),
+    "update": sj.dst.rigl_optimizer(inner(), mask, end_step=10**9, update_every=1, start_step=0),
   }
   runs, ops, compile_s = {}, {}, {}
   for name, tx in txs.items():
@@ -89,15 +88,23 @@ def main():
       runs[name][1] = carry
 
   med = {name: statistics.median(runs[name][2]) for name in txs}
-  print(f"device: {jax.devices()[0].device_kind}  model: {args.model}  "
-        f"batch: {args.batch}  sparsity: {args.sparsity} (ERK)  reps: {args.reps}")
+  print(
+    f"device: {jax.devices()[0].device_kind}  model: {args.model}  "
+    f"batch: {args.batch}  sparsity: {args.sparsity} (ERK)  reps: {args.reps}"
+  )
   for name, t in med.items():
-    print(f"{name:8s} step median {t * 1e3:8.2f} ms  compile {compile_s[name]:6.1f} s"
-          f"  StableHLO ops {ops[name]:6d}")
-  print(f"compile_ratio {compile_s['rigl'] / compile_s['static']:.2f} (rigl / static; "
-        f"StableHLO ops {ops['rigl'] / ops['static']:.2f}x)")
-  print(f"one mask-update step = {med['update'] / med['rigl']:.2f} normal RigL "
-        f"steps; a normal RigL step = {med['rigl'] / med['static']:.3f} static steps")
+    print(
+      f"{name:8s} step median {t * 1e3:8.2f} ms  compile {compile_s[name]:6.1f} s"
+      f"  StableHLO ops {ops[name]:6d}"
+    )
+  print(
+    f"compile_ratio {compile_s['rigl'] / compile_s['static']:.2f} (rigl / static; "
+    f"StableHLO ops {ops['rigl'] / ops['static']:.2f}x)"
+  )
+  print(
+    f"one mask-update step = {med['update'] / med['rigl']:.2f} normal RigL "
+    f"steps; a normal RigL step = {med['rigl'] / med['static']:.3f} static steps"
+  )
   ratio = (99 * med["rigl"] + med["update"]) / 100 / med["static"]
   print(f"amortised_ratio {ratio:.3f}")
 

@@ -107,13 +107,31 @@ import numpy as np
 import sparsejax as sj
 
 INPUT_SHAPE = (32, 32, 3)
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                   "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = (
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
+)
 #: SPEC §8 (GraSP protocol: decays at 50% and 75%) for ResNet on CIFAR-10.
-SPEC8_CONFIG = dict(num_epochs=160, batch_size=128, learning_rate=0.1,
-                    lr_schedule="multistep", lr_decay_epochs=(80, 120),
-                    lr_decay_factor=0.1, momentum=0.9, nesterov=False,
-                    weight_decay=1e-4, seed=0)
+SPEC8_CONFIG = dict(
+  num_epochs=160,
+  batch_size=128,
+  learning_rate=0.1,
+  lr_schedule="multistep",
+  lr_decay_epochs=(80, 120),
+  lr_decay_factor=0.1,
+  momentum=0.9,
+  nesterov=False,
+  weight_decay=1e-4,
+  seed=0,
+)
 SPARSITY = 0.9
 VMAP_KS = (1, 4, 8)
 
@@ -138,16 +156,38 @@ class Sizes:
   real_run_epochs: int | None  # stop the real run after this many epochs
 
 
-FULL = Sizes(model_kwargs={}, model_label="resnet20", batch=128, steps=20,
-             rounds=5, images=1024, per_class=10, synflow_rounds=100,
-             score_repeats=5, synthetic_train=50_000, synthetic_test=10_000,
-             compile_prior=30.0, step_prior=0.05, real_run_epochs=None)
-QUICK = Sizes(model_kwargs=dict(stage_sizes=(1,), num_filters=4),
-              model_label="ResNet of one 4-filter block (quick)",
-              batch=16, steps=2, rounds=2, images=64, per_class=1,
-              synflow_rounds=4, score_repeats=1, synthetic_train=256,
-              synthetic_test=64, compile_prior=3.0, step_prior=0.02,
-              real_run_epochs=2)
+FULL = Sizes(
+  model_kwargs={},
+  model_label="resnet20",
+  batch=128,
+  steps=20,
+  rounds=5,
+  images=1024,
+  per_class=10,
+  synflow_rounds=100,
+  score_repeats=5,
+  synthetic_train=50_000,
+  synthetic_test=10_000,
+  compile_prior=30.0,
+  step_prior=0.05,
+  real_run_epochs=None,
+)
+QUICK = Sizes(
+  model_kwargs=dict(stage_sizes=(1,), num_filters=4),
+  model_label="ResNet of one 4-filter block (quick)",
+  batch=16,
+  steps=2,
+  rounds=2,
+  images=64,
+  per_class=1,
+  synflow_rounds=4,
+  score_repeats=1,
+  synthetic_train=256,
+  synthetic_test=64,
+  compile_prior=3.0,
+  step_prior=0.02,
+  real_run_epochs=2,
+)
 
 
 # ----------------------------------------------------------------------------
@@ -205,8 +245,9 @@ class Evidence:
     os.fsync(self._file.fileno())
     print(line, flush=True)
 
-  def figure(self, section: str, name: str, need: float,
-             fn: Callable[[], dict], *, reserve: bool = True) -> dict | None:
+  def figure(
+    self, section: str, name: str, need: float, fn: Callable[[], dict], *, reserve: bool = True
+  ) -> dict | None:
     """Runs ``fn() -> {numbers}`` if ``need`` seconds are left; writes its line.
 
     With ``reserve``, the seconds :attr:`reserve` says the later sections
@@ -217,9 +258,15 @@ class Evidence:
     reserved = self.reserve() if reserve else 0.0
     if self.left() - reserved < need:
       self.skipped.append(name)
-      self.write({**head, "skipped": "budget", "needed_s": round(need, 1),
-                  "left_s": round(self.left(), 1),
-                  "reserved_s": round(reserved, 1)})
+      self.write(
+        {
+          **head,
+          "skipped": "budget",
+          "needed_s": round(need, 1),
+          "left_s": round(self.left(), 1),
+          "reserved_s": round(reserved, 1),
+        }
+      )
       return None
     self.current = name
     t0 = time.monotonic()
@@ -227,8 +274,7 @@ class Evidence:
       numbers = fn()
     except Exception as e:  # pylint: disable=broad-except
       last = traceback.format_exception_only(type(e), e)[-1].strip()
-      self.write({**head, "error": last[:2000],
-                  "seconds": round(time.monotonic() - t0, 2)})
+      self.write({**head, "error": last[:2000], "seconds": round(time.monotonic() - t0, 2)})
       return None
     if "skipped" not in numbers:
       numbers = dict(numbers, seconds=round(time.monotonic() - t0, 2))
@@ -247,11 +293,17 @@ class Evidence:
     with self._lock:
       if self._ended:
         return
-      self._write({"section": "end", "figure": "end", "stopped": stopped,
-                   "during": during,
-                   "skipped_for_budget": self.skipped,
-                   "elapsed_s": round(self.elapsed(), 2),
-                   "budget_s": self.budget})
+      self._write(
+        {
+          "section": "end",
+          "figure": "end",
+          "stopped": stopped,
+          "during": during,
+          "skipped_for_budget": self.skipped,
+          "elapsed_s": round(self.elapsed(), 2),
+          "budget_s": self.budget,
+        }
+      )
       self._ended = True
       self._file.close()
       print(summary_line(self.results), flush=True)
@@ -287,10 +339,12 @@ def summary_line(results: dict[str, dict]) -> str:
     value = results.get(figure, {}).get(key)
     return float("nan") if value is None else float(value)
 
-  return (f"masked_vs_dense {get('masked', 'vs_dense'):.2f}  "
-          f"rigl_vs_masked {get('rigl', 'amortised_vs_masked'):.2f}  "
-          f"jax_vs_torch {get('torch_f32', 'jax_over_torch'):.2f}  "
-          f"vmap8_vs_sequential {get('vmap_k8', 'vmap_over_sequential'):.2f}")
+  return (
+    f"masked_vs_dense {get('masked', 'vs_dense'):.2f}  "
+    f"rigl_vs_masked {get('rigl', 'amortised_vs_masked'):.2f}  "
+    f"jax_vs_torch {get('torch_f32', 'jax_over_torch'):.2f}  "
+    f"vmap8_vs_sequential {get('vmap_k8', 'vmap_over_sequential'):.2f}"
+  )
 
 
 class Costs:
@@ -306,8 +360,7 @@ class Costs:
     self.compile, self.step = max(compile_s, 0.05), max(step_s, 1e-4)
     self.calibrated = True
 
-  def of(self, compiles: float, steps: float, fixed: float = 0.0,
-         slack: float = 1.3) -> float:
+  def of(self, compiles: float, steps: float, fixed: float = 0.0, slack: float = 1.3) -> float:
     """``compiles`` compilations and ``steps`` steps, times ``slack``."""
     return slack * (compiles * self.compile + steps * self.step) + fixed
 
@@ -328,12 +381,16 @@ def spec8_optimizer(steps_per_epoch: int):
   """The SPEC §8 optimiser of :data:`SPEC8_CONFIG` with ``steps_per_epoch``."""
   c = SPEC8_CONFIG
   lr = sj.schedules.lr_schedule(
-      c["learning_rate"], num_epochs=c["num_epochs"], steps_per_epoch=steps_per_epoch,
-      kind=c["lr_schedule"], decay_epochs=c["lr_decay_epochs"],
-      decay_factor=c["lr_decay_factor"])
-  return sj.schedules.make_optimizer(lr, momentum=c["momentum"],
-                                     nesterov=c["nesterov"],
-                                     weight_decay=c["weight_decay"])
+    c["learning_rate"],
+    num_epochs=c["num_epochs"],
+    steps_per_epoch=steps_per_epoch,
+    kind=c["lr_schedule"],
+    decay_epochs=c["lr_decay_epochs"],
+    decay_factor=c["lr_decay_factor"],
+  )
+  return sj.schedules.make_optimizer(
+    lr, momentum=c["momentum"], nesterov=c["nesterov"], weight_decay=c["weight_decay"]
+  )
 
 
 def step_images(sizes: Sizes, mesh):
@@ -341,8 +398,7 @@ def step_images(sizes: Sizes, mesh):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (sizes.images, *INPUT_SHAPE), dtype=np.uint8)
   labels = rng.integers(0, 10, (sizes.images,)).astype(np.int32)
-  return (sj.mesh.put_replicated(images, mesh),
-          sj.mesh.put_replicated(labels, mesh))
+  return (sj.mesh.put_replicated(images, mesh), sj.mesh.put_replicated(labels, mesh))
 
 
 def random_mask(model, seed: int = 1):
@@ -352,49 +408,74 @@ def random_mask(model, seed: int = 1):
   and this compiles nothing (:func:`sparsejax.masks.random_mask`'s exact
   per-layer top-k compiles for tens of seconds on a small CPU).
   """
-  params = jax.eval_shape(sj.state.init_variables, model,
-                          jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(0))["params"]
+  params = jax.eval_shape(
+    sj.state.init_variables, model, jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(0)
+  )["params"]
   rng = np.random.default_rng(seed)
   return jax.tree.map(
-      lambda p, prunable: (rng.random(p.shape) >= SPARSITY) if prunable
-      else np.ones(p.shape, bool), params, sj.masks.prunable_tree(params))
+    lambda p, prunable: (rng.random(p.shape) >= SPARSITY) if prunable else np.ones(p.shape, bool),
+    params,
+    sj.masks.prunable_tree(params),
+  )
 
 
 class StepRunner:
   """``run(k) -> seconds per step`` of fit's train step on a device set."""
 
-  def __init__(self, model, tx, *, sizes: Sizes, mesh, data, mask=None,
-               loss_fn=None, scalars=None, seed: int = 0, state=None):
+  def __init__(
+    self,
+    model,
+    tx,
+    *,
+    sizes: Sizes,
+    mesh,
+    data,
+    mask=None,
+    loss_fn=None,
+    scalars=None,
+    seed: int = 0,
+    state=None,
+  ):
     self.images, self.labels = data
     self.batches = sizes.images // sizes.batch
     if state is None:
       state = sj.state.create_train_state(
-          model, tx, jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(seed), mask=mask)
+        model, tx, jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(seed), mask=mask
+      )
     self.carry = sj.mesh.put_replicated(sj.train.init_carry(state), mesh)
     self.step_fn = sj.train.make_train_step(
-        model, mesh=mesh, batch_size=sizes.batch, mean=(0.49, 0.48, 0.45),
-        std=(0.25, 0.24, 0.26), augment=True, loss_fn=loss_fn, scalars=scalars)
+      model,
+      mesh=mesh,
+      batch_size=sizes.batch,
+      mean=(0.49, 0.48, 0.45),
+      std=(0.25, 0.24, 0.26),
+      augment=True,
+      loss_fn=loss_fn,
+      scalars=scalars,
+    )
     self.perm = sj.mesh.put_replicated(np.arange(sizes.images), mesh)
     self.i = 0
 
   def run(self, k: int) -> float:
     t0 = time.perf_counter()
     for _ in range(k):
-      self.carry, _ = self.step_fn(self.carry, self.images, self.labels,
-                                   self.perm, self.i % self.batches)
+      self.carry, _ = self.step_fn(
+        self.carry, self.images, self.labels, self.perm, self.i % self.batches
+      )
       self.i += 1
     jax.block_until_ready(self.carry)
     return (time.perf_counter() - t0) / k
 
 
-def time_runner(run: Callable[[int], float], sizes: Sizes,
-                images_per_step: int) -> dict:
+def time_runner(run: Callable[[int], float], sizes: Sizes, images_per_step: int) -> dict:
   """Compile seconds (first call less one step), median ms/step, img/s."""
   first = run(1)
   per_step = statistics.median(run(sizes.steps) for _ in range(sizes.rounds))
-  return {"compile_s": round(max(first - per_step, 0.0), 3),
-          "ms_per_step": round(per_step * 1e3, 3),
-          "img_per_s": round(images_per_step / per_step, 1)}
+  return {
+    "compile_s": round(max(first - per_step, 0.0), 3),
+    "ms_per_step": round(per_step * 1e3, 3),
+    "img_per_s": round(images_per_step / per_step, 1),
+  }
 
 
 def train_step_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
@@ -405,46 +486,51 @@ def train_step_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   base = {"model": sizes.model_label, "batch": sizes.batch}
 
   def dense():
-    out = time_runner(StepRunner(model, base_optimizer(), **common).run,
-                      sizes, sizes.batch)
+    out = time_runner(StepRunner(model, base_optimizer(), **common).run, sizes, sizes.batch)
     costs.measured(out["compile_s"], out["ms_per_step"] / 1e3)
     return {**base, **out}
 
   def masked():
-    out = time_runner(StepRunner(model, base_optimizer(), mask=mask, **common).run,
-                      sizes, sizes.batch)
-    return {**base, "sparsity": SPARSITY, "mask": "random, per layer", **out,
-            "vs_dense": _ratio(out, ev.results.get("dense"))}
+    out = time_runner(
+      StepRunner(model, base_optimizer(), mask=mask, **common).run, sizes, sizes.batch
+    )
+    return {
+      **base,
+      "sparsity": SPARSITY,
+      "mask": "random, per layer",
+      **out,
+      "vs_dense": _ratio(out, ev.results.get("dense")),
+    }
 
   def rigl():
     # start_step far away: every timed step takes the branch without a mask
     # update; update_every=1 from step 0: every step updates the mask.
-    plain_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
-                                     update_every=100, start_step=10**8)
-    update_tx = sj.dst.rigl_optimizer(base_optimizer(), mask, end_step=10**9,
-                                      update_every=1, start_step=0)
-    plain = time_runner(StepRunner(model, plain_tx, **common).run, sizes,
-                        sizes.batch)
-    update = time_runner(StepRunner(model, update_tx, **common).run, sizes,
-                         sizes.batch)
+    plain_tx = sj.dst.rigl_optimizer(
+      base_optimizer(), mask, end_step=10**9, update_every=100, start_step=10**8
+    )
+    update_tx = sj.dst.rigl_optimizer(
+      base_optimizer(), mask, end_step=10**9, update_every=1, start_step=0
+    )
+    plain = time_runner(StepRunner(model, plain_tx, **common).run, sizes, sizes.batch)
+    update = time_runner(StepRunner(model, update_tx, **common).run, sizes, sizes.batch)
     amortised = (99 * plain["ms_per_step"] + update["ms_per_step"]) / 100
     static = ev.results.get("masked", {}).get("ms_per_step")
-    return {**base, "delta_t": 100, "compile_s": plain["compile_s"],
-            "update_compile_s": update["compile_s"],
-            "plain_ms_per_step": plain["ms_per_step"],
-            "update_ms_per_step": update["ms_per_step"],
-            "ms_per_step": round(amortised, 3),
-            "img_per_s": round(sizes.batch / amortised * 1e3, 1),
-            "amortised_vs_masked": (round(amortised / static, 4) if static
-                                    else None)}
+    return {
+      **base,
+      "delta_t": 100,
+      "compile_s": plain["compile_s"],
+      "update_compile_s": update["compile_s"],
+      "plain_ms_per_step": plain["ms_per_step"],
+      "update_ms_per_step": update["ms_per_step"],
+      "ms_per_step": round(amortised, 3),
+      "img_per_s": round(sizes.batch / amortised * 1e3, 1),
+      "amortised_vs_masked": (round(amortised / static, 4) if static else None),
+    }
 
   def bf16():
-    bf_model = sj.models.get("resnet20", 10, dtype=jnp.bfloat16,
-                             **sizes.model_kwargs)
-    out = time_runner(StepRunner(bf_model, base_optimizer(), **common).run,
-                      sizes, sizes.batch)
-    return {**base, "dtype": "bfloat16", **out,
-            "vs_dense": _ratio(out, ev.results.get("dense"))}
+    bf_model = sj.models.get("resnet20", 10, dtype=jnp.bfloat16, **sizes.model_kwargs)
+    out = time_runner(StepRunner(bf_model, base_optimizer(), **common).run, sizes, sizes.batch)
+    return {**base, "dtype": "bfloat16", **out, "vs_dense": _ratio(out, ev.results.get("dense"))}
 
   ev.figure("train_step", "dense", costs.of(1, costs.timed_steps), dense)
   ev.figure("train_step", "masked", costs.of(1, costs.timed_steps), masked)
@@ -464,8 +550,7 @@ def _ratio(out: dict, reference: dict | None) -> float | None:
 # ----------------------------------------------------------------------------
 
 
-def torch_worker(device: str, precision: str, batch: int, steps: int,
-                 rounds: int) -> dict:
+def torch_worker(device: str, precision: str, batch: int, steps: int, rounds: int) -> dict:
   """The PyTorch ResNet-20 step on ``device``: ``{compile_s, ms_per_step}``.
 
   Channels-last, SGD momentum 0.9 with weight decay 1e-4, a fixed float
@@ -480,13 +565,14 @@ def torch_worker(device: str, precision: str, batch: int, steps: int,
   torch.backends.cudnn.benchmark = True
   dev = torch.device(device)
   model = torch_resnet20().to(dev, memory_format=torch.channels_last)
-  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9,
-                        weight_decay=1e-4)
-  x = torch.randn(batch, 3, 32, 32, device=dev).to(
-      memory_format=torch.channels_last)
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+  x = torch.randn(batch, 3, 32, 32, device=dev).to(memory_format=torch.channels_last)
   y = torch.randint(0, 10, (batch,), device=dev)
-  autocast = (torch.autocast(dev.type, dtype=torch.bfloat16)
-              if precision == "bf16" else contextlib.nullcontext())
+  autocast = (
+    torch.autocast(dev.type, dtype=torch.bfloat16)
+    if precision == "bf16"
+    else contextlib.nullcontext()
+  )
 
   def sync():
     if dev.type == "cuda":
@@ -506,13 +592,15 @@ def torch_worker(device: str, precision: str, batch: int, steps: int,
 
   first = run(1)
   per_step = statistics.median(run(steps) for _ in range(rounds))
-  name = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-          else cpu_model())
-  return {"torch": torch.__version__, "device": name,
-          "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
-          "compile_s": round(max(first - per_step, 0.0), 3),
-          "ms_per_step": round(per_step * 1e3, 3),
-          "img_per_s": round(batch / per_step, 1)}
+  name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+  return {
+    "torch": torch.__version__,
+    "device": name,
+    "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+    "compile_s": round(max(first - per_step, 0.0), 3),
+    "ms_per_step": round(per_step * 1e3, 3),
+    "img_per_s": round(batch / per_step, 1),
+  }
 
 
 def torch_figures(ev: Evidence, sizes: Sizes, costs: Costs, args):
@@ -533,38 +621,46 @@ def torch_figures(ev: Evidence, sizes: Sizes, costs: Costs, args):
       if torch_version is None:
         return {"skipped": "torch not installed"}
       if jax.default_backend() not in ("gpu", "cpu"):
-        return {"skipped": f"JAX runs on {jax.default_backend()}, which "
-                           "PyTorch cannot share"}
+        return {"skipped": f"JAX runs on {jax.default_backend()}, which PyTorch cannot share"}
       # Ends the worker before the time the later sections need.
       timeout = max(1.0, ev.left() - ev.reserve() - 1.0)
-      cmd = [sys.executable, os.path.abspath(__file__), "--torch-worker",
-             f"{device},{precision}", "--batch", str(sizes.batch)]
+      cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--torch-worker",
+        f"{device},{precision}",
+        "--batch",
+        str(sizes.batch),
+      ]
       if args.quick:
         cmd.append("--quick")
       try:
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             timeout=timeout, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
       except subprocess.TimeoutExpired:
         return {"skipped": "budget: the PyTorch worker did not finish"}
       if out.returncode:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"PyTorch worker failed (exit {out.returncode}): "
-                           + " | ".join(tail))
+        raise RuntimeError(f"PyTorch worker failed (exit {out.returncode}): " + " | ".join(tail))
       numbers = json.loads(out.stdout.strip().splitlines()[-1])
       ref = ev.results.get(jax_figure)
       numbers["jax_figure"] = jax_figure
       numbers["jax_over_torch"] = (
-          round(ref["ms_per_step"] / numbers["ms_per_step"], 4) if ref else None)
+        round(ref["ms_per_step"] / numbers["ms_per_step"], 4) if ref else None
+      )
       if sizes is QUICK:
-        numbers["note"] = ("quick: JAX's model is the tiny ResNet, PyTorch's "
-                           "the full ResNet-20; the ratio means nothing")
+        numbers["note"] = (
+          "quick: JAX's model is the tiny ResNet, PyTorch's "
+          "the full ResNet-20; the ratio means nothing"
+        )
       return {"precision": precision, "batch": sizes.batch, **numbers}
 
     return fn
 
   need = costs.of(0, 3 * costs.timed_steps, fixed=15.0 if not args.quick else 5.0)
-  for name, precision, jax_figure in (("torch_f32", "f32", "dense"),
-                                      ("torch_bf16", "bf16", "bf16")):
+  for name, precision, jax_figure in (
+    ("torch_f32", "f32", "dense"),
+    ("torch_bf16", "bf16", "bf16"),
+  ):
     if torch_version is None:  # says so whatever the time left
       ev.figure("pytorch", name, 0.0, one(precision, jax_figure), reserve=False)
     else:
@@ -593,8 +689,7 @@ def scoring_figures(ev: Evidence, sizes: Sizes, costs: Costs):
   """Section 4: SNIP and GraSP per gradient; fused vs per-round SynFlow."""
   reps = sizes.score_repeats
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((10 * sizes.per_class, *INPUT_SHAPE)),
-                  jnp.float32)
+  x = jnp.asarray(rng.standard_normal((10 * sizes.per_class, *INPUT_SHAPE)), jnp.float32)
   y = jnp.asarray(np.repeat(np.arange(10, dtype=np.int32), sizes.per_class))
   base = {"model": sizes.model_label, "images": int(x.shape[0])}
   grad = {}
@@ -605,8 +700,7 @@ def scoring_figures(ev: Evidence, sizes: Sizes, costs: Costs):
     initialisation may compile)."""
     if not ctx:
       model = sj.models.get("resnet20", 10, **sizes.model_kwargs)
-      variables = sj.state.init_variables(model, jnp.zeros((1, *INPUT_SHAPE)),
-                                          jax.random.key(0))
+      variables = sj.state.init_variables(model, jnp.zeros((1, *INPUT_SHAPE)), jax.random.key(0))
       ctx["params"], ctx["apply_fn"] = sj.scores.linen_apply_fn(model, variables)
       ctx["mask"] = sj.masks.ones_like(ctx["params"])
     return ctx["params"], ctx["mask"], ctx["apply_fn"]
@@ -620,34 +714,40 @@ def scoring_figures(ev: Evidence, sizes: Sizes, costs: Costs):
       return jax.grad(loss)(p)
 
     grad["first"], grad["s"] = median_time(lambda: train_grad(params), reps)
-    first, t = median_time(lambda: sj.scores.snip(params, mask, apply_fn, (x, y)),
-                           reps)
-    return {**base, "grad_ms": round(grad["s"] * 1e3, 3),
-            "ms": round(t * 1e3, 3), "compile_s": round(first - t, 3),
-            "vs_gradient": round(t / grad["s"], 4), "target": "<= 1.3"}
+    first, t = median_time(lambda: sj.scores.snip(params, mask, apply_fn, (x, y)), reps)
+    return {
+      **base,
+      "grad_ms": round(grad["s"] * 1e3, 3),
+      "ms": round(t * 1e3, 3),
+      "compile_s": round(first - t, 3),
+      "vs_gradient": round(t / grad["s"], 4),
+      "target": "<= 1.3",
+    }
 
   def grasp():
     params, mask, apply_fn = setup()
-    first, t = median_time(
-        lambda: sj.scores.grasp(params, mask, apply_fn, (x, y)), reps)
-    return {**base, "ms": round(t * 1e3, 3), "compile_s": round(first - t, 3),
-            "vs_gradient": round(t / grad["s"], 4) if grad else None,
-            "target": "<= 3.5"}
+    first, t = median_time(lambda: sj.scores.grasp(params, mask, apply_fn, (x, y)), reps)
+    return {
+      **base,
+      "ms": round(t * 1e3, 3),
+      "compile_s": round(first - t, 3),
+      "vs_gradient": round(t / grad["s"], 4) if grad else None,
+      "target": "<= 3.5",
+    }
 
   def synflow():
     params, mask, apply_fn = setup()
     rounds, sparsity = sizes.synflow_rounds, 0.98
     first_fused, fused = median_time(
-        lambda: sj.scores.synflow(params, mask, apply_fn, INPUT_SHAPE, sparsity,
-                                  rounds), reps)
+      lambda: sj.scores.synflow(params, mask, apply_fn, INPUT_SHAPE, sparsity, rounds), reps
+    )
 
     @jax.jit
     def one_round(p, m, s):
       scores = sj.scores.synflow_scores(p, m, apply_fn, INPUT_SHAPE)
       return sj.masks.topk_mask(scores, s, within=m)
 
-    schedule = [jnp.float32(1.0 - (1.0 - sparsity) ** (k / rounds))
-                for k in range(1, rounds + 1)]
+    schedule = [jnp.float32(1.0 - (1.0 - sparsity) ** (k / rounds)) for k in range(1, rounds + 1)]
 
     def loop():
       m = mask
@@ -656,17 +756,21 @@ def scoring_figures(ev: Evidence, sizes: Sizes, costs: Costs):
       return m
 
     first_loop, looped = median_time(loop, reps)
-    return {**base, "rounds": rounds, "fused_ms": round(fused * 1e3, 3),
-            "fused_compile_s": round(first_fused - fused, 3),
-            "loop_ms": round(looped * 1e3, 3),
-            "loop_compile_s": round(first_loop - looped, 3),
-            "loop_over_fused": round(looped / fused, 4), "target": ">= 3"}
+    return {
+      **base,
+      "rounds": rounds,
+      "fused_ms": round(fused * 1e3, 3),
+      "fused_compile_s": round(first_fused - fused, 3),
+      "loop_ms": round(looped * 1e3, 3),
+      "loop_compile_s": round(first_loop - looped, 3),
+      "loop_over_fused": round(looped / fused, 4),
+      "target": ">= 3",
+    }
 
   score_steps = reps + 1
   ev.figure("scoring", "snip", costs.of(2, 2 * score_steps), snip)
   ev.figure("scoring", "grasp", costs.of(2.5, 3 * score_steps), grasp)
-  ev.figure("scoring", "synflow",
-            costs.of(3, 2 * score_steps * sizes.synflow_rounds), synflow)
+  ev.figure("scoring", "synflow", costs.of(3, 2 * score_steps * sizes.synflow_rounds), synflow)
 
 
 def tost_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
@@ -678,9 +782,15 @@ def tost_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
     def fn():
       recipe = sj.tost.preset(preset)
       model = recipe.model("resnet20", 10, **sizes.model_kwargs)
-      runner = StepRunner(model, base_optimizer(), sizes=sizes, mesh=mesh,
-                          data=data, loss_fn=recipe.loss_fn(),
-                          scalars=recipe.scalars(100_000))
+      runner = StepRunner(
+        model,
+        base_optimizer(),
+        sizes=sizes,
+        mesh=mesh,
+        data=data,
+        loss_fn=recipe.loss_fn(),
+        scalars=recipe.scalars(100_000),
+      )
       out = time_runner(runner.run, sizes, sizes.batch)
       if preset == "ghost":
         out["ghost_over_plain"] = _ratio(out, ev.results.get("tost_plain"))
@@ -689,8 +799,7 @@ def tost_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
     return fn
 
   ev.figure("tost", "tost_plain", costs.of(1, costs.timed_steps), one("none"))
-  ev.figure("tost", "tost_ghost", costs.of(1.5, 1.5 * costs.timed_steps),
-            one("ghost"))
+  ev.figure("tost", "tost_ghost", costs.of(1.5, 1.5 * costs.timed_steps), one("ghost"))
 
 
 # ----------------------------------------------------------------------------
@@ -703,12 +812,12 @@ def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
   total = np.zeros(images.shape[-1])
   total_sq = np.zeros(images.shape[-1])
   for start in range(0, len(images), 4096):
-    block = images[start:start + 4096].reshape(-1, images.shape[-1]).astype(np.float64)
+    block = images[start : start + 4096].reshape(-1, images.shape[-1]).astype(np.float64)
     total += block.sum(0)
     total_sq += np.square(block).sum(0)
   count = max(images.size // images.shape[-1], 1)
   mean = total / count
-  std = np.sqrt(np.maximum(total_sq / count - mean ** 2, 0.0))
+  std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
   return tuple(mean / 255.0), tuple(std / 255.0)
 
 
@@ -728,10 +837,10 @@ def load_jpeg_cifar10(path: str) -> sj.data.Dataset:
       if not member.isfile() or len(parts) != 3 or parts[0] not in files:
         continue
       if parts[1] not in CIFAR10_CLASSES:
-        raise sj.data.DatasetFormatError(
-            f"{path}: {member.name} is in no CIFAR-10 class folder")
-      files[parts[0]].append((CIFAR10_CLASSES.index(parts[1]), parts[2],
-                              tar.extractfile(member).read()))
+        raise sj.data.DatasetFormatError(f"{path}: {member.name} is in no CIFAR-10 class folder")
+      files[parts[0]].append(
+        (CIFAR10_CLASSES.index(parts[1]), parts[2], tar.extractfile(member).read())
+      )
 
   def decode(blobs, out, start):
     for i, (_, name, blob) in enumerate(blobs):
@@ -750,28 +859,46 @@ def load_jpeg_cifar10(path: str) -> sj.data.Dataset:
       blobs.sort(key=lambda b: (b[0], b[1]))
       images = np.empty((len(blobs), *INPUT_SHAPE), np.uint8)
       chunk = 2000
-      jobs = [pool.submit(decode, blobs[s:s + chunk], images, s)
-              for s in range(0, len(blobs), chunk)]
+      jobs = [
+        pool.submit(decode, blobs[s : s + chunk], images, s) for s in range(0, len(blobs), chunk)
+      ]
       for job in jobs:
         job.result()
       splits[split] = (images, np.array([b[0] for b in blobs], np.int32))
   mean, std = channel_stats(splits["train"][0])
   return sj.data.Dataset(
-      name="cifar10", num_classes=10, train_images=splits["train"][0],
-      train_labels=splits["train"][1], test_images=splits["test"][0],
-      test_labels=splits["test"][1], mean=mean, std=std, augment=True)
+    name="cifar10",
+    num_classes=10,
+    train_images=splits["train"][0],
+    train_labels=splits["train"][1],
+    test_images=splits["test"][0],
+    test_labels=splits["test"][1],
+    mean=mean,
+    std=std,
+    augment=True,
+  )
 
 
 def synthetic_cifar10(sizes: Sizes) -> sj.data.Dataset:
   """Random CIFAR-shaped images and labels (no ``--data``)."""
   rng = np.random.default_rng(0)
-  make = lambda n: (rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8),
-                    rng.integers(0, 10, (n,)).astype(np.int32))
+  make = lambda n: (
+    rng.integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8),
+    rng.integers(0, 10, (n,)).astype(np.int32),
+  )
   (tx, ty), (vx, vy) = make(sizes.synthetic_train), make(sizes.synthetic_test)
   mean, std = channel_stats(tx)
-  return sj.data.Dataset(name="cifar10", num_classes=10, train_images=tx,
-                         train_labels=ty, test_images=vx, test_labels=vy,
-                         mean=mean, std=std, augment=True)
+  return sj.data.Dataset(
+    name="cifar10",
+    num_classes=10,
+    train_images=tx,
+    train_labels=ty,
+    test_images=vx,
+    test_labels=vy,
+    mean=mean,
+    std=std,
+    augment=True,
+  )
 
 
 def load_data(data: str | None, sizes: Sizes) -> tuple[sj.data.Dataset, str]:
@@ -781,8 +908,10 @@ def load_data(data: str | None, sizes: Sizes) -> tuple[sj.data.Dataset, str]:
   if os.path.isdir(data):
     return sj.data.load("cifar10", data), f"cifar-10 python batches in {data}"
   if os.path.basename(data) == "cifar-10-python.tar.gz":
-    return (sj.data.load("cifar10", os.path.dirname(os.path.abspath(data))),
-            f"official archive {data}")
+    return (
+      sj.data.load("cifar10", os.path.dirname(os.path.abspath(data))),
+      f"official archive {data}",
+    )
   if os.path.isfile(data):
     return load_jpeg_cifar10(data), f"JPEG archive {data} (JPEG-decoded pixels)"
   raise FileNotFoundError(f"--data {data}: no such file or directory")
@@ -849,12 +978,12 @@ def real_run_need(costs: Costs, args, slack: float = 1.3) -> float:
   ``--quick``)."""
   loading = args.data is not None and not args.data_future.done()
   data = 30.0 if loading else 0.0
-  return costs.of(3, 100, fixed=data + (3.0 if args.quick else 60.0),
-                  slack=slack)
+  return costs.of(3, 100, fixed=data + (3.0 if args.quick else 60.0), slack=slack)
 
 
-def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
-                    later: Callable[[float], float]):
+def real_run_figure(
+  ev: Evidence, sizes: Sizes, costs: Costs, args, later: Callable[[float], float]
+):
   """Section 6: ResNet-20, CIFAR-10, SNIP 90%, SPEC §8, until the deadline.
 
   ``later(slack)``: the estimated seconds of the vmap section after it; the
@@ -870,8 +999,9 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     model = sj.models.get("resnet20", dataset.num_classes, **sizes.model_kwargs)
     mesh = sj.mesh.make_mesh(1)
     config = dict(SPEC8_CONFIG)
-    options = sj.train.FitOptions(tensorboard=False, progress_bar=False,
-                                  max_to_keep=1, log_every_steps=50)
+    options = sj.train.FitOptions(
+      tensorboard=False, progress_bar=False, max_to_keep=1, log_every_steps=50
+    )
     batch = int(config["batch_size"]) if sizes is FULL else sizes.batch
     config["batch_size"] = batch
     spe = sj.schedules.steps_per_epoch(dataset.num_train, batch)
@@ -886,8 +1016,9 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     batches = sj.data.class_balanced_batch(dataset, 10, config["seed"])
     with warnings.catch_warnings():
       warnings.simplefilter("ignore", RuntimeWarning)
-      mask = sj.scores.prune_at_init("snip", params, sparsity=SPARSITY,
-                                     apply_fn=apply_fn, batches=batches)
+      mask = sj.scores.prune_at_init(
+        "snip", params, sparsity=SPARSITY, apply_fn=apply_fn, batches=batches
+      )
     mask = jax.block_until_ready(mask)
     snip_s = time.monotonic() - t0
 
@@ -897,31 +1028,43 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
     reserve = later(1.3)
     hook = DeadlineCallback(ev.deadline - reserve - final)
     t_fit = time.monotonic()
-    stop_at = (None if sizes.real_run_epochs is None
-               else sizes.real_run_epochs * spe)
+    stop_at = None if sizes.real_run_epochs is None else sizes.real_run_epochs * spe
     result = sj.train.fit(
-        model, dataset, args.workdir,
-        init=lambda: sj.state.create_train_state(model, tx, sample, key, mask=mask),
-        num_epochs=int(config["num_epochs"]), batch_size=batch,
-        seed=int(config["seed"]), mesh=mesh, stop_at_step=stop_at,
-        callbacks=(hook,), options=options)
+      model,
+      dataset,
+      args.workdir,
+      init=lambda: sj.state.create_train_state(model, tx, sample, key, mask=mask),
+      num_epochs=int(config["num_epochs"]),
+      batch_size=batch,
+      seed=int(config["seed"]),
+      mesh=mesh,
+      stop_at_step=stop_at,
+      callbacks=(hook,),
+      options=options,
+    )
     fit_s = time.monotonic() - t_fit
     step = int(jax.device_get(result.state.step))
     history = result.history
-    out = {"model": sizes.model_label, "data": source,
-           "train_images": dataset.num_train, "batch": batch,
-           "steps_per_epoch": spe, "epochs": int(config["num_epochs"]),
-           "mask": f"snip {SPARSITY:.0%} global",
-           "schedule": "SPEC §8: SGD momentum 0.9, lr 0.1 x0.1 at 80, 120; "
-                       "wd 1e-4; crop+flip",
-           "workdir": args.workdir, "data_load_s": round(load_s, 2),
-           "data_wait_s": round(wait_s, 2),
-           "snip_s": round(snip_s, 2), "fit_s": round(fit_s, 2),
-           "resumed_from": result.resumed_from, "step": step,
-           "epochs_done": round(step / spe, 3),
-           "stopped_at_deadline": hook.sent,
-           "test_accuracy_by_epoch": [
-               [r["epoch"], r.get("test_accuracy")] for r in history]}
+    out = {
+      "model": sizes.model_label,
+      "data": source,
+      "train_images": dataset.num_train,
+      "batch": batch,
+      "steps_per_epoch": spe,
+      "epochs": int(config["num_epochs"]),
+      "mask": f"snip {SPARSITY:.0%} global",
+      "schedule": "SPEC §8: SGD momentum 0.9, lr 0.1 x0.1 at 80, 120; wd 1e-4; crop+flip",
+      "workdir": args.workdir,
+      "data_load_s": round(load_s, 2),
+      "data_wait_s": round(wait_s, 2),
+      "snip_s": round(snip_s, 2),
+      "fit_s": round(fit_s, 2),
+      "resumed_from": result.resumed_from,
+      "step": step,
+      "epochs_done": round(step / spe, 3),
+      "stopped_at_deadline": hook.sent,
+      "test_accuracy_by_epoch": [[r["epoch"], r.get("test_accuracy")] for r in history],
+    }
     if result.preempted and not hook.sent:
       out["stopped_by"] = "SIGTERM from outside"
     if history:
@@ -932,15 +1075,21 @@ def real_run_figure(ev: Evidence, sizes: Sizes, costs: Costs, args,
       per_step = (hook.last[1] - hook.first[1]) / (hook.last[0] - hook.first[0])
       left_steps = total - step
       out.update(
-          s_per_step=round(per_step, 5),
-          img_per_s=round(batch / per_step, 1),
-          projected_full_run_s=round((hook.first[1] - hook.started)
-                                     + (total - 1) * per_step, 1),
-          projected_remaining_s=round(left_steps * per_step, 1))
+        s_per_step=round(per_step, 5),
+        img_per_s=round(batch / per_step, 1),
+        projected_full_run_s=round((hook.first[1] - hook.started) + (total - 1) * per_step, 1),
+        projected_remaining_s=round(left_steps * per_step, 1),
+      )
     if step % spe and ev.left() > reserve:
-      ev_now = sj.train.evaluate(model, result.state, dataset.test_images,
-                                 dataset.test_labels, mean=dataset.mean,
-                                 std=dataset.std, mesh=mesh)
+      ev_now = sj.train.evaluate(
+        model,
+        result.state,
+        dataset.test_images,
+        dataset.test_labels,
+        mean=dataset.mean,
+        std=dataset.std,
+        mesh=mesh,
+      )
       out["test_accuracy_now"] = ev_now["accuracy"]
     elif history:
       out["test_accuracy_now"] = history[-1].get("test_accuracy")
@@ -966,36 +1115,40 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
   shared_tx = sj.optim.sparse(inner, random_mask(model, 1))
   images, labels = data
   batches = sizes.images // sizes.batch
-  base = {"model": sizes.model_label, "batch": sizes.batch,
-          "sparsity": SPARSITY}
+  base = {"model": sizes.model_label, "batch": sizes.batch, "sparsity": SPARSITY}
   single = {}
 
   def states(k: int):
     # One transformation object for all K (the mask it was built with only
     # initialises; updates read the mask in each state), so they stack.
-    return [sj.state.create_train_state(
+    return [
+      sj.state.create_train_state(
         model, inner, sample, jax.random.key(i), mask=random_mask(model, 100 + i)
-    ).replace(tx=shared_tx) for i in range(k)]
+      ).replace(tx=shared_tx)
+      for i in range(k)
+    ]
 
   def one(k: int):
 
     def fn():
       step = sj.train.make_train_step(
-          model, mesh=mesh, batch_size=sizes.batch, mean=(0.49, 0.48, 0.45),
-          std=(0.25, 0.24, 0.26), augment=True)
+        model,
+        mesh=mesh,
+        batch_size=sizes.batch,
+        mean=(0.49, 0.48, 0.45),
+        std=(0.25, 0.24, 0.26),
+        augment=True,
+      )
       perm = sj.mesh.put_replicated(np.arange(sizes.images), mesh)
-      runs = [sj.mesh.put_replicated(sj.train.init_carry(s), mesh)
-              for s in states(k)]
+      runs = [sj.mesh.put_replicated(sj.train.init_carry(s), mesh) for s in states(k)]
       stacked = [jax.tree.map(lambda *xs: jnp.stack(xs), *runs)]
-      vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None, None, None)),
-                      donate_argnums=(0,))
+      vstep = jax.jit(jax.vmap(step, in_axes=(0, None, None, None, None)), donate_argnums=(0,))
       counter = [0]
 
       def run_vmapped(n: int) -> float:
         t0 = time.perf_counter()
         for _ in range(n):
-          stacked[0], _ = vstep(stacked[0], images, labels, perm,
-                                counter[0] % batches)
+          stacked[0], _ = vstep(stacked[0], images, labels, perm, counter[0] % batches)
           counter[0] += 1
         jax.block_until_ready(stacked[0])
         return (time.perf_counter() - t0) / n
@@ -1013,12 +1166,16 @@ def vmap_figures(ev: Evidence, sizes: Sizes, costs: Costs, mesh, data):
       seq = time_runner(run_sequential, sizes, k * sizes.batch)
       if k == 1:
         single["ms"] = vm["ms_per_step"]
-      out = {**base, "k": k, "vmapped_compile_s": vm["compile_s"],
-             "vmapped_ms_per_step": vm["ms_per_step"],
-             "vmapped_img_per_s": vm["img_per_s"],
-             "sequential_ms_per_round": seq["ms_per_step"],
-             "sequential_img_per_s": seq["img_per_s"],
-             "vmap_over_sequential": round(vm["img_per_s"] / seq["img_per_s"], 4)}
+      out = {
+        **base,
+        "k": k,
+        "vmapped_compile_s": vm["compile_s"],
+        "vmapped_ms_per_step": vm["ms_per_step"],
+        "vmapped_img_per_s": vm["img_per_s"],
+        "sequential_ms_per_round": seq["ms_per_step"],
+        "sequential_img_per_s": seq["img_per_s"],
+        "vmap_over_sequential": round(vm["img_per_s"] / seq["img_per_s"], 4),
+      }
       if single.get("ms"):
         out["vmapped_vs_k1_time"] = round(vm["ms_per_step"] / single["ms"], 4)
       return out
@@ -1045,8 +1202,17 @@ def versions(ev: Evidence):
 
   def fn():
     out = {"python": platform.python_version()}
-    for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
-                    "chex", "numpy", "torch", "pillow"):
+    for package in (
+      "jax",
+      "jaxlib",
+      "flax",
+      "optax",
+      "orbax-checkpoint",
+      "chex",
+      "numpy",
+      "torch",
+      "pillow",
+    ):
       try:
         out[package] = metadata.version(package)
       except metadata.PackageNotFoundError:
@@ -1055,17 +1221,25 @@ def versions(ev: Evidence):
       with contextlib.suppress(metadata.PackageNotFoundError):
         out[package] = metadata.version(package)
     devices = jax.devices()
-    out.update(backend=jax.default_backend(), platform=devices[0].platform,
-               device_kind=devices[0].device_kind, device_count=len(devices),
-               cpu=cpu_model())
+    out.update(
+      backend=jax.default_backend(),
+      platform=devices[0].platform,
+      device_kind=devices[0].device_kind,
+      device_count=len(devices),
+      cpu=cpu_model(),
+    )
     with contextlib.suppress(Exception):
       out["platform_version"] = devices[0].client.platform_version
     with contextlib.suppress(Exception):
       stats = devices[0].memory_stats() or {}
       if "bytes_limit" in stats:
         out["device_memory_gib"] = round(stats["bytes_limit"] / 2**30, 1)
-    for var in ("JAX_PLATFORMS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_FLAGS"):
+    for var in (
+      "JAX_PLATFORMS",
+      "XLA_PYTHON_CLIENT_PREALLOCATE",
+      "XLA_PYTHON_CLIENT_MEM_FRACTION",
+      "XLA_FLAGS",
+    ):
       out[var] = os.environ.get(var)
     return out
 
@@ -1084,18 +1258,25 @@ def out_path(out: str) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data", default=None,
-                      help="CIFAR-10: a directory sparsejax.data.load reads, "
-                           "cifar-10-python.tar.gz or cifar10-jpeg.tar.gz")
-  parser.add_argument("--out", required=True,
-                      help="evidence file (.jsonl) or directory")
-  parser.add_argument("--budget", type=float, default=None,
-                      help="seconds (default 480; 120 with --quick)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny model and steps, for CPU and the tests")
-  parser.add_argument("--workdir", default=None,
-                      help="run directory of the real run (default: real_run/ "
-                           "next to the evidence file); reuse it to resume")
+  parser.add_argument(
+    "--data",
+    default=None,
+    help="CIFAR-10: a directory sparsejax.data.load reads, "
+    "cifar-10-python.tar.gz or cifar10-jpeg.tar.gz",
+  )
+  parser.add_argument("--out", required=True, help="evidence file (.jsonl) or directory")
+  parser.add_argument(
+    "--budget", type=float, default=None, help="seconds (default 480; 120 with --quick)"
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny model and steps, for CPU and the tests"
+  )
+  parser.add_argument(
+    "--workdir",
+    default=None,
+    help="run directory of the real run (default: real_run/ "
+    "next to the evidence file); reuse it to resume",
+  )
   parser.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
   parser.add_argument("--torch-worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -1103,18 +1284,28 @@ def main(argv=None) -> None:
 
   if args.torch_worker:  # a subprocess of torch_figures
     device, precision = args.torch_worker.split(",")
-    print(json.dumps(torch_worker(device, precision, args.batch or sizes.batch,
-                                  sizes.steps, sizes.rounds)))
+    print(
+      json.dumps(
+        torch_worker(device, precision, args.batch or sizes.batch, sizes.steps, sizes.rounds)
+      )
+    )
     return
 
-  budget = args.budget if args.budget is not None else (120.0 if args.quick
-                                                        else 480.0)
+  budget = args.budget if args.budget is not None else (120.0 if args.quick else 480.0)
   path = out_path(args.out)
   if args.workdir is None:
     args.workdir = os.path.join(os.path.dirname(os.path.abspath(path)), "real_run")
-  ev = Evidence(path, budget, {"quick": args.quick, "budget_s": budget,
-                               "data": args.data, "workdir": args.workdir,
-                               "argv": sys.argv[1:] if argv is None else argv})
+  ev = Evidence(
+    path,
+    budget,
+    {
+      "quick": args.quick,
+      "budget_s": budget,
+      "data": args.data,
+      "workdir": args.workdir,
+      "argv": sys.argv[1:] if argv is None else argv,
+    },
+  )
 
   def external_stop(signum, frame):
     del frame
@@ -1128,6 +1319,7 @@ def main(argv=None) -> None:
   args.data_future = in_background(timed_load, args.data, sizes)
   costs = Costs(sizes)
   vmap_total = lambda slack=1.3: sum(vmap_cost(costs, k, slack) for k in VMAP_KS)
+
   def reserve() -> float:
     """Once the dense step has calibrated the estimates, the figures before
     the real run leave it and the vmapped runs their time (estimated without

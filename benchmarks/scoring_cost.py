@@ -53,8 +53,9 @@ def median_time(fn, repeats: int) -> float:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--small", action="store_true",
-                      help="quick run: 2 images per class, 10 rounds, 2 repeats")
+  parser.add_argument(
+    "--small", action="store_true", help="quick run: 2 images per class, 10 rounds, 2 repeats"
+  )
   parser.add_argument("--model", default="resnet20")
   parser.add_argument("--per-class", type=int, default=None)
   parser.add_argument("--rounds", type=int, default=None)
@@ -73,14 +74,17 @@ def main(argv=None) -> dict:
   x = jax.random.normal(key_x, (10 * per_class, *INPUT_SHAPE))
   y = jnp.repeat(jnp.arange(10), per_class)
   n = masks.summary(mask).total
-  print(f"{args.model}: {n} prunable weights, batch {x.shape[0]}, "
-        f"{rounds} SynFlow rounds, median of {repeats}, device {jax.devices()[0]}")
+  print(
+    f"{args.model}: {n} prunable weights, batch {x.shape[0]}, "
+    f"{rounds} SynFlow rounds, median of {repeats}, device {jax.devices()[0]}"
+  )
 
   # One training gradient: cross-entropy, batch norm in train mode.
   @jax.jit
   def train_grad(p):
     loss = lambda p_: optax.softmax_cross_entropy_with_integer_labels(
-        apply_fn(p_, x, True), y).mean()
+      apply_fn(p_, x, True), y
+    ).mean()
     return jax.grad(loss)(p)
 
   t_grad = median_time(lambda: train_grad(params), repeats)
@@ -88,8 +92,8 @@ def main(argv=None) -> dict:
   t_grasp = median_time(lambda: scores.grasp(params, mask, apply_fn, (x, y)), repeats)
 
   t_fused = median_time(
-      lambda: scores.synflow(params, mask, apply_fn, INPUT_SHAPE, args.sparsity, rounds),
-      repeats)
+    lambda: scores.synflow(params, mask, apply_fn, INPUT_SHAPE, args.sparsity, rounds), repeats
+  )
 
   def one_round(p, m, sparsity):
     s = scores.synflow_scores(p, m, apply_fn, INPUT_SHAPE)
@@ -111,12 +115,20 @@ def main(argv=None) -> dict:
     t_eager = median_time(lambda: python_loop(one_round), 1)
 
   rows = [
-      ("SNIP / training gradient", t_snip / t_grad, "<= 1.3", t_snip / t_grad <= 1.3),
-      ("GraSP / training gradient", t_grasp / t_grad, "<= 3.5", t_grasp / t_grad <= 3.5),
-      (f"SynFlow {rounds} rounds: jit-per-round loop / fused", t_loop / t_fused, ">= 3",
-       t_loop / t_fused >= 3.0),
-      (f"SynFlow {rounds} rounds: op-by-op loop / fused", t_eager / t_fused, ">= 3",
-       t_eager / t_fused >= 3.0),
+    ("SNIP / training gradient", t_snip / t_grad, "<= 1.3", t_snip / t_grad <= 1.3),
+    ("GraSP / training gradient", t_grasp / t_grad, "<= 3.5", t_grasp / t_grad <= 3.5),
+    (
+      f"SynFlow {rounds} rounds: jit-per-round loop / fused",
+      t_loop / t_fused,
+      ">= 3",
+      t_loop / t_fused >= 3.0,
+    ),
+    (
+      f"SynFlow {rounds} rounds: op-by-op loop / fused",
+      t_eager / t_fused,
+      ">= 3",
+      t_eager / t_fused >= 3.0,
+    ),
   ]
   print(f"training gradient {t_grad * 1e3:9.2f} ms")
   print(f"SNIP              {t_snip * 1e3:9.2f} ms")

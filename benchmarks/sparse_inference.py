@@ -71,48 +71,67 @@ def main():
   sparsities = [float(s) for s in args.sparsities.split(",")]
   rng = np.random.default_rng(0)
 
-  print(f"CPU: {cpu_model()}  jax {jax.__version__}  device: "
-        f"{jax.devices()[0].device_kind}  reps: {args.reps} (medians)")
+  print(
+    f"CPU: {cpu_model()}  jax {jax.__version__}  device: "
+    f"{jax.devices()[0].device_kind}  reps: {args.reps} (medians)"
+  )
   rows = []
   mlp = sj.models.get("mlp", num_classes=10, hidden=(1024, 1024))
   resnet = sj.models.get("resnet20", num_classes=10)
-  cases = [("mlp", mlp, (28, 28, 1), int(b), False)
-           for b in args.mlp_batches.split(",")]
+  cases = [("mlp", mlp, (28, 28, 1), int(b), False) for b in args.mlp_batches.split(",")]
   cases.append(("resnet20", resnet, (32, 32, 3), args.resnet_batch, True))
   for name, model, shape, batch, convs in cases:
     x = jnp.asarray(rng.normal(size=(batch, *shape)), jnp.float32)
     for s in sparsities:
       dense_vars = _masked_variables(model, x, s)
       # min_sparsity=0: every pruned kernel BCOO, also at 90%.
-      sparse_vars = sparse_inference.sparsify(model, dense_vars, x[:1], convs=convs,
-                                              min_sparsity=0.0, train=False)
+      sparse_vars = sparse_inference.sparsify(
+        model, dense_vars, x[:1], convs=convs, min_sparsity=0.0, train=False
+      )
       t_dense, t_sparse, err = _time(model, dense_vars, sparse_vars, x, args.reps)
-      rows.append(dict(
-          model=name, batch=batch, sparsity=s, dense_ms=1e3 * t_dense,
-          sparse_ms=1e3 * t_sparse, speedup=t_dense / t_sparse, err=err,
+      rows.append(
+        dict(
+          model=name,
+          batch=batch,
+          sparsity=s,
+          dense_ms=1e3 * t_dense,
+          sparse_ms=1e3 * t_sparse,
+          speedup=t_dense / t_sparse,
+          err=err,
           dense_kb=sparse_inference.param_nbytes(dense_vars["params"]) / 1e3,
-          sparse_kb=sparse_inference.param_nbytes(sparse_vars["params"]) / 1e3))
+          sparse_kb=sparse_inference.param_nbytes(sparse_vars["params"]) / 1e3,
+        )
+      )
       r = rows[-1]
-      print(f"  measured {name} batch {batch} sparsity {s}: "
-            f"{r['dense_ms']:.2f} vs {r['sparse_ms']:.2f} ms", flush=True)
+      print(
+        f"  measured {name} batch {batch} sparsity {s}: "
+        f"{r['dense_ms']:.2f} vs {r['sparse_ms']:.2f} ms",
+        flush=True,
+      )
 
   print()
-  print("| model | batch | sparsity | dense ms | sparse ms | speedup | params dense kB "
-        "| params BCOO kB | memory | max rel. logit diff |")
+  print(
+    "| model | batch | sparsity | dense ms | sparse ms | speedup | params dense kB "
+    "| params BCOO kB | memory | max rel. logit diff |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|")
   for r in rows:
-    print(f"| {r['model']} | {r['batch']} | {r['sparsity']:.2f} | {r['dense_ms']:.2f} "
-          f"| {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['dense_kb']:.0f} "
-          f"| {r['sparse_kb']:.0f} | {r['dense_kb'] / r['sparse_kb']:.1f}x smaller "
-          f"| {r['err']:.1e} |")
+    print(
+      f"| {r['model']} | {r['batch']} | {r['sparsity']:.2f} | {r['dense_ms']:.2f} "
+      f"| {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['dense_kb']:.0f} "
+      f"| {r['sparse_kb']:.0f} | {r['dense_kb'] / r['sparse_kb']:.1f}x smaller "
+      f"| {r['err']:.1e} |"
+    )
   print()
   wins = [r for r in rows if r["speedup"] > 1.05]
   loses = [r for r in rows if r["speedup"] < 0.95]
   label = lambda r: f"{r['model']} batch {r['batch']} at {r['sparsity']:.0%}"
   print("Sparse is faster for: " + (", ".join(map(label, wins)) or "none") + ".")
   print("Sparse is slower for: " + (", ".join(map(label, loses)) or "none") + ".")
-  print("BCOO params are smaller than dense at every sparsity measured (a kept "
-        "float32 costs 12 bytes: value + two int32 indices; smaller below density 1/3).")
+  print(
+    "BCOO params are smaller than dense at every sparsity measured (a kept "
+    "float32 costs 12 bytes: value + two int32 indices; smaller below density 1/3)."
+  )
   best = max((r["speedup"] for r in rows if r["model"] == "mlp"), default=float("nan"))
   print(f"best_mlp_speedup {best:.2f}")
 

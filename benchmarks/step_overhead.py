@@ -24,14 +24,16 @@ def make_step(model, tx):
 
   def loss_fn(params, batch_stats, x, y):
     logits, new_state = sj.modeling.apply_model(
-        model, {"params": params, "batch_stats": batch_stats}, x, train=True)
+      model, {"params": params, "batch_stats": batch_stats}, x, train=True
+    )
     loss = sj.losses.cross_entropy(logits, y).mean()
     return loss, new_state["batch_stats"]
 
   @jax.jit
   def step(params, batch_stats, opt_state, x, y):
     (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch_stats, x, y)
+      params, batch_stats, x, y
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -53,17 +55,17 @@ def main():
   variables = model.init(key, x[:1], train=False)
   params, batch_stats = variables["params"], variables["batch_stats"]
   mask = sj.masks.topk_mask(
-      jax.tree.map(lambda p: jax.random.normal(key, p.shape), params),
-      args.sparsity)
+    jax.tree.map(lambda p: jax.random.normal(key, p.shape), params), args.sparsity
+  )
 
   def inner():
-    return optax.chain(optax.add_decayed_weights(1e-4),
-                       optax.sgd(0.1, momentum=0.9))
+    return optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.1, momentum=0.9))
 
   runs = {}
-  for name, tx, p0 in (("dense", inner(), params),
-                       ("masked", sj.optim.sparse(inner(), mask),
-                        sj.masks.apply(params, mask))):
+  for name, tx, p0 in (
+    ("dense", inner(), params),
+    ("masked", sj.optim.sparse(inner(), mask), sj.masks.apply(params, mask)),
+  ):
     step = make_step(model, tx)
     carry = (p0, batch_stats, tx.init(p0))
     out = step(*carry, x, y)  # compile
@@ -81,13 +83,16 @@ def main():
 
   dense = statistics.median(runs["dense"][2])
   masked = statistics.median(runs["masked"][2])
-  print(f"device: {jax.devices()[0].device_kind}  model: {args.model}  "
-        f"batch: {args.batch}  sparsity: {args.sparsity}  reps: {args.reps}")
+  print(
+    f"device: {jax.devices()[0].device_kind}  model: {args.model}  "
+    f"batch: {args.batch}  sparsity: {args.sparsity}  reps: {args.reps}"
+  )
   print(f"dense step   median {dense * 1e3:8.2f} ms")
   print(f"masked step  median {masked * 1e3:8.2f} ms")
   ratio = masked / dense
-  print(f"ratio masked/dense: {ratio:.3f}  (target <= 1.03: "
-        f"{'met' if ratio <= 1.03 else 'NOT met'})")
+  print(
+    f"ratio masked/dense: {ratio:.3f}  (target <= 1.03: {'met' if ratio <= 1.03 else 'NOT met'})"
+  )
 
 
 if __name__ == "__main__":

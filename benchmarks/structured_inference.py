@@ -57,21 +57,21 @@ def _variants(model, x, sparsity):
   params = variables["params"]
   mask = condensed.constant_fan_in(jax.tree.map(jnp.abs, params), sparsity)
   dense = {**variables, "params": sj.masks.apply(params, mask)}
-  bcoo = sparse_inference.sparsify(model, dense, x[:1], convs=True, min_sparsity=0.0,
-                                   train=False)
-  cond = condensed.condense(model, dense, mask, x[:1], convs=True, max_density=1.0,
-                            train=False)
+  bcoo = sparse_inference.sparsify(model, dense, x[:1], convs=True, min_sparsity=0.0, train=False)
+  cond = condensed.condense(model, dense, mask, x[:1], convs=True, max_density=1.0, train=False)
   small = shrink.shrink(model, dense, mask, x[:1])
   out = {
-      "dense": (jax.jit(lambda v, x: model.apply(v, x, train=False)), dense),
-      "bcoo": (jax.jit(lambda v, x: sparse_inference.apply(model, v, x, train=False)), bcoo),
-      "condensed": (jax.jit(lambda v, x: condensed.apply(model, v, x, train=False)), cond),
-      "shrunk": (jax.jit(lambda v, x: small.model.apply(v, x, train=False)), small.variables),
+    "dense": (jax.jit(lambda v, x: model.apply(v, x, train=False)), dense),
+    "bcoo": (jax.jit(lambda v, x: sparse_inference.apply(model, v, x, train=False)), bcoo),
+    "condensed": (jax.jit(lambda v, x: condensed.apply(model, v, x, train=False)), cond),
+    "shrunk": (jax.jit(lambda v, x: small.model.apply(v, x, train=False)), small.variables),
   }
-  nbytes = {"dense": condensed.param_nbytes(dense["params"]),
-            "bcoo": sparse_inference.param_nbytes(bcoo["params"]),
-            "condensed": condensed.param_nbytes(cond["params"]),
-            "shrunk": condensed.param_nbytes(small.variables["params"])}
+  nbytes = {
+    "dense": condensed.param_nbytes(dense["params"]),
+    "bcoo": sparse_inference.param_nbytes(bcoo["params"]),
+    "condensed": condensed.param_nbytes(cond["params"]),
+    "shrunk": condensed.param_nbytes(small.variables["params"]),
+  }
   return out, nbytes, small.report
 
 
@@ -100,8 +100,9 @@ def main():
   parser.add_argument("--reps", type=int, default=7)
   parser.add_argument("--batches", default="1,128")
   parser.add_argument("--sparsities", default="0.9,0.95,0.99")
-  parser.add_argument("--quick", action="store_true",
-                      help="the MLP alone at 90%%, batch 1, 3 reps (a smoke test)")
+  parser.add_argument(
+    "--quick", action="store_true", help="the MLP alone at 90%%, batch 1, 3 reps (a smoke test)"
+  )
   args = parser.parse_args()
   if args.quick:
     args.reps, args.batches, args.sparsities = 3, "1", "0.9"
@@ -109,8 +110,10 @@ def main():
   batches = [int(b) for b in args.batches.split(",")]
   rng = np.random.default_rng(0)
 
-  print(f"CPU: {cpu_model()}  jax {jax.__version__}  device: "
-        f"{jax.devices()[0].device_kind}  reps: {args.reps} (medians)")
+  print(
+    f"CPU: {cpu_model()}  jax {jax.__version__}  device: "
+    f"{jax.devices()[0].device_kind}  reps: {args.reps} (medians)"
+  )
   mlp = sj.models.get("mlp", num_classes=10, hidden=(1024, 1024))
   resnet = sj.models.get("resnet20", num_classes=10)
   rows = []
@@ -122,33 +125,51 @@ def main():
         variants, nbytes, report = _variants(model, x, s)
         t, err = _time(variants, x, args.reps)
         widths = {g: r["after"] for g, r in report["layers"].items()}
-        rows.append(dict(model=name, batch=batch, sparsity=s, t=t, err=err,
-                         nbytes=nbytes, widths=widths))
-        print(f"  measured {name} batch {batch} sparsity {s}: " + ", ".join(
-            f"{k} {1e3 * v:.3f} ms" for k, v in t.items()), flush=True)
+        rows.append(
+          dict(model=name, batch=batch, sparsity=s, t=t, err=err, nbytes=nbytes, widths=widths)
+        )
+        print(
+          f"  measured {name} batch {batch} sparsity {s}: "
+          + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in t.items()),
+          flush=True,
+        )
 
   names = ("dense", "bcoo", "condensed", "shrunk")
   print()
-  print("| model | batch | sparsity | " + " | ".join(f"{n} ms" for n in names)
-        + " | bcoo x | condensed x | shrunk x | params kB (dense / bcoo / condensed / "
-        "shrunk) | max rel. logit diff |")
+  print(
+    "| model | batch | sparsity | "
+    + " | ".join(f"{n} ms" for n in names)
+    + " | bcoo x | condensed x | shrunk x | params kB (dense / bcoo / condensed / "
+    "shrunk) | max rel. logit diff |"
+  )
   print("|---|---|---|" + "---|" * (len(names) + 5))
   for r in rows:
     t, b = r["t"], r["nbytes"]
-    print(f"| {r['model']} | {r['batch']} | {r['sparsity']:.2f} | "
-          + " | ".join(f"{1e3 * t[n]:.3f}" for n in names) + " | "
-          + " | ".join(f"{t['dense'] / t[n]:.2f}" for n in names[1:]) + " | "
-          + " / ".join(f"{b[n] / 1e3:.0f}" for n in names) + " | "
-          + f"{max(v for k, v in r['err'].items() if k != 'dense'):.1e} |")
+    print(
+      f"| {r['model']} | {r['batch']} | {r['sparsity']:.2f} | "
+      + " | ".join(f"{1e3 * t[n]:.3f}" for n in names)
+      + " | "
+      + " | ".join(f"{t['dense'] / t[n]:.2f}" for n in names[1:])
+      + " | "
+      + " / ".join(f"{b[n] / 1e3:.0f}" for n in names)
+      + " | "
+      + f"{max(v for k, v in r['err'].items() if k != 'dense'):.1e} |"
+    )
   print()
   for r in rows:
     if r["model"] == "mlp" or r["batch"] == batches[0]:
       shrunk = {g: w for g, w in r["widths"].items() if "/" not in g}
-      print(f"shrunk widths, {r['model']} at {r['sparsity']:.0%}: {shrunk}"
-            + ("" if r["model"] == "mlp" else
-               f"; block mids {[w for g, w in r['widths'].items() if '/' in g]}"))
-  first = next((r for r in rows if r["model"] == "mlp" and r["sparsity"] == 0.9
-                and r["batch"] == 1), rows[0])
+      print(
+        f"shrunk widths, {r['model']} at {r['sparsity']:.0%}: {shrunk}"
+        + (
+          ""
+          if r["model"] == "mlp"
+          else f"; block mids {[w for g, w in r['widths'].items() if '/' in g]}"
+        )
+      )
+  first = next(
+    (r for r in rows if r["model"] == "mlp" and r["sparsity"] == 0.9 and r["batch"] == 1), rows[0]
+  )
   print(f"speedup_vs_dense {first['t']['dense'] / first['t']['condensed']:.2f}")
 
 

@@ -36,8 +36,12 @@ import sparsejax as sj  # noqa: E402  pylint: disable=g-bad-import-order
 
 def make_run(recipe: sj.tost.ToST, name: str, batch: int, total_steps: int):
   """``run(k) -> seconds per step`` of ``recipe``'s training step."""
-  return jax_worker(batch, recipe.model(name, num_classes=10),
-                    loss_fn=recipe.loss_fn(), scalars=recipe.scalars(total_steps))
+  return jax_worker(
+    batch,
+    recipe.model(name, num_classes=10),
+    loss_fn=recipe.loss_fn(),
+    scalars=recipe.scalars(total_steps),
+  )
 
 
 def main():
@@ -51,8 +55,10 @@ def main():
   # The schedules' length only sets β, γ and α, traced scalars: the step's
   # cost does not depend on their values.
   total = 100_000
-  runs = {"plain": make_run(sj.tost.preset("none"), args.model, args.batch, total),
-          "ghost": make_run(sj.tost.preset("ghost"), args.model, args.batch, total)}
+  runs = {
+    "plain": make_run(sj.tost.preset("none"), args.model, args.batch, total),
+    "ghost": make_run(sj.tost.preset("ghost"), args.model, args.batch, total),
+  }
   for run in runs.values():  # compile and warm up
     run(2)
   times = {name: [] for name in runs}
@@ -64,8 +70,10 @@ def main():
   where = cpu_model() if device.platform == "cpu" else device.device_kind
   med = {name: statistics.median(t) for name, t in times.items()}
   print(f"device: {device.platform}, {where}")
-  print(f"{args.model} train step, batch {args.batch}, median of {args.rounds} "
-        f"interleaved rounds of {args.steps} steps")
+  print(
+    f"{args.model} train step, batch {args.batch}, median of {args.rounds} "
+    f"interleaved rounds of {args.steps} steps"
+  )
   for name, t in med.items():
     print(f"  {name:6s} {t * 1e3:8.1f} ms/step")
   print(f"ghost_step_ratio {med['ghost'] / med['plain']:.2f}")

@@ -18,11 +18,11 @@ author = "the sparsejax authors"
 copyright = "2026, the sparsejax authors"  # pylint: disable=redefined-builtin
 
 extensions = [
-    "myst_nb",
-    "sphinx.ext.autodoc",
-    "sphinx.ext.autosummary",
-    "sphinx.ext.napoleon",
-    "sphinx.ext.viewcode",
+  "myst_nb",
+  "sphinx.ext.autodoc",
+  "sphinx.ext.autosummary",
+  "sphinx.ext.napoleon",
+  "sphinx.ext.viewcode",
 ]
 
 # Markdown pages (MyST) and the tour notebook, rendered with its stored outputs:
@@ -47,14 +47,23 @@ napoleon_use_ivar = True
 # it builds on (no network in CI, so no intersphinx inventories) are not checked.
 nitpicky = True
 nitpick_ignore_regex = [
-    (r"py:.*", r"(jax|jaxlib|jnp|np|numpy|optax|flax|nn|chex|orbax|etils|epath|ml_collections|"
-               r"tqdm|collections|typing|os|dataclasses|contextlib|enum|abc)(\..*)?"),
-    (r"py:.*", r"(PyTree|Any|Callable|Sequence|Mapping|Iterable|Iterator|ArrayLike|"
-               r"ScalarOrSchedule|LossFn|Array|Schedule|PRNGKey|OptState|Budget)"),
-    (r"py:class", r"(int|float|str|bool|bytes|tuple|list|dict|set|None|object|type|"
-                  r"callable|optional|pathlib\..*|PathLike)"),
-    # Private base classes (shown as the bases of public ones) are undocumented.
-    (r"py:class", r"sparsejax\..*\._[A-Za-z].*"),
+  (
+    r"py:.*",
+    r"(jax|jaxlib|jnp|np|numpy|optax|flax|nn|chex|orbax|etils|epath|ml_collections|"
+    r"tqdm|collections|typing|os|dataclasses|contextlib|enum|abc)(\..*)?",
+  ),
+  (
+    r"py:.*",
+    r"(PyTree|Any|Callable|Sequence|Mapping|Iterable|Iterator|ArrayLike|"
+    r"ScalarOrSchedule|LossFn|Array|Schedule|PRNGKey|OptState|Budget)",
+  ),
+  (
+    r"py:class",
+    r"(int|float|str|bool|bytes|tuple|list|dict|set|None|object|type|"
+    r"callable|optional|pathlib\..*|PathLike)",
+  ),
+  # Private base classes (shown as the bases of public ones) are undocumented.
+  (r"py:class", r"sparsejax\..*\._[A-Za-z].*"),
 ]
 
 html_theme = "sphinx_book_theme"

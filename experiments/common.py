@@ -73,17 +73,16 @@ PyTree = Any
 #: ``config.pruner`` values: ``"dense"`` (no mask), a method of
 #: :func:`sparsejax.scores.prune_at_init`, or ``"ticket"``: the mask of a
 #: lottery ticket saved by ``experiments.lottery`` (``config.mask_path``).
-PRUNERS = ("dense", "ticket", *scores.METHODS,
-           *(f"iterative_{m}" for m in scores.METHODS))
+PRUNERS = ("dense", "ticket", *scores.METHODS, *(f"iterative_{m}" for m in scores.METHODS))
 #: Methods that score with training data (a class-balanced batch).
 DATA_METHODS = ("snip", "grasp")
 #: ``config.prunable`` presets, without a layer order: resolve them for a model
 #: with :func:`make_prunable` (the "first"/"last" presets refuse to run without).
 PRUNABLE = {
-    "kernels": masks.KERNELS,
-    "keep_first": masks.KEEP_FIRST_DENSE,
-    "keep_classifier": masks.KEEP_CLASSIFIER_DENSE,
-    "keep_first_and_classifier": masks.KEEP_FIRST_AND_CLASSIFIER_DENSE,
+  "kernels": masks.KERNELS,
+  "keep_first": masks.KEEP_FIRST_DENSE,
+  "keep_classifier": masks.KEEP_CLASSIFIER_DENSE,
+  "keep_first_and_classifier": masks.KEEP_FIRST_AND_CLASSIFIER_DENSE,
 }
 #: Exit status of a run stopped by SIGTERM after saving its checkpoint.
 EXIT_PREEMPTED = 143
@@ -106,8 +105,7 @@ def define_flags(workdir_help: str = "Directory for checkpoints, logs and result
   importing the runners (e.g. in tests) defines no flags.
   """
   flags.DEFINE_string("workdir", None, workdir_help)
-  config_flags.DEFINE_config_file("config", None, "Configuration file.",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file("config", None, "Configuration file.", lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -131,8 +129,9 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     raise ValueError(f"config.model.dtype must be one of {DTYPES}, got {dtype!r}")
   kwargs = config.model.kwargs.to_dict() if "kwargs" in config.model else {}
   if "dtype" in kwargs:
-    raise ValueError("set the model's computation dtype with config.model.dtype, not "
-                     "config.model.kwargs.dtype")
+    raise ValueError(
+      "set the model's computation dtype with config.model.dtype, not config.model.kwargs.dtype"
+    )
   kwargs["dtype"] = jnp.dtype(dtype)
   return kwargs
 
@@ -142,9 +141,10 @@ def base_method(pruner: str) -> str:
   return pruner.removeprefix("iterative_")
 
 
-def resolve_config(config: ml_collections.ConfigDict,
-                   extra: Callable[[ml_collections.ConfigDict], None] | None = None
-                   ) -> ml_collections.ConfigDict:
+def resolve_config(
+  config: ml_collections.ConfigDict,
+  extra: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> ml_collections.ConfigDict:
   """A copy of ``config`` with derived defaults filled in and values checked.
 
   The one config check of every runner. ``weight_decay=None`` becomes the
@@ -165,12 +165,12 @@ def resolve_config(config: ml_collections.ConfigDict,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if config.model.name not in models.names():
-    raise ValueError(f"unknown model {config.model.name!r}; valid names are: "
-                     f"{', '.join(models.names())}")
+    raise ValueError(
+      f"unknown model {config.model.name!r}; valid names are: {', '.join(models.names())}"
+    )
   model_kwargs(config)  # checks config.model.dtype
   if config.prunable not in PRUNABLE:
-    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got "
-                     f"{config.prunable!r}")
+    raise ValueError(f"config.prunable must be one of {tuple(PRUNABLE)}, got {config.prunable!r}")
   if "pruner" in config:
     _check_pruning(config)
   if config.get("dst", "none") != "none":
@@ -184,8 +184,10 @@ def resolve_config(config: ml_collections.ConfigDict,
   if config.optimizer.weight_decay is None:
     config.optimizer.weight_decay = 5e-4 if config.model.name.startswith("vgg") else 1e-4
   if config.train.get("save_sparse_compression", "none") not in sparse_io.COMPRESSIONS:
-    raise ValueError(f"config.train.save_sparse_compression must be one of "
-                     f"{sparse_io.COMPRESSIONS}, got {config.train.save_sparse_compression!r}")
+    raise ValueError(
+      f"config.train.save_sparse_compression must be one of "
+      f"{sparse_io.COMPRESSIONS}, got {config.train.save_sparse_compression!r}"
+    )
   if extra is not None:
     extra(config)
   return config
@@ -197,18 +199,21 @@ def _check_pruning(config: ml_collections.ConfigDict) -> None:
   if config.pruner == "ticket":
     if not config.mask_path or not lottery.ticket_exists(config.mask_path):
       raise ValueError(
-          "config.pruner='ticket' needs config.mask_path, a ticket directory "
-          f"written by experiments.lottery (got {config.mask_path!r})")
+        "config.pruner='ticket' needs config.mask_path, a ticket directory "
+        f"written by experiments.lottery (got {config.mask_path!r})"
+      )
     _check_ticket_sparsity(config)
   elif config.pruner != "dense":
     masks.check_sparsity(config.sparsity)
     config_budget(config)
   if config.score_bn_mode not in (None, *scores.BN_MODES):
-    raise ValueError(f"config.score_bn_mode must be None, 'train' or 'eval', got "
-                     f"{config.score_bn_mode!r}")
+    raise ValueError(
+      f"config.score_bn_mode must be None, 'train' or 'eval', got {config.score_bn_mode!r}"
+    )
   if config.synflow_dtype not in ("float32", "float64"):
-    raise ValueError(f"config.synflow_dtype must be 'float32' or 'float64', got "
-                     f"{config.synflow_dtype!r}")
+    raise ValueError(
+      f"config.synflow_dtype must be 'float32' or 'float64', got {config.synflow_dtype!r}"
+    )
 
 
 def config_budget(config: ml_collections.ConfigDict) -> budgets.Budget:
@@ -236,23 +241,30 @@ def _check_ticket_sparsity(config: ml_collections.ConfigDict) -> None:
   ticket = ticket_sparsity(config.mask_path)
   if config.sparsity is not None and abs(float(config.sparsity) - ticket) > 1e-3:
     raise ValueError(
-        f"config.sparsity={config.sparsity} differs from the sparsity {ticket:.4f} "
-        f"of the ticket in {config.mask_path}: with config.pruner='ticket' set "
-        f"config.sparsity=None (the ticket's) or {ticket:.4f}")
+      f"config.sparsity={config.sparsity} differs from the sparsity {ticket:.4f} "
+      f"of the ticket in {config.mask_path}: with config.pruner='ticket' set "
+      f"config.sparsity=None (the ticket's) or {ticket:.4f}"
+    )
   config.sparsity = ticket
 
 
-def _check_range(name: str, value, low: float, high: float, *,
-                 low_open: bool = False, high_open: bool = False,
-                 what: str = "") -> None:
+def _check_range(
+  name: str,
+  value,
+  low: float,
+  high: float,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  what: str = "",
+) -> None:
   """Raises ``config.<name> must be in [low, high]...`` unless ``value`` is there."""
   ok = isinstance(value, (int, float)) and not isinstance(value, bool)
   if ok:
     v = float(value)
     ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
   if not ok:
-    interval = (f"{'(' if low_open else '['}{low:g}, {high:g}"
-                f"{')' if high_open else ']'}")
+    interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     raise ValueError(f"config.{name} must be in {interval}{what}, got {value!r}")
 
 
@@ -262,19 +274,25 @@ def _check_prune_epochs(config: ml_collections.ConfigDict) -> None:
   within ``train.num_epochs``."""
   spec = tuple(config.dst_prune_epochs)
   n = int(config.train.num_epochs)
-  form = ("epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
-          f"<= config.train.num_epochs = {n}")
-  if len(spec) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                           or v < 0 for v in spec):
-    raise ValueError(f"config.dst_prune_epochs must be (start, end), {form}; got "
-                     f"{spec!r}")
+  form = (
+    "epochs (>= 1) or fractions of training (< 1) with 0 <= start < end "
+    f"<= config.train.num_epochs = {n}"
+  )
+  if len(spec) != 2 or any(
+    isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in spec
+  ):
+    raise ValueError(f"config.dst_prune_epochs must be (start, end), {form}; got {spec!r}")
   start, end = (float(v) * n if 0 < v < 1 else float(v) for v in spec)
   if end > n:
-    raise ValueError(f"config.dst_prune_epochs={spec} ends at epoch {end:g}, after "
-                     f"training (config.train.num_epochs = {n}): give {form}")
+    raise ValueError(
+      f"config.dst_prune_epochs={spec} ends at epoch {end:g}, after "
+      f"training (config.train.num_epochs = {n}): give {form}"
+    )
   if start >= end:
-    raise ValueError(f"config.dst_prune_epochs={spec} starts at epoch {start:g}, "
-                     f"not before its end at epoch {end:g}: give {form}")
+    raise ValueError(
+      f"config.dst_prune_epochs={spec} starts at epoch {start:g}, "
+      f"not before its end at epoch {end:g}: give {form}"
+    )
 
 
 #: ``config.dst`` values (SPEC §4): ``"none"`` keeps the mask of ``pruner``.
@@ -285,72 +303,90 @@ def _check_dst(config: ml_collections.ConfigDict) -> None:
   if config.dst not in DST_METHODS:
     raise ValueError(f"config.dst must be one of {DST_METHODS}, got {config.dst!r}")
   if config.dst in ("set", "rigl") and config.pruner == "dense":
-    raise ValueError(f"config.dst={config.dst!r} needs a starting mask: set "
-                     "config.pruner (the reference: 'random' with budget 'erk')")
+    raise ValueError(
+      f"config.dst={config.dst!r} needs a starting mask: set "
+      "config.pruner (the reference: 'random' with budget 'erk')"
+    )
   if config.dst in ("gmp", "granet"):
     if config.pruner != "dense":
-      raise ValueError(f"config.dst={config.dst!r} starts dense or from a random "
-                       "mask at config.dst_initial_sparsity: set config.pruner='dense'")
+      raise ValueError(
+        f"config.dst={config.dst!r} starts dense or from a random "
+        "mask at config.dst_initial_sparsity: set config.pruner='dense'"
+      )
     masks.check_sparsity(config.dst_initial_sparsity, "config.dst_initial_sparsity")
     masks.check_sparsity(config.sparsity)
     _check_prune_epochs(config)
     if isinstance(config_budget(config), budgets.NM):
       raise ValueError(
-          f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
-          f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
-          "'set' (they keep N:M) or a pruner with that budget")
+        f"config.dst={config.dst!r} prunes globally along a schedule and cannot "
+        f"keep an N:M budget ({config.budget!r}); use config.dst='rigl' or "
+        "'set' (they keep N:M) or a pruner with that budget"
+      )
   if config.dst_drop_schedule not in ("cosine", "constant"):
-    raise ValueError("config.dst_drop_schedule must be 'cosine' or 'constant', "
-                     f"got {config.dst_drop_schedule!r}")
+    raise ValueError(
+      f"config.dst_drop_schedule must be 'cosine' or 'constant', got {config.dst_drop_schedule!r}"
+    )
   every = config.dst_update_every
   if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-    raise ValueError(f"config.dst_update_every must be an integer >= 1 (steps "
-                     f"between mask updates), got {every!r}")
-  _check_range("dst_end", config.dst_end, 0, 1, low_open=True,
-               what=" (a fraction of training)")
-  _check_range("dst_alpha", config.dst_alpha, 0, 1,
-               what=" (the fraction of each layer dropped and regrown)")
+    raise ValueError(
+      f"config.dst_update_every must be an integer >= 1 (steps between mask updates), got {every!r}"
+    )
+  _check_range("dst_end", config.dst_end, 0, 1, low_open=True, what=" (a fraction of training)")
+  _check_range(
+    "dst_alpha", config.dst_alpha, 0, 1, what=" (the fraction of each layer dropped and regrown)"
+  )
 
 
 def _check_suptickets(config: ml_collections.ConfigDict) -> None:
   if config.get("dst", "none") == "none":
-    raise ValueError("config.suptickets needs a DST method: set config.dst "
-                     "(granet, rigl, set or gmp)")
+    raise ValueError(
+      "config.suptickets needs a DST method: set config.dst (granet, rigl, set or gmp)"
+    )
   cycles, cycle_epochs = int(config.sup_cycles), int(config.sup_cycle_epochs)
   if cycles < 1 or cycle_epochs < 1:
-    raise ValueError("config.sup_cycles and config.sup_cycle_epochs must be >= 1, "
-                     f"got {cycles} and {cycle_epochs}")
+    raise ValueError(
+      f"config.sup_cycles and config.sup_cycle_epochs must be >= 1, got {cycles} and {cycle_epochs}"
+    )
   phase = int(config.train.num_epochs) - cycles * cycle_epochs
   if phase < 1:
-    raise ValueError(f"config.sup_cycles x config.sup_cycle_epochs = "
-                     f"{cycles * cycle_epochs} leave no DST phase in "
-                     f"config.train.num_epochs = {config.train.num_epochs}")
+    raise ValueError(
+      f"config.sup_cycles x config.sup_cycle_epochs = "
+      f"{cycles * cycle_epochs} leave no DST phase in "
+      f"config.train.num_epochs = {config.train.num_epochs}"
+    )
   if config.dst in ("gmp", "granet") and any(
-      float(v) >= 1 and float(v) > phase for v in config.dst_prune_epochs):
-    raise ValueError(f"config.dst_prune_epochs {tuple(config.dst_prune_epochs)} end "
-                     f"after the DST phase ({phase} epochs)")
+    float(v) >= 1 and float(v) > phase for v in config.dst_prune_epochs
+  ):
+    raise ValueError(
+      f"config.dst_prune_epochs {tuple(config.dst_prune_epochs)} end "
+      f"after the DST phase ({phase} epochs)"
+    )
   if float(config.sup_lr1) <= 0 or float(config.sup_lr2) <= 0:
     raise ValueError("config.sup_lr1 and config.sup_lr2 must be positive")
   if config.sup_lr_shape not in suptickets.LR_SHAPES:
-    raise ValueError(f"config.sup_lr_shape must be one of {suptickets.LR_SHAPES}, "
-                     f"got {config.sup_lr_shape!r}")
+    raise ValueError(
+      f"config.sup_lr_shape must be one of {suptickets.LR_SHAPES}, got {config.sup_lr_shape!r}"
+    )
   if not 0 < float(config.sup_fraction) <= 1:
     raise ValueError(f"config.sup_fraction must be in (0, 1], got {config.sup_fraction}")
   if config.sup_ema is not None and not 0 < float(config.sup_ema) <= 1:
     raise ValueError(f"config.sup_ema must be None or in (0, 1], got {config.sup_ema}")
   if config.sup_bn_variance not in train.BN_VARIANCE_MODES:
-    raise ValueError(f"config.sup_bn_variance must be one of "
-                     f"{train.BN_VARIANCE_MODES}, got {config.sup_bn_variance!r}")
+    raise ValueError(
+      f"config.sup_bn_variance must be one of "
+      f"{train.BN_VARIANCE_MODES}, got {config.sup_bn_variance!r}"
+    )
 
 
-def suptickets_plan(config: ml_collections.ConfigDict,
-                    steps_per_epoch: int) -> suptickets.Plan:
+def suptickets_plan(config: ml_collections.ConfigDict, steps_per_epoch: int) -> suptickets.Plan:
   """The :class:`sparsejax.suptickets.Plan` of ``config`` (``sup_cycles``,
   ``sup_cycle_epochs`` within ``train.num_epochs``)."""
-  return suptickets.Plan(num_epochs=int(config.train.num_epochs),
-                         num_cycles=int(config.sup_cycles),
-                         cycle_epochs=int(config.sup_cycle_epochs),
-                         steps_per_epoch=steps_per_epoch)
+  return suptickets.Plan(
+    num_epochs=int(config.train.num_epochs),
+    num_cycles=int(config.sup_cycles),
+    cycle_epochs=int(config.sup_cycle_epochs),
+    steps_per_epoch=steps_per_epoch,
+  )
 
 
 #: ``config.tost_<field>`` schedules: the :class:`sparsejax.tost.ToST` fields.
@@ -372,18 +408,17 @@ def make_tost(config: ml_collections.ConfigDict) -> tost.ToST:
     spec = config.get(f"tost_{field}")
     if spec is not None:
       if len(spec) != 4:
-        raise ValueError(f"config.tost_{field} must be (start, end, hold, stop), "
-                         f"got {spec!r}")
+        raise ValueError(f"config.tost_{field} must be (start, end, hold, stop), got {spec!r}")
       overrides[field] = tost.Ramp(*(float(v) for v in spec))
   lrsi_fields = config.get("tost_lrsi")
-  lrsi_fields = dict(lrsi_fields.to_dict() if hasattr(lrsi_fields, "to_dict")
-                     else lrsi_fields or {})
+  lrsi_fields = dict(
+    lrsi_fields.to_dict() if hasattr(lrsi_fields, "to_dict") else lrsi_fields or {}
+  )
   if recipe.lrsi is not None and lrsi_fields:
     known = {f.name for f in dataclasses.fields(tost.LRsI)}
     unknown = sorted(set(lrsi_fields) - known)
     if unknown:
-      raise ValueError(f"config.tost_lrsi has unknown fields {unknown}; valid: "
-                       f"{sorted(known)}")
+      raise ValueError(f"config.tost_lrsi has unknown fields {unknown}; valid: {sorted(known)}")
     overrides["lrsi"] = dataclasses.replace(recipe.lrsi, **lrsi_fields)
   return dataclasses.replace(recipe, **overrides)
 
@@ -395,18 +430,20 @@ def _check_tost(config: ml_collections.ConfigDict) -> None:
   if recipe.ghost_skips is not None and not tost.supports_ghost_skips(config.model.name):
     tost.ghost_model(config.model.name, 2)  # raises the documented error
   if config.get("dst", "none") != "none":
-    raise ValueError("config.tost with config.dst is not supported: ToST trains "
-                     "a fixed mask")
+    raise ValueError("config.tost with config.dst is not supported: ToST trains a fixed mask")
   if recipe.soft_neurons is not None and config.get("act_coef_schedule") is not None:
-    raise ValueError("config.act_coef_schedule and ToST's soft neurons both set "
-                     "the activation blend: use config.tost_soft_neurons")
+    raise ValueError(
+      "config.act_coef_schedule and ToST's soft neurons both set "
+      "the activation blend: use config.tost_soft_neurons"
+    )
   if recipe.label_smoothing is not None and config.optimizer.get("label_smoothing"):
-    raise ValueError("config.optimizer.label_smoothing and ToST's label smoothing are both "
-                     "set: use config.tost_label_smoothing")
+    raise ValueError(
+      "config.optimizer.label_smoothing and ToST's label smoothing are both "
+      "set: use config.tost_label_smoothing"
+    )
 
 
-def check_dst_schedule(config: ml_collections.ConfigDict,
-                       steps_per_epoch: int) -> None:
+def check_dst_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """Refuses a DST schedule under which no mask update would run.
 
   The steps are known only with the data: SET/RigL update every
@@ -425,18 +462,21 @@ def check_dst_schedule(config: ml_collections.ConfigDict,
   every = int(config.dst_update_every)
   if method in ("set", "rigl") and end <= every:
     raise ValueError(
-        f"config.dst_update_every={every} leaves no mask update before "
-        f"config.dst_end={config.dst_end} of training (step {end} of {total}, "
-        f"{steps_per_epoch} per epoch): set config.dst_update_every below {end} "
-        "or train longer")
+      f"config.dst_update_every={every} leaves no mask update before "
+      f"config.dst_end={config.dst_end} of training (step {end} of {total}, "
+      f"{steps_per_epoch} per epoch): set config.dst_update_every below {end} "
+      "or train longer"
+    )
   if method == "granet":
-    start = _epoch_step(float(config.dst_prune_epochs[0]), int(config.train.num_epochs),
-                        steps_per_epoch)
+    start = _epoch_step(
+      float(config.dst_prune_epochs[0]), int(config.train.num_epochs), steps_per_epoch
+    )
     if end <= start:
       raise ValueError(
-          f"config.dst_end={config.dst_end} (step {end} of {total}) is not after "
-          f"the start of config.dst_prune_epochs={tuple(config.dst_prune_epochs)} "
-          f"(step {start}): GraNet would never regrow; set config.dst_end later")
+        f"config.dst_end={config.dst_end} (step {end} of {total}) is not after "
+        f"the start of config.dst_prune_epochs={tuple(config.dst_prune_epochs)} "
+        f"(step {start}): GraNet would never regrow; set config.dst_end later"
+      )
 
 
 def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
@@ -445,9 +485,15 @@ def _epoch_step(value: float, num_epochs: int, steps_per_epoch: int) -> int:
   return round(epochs * steps_per_epoch)
 
 
-def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
-                       mask: PyTree | None, prunable, steps_per_epoch: int,
-                       extra_updates: dst.ExtraUpdates = ()):
+def make_dst_optimizer(
+  config: ml_collections.ConfigDict,
+  inner,
+  params: PyTree,
+  mask: PyTree | None,
+  prunable,
+  steps_per_epoch: int,
+  extra_updates: dst.ExtraUpdates = (),
+):
   """The dynamic-sparse-training optimiser of ``config.dst`` around ``inner``.
 
   * ``set`` / ``rigl``: :func:`sparsejax.dst.set_optimizer` /
@@ -474,33 +520,55 @@ def make_dst_optimizer(config: ml_collections.ConfigDict, inner, params: PyTree,
   total = int(config.train.num_epochs) * steps_per_epoch
   end = round(float(config.dst_end) * total)
   every = int(config.dst_update_every)
-  common_kw = dict(update_every=every, skip_update=bool(config.dst_skip_update),
-                   prunable=prunable, seed=int(config.train.seed),
-                   extra_updates=tuple(extra_updates))
+  common_kw = dict(
+    update_every=every,
+    skip_update=bool(config.dst_skip_update),
+    prunable=prunable,
+    seed=int(config.train.seed),
+    extra_updates=tuple(extra_updates),
+  )
   if config.dst in ("set", "rigl"):
-    fraction = (dst.cosine_drop_fraction(float(config.dst_alpha), end)
-                if config.dst_drop_schedule == "cosine" else float(config.dst_alpha))
+    fraction = (
+      dst.cosine_drop_fraction(float(config.dst_alpha), end)
+      if config.dst_drop_schedule == "cosine"
+      else float(config.dst_alpha)
+    )
     method = dst.set_optimizer if config.dst == "set" else dst.rigl_optimizer
     budget = config_budget(config)
     nm = budget if isinstance(budget, budgets.NM) else None
     kw = dict(drop_fraction=fraction, end_step=end, nm=nm, **common_kw)
     return method(inner, mask, **kw), mask
   s0 = float(config.dst_initial_sparsity)
-  initial = (masks.ones_like(params) if s0 == 0 else masks.random_mask(
-      jax.random.fold_in(jax.random.key(config.train.seed), 2), params, s0,
-      budget=config_budget(config), prunable=prunable))
-  start, stop = (_epoch_step(float(v), int(config.train.num_epochs), steps_per_epoch)
-                 for v in config.dst_prune_epochs)
-  kw = dict(final_sparsity=float(config.sparsity), initial_sparsity=s0,
-            start_step=start, end_step=stop, **common_kw)
+  initial = (
+    masks.ones_like(params)
+    if s0 == 0
+    else masks.random_mask(
+      jax.random.fold_in(jax.random.key(config.train.seed), 2),
+      params,
+      s0,
+      budget=config_budget(config),
+      prunable=prunable,
+    )
+  )
+  start, stop = (
+    _epoch_step(float(v), int(config.train.num_epochs), steps_per_epoch)
+    for v in config.dst_prune_epochs
+  )
+  kw = dict(
+    final_sparsity=float(config.sparsity),
+    initial_sparsity=s0,
+    start_step=start,
+    end_step=stop,
+    **common_kw,
+  )
   if config.dst == "gmp":
     return dst.gmp_optimizer(inner, initial, **kw), initial
-  return dst.granet_optimizer(inner, initial, regrow_end_step=end,
-                              alpha=float(config.dst_alpha), **kw), initial
+  return dst.granet_optimizer(
+    inner, initial, regrow_end_step=end, alpha=float(config.dst_alpha), **kw
+  ), initial
 
 
-def act_coef_schedule(config: ml_collections.ConfigDict,
-                      steps_per_epoch: int):
+def act_coef_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
   """The ``act_coef`` schedule of ``config.act_coef_schedule``, or ``None``.
 
   ``config.act_coef_schedule = (start, end, hold_epochs, ramp_epochs)``: the
@@ -516,11 +584,13 @@ def act_coef_schedule(config: ml_collections.ConfigDict,
   if spec is None:
     return None
   if len(spec) != 4:
-    raise ValueError("config.act_coef_schedule must be (start, end, hold_epochs, "
-                     f"ramp_epochs), got {spec!r}")
+    raise ValueError(
+      f"config.act_coef_schedule must be (start, end, hold_epochs, ramp_epochs), got {spec!r}"
+    )
   start, end, hold, ramp = (float(v) for v in spec)
-  return schedules.hold_then_ramp(start, end, round(hold * steps_per_epoch),
-                                  round(ramp * steps_per_epoch))
+  return schedules.hold_then_ramp(
+    start, end, round(hold * steps_per_epoch), round(ramp * steps_per_epoch)
+  )
 
 
 def make_prunable(name: str, model, input_shape) -> masks.Prunable:
@@ -573,31 +643,35 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def _getter(sub: ml_collections.ConfigDict):
   """``get(name, default)`` of ``sub``: ``default`` for a missing or None field."""
+
   def get(name, default):
     value = sub.get(name, default)
     return default if value is None else value
+
   return get
 
 
-def lr_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                num_epochs: int | None = None):
+def lr_schedule(
+  config: ml_collections.ConfigDict, steps_per_epoch: int, num_epochs: int | None = None
+):
   """:func:`sparsejax.schedules.lr_schedule` of ``config.optimizer``
   (``learning_rate``, ``schedule``, ``warmup_epochs``, ``decay_factor``,
   ``decay_epochs``, ``end_factor``) over ``num_epochs`` (default
   ``config.train.num_epochs``)."""
   get = _getter(config.optimizer)
   return schedules.lr_schedule(
-      float(config.optimizer.learning_rate),
-      num_epochs=int(config.train.num_epochs if num_epochs is None else num_epochs),
-      steps_per_epoch=steps_per_epoch, kind=get("schedule", "constant"),
-      warmup_epochs=float(get("warmup_epochs", 0.0)),
-      decay_factor=float(get("decay_factor", 0.1)),
-      decay_epochs=tuple(get("decay_epochs", ())),
-      end_factor=float(get("end_factor", 0.0)))
+    float(config.optimizer.learning_rate),
+    num_epochs=int(config.train.num_epochs if num_epochs is None else num_epochs),
+    steps_per_epoch=steps_per_epoch,
+    kind=get("schedule", "constant"),
+    warmup_epochs=float(get("warmup_epochs", 0.0)),
+    decay_factor=float(get("decay_factor", 0.1)),
+    decay_epochs=tuple(get("decay_epochs", ())),
+    end_factor=float(get("end_factor", 0.0)),
+  )
 
 
-def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                   schedule=None):
+def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int, schedule=None):
   """:func:`sparsejax.schedules.make_optimizer` of ``config.optimizer``
   (``momentum``, ``nesterov``, ``weight_decay``) with
   ``schedule`` (default :func:`lr_schedule` of the config)."""
@@ -605,9 +679,11 @@ def make_optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int,
   if schedule is None:
     schedule = lr_schedule(config, steps_per_epoch)
   return schedules.make_optimizer(
-      schedule, momentum=float(get("momentum", 0.9)),
-      nesterov=bool(get("nesterov", False)),
-      weight_decay=float(get("weight_decay", 0.0)))
+    schedule,
+    momentum=float(get("momentum", 0.9)),
+    nesterov=bool(get("nesterov", False)),
+    weight_decay=float(get("weight_decay", 0.0)),
+  )
 
 
 def fit_options(config: ml_collections.ConfigDict) -> train.FitOptions:
@@ -621,8 +697,12 @@ def fit_options(config: ml_collections.ConfigDict) -> train.FitOptions:
 def fit_args(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """``num_epochs``, ``batch_size``, ``seed`` (``config.train``) and ``options``
   (:func:`fit_options`) of :func:`sparsejax.train.fit`."""
-  return dict(num_epochs=int(config.train.num_epochs), batch_size=int(config.train.batch_size),
-              seed=int(config.train.get("seed", 0) or 0), options=fit_options(config))
+  return dict(
+    num_epochs=int(config.train.num_epochs),
+    batch_size=int(config.train.batch_size),
+    seed=int(config.train.get("seed", 0) or 0),
+    options=fit_options(config),
+  )
 
 
 def default_loss(config: ml_collections.ConfigDict):
@@ -638,8 +718,7 @@ def _initial_state(model, input_shape) -> dict:
   These are the batch-norm statistics (mean 0, variance 1), which do not
   depend on the initialisation key; the params are dropped.
   """
-  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)),
-                                       jax.random.key(0))
+  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)), jax.random.key(0))
   return {k: v for k, v in variables.items() if k != "params"}
 
 
@@ -656,7 +735,8 @@ def _method_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> 
     kwargs["bn_mode"] = config.score_bn_mode
   if method in DATA_METHODS:
     kwargs["batches"] = data.class_balanced_batch(
-        dataset, int(config.score_samples_per_class), int(config.train.seed))
+      dataset, int(config.score_samples_per_class), int(config.train.seed)
+    )
   if method == "grasp":
     kwargs["temperature"] = float(config.grasp_temperature)
   if method == "synflow":
@@ -665,9 +745,14 @@ def _method_kwargs(config: ml_collections.ConfigDict, dataset: data.Dataset) -> 
   return kwargs
 
 
-def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset,
-                 workdir: str | None = None, *, trained_model=None
-                 ) -> Callable[[PyTree], PyTree] | None:
+def make_mask_fn(
+  config: ml_collections.ConfigDict,
+  model,
+  dataset: data.Dataset,
+  workdir: str | None = None,
+  *,
+  trained_model=None,
+) -> Callable[[PyTree], PyTree] | None:
   """The ``params -> mask`` function of ``config.pruner``; ``None`` if dense.
 
   Given the freshly initialised params (as :func:`sparsejax.train.fit`'s
@@ -723,29 +808,45 @@ def make_mask_fn(config: ml_collections.ConfigDict, model, dataset: data.Dataset
       masks.check_mask(mask, params)  # names the first path of another model
     else:
       mask = scores.prune_at_init(
-          config.pruner, params, sparsity=float(config.sparsity),
-          budget=config_budget(config), prunable=prunable, apply_fn=apply_fn,
-          **_method_kwargs(config, dataset))
+        config.pruner,
+        params,
+        sparsity=float(config.sparsity),
+        budget=config_budget(config),
+        prunable=prunable,
+        apply_fn=apply_fn,
+        **_method_kwargs(config, dataset),
+      )
     mask = jax.block_until_ready(mask)
     seconds = time.perf_counter() - start
     report = diagnostics.report(mask, params, apply_fn, input_shape, prunable)
     if config.pruner == "ticket":
       header = f"lottery-ticket mask of {config.mask_path}"
     else:
-      header = (f"{config.pruner} at sparsity {config.sparsity} ({config.budget} "
-                f"budget, prunable={config.prunable}): scored in {seconds:.1f} s")
+      header = (
+        f"{config.pruner} at sparsity {config.sparsity} ({config.budget} "
+        f"budget, prunable={config.prunable}): scored in {seconds:.1f} s"
+      )
     print(f"{header}\n{report}", flush=True)
-    logging.info("%s; sparsity %.4f, effective %.4f, collapsed %s", header,
-                 report["sparsity"], report["effective_sparsity"],
-                 report["collapsed"] or "none")
+    logging.info(
+      "%s; sparsity %.4f, effective %.4f, collapsed %s",
+      header,
+      report["sparsity"],
+      report["effective_sparsity"],
+      report["collapsed"] or "none",
+    )
     if workdir is not None and jax.process_index() == 0:
       epath.Path(workdir, "pruning.txt").write_text(f"{header}\n{report}\n")
-      write_json(os.path.join(workdir, PRUNING_FILE), {
+      write_json(
+        os.path.join(workdir, PRUNING_FILE),
+        {
           "method": config.pruner,
-          "sparsity": float(report["sparsity"] if config.pruner == "ticket"
-                            else config.sparsity),
-          "budget": config.budget, "prunable": config.prunable,
-          "scoring_seconds": seconds, "report": dict(report)})
+          "sparsity": float(report["sparsity"] if config.pruner == "ticket" else config.sparsity),
+          "budget": config.budget,
+          "prunable": config.prunable,
+          "scoring_seconds": seconds,
+          "report": dict(report),
+        },
+      )
     return mask
 
   return mask_fn
@@ -771,14 +872,14 @@ def describe_sparsity(config: ml_collections.ConfigDict) -> str:
   """
   dst_method = config.get("dst", "none")
   if dst_method in ("gmp", "granet"):
-    text = (f"dst={dst_method} sparsity {float(config.dst_initial_sparsity)} -> "
-            f"{config.sparsity}")
+    text = f"dst={dst_method} sparsity {float(config.dst_initial_sparsity)} -> {config.sparsity}"
   else:
     if config.pruner == "ticket":
       text = f"pruner=ticket ({config.mask_path})"
     else:
-      text = (f"pruner={config.pruner} sparsity="
-              f"{config.sparsity if config.pruner != 'dense' else 0.0}")
+      text = (
+        f"pruner={config.pruner} sparsity={config.sparsity if config.pruner != 'dense' else 0.0}"
+      )
     if dst_method != "none":
       text += f" dst={dst_method}"
   if config.get("suptickets", False):
@@ -786,9 +887,13 @@ def describe_sparsity(config: ml_collections.ConfigDict) -> str:
   return text
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        dataset: data.Dataset | None = None,
-        runner: str = "experiments.train") -> train.FitResult:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  dataset: data.Dataset | None = None,
+  runner: str = "experiments.train",
+) -> train.FitResult:
   """Loads data and model, prunes, trains; writes the run files.
 
   The run first claims ``workdir`` (:func:`experiments.workdir.claim`): a
@@ -830,8 +935,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   workdir_lib.check(workdir, runner, config)
   if not workdir_lib.is_finished(workdir, (workdir_lib.RESULTS_FILE,)):
     dataset = load_dataset(config) if dataset is None else dataset
-    check_dst_schedule(config, schedules.steps_per_epoch(dataset.num_train,
-                                                         config.train.batch_size))
+    check_dst_schedule(
+      config, schedules.steps_per_epoch(dataset.num_train, config.train.batch_size)
+    )
   if workdir_lib.claim(workdir, runner, config):
     return finished_result(workdir)
   write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -851,61 +957,89 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     trained = recipe.model(config.model.name, dataset.num_classes, **kwargs)
     scalars.update(recipe.scalars(int(config.train.num_epochs) * spe))
   mesh = mesh_lib.make_mesh(config.train.num_devices)
-  logging.info("%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",
-               config.model.name, dataset.name, dataset.num_train, dataset.num_test,
-               describe_sparsity(config), config.budget, mesh.size)
+  logging.info(
+    "%s on %s (%d train / %d test), %s, budget=%s, %d device(s)",
+    config.model.name,
+    dataset.name,
+    dataset.num_train,
+    dataset.num_test,
+    describe_sparsity(config),
+    config.budget,
+    mesh.size,
+  )
   mask_fn = make_mask_fn(
-      config, model, dataset, workdir,
-      trained_model=trained if recipe.ghost_skips is not None else None)
+    config,
+    model,
+    dataset,
+    workdir,
+    trained_model=trained if recipe.ghost_skips is not None else None,
+  )
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
   key = jax.random.key(int(config.train.seed))
   callbacks = recipe.callbacks()
-  fit_kwargs = dict(callbacks=callbacks,
-                    loss_fn=recipe.loss_fn() or default_loss(config))
+  fit_kwargs = dict(callbacks=callbacks, loss_fn=recipe.loss_fn() or default_loss(config))
   if config.get("dst", "none") != "none":
     fit_kwargs.update(_dst_fit_kwargs(config, model, dataset, mask_fn, workdir))
     tx = fit_kwargs.pop("tx")
     init = lambda: state_lib.create_train_state(trained, tx, sample, key)
   else:
     inner = make_optimizer(config, spe)
-    init = lambda: state_lib.create_train_state(trained, inner, sample, key,
-                                                mask=mask_fn)
-  result = train.fit(trained, dataset, workdir, init=init, mesh=mesh,
-                     scalars=scalars or None, **fit_args(config), **fit_kwargs)
-  lrsi_info = [cb.info for cb in callbacks
-               if isinstance(cb, tost.LRsICallback) and cb.info is not None]
+    init = lambda: state_lib.create_train_state(trained, inner, sample, key, mask=mask_fn)
+  result = train.fit(
+    trained,
+    dataset,
+    workdir,
+    init=init,
+    mesh=mesh,
+    scalars=scalars or None,
+    **fit_args(config),
+    **fit_kwargs,
+  )
+  lrsi_info = [
+    cb.info for cb in callbacks if isinstance(cb, tost.LRsICallback) and cb.info is not None
+  ]
   if lrsi_info:
     info = lrsi_info[0]
-    write_json(os.path.join(workdir, LRSI_FILE), {
+    write_json(
+      os.path.join(workdir, LRSI_FILE),
+      {
         "objective_before": info["objective_before"],
-        "objective_after": info["objective_after"], "scales": info["scales"],
+        "objective_after": info["objective_after"],
+        "scales": info["scales"],
         "seconds": info["seconds"],
-        **{k: info[k].tolist() for k in ("objective", "grad_norm",
-                                         "loss_after_step")}})
+        **{k: info[k].tolist() for k in ("objective", "grad_norm", "loss_after_step")},
+      },
+    )
   if not result.preempted:
     mask = result.state.mask
-    summary = masks.summary(mask if mask is not None
-                            else masks.ones_like(result.state.params))
-    sparse_file = (save_sparse_model(
-        result.state, workdir, config.train.get("save_sparse_compression", "none"),
-        metadata={"model": config.model.name, "dataset": dataset.name})
-        if config.train.get("save_sparse", False) else None)
+    summary = masks.summary(mask if mask is not None else masks.ones_like(result.state.params))
+    sparse_file = (
+      save_sparse_model(
+        result.state,
+        workdir,
+        config.train.get("save_sparse_compression", "none"),
+        metadata={"model": config.model.name, "dataset": dataset.name},
+      )
+      if config.train.get("save_sparse", False)
+      else None
+    )
     pruning = None
     pruning_file = os.path.join(workdir, PRUNING_FILE)
     if config.pruner != "dense" and epath.Path(pruning_file).exists():
       pruning = read_json(pruning_file)
-      pruning["report"] = {k: v for k, v in pruning["report"].items()
-                           if k != "layers"}
-    write_json(os.path.join(workdir, RESULTS_FILE), {
+      pruning["report"] = {k: v for k, v in pruning["report"].items() if k != "layers"}
+    write_json(
+      os.path.join(workdir, RESULTS_FILE),
+      {
         "final": result.history[-1] if result.history else {},
         "epochs": len(result.history),
         "train_seconds": sum(r["epoch_seconds"] for r in result.history),
         "mask": summary.as_dict(),
         "pruning": pruning,
         **({"sparse_file": sparse_file} if sparse_file is not None else {}),
-        "tost": {"preset": config.get("tost", "none"),
-                 "techniques": list(recipe.techniques)},
-    })
+        "tost": {"preset": config.get("tost", "none"), "techniques": list(recipe.techniques)},
+      },
+    )
   return result
 
 
@@ -913,18 +1047,16 @@ def finished_result(workdir: str) -> train.FitResult:
   """The :class:`sparsejax.train.FitResult` of the finished run in ``workdir``,
   read from its files: ``history`` from ``metrics.jsonl``, no ``state``."""
   history = metrics_log.read_jsonl(os.path.join(workdir, metrics_log.METRICS_FILE))
-  return train.FitResult(state=None, history=history, preempted=False,
-                         resumed_from=None)
+  return train.FitResult(state=None, history=history, preempted=False, resumed_from=None)
 
 
 def _dir_nbytes(path: epath.Path) -> int:
-  return sum((root / f).stat().length
-             for root, _, files in path.walk() for f in files)
+  return sum((root / f).stat().length for root, _, files in path.walk() for f in files)
 
 
-def save_sparse_model(state: state_lib.TrainState, workdir: str,
-                      compression: str = "none", metadata: dict | None = None
-                      ) -> dict | None:
+def save_sparse_model(
+  state: state_lib.TrainState, workdir: str, compression: str = "none", metadata: dict | None = None
+) -> dict | None:
   """Writes ``workdir/model.sparse`` and prints its size against dense storage.
 
   The file (:func:`sparsejax.sparse_io.save`) holds ``{"params": ...,
@@ -946,17 +1078,19 @@ def save_sparse_model(state: state_lib.TrainState, workdir: str,
   if state.batch_stats:
     tree["batch_stats"] = state.batch_stats
     full_mask["batch_stats"] = masks.ones_like(state.batch_stats)
-  info = sparse_io.save(os.path.join(workdir, SPARSE_FILE), jax.device_get(tree),
-                        jax.device_get(full_mask), metadata=metadata,
-                        compression=compression)
+  info = sparse_io.save(
+    os.path.join(workdir, SPARSE_FILE),
+    jax.device_get(tree),
+    jax.device_get(full_mask),
+    metadata=metadata,
+    compression=compression,
+  )
   ckpt_root = epath.Path(workdir, "checkpoints")
-  steps = ([d.name for d in ckpt_root.iterdir() if d.name.isdigit()]
-           if ckpt_root.is_dir() else [])
-  ckpt = (_dir_nbytes(ckpt_root / max(steps, key=int)) if steps else None)
+  steps = [d.name for d in ckpt_root.iterdir() if d.name.isdigit()] if ckpt_root.is_dir() else []
+  ckpt = _dir_nbytes(ckpt_root / max(steps, key=int)) if steps else None
   line = f"sparse model file {info}"
   if ckpt is not None:
-    line += (f"; the last checkpoint (train state with optimiser) is "
-             f"{ckpt / 1e6:.3f} MB")
+    line += f"; the last checkpoint (train state with optimiser) is {ckpt / 1e6:.3f} MB"
   print(line, flush=True)
   return {**info.as_dict(), "checkpoint_nbytes": ckpt}
 
@@ -985,31 +1119,39 @@ def _dst_fit_kwargs(config, model, dataset, mask_fn, workdir) -> dict:
     plan = suptickets_plan(config, steps)
     phase = ml_collections.ConfigDict(config.to_dict())
     phase.train.num_epochs = plan.dst_epochs
-    lr = plan.learning_rate(lr_schedule(phase, steps),
-                            float(config.sup_lr1), float(config.sup_lr2),
-                            config.sup_lr_shape)
+    lr = plan.learning_rate(
+      lr_schedule(phase, steps), float(config.sup_lr1), float(config.sup_lr2), config.sup_lr_shape
+    )
     inner = make_optimizer(config, steps, schedule=lr)
   else:
     phase, inner = config, make_optimizer(config, steps)
   sample = jnp.zeros((1, *dataset.image_shape), jnp.float32)
-  params = state_lib.create_train_state(model, inner, sample,
-                                        jax.random.key(int(config.train.seed))).params
+  params = state_lib.create_train_state(
+    model, inner, sample, jax.random.key(int(config.train.seed))
+  ).params
   prunable = make_prunable(config.prunable, model, dataset.image_shape)
   mask = mask_fn(params) if mask_fn is not None else None
-  extra = (plan.mask_updates(float(config.sup_fraction), prunable) if sup else ())
-  tx, initial = make_dst_optimizer(phase, inner, params, mask, prunable, steps,
-                                   extra_updates=extra)
+  extra = plan.mask_updates(float(config.sup_fraction), prunable) if sup else ()
+  tx, initial = make_dst_optimizer(phase, inner, params, mask, prunable, steps, extra_updates=extra)
   if config.dst in ("gmp", "granet") and workdir is not None:
-    write_json(os.path.join(workdir, "dst.json"), {
-        "method": config.dst, "initial_sparsity": float(config.dst_initial_sparsity),
-        "initial_mask": masks.summary(initial, prunable).as_dict()})
+    write_json(
+      os.path.join(workdir, "dst.json"),
+      {
+        "method": config.dst,
+        "initial_sparsity": float(config.dst_initial_sparsity),
+        "initial_mask": masks.summary(initial, prunable).as_dict(),
+      },
+    )
   churn = dst.MaskChurn(log_every_steps=int(config.dst_update_every))
   hooks, callbacks = [churn.hook()], [churn.callback()]
   if sup:
     sup_cb = suptickets.Superpose(
-        plan, ema=config.sup_ema, prunable=prunable,
-        bn_batch_size=config.sup_bn_batch_size,
-        bn_variance=config.sup_bn_variance)
+      plan,
+      ema=config.sup_ema,
+      prunable=prunable,
+      bn_batch_size=config.sup_bn_batch_size,
+      bn_variance=config.sup_bn_variance,
+    )
     hooks.append(sup_cb.hook())
     callbacks.append(sup_cb)
   return dict(tx=tx, hooks=tuple(hooks), callbacks=tuple(callbacks))
@@ -1024,8 +1166,10 @@ def quiet_orbax_info() -> None:
   """Drops Orbax's per-save INFO lines from the absl log (warnings stay)."""
 
   def keep(record) -> bool:
-    return (record.levelno >= logging.converter.STANDARD_WARNING
-            or f"{os.sep}orbax{os.sep}" not in record.pathname)
+    return (
+      record.levelno >= logging.converter.STANDARD_WARNING
+      or f"{os.sep}orbax{os.sep}" not in record.pathname
+    )
 
   logging.get_absl_handler().addFilter(keep)
 
@@ -1042,11 +1186,13 @@ def initialize_distributed() -> None:
   except (ValueError, RuntimeError) as e:
     logging.debug("jax.distributed.initialize() failed", exc_info=True)
     reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print("error: --config.train.distributed=true but jax.distributed.initialize() "
-          f"failed ({reason}): start every process on a cluster that JAX "
-          "detects (a Cloud TPU pod slice, SLURM, Open MPI, GKE), or drop "
-          "--config.train.distributed to train on this host's devices",
-          file=sys.stderr)
+    print(
+      "error: --config.train.distributed=true but jax.distributed.initialize() "
+      f"failed ({reason}): start every process on a cluster that JAX "
+      "detects (a Cloud TPU pod slice, SLURM, Open MPI, GKE), or drop "
+      "--config.train.distributed to train on this host's devices",
+      file=sys.stderr,
+    )
     sys.exit(1)
 
 
@@ -1069,14 +1215,15 @@ def cli_main(fn: Callable[[], Any], preempted: Callable[[Any], bool]) -> Any:
     initialize_distributed()
   try:
     result = fn()
-  except (FileNotFoundError, data.DatasetFormatError, FloatingPointError,
-          ValueError) as e:
+  except (FileNotFoundError, data.DatasetFormatError, FloatingPointError, ValueError) as e:
     logging.debug("failed", exc_info=True)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   if preempted(result):
-    print("Stopped by SIGTERM after saving a checkpoint; rerun the same command "
-          "to resume.", file=sys.stderr)
+    print(
+      "Stopped by SIGTERM after saving a checkpoint; rerun the same command to resume.",
+      file=sys.stderr,
+    )
     sys.exit(EXIT_PREEMPTED)
   return result
 
@@ -1106,8 +1253,12 @@ def allow_none_overrides() -> None:
   set to the text "None"). Called by :func:`app_run` before the flags are
   parsed.
   """
-  for field_type, base in ((int, flags.IntegerParser()), (float, flags.FloatParser()),
-                           (bool, flags.BooleanParser()), (str, flags.ArgumentParser())):
+  for field_type, base in (
+    (int, flags.IntegerParser()),
+    (float, flags.FloatParser()),
+    (bool, flags.BooleanParser()),
+    (str, flags.ArgumentParser()),
+  ):
     config_flags.register_flag_parser_for_type(field_type, _NoneOrParser(base))
 
 
@@ -1150,10 +1301,12 @@ def final_line(history: list[dict]) -> str:
   """
   final = history[-1] if history else {}
   if "superposed_test_accuracy" in final:
-    return (f"done: train_loss={final['train_loss']:.4f}, superposed model: "
-            f"test_loss={final['superposed_test_loss']:.4f}, "
-            f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
-            f"test_accuracy={final['test_accuracy']:.4f})")
+    return (
+      f"done: train_loss={final['train_loss']:.4f}, superposed model: "
+      f"test_loss={final['superposed_test_loss']:.4f}, "
+      f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
+      f"test_accuracy={final['test_accuracy']:.4f})"
+    )
   return "done: " + ", ".join(
-      f"{k}={final[k]:.4f}" for k in ("train_loss", "test_loss", "test_accuracy")
-      if k in final)
+    f"{k}={final[k]:.4f}" for k in ("train_loss", "test_loss", "test_accuracy") if k in final
+  )

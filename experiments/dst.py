@@ -51,16 +51,14 @@ def churn_series(workdir: str, cells: list[sweep.Cell]) -> dict[str, list]:
     if not epath.Path(path).exists():
       continue
     with epath.Path(path).open() as f:
-      points = [(r["step"], r["mask_churn"]) for r in map(json.loads, f)
-                if "mask_churn" in r]
+      points = [(r["step"], r["mask_churn"]) for r in map(json.loads, f) if "mask_churn" in r]
     if points:
       label = f"{cell.method} {results.fmt_sparsity(cell.sparsity)}"
       series.setdefault(label, []).append(points)
   return series
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        report_only: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, report_only: bool = False) -> dict:
   """:func:`experiments.sweep.run` (signatures naming this runner), then
   ``mask_churn.png`` (not for a grid finished already: nothing is written)."""
   out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER)
@@ -70,9 +68,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   if series:
     every = int(config.dst_update_every)
     results.plot_series(
-        os.path.join(workdir, "mask_churn.png"), series, xlabel="training step",
-        ylabel=f"mask churn per {every} steps (fraction of entries)",
-        title=f"{config.model.name} on {config.data.name}: mask changes", logy=True)
+      os.path.join(workdir, "mask_churn.png"),
+      series,
+      xlabel="training step",
+      ylabel=f"mask churn per {every} steps (fraction of entries)",
+      title=f"{config.model.name} on {config.data.name}: mask changes",
+      logy=True,
+    )
   return out
 
 

@@ -104,20 +104,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   except ValueError:
     budget = None
   if type(budget) not in lottery.BUDGETS:
-    raise ValueError("config.budget must be 'global' or 'uniform' for IMP "
-                     f"(lottery.BUDGETS), got {config.budget!r}")
-  if isinstance(config.levels, bool) or not isinstance(config.levels, int) or (
-      config.levels < 0):
+    raise ValueError(
+      "config.budget must be 'global' or 'uniform' for IMP "
+      f"(lottery.BUDGETS), got {config.budget!r}"
+    )
+  if isinstance(config.levels, bool) or not isinstance(config.levels, int) or (config.levels < 0):
     raise ValueError(f"config.levels must be an integer >= 0, got {config.levels!r}")
   lottery.level_sparsity(config.levels, config.prune_fraction)  # checks fraction
   config.controls = tuple(config.controls)
   unknown = [c for c in config.controls if c not in CONTROLS]
   if unknown:
     raise ValueError(f"config.controls may name {CONTROLS}, got {unknown}")
-  if config.rewind_step < 0 or (config.rewind_epochs is not None
-                                and config.rewind_epochs < 0):
-    raise ValueError("the rewind point must not be negative (rewind_step="
-                     f"{config.rewind_step}, rewind_epochs={config.rewind_epochs})")
+  if config.rewind_step < 0 or (config.rewind_epochs is not None and config.rewind_epochs < 0):
+    raise ValueError(
+      "the rewind point must not be negative (rewind_step="
+      f"{config.rewind_step}, rewind_epochs={config.rewind_epochs})"
+    )
 
 
 def rewind_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
@@ -128,8 +130,7 @@ def rewind_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int
   return int(config.rewind_step)
 
 
-def make_prunable(config: ml_collections.ConfigDict, model,
-                  sample: jax.Array) -> masks.Prunable:
+def make_prunable(config: ml_collections.ConfigDict, model, sample: jax.Array) -> masks.Prunable:
   """The ``config.prunable`` preset, ordered by the model's layer order
   (:func:`experiments.common.make_prunable`, the one place every runner uses).
 
@@ -151,13 +152,20 @@ def _percent(value) -> str:
 def format_table(rows: list[dict], controls) -> str:
   """Markdown table: level, density, test accuracy (%) of ticket and controls."""
   return results.markdown_table(
-      ["level", "density (%)", "ticket", *(CONTROL_NAMES[c] for c in controls)],
-      ([str(r["level"]), f"{100 * r['density']:.2f}", _percent(r["ticket"]),
-        *(_percent(r.get(c)) for c in controls)] for r in rows))
+    ["level", "density (%)", "ticket", *(CONTROL_NAMES[c] for c in controls)],
+    (
+      [
+        str(r["level"]),
+        f"{100 * r['density']:.2f}",
+        _percent(r["ticket"]),
+        *(_percent(r.get(c)) for c in controls),
+      ]
+      for r in rows
+    ),
+  )
 
 
-def plot_accuracy_vs_density(rows: list[dict], controls, path: str,
-                             title: str = "") -> None:
+def plot_accuracy_vs_density(rows: list[dict], controls, path: str, title: str = "") -> None:
   """Test accuracy vs remaining density (log scale, decreasing to the right).
 
   One line for the ticket (from the dense level 0 on) and one per control
@@ -170,15 +178,12 @@ def plot_accuracy_vs_density(rows: list[dict], controls, path: str,
   density = [100 * r["density"] for r in rows]
   ax.plot(density, [100 * r["ticket"] for r in rows], "o-", label="ticket (IMP)")
   for c, marker in zip(controls, ("s--", "^--")):
-    points = [(100 * r["density"], 100 * r[c]) for r in rows
-              if r.get(c) is not None]
+    points = [(100 * r["density"], 100 * r[c]) for r in rows if r.get(c) is not None]
     if points:
       ax.plot(*zip(*points), marker, label=CONTROL_NAMES[c])
-  ax.axhline(100 * rows[0]["ticket"], color="gray", lw=0.8, ls=":",
-             label="dense")
+  ax.axhline(100 * rows[0]["ticket"], color="gray", lw=0.8, ls=":", label="dense")
   ax.set_xscale("log")
-  ax.set_xticks(density, [f"{d:.3g}" for d in density],
-                rotation=60 if len(density) > 8 else 0)
+  ax.set_xticks(density, [f"{d:.3g}" for d in density], rotation=60 if len(density) > 8 else 0)
   ax.xaxis.set_minor_formatter(NullFormatter())
   if len(density) > 1:
     ax.set_xlim(density[0] * 1.15, density[-1] / 1.15)  # reversed
@@ -200,12 +205,14 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
   table = format_table(rows, controls)
   with epath.Path(os.path.join(workdir, "results.md")).open("w") as f:
     f.write(table + "\n")
-  common.write_json(os.path.join(workdir, "results.json"),
-                    {"levels": rows, "table": table})
+  common.write_json(os.path.join(workdir, "results.json"), {"levels": rows, "table": table})
   plot_accuracy_vs_density(
-      rows, controls, os.path.join(workdir, "accuracy_vs_density.png"),
-      title=f"{config.model.name} on {config.data.name}: IMP, "
-            f"{100 * config.prune_fraction:g}% per level")
+    rows,
+    controls,
+    os.path.join(workdir, "accuracy_vs_density.png"),
+    title=f"{config.model.name} on {config.data.name}: IMP, "
+    f"{100 * config.prune_fraction:g}% per level",
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -213,8 +220,9 @@ def write_results(workdir: str, rows: list[dict], config) -> None:
 # ----------------------------------------------------------------------------
 
 
-def control_state(control: str, key: jax.Array, point: state_lib.TrainState,
-                  mask, model, sample: jax.Array) -> state_lib.TrainState:
+def control_state(
+  control: str, key: jax.Array, point: state_lib.TrainState, mask, model, sample: jax.Array
+) -> state_lib.TrainState:
   """The state a control starts from, at the rewind point with ``mask``'s level.
 
   * ``"reinit"``: ``mask`` on the weights (and batch-norm statistics) of
@@ -227,8 +235,9 @@ def control_state(control: str, key: jax.Array, point: state_lib.TrainState,
   """
   if control == "reinit":
     variables = state_lib.init_variables(model, sample, key)
-    return lottery.rewind_state(point, mask, params=variables["params"],
-                                batch_stats=variables.get("batch_stats", {}))
+    return lottery.rewind_state(
+      point, mask, params=variables["params"], batch_stats=variables.get("batch_stats", {})
+    )
   return lottery.rewind_state(point, lottery.random_reprune_mask(key, mask))
 
 
@@ -269,53 +278,79 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
   config = common.resolve_config(config, check_config)
   workdir = str(_paths.resolve(workdir))
   final_ticket = os.path.join(workdir, "ticket")
-  if workdir_lib.claim(workdir, RUNNER, config,
-                       done=(os.path.join("ticket", lottery.TICKET_META),)):
+  if workdir_lib.claim(
+    workdir, RUNNER, config, done=(os.path.join("ticket", lottery.TICKET_META),)
+  ):
     rows = common.read_json(os.path.join(workdir, "results.json"))["levels"]
     return LotteryResult(rows, False, final_ticket)
   common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
   dataset = common.load_dataset(config)
-  model = models.get(config.model.name, dataset.num_classes,
-                     **common.model_kwargs(config))
+  model = models.get(config.model.name, dataset.num_classes, **common.model_kwargs(config))
   mesh = mesh_lib.make_mesh(config.train.num_devices)
   sample = jnp.zeros((1,) + dataset.image_shape, jnp.float32)
   prunable = make_prunable(config, model, sample)
-  steps_per_epoch = schedules.steps_per_epoch(dataset.num_train,
-                                              config.train.batch_size)
+  steps_per_epoch = schedules.steps_per_epoch(dataset.num_train, config.train.batch_size)
   k = rewind_steps(config, steps_per_epoch)
   if k >= config.train.num_epochs * steps_per_epoch:
-    raise ValueError(f"the rewind step {k} leaves nothing to train in "
-                     f"{config.train.num_epochs} epochs of {steps_per_epoch} steps")
-  logging.info("IMP: %s on %s (%d train), %d levels of %g%%, rewind to step %d, "
-               "controls %s", config.model.name, dataset.name, dataset.num_train,
-               config.levels, 100 * config.prune_fraction, k,
-               config.controls or "off")
+    raise ValueError(
+      f"the rewind step {k} leaves nothing to train in "
+      f"{config.train.num_epochs} epochs of {steps_per_epoch} steps"
+    )
+  logging.info(
+    "IMP: %s on %s (%d train), %d levels of %g%%, rewind to step %d, controls %s",
+    config.model.name,
+    dataset.name,
+    dataset.num_train,
+    config.levels,
+    100 * config.prune_fraction,
+    k,
+    config.controls or "off",
+  )
 
   def fit(subdir, init, **kwargs) -> train.FitResult:
-    return train.fit(model, dataset, os.path.join(workdir, subdir), init=init,
-                     mesh=mesh, loss_fn=common.default_loss(config),
-                     **common.fit_args(config), **kwargs)
+    return train.fit(
+      model,
+      dataset,
+      os.path.join(workdir, subdir),
+      init=init,
+      mesh=mesh,
+      loss_fn=common.default_loss(config),
+      **common.fit_args(config),
+      **kwargs,
+    )
 
   # The rewind point: dense training (in the sparse format, all-ones mask, so
   # that every level shares one state structure) stopped at step k.
   tx = common.make_optimizer(config, steps_per_epoch)
-  point = fit("rewind_point", lambda: state_lib.create_train_state(
-      model, tx, sample, jax.random.key(int(config.train.seed)), mask=masks.ones_like),
-              stop_at_step=k)
+  point = fit(
+    "rewind_point",
+    lambda: state_lib.create_train_state(
+      model, tx, sample, jax.random.key(int(config.train.seed)), mask=masks.ones_like
+    ),
+    stop_at_step=k,
+  )
   if point.preempted:
     return LotteryResult([], True, None)
   point = point.state
   if int(point.step) != k:
-    raise ValueError(f"{workdir}/rewind_point holds step {int(point.step)}, not "
-                     f"the rewind step {k}: a run of another config; use a new "
-                     "workdir")
+    raise ValueError(
+      f"{workdir}/rewind_point holds step {int(point.step)}, not "
+      f"the rewind step {k}: a run of another config; use a new "
+      "workdir"
+    )
   control_key = jax.random.key(config.control_seed)
-  meta = {"model": config.model.name, "model_kwargs": config.model.kwargs.to_dict(),
-          "dataset": config.data.name, "train_subset": config.data.train_subset,
-          "seed": config.train.seed, "prune_fraction": config.prune_fraction,
-          "budget": config.budget, "prunable": config.prunable,
-          "rewind_step": k}
+  meta = {
+    "model": config.model.name,
+    "model_kwargs": config.model.kwargs.to_dict(),
+    "dataset": config.data.name,
+    "train_subset": config.data.train_subset,
+    "seed": config.train.seed,
+    "prune_fraction": config.prune_fraction,
+    "budget": config.budget,
+    "prunable": config.prunable,
+    "rewind_step": k,
+  }
 
   rows: list[dict] = []
   mask, trained = None, None
@@ -326,22 +361,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     if found:
       mask, _, saved = lottery.load_ticket(ticket_dir)
       expected = dict(meta, level=level)
-      checkpoints.check_same_run(saved, expected, where=ticket_dir,
-                                 fields=expected)
+      checkpoints.check_same_run(saved, expected, where=ticket_dir, fields=expected)
     else:
-      mask = (masks.ones_like(point.params) if level == 0 else
-              lottery.prune_level(trained, mask, level, config.prune_fraction,
-                                  prunable=prunable,
-                                  budget=budgets.parse(config.budget)))
+      mask = (
+        masks.ones_like(point.params)
+        if level == 0
+        else lottery.prune_level(
+          trained,
+          mask,
+          level,
+          config.prune_fraction,
+          prunable=prunable,
+          budget=budgets.parse(config.budget),
+        )
+      )
     summary = masks.summary(mask, prunable)
-    row = {"level": level, "kept": summary.kept, "total": summary.total,
-           "density": 1.0 - summary.sparsity}
+    row = {
+      "level": level,
+      "kept": summary.kept,
+      "total": summary.total,
+      "density": 1.0 - summary.sparsity,
+    }
     if not found:
-      lottery.save_ticket(ticket_dir, mask, lottery.rewind(point.params, mask),
-                          dict(meta, **row))
+      lottery.save_ticket(ticket_dir, mask, lottery.rewind(point.params, mask), dict(meta, **row))
     if summary.collapsed:
-      logging.warning("level %d: layer collapse in %s", level,
-                      list(summary.collapsed))
+      logging.warning("level %d: layer collapse in %s", level, list(summary.collapsed))
 
     result = fit(f"level_{level}", lottery.rewind_state(point, mask))
     if result.preempted:
@@ -349,32 +393,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> LotteryResult:
     row["ticket"] = result.history[-1]["test_accuracy"]
     trained = result.state.params
     if config.train.get("save_sparse", False):  # WORKDIR/level_L/model.sparse
-      row["sparse_file_nbytes"] = (common.save_sparse_model(
-          result.state, os.path.join(workdir, f"level_{level}"),
+      row["sparse_file_nbytes"] = (
+        common.save_sparse_model(
+          result.state,
+          os.path.join(workdir, f"level_{level}"),
           config.train.get("save_sparse_compression", "none"),
-          metadata={"model": config.model.name, "level": level}) or {}).get("nbytes")
+          metadata={"model": config.model.name, "level": level},
+        )
+        or {}
+      ).get("nbytes")
 
     controls = config.controls if level >= 1 else ()
     for control in controls:
-      key = jax.random.fold_in(jax.random.fold_in(control_key,
-                                                  CONTROLS.index(control)), level)
-      ctrl = fit(os.path.join(f"level_{level}", f"control_{control}"),
-                 control_state(control, key, point, mask, model, sample))
+      key = jax.random.fold_in(jax.random.fold_in(control_key, CONTROLS.index(control)), level)
+      ctrl = fit(
+        os.path.join(f"level_{level}", f"control_{control}"),
+        control_state(control, key, point, mask, model, sample),
+      )
       if ctrl.preempted:
         return LotteryResult(rows, True, None)
       row[control] = ctrl.history[-1]["test_accuracy"]
     rows.append(row)
     write_results(workdir, rows, config)
-    logging.info("level %d: density %.4f, test accuracy %s", level,
-                 row["density"], ", ".join(
-                     f"{name} {row[name]:.4f}" for name in ("ticket", *CONTROLS)
-                     if row.get(name) is not None))
+    logging.info(
+      "level %d: density %.4f, test accuracy %s",
+      level,
+      row["density"],
+      ", ".join(
+        f"{name} {row[name]:.4f}" for name in ("ticket", *CONTROLS) if row.get(name) is not None
+      ),
+    )
 
-  final = {field: rows[-1][field] for field in ("level", "kept", "total",
-                                                 "density")}
+  final = {field: rows[-1][field] for field in ("level", "kept", "total", "density")}
   ticket_dir = lottery.save_ticket(
-      final_ticket, mask, lottery.rewind(point.params, mask),
-      dict(meta, **final, test_accuracy=rows[-1]["ticket"]))
+    final_ticket,
+    mask,
+    lottery.rewind(point.params, mask),
+    dict(meta, **final, test_accuracy=rows[-1]["ticket"]),
+  )
   return LotteryResult(rows, False, ticket_dir)
 
 
@@ -383,11 +439,12 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   result = common.cli_main(lambda: run(config, workdir), lambda r: r.preempted)
-  print(f"\nTest accuracy (%) of {config.model.name} on {config.data.name}, iterative "
-        "magnitude pruning with rewinding:\n")
+  print(
+    f"\nTest accuracy (%) of {config.model.name} on {config.data.name}, iterative "
+    "magnitude pruning with rewinding:\n"
+  )
   print(format_table(result.rows, tuple(config.controls)))
-  print(f"\nResults in {_paths.resolve(workdir)}; the last level's ticket in "
-        f"{result.ticket_dir}")
+  print(f"\nResults in {_paths.resolve(workdir)}; the last level's ticket in {result.ticket_dir}")
 
 
 if __name__ == "__main__":

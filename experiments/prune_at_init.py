@@ -42,8 +42,10 @@ def run(config, workdir: str):
     ValueError: ``config.pruner`` is ``"dense"`` (use ``experiments.train``).
   """
   if config.pruner == "dense":
-    raise ValueError("experiments.prune_at_init needs a pruning method: set "
-                     f"--config.pruner to one of {common.PRUNERS[1:]}")
+    raise ValueError(
+      "experiments.prune_at_init needs a pruning method: set "
+      f"--config.pruner to one of {common.PRUNERS[1:]}"
+    )
   return common.run(config, workdir, runner="experiments.prune_at_init")
 
 

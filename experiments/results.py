@@ -52,8 +52,9 @@ def epochs_text(n: int) -> str:
   return f"{n} epoch" + ("s" if n != 1 else "")
 
 
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]],
-                   align: str = "right") -> str:
+def markdown_table(
+  header: Sequence[str], rows: Iterable[Sequence[str]], align: str = "right"
+) -> str:
   """A GitHub markdown table; every column right-aligned (or ``"left"``)."""
   rule = "---:" if align == "right" else ":---"
   lines = ["| " + " | ".join(header) + " |", "|" + f"{rule}|" * len(header)]
@@ -92,8 +93,9 @@ def figure(width: float, height: float) -> Figure:
   return fig
 
 
-def curve(runs: Sequence[Sequence[tuple[float, float]]], *, logy: bool = False
-          ) -> tuple[list[float], np.ndarray, np.ndarray | None] | None:
+def curve(
+  runs: Sequence[Sequence[tuple[float, float]]], *, logy: bool = False
+) -> tuple[list[float], np.ndarray, np.ndarray | None] | None:
   """The mean ± std curve that :func:`plot_series` draws for one label.
 
   Args:
@@ -124,9 +126,15 @@ def curve(runs: Sequence[Sequence[tuple[float, float]]], *, logy: bool = False
   return xs, mean, band
 
 
-def plot_series(path: str, series: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
-                *, xlabel: str, ylabel: str, title: str = "",
-                logy: bool = False) -> Figure:
+def plot_series(
+  path: str,
+  series: Mapping[str, Sequence[Sequence[tuple[float, float]]]],
+  *,
+  xlabel: str,
+  ylabel: str,
+  title: str = "",
+  logy: bool = False,
+) -> Figure:
   """Mean ± std curves: ``series = {label: [run, ...]}``, a run ``[(x, y), ...]``.
 
   The runs of one label are averaged at the x values they share (e.g. the

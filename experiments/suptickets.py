@@ -59,8 +59,16 @@ RUNNER = "experiments.suptickets"
 #: The grid's report files (those of experiments.sweep plus this runner's).
 REPORT_FILES = (*sweep.REPORT_FILES, "suptickets.csv", "suptickets.md")
 #: Columns of ``suptickets.csv``.
-CYCLE_FIELDS = ("method", "dst_method", "sparsity", "seed", "cycle",
-                "ticket_test_accuracy", "superposed_test_accuracy", "cell")
+CYCLE_FIELDS = (
+  "method",
+  "dst_method",
+  "sparsity",
+  "seed",
+  "cycle",
+  "ticket_test_accuracy",
+  "superposed_test_accuracy",
+  "cell",
+)
 
 
 def _is_sup_field(name: str) -> bool:
@@ -75,14 +83,20 @@ def pairs(config: ml_collections.ConfigDict) -> dict[str, str | None]:
   for method in config.methods:
     fields = variants.get(method, {})
     if fields.get("suptickets", False):
-      out[method] = next((m for m, f in variants.items()
-                          if not f.get("suptickets", False)
-                          and plain(f) == plain(fields)), None)
+      out[method] = next(
+        (
+          m
+          for m, f in variants.items()
+          if not f.get("suptickets", False) and plain(f) == plain(fields)
+        ),
+        None,
+      )
   return out
 
 
-def cycle_rows(workdir: str, cells: list[sweep.Cell],
-               config: ml_collections.ConfigDict) -> list[dict]:
+def cycle_rows(
+  workdir: str, cells: list[sweep.Cell], config: ml_collections.ConfigDict
+) -> list[dict]:
   """The ``suptickets.csv`` rows of the finished Sup-tickets cells."""
   paired = pairs(config)
   rows = []
@@ -92,24 +106,31 @@ def cycle_rows(workdir: str, cells: list[sweep.Cell],
       continue
     for record in results.read_jsonl(os.path.join(cell_dir, "metrics.jsonl")):
       if "cycle" in record:
-        rows.append({
-            "method": cell.method, "dst_method": paired[cell.method] or "",
-            "sparsity": cell.sparsity, "seed": cell.seed,
+        rows.append(
+          {
+            "method": cell.method,
+            "dst_method": paired[cell.method] or "",
+            "sparsity": cell.sparsity,
+            "seed": cell.seed,
             "cycle": record["cycle"],
             "ticket_test_accuracy": record.get("ticket_test_accuracy"),
             "superposed_test_accuracy": record["superposed_test_accuracy"],
-            "cell": cell.name})
+            "cell": cell.name,
+          }
+        )
   return rows
 
 
 def _final(rows: list[dict], method: str, sparsity: float) -> dict[int, float]:
   """``{seed: final test accuracy}`` of a method's finished cells."""
-  return {r["seed"]: r["test_accuracy"] for r in rows
-          if r["method"] == method and r["sparsity"] == sparsity}
+  return {
+    r["seed"]: r["test_accuracy"]
+    for r in rows
+    if r["method"] == method and r["sparsity"] == sparsity
+  }
 
 
-def _last_cycle(cycles: list[dict], method: str, sparsity: float,
-                key: str) -> dict[int, float]:
+def _last_cycle(cycles: list[dict], method: str, sparsity: float, key: str) -> dict[int, float]:
   out: dict[int, tuple[int, float]] = {}
   for r in cycles:
     if r["method"] == method and r["sparsity"] == sparsity and r[key] is not None:
@@ -118,8 +139,7 @@ def _last_cycle(cycles: list[dict], method: str, sparsity: float,
   return {seed: acc for seed, (_, acc) in out.items()}
 
 
-def format_table(config: ml_collections.ConfigDict, rows: list[dict],
-                 cycles: list[dict]) -> str:
+def format_table(config: ml_collections.ConfigDict, rows: list[dict], cycles: list[dict]) -> str:
   """The markdown table of ``suptickets.md`` (see the module doc)."""
   pct = lambda d: [100 * v for v in d.values()]
   lines = []
@@ -130,38 +150,70 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict],
       sup = _last_cycle(cycles, method, s, "superposed_test_accuracy")
       common_seeds = sorted(set(plain) & set(sup))
       gain = [100 * (sup[k] - plain[k]) for k in common_seeds]
-      gain_text = "–" if not gain else (
-          f"{np.mean(gain):+.2f}" + (f" ± {np.std(gain, ddof=1):.2f}"
-                                     if len(gain) > 1 else ""))
-      lines.append([base or "–", method, results.fmt_sparsity(s),
-                    results.fmt_mean_std(pct(plain)), results.fmt_mean_std(pct(ticket)),
-                    results.fmt_mean_std(pct(sup)), gain_text, str(len(sup))])
+      gain_text = (
+        "–"
+        if not gain
+        else (f"{np.mean(gain):+.2f}" + (f" ± {np.std(gain, ddof=1):.2f}" if len(gain) > 1 else ""))
+      )
+      lines.append(
+        [
+          base or "–",
+          method,
+          results.fmt_sparsity(s),
+          results.fmt_mean_std(pct(plain)),
+          results.fmt_mean_std(pct(ticket)),
+          results.fmt_mean_std(pct(sup)),
+          gain_text,
+          str(len(sup)),
+        ]
+      )
   seeds = len(config.seeds)
-  head = (f"Test accuracy (%) of {config.model.name} on {config.data.name} "
-          f"({config.data.train_subset or 'all'} training images, "
-          f"{results.epochs_text(config.train.num_epochs)} for every run; Sup-tickets: "
-          f"{config.sup_cycles} cycle{'s' if config.sup_cycles != 1 else ''} of "
-          f"{results.epochs_text(config.sup_cycle_epochs)} at the end); "
-          f"mean ± std over {seeds} seeds. Gain: superposed − DST alone, "
-          "per seed, in points.")
-  return head + "\n\n" + results.markdown_table(
-      ["DST alone", "Sup-tickets", "sparsity", "DST final", "last ticket",
-       "superposed", "gain", "seeds"], lines)
+  head = (
+    f"Test accuracy (%) of {config.model.name} on {config.data.name} "
+    f"({config.data.train_subset or 'all'} training images, "
+    f"{results.epochs_text(config.train.num_epochs)} for every run; Sup-tickets: "
+    f"{config.sup_cycles} cycle{'s' if config.sup_cycles != 1 else ''} of "
+    f"{results.epochs_text(config.sup_cycle_epochs)} at the end); "
+    f"mean ± std over {seeds} seeds. Gain: superposed − DST alone, "
+    "per seed, in points."
+  )
+  return (
+    head
+    + "\n\n"
+    + results.markdown_table(
+      [
+        "DST alone",
+        "Sup-tickets",
+        "sparsity",
+        "DST final",
+        "last ticket",
+        "superposed",
+        "gain",
+        "seeds",
+      ],
+      lines,
+    )
+  )
 
 
-def plot_cycles(path: str, config: ml_collections.ConfigDict, rows: list[dict],
-                cycles: list[dict]) -> None:
+def plot_cycles(
+  path: str, config: ml_collections.ConfigDict, rows: list[dict], cycles: list[dict]
+) -> None:
   """``suptickets_vs_cycle.png`` (see the module doc)."""
-  panels = sorted({(r["method"], r["sparsity"]) for r in cycles},
-                  key=lambda p: (list(config.methods).index(p[0]), p[1]))
+  panels = sorted(
+    {(r["method"], r["sparsity"]) for r in cycles},
+    key=lambda p: (list(config.methods).index(p[0]), p[1]),
+  )
   if not panels:
     return
   paired = pairs(config)
   fig = results.figure(4.5 * len(panels), 4)
   axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)[0])
   for ax, (method, s) in zip(axes, panels):
-    for key, label in (("ticket_test_accuracy", "ticket"),
-                       ("superposed_test_accuracy", "superposed")):
+    for key, label in (
+      ("ticket_test_accuracy", "ticket"),
+      ("superposed_test_accuracy", "superposed"),
+    ):
       by_cycle: dict[int, list[float]] = {}
       for r in cycles:
         if r["method"] == method and r["sparsity"] == s and r[key] is not None:
@@ -177,8 +229,7 @@ def plot_cycles(path: str, config: ml_collections.ConfigDict, rows: list[dict],
     plain = _final(rows, paired.get(method), s) if paired.get(method) else {}
     if plain:
       mean, std = results.mean_std(100 * v for v in plain.values())
-      ax.axhline(mean, color="black", linestyle="--",
-                 label=f"{paired[method]} alone ({mean:.1f}%)")
+      ax.axhline(mean, color="black", linestyle="--", label=f"{paired[method]} alone ({mean:.1f}%)")
       if std:
         ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
     ax.set_xticks(range(1, int(config.sup_cycles) + 1))
@@ -187,14 +238,14 @@ def plot_cycles(path: str, config: ml_collections.ConfigDict, rows: list[dict],
     ax.set_title(f"{method}, {results.fmt_sparsity(s)} sparsity")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-  fig.suptitle(f"Sup-tickets: {config.model.name} on {config.data.name}"
-               + (f", mean ± std over {len(config.seeds)} seeds"
-                  if len(config.seeds) > 1 else ""))
+  fig.suptitle(
+    f"Sup-tickets: {config.model.name} on {config.data.name}"
+    + (f", mean ± std over {len(config.seeds)} seeds" if len(config.seeds) > 1 else "")
+  )
   results.save_figure(fig, path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        report_only: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, report_only: bool = False) -> dict:
   """:func:`experiments.sweep.run`, then ``suptickets.csv``, ``.md`` and the plot.
 
   The signatures of the grid and its cells name this runner; a grid finished
@@ -207,23 +258,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   """
   config = ml_collections.ConfigDict(config.to_dict())
   if not pairs(config):
-    raise ValueError("no Sup-tickets method in config.methods: give one a variant "
-                     "with suptickets=True")
-  out = sweep.run(config, workdir, report_only=report_only, runner=RUNNER,
-                  report_files=REPORT_FILES)
+    raise ValueError(
+      "no Sup-tickets method in config.methods: give one a variant with suptickets=True"
+    )
+  out = sweep.run(
+    config, workdir, report_only=report_only, runner=RUNNER, report_files=REPORT_FILES
+  )
   workdir = str(_paths.resolve(workdir))
   cells = sweep.grid(config)
   cycles = cycle_rows(workdir, cells, config)
   table = format_table(config, out["rows"], cycles)
   if not out["finished"]:
-    results.write_csv(os.path.join(workdir, "suptickets.csv"), cycles,
-                      CYCLE_FIELDS)
+    results.write_csv(os.path.join(workdir, "suptickets.csv"), cycles, CYCLE_FIELDS)
     with epath.Path(os.path.join(workdir, "suptickets.md")).open("w") as f:
       f.write(table + "\n")
-    plot_cycles(os.path.join(workdir, "suptickets_vs_cycle.png"), config,
-                out["rows"], cycles)
-  return dict(out, cycles=cycles, suptickets_table=table,
-              table=out["table"] + "\n\n" + table)
+    plot_cycles(os.path.join(workdir, "suptickets_vs_cycle.png"), config, out["rows"], cycles)
+  return dict(out, cycles=cycles, suptickets_table=table, table=out["table"] + "\n\n" + table)
 
 
 def main(argv):

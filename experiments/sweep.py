@@ -78,18 +78,27 @@ from sparsejax import masks
 from sparsejax import models
 
 #: Config fields of the grid (not passed to the cells).
-SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity",
-                "variants")
+SWEEP_FIELDS = ("methods", "sparsities", "seeds", "density_plot_sparsity", "variants")
 #: The runner named in the signatures of a sweep and its cells.
 RUNNER = "experiments.sweep"
 #: The report files whose presence (with every cell's ``results.json``)
 #: means that a sweep is finished.
 REPORT_FILES = ("results.csv", "results.md")
 #: Columns of ``results.csv``.
-CSV_FIELDS = ("method", "sparsity", "seed", "test_accuracy", "nominal_sparsity",
-              "effective_sparsity", "collapsed_layers",
-              "effectively_collapsed_layers", "scoring_seconds",
-              "training_seconds", "epochs", "cell")
+CSV_FIELDS = (
+  "method",
+  "sparsity",
+  "seed",
+  "test_accuracy",
+  "nominal_sparsity",
+  "effective_sparsity",
+  "collapsed_layers",
+  "effectively_collapsed_layers",
+  "scoring_seconds",
+  "training_seconds",
+  "epochs",
+  "cell",
+)
 DENSE = "dense"
 COLLAPSED_MARK = "*"
 EFFECTIVELY_COLLAPSED_MARK = "†"
@@ -118,17 +127,16 @@ def grid(config: ml_collections.ConfigDict) -> list[Cell]:
   """
   methods, sparsities = tuple(config.methods), tuple(config.sparsities)
   seeds = tuple(int(s) for s in config.seeds)
-  for name, values in (("methods", methods), ("sparsities", sparsities),
-                       ("seeds", seeds)):
+  for name, values in (("methods", methods), ("sparsities", sparsities), ("seeds", seeds)):
     if not values or len(set(values)) != len(values):
-      raise ValueError(f"config.{name} must be non-empty without duplicates, got "
-                       f"{values}")
+      raise ValueError(f"config.{name} must be non-empty without duplicates, got {values}")
   variants = _variants(config)
-  bad = [m for m in methods
-         if m not in variants and (m not in common.PRUNERS or m == DENSE)]
+  bad = [m for m in methods if m not in variants and (m not in common.PRUNERS or m == DENSE)]
   if bad:
-    raise ValueError(f"unknown methods {bad}; valid: {common.PRUNERS[1:]} or a "
-                     f"name of config.variants {tuple(variants)}")
+    raise ValueError(
+      f"unknown methods {bad}; valid: {common.PRUNERS[1:]} or a "
+      f"name of config.variants {tuple(variants)}"
+    )
   for s in sparsities:
     masks.check_sparsity(s, "config.sparsities")
   cells = []
@@ -147,8 +155,7 @@ def _variants(config: ml_collections.ConfigDict) -> dict[str, dict]:
   return {} if variants is None else {k: dict(v) for k, v in variants.items()}
 
 
-def cell_config(config: ml_collections.ConfigDict,
-                cell: Cell) -> ml_collections.ConfigDict:
+def cell_config(config: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
   """The run config of ``cell``: ``config`` without the grid fields, with the
   cell's sparsity and seed (``train.seed``), and its method: a pruner (``pruner=method``) or
   a named variant of ``config.variants``, whose fields are set instead (e.g.
@@ -167,8 +174,7 @@ def cell_config(config: ml_collections.ConfigDict,
   return ml_collections.ConfigDict(fields)
 
 
-def check_cell(cell_dir: str, runner: str,
-               config: ml_collections.ConfigDict) -> None:
+def check_cell(cell_dir: str, runner: str, config: ml_collections.ConfigDict) -> None:
   """Refuses a started cell that holds another run; writes nothing.
 
   The cell's config is resolved (:func:`experiments.common.resolve_config`)
@@ -183,9 +189,15 @@ def check_cell(cell_dir: str, runner: str,
     workdir_lib.check(cell_dir, runner, common.resolve_config(config))
 
 
-def claim_grid(workdir: str, runner: str, config: ml_collections.ConfigDict,
-               cells: list[tuple[str, ml_collections.ConfigDict]], *,
-               report_files=REPORT_FILES, report_only: bool = False) -> bool:
+def claim_grid(
+  workdir: str,
+  runner: str,
+  config: ml_collections.ConfigDict,
+  cells: list[tuple[str, ml_collections.ConfigDict]],
+  *,
+  report_files=REPORT_FILES,
+  report_only: bool = False,
+) -> bool:
   """Checks a grid's directory and every cell's before writing, then claims it.
 
   Args:
@@ -211,11 +223,16 @@ def claim_grid(workdir: str, runner: str, config: ml_collections.ConfigDict,
   if report_only:
     epath.Path(os.path.join(workdir, "cells")).mkdir(parents=True, exist_ok=True)
     return False
-  done = [os.path.relpath(os.path.join(d, common.RESULTS_FILE), workdir)
-          for d, _ in cells] + list(report_files)
+  done = [os.path.relpath(os.path.join(d, common.RESULTS_FILE), workdir) for d, _ in cells] + list(
+    report_files
+  )
   finished = workdir_lib.claim(
-      workdir, runner, config, done=done,
-      done_text=f"{len(cells)} cells and {', '.join(report_files)}")
+    workdir,
+    runner,
+    config,
+    done=done,
+    done_text=f"{len(cells)} cells and {', '.join(report_files)}",
+  )
   if not finished:
     epath.Path(os.path.join(workdir, "cells")).mkdir(parents=True, exist_ok=True)
   return finished
@@ -244,18 +261,20 @@ def cell_row(cell: Cell, cell_dir: str) -> dict:
   pruning = run["pruning"] or {}
   report = {} if dynamic else pruning.get("report", {})
   nominal = run["mask"]["sparsity"]
-  collapsed = run["mask"].get("collapsed", []) if dynamic else report.get(
-      "collapsed", [])
+  collapsed = run["mask"].get("collapsed", []) if dynamic else report.get("collapsed", [])
   return {
-      "method": cell.method, "sparsity": cell.sparsity, "seed": cell.seed,
-      "test_accuracy": run["final"]["test_accuracy"],
-      "nominal_sparsity": nominal,
-      "effective_sparsity": report.get("effective_sparsity", nominal),
-      "collapsed_layers": ";".join(collapsed),
-      "effectively_collapsed_layers": ";".join(report.get("effectively_collapsed", [])),
-      "scoring_seconds": pruning.get("scoring_seconds", 0.0),
-      "training_seconds": run["train_seconds"],
-      "epochs": run["epochs"], "cell": cell.name,
+    "method": cell.method,
+    "sparsity": cell.sparsity,
+    "seed": cell.seed,
+    "test_accuracy": run["final"]["test_accuracy"],
+    "nominal_sparsity": nominal,
+    "effective_sparsity": report.get("effective_sparsity", nominal),
+    "collapsed_layers": ";".join(collapsed),
+    "effectively_collapsed_layers": ";".join(report.get("effectively_collapsed", [])),
+    "scoring_seconds": pruning.get("scoring_seconds", 0.0),
+    "training_seconds": run["train_seconds"],
+    "epochs": run["epochs"],
+    "cell": cell.name,
   }
 
 
@@ -269,10 +288,8 @@ def layer_densities(cell_dir: str) -> dict[str, float]:
   """``{layer path: nominal density}`` of a pruned cell's trained mask (the
   scoring report's, or for dynamic sparse training the final mask's)."""
   if _is_dynamic(cell_dir):
-    layers = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))[
-        "mask"]["layers"]
-    return {p: 1 - layer["sparsity"] for p, layer in layers.items()
-            if p.endswith("kernel")}
+    layers = common.read_json(os.path.join(cell_dir, common.RESULTS_FILE))["mask"]["layers"]
+    return {p: 1 - layer["sparsity"] for p, layer in layers.items() if p.endswith("kernel")}
   report = common.read_json(os.path.join(cell_dir, common.PRUNING_FILE))["report"]
   return {p: layer["density"] for p, layer in report["layers"].items()}
 
@@ -298,16 +315,24 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
       text += f" ({len(found)}/{len(seeds)} seeds)"
     return text
 
-  subset = (f"{config.data.train_subset} training images" if config.data.train_subset
-            else "the full training set")
-  spread = (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1
-            else f"seed {seeds[0]}")
-  how = ("with the methods of the config's variants" if _variants(config)
-         else f"pruned at initialisation with a {config.budget} budget")
-  lines = [f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
-           f"{results.epochs_text(config.train.num_epochs)}), {how}; {spread}.", "",
-           "| sparsity | compression | " + " | ".join(methods) + " |",
-           "|---:|---:|" + "---:|" * len(methods)]
+  subset = (
+    f"{config.data.train_subset} training images"
+    if config.data.train_subset
+    else "the full training set"
+  )
+  spread = f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+  how = (
+    "with the methods of the config's variants"
+    if _variants(config)
+    else f"pruned at initialisation with a {config.budget} budget"
+  )
+  lines = [
+    f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
+    f"{results.epochs_text(config.train.num_epochs)}), {how}; {spread}.",
+    "",
+    "| sparsity | compression | " + " | ".join(methods) + " |",
+    "|---:|---:|" + "---:|" * len(methods),
+  ]
   for s in sorted({float(s) for s in config.sparsities}):
     if s == 0.0:
       cells = [cell_text((DENSE, 0.0))] * len(methods)
@@ -318,12 +343,14 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
     lines.append(f"| {label} | {results.fmt_compression(s)} | " + " | ".join(cells) + " |")
   notes = []
   if any(r["collapsed_layers"] for r in rows):
-    notes.append(f"{COLLAPSED_MARK} layer collapse: some layer kept no weight "
-                 "(for at least one seed).")
-  if any(r["effectively_collapsed_layers"] and not r["collapsed_layers"]
-         for r in rows):
-    notes.append(f"{EFFECTIVELY_COLLAPSED_MARK} effective layer collapse: some "
-                 "layer keeps weights but none on an input-to-output path.")
+    notes.append(
+      f"{COLLAPSED_MARK} layer collapse: some layer kept no weight (for at least one seed)."
+    )
+  if any(r["effectively_collapsed_layers"] and not r["collapsed_layers"] for r in rows):
+    notes.append(
+      f"{EFFECTIVELY_COLLAPSED_MARK} effective layer collapse: some "
+      "layer keeps weights but none on an input-to-output path."
+    )
   if notes:
     lines += [""] + notes
   return "\n".join(lines)
@@ -334,8 +361,7 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------
 
 
-def plot_accuracy(path: str, config: ml_collections.ConfigDict,
-                  rows: list[dict]) -> None:
+def plot_accuracy(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None:
   """``accuracy_vs_sparsity.png`` (see the module doc)."""
   fig = results.figure(7, 4.5)
   ax = fig.subplots()
@@ -353,8 +379,9 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
     x, mean, std, collapsed = (np.array(v) for v in zip(*points))
     (line,) = ax.plot(x, mean, marker="o", label=method)
     ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.plot(x[collapsed], mean[collapsed], linestyle="none", marker="x",
-            markersize=10, color="black")
+    ax.plot(
+      x[collapsed], mean[collapsed], linestyle="none", marker="x", markersize=10, color="black"
+    )
   dense = [100 * r["test_accuracy"] for r in rows if r["method"] == DENSE]
   if dense:
     mean, std = results.mean_std(dense)
@@ -362,28 +389,33 @@ def plot_accuracy(path: str, config: ml_collections.ConfigDict,
     if std:
       ax.axhspan(mean - std, mean + std, color="black", alpha=0.1)
   if any(r["collapsed_layers"] for r in rows if r["method"] != DENSE):
-    ax.plot([], [], linestyle="none", marker="x", color="black",
-            label="layer collapse")
+    ax.plot([], [], linestyle="none", marker="x", color="black", label="layer collapse")
   ticks = [1 / (1 - s) for s in sparsities]
   if len(set(ticks)) == 1:  # one sparsity: give the log axis a width of its own
     ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
   ax.set_xscale("log")
-  ax.set_xticks(ticks, [f"{results.fmt_sparsity(s)}\n({results.fmt_compression(s)})"
-                        for s in sparsities])
+  ax.set_xticks(
+    ticks, [f"{results.fmt_sparsity(s)}\n({results.fmt_compression(s)})" for s in sparsities]
+  )
   ax.minorticks_off()
   ax.set_xlabel("sparsity (compression ratio 1/(1 − s), log scale)")
   ax.set_ylabel("test accuracy (%)")
   seeds = len(config.seeds)
-  ax.set_title(f"{config.model.name} on {config.data.name}, {results.epochs_text(config.train.num_epochs)}"
-               + (f", mean ± std over {seeds} seeds" if seeds > 1 else ""))
+  ax.set_title(
+    f"{config.model.name} on {config.data.name}, {results.epochs_text(config.train.num_epochs)}"
+    + (f", mean ± std over {seeds} seeds" if seeds > 1 else "")
+  )
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="small")
   results.save_figure(fig, path)
 
 
-def plot_layer_density(path: str, config: ml_collections.ConfigDict,
-                       densities: dict[str, list[dict[str, float]]],
-                       sparsity: float) -> None:
+def plot_layer_density(
+  path: str,
+  config: ml_collections.ConfigDict,
+  densities: dict[str, list[dict[str, float]]],
+  sparsity: float,
+) -> None:
   """``layer_density.png``: mean per-layer density over seeds, per method.
 
   Layers that keep no weight are drawn at the bottom of the log axis (a
@@ -395,10 +427,8 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
   model = models.get(config.model.name, 10, **common.model_kwargs(config))
   sample = jnp.zeros((1, *data.IMAGE_SHAPES[data.canonical_name(config.data.name)]))
   forward = {p: i for i, p in enumerate(models.layer_order(model, sample))}
-  layers = sorted(next(iter(densities.values()))[0],
-                  key=lambda p: forward.get(p, len(forward)))
-  means = {m: np.mean([[d[p] for p in layers] for d in ds], axis=0)
-           for m, ds in densities.items()}
+  layers = sorted(next(iter(densities.values()))[0], key=lambda p: forward.get(p, len(forward)))
+  means = {m: np.mean([[d[p] for p in layers] for d in ds], axis=0) for m, ds in densities.items()}
   positive = np.concatenate([v[v > 0] for v in means.values()])
   floor = (positive.min() if positive.size else 1.0) / 3
   x = np.arange(len(layers))
@@ -406,14 +436,19 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
     ax.plot(x, np.maximum(mean, floor), marker="o", markersize=4, label=method)
   if any(np.any(mean == 0) for mean in means.values()):
     ax.axhline(floor, color="gray", linestyle=":", label="0 (collapsed)")
-  ax.axhline(1 - sparsity, color="black", linestyle="--", linewidth=0.8,
-             label=f"overall density {1 - sparsity:.3g}")
+  ax.axhline(
+    1 - sparsity,
+    color="black",
+    linestyle="--",
+    linewidth=0.8,
+    label=f"overall density {1 - sparsity:.3g}",
+  )
   ax.set_yscale("log")
-  ax.set_xticks(x, [p.removesuffix("/kernel") for p in layers], rotation=90,
-                fontsize="small")
+  ax.set_xticks(x, [p.removesuffix("/kernel") for p in layers], rotation=90, fontsize="small")
   ax.set_ylabel("density (fraction of weights kept)")
-  ax.set_title(f"Per-layer density of {config.model.name} masks at sparsity "
-               f"{results.fmt_sparsity(sparsity)}")
+  ax.set_title(
+    f"Per-layer density of {config.model.name} masks at sparsity {results.fmt_sparsity(sparsity)}"
+  )
   ax.grid(True, axis="y", alpha=0.3)
   ax.legend(fontsize="small")
   results.save_figure(fig, path)
@@ -424,16 +459,16 @@ def plot_layer_density(path: str, config: ml_collections.ConfigDict,
 # ----------------------------------------------------------------------------
 
 
-def write_report(config: ml_collections.ConfigDict, workdir: str,
-                 cells: list[Cell], write: bool = True) -> dict:
+def write_report(
+  config: ml_collections.ConfigDict, workdir: str, cells: list[Cell], write: bool = True
+) -> dict:
   """Writes ``results.csv``, ``results.md`` and the plots from the finished
   cells (nothing with ``write=False``); returns ``{"rows", "table",
   "missing"}``."""
   finished = [c for c in cells if is_finished(os.path.join(workdir, "cells", c.name))]
   rows = [cell_row(c, os.path.join(workdir, "cells", c.name)) for c in finished]
   table = format_table(config, rows)
-  report = {"rows": rows, "table": table,
-            "missing": [c.name for c in cells if c not in finished]}
+  report = {"rows": rows, "table": table, "missing": [c.name for c in cells if c not in finished]}
   if not write:
     return report
   results.write_csv(os.path.join(workdir, "results.csv"), rows, CSV_FIELDS)
@@ -447,19 +482,26 @@ def write_report(config: ml_collections.ConfigDict, workdir: str,
     s = max(c.sparsity for c in pruned) if s is None else float(s)
     densities = {}
     for method in config.methods:
-      found = [layer_densities(os.path.join(workdir, "cells", c.name))
-               for c in pruned if c.method == method and c.sparsity == s]
+      found = [
+        layer_densities(os.path.join(workdir, "cells", c.name))
+        for c in pruned
+        if c.method == method and c.sparsity == s
+      ]
       if found:
         densities[method] = found
     if densities:
-      plot_layer_density(os.path.join(workdir, "layer_density.png"), config,
-                         densities, s)
+      plot_layer_density(os.path.join(workdir, "layer_density.png"), config, densities, s)
   return report
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        report_only: bool = False, runner: str = RUNNER,
-        report_files=REPORT_FILES) -> dict:
+def run(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  report_only: bool = False,
+  runner: str = RUNNER,
+  report_files=REPORT_FILES,
+) -> dict:
   """Runs the unfinished cells of the grid, then writes the table and plots.
 
   The sweep directory and every started cell are checked first
@@ -487,37 +529,41 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
   cells = grid(config)
   workdir = str(_paths.resolve(workdir))
   cell_dir = lambda cell: os.path.join(workdir, "cells", cell.name)
-  if claim_grid(workdir, runner, config,
-                [(cell_dir(c), cell_config(config, c)) for c in cells],
-                report_files=report_files, report_only=report_only):
+  if claim_grid(
+    workdir,
+    runner,
+    config,
+    [(cell_dir(c), cell_config(config, c)) for c in cells],
+    report_files=report_files,
+    report_only=report_only,
+  ):
     report = write_report(config, workdir, cells, write=False)
-    return dict(report, ran=[], skipped=[c.name for c in cells],
-                preempted=False, finished=True)
+    return dict(report, ran=[], skipped=[c.name for c in cells], preempted=False, finished=True)
   ran, skipped, preempted = [], [], False
   if not report_only:
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     dataset = common.load_dataset(config)
     for i, cell in enumerate(cells, 1):
       if is_finished(cell_dir(cell)):
-        logging.info("cell %d/%d %s: finished already, skipped", i, len(cells),
-                     cell.name)
+        logging.info("cell %d/%d %s: finished already, skipped", i, len(cells), cell.name)
         skipped.append(cell.name)
         continue
       print(f"cell {i}/{len(cells)}: {cell.name}", flush=True)
-      result = common.run(cell_config(config, cell), cell_dir(cell),
-                          dataset=dataset, runner=runner)
+      result = common.run(cell_config(config, cell), cell_dir(cell), dataset=dataset, runner=runner)
       if result.preempted:
         preempted = True
         break
       ran.append(cell.name)
       row = cell_row(cell, cell_dir(cell))
-      print(f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
-            f"{100 * row['test_accuracy']:.2f}% (scoring "
-            f"{row['scoring_seconds']:.1f} s, training "
-            f"{row['training_seconds']:.0f} s)", flush=True)
+      print(
+        f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
+        f"{100 * row['test_accuracy']:.2f}% (scoring "
+        f"{row['scoring_seconds']:.1f} s, training "
+        f"{row['training_seconds']:.0f} s)",
+        flush=True,
+      )
   report = write_report(config, workdir, cells)
-  return dict(report, ran=ran, skipped=skipped, preempted=preempted,
-              finished=False)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted, finished=False)
 
 
 def main(argv, run_fn=run):
@@ -529,23 +575,27 @@ def main(argv, run_fn=run):
     # Every cell builds its train and eval steps anew (sparsejax.train.fit);
     # the masks are data, so cells of one model compile to the same programs,
     # which the persistent cache then compiles once.
-    jax.config.update("jax_compilation_cache_dir",
-                      str(_paths.resolve(workdir) / "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", str(_paths.resolve(workdir) / "jax_cache"))
   result = common.cli_main(
-      lambda: run_fn(config, workdir, report_only=flags.FLAGS.report_only),
-      lambda r: r["preempted"])
+    lambda: run_fn(config, workdir, report_only=flags.FLAGS.report_only), lambda r: r["preempted"]
+  )
   print(f"\n{result['table']}\n")
   done = len(result["rows"])
-  print(f"{done} of {done + len(result['missing'])} cells finished "
-        f"({len(result['ran'])} run now, {len(result['skipped'])} skipped); "
-        f"results in {_paths.resolve(workdir)}")
+  print(
+    f"{done} of {done + len(result['missing'])} cells finished "
+    f"({len(result['ran'])} run now, {len(result['skipped'])} skipped); "
+    f"results in {_paths.resolve(workdir)}"
+  )
 
 
 def define_flags() -> None:
   """``--config``, ``--workdir`` and ``--report_only`` of a grid runner."""
   common.define_flags("Directory of the sweep (cells, table, plots).")
-  flags.DEFINE_bool("report_only", False, "Rebuild results.csv, results.md and "
-                    "the plots from the finished cells; train nothing.")
+  flags.DEFINE_bool(
+    "report_only",
+    False,
+    "Rebuild results.csv, results.md and the plots from the finished cells; train nothing.",
+  )
 
 
 if __name__ == "__main__":

@@ -77,8 +77,7 @@ from sparsejax import tost
 #: The baseline recipe (no ToST technique).
 BASELINE = "none"
 #: Config fields of the ToST grid (not passed to the cells).
-TOST_FIELDS = ("mask_sources", "recipes", "ablation_sources", "ablation_recipes",
-               "ticket")
+TOST_FIELDS = ("mask_sources", "recipes", "ablation_sources", "ablation_recipes", "ticket")
 #: The runner named in the signatures of the grid and its cells.
 RUNNER = "experiments.tost"
 #: The grid's report files (those of experiments.sweep plus ``tost.md``).
@@ -119,8 +118,7 @@ def methods(config: ml_collections.ConfigDict) -> list[str]:
   if extra:
     raise ValueError(f"config.ablation_sources {extra} are not in config.mask_sources")
   out = [method_name(s, r) for s in sources for r in recipes]
-  out += [method_name(s, r) for s in ablation_sources for r in ablation_recipes
-          if r not in recipes]
+  out += [method_name(s, r) for s in ablation_sources for r in ablation_recipes if r not in recipes]
   return out
 
 
@@ -155,25 +153,23 @@ def ticket_level(config: ml_collections.ConfigDict, sparsity: float) -> int:
   fraction = float(config.ticket.prune_fraction)
   levels = int(config.ticket.levels)
   level = round(math.log(1 - sparsity) / math.log(1 - fraction))
-  if not (1 <= level <= levels and abs(
-      lottery.level_sparsity(level, fraction) - sparsity) <= 1e-3):
-    available = [round(lottery.level_sparsity(l, fraction), 4)
-                 for l in range(1, levels + 1)]
+  if not (1 <= level <= levels and abs(lottery.level_sparsity(level, fraction) - sparsity) <= 1e-3):
+    available = [round(lottery.level_sparsity(l, fraction), 4) for l in range(1, levels + 1)]
     raise ValueError(
-        f"no lottery level has sparsity {sparsity}: with prune_fraction "
-        f"{fraction} the levels reach {available}")
+      f"no lottery level has sparsity {sparsity}: with prune_fraction "
+      f"{fraction} the levels reach {available}"
+    )
   return level
 
 
-def lottery_config(config: ml_collections.ConfigDict,
-                   seed: int) -> ml_collections.ConfigDict:
+def lottery_config(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
   """The ``experiments.lottery`` config of the tickets of ``seed``: the grid's
   training settings (the baseline recipe), ``config.ticket``'s fields, no
   controls."""
   from experiments.configs import lottery_openlth  # pylint: disable=g-import-not-at-top
+
   out = lottery_openlth.get_config()
-  shared = {k: v for k, v in config.to_dict().items()
-            if k in out and k not in TOST_FIELDS}
+  shared = {k: v for k, v in config.to_dict().items() if k in out and k not in TOST_FIELDS}
   out.update(shared)
   out.update(pruner="dense", tost="none", controls=())
   out.train.seed = int(seed)
@@ -193,6 +189,7 @@ def ticket_dir(workdir: str, config, sparsity: float, seed: int) -> str:
 def run_lotteries(config, workdir: str) -> bool:
   """Runs (or resumes) the lottery of every seed; ``True`` if SIGTERM stopped it."""
   from experiments import lottery as lottery_runner  # pylint: disable=g-import-not-at-top
+
   for s in sorted({float(v) for v in config.sparsities} - {0.0}):
     ticket_level(config, s)  # refuse a sparsity no level reaches, before training
   for seed in config.seeds:
@@ -225,8 +222,7 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
     if r["method"] == sweep.DENSE:
       continue
     source, recipe = split_method(r["method"])
-    by_key.setdefault((source, r["sparsity"], recipe), []).append(
-        100 * r["test_accuracy"])
+    by_key.setdefault((source, r["sparsity"], recipe), []).append(100 * r["test_accuracy"])
   body = []
   for source in config.mask_sources:
     for s in sorted({float(v) for v in config.sparsities} - {0.0}):
@@ -241,17 +237,25 @@ def format_table(config: ml_collections.ConfigDict, rows: list[dict]) -> str:
           text += f" ({len(found)}/{len(config.seeds)} seeds)"
         cells.append(text)
       body.append([source, results.fmt_sparsity(s), *cells])
-  subset = (f"{config.data.train_subset} training images" if config.data.train_subset
-            else "the full training set")
-  spread = (f"mean ± std over {len(config.seeds)} seeds" if len(config.seeds) > 1
-            else f"seed {config.seeds[0]}")
+  subset = (
+    f"{config.data.train_subset} training images"
+    if config.data.train_subset
+    else "the full training set"
+  )
+  spread = (
+    f"mean ± std over {len(config.seeds)} seeds"
+    if len(config.seeds) > 1
+    else f"seed {config.seeds[0]}"
+  )
   dense = [100 * r["test_accuracy"] for r in rows if r["method"] == sweep.DENSE]
-  lines = [f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
-           f"{results.epochs_text(config.train.num_epochs)}), baseline vs ToST on the "
-           f"same mask, init and data order; {spread}; in brackets the "
-           "difference to the baseline.", "",
-           results.markdown_table(["mask", "sparsity",
-                                   *(LABELS.get(r, r) for r in recipes)], body)]
+  lines = [
+    f"Test accuracy (%) of {config.model.name} on {config.data.name} ({subset}, "
+    f"{results.epochs_text(config.train.num_epochs)}), baseline vs ToST on the "
+    f"same mask, init and data order; {spread}; in brackets the "
+    "difference to the baseline.",
+    "",
+    results.markdown_table(["mask", "sparsity", *(LABELS.get(r, r) for r in recipes)], body),
+  ]
   if dense:
     lines += ["", f"Dense baseline: {results.fmt_mean_std(dense)}."]
   return "\n".join(lines)
@@ -267,22 +271,36 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
   colours = {r: f"C{k % 10}" for k, r in enumerate(recipes)}  # same on every panel
 
   for ax, source in zip(axes, sources):
-    found = {(recipe, s): [100 * r["test_accuracy"] for r in rows
-                           if r["method"] == method_name(source, recipe)
-                           and r["sparsity"] == s]
-             for recipe in recipes for s in sparsities}
+    found = {
+      (recipe, s): [
+        100 * r["test_accuracy"]
+        for r in rows
+        if r["method"] == method_name(source, recipe) and r["sparsity"] == s
+      ]
+      for recipe in recipes
+      for s in sparsities
+    }
     # Sparsities as categories; the recipes of this panel side by side at each
     # one, so that their error bars do not hide each other.
     present = [rc for rc in recipes if any(found[rc, s] for s in sparsities)]
     step = min(0.08, 0.8 / max(len(present), 1))
     for k, recipe in enumerate(present):
-      points = [(i + step * (k - (len(present) - 1) / 2), *results.mean_std(found[recipe, s]))
-                for i, s in enumerate(sparsities) if found[recipe, s]]
+      points = [
+        (i + step * (k - (len(present) - 1) / 2), *results.mean_std(found[recipe, s]))
+        for i, s in enumerate(sparsities)
+        if found[recipe, s]
+      ]
       x, mean, std = (np.array(v) for v in zip(*points))
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=colours[recipe],
-                  label=LABELS.get(recipe, recipe))
-    ax.set_xticks(range(len(sparsities)),
-                  [results.fmt_sparsity(s) for s in sparsities])
+      ax.errorbar(
+        x,
+        mean,
+        yerr=std,
+        marker="o",
+        capsize=3,
+        color=colours[recipe],
+        label=LABELS.get(recipe, recipe),
+      )
+    ax.set_xticks(range(len(sparsities)), [results.fmt_sparsity(s) for s in sparsities])
     ax.set_xlim(-0.5, max(len(sparsities), 1) - 0.5)
     ax.minorticks_off()
     ax.set_title(f"{source} mask")
@@ -291,13 +309,14 @@ def plot(path: str, config: ml_collections.ConfigDict, rows: list[dict]) -> None
     if ax.get_legend_handles_labels()[0]:
       ax.legend(fontsize="x-small")
   axes[0].set_ylabel("test accuracy (%)")
-  fig.suptitle(f"{config.model.name} on {config.data.name}, "
-               f"{results.epochs_text(config.train.num_epochs)}: baseline vs ToST")
+  fig.suptitle(
+    f"{config.model.name} on {config.data.name}, "
+    f"{results.epochs_text(config.train.num_epochs)}: baseline vs ToST"
+  )
   results.save_figure(fig, path)
 
 
-def write_report(config, workdir: str, cells: list[sweep.Cell],
-                 write: bool = True) -> dict:
+def write_report(config, workdir: str, cells: list[sweep.Cell], write: bool = True) -> dict:
   """The sweep's outputs plus ``tost.md`` and ``tost_accuracy.png`` (nothing
   written with ``write=False``)."""
   out = sweep.write_report(sweep_config(config), workdir, cells, write=write)
@@ -324,8 +343,7 @@ def cell_config(config, workdir: str, cell: sweep.Cell) -> ml_collections.Config
   return cfg
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *,
-        report_only: bool = False) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, report_only: bool = False) -> dict:
   """Runs the lotteries (if any) and the unfinished cells; writes the report.
 
   The grid directory, every started cell and every started lottery are
@@ -338,23 +356,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     "finished"}`` as :func:`experiments.sweep.run`; ``table`` is ``tost.md``.
   """
   from experiments import lottery as lottery_runner  # pylint: disable=g-import-not-at-top
+
   grid_config = sweep_config(config)
   cells = sweep.grid(grid_config)
   workdir = str(_paths.resolve(workdir))
   if _uses_lottery(config):
     for seed in config.seeds:
-      workdir_lib.check(os.path.join(workdir, f"lottery_seed{seed}"),
-                        lottery_runner.RUNNER, common.resolve_config(
-                            lottery_config(config, seed),
-                            lottery_runner.check_config))
+      workdir_lib.check(
+        os.path.join(workdir, f"lottery_seed{seed}"),
+        lottery_runner.RUNNER,
+        common.resolve_config(lottery_config(config, seed), lottery_runner.check_config),
+      )
   cell_dir = lambda cell: os.path.join(workdir, "cells", cell.name)
   if sweep.claim_grid(
-      workdir, RUNNER, config,
-      [(cell_dir(c), cell_config(config, workdir, c)) for c in cells],
-      report_files=REPORT_FILES, report_only=report_only):
+    workdir,
+    RUNNER,
+    config,
+    [(cell_dir(c), cell_config(config, workdir, c)) for c in cells],
+    report_files=REPORT_FILES,
+    report_only=report_only,
+  ):
     report = write_report(config, workdir, cells, write=False)
-    return dict(report, ran=[], skipped=[c.name for c in cells],
-                preempted=False, finished=True)
+    return dict(report, ran=[], skipped=[c.name for c in cells], preempted=False, finished=True)
   ran, skipped, preempted = [], [], False
   if not report_only:
     common.write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -363,24 +386,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *,
     dataset = None if preempted else common.load_dataset(config)
     for i, cell in enumerate(cells if not preempted else [], 1):
       if sweep.is_finished(cell_dir(cell)):
-        logging.info("cell %d/%d %s: finished already, skipped", i, len(cells),
-                     cell.name)
+        logging.info("cell %d/%d %s: finished already, skipped", i, len(cells), cell.name)
         skipped.append(cell.name)
         continue
       print(f"cell {i}/{len(cells)}: {cell.name}", flush=True)
-      result = common.run(cell_config(config, workdir, cell), cell_dir(cell),
-                          dataset=dataset, runner=RUNNER)
+      result = common.run(
+        cell_config(config, workdir, cell), cell_dir(cell), dataset=dataset, runner=RUNNER
+      )
       if result.preempted:
         preempted = True
         break
       ran.append(cell.name)
       row = sweep.cell_row(cell, cell_dir(cell))
-      print(f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
-            f"{100 * row['test_accuracy']:.2f}% (training "
-            f"{row['training_seconds']:.0f} s)", flush=True)
+      print(
+        f"cell {i}/{len(cells)}: {cell.name}: test accuracy "
+        f"{100 * row['test_accuracy']:.2f}% (training "
+        f"{row['training_seconds']:.0f} s)",
+        flush=True,
+      )
   report = write_report(config, workdir, cells)
-  return dict(report, ran=ran, skipped=skipped, preempted=preempted,
-              finished=False)
+  return dict(report, ran=ran, skipped=skipped, preempted=preempted, finished=False)
 
 
 def main(argv):

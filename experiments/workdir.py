@@ -61,11 +61,19 @@ CONFIG_FILE = "config.json"
 #:   to summation order;
 #: * ``debug_sigterm_at_step``: a testing aid of earlier versions, found in
 #:   older ``config.json`` files.
-RESULT_INDEPENDENT = ("data.dir", "train.progress_bar", "train.tensorboard",
-                      "train.log_every_steps", "train.async_checkpointing",
-                      "train.max_to_keep", "train.checkpoint_every_epochs",
-                      "train.num_devices", "train.distributed",
-                      "train.eval_batch_size", "debug_sigterm_at_step")
+RESULT_INDEPENDENT = (
+  "data.dir",
+  "train.progress_bar",
+  "train.tensorboard",
+  "train.log_every_steps",
+  "train.async_checkpointing",
+  "train.max_to_keep",
+  "train.checkpoint_every_epochs",
+  "train.num_devices",
+  "train.distributed",
+  "train.eval_batch_size",
+  "debug_sigterm_at_step",
+)
 #: The sub-configs whose fields are compared one by one (``"train.seed"``).
 GROUPS = ("data", "model", "optimizer", "train")
 
@@ -138,14 +146,15 @@ def check(workdir: str, runner: str, config: ml_collections.ConfigDict) -> None:
     return
   expected = signature(runner, config)
   defaults = flat(default_config.get_config())
-  fill = lambda fields: {k: v for k, v in {**defaults, **flat(fields)}.items()
-                         if k not in RESULT_INDEPENDENT}
+  fill = lambda fields: {
+    k: v for k, v in {**defaults, **flat(fields)}.items() if k not in RESULT_INDEPENDENT
+  }
   there, here = fill(found["config"]), fill(expected["config"])
   # A directory without run.json does not name its runner: not compared.
   there_runner = runner if found["runner"] is None else found["runner"]
-  checkpoints.check_same_run({"runner": there_runner, **there},
-                             {"runner": runner, **here},
-                             where=workdir)
+  checkpoints.check_same_run(
+    {"runner": there_runner, **there}, {"runner": runner, **here}, where=workdir
+  )
 
 
 def is_finished(workdir: str, done: Iterable[str]) -> bool:
@@ -153,9 +162,14 @@ def is_finished(workdir: str, done: Iterable[str]) -> bool:
   return all(epath.Path(workdir, p).exists() for p in done)
 
 
-def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
-          done: Iterable[str] = (RESULTS_FILE,),
-          done_text: str | None = None) -> bool:
+def claim(
+  workdir: str,
+  runner: str,
+  config: ml_collections.ConfigDict,
+  *,
+  done: Iterable[str] = (RESULTS_FILE,),
+  done_text: str | None = None,
+) -> bool:
   """Checks ``workdir`` (:func:`check`), then records this run's signature.
 
   The first thing a runner does, before it writes anything in ``workdir``.
@@ -189,6 +203,7 @@ def claim(workdir: str, runner: str, config: ml_collections.ConfigDict, *,
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     path = epath.Path(workdir, SIGNATURE_FILE)
     if not path.exists():
-      _paths.write_text(path, json.dumps(signature(runner, config), indent=2,
-                                         sort_keys=True) + "\n")
+      _paths.write_text(
+        path, json.dumps(signature(runner, config), indent=2, sort_keys=True) + "\n"
+      )
   return False

@@ -89,8 +89,32 @@ from sparsejax import train
 
 __version__ = "0.1.0"
 
-__all__ = ["budgets", "checkpoints", "condensed", "data", "diagnostics", "dst", "gradient_flow",
-           "hooks", "losses", "lottery", "masks", "mesh", "methods", "metrics_log", "modeling", "models",
-           "nm", "optim", "schedules", "scores", "shrink", "sparse_inference", "sparse_io",
-           "state", "suptickets",
-           "tost", "train"]
+__all__ = [
+  "budgets",
+  "checkpoints",
+  "condensed",
+  "data",
+  "diagnostics",
+  "dst",
+  "gradient_flow",
+  "hooks",
+  "losses",
+  "lottery",
+  "masks",
+  "mesh",
+  "methods",
+  "metrics_log",
+  "modeling",
+  "models",
+  "nm",
+  "optim",
+  "schedules",
+  "scores",
+  "shrink",
+  "sparse_inference",
+  "sparse_io",
+  "state",
+  "suptickets",
+  "tost",
+  "train",
+]

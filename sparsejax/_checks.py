@@ -10,8 +10,16 @@ from __future__ import annotations
 import math
 
 
-def number(value, name: str, lo: float | None = None, hi: float | None = None, *,
-           lo_open: bool = False, hi_open: bool = False, why: str = "") -> float:
+def number(
+  value,
+  name: str,
+  lo: float | None = None,
+  hi: float | None = None,
+  *,
+  lo_open: bool = False,
+  hi_open: bool = False,
+  why: str = "",
+) -> float:
   """``float(value)``; raises ``ValueError`` unless it is finite and in range.
 
   ``lo``/``hi`` are the bounds (``None``: unbounded), closed unless
@@ -27,21 +35,20 @@ def number(value, name: str, lo: float | None = None, hi: float | None = None, *
     return v
   left = "(-inf" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
   right = "inf)" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
-  raise ValueError(f"{name} must be in {left}, {right}, got {value!r}"
-                   + (f": {why}" if why else ""))
+  raise ValueError(
+    f"{name} must be in {left}, {right}, got {value!r}" + (f": {why}" if why else "")
+  )
 
 
 def fraction(value, name: str) -> float:
   """A fraction of a layer's active weights, in [0, 1]."""
-  return number(value, name, 0.0, 1.0,
-                why="a fraction of each layer's active weights")
+  return number(value, name, 0.0, 1.0, why="a fraction of each layer's active weights")
 
 
 def step(value, name: str, minimum: int = 0) -> int:
   """``int(value)``; raises ``ValueError`` unless it is an integer ``>= minimum``."""
   try:
-    ok = (not isinstance(value, bool) and int(value) == value
-          and int(value) >= minimum)
+    ok = not isinstance(value, bool) and int(value) == value and int(value) >= minimum
   except (TypeError, ValueError, OverflowError):
     ok = False
   if not ok:

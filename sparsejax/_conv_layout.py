@@ -52,10 +52,10 @@ except ImportError:  # a JAX release without it: equations lose their names
 # semantics is lost (the jaxpr has already been differentiated). Optional: one
 # a JAX release lacks is rewritten like any other primitive with jaxpr params.
 _INLINE_NAMES = {
-    "jit_p": "jaxpr",
-    "closed_call_p": "call_jaxpr",
-    "custom_jvp_call_p": "call_jaxpr",
-    "custom_vjp_call_p": "call_jaxpr",
+  "jit_p": "jaxpr",
+  "closed_call_p": "call_jaxpr",
+  "custom_jvp_call_p": "call_jaxpr",
+  "custom_vjp_call_p": "call_jaxpr",
 }
 
 
@@ -66,8 +66,11 @@ def _lookup(primitives) -> tuple[Any, dict[Any, str]] | None:
   conv = getattr(primitives, "conv_general_dilated_p", None)
   if conv is None:
     return None
-  inline = {getattr(primitives, name): param for name, param in _INLINE_NAMES.items()
-            if getattr(primitives, name, None) is not None}
+  inline = {
+    getattr(primitives, name): param
+    for name, param in _INLINE_NAMES.items()
+    if getattr(primitives, name, None) is not None
+  }
   return conv, inline
 
 
@@ -92,11 +95,14 @@ def _warn_fallback(reason: str) -> None:
     if _warned:
       return
     warnings.warn(
-        f"sparsejax: canonical-layout convolutions are off ({reason[:300]}); "
-        f"the installed JAX {jax.__version__} does not look as sparsejax "
-        "expects. Results are unchanged, but scores and loops with "
-        "convolutions can be several times slower on CPU (see "
-        "sparsejax/_conv_layout.py).", RuntimeWarning, stacklevel=2)
+      f"sparsejax: canonical-layout convolutions are off ({reason[:300]}); "
+      f"the installed JAX {jax.__version__} does not look as sparsejax "
+      "expects. Results are unchanged, but scores and loops with "
+      "convolutions can be several times slower on CPU (see "
+      "sparsejax/_conv_layout.py).",
+      RuntimeWarning,
+      stacklevel=2,
+    )
     _warned = True
 
 
@@ -105,9 +111,10 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
   lhs_spec, rhs_spec, out_spec = dimension_numbers
   n = len(lhs_spec)
   canonical = lax.ConvDimensionNumbers(
-      lhs_spec=(0, n - 1, *range(1, n - 1)),
-      rhs_spec=(n - 1, n - 2, *range(n - 2)),
-      out_spec=(0, n - 1, *range(1, n - 1)))
+    lhs_spec=(0, n - 1, *range(1, n - 1)),
+    rhs_spec=(n - 1, n - 2, *range(n - 2)),
+    out_spec=(0, n - 1, *range(1, n - 1)),
+  )
   if tuple(dimension_numbers) == tuple(canonical):
     return _conv_p.bind(lhs, rhs, dimension_numbers=dimension_numbers, **params)
   # lhs (batch, spatial..., feature); rhs (spatial..., in, out).
@@ -121,9 +128,10 @@ def _canonical_conv(lhs, rhs, *, dimension_numbers, **params):
 
 def _transform_closed(closed: jex.ClosedJaxpr) -> jex.ClosedJaxpr:
   """``closed`` with canonical convolutions, same signature."""
-  avals = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype,
-                                weak_type=getattr(v.aval, "weak_type", False))
-           for v in closed.jaxpr.invars]
+  avals = [
+    jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=getattr(v.aval, "weak_type", False))
+    for v in closed.jaxpr.invars
+  ]
   return jax.make_jaxpr(lambda *xs: _eval(closed.jaxpr, closed.consts, xs))(*avals)
 
 
@@ -173,8 +181,7 @@ def _eval(jaxpr: jex.Jaxpr, consts, args) -> list:
       else:
         params = {k: _transform_param(v) for k, v in eqn.params.items()}
         with eqn.ctx.manager:
-          outvals = eqn.primitive.bind(*invals,
-                                       **eqn.primitive.get_bind_params(params))
+          outvals = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
         if not eqn.primitive.multiple_results:
           outvals = [outvals]
     for var, value in zip(eqn.outvars, outvals):

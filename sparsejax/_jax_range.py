@@ -63,10 +63,12 @@ def warn_if_untested(version: str | None = None) -> bool:
   if is_tested(version):
     return False
   warnings.warn(
-      f"sparsejax: JAX {version} is outside the range sparsejax is tested with "
-      f"(jax{SPEC}). Its JAX-internal rewrites fall back where JAX differs "
-      "(results unchanged, CPU training possibly slower), but other parts may "
-      "break; install a tested JAX (pip install 'jax" + SPEC + "') or see the "
-      "README's set-up section for how the range is widened.",
-      RuntimeWarning, stacklevel=2)
+    f"sparsejax: JAX {version} is outside the range sparsejax is tested with "
+    f"(jax{SPEC}). Its JAX-internal rewrites fall back where JAX differs "
+    "(results unchanged, CPU training possibly slower), but other parts may "
+    "break; install a tested JAX (pip install 'jax" + SPEC + "') or see the "
+    "README's set-up section for how the range is widened.",
+    RuntimeWarning,
+    stacklevel=2,
+  )
   return True

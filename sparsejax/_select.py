@@ -68,8 +68,7 @@ def keep_top_in_groups(keys: jax.Array, k) -> jax.Array:
   return rank < jnp.asarray(k, jnp.int32)[..., None]
 
 
-def nm_keep(scores_leaf: jax.Array, n, m: int,
-            within: jax.Array | None = None) -> jax.Array:
+def nm_keep(scores_leaf: jax.Array, n, m: int, within: jax.Array | None = None) -> jax.Array:
   """The N:M mask of one layer: the ``n`` highest scores of each group of ``m``.
 
   Pure and ``jit``-compatible (``n`` may be traced). Groups run along axis -2
@@ -104,8 +103,7 @@ def units_by_fan_in(x: jax.Array) -> jax.Array:
 
 
 @jax.jit
-def fan_in_keep(scores_leaf: jax.Array, k, within: jax.Array | None = None
-                ) -> jax.Array:
+def fan_in_keep(scores_leaf: jax.Array, k, within: jax.Array | None = None) -> jax.Array:
   """The top ``k`` inputs of every output unit of one kernel (constant fan-in).
 
   Pure and ``jit``-compatible. Unit ``o`` (the last axis) keeps exactly
@@ -124,16 +122,18 @@ def fan_in_keep(scores_leaf: jax.Array, k, within: jax.Array | None = None
   shape = jnp.shape(scores_leaf)
   s = jnp.asarray(scores_leaf)
   s = s.astype(jnp.promote_types(s.dtype, jnp.float32))
-  keys = sortable_bits(units_by_fan_in(s))            # [d_out, F]
+  keys = sortable_bits(units_by_fan_in(s))  # [d_out, F]
   if within is not None:
     w = units_by_fan_in(jnp.asarray(within, bool))
     keys = jnp.where(w, keys, jnp.zeros((), keys.dtype))  # below every score
   f = keys.shape[1]
   # Descending keys, ties to the lower index: a stable sort of the complement.
   order = jnp.argsort(~keys, axis=1, stable=True)
-  rank = jnp.zeros_like(order).at[
-      jnp.arange(keys.shape[0])[:, None], order].set(
-          jnp.broadcast_to(jnp.arange(f, dtype=order.dtype), order.shape))
+  rank = (
+    jnp.zeros_like(order)
+    .at[jnp.arange(keys.shape[0])[:, None], order]
+    .set(jnp.broadcast_to(jnp.arange(f, dtype=order.dtype), order.shape))
+  )
   kept = rank < jnp.reshape(jnp.asarray(k, rank.dtype), (-1, 1))
   if within is not None:
     kept = kept & w

@@ -146,12 +146,13 @@ def jaxlib_defines(name: str) -> bool:
   needle = b"\0" + name.encode() + b"\0"
   # The XLA flag table lives in libjax_common.so in current releases; look
   # there first, then in every other library of the package.
-  paths = sorted(glob.glob(os.path.join(root, "**", "*.so"), recursive=True),
-                 key=lambda p: os.path.basename(p) != "libjax_common.so")
+  paths = sorted(
+    glob.glob(os.path.join(root, "**", "*.so"), recursive=True),
+    key=lambda p: os.path.basename(p) != "libjax_common.so",
+  )
   for path in paths:
     try:
-      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0,
-                                            access=mmap.ACCESS_READ) as m:
+      with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m.find(needle) >= 0:
           return True
     except (OSError, ValueError):
@@ -163,6 +164,7 @@ def _backends_initialized() -> bool | None:
   """Whether a JAX backend has started; ``None`` if JAX cannot tell us."""
   try:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
     return bool(xla_bridge.backends_are_initialized())
   except Exception:  # pylint: disable=broad-except
     return None
@@ -171,6 +173,7 @@ def _backends_initialized() -> bool | None:
 def _default_backend_is_cpu() -> bool:
   try:
     import jax  # pylint: disable=g-import-not-at-top
+
     return jax.default_backend() == "cpu"
   except Exception:  # pylint: disable=broad-except
     return True
@@ -206,8 +209,7 @@ def plain_ops():
     _local.plain = previous
 
 
-def apply(environ=None, *, defines=jaxlib_defines,
-          initialized=_backends_initialized) -> list[str]:
+def apply(environ=None, *, defines=jaxlib_defines, initialized=_backends_initialized) -> list[str]:
   """Appends :data:`FLAGS` to ``XLA_FLAGS`` where safe; returns those added.
 
   Args:
@@ -236,11 +238,14 @@ def apply(environ=None, *, defines=jaxlib_defines,
   unknown = [f for f in missing if not defines(_name(f))]
   if unknown:
     warnings.warn(
-        "sparsejax: the installed jaxlib has no XLA option "
-        f"{', '.join(_name(f) for f in unknown)}; training on CPU uses XLA's "
-        "default convolution path, which is correct but can be several times "
-        "slower (see sparsejax/_xla_cpu.py). Set "
-        f"{OPT_OUT}=0 to silence this.", RuntimeWarning, stacklevel=3)
+      "sparsejax: the installed jaxlib has no XLA option "
+      f"{', '.join(_name(f) for f in unknown)}; training on CPU uses XLA's "
+      "default convolution path, which is correct but can be several times "
+      "slower (see sparsejax/_xla_cpu.py). Set "
+      f"{OPT_OUT}=0 to silence this.",
+      RuntimeWarning,
+      stacklevel=3,
+    )
     missing = [f for f in missing if f not in unknown]
     if not missing:
       return []
@@ -248,15 +253,17 @@ def apply(environ=None, *, defines=jaxlib_defines,
     if not _default_backend_is_cpu():
       return []  # an accelerator run: the CPU options would not matter
     warnings.warn(
-        "sparsejax: JAX's backend was started before sparsejax was imported, "
-        "so its faster XLA:CPU settings cannot take effect in this process. "
-        "Import sparsejax before running any JAX computation, or start Python "
-        f"with XLA_FLAGS='{' '.join(missing)}' (set {OPT_OUT}=0 to silence "
-        "this).", RuntimeWarning, stacklevel=3)
+      "sparsejax: JAX's backend was started before sparsejax was imported, "
+      "so its faster XLA:CPU settings cannot take effect in this process. "
+      "Import sparsejax before running any JAX computation, or start Python "
+      f"with XLA_FLAGS='{' '.join(missing)}' (set {OPT_OUT}=0 to silence "
+      "this).",
+      RuntimeWarning,
+      stacklevel=3,
+    )
     return []
   environ["XLA_FLAGS"] = " ".join([current.strip(), *missing]).strip()
   return missing
-
 
 
 def _first_is_finite(x: jax.Array) -> jax.Array:
@@ -272,8 +279,7 @@ def _materialize(x: jax.Array) -> jax.Array:
   conditional removed.
   """
   with jax.named_scope(MATERIALIZE_SCOPE):
-    return lax.cond(_first_is_finite(x), lambda v: v,
-                    lambda v: v + jax.numpy.zeros((), v.dtype), x)
+    return lax.cond(_first_is_finite(x), lambda v: v, lambda v: v + jax.numpy.zeros((), v.dtype), x)
 
 
 def conv_general_dilated(lhs, rhs, *args, **kwargs):
@@ -295,8 +301,7 @@ def _materialized_on_cpu(x: jax.Array) -> jax.Array:
 
 def _column_sum(a: jax.Array) -> jax.Array:
   """``a.sum(0)`` of a float32 ``[M, C]`` matrix, as a matrix-vector product."""
-  return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a,
-                 precision=lax.Precision.HIGHEST)
+  return jnp.dot(jnp.ones((a.shape[0],), a.dtype), a, precision=lax.Precision.HIGHEST)
 
 
 def _bn_forward(x, scale, bias, epsilon):
@@ -340,10 +345,16 @@ def _bn_gemv_bwd(epsilon, residuals, cotangents):
     xhat = (x2 - mean) * rstd
     dbias = _column_sum(dy2)
     dscale = _column_sum(dy2 * xhat)
-    dx = ((scale * rstd) * (dy2 - dbias / m - xhat * (dscale / m))
-          + dmean / m + dvar * (2.0 / m) * (x2 - mean))
-    return (dx.reshape(x.shape).astype(x.dtype), dscale.astype(scale.dtype),
-            dbias.astype(bias.dtype))
+    dx = (
+      (scale * rstd) * (dy2 - dbias / m - xhat * (dscale / m))
+      + dmean / m
+      + dvar * (2.0 / m) * (x2 - mean)
+    )
+    return (
+      dx.reshape(x.shape).astype(x.dtype),
+      dscale.astype(scale.dtype),
+      dbias.astype(bias.dtype),
+    )
 
 
 _bn_gemv.defvjp(lambda x, s, b, eps: _bn_forward(x, s, b, eps), _bn_gemv_bwd)
@@ -359,8 +370,9 @@ def _bn_plain(x, scale, bias, epsilon):
   return y, mean, var
 
 
-def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                     epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def batch_norm_train(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Training-mode batch norm of ``x`` over all axes but the last.
 
   Args:
@@ -379,9 +391,8 @@ def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array,
   if _plain():
     return _bn_plain(x, scale, bias, epsilon)
   return lax.platform_dependent(
-      x, scale, bias,
-      cpu=lambda *a: _bn_gemv(*a, epsilon),
-      default=lambda *a: _bn_plain(*a, epsilon))
+    x, scale, bias, cpu=lambda *a: _bn_gemv(*a, epsilon), default=lambda *a: _bn_plain(*a, epsilon)
+  )
 
 
 def _intercept(next_fun, args, kwargs, context):
@@ -389,6 +400,7 @@ def _intercept(next_fun, args, kwargs, context):
   # Imported here: `import sparsejax` imports this module before the models.
   from sparsejax.models import activations  # pylint: disable=g-import-not-at-top
   from sparsejax.models import norm  # pylint: disable=g-import-not-at-top
+
   module, method = context.module, context.method_name
   if _plain():
     return next_fun(*args, **kwargs)
@@ -397,8 +409,9 @@ def _intercept(next_fun, args, kwargs, context):
     # convolution: promote here, so that the convolution's own input (the
     # value of _xla_cpu.conv_general_dilated's lhs) is what is materialised.
     x = jnp.asarray(args[0])
-    dtype = (module.dtype if module.dtype is not None
-             else jnp.result_type(x.dtype, module.param_dtype))
+    dtype = (
+      module.dtype if module.dtype is not None else jnp.result_type(x.dtype, module.param_dtype)
+    )
     if jax.dtypes.issubdtype(dtype, jnp.inexact):
       x = _materialized_on_cpu(x.astype(dtype))
     return next_fun(x, *args[1:], **kwargs)

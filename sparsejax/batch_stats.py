@@ -33,32 +33,45 @@ BN_VARIANCE_MODES = ("pooled", "average")
 def _stats_update(model, params, stats, images, mean, std, key, scalars):
   """The ``batch_stats`` a training-mode forward pass writes, from ``stats``."""
   x = data_lib.normalize(images, mean, std)
-  _, new = modeling.apply_model(model, {"params": params, "batch_stats": stats}, x,
-                                train=True, scalars=scalars, rngs={"dropout": key})
+  _, new = modeling.apply_model(
+    model,
+    {"params": params, "batch_stats": stats},
+    x,
+    train=True,
+    scalars=scalars,
+    rngs={"dropout": key},
+  )
   return new["batch_stats"]
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _accumulate_stats(model, params, sums, rate, images, mean, std, key,
-                      scalars):
+def _accumulate_stats(model, params, sums, rate, images, mean, std, key, scalars):
   """Adds ``n ×`` the batch's statistics (and squared means) to ``sums``."""
   zeros = jax.tree.map(jnp.zeros_like, rate)
   scaled = _stats_update(model, params, zeros, images, mean, std, key, scalars)
   # r <- m r + (1 - m) s from r = 0 gives (1 - m) s: divide by the rate 1 - m.
-  batch = jax.tree.map(lambda a, r: jnp.where(r > 0, a / jnp.where(r > 0, r, 1), 0),
-                       scaled, rate)
+  batch = jax.tree.map(lambda a, r: jnp.where(r > 0, a / jnp.where(r > 0, r, 1), 0), scaled, rate)
   n = jnp.asarray(images.shape[0], jnp.float32)
-  return {"stats": jax.tree.map(lambda t, b: t + n * b, sums["stats"], batch),
-          "squares": jax.tree.map(lambda t, b: t + n * b * b, sums["squares"], batch),
-          "count": sums["count"] + n}
+  return {
+    "stats": jax.tree.map(lambda t, b: t + n * b, sums["stats"], batch),
+    "squares": jax.tree.map(lambda t, b: t + n * b * b, sums["squares"], batch),
+    "count": sums["count"] + n,
+  }
 
 
-def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
-                          images: np.ndarray, *, mean, std, batch_size: int = 128,
-                          mesh: jax.sharding.Mesh | None = None,
-                          variance: str = "pooled",
-                          key: jax.Array | None = None,
-                          scalars: Mapping[str, Any] | None = None) -> PyTree:
+def recompute_batch_stats(
+  model: nn.Module,
+  variables: Mapping[str, PyTree],
+  images: np.ndarray,
+  *,
+  mean,
+  std,
+  batch_size: int = 128,
+  mesh: jax.sharding.Mesh | None = None,
+  variance: str = "pooled",
+  key: jax.Array | None = None,
+  scalars: Mapping[str, Any] | None = None,
+) -> PyTree:
   """Exact batch-norm statistics of ``variables["params"]`` over a dataset.
 
   What ``torch.optim.swa_utils.update_bn`` does for averaged weights: the
@@ -121,8 +134,9 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
   images = np.asarray(images)
   n_total, batch_size = images.shape[0], int(batch_size)
   if n_total == 0 or batch_size < 1:
-    raise ValueError(f"need images and batch_size >= 1, got {n_total} images and "
-                     f"batch_size={batch_size}")
+    raise ValueError(
+      f"need images and batch_size >= 1, got {n_total} images and batch_size={batch_size}"
+    )
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   key = jax.random.key(0) if key is None else key
   scalars = dict(scalars or {})
@@ -131,8 +145,11 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
   norm = (jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
 
   def put(x):
-    return (mesh_lib.put_batch(x, mesh) if x.shape[0] % mesh.size == 0
-            else mesh_lib.put_replicated(x, mesh))
+    return (
+      mesh_lib.put_batch(x, mesh)
+      if x.shape[0] % mesh.size == 0
+      else mesh_lib.put_replicated(x, mesh)
+    )
 
   first = put(images[:batch_size])
   zeros = jax.tree.map(jnp.zeros_like, stats)
@@ -143,16 +160,14 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
   rate = jax.tree.map(lambda a, c: 1.0 - (c - a), a, c)
   sums = {"stats": zeros, "squares": zeros, "count": jnp.zeros((), jnp.float32)}
   for b, start in enumerate(range(0, n_total, batch_size)):
-    x = first if b == 0 else put(images[start:start + batch_size])
-    sums = _accumulate_stats(model, params, sums, rate, x, *norm,
-                             jax.random.fold_in(key, b), scalars)
+    x = first if b == 0 else put(images[start : start + batch_size])
+    sums = _accumulate_stats(
+      model, params, sums, rate, x, *norm, jax.random.fold_in(key, b), scalars
+    )
   flat = flax.traverse_util.flatten_dict(stats)
-  avg = flax.traverse_util.flatten_dict(
-      jax.tree.map(lambda t: t / sums["count"], sums["stats"]))
-  sq = flax.traverse_util.flatten_dict(
-      jax.tree.map(lambda t: t / sums["count"], sums["squares"]))
-  updated = flax.traverse_util.flatten_dict(
-      jax.tree.map(lambda r: r > 0, rate))
+  avg = flax.traverse_util.flatten_dict(jax.tree.map(lambda t: t / sums["count"], sums["stats"]))
+  sq = flax.traverse_util.flatten_dict(jax.tree.map(lambda t: t / sums["count"], sums["squares"]))
+  updated = flax.traverse_util.flatten_dict(jax.tree.map(lambda r: r > 0, rate))
   out = {}
   for path, old in flat.items():
     value = avg[path]
@@ -161,5 +176,4 @@ def recompute_batch_stats(model: nn.Module, variables: Mapping[str, PyTree],
       # E[x²] − E[x]² from each batch's var_b + mean_b².
       value = jnp.maximum(value + sq[mean_path] - avg[mean_path] ** 2, 0.0)
     out[path] = jnp.where(updated[path], value, old).astype(old.dtype)
-  return mesh_lib.put_replicated(
-      jax.device_get(flax.traverse_util.unflatten_dict(out)), mesh)
+  return mesh_lib.put_replicated(jax.device_get(flax.traverse_util.unflatten_dict(out)), mesh)

@@ -86,8 +86,9 @@ def check_sparsity(sparsity, name: str = "sparsity") -> None:
   s = float(np.asarray(sparsity))
   if not (math.isfinite(s) and 0.0 <= s < 1.0):
     raise ValueError(
-        f"{name} must be in [0, 1), got {s!r}: sparsity is the fraction of "
-        "prunable weights set to zero (0.98 keeps 2%); 1.0 would prune everything.")
+      f"{name} must be in [0, 1), got {s!r}: sparsity is the fraction of "
+      "prunable weights set to zero (0.98 keeps 2%); 1.0 would prune everything."
+    )
 
 
 class Pool(NamedTuple):
@@ -147,8 +148,9 @@ class Budget:
     allows); :class:`NM` implies its own.
     """
     if sparsity is None:
-      raise ValueError(f"{self!r} needs a sparsity in [0, 1); only an NM(n, m) "
-                       "budget implies its own")
+      raise ValueError(
+        f"{self!r} needs a sparsity in [0, 1); only an NM(n, m) budget implies its own"
+      )
     check_sparsity(sparsity)
     return sparsity
 
@@ -171,8 +173,9 @@ class Budget:
       ValueError: for :class:`Global` and :class:`NM`, which have no per-layer
         allocation before scores are known.
     """
-    raise ValueError(f"{self!r} has no per-layer allocation before scores are "
-                     "known; use Uniform(), ERK() or ER()")
+    raise ValueError(
+      f"{self!r} has no per-layer allocation before scores are known; use Uniform(), ERK() or ER()"
+    )
 
   def with_overrides(self, overrides: Mapping[str, float]) -> Overrides:
     """This budget with the layers matching ``overrides`` at their own sparsity.
@@ -226,9 +229,11 @@ class ERK(Budget):
   def resolve_sparsity(self, sparsity):
     sparsity = super().resolve_sparsity(sparsity)
     if _is_traced(sparsity):
-      raise ValueError(f"an {self!r} budget needs a Python float sparsity, not "
-                       "a traced value (its allocation is computed from static "
-                       "shapes)")
+      raise ValueError(
+        f"an {self!r} budget needs a Python float sparsity, not "
+        "a traced value (its allocation is computed from static "
+        "shapes)"
+      )
     return sparsity
 
   def raw_density(self, shape: Sequence[int]) -> float:
@@ -337,14 +342,17 @@ class NM(Budget):
     if sparsity is None:
       return self.sparsity
     if _is_traced(sparsity):
-      raise ValueError(f"{self!r} implies its sparsity {self.sparsity:g}; got a "
-                       "traced sparsity: pass sparsity=None")
+      raise ValueError(
+        f"{self!r} implies its sparsity {self.sparsity:g}; got a "
+        "traced sparsity: pass sparsity=None"
+      )
     check_sparsity(sparsity)
     if not math.isclose(float(sparsity), self.sparsity, rel_tol=0.0, abs_tol=1e-9):
       raise ValueError(
-          f"{self!r} keeps {self.n} of every {self.m} weights, sparsity "
-          f"{self.sparsity:g}; got sparsity={float(sparsity)!r}: leave the "
-          "sparsity out (None), an N:M budget implies it")
+        f"{self!r} keeps {self.n} of every {self.m} weights, sparsity "
+        f"{self.sparsity:g}; got sparsity={float(sparsity)!r}: leave the "
+        "sparsity out (None), an N:M budget implies it"
+      )
     return self.sparsity
 
   def check_shape(self, path: str, shape: Sequence[int]) -> None:
@@ -352,22 +360,23 @@ class NM(Budget):
     shape = tuple(shape)
     if len(shape) < 2:
       raise ValueError(
-          f"an N:M budget groups weights along the input dimension (axis -2); "
-          f"prunable leaf {path!r} has shape {shape}: make it non-prunable")
+        f"an N:M budget groups weights along the input dimension (axis -2); "
+        f"prunable leaf {path!r} has shape {shape}: make it non-prunable"
+      )
     if shape[-2] % self.m:
       raise ValueError(
-          f"an N:M budget needs the input dimension (axis -2) of every prunable "
-          f"layer to be divisible by M={self.m}; {path!r} has shape {shape} "
-          f"(input dimension {shape[-2]}). Keep it out of the budget, e.g. "
-          f"prunable=masks.KEEP_FIRST_DENSE (with order=) or budget="
-          f"{self!r}.with_overrides({{{path.rsplit('/', 1)[0]!r}: 0.0}})")
+        f"an N:M budget needs the input dimension (axis -2) of every prunable "
+        f"layer to be divisible by M={self.m}; {path!r} has shape {shape} "
+        f"(input dimension {shape[-2]}). Keep it out of the budget, e.g. "
+        f"prunable=masks.KEEP_FIRST_DENSE (with order=) or budget="
+        f"{self!r}.with_overrides({{{path.rsplit('/', 1)[0]!r}: 0.0}})"
+      )
 
   def pools(self, shapes, sparsity):
     sparsity = self.resolve_sparsity(sparsity)
     for path, shape in shapes.items():
       self.check_shape(path, shape)
-    return ((Pool(frozenset(shapes), sparsity, group=(self.n, self.m)),)
-            if shapes else ())
+    return (Pool(frozenset(shapes), sparsity, group=(self.n, self.m)),) if shapes else ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,11 +417,12 @@ class ConstantFanIn(Budget):
   def __post_init__(self):
     check(self.base, "base")
     if isinstance(self.base, (Global, NM, ConstantFanIn)) or (
-        isinstance(self.base, Overrides)
-        and isinstance(self.base.base, (Global, NM, ConstantFanIn))):
+      isinstance(self.base, Overrides) and isinstance(self.base.base, (Global, NM, ConstantFanIn))
+    ):
       raise ValueError(
-          f"ConstantFanIn needs a per-layer allocation as base (Uniform(), "
-          f"ERK(), ER(), optionally .with_overrides(...)), got {self.base!r}")
+        f"ConstantFanIn needs a per-layer allocation as base (Uniform(), "
+        f"ERK(), ER(), optionally .with_overrides(...)), got {self.base!r}"
+      )
 
   def resolve_sparsity(self, sparsity):
     return self.base.resolve_sparsity(sparsity)
@@ -426,11 +436,11 @@ class ConstantFanIn(Budget):
     for path, shape in shapes.items():
       if len(tuple(shape)) < 2:
         raise ValueError(
-            f"a constant fan-in budget needs kernels of ndim >= 2 (output units "
-            f"on the last axis); prunable leaf {path!r} has shape "
-            f"{tuple(shape)}: make it non-prunable")
-    return tuple(p._replace(per_unit=True, joint=False)
-                 for p in self.base.pools(shapes, sparsity))
+          f"a constant fan-in budget needs kernels of ndim >= 2 (output units "
+          f"on the last axis); prunable leaf {path!r} has shape "
+          f"{tuple(shape)}: make it non-prunable"
+        )
+    return tuple(p._replace(per_unit=True, joint=False) for p in self.base.pools(shapes, sparsity))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -460,8 +470,11 @@ class Overrides(Budget):
 
   def __post_init__(self):
     check(self.base, "base")
-    items = (tuple(self.overrides.items()) if isinstance(self.overrides, Mapping)
-             else tuple(tuple(kv) for kv in self.overrides))
+    items = (
+      tuple(self.overrides.items())
+      if isinstance(self.overrides, Mapping)
+      else tuple(tuple(kv) for kv in self.overrides)
+    )
     for pattern, s in items:
       if not isinstance(pattern, str):
         raise ValueError(f"override patterns must be strings, got {pattern!r}")
@@ -480,8 +493,7 @@ class Overrides(Budget):
   def resolve_sparsity(self, sparsity):
     sparsity = self.base.resolve_sparsity(sparsity)
     if _is_traced(sparsity) and self.overrides:
-      raise ValueError("a budget with overrides needs a Python float sparsity, "
-                       "not a traced value")
+      raise ValueError("a budget with overrides needs a Python float sparsity, not a traced value")
     return sparsity
 
   def _split(self, shapes):
@@ -515,14 +527,16 @@ def check(budget, name: str = "budget") -> None:
     except ValueError as e:
       hint = f" ({e})"
     raise ValueError(
-        f"{name}={budget!r} is a string; sparsejax functions take a budget "
-        f"object (budgets.Global(), Uniform(), ERK(), ER(), NM(n, m), "
-        f"ConstantFanIn(base)); turn a "
-        f"command-line name into one with sparsejax.budgets.parse{hint}")
+      f"{name}={budget!r} is a string; sparsejax functions take a budget "
+      f"object (budgets.Global(), Uniform(), ERK(), ER(), NM(n, m), "
+      f"ConstantFanIn(base)); turn a "
+      f"command-line name into one with sparsejax.budgets.parse{hint}"
+    )
   raise ValueError(
-      f"{name} must be a sparsejax.budgets.Budget (Global(), Uniform(), ERK(), "
-      f"ER(), NM(n, m), ConstantFanIn(base), or one .with_overrides(...)), "
-      f"got {budget!r}")
+    f"{name} must be a sparsejax.budgets.Budget (Global(), Uniform(), ERK(), "
+    f"ER(), NM(n, m), ConstantFanIn(base), or one .with_overrides(...)), "
+    f"got {budget!r}"
+  )
 
 
 def parse(text: str) -> Budget:
@@ -544,20 +558,25 @@ def parse(text: str) -> Budget:
   if not isinstance(text, str):
     raise ValueError(f"budget must be a string such as 'erk' or '2:4', got {text!r}")
   name = text.strip()
-  named = {"global": Global, "uniform": Uniform, "erk": ERK, "er": ER,
-           "cfi": lambda: ConstantFanIn(Uniform()),
-           "cfi-erk": lambda: ConstantFanIn(ERK())}
+  named = {
+    "global": Global,
+    "uniform": Uniform,
+    "erk": ERK,
+    "er": ER,
+    "cfi": lambda: ConstantFanIn(Uniform()),
+    "cfi-erk": lambda: ConstantFanIn(ERK()),
+  }
   if name in named:
     return named[name]()
   match = _NM_PATTERN.match(name)
   if match is None:
-    raise ValueError(f"budget must be one of {NAMES} or an N:M string such as "
-                     f"'2:4', got {text!r}")
+    raise ValueError(f"budget must be one of {NAMES} or an N:M string such as '2:4', got {text!r}")
   return NM(int(match.group(1)), int(match.group(2)))
 
 
-def resolve_overrides(prunable_paths: Sequence[str],
-                      overrides: Mapping[str, float] | None) -> dict[str, float]:
+def resolve_overrides(
+  prunable_paths: Sequence[str], overrides: Mapping[str, float] | None
+) -> dict[str, float]:
   """``{path: sparsity}`` for the prunable paths matched by ``overrides``.
 
   Args:
@@ -583,11 +602,11 @@ def resolve_overrides(prunable_paths: Sequence[str],
     hits = [p for p in prunable_paths if re.search(pattern, p)]
     if not hits:
       raise ValueError(
-          f"override pattern {pattern!r} matches no prunable path; prunable "
-          f"paths are {list(prunable_paths)}")
+        f"override pattern {pattern!r} matches no prunable path; prunable "
+        f"paths are {list(prunable_paths)}"
+      )
     for p in hits:
       if p in resolved and resolved[p] != float(s):
-        raise ValueError(f"path {p!r} is matched by several overrides with "
-                         "different sparsities")
+        raise ValueError(f"path {p!r} is matched by several overrides with different sparsities")
       resolved[p] = float(s)
   return resolved

@@ -49,27 +49,30 @@ def abstract(tree: PyTree, sharding=None) -> PyTree:
   """``tree`` as ``jax.ShapeDtypeStruct`` leaves (with ``sharding``), e.g. the
   target layout of :meth:`Checkpoints.restore`."""
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x),
-                                     sharding=sharding), tree)
+    lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x), sharding=sharding), tree
+  )
 
 
 def _static_fields(x) -> list[str]:
   if not dataclasses.is_dataclass(x) or isinstance(x, type):
     return []
-  return [f.name for f in dataclasses.fields(x)
-          if not f.metadata.get("pytree_node", True)]
+  return [f.name for f in dataclasses.fields(x) if not f.metadata.get("pytree_node", True)]
 
 
 def _without_static_fields(tree: PyTree) -> PyTree:
   """``tree`` with the static (non-pytree) fields of Flax struct dataclasses
   set to ``None``: their values (e.g. a train state's optimiser functions) are
   code, not layout, and print differently in every process."""
+
   def strip(x):
     names = _static_fields(x)
     if not names:
       return x
-    data = {f.name: _without_static_fields(getattr(x, f.name))
-            for f in dataclasses.fields(x) if f.name not in names}
+    data = {
+      f.name: _without_static_fields(getattr(x, f.name))
+      for f in dataclasses.fields(x)
+      if f.name not in names
+    }
     return dataclasses.replace(x, **data, **dict.fromkeys(names))
 
   return jax.tree.map(strip, tree, is_leaf=lambda x: bool(_static_fields(x)))
@@ -83,8 +86,9 @@ def tree_signature(tree: PyTree) -> str:
   signature restore into each other's layout.
   """
   tree = _without_static_fields(tree)
-  spec = [(path, list(jnp.shape(x)), str(jnp.result_type(x)))
-          for path, x in masks_lib.named_leaves(tree)]
+  spec = [
+    (path, list(jnp.shape(x)), str(jnp.result_type(x))) for path, x in masks_lib.named_leaves(tree)
+  ]
   spec.append(str(jax.tree.structure(tree)))
   return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -94,9 +98,15 @@ def _short(value) -> str:
   return text if len(text) <= 40 else text[:37] + "..."
 
 
-def check_same_run(recorded: Mapping[str, Any], expected: Mapping[str, Any], *,
-                   where: str, fields: Iterable[str] | None = None,
-                   ignore: Iterable[str] = (), what: str = "") -> None:
+def check_same_run(
+  recorded: Mapping[str, Any],
+  expected: Mapping[str, Any],
+  *,
+  where: str,
+  fields: Iterable[str] | None = None,
+  ignore: Iterable[str] = (),
+  what: str = "",
+) -> None:
   """Raises unless ``recorded`` agrees with ``expected``: "is this the same run?".
 
   Values are compared after a JSON round trip (tuples and lists are equal, as
@@ -116,20 +126,22 @@ def check_same_run(recorded: Mapping[str, Any], expected: Mapping[str, Any], *,
   Raises:
     CheckpointMismatchError: naming each differing field with both values.
   """
+
   def normal(mapping):
     return json.loads(json.dumps(dict(mapping), default=repr))
 
   recorded, expected = normal(recorded), normal(expected)
   names = set(recorded) | set(expected) if fields is None else set(fields)
-  diff = sorted(k for k in names - set(ignore)
-                if recorded.get(k) != expected.get(k))
+  diff = sorted(k for k in names - set(ignore) if recorded.get(k) != expected.get(k))
   if diff:
-    details = ", ".join(f"{k}: {_short(recorded.get(k))} there, "
-                        f"{_short(expected.get(k))} here" for k in diff)
+    details = ", ".join(
+      f"{k}: {_short(recorded.get(k))} there, {_short(expected.get(k))} here" for k in diff
+    )
     kind = f": {what}" if what else ""
     raise CheckpointMismatchError(
-        f"{where} is from another run ({details}{kind}). Use a new workdir, or "
-        "the config that wrote it.")
+      f"{where} is from another run ({details}{kind}). Use a new workdir, or "
+      "the config that wrote it."
+    )
 
 
 class Checkpoints:
@@ -144,19 +156,27 @@ class Checkpoints:
   directory, ``gs://...``); a relative local one is made absolute.
   """
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               quarantine_dir: str | os.PathLike | None = None,
-               async_save: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int = 3,
+    quarantine_dir: str | os.PathLike | None = None,
+    async_save: bool = True,
+  ):
     self.directory = str(_paths.resolve(directory))
-    self.quarantine_dir = str(_paths.resolve(
-        quarantine_dir or self.directory.rstrip("/") + ".unreadable"))
+    self.quarantine_dir = str(
+      _paths.resolve(quarantine_dir or self.directory.rstrip("/") + ".unreadable")
+    )
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
-        enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
-        create=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+      preservation_policy=ocp.checkpoint_managers.LatestN(max_to_keep),
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      create=True,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
     self._noise_filters = None
 
   def all_steps(self) -> list[int]:
@@ -173,20 +193,22 @@ class Checkpoints:
 
   def save(self, step: int, tree: PyTree, meta: dict) -> None:
     """Starts an (asynchronous) save of ``tree`` and ``meta`` as ``step``."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-        force=True)
+    self.manager.save(
+      step,
+      args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
 
   def restore(self, step: int, abstract_tree: PyTree) -> PyTree:
     """Restores the ``state`` item of ``step`` into ``abstract_tree``'s layout."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_tree)))
+    restored = self.manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_tree))
+    )
     return restored["state"]
 
   def restore_meta(self, step: int) -> dict:
     """Reads the JSON ``meta`` item of ``step``."""
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore()))
+    restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     meta = restored["meta"]
     if not isinstance(meta, Mapping):
       raise ValueError(f"meta is a {type(meta).__name__}, not a JSON object")
@@ -206,6 +228,7 @@ class Checkpoints:
       src.rename(dst)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
       multihost_utils.sync_global_devices(f"sparsejax_quarantine_{step}")
     self.manager.reload()
     return str(dst)
@@ -259,12 +282,16 @@ class Checkpoints:
     reason = reason if len(reason) <= 300 else reason[:297] + "..."
     moved = self._quarantine(step)
     logger.warning(
-        "Checkpoint %s is unreadable (%s); it was moved, not deleted, to %s. "
-        "Trying the previous checkpoint.", self.step_dir(step), reason, moved)
+      "Checkpoint %s is unreadable (%s); it was moved, not deleted, to %s. "
+      "Trying the previous checkpoint.",
+      self.step_dir(step),
+      reason,
+      moved,
+    )
 
-  def restore_latest(self, abstract_tree: PyTree,
-                     check_meta: Callable[[int, dict], None] | None = None
-                     ) -> tuple[int, PyTree, dict] | None:
+  def restore_latest(
+    self, abstract_tree: PyTree, check_meta: Callable[[int, dict], None] | None = None
+  ) -> tuple[int, PyTree, dict] | None:
     """Restores the newest readable checkpoint, or returns ``None``.
 
     Args:

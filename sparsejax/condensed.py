@@ -91,8 +91,9 @@ def fan_in_counts(mask_leaf: jax.Array) -> np.ndarray:
   return m.reshape(-1, m.shape[-1]).sum(axis=0)
 
 
-def constant_fan_in_mask(scores_leaf: jax.Array, k, *,
-                         within: jax.Array | None = None) -> jax.Array:
+def constant_fan_in_mask(
+  scores_leaf: jax.Array, k, *, within: jax.Array | None = None
+) -> jax.Array:
   """The exact constant fan-in mask of one kernel: the top ``k`` inputs of every unit.
 
   Pure and ``jit``-compatible (``k`` may be traced). Unit ``o`` keeps exactly
@@ -180,8 +181,10 @@ def constant_fan_in(scores: PyTree, sparsity, prunable=None) -> PyTree:
       return jnp.ones(jnp.shape(leaf), bool)
     shape = jnp.shape(leaf)
     if len(shape) < 2:
-      raise ValueError(f"constant fan-in needs kernels of ndim >= 2; prunable leaf "
-                       f"{path!r} has shape {shape}: make it non-prunable")
+      raise ValueError(
+        f"constant fan-in needs kernels of ndim >= 2; prunable leaf "
+        f"{path!r} has shape {shape}: make it non-prunable"
+      )
     s = sparsity[path] if isinstance(sparsity, Mapping) else sparsity
     masks.check_sparsity(s, f"sparsity of {path!r}")
     return constant_fan_in_mask(leaf, unit_k(int(np.prod(shape[:-1])), s))
@@ -189,8 +192,9 @@ def constant_fan_in(scores: PyTree, sparsity, prunable=None) -> PyTree:
   return masks.map_with_path(one, scores)
 
 
-def check_constant_fan_in(mask: PyTree, prunable=None, *,
-                          allow_ablated: bool = True) -> dict[str, int]:
+def check_constant_fan_in(
+  mask: PyTree, prunable=None, *, allow_ablated: bool = True
+) -> dict[str, int]:
   """Raises ``ValueError`` unless every prunable kernel of ``mask`` has constant fan-in.
 
   Args:
@@ -224,8 +228,10 @@ def check_constant_fan_in(mask: PyTree, prunable=None, *,
     bad = np.flatnonzero((counts != k) & ((counts != 0) | (not allow_ablated)))
     if bad.size:
       first = int(np.flatnonzero(counts == k)[0]) if (counts == k).any() else 0
-      raise ValueError(f"{path!r} has no constant fan-in: unit {first} keeps {k} "
-                       f"inputs, unit {int(bad[0])} keeps {int(counts[bad[0]])}")
+      raise ValueError(
+        f"{path!r} has no constant fan-in: unit {first} keeps {k} "
+        f"inputs, unit {int(bad[0])} keeps {int(counts[bad[0]])}"
+      )
     out[path] = k
   return out
 
@@ -269,9 +275,9 @@ class CondensedKernel:
     return _dense_kernel(self)
 
 
-jax.tree_util.register_dataclass(CondensedKernel,
-                                 data_fields=["values", "indices", "units"],
-                                 meta_fields=["shape"])
+jax.tree_util.register_dataclass(
+  CondensedKernel, data_fields=["values", "indices", "units"], meta_fields=["shape"]
+)
 
 
 def _is_condensed(x) -> bool:
@@ -307,21 +313,23 @@ def to_condensed_kernel(kernel, mask=None) -> CondensedKernel:
   """
   kernel = np.asarray(jax.device_get(kernel))
   if kernel.ndim not in (2, 4):
-    raise ValueError(f"a condensed kernel is 2-D (dense) or 4-D (conv), got shape "
-                     f"{kernel.shape}")
+    raise ValueError(f"a condensed kernel is 2-D (dense) or 4-D (conv), got shape {kernel.shape}")
   m = (kernel != 0) if mask is None else np.asarray(jax.device_get(mask), bool)
   k = check_constant_fan_in({"kernel": m})["kernel"]
   w = _patch_order(np.where(m, kernel, np.zeros((), kernel.dtype)))
-  mt = _patch_order(m).T                                        # [out, F]
+  mt = _patch_order(m).T  # [out, F]
   units = np.flatnonzero(mt.any(axis=1)).astype(np.int32)
   if k == 0:
     units = np.zeros((0,), np.int32)
   # Row-major argwhere: each unit's kept inputs in ascending order.
   idx = np.nonzero(mt[units])[1].reshape(len(units), k)
   values = np.take_along_axis(w.T[units], idx, axis=1)
-  return CondensedKernel(jnp.asarray(values),
-                         jnp.asarray(idx.astype(_index_dtype(w.shape[0]))),
-                         jnp.asarray(units), tuple(kernel.shape))
+  return CondensedKernel(
+    jnp.asarray(values),
+    jnp.asarray(idx.astype(_index_dtype(w.shape[0]))),
+    jnp.asarray(units),
+    tuple(kernel.shape),
+  )
 
 
 def _dense_kernel(kernel: CondensedKernel) -> jax.Array:
@@ -335,30 +343,32 @@ def _dense_kernel(kernel: CondensedKernel) -> jax.Array:
 def _patch_kernel(kernel: CondensedKernel) -> jax.Array:
   f, out = _fan_in_of(kernel.shape), kernel.shape[-1]
   rows = jnp.broadcast_to(kernel.units[:, None], kernel.indices.shape)
-  return jnp.zeros((f, out), kernel.values.dtype).at[
-      kernel.indices.astype(jnp.int32), rows].set(kernel.values)
+  return (
+    jnp.zeros((f, out), kernel.values.dtype)
+    .at[kernel.indices.astype(jnp.int32), rows]
+    .set(kernel.values)
+  )
 
 
 def _gather_columns(x2d: jax.Array, indices: jax.Array) -> jax.Array:
   """``x2d[:, indices]``: ``[M, F]``, ``[R, k]`` → ``[M, R, k]`` (in bounds)."""
-  dn = lax.GatherDimensionNumbers(offset_dims=(0,), collapsed_slice_dims=(1,),
-                                  start_index_map=(1,))
-  return lax.gather(x2d, indices[..., None], dn, (x2d.shape[0], 1),
-                    mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+  dn = lax.GatherDimensionNumbers(offset_dims=(0,), collapsed_slice_dims=(1,), start_index_map=(1,))
+  return lax.gather(
+    x2d, indices[..., None], dn, (x2d.shape[0], 1), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+  )
 
 
-def _condensed_matmul(kernel: CondensedKernel, x2d: jax.Array,
-                      gather_max_rows: int) -> jax.Array:
+def _condensed_matmul(kernel: CondensedKernel, x2d: jax.Array, gather_max_rows: int) -> jax.Array:
   """``x2d [M, F] @ W [F, out]`` for the condensed ``W``."""
   out = kernel.shape[-1]
   values = kernel.values.astype(x2d.dtype)
   if x2d.shape[0] > gather_max_rows:
     return x2d @ _patch_kernel(kernel).astype(x2d.dtype)
   if x2d.shape[0] == 1:  # online inference: one gather of rows · k inputs
-    dn = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,),
-                                    start_index_map=(0,))
-    g = lax.gather(x2d[0], kernel.indices[..., None], dn, (1,),
-                   mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+    dn = lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+    g = lax.gather(
+      x2d[0], kernel.indices[..., None], dn, (1,), mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS
+    )
     # The row sums as a matrix-vector product: faster on XLA:CPU than a
     # reduction fused with the gather (measured, benchmarks/structured_inference.py).
     y = jnp.dot(g * values, jnp.ones((values.shape[1],), values.dtype))[None]
@@ -366,8 +376,11 @@ def _condensed_matmul(kernel: CondensedKernel, x2d: jax.Array,
     y = jnp.einsum("mrk,rk->mr", _gather_columns(x2d, kernel.indices), values)
   if kernel.units.shape[0] == out:  # no ablated unit: rows are units 0..out-1
     return y
-  return jnp.zeros((x2d.shape[0], out), y.dtype).at[:, kernel.units].set(
-      y, indices_are_sorted=True, unique_indices=True)
+  return (
+    jnp.zeros((x2d.shape[0], out), y.dtype)
+    .at[:, kernel.units]
+    .set(y, indices_are_sorted=True, unique_indices=True)
+  )
 
 
 def _layer(module, kernel: CondensedKernel, x: jax.Array, gather_max_rows: int):
@@ -380,12 +393,14 @@ def _layer(module, kernel: CondensedKernel, x: jax.Array, gather_max_rows: int):
   else:
     kh, kw, _, cout = kernel.shape
     patches = lax.conv_general_dilated_patches(
-        x, (kh, kw), sparse_inference._pairs(module.strides, 2),  # pylint: disable=protected-access
-        sparse_inference._conv_padding(module.padding, 2),  # pylint: disable=protected-access
-        rhs_dilation=sparse_inference._pairs(module.kernel_dilation, 2),  # pylint: disable=protected-access
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    y = _condensed_matmul(kernel, patches.reshape(-1, patches.shape[-1]),
-                          gather_max_rows)
+      x,
+      (kh, kw),
+      sparse_inference._pairs(module.strides, 2),  # pylint: disable=protected-access
+      sparse_inference._conv_padding(module.padding, 2),  # pylint: disable=protected-access
+      rhs_dilation=sparse_inference._pairs(module.kernel_dilation, 2),  # pylint: disable=protected-access
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    y = _condensed_matmul(kernel, patches.reshape(-1, patches.shape[-1]), gather_max_rows)
     y = y.reshape(*patches.shape[:-1], cout)
   y = y.astype(dtype)
   if module.use_bias:
@@ -396,20 +411,28 @@ def _layer(module, kernel: CondensedKernel, x: jax.Array, gather_max_rows: int):
 def _interceptor(gather_max_rows: int):
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if (context.method_name != "__call__"
-        or not isinstance(module, (nn.Dense, nn.Conv))
-        or not module.has_variable("params", "kernel")):
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, (nn.Dense, nn.Conv))
+      or not module.has_variable("params", "kernel")
+    ):
       return next_fun(*args, **kwargs)
     kernel = module.get_variable("params", "kernel")
     if not _is_condensed(kernel):
       return next_fun(*args, **kwargs)
-    return _layer(module, kernel, args[0] if args else kwargs["inputs"],
-                  gather_max_rows)
+    return _layer(module, kernel, args[0] if args else kwargs["inputs"], gather_max_rows)
+
   return intercept
 
 
-def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array, *,
-          gather_max_rows: int = 32, **kwargs) -> Any:
+def apply(
+  model: nn.Module,
+  variables: Mapping[str, PyTree],
+  x: jax.Array,
+  *,
+  gather_max_rows: int = 32,
+  **kwargs,
+) -> Any:
   """``model.apply(variables, x, **kwargs)`` with the condensed layers condensed.
 
   Jit-compatible (``variables`` is an ordinary pytree argument). Evaluation
@@ -432,9 +455,16 @@ def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array, *,
     return model.apply(variables, x, **kwargs)
 
 
-def condense(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree | None,
-             x: jax.Array, *, convs: bool = False, max_density: float = 0.5,
-             **kwargs) -> dict:
+def condense(
+  model: nn.Module,
+  variables: Mapping[str, PyTree],
+  mask: PyTree | None,
+  x: jax.Array,
+  *,
+  convs: bool = False,
+  max_density: float = 0.5,
+  **kwargs,
+) -> dict:
   """``variables`` with every constant fan-in Dense (and Conv) kernel condensed.
 
   A kernel is condensed when its mask has constant fan-in (ablated units
@@ -468,7 +498,7 @@ def condense(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree | N
     if path not in kinds:
       return leaf
     leaf = np.asarray(jax.device_get(leaf))
-    m = (np.asarray(flat_mask[path], bool) if path in flat_mask else leaf != 0)
+    m = np.asarray(flat_mask[path], bool) if path in flat_mask else leaf != 0
     if m.mean() > max_density:
       return leaf
     try:
@@ -483,18 +513,23 @@ def condense(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree | N
 def condensed_layers(variables: PyTree) -> dict[str, tuple[int, int, tuple[int, ...]]]:
   """``{path: (n_rows, k, dense shape)}`` of the :class:`CondensedKernel` leaves."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_condensed)
-  return {masks.path_str(p): (int(leaf.values.shape[0]), leaf.k, leaf.shape)
-          for p, leaf in leaves if _is_condensed(leaf)}
+  return {
+    masks.path_str(p): (int(leaf.values.shape[0]), leaf.k, leaf.shape)
+    for p, leaf in leaves
+    if _is_condensed(leaf)
+  }
 
 
 def uncondense(variables: PyTree) -> PyTree:
   """``variables`` with every :class:`CondensedKernel` back as its dense kernel."""
-  return jax.tree.map(lambda x: x.todense() if _is_condensed(x) else x, variables,
-                      is_leaf=_is_condensed)
+  return jax.tree.map(
+    lambda x: x.todense() if _is_condensed(x) else x, variables, is_leaf=_is_condensed
+  )
 
 
 def param_nbytes(tree: PyTree) -> int:
   """Bytes of every array of ``tree``; a :class:`CondensedKernel` counts its
   values, indices and units."""
-  return sum(int(np.prod(jnp.shape(x))) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(
+    int(np.prod(jnp.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+  )

@@ -57,6 +57,7 @@ def _leaf_name(path: str) -> str:
 
 def _path_network(mask: PyTree, state: PyTree, scale_names, dtype):
   """Params and state of the non-negative path network of ``mask``."""
+
   def param(path, m):
     m = m.astype(dtype)
     if m.ndim > 1:
@@ -72,8 +73,10 @@ def _path_network(mask: PyTree, state: PyTree, scale_names, dtype):
     fill = 1.0 if _leaf_name(path) == "var" else 0.0
     return jnp.full(s.shape, fill, dtype)
 
-  return (masks.map_with_path(param, mask),
-          None if state is None else masks.map_with_path(neutral, state))
+  return (
+    masks.map_with_path(param, mask),
+    None if state is None else masks.map_with_path(neutral, state),
+  )
 
 
 @functools.partial(jax.jit, static_argnames=("input_shape", "scale_names", "dtype"))
@@ -82,13 +85,17 @@ def _effective_mask(mask, apply_fn: ApplyFn, input_shape, scale_names, dtype):
   path_fn = apply_fn.replace(state=state)
   x = jnp.ones((1, *input_shape), dtype)
   g = jax.grad(lambda w_: jnp.sum(path_fn(w_, x, False)))(w)
-  return jax.tree.map(
-      lambda m, g_, w_: (m & (g_ * w_ != 0)) if m.ndim > 1 else m, mask, g, w)
+  return jax.tree.map(lambda m, g_, w_: (m & (g_ * w_ != 0)) if m.ndim > 1 else m, mask, g, w)
 
 
-def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
-                   scale_names: Sequence[str] = ("scale",),
-                   dtype=jnp.float64) -> PyTree:
+def effective_mask(
+  mask: PyTree,
+  apply_fn,
+  input_shape: Sequence[int],
+  *,
+  scale_names: Sequence[str] = ("scale",),
+  dtype=jnp.float64,
+) -> PyTree:
   """The mask of the weights that lie on some input-to-output path.
 
   Args:
@@ -106,12 +113,14 @@ def effective_mask(mask: PyTree, apply_fn, input_shape: Sequence[int], *,
     ``False``; leaves with ``ndim <= 1`` are returned unchanged.
   """
   with precision_scope(dtype):
-    return _effective_mask(mask, as_apply_fn(apply_fn), tuple(input_shape),
-                           tuple(scale_names), np.dtype(dtype))
+    return _effective_mask(
+      mask, as_apply_fn(apply_fn), tuple(input_shape), tuple(scale_names), np.dtype(dtype)
+    )
 
 
-def effective_sparsity(mask: PyTree, apply_fn, input_shape: Sequence[int],
-                       prunable=None, **kwargs) -> float:
+def effective_sparsity(
+  mask: PyTree, apply_fn, input_shape: Sequence[int], prunable=None, **kwargs
+) -> float:
   r"""Fraction of the prunable weights that are effectively pruned.
 
   Args:
@@ -133,27 +142,41 @@ class Report(dict):
   def __str__(self) -> str:
     layers = self["layers"]
     width = max([len(p) for p in layers] + [5])
-    rows = [f"{'layer':<{width}}  {'total':>10}  {'kept':>10}  {'eff. kept':>10}  "
-            f"{'density':>8}  {'eff. dens.':>10}"]
+    rows = [
+      f"{'layer':<{width}}  {'total':>10}  {'kept':>10}  {'eff. kept':>10}  "
+      f"{'density':>8}  {'eff. dens.':>10}"
+    ]
     for p, l in layers.items():
-      flag = ("  COLLAPSED" if l["kept"] == 0 else
-              "  EFFECTIVELY COLLAPSED" if l["effective_kept"] == 0 else "")
-      rows.append(f"{p:<{width}}  {l['total']:>10}  {l['kept']:>10}  "
-                  f"{l['effective_kept']:>10}  {l['density']:8.4f}  "
-                  f"{l['effective_density']:10.4f}{flag}")
-    rows.append(f"{'total':<{width}}  {self['total']:>10}  {self['kept']:>10}  "
-                f"{self['effective_kept']:>10}  {1 - self['sparsity']:8.4f}  "
-                f"{1 - self['effective_sparsity']:10.4f}")
-    rows.append(f"sparsity {self['sparsity']:.4f}, effective sparsity "
-                f"{self['effective_sparsity']:.4f}")
+      flag = (
+        "  COLLAPSED"
+        if l["kept"] == 0
+        else "  EFFECTIVELY COLLAPSED"
+        if l["effective_kept"] == 0
+        else ""
+      )
+      rows.append(
+        f"{p:<{width}}  {l['total']:>10}  {l['kept']:>10}  "
+        f"{l['effective_kept']:>10}  {l['density']:8.4f}  "
+        f"{l['effective_density']:10.4f}{flag}"
+      )
+    rows.append(
+      f"{'total':<{width}}  {self['total']:>10}  {self['kept']:>10}  "
+      f"{self['effective_kept']:>10}  {1 - self['sparsity']:8.4f}  "
+      f"{1 - self['effective_sparsity']:10.4f}"
+    )
+    rows.append(
+      f"sparsity {self['sparsity']:.4f}, effective sparsity {self['effective_sparsity']:.4f}"
+    )
     if self["collapsed"] or self["effectively_collapsed"]:
-      rows.append(f"layer collapse: {self['collapsed']}; effectively: "
-                  f"{self['effectively_collapsed']}")
+      rows.append(
+        f"layer collapse: {self['collapsed']}; effectively: {self['effectively_collapsed']}"
+      )
     return "\n".join(rows)
 
 
-def report(mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int],
-           prunable=None, **kwargs) -> Report:
+def report(
+  mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int], prunable=None, **kwargs
+) -> Report:
   r"""Nominal and effective sparsity of a mask, per layer, and layer collapse.
 
   Args:
@@ -171,14 +194,24 @@ def report(mask: PyTree, params: PyTree, apply_fn, input_shape: Sequence[int],
   """
   masks.check_mask(mask, params)
   nominal = masks.summary(mask, prunable)
-  effective = masks.summary(effective_mask(mask, apply_fn, input_shape, **kwargs),
-                            prunable)
+  effective = masks.summary(effective_mask(mask, apply_fn, input_shape, **kwargs), prunable)
   layers = {
-      n.path: {"total": n.total, "kept": n.kept, "effective_kept": e.kept,
-               "density": 1.0 - n.sparsity, "effective_density": 1.0 - e.sparsity}
-      for n, e in zip(nominal.layers, effective.layers)}
+    n.path: {
+      "total": n.total,
+      "kept": n.kept,
+      "effective_kept": e.kept,
+      "density": 1.0 - n.sparsity,
+      "effective_density": 1.0 - e.sparsity,
+    }
+    for n, e in zip(nominal.layers, effective.layers)
+  }
   return Report(
-      sparsity=nominal.sparsity, effective_sparsity=effective.sparsity,
-      kept=nominal.kept, effective_kept=effective.kept, total=nominal.total,
-      collapsed=list(nominal.collapsed),
-      effectively_collapsed=list(effective.collapsed), layers=layers)
+    sparsity=nominal.sparsity,
+    effective_sparsity=effective.sparsity,
+    kept=nominal.kept,
+    effective_kept=effective.kept,
+    total=nominal.total,
+    collapsed=list(nominal.collapsed),
+    effectively_collapsed=list(effective.collapsed),
+    layers=layers,
+  )

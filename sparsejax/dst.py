@@ -119,8 +119,9 @@ def cosine_drop_fraction(alpha: float = 0.3, end_step: int = 1) -> optax.Schedul
   return optax.cosine_decay_schedule(float(alpha), _checks.step(end_step, "end_step", 1))
 
 
-def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
-                   start_step: int, end_step: int) -> optax.Schedule:
+def cubic_sparsity(
+  initial_sparsity: float, final_sparsity: float, start_step: int, end_step: int
+) -> optax.Schedule:
   """Zhu & Gupta's ``s_t = s_f + (s_i − s_f)(1 − progress)³``.
 
   ``progress = (t − start_step) / (end_step − start_step)`` clipped to [0, 1],
@@ -134,24 +135,27 @@ def cubic_sparsity(initial_sparsity: float, final_sparsity: float,
   masks.check_sparsity(initial_sparsity, "initial_sparsity")
   masks.check_sparsity(final_sparsity, "final_sparsity")
   if float(initial_sparsity) > float(final_sparsity):
-    raise ValueError(f"initial_sparsity ({initial_sparsity}) must be <= "
-                     f"final_sparsity ({final_sparsity}): pruning only removes "
-                     "weights")
+    raise ValueError(
+      f"initial_sparsity ({initial_sparsity}) must be <= "
+      f"final_sparsity ({final_sparsity}): pruning only removes "
+      "weights"
+    )
   start_step = _checks.step(start_step, "start_step")
   if _checks.step(end_step, "end_step") <= start_step:
-    raise ValueError(f"end_step must be after start_step ({start_step}), got "
-                     f"end_step={end_step!r}: the pruning window would be empty")
+    raise ValueError(
+      f"end_step must be after start_step ({start_step}), got "
+      f"end_step={end_step!r}: the pruning window would be empty"
+    )
   span = int(end_step) - start_step
 
   def schedule(t):
-    progress = jnp.clip((jnp.asarray(t, jnp.float32) - start_step) / span, 0., 1.)
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1. - progress) ** 3
+    progress = jnp.clip((jnp.asarray(t, jnp.float32) - start_step) / span, 0.0, 1.0)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
 
   return schedule
 
 
-def is_update_step(t, *, update_every: int, start_step: int,
-                   end_step: int | None) -> jax.Array:
+def is_update_step(t, *, update_every: int, start_step: int, end_step: int | None) -> jax.Array:
   """Whether step ``t`` updates the mask: ``t ∈ {start, start + ΔT, ...}``, ``t < end``."""
   t = jnp.asarray(t, jnp.int32)
   on = (t >= start_step) & ((t - start_step) % update_every == 0)
@@ -160,8 +164,7 @@ def is_update_step(t, *, update_every: int, start_step: int,
   return on
 
 
-def _as_schedule(value: ScalarOrSchedule, name: str = "drop_fraction"
-                 ) -> optax.Schedule:
+def _as_schedule(value: ScalarOrSchedule, name: str = "drop_fraction") -> optax.Schedule:
   if callable(value):
     return value
   return optax.constant_schedule(_checks.fraction(value, name))
@@ -169,7 +172,7 @@ def _as_schedule(value: ScalarOrSchedule, name: str = "drop_fraction"
 
 #: Relative slack of :func:`drop_count`: a product ``f · n`` within this
 #: fraction below an integer counts as that integer.
-DROP_COUNT_SLACK = 2.0 ** -16
+DROP_COUNT_SLACK = 2.0**-16
 
 
 def drop_count(fraction, n_active) -> jax.Array:
@@ -197,8 +200,7 @@ def drop_count(fraction, n_active) -> jax.Array:
   n = jnp.asarray(n_active, jnp.int32)
   x = jnp.asarray(fraction, jnp.float32) * n.astype(jnp.float32)
   up = jnp.ceil(x)
-  k = jnp.where(up - x <= DROP_COUNT_SLACK * jnp.maximum(up, 1.0), up,
-                jnp.floor(x))
+  k = jnp.where(up - x <= DROP_COUNT_SLACK * jnp.maximum(up, 1.0), up, jnp.floor(x))
   return jnp.clip(k.astype(jnp.int32), 0, n)
 
 
@@ -207,8 +209,9 @@ def drop_count(fraction, n_active) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 
-def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
-                  fraction) -> tuple[jax.Array, jax.Array]:
+def drop_and_grow(
+  mask: jax.Array, weights: jax.Array, growth_scores: jax.Array, fraction
+) -> tuple[jax.Array, jax.Array]:
   """One layer's drop-and-grow; returns ``(new_mask, grown)``.
 
   Drops the ``k = ⌊fraction · n_active⌋`` (exact: :func:`drop_count`) active
@@ -237,10 +240,12 @@ def drop_and_grow(mask: jax.Array, weights: jax.Array, growth_scores: jax.Array,
   return new[0], grown[0]
 
 
-def drop_and_grow_layers(layer_masks: Sequence[jax.Array],
-                         weights: Sequence[jax.Array],
-                         growth_scores: Sequence[jax.Array], fraction
-                         ) -> tuple[list[jax.Array], list[jax.Array]]:
+def drop_and_grow_layers(
+  layer_masks: Sequence[jax.Array],
+  weights: Sequence[jax.Array],
+  growth_scores: Sequence[jax.Array],
+  fraction,
+) -> tuple[list[jax.Array], list[jax.Array]]:
   """:func:`drop_and_grow` on every layer at once; returns ``(new, grown)`` lists.
 
   Each layer gets exactly what :func:`drop_and_grow` gives it alone; the
@@ -260,21 +265,22 @@ def drop_and_grow_layers(layer_masks: Sequence[jax.Array],
   n_active = jnp.stack([jnp.sum(x, dtype=jnp.int32) for x in layer_masks])
   k = drop_count(fraction, n_active)
   magnitude = jnp.abs(flat([jnp.asarray(w, jnp.float32) for w in weights]))
-  kept = masks.keep_top_in_segments(jnp.where(m, magnitude, -jnp.inf),
-                                    n_active - k, sizes=tuple(sizes))
+  kept = masks.keep_top_in_segments(
+    jnp.where(m, magnitude, -jnp.inf), n_active - k, sizes=tuple(sizes)
+  )
   grow = flat([jnp.asarray(g, jnp.float32) for g in growth_scores])
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
-  new = kept | masks.keep_top_in_segments(jnp.where(kept, -jnp.inf, grow), k,
-                                          sizes=tuple(sizes))
+  new = kept | masks.keep_top_in_segments(jnp.where(kept, -jnp.inf, grow), k, sizes=tuple(sizes))
   offsets = np.cumsum([0] + sizes)
-  split = lambda x: [x[a:b].reshape(shape)
-                     for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)]
+  split = lambda x: [
+    x[a:b].reshape(shape) for a, b, shape in zip(offsets[:-1], offsets[1:], shapes)
+  ]
   return split(new), split(new & ~m)
 
 
-def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
-                     growth_scores: jax.Array, fraction, m: int
-                     ) -> tuple[jax.Array, jax.Array]:
+def drop_and_grow_nm(
+  mask: jax.Array, weights: jax.Array, growth_scores: jax.Array, fraction, m: int
+) -> tuple[jax.Array, jax.Array]:
   """:func:`drop_and_grow` that keeps the count of every N:M group.
 
   The drop is that of :func:`drop_and_grow` (the ``k = ⌊fraction · n_active⌋``
@@ -305,8 +311,9 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
   n_active = jnp.sum(mask, dtype=jnp.int32)
   k = drop_count(fraction, n_active)
   magnitude = jnp.abs(jnp.ravel(weights)).astype(jnp.float32)
-  kept = masks.keep_top(jnp.where(jnp.ravel(mask), magnitude, -jnp.inf),
-                        n_active - k).reshape(shape)
+  kept = masks.keep_top(jnp.where(jnp.ravel(mask), magnitude, -jnp.inf), n_active - k).reshape(
+    shape
+  )
   lost = nm_lib.group_counts(mask, m) - nm_lib.group_counts(kept, m)
   grow = growth_scores.astype(jnp.float32)
   grow = jnp.where(jnp.isnan(grow), -jnp.finfo(jnp.float32).max, grow)
@@ -321,6 +328,7 @@ def drop_and_grow_nm(mask: jax.Array, weights: jax.Array,
 # ----------------------------------------------------------------------------
 # The transformation
 # ----------------------------------------------------------------------------
+
 
 class MaskStep(NamedTuple):
   """What a mask update returns when some kept weights must restart.
@@ -351,12 +359,18 @@ ExtraUpdates = Sequence[tuple[StepPredicate, MaskUpdate]]
 :func:`dynamic_sparse`)."""
 
 
-def dynamic_sparse(inner: optax.GradientTransformation, mask: optim.MaskOrFn,
-                   mask_update: MaskUpdate, *, update_every: int = 100,
-                   start_step: int | None = None, end_step: int | None = None,
-                   skip_update: bool = True, seed: int = 0,
-                   extra_updates: ExtraUpdates = ()
-                   ) -> optax.GradientTransformationExtraArgs:
+def dynamic_sparse(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  mask_update: MaskUpdate,
+  *,
+  update_every: int = 100,
+  start_step: int | None = None,
+  end_step: int | None = None,
+  skip_update: bool = True,
+  seed: int = 0,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """The generic DST wrapper: ``inner`` with a mask updated every ``ΔT`` steps.
 
   Every ``update(grads, state, params)`` call:
@@ -410,27 +424,29 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: optim.MaskOrFn,
     An ``optax.GradientTransformationExtraArgs`` with state :class:`DSTState`.
   """
   update_every = _checks.step(update_every, "update_every", 1)
-  start = (update_every if start_step is None
-           else _checks.step(start_step, "start_step"))
+  start = update_every if start_step is None else _checks.step(start_step, "start_step")
   if end_step is not None and _checks.step(end_step, "end_step") <= start:
-    raise ValueError(f"end_step must be after start_step ({start}): no mask "
-                     f"update would run; got end_step={end_step!r}")
+    raise ValueError(
+      f"end_step must be after start_step ({start}): no mask "
+      f"update would run; got end_step={end_step!r}"
+    )
   masked = optim.sparse(inner, mask)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    return DSTState(masked=masked.init(params), count=jnp.zeros((), jnp.int32),
-                    key=jax.random.key_data(jax.random.key(seed)),
-                    mask_updates=jnp.zeros((), jnp.int32))
+    return DSTState(
+      masked=masked.init(params),
+      count=jnp.zeros((), jnp.int32),
+      key=jax.random.key_data(jax.random.key(seed)),
+      mask_updates=jnp.zeros((), jnp.int32),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
-      raise ValueError("dynamic sparse training needs params: call "
-                       "tx.update(grads, state, params)")
+      raise ValueError("dynamic sparse training needs params: call tx.update(grads, state, params)")
     old = state.masked.mask
     t = state.count
-    on = is_update_step(t, update_every=update_every, start_step=start,
-                        end_step=end_step)
+    on = is_update_step(t, update_every=update_every, start_step=start, end_step=end_step)
     # Which rule: 0 the periodic one, i + 1 the first extra update that holds.
     which = jnp.zeros((), jnp.int32)
     for i in reversed(range(len(extra_updates))):
@@ -447,31 +463,36 @@ def dynamic_sparse(inner: optax.GradientTransformation, mask: optim.MaskOrFn,
         if not isinstance(out, MaskStep):
           out = MaskStep(out, jax.tree.map(lambda n, o: n & o, out, old))
         return jax.tree.map(jnp.asarray, out)
+
       return run
 
     branches = [branch(rule) for rule in rules]
-    changed = (branches[0] if len(branches) == 1
-               else lambda: jax.lax.switch(which, branches))
+    changed = branches[0] if len(branches) == 1 else lambda: jax.lax.switch(which, branches)
     new, survivors = jax.lax.cond(on, changed, lambda: MaskStep(old, old))
     grads = masks.apply(updates, old)
-    inner_updates, inner_state = inner.update(grads, state.masked.inner_state,
-                                              params, **extra_args)
+    inner_updates, inner_state = inner.update(grads, state.masked.inner_state, params, **extra_args)
     skip = on if skip_update else jnp.zeros((), bool)
     # A skipped mask-update step leaves the inner state (moments, counters,
     # schedules) as it was; only new connections' moments are reset below.
-    inner_state = jax.lax.cond(skip, lambda: state.masked.inner_state,
-                               lambda: inner_state)
+    inner_state = jax.lax.cond(skip, lambda: state.masked.inner_state, lambda: inner_state)
     # Survivors: the inner update (0 on a skipped step); everything else,
     # dropped and new connections included, lands on exactly 0.
     out = jax.tree.map(
-        lambda u, p, s: jnp.where(s, jnp.where(skip, 0, u), -p.astype(u.dtype)),
-        inner_updates, params, survivors)
+      lambda u, p, s: jnp.where(s, jnp.where(skip, 0, u), -p.astype(u.dtype)),
+      inner_updates,
+      params,
+      survivors,
+    )
     fresh = jax.tree.map(lambda n, s: n & ~s, new, survivors)
-    masked_state = optim.reset_moments(
-        optim.MaskedState(old, inner_state), fresh)._replace(mask=new)
-    return out, DSTState(masked=masked_state, count=t + 1,
-                         key=jax.random.key_data(key),
-                         mask_updates=state.mask_updates + on.astype(jnp.int32))
+    masked_state = optim.reset_moments(optim.MaskedState(old, inner_state), fresh)._replace(
+      mask=new
+    )
+    return out, DSTState(
+      masked=masked_state,
+      count=t + 1,
+      key=jax.random.key_data(key),
+      mask_updates=state.mask_updates + on.astype(jnp.int32),
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -485,8 +506,7 @@ def _per_prunable_layer(fn, mask, params, *trees, prunable=None):
   """
   flags = jax.tree.leaves(masks.prunable_tree(params, prunable))
   out, treedef = jax.tree.flatten(mask)
-  args = list(zip(out, jax.tree.leaves(params),
-                  *(jax.tree.leaves(t) for t in trees)))
+  args = list(zip(out, jax.tree.leaves(params), *(jax.tree.leaves(t) for t in trees)))
   groups: dict[tuple, list[int]] = {}
   for i, (flag, leaves) in enumerate(zip(flags, args)):
     if flag:
@@ -508,8 +528,7 @@ def _nm_group_size(nm: budgets.NM | None) -> int | None:
     return None
   budgets.check(nm, "nm")
   if not isinstance(nm, budgets.NM):
-    raise ValueError(f"nm must be None or an NM(n, m) budget such as "
-                     f"budgets.NM(2, 4), got {nm!r}")
+    raise ValueError(f"nm must be None or an NM(n, m) budget such as budgets.NM(2, 4), got {nm!r}")
   return nm.m
 
 
@@ -524,10 +543,10 @@ def _check_nm_start(mask: PyTree, nm: budgets.NM | None, prunable) -> None:
     return
   flags = masks.prunable_tree(mask, prunable)
   divisible = jax.tree.map(
-      lambda f, x: bool(f) and x.ndim >= 2 and x.shape[-2] % m == 0, flags, mask)
+    lambda f, x: bool(f) and x.ndim >= 2 and x.shape[-2] % m == 0, flags, mask
+  )
   if not any(jax.tree.leaves(divisible)):
-    raise ValueError(f"nm={nm!r}: no prunable layer has an input dimension "
-                     f"divisible by {m}")
+    raise ValueError(f"nm={nm!r}: no prunable layer has an input dimension divisible by {m}")
   nm_lib.check_nm(mask, nm, prunable=divisible)
 
 
@@ -546,8 +565,9 @@ def _nm_start(mask, nm: str | None, prunable):
   return checked
 
 
-def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
-                       prunable=None, nm: budgets.NM | None = None) -> MaskUpdate:
+def drop_and_grow_rule(
+  fraction: ScalarOrSchedule, growth: str = "gradient", prunable=None, nm: budgets.NM | None = None
+) -> MaskUpdate:
   """The :data:`MaskUpdate` of SET and RigL: :func:`drop_and_grow` per prunable layer.
 
   Every prunable layer drops ``⌊f(t) · n_active⌋`` active weights by
@@ -574,22 +594,31 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
     keys = iter(jax.random.split(key, max(len(jax.tree.leaves(params)), 1)))
     # The i-th prunable layer draws its random scores from the i-th key.
     scores = jax.tree.map(
-        lambda flag, p, g: ((jax.random.uniform(next(keys), p.shape)
-                             if growth == "random" else jnp.abs(g))
-                            if flag else g),
-        flags, params, grads)
+      lambda flag, p, g: (
+        (jax.random.uniform(next(keys), p.shape) if growth == "random" else jnp.abs(g))
+        if flag
+        else g
+      ),
+      flags,
+      params,
+      grads,
+    )
 
     def nm_layer(m, p, s):
       return drop_and_grow_nm(m, p, s, f, group)[0]
 
     in_groups = jax.tree.map(
-        lambda flag, p: bool(flag) and group is not None and p.ndim >= 2
-        and p.shape[-2] % group == 0, flags, params)
+      lambda flag, p: bool(flag) and group is not None and p.ndim >= 2 and p.shape[-2] % group == 0,
+      flags,
+      params,
+    )
     out = _per_prunable_layer(nm_layer, mask, params, scores, prunable=in_groups)
     # Every other prunable layer: one drop and one growth selection for all.
-    rest = [i for i, (f_, g_) in enumerate(zip(jax.tree.leaves(flags),
-                                               jax.tree.leaves(in_groups)))
-            if f_ and not g_]
+    rest = [
+      i
+      for i, (f_, g_) in enumerate(zip(jax.tree.leaves(flags), jax.tree.leaves(in_groups)))
+      if f_ and not g_
+    ]
     if rest:
       leaves, treedef = jax.tree.flatten(out)
       pick = lambda tree: [jax.tree.leaves(tree)[i] for i in rest]
@@ -602,12 +631,20 @@ def drop_and_grow_rule(fraction: ScalarOrSchedule, growth: str = "gradient",
   return rule
 
 
-def set_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
-                  drop_fraction: ScalarOrSchedule = 0.3, update_every: int = 100,
-                  start_step: int | None = None, end_step: int | None = None,
-                  skip_update: bool = True, prunable=None, seed: int = 0,
-                  nm: budgets.NM | None = None, extra_updates: ExtraUpdates = ()
-                  ) -> optax.GradientTransformationExtraArgs:
+def set_optimizer(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  *,
+  drop_fraction: ScalarOrSchedule = 0.3,
+  update_every: int = 100,
+  start_step: int | None = None,
+  end_step: int | None = None,
+  skip_update: bool = True,
+  prunable=None,
+  seed: int = 0,
+  nm: budgets.NM | None = None,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """SET (Mocanu et al. 2018): drop by magnitude, grow uniformly at random.
 
   Args:
@@ -629,19 +666,34 @@ def set_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
   """
   mask = _nm_start(mask, nm, prunable)
   rule = drop_and_grow_rule(drop_fraction, "random", prunable, nm)
-  return dynamic_sparse(inner, mask, rule, update_every=update_every,
-                        start_step=start_step, end_step=end_step,
-                        skip_update=skip_update, seed=seed,
-                        extra_updates=extra_updates)
+  return dynamic_sparse(
+    inner,
+    mask,
+    rule,
+    update_every=update_every,
+    start_step=start_step,
+    end_step=end_step,
+    skip_update=skip_update,
+    seed=seed,
+    extra_updates=extra_updates,
+  )
 
 
-def rigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
-                   end_step: int, alpha: float = 0.3,
-                   drop_fraction: ScalarOrSchedule | None = None,
-                   update_every: int = 100, start_step: int | None = None,
-                   skip_update: bool = True, prunable=None, seed: int = 0,
-                   nm: budgets.NM | None = None, extra_updates: ExtraUpdates = ()
-                   ) -> optax.GradientTransformationExtraArgs:
+def rigl_optimizer(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  *,
+  end_step: int,
+  alpha: float = 0.3,
+  drop_fraction: ScalarOrSchedule | None = None,
+  update_every: int = 100,
+  start_step: int | None = None,
+  skip_update: bool = True,
+  prunable=None,
+  seed: int = 0,
+  nm: budgets.NM | None = None,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """RigL (Evci et al. 2020): drop by magnitude, grow by dense gradient magnitude.
 
   Defaults are SPEC §4's: ``ΔT = 100``, ``f(t) = (α/2)(1 + cos(π t / T_end))``
@@ -681,13 +733,23 @@ def rigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
   mask = _nm_start(mask, nm, prunable)
   _checks.fraction(alpha, "alpha")
   end_step = _checks.step(end_step, "end_step", 1)
-  fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
-              else _as_schedule(drop_fraction, "drop_fraction"))
+  fraction = (
+    cosine_drop_fraction(alpha, end_step)
+    if drop_fraction is None
+    else _as_schedule(drop_fraction, "drop_fraction")
+  )
   rule = drop_and_grow_rule(fraction, "gradient", prunable, nm)
-  return dynamic_sparse(inner, mask, rule, update_every=update_every,
-                        start_step=start_step, end_step=end_step,
-                        skip_update=skip_update, seed=seed,
-                        extra_updates=extra_updates)
+  return dynamic_sparse(
+    inner,
+    mask,
+    rule,
+    update_every=update_every,
+    start_step=start_step,
+    end_step=end_step,
+    skip_update=skip_update,
+    seed=seed,
+    extra_updates=extra_updates,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -718,9 +780,16 @@ def _units(x: jax.Array) -> jax.Array:
   return _select.units_by_fan_in(x)
 
 
-def srigl_layer(mask: jax.Array, weights: jax.Array, grads: jax.Array, fraction,
-                budget, *, ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
-                ablate=True) -> jax.Array:
+def srigl_layer(
+  mask: jax.Array,
+  weights: jax.Array,
+  grads: jax.Array,
+  fraction,
+  budget,
+  *,
+  ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
+  ablate=True,
+) -> jax.Array:
   """One layer's SRigL update (constant fan-in drop, ablation, per-unit growth).
 
   Pure and ``jit``-/``vmap``-compatible; see :func:`srigl_optimizer` for the
@@ -753,21 +822,20 @@ def srigl_layer(mask: jax.Array, weights: jax.Array, grads: jax.Array, fraction,
   flat_m = jnp.ravel(m)
   if ablation_threshold > 0:
     # Salient: kept by RigL's layer-wise drop or among its n_drop largest |g|.
-    salient = (masks.keep_top(jnp.where(flat_m, jnp.ravel(magnitude), -jnp.inf),
-                              n_keep) & flat_m) | masks.keep_top(
-                                  jnp.ravel(grow), n_drop)
+    salient = (
+      masks.keep_top(jnp.where(flat_m, jnp.ravel(magnitude), -jnp.inf), n_keep) & flat_m
+    ) | masks.keep_top(jnp.ravel(grow), n_drop)
     counts = jnp.sum(_units(salient.reshape(shape)), axis=1, dtype=jnp.int32)
     k0 = budget // n_units
     threshold = jnp.maximum(
-        1, jnp.floor(jnp.float32(ablation_threshold) * k0.astype(jnp.float32)
-                     ).astype(jnp.int32))
+      1, jnp.floor(jnp.float32(ablation_threshold) * k0.astype(jnp.float32)).astype(jnp.int32)
+    )
     # Never so many that the budget would need more than F inputs per unit:
     # the (B // F + 1)-th most salient unit always stays.
     min_units = budget // fan_in
     ranked = -jnp.sort(-counts)
     floor_count = ranked[jnp.clip(min_units, 0, n_units - 1)]
-    threshold = jnp.where(min_units < n_units,
-                          jnp.minimum(threshold, floor_count), 0)
+    threshold = jnp.where(min_units < n_units, jnp.minimum(threshold, floor_count), 0)
     ablated = (counts < threshold) & jnp.asarray(ablate, bool)
   else:
     ablated = jnp.zeros((n_units,), bool)
@@ -778,19 +846,27 @@ def srigl_layer(mask: jax.Array, weights: jax.Array, grads: jax.Array, fraction,
   # units, then at most k' per unit (its largest |θ|).
   candidates = m & live
   n_keep = jnp.minimum(n_keep, jnp.sum(candidates, dtype=jnp.int32))
-  kept = masks.keep_top(jnp.where(jnp.ravel(candidates), jnp.ravel(magnitude),
-                                  -jnp.inf), n_keep).reshape(shape) & candidates
+  kept = (
+    masks.keep_top(
+      jnp.where(jnp.ravel(candidates), jnp.ravel(magnitude), -jnp.inf), n_keep
+    ).reshape(shape)
+    & candidates
+  )
   kept = condensed.constant_fan_in_mask(magnitude, k_new, within=kept)
   # Grow: every live unit regrows k' - kept_o inputs, largest |g| first.
-  regrow = jnp.where(ablated, 0, k_new - jnp.sum(_units(kept), axis=1,
-                                                  dtype=jnp.int32))
+  regrow = jnp.where(ablated, 0, k_new - jnp.sum(_units(kept), axis=1, dtype=jnp.int32))
   grown = condensed.constant_fan_in_mask(grow, regrow, within=~kept)
   return kept | grown
 
 
-def srigl_rule(fraction: ScalarOrSchedule, budget: PyTree, *,
-               ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
-               prunable=None, ablatable=None) -> MaskUpdate:
+def srigl_rule(
+  fraction: ScalarOrSchedule,
+  budget: PyTree,
+  *,
+  ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
+  prunable=None,
+  ablatable=None,
+) -> MaskUpdate:
   """The :data:`MaskUpdate` of SRigL: :func:`srigl_layer` per prunable layer.
 
   ``budget`` is the :attr:`SRigLState.budget` pytree; ``ablatable`` says
@@ -807,23 +883,29 @@ def srigl_rule(fraction: ScalarOrSchedule, budget: PyTree, *,
     may = jax.tree.map(lambda a, b: jnp.asarray(bool(a) and bool(b)), flags, may)
 
     def layer(m, p, g, b, a):
-      return srigl_layer(m, p, g, f, b, ablation_threshold=ablation_threshold,
-                         ablate=a)
+      return srigl_layer(m, p, g, f, b, ablation_threshold=ablation_threshold, ablate=a)
 
-    return _per_prunable_layer(layer, mask, params, grads, budget, may,
-                               prunable=prunable)
+    return _per_prunable_layer(layer, mask, params, grads, budget, may, prunable=prunable)
 
   return rule
 
 
-def srigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
-                    end_step: int, alpha: float = 0.3,
-                    drop_fraction: ScalarOrSchedule | None = None,
-                    update_every: int = 100, start_step: int | None = None,
-                    ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
-                    ablatable=None, skip_update: bool = True, prunable=None,
-                    seed: int = 0, extra_updates: ExtraUpdates = ()
-                    ) -> optax.GradientTransformationExtraArgs:
+def srigl_optimizer(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  *,
+  end_step: int,
+  alpha: float = 0.3,
+  drop_fraction: ScalarOrSchedule | None = None,
+  update_every: int = 100,
+  start_step: int | None = None,
+  ablation_threshold: float = SRIGL_ABLATION_THRESHOLD,
+  ablatable=None,
+  skip_update: bool = True,
+  prunable=None,
+  seed: int = 0,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """SRigL (Lasby et al., ICLR 2024): RigL under constant fan-in, with neuron ablation.
 
   Every output unit ``o`` of a prunable layer (a column of a dense kernel, an
@@ -910,33 +992,48 @@ def srigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *
   """
   _checks.fraction(alpha, "alpha")
   end_step = _checks.step(end_step, "end_step", 1)
-  gamma = _checks.number(ablation_threshold, "ablation_threshold", 0.0, 1.0,
-                         why="γ_sal, a fraction of each unit's constant fan-in")
-  fraction = (cosine_drop_fraction(alpha, end_step) if drop_fraction is None
-              else _as_schedule(drop_fraction, "drop_fraction"))
+  gamma = _checks.number(
+    ablation_threshold,
+    "ablation_threshold",
+    0.0,
+    1.0,
+    why="γ_sal, a fraction of each unit's constant fan-in",
+  )
+  fraction = (
+    cosine_drop_fraction(alpha, end_step)
+    if drop_fraction is None
+    else _as_schedule(drop_fraction, "drop_fraction")
+  )
   mask = _cfi_start(mask, prunable)
-  options = dict(update_every=update_every, start_step=start_step,
-                 end_step=end_step, skip_update=skip_update, seed=seed,
-                 extra_updates=extra_updates)
+  options = dict(
+    update_every=update_every,
+    start_step=start_step,
+    end_step=end_step,
+    skip_update=skip_update,
+    seed=seed,
+    extra_updates=extra_updates,
+  )
   # Checks the schedule once, here.
   dynamic_sparse(inner, mask, lambda m, *_: m, **options)
 
   def transformation(budget):
-    rule = srigl_rule(fraction, budget, ablation_threshold=gamma,
-                      prunable=prunable, ablatable=ablatable)
+    rule = srigl_rule(
+      fraction, budget, ablation_threshold=gamma, prunable=prunable, ablatable=ablatable
+    )
     return dynamic_sparse(inner, mask, rule, **options)
 
   def init_fn(params):
     state = transformation(None).init(params)
     flags = masks.prunable_tree(params, prunable)
     budget = jax.tree.map(
-        lambda f, m: jnp.sum(m, dtype=jnp.int32) if f else jnp.zeros((), jnp.int32),
-        flags, state.masked.mask)
+      lambda f, m: jnp.sum(m, dtype=jnp.int32) if f else jnp.zeros((), jnp.int32),
+      flags,
+      state.masked.mask,
+    )
     return SRigLState(state, budget)
 
   def update_fn(updates, state, params=None, **extra_args):
-    out, dst_state = transformation(state.budget).update(
-        updates, state.dst, params, **extra_args)
+    out, dst_state = transformation(state.budget).update(updates, state.dst, params, **extra_args)
     return out, SRigLState(dst_state, state.budget)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -944,6 +1041,7 @@ def srigl_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *
 
 def _cfi_start(mask, prunable):
   """``mask`` checked constant fan-in (no ablated unit) when concrete."""
+
   def check(m):
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(m)):
       return m
@@ -951,9 +1049,10 @@ def _cfi_start(mask, prunable):
       condensed.check_constant_fan_in(m, prunable, allow_ablated=False)
     except ValueError as e:
       raise ValueError(
-          f"srigl_optimizer needs a constant fan-in starting mask, e.g. "
-          f"masks.random_mask(key, params, s, budget=budgets.ConstantFanIn("
-          f"budgets.ERK())): {e}") from None
+        f"srigl_optimizer needs a constant fan-in starting mask, e.g. "
+        f"masks.random_mask(key, params, s, budget=budgets.ConstantFanIn("
+        f"budgets.ERK())): {e}"
+      ) from None
     return m
 
   if not callable(mask):
@@ -1002,8 +1101,7 @@ class AblatedUnits:
 
   def epoch_end(self, step, carry, ctx):
     del step
-    ctx.record["ablated_units"] = ablated_fraction(
-        jax.device_get(carry.state.mask), self.prunable)
+    ctx.record["ablated_units"] = ablated_fraction(jax.device_get(carry.state.mask), self.prunable)
     return None
 
   def callback(self) -> hooks.Callback:
@@ -1015,18 +1113,29 @@ def _magnitude_prune(sparsity: optax.Schedule, prunable):
   def rule(mask, params, grads, key, t):
     del grads, key
     magnitude = jax.tree.map(lambda p: jnp.abs(p).astype(jnp.float32), params)
-    return masks.topk_mask(magnitude, sparsity(t), budget=budgets.Global(),
-                           prunable=prunable, within=mask)
+    return masks.topk_mask(
+      magnitude, sparsity(t), budget=budgets.Global(), prunable=prunable, within=mask
+    )
+
   return rule
 
 
-def gmp_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
-                  final_sparsity: float, start_step: int, end_step: int,
-                  initial_sparsity: float = 0.0, update_every: int = 100,
-                  regrow_fraction: ScalarOrSchedule | None = None,
-                  regrow_end_step: int | None = None, skip_update: bool = True,
-                  prunable=None, seed: int = 0, extra_updates: ExtraUpdates = ()
-                  ) -> optax.GradientTransformationExtraArgs:
+def gmp_optimizer(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  *,
+  final_sparsity: float,
+  start_step: int,
+  end_step: int,
+  initial_sparsity: float = 0.0,
+  update_every: int = 100,
+  regrow_fraction: ScalarOrSchedule | None = None,
+  regrow_end_step: int | None = None,
+  skip_update: bool = True,
+  prunable=None,
+  seed: int = 0,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """Gradual magnitude pruning (Zhu & Gupta 2017), optionally with regrowth.
 
   At every update step ``t`` in ``[start_step, end_step]`` (every
@@ -1063,35 +1172,52 @@ def gmp_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
   """
   sparsity = cubic_sparsity(initial_sparsity, final_sparsity, start_step, end_step)
   prune = _magnitude_prune(sparsity, prunable)
-  last = (int(end_step) + 1 if regrow_end_step is None
-          else _checks.step(regrow_end_step, "regrow_end_step", 1))
+  last = (
+    int(end_step) + 1
+    if regrow_end_step is None
+    else _checks.step(regrow_end_step, "regrow_end_step", 1)
+  )
   if regrow_fraction is None:
     rule = prune
   else:
     regrow = drop_and_grow_rule(regrow_fraction, "gradient", prunable)
 
     def rule(mask, params, grads, key, t):
-      pruned = jax.lax.cond(t <= end_step,
-                            lambda: prune(mask, params, grads, key, t),
-                            lambda: mask)
+      pruned = jax.lax.cond(t <= end_step, lambda: prune(mask, params, grads, key, t), lambda: mask)
       # Pruned weights are 0, with reset moments, before regrowth sees them:
       # one pruned and regrown in this step restarts at 0 (SPEC §4).
       new = regrow(pruned, masks.apply(params, pruned), grads, key, t)
       return MaskStep(new, jax.tree.map(lambda n, p: n & p, new, pruned))
 
-  return dynamic_sparse(inner, mask, rule, update_every=update_every,
-                        start_step=start_step, end_step=last,
-                        skip_update=skip_update, seed=seed,
-                        extra_updates=extra_updates)
+  return dynamic_sparse(
+    inner,
+    mask,
+    rule,
+    update_every=update_every,
+    start_step=start_step,
+    end_step=last,
+    skip_update=skip_update,
+    seed=seed,
+    extra_updates=extra_updates,
+  )
 
 
-def granet_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, *,
-                     final_sparsity: float, start_step: int, end_step: int,
-                     regrow_end_step: int, initial_sparsity: float = 0.0,
-                     alpha: float = 0.5, update_every: int = 1000,
-                     skip_update: bool = True, prunable=None, seed: int = 0,
-                     extra_updates: ExtraUpdates = ()
-                     ) -> optax.GradientTransformationExtraArgs:
+def granet_optimizer(
+  inner: optax.GradientTransformation,
+  mask: optim.MaskOrFn,
+  *,
+  final_sparsity: float,
+  start_step: int,
+  end_step: int,
+  regrow_end_step: int,
+  initial_sparsity: float = 0.0,
+  alpha: float = 0.5,
+  update_every: int = 1000,
+  skip_update: bool = True,
+  prunable=None,
+  seed: int = 0,
+  extra_updates: ExtraUpdates = (),
+) -> optax.GradientTransformationExtraArgs:
   """GraNet (Liu et al. 2021): gradual magnitude pruning plus gradient regrowth.
 
   SPEC §4's CIFAR reference: ERK start at ``initial_sparsity = 0.5`` (or
@@ -1100,18 +1226,28 @@ def granet_optimizer(inner: optax.GradientTransformation, mask: optim.MaskOrFn, 
   at ``regrow_end_step``, gradient growth, per-layer counts kept during
   regrowth. See :func:`gmp_optimizer` for the arguments.
   """
-  return gmp_optimizer(inner, mask, final_sparsity=final_sparsity, start_step=start_step,
-             end_step=end_step, initial_sparsity=initial_sparsity,
-             update_every=update_every,
-             regrow_fraction=cosine_drop_fraction(alpha, regrow_end_step),
-             regrow_end_step=regrow_end_step, skip_update=skip_update,
-             prunable=prunable, seed=seed, extra_updates=extra_updates)
+  return gmp_optimizer(
+    inner,
+    mask,
+    final_sparsity=final_sparsity,
+    start_step=start_step,
+    end_step=end_step,
+    initial_sparsity=initial_sparsity,
+    update_every=update_every,
+    regrow_fraction=cosine_drop_fraction(alpha, regrow_end_step),
+    regrow_end_step=regrow_end_step,
+    skip_update=skip_update,
+    prunable=prunable,
+    seed=seed,
+    extra_updates=extra_updates,
+  )
 
 
 def mask_churn(old: PyTree, new: PyTree) -> jax.Array:
   """Fraction of mask entries that differ between ``old`` and ``new`` (float32)."""
-  changed = sum(jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(
-      jax.tree.leaves(old), jax.tree.leaves(new)))
+  changed = sum(
+    jnp.sum(a != b, dtype=jnp.int32) for a, b in zip(jax.tree.leaves(old), jax.tree.leaves(new))
+  )
   total = sum(math.prod(jnp.shape(a)) for a in jax.tree.leaves(old))
   return jnp.asarray(changed, jnp.float32) / max(total, 1)
 
@@ -1145,8 +1281,9 @@ class MaskChurn:
   def init(self, state):
     mask = state.mask
     if mask is None:
-      raise ValueError("MaskChurn needs a sparse train state (an optimiser "
-                       "state that holds a mask)")
+      raise ValueError(
+        "MaskChurn needs a sparse train state (an optimiser state that holds a mask)"
+      )
     return {"epoch": mask, "step": mask}
 
   def update(self, hook_state, state, info):
@@ -1154,22 +1291,25 @@ class MaskChurn:
       return hook_state, state, {}
     mask = state.mask
     due = (info.step + 1) % self.log_every_steps == 0
-    churn = jax.lax.cond(due, lambda: mask_churn(hook_state["step"], mask),
-                         lambda: jnp.zeros((), jnp.float32))
+    churn = jax.lax.cond(
+      due, lambda: mask_churn(hook_state["step"], mask), lambda: jnp.zeros((), jnp.float32)
+    )
     ref = jax.tree.map(lambda a, b: jnp.where(due, b, a), hook_state["step"], mask)
     return dict(hook_state, step=ref), state, {"mask_churn": churn}
 
   def hook(self) -> hooks.StepHook:
     """The :class:`sparsejax.hooks.StepHook` (state: the reference masks)."""
-    return hooks.StepHook(self.init, self.update, name=self.name,
-                          logs_at=hooks.every(self.log_every_steps))
+    return hooks.StepHook(
+      self.init, self.update, name=self.name, logs_at=hooks.every(self.log_every_steps)
+    )
 
   def epoch_end(self, step, carry, ctx):
     del step
     hook_state, mask = carry.hook_states[self.name], carry.state.mask
     ctx.record["mask_churn"] = float(mask_churn(hook_state["epoch"], mask))
-    return carry.replace(hook_states=dict(
-        carry.hook_states, **{self.name: dict(hook_state, epoch=mask)}))
+    return carry.replace(
+      hook_states=dict(carry.hook_states, **{self.name: dict(hook_state, epoch=mask)})
+    )
 
   def callback(self) -> hooks.Callback:
     """The epoch-end :class:`sparsejax.hooks.Callback` (``mask_churn`` field)."""

@@ -88,8 +88,7 @@ def active_fans(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
   if m.ndim < 2:
     raise ValueError(f"a kernel mask has ndim >= 2, got shape {m.shape}")
   fan_in = jnp.sum(m, axis=tuple(range(m.ndim - 1)), keepdims=True)
-  fan_out = jnp.sum(m, axis=tuple(a for a in range(m.ndim) if a != m.ndim - 2),
-                    keepdims=True)
+  fan_out = jnp.sum(m, axis=tuple(a for a in range(m.ndim) if a != m.ndim - 2), keepdims=True)
   return fan_in, fan_out
 
 
@@ -98,10 +97,15 @@ def _check_choice(value: str, valid: tuple[str, ...], name: str) -> None:
     raise ValueError(f"{name} must be one of {valid}, got {value!r}")
 
 
-def sparse_kernel_init(key: chex.PRNGKey, mask: jax.Array, *,
-                       scale: float = activations.HE_GAIN,
-                       mode: str = "fan_in", distribution: str = "normal",
-                       dtype=jnp.float32) -> jax.Array:
+def sparse_kernel_init(
+  key: chex.PRNGKey,
+  mask: jax.Array,
+  *,
+  scale: float = activations.HE_GAIN,
+  mode: str = "fan_in",
+  distribution: str = "normal",
+  dtype=jnp.float32,
+) -> jax.Array:
   """One kernel drawn with the sparse-aware variance; inactive entries 0.
 
   Entry ``w[..., i, o]`` has variance ``scale / max(1, n)`` with ``n`` the
@@ -126,24 +130,32 @@ def sparse_kernel_init(key: chex.PRNGKey, mask: jax.Array, *,
   _check_choice(distribution, DISTRIBUTIONS, "distribution")
   _checks.number(scale, "scale", 0.0, lo_open=True, why="a variance gain")
   fan_in, fan_out = active_fans(mask)
-  fan = {"fan_in": fan_in, "fan_out": fan_out,
-         "fan_avg": (fan_in + fan_out) / 2}[mode]
+  fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[mode]
   variance = scale / jnp.maximum(jnp.asarray(fan, jnp.float32), 1.0)
   shape = jnp.shape(mask)
   if distribution == "normal":
     draw = jax.random.normal(key, shape, jnp.float32) * jnp.sqrt(variance)
   elif distribution == "truncated_normal":
-    draw = (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
-            * jnp.sqrt(variance) / _TRUNCATED_STD)
+    draw = (
+      jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+      * jnp.sqrt(variance)
+      / _TRUNCATED_STD
+    )
   else:
-    draw = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * jnp.sqrt(
-        3.0 * variance)
+    draw = jax.random.uniform(key, shape, jnp.float32, -1.0, 1.0) * jnp.sqrt(3.0 * variance)
   return jnp.where(mask, draw, 0.0).astype(dtype)
 
 
-def sparse_init(key: chex.PRNGKey, params: PyTree, mask: PyTree, *,
-                scale: float | None = None, mode: str = "fan_in",
-                distribution: str = "normal", kernels=None) -> PyTree:
+def sparse_init(
+  key: chex.PRNGKey,
+  params: PyTree,
+  mask: PyTree,
+  *,
+  scale: float | None = None,
+  mode: str = "fan_in",
+  distribution: str = "normal",
+  kernels=None,
+) -> PyTree:
   """Re-initialises the kernels of a masked network, variance by active fan-in.
 
   SPEC §5: every active weight into unit ``o`` is drawn from
@@ -192,11 +204,12 @@ def sparse_init(key: chex.PRNGKey, params: PyTree, mask: PyTree, *,
   flags = masks.prunable_tree(params, kernels)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
-  out = [sparse_kernel_init(k, m, scale=scale, mode=mode,
-                            distribution=distribution, dtype=p.dtype)
-         if f else p
-         for k, p, m, f in zip(keys, leaves, jax.tree.leaves(mask),
-                               jax.tree.leaves(flags))]
+  out = [
+    sparse_kernel_init(k, m, scale=scale, mode=mode, distribution=distribution, dtype=p.dtype)
+    if f
+    else p
+    for k, p, m, f in zip(keys, leaves, jax.tree.leaves(mask), jax.tree.leaves(flags))
+  ]
   return jax.tree.unflatten(treedef, out)
 
 
@@ -205,8 +218,9 @@ def sparse_init(key: chex.PRNGKey, params: PyTree, mask: PyTree, *,
 # ----------------------------------------------------------------------------
 
 
-def grad_norms(grads: PyTree, mask: PyTree | None = None, prunable=None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def grad_norms(
+  grads: PyTree, mask: PyTree | None = None, prunable=None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Global and per-layer L2 norms of the gradient masked by ``mask``.
 
   Args:
@@ -224,16 +238,23 @@ def grad_norms(grads: PyTree, mask: PyTree | None = None, prunable=None
     grads = jax.tree.map(lambda g, m: jnp.where(m, g, 0), grads, mask)
   sq = jax.tree.map(lambda g: jnp.sum(jnp.square(g.astype(jnp.float32))), grads)
   flags = masks.prunable_tree(grads, prunable)
-  layers = {p: jnp.sqrt(s) for (p, s), f in zip(
-      masks.named_leaves(sq), jax.tree.leaves(flags)) if f}
+  layers = {
+    p: jnp.sqrt(s) for (p, s), f in zip(masks.named_leaves(sq), jax.tree.leaves(flags)) if f
+  }
   total = jnp.sqrt(sum(jax.tree.leaves(sq), jnp.zeros((), jnp.float32)))
   return total, layers
 
 
-def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
-                      mask: PyTree | None = None, *, batch_stats: PyTree = None,
-                      prunable=None, scalars: Mapping[str, Any] | None = None
-                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_grad_norms(
+  model,
+  params: PyTree,
+  batch: tuple[jax.Array, jax.Array],
+  mask: PyTree | None = None,
+  *,
+  batch_stats: PyTree = None,
+  prunable=None,
+  scalars: Mapping[str, Any] | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The gradient flow of ``params`` on ``batch`` (SPEC §5).
 
   The L2 norm of ``m ⊙ ∇θ L(θ ⊙ m)`` where ``L`` is the mean plain softmax
@@ -265,8 +286,15 @@ def masked_grad_norms(model, params: PyTree, batch: tuple[jax.Array, jax.Array],
 
   def loss(p):
     return modeling.loss_and_logits(
-        model, p, state, x, y, lambda logits, labels, _: losses.cross_entropy(logits, labels),
-        scalars=scalars, rngs={"dropout": jax.random.key(0)})[0]
+      model,
+      p,
+      state,
+      x,
+      y,
+      lambda logits, labels, _: losses.cross_entropy(logits, labels),
+      scalars=scalars,
+      rngs={"dropout": jax.random.key(0)},
+    )[0]
 
   return grad_norms(jax.grad(loss)(params), mask, prunable)
 
@@ -299,12 +327,16 @@ class UpdateSteps:
 
   def __post_init__(self):
     _checks.step(self.update_every, "UpdateSteps.update_every", 1)
-    start = self.update_every if self.start_step is None else _checks.step(
-        self.start_step, "UpdateSteps.start_step")
-    if self.end_step is not None and _checks.step(
-        self.end_step, "UpdateSteps.end_step") <= start:
-      raise ValueError(f"UpdateSteps.end_step must be after start_step ({start}), "
-                       f"got {self.end_step!r}: no step would update the mask")
+    start = (
+      self.update_every
+      if self.start_step is None
+      else _checks.step(self.start_step, "UpdateSteps.start_step")
+    )
+    if self.end_step is not None and _checks.step(self.end_step, "UpdateSteps.end_step") <= start:
+      raise ValueError(
+        f"UpdateSteps.end_step must be after start_step ({start}), "
+        f"got {self.end_step!r}: no step would update the mask"
+      )
 
   def __call__(self, t):
     start = self.update_every if self.start_step is None else self.start_step
@@ -351,13 +383,19 @@ class GradientFlow:
     name: the hook's name (default ``"gradient_flow"``).
   """
 
-  def __init__(self, model, batch: tuple[Any, Any], *, every: int = 100,
-               update_steps: Callable[[Any], Any] | None = None,
-               prunable=None, name: str = "gradient_flow"):
+  def __init__(
+    self,
+    model,
+    batch: tuple[Any, Any],
+    *,
+    every: int = 100,
+    update_steps: Callable[[Any], Any] | None = None,
+    prunable=None,
+    name: str = "gradient_flow",
+  ):
     every = _checks.step(every, "every", 1)
     self.model = model
-    self.batch = (jnp.asarray(batch[0], jnp.float32),
-                  jnp.asarray(batch[1], jnp.int32))
+    self.batch = (jnp.asarray(batch[0], jnp.float32), jnp.asarray(batch[1], jnp.int32))
     self.every = int(every)
     self.update_steps = update_steps
     self.prunable = prunable
@@ -374,9 +412,15 @@ class GradientFlow:
 
   def measure(self, state, scalars=None) -> tuple[jax.Array, dict]:
     """``masked_grad_norms`` of a train state on the hook's batch (traceable)."""
-    return masked_grad_norms(self.model, state.params, self.batch, state.mask,
-                             batch_stats=state.batch_stats, prunable=self.prunable,
-                             scalars=modeling.model_scalars(self.model, scalars))
+    return masked_grad_norms(
+      self.model,
+      state.params,
+      self.batch,
+      state.mask,
+      batch_stats=state.batch_stats,
+      prunable=self.prunable,
+      scalars=modeling.model_scalars(self.model, scalars),
+    )
 
   def init(self, state):
     del state
@@ -388,8 +432,7 @@ class GradientFlow:
 
   def hook(self) -> hooks.StepHook:
     """The :class:`sparsejax.hooks.StepHook` that measures in the step."""
-    return hooks.StepHook(self.init, self.update, name=self.name,
-                          logs_at=self.logs_at)
+    return hooks.StepHook(self.init, self.update, name=self.name, logs_at=self.logs_at)
 
   def callback(self) -> hooks.Callback:
     """The epoch-end :class:`sparsejax.hooks.Callback` (``grad_norm`` field)."""
@@ -404,8 +447,7 @@ class GradientFlow:
       g0, layers0 = self.measure(before, info.scalars)
       g1, layers1 = self.measure(state, info.scalars)
       old, new = before.mask, state.mask
-      change = (jnp.zeros((), jnp.float32) if old is None
-                else dst.mask_churn(old, new))
+      change = jnp.zeros((), jnp.float32) if old is None else dst.mask_churn(old, new)
       logs = {"grad_norm": g1, "grad_norm_before": g0, "mask_change": change}
       logs.update({f"grad_norm/{p}": v for p, v in layers1.items()})
       logs.update({f"grad_norm_before/{p}": v for p, v in layers0.items()})
@@ -414,8 +456,8 @@ class GradientFlow:
     shapes = jax.eval_shape(measure)
     due = self._due(info.step + 1)
     logs = jax.lax.cond(
-        due, measure,
-        lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+      due, measure, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    )
     latest = jnp.where(due, logs["grad_norm"], hook_state["grad_norm"])
     return {"grad_norm": latest}, state, logs
 
@@ -434,11 +476,13 @@ def held_out_split(dataset, per_class: int, seed: int = 0):
     ``float32 [num_classes * per_class, H, W, C]``, ``y`` ``int32``.
   """
   _checks.step(per_class, "per_class", 1)
-  idx = data.class_balanced_indices(dataset.train_labels, per_class, seed,
-                                    num_classes=dataset.num_classes)
+  idx = data.class_balanced_indices(
+    dataset.train_labels, per_class, seed, num_classes=dataset.num_classes
+  )
   keep = np.ones(dataset.num_train, bool)
   keep[idx] = False
-  rest = dataclasses.replace(dataset, train_images=dataset.train_images[keep],
-                             train_labels=dataset.train_labels[keep])
+  rest = dataclasses.replace(
+    dataset, train_images=dataset.train_images[keep], train_labels=dataset.train_labels[keep]
+  )
   x = data.normalize(dataset.train_images[idx], dataset.mean, dataset.std)
   return rest, (x, jnp.asarray(dataset.train_labels[idx], jnp.int32))

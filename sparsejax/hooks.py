@@ -149,8 +149,9 @@ def check_hooks(hooks: Sequence[StepHook]) -> tuple[StepHook, ...]:
   hooks = tuple(hooks)
   for hook in hooks:
     if not isinstance(hook, StepHook):
-      raise TypeError(f"hooks must be sparsejax.hooks.StepHook instances, got "
-                      f"{type(hook).__name__}")
+      raise TypeError(
+        f"hooks must be sparsejax.hooks.StepHook instances, got {type(hook).__name__}"
+      )
   names = [h.name for h in hooks]
   if len(set(names)) != len(names):
     raise ValueError(f"hook names must be unique, got {names}")
@@ -238,20 +239,17 @@ class Callback:
   def due(self, step: int, ctx: FitContext) -> bool:
     """Whether the callback runs after the step that makes the count ``step``."""
     every = self.every_steps
-    return bool(every and step % int(every) == 0) or (
-        self.at_epoch_end and ctx.epoch_end)
+    return bool(every and step % int(every) == 0) or (self.at_epoch_end and ctx.epoch_end)
 
   def check(self, ctx: FitContext) -> None:
     """Raises ``ValueError`` if the callback cannot run in this fit; default: fits."""
     del ctx
 
-  def __call__(self, step: int, carry: TrainCarry,
-               ctx: FitContext) -> TrainCarry | None:
+  def __call__(self, step: int, carry: TrainCarry, ctx: FitContext) -> TrainCarry | None:
     raise NotImplementedError
 
 
 class _FunctionCallback(Callback):
-
   def __init__(self, fn, every_steps, at_epoch_end, at_fresh_start):
     self.fn = fn
     self.every_steps = every_steps
@@ -262,14 +260,20 @@ class _FunctionCallback(Callback):
     return self.fn(step, carry, ctx)
 
   def __repr__(self):
-    return (f"callback({getattr(self.fn, '__name__', self.fn)}, every_steps="
-            f"{self.every_steps}, at_epoch_end={self.at_epoch_end}, "
-            f"at_fresh_start={self.at_fresh_start})")
+    return (
+      f"callback({getattr(self.fn, '__name__', self.fn)}, every_steps="
+      f"{self.every_steps}, at_epoch_end={self.at_epoch_end}, "
+      f"at_fresh_start={self.at_fresh_start})"
+    )
 
 
-def callback(fn: Callable[[int, TrainCarry, FitContext], TrainCarry | None], *,
-             every_steps: int | None = None, at_epoch_end: bool = False,
-             at_fresh_start: bool = False) -> Callback:
+def callback(
+  fn: Callable[[int, TrainCarry, FitContext], TrainCarry | None],
+  *,
+  every_steps: int | None = None,
+  at_epoch_end: bool = False,
+  at_fresh_start: bool = False,
+) -> Callback:
   """A :class:`Callback` that calls ``fn(step, carry, ctx)``.
 
   Example, the epoch record gets the global weight norm::
@@ -285,10 +289,12 @@ def callback(fn: Callable[[int, TrainCarry, FitContext], TrainCarry | None], *,
   if every_steps is not None and int(every_steps) < 1:
     raise ValueError(f"every_steps must be >= 1 or None, got {every_steps}")
   if every_steps is None and not (at_epoch_end or at_fresh_start):
-    raise ValueError("a callback needs every_steps, at_epoch_end or "
-                     "at_fresh_start: it would never run")
-  return _FunctionCallback(fn, None if every_steps is None else int(every_steps),
-                           bool(at_epoch_end), bool(at_fresh_start))
+    raise ValueError(
+      "a callback needs every_steps, at_epoch_end or at_fresh_start: it would never run"
+    )
+  return _FunctionCallback(
+    fn, None if every_steps is None else int(every_steps), bool(at_epoch_end), bool(at_fresh_start)
+  )
 
 
 def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:
@@ -296,8 +302,10 @@ def check_callbacks(callbacks: Sequence[Callback]) -> tuple[Callback, ...]:
   callbacks = tuple(callbacks)
   for cb in callbacks:
     if not isinstance(cb, Callback):
-      raise TypeError(f"callbacks must be sparsejax.hooks.Callback instances "
-                      f"(see hooks.callback), got {type(cb).__name__}")
+      raise TypeError(
+        f"callbacks must be sparsejax.hooks.Callback instances "
+        f"(see hooks.callback), got {type(cb).__name__}"
+      )
   return callbacks
 
 

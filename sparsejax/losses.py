@@ -20,8 +20,9 @@ import optax
 LossFn = Callable[[jax.Array, jax.Array, Mapping[str, jax.Array]], jax.Array]
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array,
-                  label_smoothing: float | jax.Array = 0.0) -> jax.Array:
+def cross_entropy(
+  logits: jax.Array, labels: jax.Array, label_smoothing: float | jax.Array = 0.0
+) -> jax.Array:
   """Per-example softmax cross-entropy with optional label smoothing.
 
   Computed in (at least) ``float32``: ``optax.softmax_cross_entropy`` against
@@ -54,7 +55,6 @@ def smoothed_cross_entropy(label_smoothing: float = 0.0) -> LossFn:
   label_smoothing = float(label_smoothing)
 
   def loss_fn(logits, labels, scalars):
-    return cross_entropy(logits, labels,
-                         scalars.get("label_smoothing", label_smoothing))
+    return cross_entropy(logits, labels, scalars.get("label_smoothing", label_smoothing))
 
   return loss_fn

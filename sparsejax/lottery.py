@@ -130,16 +130,20 @@ def level_sparsity(level: int, fraction: float = DEFAULT_FRACTION) -> float:
   p = float(fraction)
   if not (math.isfinite(p) and 0.0 < p < 1.0):
     raise ValueError(
-        f"fraction must be in (0, 1): the share of the remaining prunable "
-        f"weights removed per level (SPEC default 0.2), got {fraction!r}")
+      f"fraction must be in (0, 1): the share of the remaining prunable "
+      f"weights removed per level (SPEC default 0.2), got {fraction!r}"
+    )
   return 1.0 - (1.0 - p) ** int(level)
 
 
-def level_sparsities(levels: int | None = None, schedule: str = "geometric", *,
-                     fraction: float = DEFAULT_FRACTION,
-                     final_sparsity: float | None = None,
-                     sparsities: Sequence[float] | None = None
-                     ) -> tuple[float, ...]:
+def level_sparsities(
+  levels: int | None = None,
+  schedule: str = "geometric",
+  *,
+  fraction: float = DEFAULT_FRACTION,
+  final_sparsity: float | None = None,
+  sparsities: Sequence[float] | None = None,
+) -> tuple[float, ...]:
   """The sparsity of every IMP level ``0`` to ``levels`` (level 0 is dense).
 
   * ``"geometric"`` (default, SPEC §3): ``s_L = 1 − (1 − p)^L`` with
@@ -176,19 +180,25 @@ def level_sparsities(levels: int | None = None, schedule: str = "geometric", *,
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   if schedule == "explicit":
     if sparsities is None or len(sparsities) == 0:
-      raise ValueError("the explicit schedule needs sparsities=(s_1, s_2, ...), "
-                       f"got {sparsities!r}")
-    values = tuple(_checks.number(v, f"sparsities[{i}]", 0.0, 1.0, hi_open=True)
-                   for i, v in enumerate(sparsities))
+      raise ValueError(
+        f"the explicit schedule needs sparsities=(s_1, s_2, ...), got {sparsities!r}"
+      )
+    values = tuple(
+      _checks.number(v, f"sparsities[{i}]", 0.0, 1.0, hi_open=True)
+      for i, v in enumerate(sparsities)
+    )
     for i in range(1, len(values)):
       if values[i] < values[i - 1]:
         raise ValueError(
-            f"sparsities must not decrease (a level prunes among the weights "
-            f"the previous level kept), got sparsities[{i - 1}]={values[i - 1]} "
-            f"> sparsities[{i}]={values[i]}")
+          f"sparsities must not decrease (a level prunes among the weights "
+          f"the previous level kept), got sparsities[{i - 1}]={values[i - 1]} "
+          f"> sparsities[{i}]={values[i]}"
+        )
     if levels is not None and levels != len(values):
-      raise ValueError(f"levels={levels!r} but the explicit schedule has "
-                       f"{len(values)} sparsities: leave levels unset")
+      raise ValueError(
+        f"levels={levels!r} but the explicit schedule has "
+        f"{len(values)} sparsities: leave levels unset"
+      )
     return (0.0, *values)
   if sparsities is not None:
     raise ValueError(f"sparsities are for schedule='explicit', not {schedule!r}")
@@ -200,30 +210,36 @@ def level_sparsities(levels: int | None = None, schedule: str = "geometric", *,
   if final_sparsity is None:
     raise ValueError("the linear schedule needs final_sparsity in [0, 1)")
   final = _checks.number(final_sparsity, "final_sparsity", 0.0, 1.0, hi_open=True)
-  return tuple(round(final * l / levels, 12) if levels else 0.0
-               for l in range(levels + 1))
+  return tuple(round(final * l / levels, 12) if levels else 0.0 for l in range(levels + 1))
 
 
-def _check_enough(mask: PyTree, prunable, sparsity: float,
-                  budget: budgets.Budget, what: str) -> None:
+def _check_enough(
+  mask: PyTree, prunable, sparsity: float, budget: budgets.Budget, what: str
+) -> None:
   """Raises unless ``mask`` keeps at least ``sparsity``'s count per pool."""
   if any(isinstance(m, jax.core.Tracer) for m in jax.tree.leaves(mask)):
     return
   summary = masks.summary(mask, prunable)
-  pools = ([(summary.kept, summary.total, "prunable weights")]
-           if isinstance(budget, budgets.Global) else
-           [(l.kept, l.total, repr(l.path)) for l in summary.layers])
+  pools = (
+    [(summary.kept, summary.total, "prunable weights")]
+    if isinstance(budget, budgets.Global)
+    else [(l.kept, l.total, repr(l.path)) for l in summary.layers]
+  )
   for kept, total, name in pools:
     need = masks.kept_count(total, sparsity)
     if kept < need:
-      raise ValueError(
-          f"the mask keeps {kept} of the {total} {name} but "
-          + what.format(need=need))
+      raise ValueError(f"the mask keeps {kept} of the {total} {name} but " + what.format(need=need))
 
 
-def prune_level(params: PyTree, mask: PyTree, level: int,
-                fraction: float = DEFAULT_FRACTION, *, prunable=None,
-                budget: budgets.Budget = budgets.Global()) -> PyTree:
+def prune_level(
+  params: PyTree,
+  mask: PyTree,
+  level: int,
+  fraction: float = DEFAULT_FRACTION,
+  *,
+  prunable=None,
+  budget: budgets.Budget = budgets.Global(),
+) -> PyTree:
   """One IMP level: the mask ``m_L`` from the trained weights of level ``L − 1``.
 
   ``m_L`` keeps the ``n_L = max(1, round((1 − p)^L · N))`` prunable entries of
@@ -264,12 +280,24 @@ def prune_level(params: PyTree, mask: PyTree, level: int,
     6
   """
   sparsity = level_sparsity(level, fraction)
-  return _prune(params, mask, sparsity, prunable, budget,
-                f"level {level} keeps {{need}}: pass the mask of level {level - 1}")
+  return _prune(
+    params,
+    mask,
+    sparsity,
+    prunable,
+    budget,
+    f"level {level} keeps {{need}}: pass the mask of level {level - 1}",
+  )
 
 
-def prune_to(params: PyTree, mask: PyTree, sparsity: float, *, prunable=None,
-             budget: budgets.Budget = budgets.Global()) -> PyTree:
+def prune_to(
+  params: PyTree,
+  mask: PyTree,
+  sparsity: float,
+  *,
+  prunable=None,
+  budget: budgets.Budget = budgets.Global(),
+) -> PyTree:
   """Magnitude pruning to ``sparsity`` among the entries ``mask`` keeps.
 
   The mask of any IMP level (:func:`prune_level` is this at the geometric
@@ -293,21 +321,28 @@ def prune_to(params: PyTree, mask: PyTree, sparsity: float, *, prunable=None,
       that keeps fewer weights than ``sparsity`` does.
   """
   budgets.check_sparsity(sparsity)
-  return _prune(params, mask, float(sparsity), prunable, budget,
-                f"sparsity {sparsity} keeps {{need}}: pass a mask that keeps at "
-                "least as many")
+  return _prune(
+    params,
+    mask,
+    float(sparsity),
+    prunable,
+    budget,
+    f"sparsity {sparsity} keeps {{need}}: pass a mask that keeps at least as many",
+  )
 
 
 def _prune(params, mask, sparsity, prunable, budget, what):
   budgets.check(budget)
   if type(budget) not in BUDGETS:
-    raise ValueError(f"budget must be budgets.Global() or budgets.Uniform() for "
-                     f"IMP, got {budget!r}")
+    raise ValueError(
+      f"budget must be budgets.Global() or budgets.Uniform() for IMP, got {budget!r}"
+    )
   masks.check_mask(mask, params)
   flags = masks.prunable_tree(params, prunable)
   _check_enough(mask, flags, sparsity, budget, what)
-  return masks.topk_mask(scores.magnitude(params, mask), sparsity,
-                         budget=budget, prunable=flags, within=mask)
+  return masks.topk_mask(
+    scores.magnitude(params, mask), sparsity, budget=budget, prunable=flags, within=mask
+  )
 
 
 def random_reprune_mask(key: jax.Array, mask: PyTree) -> PyTree:
@@ -328,9 +363,10 @@ def random_reprune_mask(key: jax.Array, mask: PyTree) -> PyTree:
   masks.check_mask(mask, mask)
   leaves, treedef = jax.tree.flatten(mask)
   keys = jax.random.split(key, max(1, len(leaves)))
-  return jax.tree.unflatten(treedef, [
-      jax.random.permutation(k, jnp.ravel(m)).reshape(jnp.shape(m))
-      for k, m in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef,
+    [jax.random.permutation(k, jnp.ravel(m)).reshape(jnp.shape(m)) for k, m in zip(keys, leaves)],
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -362,14 +398,17 @@ def fresh_optimizer_state(opt_state, mask: PyTree):
     opt_state: a state holding a :class:`sparsejax.optim.MaskedState`.
     mask: the new mask (same structure, shapes and dtype as the old one).
   """
-  everywhere = jax.tree.map(lambda m: jnp.ones(jnp.shape(m), jnp.bool_),
-                            optim.get_mask(opt_state))
+  everywhere = jax.tree.map(lambda m: jnp.ones(jnp.shape(m), jnp.bool_), optim.get_mask(opt_state))
   return optim.set_mask(optim.reset_moments(opt_state, everywhere), mask)
 
 
-def rewind_state(point: state_lib.TrainState, mask: PyTree, *,
-                 params: PyTree | None = None,
-                 batch_stats: PyTree | None = None) -> state_lib.TrainState:
+def rewind_state(
+  point: state_lib.TrainState,
+  mask: PyTree,
+  *,
+  params: PyTree | None = None,
+  batch_stats: PyTree | None = None,
+) -> state_lib.TrainState:
   """The train state a level starts from: ``point`` rewound under ``mask``.
 
   * ``step``: ``point.step`` (the rewind step ``k``), so that
@@ -393,12 +432,15 @@ def rewind_state(point: state_lib.TrainState, mask: PyTree, *,
     ValueError: a ``point`` without a mask, or a mask that does not fit.
   """
   if point.mask is None:
-    raise ValueError("the rewind point must hold a mask in its optimiser state "
-                     "(train the dense run with mask=sparsejax.masks.ones_like)")
+    raise ValueError(
+      "the rewind point must hold a mask in its optimiser state "
+      "(train the dense run with mask=sparsejax.masks.ones_like)"
+    )
   return point.replace(
-      params=rewind(point.params if params is None else params, mask),
-      batch_stats=point.batch_stats if batch_stats is None else batch_stats,
-      opt_state=fresh_optimizer_state(point.opt_state, mask))
+    params=rewind(point.params if params is None else params, mask),
+    batch_stats=point.batch_stats if batch_stats is None else batch_stats,
+    opt_state=fresh_optimizer_state(point.opt_state, mask),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -449,11 +491,18 @@ class IMPResult:
   state: state_lib.TrainState
 
 
-def imp(init: state_lib.TrainState, train_fn: TrainFn, sparsities: Sequence[float],
-        *, rewind_step: int = 0, prune_from_step: int | None = None,
-        prunable=None, budget: budgets.Budget = budgets.Global(),
-        callback: Callable[[Level, state_lib.TrainState], None] | None = None,
-        known_masks: Mapping[int, PyTree] | None = None) -> IMPResult:
+def imp(
+  init: state_lib.TrainState,
+  train_fn: TrainFn,
+  sparsities: Sequence[float],
+  *,
+  rewind_step: int = 0,
+  prune_from_step: int | None = None,
+  prunable=None,
+  budget: budgets.Budget = budgets.Global(),
+  callback: Callable[[Level, state_lib.TrainState], None] | None = None,
+  known_masks: Mapping[int, PyTree] | None = None,
+) -> IMPResult:
   r"""Iterative magnitude pruning with rewinding: the whole level loop (SPEC §3).
 
   Frankle & Carbin (2019), rewinding to step ``k`` as in Frankle et al.
@@ -495,28 +544,29 @@ def imp(init: state_lib.TrainState, train_fn: TrainFn, sparsities: Sequence[floa
   """
   sparsities = tuple(float(v) for v in sparsities)
   if not sparsities or sparsities[0] != 0.0:
-    raise ValueError(f"sparsities must start with level 0 at 0.0 (dense), got "
-                     f"{sparsities[:1]}")
+    raise ValueError(f"sparsities must start with level 0 at 0.0 (dense), got {sparsities[:1]}")
   level_sparsities(schedule="explicit", sparsities=sparsities)  # range, order
   rewind_step = _checks.step(rewind_step, "rewind_step")
   if prune_from_step is not None:
-    prune_from_step = _checks.step(prune_from_step, "prune_from_step",
-                                   rewind_step + 1)
+    prune_from_step = _checks.step(prune_from_step, "prune_from_step", rewind_step + 1)
   if init.mask is None:
-    raise ValueError("init must hold a mask in its optimiser state (create it "
-                     "with mask=sparsejax.masks.ones_like)")
+    raise ValueError(
+      "init must hold a mask in its optimiser state (create it with mask=sparsejax.masks.ones_like)"
+    )
 
   def run(name, state, stop):
     out = train_fn(name, state, stop)
     if stop is not None and int(out.step) != stop:
-      raise ValueError(f"train_fn({name!r}, ..., {stop}) returned a state at "
-                       f"step {int(out.step)}, not {stop}")
+      raise ValueError(
+        f"train_fn({name!r}, ..., {stop}) returned a state at step {int(out.step)}, not {stop}"
+      )
     return out
 
   point = run("rewind_point", init, rewind_step) if rewind_step else init
   if int(point.step) != rewind_step:
-    raise ValueError(f"the rewind point is at step {int(point.step)}, not "
-                     f"rewind_step={rewind_step}")
+    raise ValueError(
+      f"the rewind point is at step {int(point.step)}, not rewind_step={rewind_step}"
+    )
   flags = masks.prunable_tree(point.params, prunable)
   mask = masks.ones_like(point.params)
   known = dict(known_masks or {})
@@ -565,11 +615,13 @@ def _flat_arrays(tree: PyTree, what: str) -> dict[str, np.ndarray]:
   """``{path: host array}``; refuses trees that do not read back as nested dicts."""
   flat = {p: np.asarray(jax.device_get(x)) for p, x in masks.named_leaves(tree)}
   if len(flat) != len(jax.tree.leaves(tree)) or (
-      jax.tree.structure(_nest(flat)) != jax.tree.structure(tree)):
+    jax.tree.structure(_nest(flat)) != jax.tree.structure(tree)
+  ):
     raise ValueError(
-        f"a ticket stores its {what} as nested dicts of arrays (Flax linen "
-        f"params); this pytree does not read back as one: "
-        f"{jax.tree.structure(tree)}")
+      f"a ticket stores its {what} as nested dicts of arrays (Flax linen "
+      f"params); this pytree does not read back as one: "
+      f"{jax.tree.structure(tree)}"
+    )
   return flat
 
 
@@ -578,9 +630,12 @@ def ticket_exists(directory: str | os.PathLike) -> bool:
   return epath.Path(directory, TICKET_META).is_file()
 
 
-def save_ticket(directory: str | os.PathLike, mask: PyTree,
-                rewind_params: PyTree, meta: Mapping[str, Any] | None = None
-                ) -> str:
+def save_ticket(
+  directory: str | os.PathLike,
+  mask: PyTree,
+  rewind_params: PyTree,
+  meta: Mapping[str, Any] | None = None,
+) -> str:
   """Writes a ticket: the mask, the rewind weights ``θ_k ⊙ m`` and metadata.
 
   ``directory/ticket.npz`` holds one array per leaf, named ``mask/<path>``
@@ -606,8 +661,7 @@ def save_ticket(directory: str | os.PathLike, mask: PyTree,
   directory = str(_paths.resolve(directory))
   masks.check_mask(mask, rewind_params)
   arrays = {f"mask/{p}": x for p, x in _flat_arrays(mask, "mask").items()}
-  arrays.update({f"params/{p}": x for p, x in
-                 _flat_arrays(rewind_params, "rewind params").items()})
+  arrays.update({f"params/{p}": x for p, x in _flat_arrays(rewind_params, "rewind params").items()})
   if jax.process_index() != 0:
     return directory
   root = epath.Path(directory)
@@ -618,8 +672,7 @@ def save_ticket(directory: str | os.PathLike, mask: PyTree,
   buffer = io.BytesIO()
   np.savez(buffer, **arrays)
   _paths.write_bytes(root / TICKET_ARRAYS, buffer.getvalue())
-  _paths.write_text(meta_path, json.dumps(dict(meta or {}), indent=2,
-                                          sort_keys=True) + "\n")
+  _paths.write_text(meta_path, json.dumps(dict(meta or {}), indent=2, sort_keys=True) + "\n")
   return directory
 
 
@@ -641,13 +694,12 @@ def load_ticket(directory: str | os.PathLike) -> tuple[dict, dict, dict]:
   directory = os.fspath(directory)
   if not ticket_exists(directory):
     raise FileNotFoundError(
-        f"no lottery ticket in {directory!r}: {TICKET_META} is missing (write "
-        "one with sparsejax.lottery.save_ticket or python -m experiments.lottery)")
+      f"no lottery ticket in {directory!r}: {TICKET_META} is missing (write "
+      "one with sparsejax.lottery.save_ticket or python -m experiments.lottery)"
+    )
   root = epath.Path(directory)
   with np.load(io.BytesIO((root / TICKET_ARRAYS).read_bytes())) as z:
-    mask = _nest({k[len("mask/"):]: z[k] for k in z.files
-                  if k.startswith("mask/")})
-    params = _nest({k[len("params/"):]: z[k] for k in z.files
-                    if k.startswith("params/")})
+    mask = _nest({k[len("mask/") :]: z[k] for k in z.files if k.startswith("mask/")})
+    params = _nest({k[len("params/") :]: z[k] for k in z.files if k.startswith("params/")})
   meta = json.loads((root / TICKET_META).read_text())
   return mask, params, meta

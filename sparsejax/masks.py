@@ -92,8 +92,7 @@ def paths(tree: PyTree) -> list[str]:
 
 def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, *rest: PyTree):
   """``jax.tree.map`` whose function also receives the leaf's path string."""
-  return jax.tree_util.tree_map_with_path(
-      lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
+  return jax.tree_util.tree_map_with_path(lambda p, x, *r: fn(path_str(p), x, *r), tree, *rest)
 
 
 #: Module-name prefix of training-only (ghost) parameters, see :func:`is_ghost`.
@@ -160,21 +159,22 @@ class Prunable:
   def __call__(self, params: PyTree) -> PyTree:
     """Returns a pytree of Python bools parallel to ``params``; ghost leaves
     (:func:`is_ghost`) are never prunable."""
-    flags = dict((p, bool(self.predicate(p, x)) and not is_ghost(p))
-                 for p, x in named_leaves(params))
+    flags = dict(
+      (p, bool(self.predicate(p, x)) and not is_ghost(p)) for p, x in named_leaves(params)
+    )
     for pattern in self.exclude:
       hits = [p for p in flags if re.search(pattern, p)]
       if not hits:
-        raise ValueError(
-            f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
+        raise ValueError(f"exclude pattern {pattern!r} matches no path; paths are {list(flags)}")
       for p in hits:
         flags[p] = False
     if self.order is None and (self.keep_first_dense or self.keep_last_dense):
       raise ValueError(
-          "keep_first_dense/keep_last_dense need order=, the leaf paths in forward "
-          "order: the params' key order is not the layer order (jit, checkpoint "
-          "restores and NNX State sort the keys). Pass e.g. dataclasses.replace("
-          "masks.KEEP_FIRST_DENSE, order=sparsejax.models.layer_order(model, x))")
+        "keep_first_dense/keep_last_dense need order=, the leaf paths in forward "
+        "order: the params' key order is not the layer order (jit, checkpoint "
+        "restores and NNX State sort the keys). Pass e.g. dataclasses.replace("
+        "masks.KEEP_FIRST_DENSE, order=sparsejax.models.layer_order(model, x))"
+      )
     order = self.order or ()
     unknown = [p for p in order if p not in flags]
     if unknown:
@@ -209,8 +209,7 @@ def prunable_tree(params: PyTree, prunable=None) -> PyTree:
   if isinstance(prunable, Prunable):
     return prunable(params)
   if callable(prunable):
-    return map_with_path(
-        lambda p, x: bool(prunable(p, x)) and not is_ghost(p), params)
+    return map_with_path(lambda p, x: bool(prunable(p, x)) and not is_ghost(p), params)
   _check_same_structure(prunable, params, "prunable", "params")
   return map_with_path(lambda p, f: bool(f) and not is_ghost(p), prunable)
 
@@ -241,22 +240,21 @@ def _check_same_structure(a, b, a_name, b_name) -> None:
   if only_b:
     detail.append(f"paths only in {b_name}: {only_b[:5]}")
   if not detail:
-    detail.append(f"container types differ: {jax.tree.structure(a)} vs "
-                  f"{jax.tree.structure(b)}")
-  raise ValueError(
-      f"{a_name} does not match the structure of {b_name}; " + "; ".join(detail))
+    detail.append(f"container types differ: {jax.tree.structure(a)} vs {jax.tree.structure(b)}")
+  raise ValueError(f"{a_name} does not match the structure of {b_name}; " + "; ".join(detail))
 
 
 def _check_shapes(mask: PyTree, params: PyTree) -> None:
   """Raises ``ValueError`` naming the first leaf whose shapes differ."""
-  if all(jnp.shape(m) == jnp.shape(p)
-         for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params))):
+  if all(
+    jnp.shape(m) == jnp.shape(p) for m, p in zip(jax.tree.leaves(mask), jax.tree.leaves(params))
+  ):
     return
   for (path, m), (_, p) in zip(named_leaves(mask), named_leaves(params)):
     if jnp.shape(m) != jnp.shape(p):
       raise ValueError(
-          f"mask leaf {path!r} has shape {jnp.shape(m)} but the params leaf has "
-          f"shape {jnp.shape(p)}")
+        f"mask leaf {path!r} has shape {jnp.shape(m)} but the params leaf has shape {jnp.shape(p)}"
+      )
 
 
 def check_mask(mask: PyTree, params: PyTree) -> None:
@@ -270,8 +268,9 @@ def check_mask(mask: PyTree, params: PyTree) -> None:
   for path, m in named_leaves(mask):
     if jnp.result_type(m) != jnp.bool_:
       raise ValueError(
-          f"mask leaf {path!r} has dtype {jnp.result_type(m)}; masks must be bool "
-          "(use `mask.astype(bool)` or `x != 0`)")
+        f"mask leaf {path!r} has dtype {jnp.result_type(m)}; masks must be bool "
+        "(use `mask.astype(bool)` or `x != 0`)"
+      )
 
 
 def check_scores(scores: PyTree, prunable: PyTree | None = None) -> None:
@@ -279,7 +278,7 @@ def check_scores(scores: PyTree, prunable: PyTree | None = None) -> None:
 
   Skipped for traced values (inside ``jit`` a NaN score ranks last).
   """
-  flags = (dict(named_leaves(prunable)) if prunable is not None else None)
+  flags = dict(named_leaves(prunable)) if prunable is not None else None
   for path, s in named_leaves(scores):
     if flags is not None and not flags[path]:
       continue
@@ -289,8 +288,9 @@ def check_scores(scores: PyTree, prunable: PyTree | None = None) -> None:
     n = int(np.isnan(np.asarray(s, np.float32)).sum())
     if n:
       raise ValueError(
-          f"scores for {path!r} contain {n} NaN value(s); a NaN score cannot be "
-          "ranked (check the loss and the scoring data)")
+        f"scores for {path!r} contain {n} NaN value(s); a NaN score cannot be "
+        "ranked (check the loss and the scoring data)"
+      )
 
 
 # ----------------------------------------------------------------------------
@@ -320,8 +320,7 @@ def apply(params: PyTree, mask: PyTree) -> PyTree:
   """
   _check_same_structure(mask, params, "mask", "params")
   _check_shapes(mask, params)
-  return jax.tree.map(
-      lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
+  return jax.tree.map(lambda p, m: jnp.where(m, p, jnp.zeros((), jnp.result_type(p))), params, mask)
 
 
 def from_params(params: PyTree) -> PyTree:
@@ -334,9 +333,9 @@ def from_params(params: PyTree) -> PyTree:
 # ----------------------------------------------------------------------------
 
 
-def layer_sparsities(params: PyTree, sparsity: float,
-                     budget: budgets.Budget = budgets.ERK(), *,
-                     prunable=None) -> dict[str, float]:
+def layer_sparsities(
+  params: PyTree, sparsity: float, budget: budgets.Budget = budgets.ERK(), *, prunable=None
+) -> dict[str, float]:
   """Per-layer sparsity of a per-layer allocation (``Uniform``, ``ERK``, ``ER``).
 
   Args:
@@ -388,8 +387,7 @@ def kept_count(n: int, sparsity) -> Any:
   if isinstance(sparsity, (int, float, np.floating, np.integer)):
     density = np.float32(1.0) - np.float32(sparsity)
     return max(1, int(np.round(density * np.float32(n))))
-  k = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32))
-                * jnp.float32(n)).astype(jnp.int32)
+  k = jnp.round((1.0 - jnp.asarray(sparsity, jnp.float32)) * jnp.float32(n)).astype(jnp.int32)
   return jnp.maximum(k, 1)
 
 
@@ -425,13 +423,11 @@ def keep_top(flat_scores: jax.Array, k) -> jax.Array:
     >>> masks.keep_top(scores, 3)  # 2.0, 1.0 and the first of the tied 0.5s
     Array([ True,  True, False,  True, False], dtype=bool)
   """
-  return keep_top_in_segments(flat_scores, jnp.reshape(k, (1,)),
-                              sizes=(jnp.shape(flat_scores)[0],))
+  return keep_top_in_segments(flat_scores, jnp.reshape(k, (1,)), sizes=(jnp.shape(flat_scores)[0],))
 
 
 @functools.partial(jax.jit, static_argnames="sizes")
-def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
-                         ) -> jax.Array:
+def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]) -> jax.Array:
   """:func:`keep_top` in each of several contiguous segments, in one pass.
 
   The scores of several pools laid end to end (``sizes[0]`` entries, then
@@ -468,11 +464,11 @@ def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
     count = lambda flags: jnp.sum(flags, dtype=jnp.int32).reshape(1)
   else:
     # Segment ids from broadcasts (no N-sized constant in the program).
-    seg = jnp.concatenate([jnp.full((n,), j, jnp.int32)
-                           for j, n in enumerate(sizes)])
+    seg = jnp.concatenate([jnp.full((n,), j, jnp.int32) for j, n in enumerate(sizes)])
     spread = lambda per_segment: per_segment[seg]
     count = lambda flags: jax.ops.segment_sum(
-        flags.astype(jnp.int32), seg, num_segments=num, indices_are_sorted=True)
+      flags.astype(jnp.int32), seg, num_segments=num, indices_are_sorted=True
+    )
 
   def radix_pass(i, threshold):
     bit = (bits - 1 - i).astype(utype)
@@ -482,8 +478,7 @@ def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
 
   # A loop, not 32 or 64 unrolled passes: a DST step selects twice in every
   # layer, and unrolled it compiled several times slower than the static step.
-  threshold = spread(jax.lax.fori_loop(0, bits, radix_pass,
-                                       jnp.zeros((num,), utype)))
+  threshold = spread(jax.lax.fori_loop(0, bits, radix_pass, jnp.zeros((num,), utype)))
   above = keys > threshold
   need = k - count(above)
   at = keys == threshold
@@ -497,9 +492,14 @@ def keep_top_in_segments(flat_scores: jax.Array, k, sizes: Sequence[int]
   return above | (at & (ties - spread(before) <= spread(need)))
 
 
-def topk_mask(scores: PyTree, sparsity=None, *,
-              budget: budgets.Budget = budgets.Global(), prunable=None,
-              within: PyTree | None = None) -> PyTree:
+def topk_mask(
+  scores: PyTree,
+  sparsity=None,
+  *,
+  budget: budgets.Budget = budgets.Global(),
+  prunable=None,
+  within: PyTree | None = None,
+) -> PyTree:
   """The mask keeping the highest ``scores`` under a sparsity budget.
 
   Pure and ``jit``-compatible. With a :class:`~sparsejax.budgets.Global` or
@@ -558,8 +558,11 @@ def topk_mask(scores: PyTree, sparsity=None, *,
   check_scores(scores, prunable)
   if within is not None:
     check_mask(within, scores)
-  shapes = {p: tuple(jnp.shape(x)) for (p, x), f in zip(
-      named_leaves(scores), jax.tree.leaves(prunable)) if f}
+  shapes = {
+    p: tuple(jnp.shape(x))
+    for (p, x), f in zip(named_leaves(scores), jax.tree.leaves(prunable))
+    if f
+  }
   return select_pools(scores, budget.pools(shapes, sparsity), within=within)
 
 
@@ -586,8 +589,7 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
   """
   names = paths(scores)
   leaves = jax.tree.leaves(scores)
-  keep_in = (jax.tree.leaves(within) if within is not None
-             else [None] * len(leaves))
+  keep_in = jax.tree.leaves(within) if within is not None else [None] * len(leaves)
 
   def prepared(i):
     s = jnp.ravel(leaves[i])
@@ -620,7 +622,7 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
       offset = 0
       for i in members:
         size = int(np.prod(jnp.shape(leaves[i])))
-        out[i] = keep[offset:offset + size].reshape(jnp.shape(leaves[i]))
+        out[i] = keep[offset : offset + size].reshape(jnp.shape(leaves[i]))
         offset += size
     else:
       for i in members:
@@ -633,8 +635,14 @@ def select_pools(scores: PyTree, pools, *, within: PyTree | None = None) -> PyTr
   return jax.tree.unflatten(jax.tree.structure(scores), out)
 
 
-def random_mask(key: jax.Array, params: PyTree, sparsity: float | None = None, *,
-                budget: budgets.Budget = budgets.ERK(), prunable=None) -> PyTree:
+def random_mask(
+  key: jax.Array,
+  params: PyTree,
+  sparsity: float | None = None,
+  *,
+  budget: budgets.Budget = budgets.ERK(),
+  prunable=None,
+) -> PyTree:
   """A uniformly random mask at ``sparsity`` under ``budget`` (DST's start).
 
   The exact counts of :func:`topk_mask` over i.i.d. uniform scores (leaf
@@ -660,7 +668,8 @@ def random_mask(key: jax.Array, params: PyTree, sparsity: float | None = None, *
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
   scores = jax.tree.unflatten(
-      treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)])
+    treedef, [jax.random.uniform(k, jnp.shape(x)) for k, x in zip(keys, leaves)]
+  )
   return topk_mask(scores, sparsity, budget=budget, prunable=prunable)
 
 
@@ -705,10 +714,13 @@ class MaskSummary:
 
   def as_dict(self) -> dict:
     return {
-        "sparsity": self.sparsity, "kept": self.kept, "total": self.total,
-        "collapsed": list(self.collapsed),
-        "layers": {l.path: {"kept": l.kept, "total": l.total,
-                            "sparsity": l.sparsity} for l in self.layers},
+      "sparsity": self.sparsity,
+      "kept": self.kept,
+      "total": self.total,
+      "collapsed": list(self.collapsed),
+      "layers": {
+        l.path: {"kept": l.kept, "total": l.total, "sparsity": l.sparsity} for l in self.layers
+      },
     }
 
   def __str__(self) -> str:
@@ -716,10 +728,8 @@ class MaskSummary:
     rows = [f"{'layer':<{width}}  {'kept':>10}  {'total':>10}  sparsity"]
     for l in self.layers:
       flag = "  COLLAPSED" if l.kept == 0 else ""
-      rows.append(f"{l.path:<{width}}  {l.kept:>10}  {l.total:>10}  "
-                  f"{l.sparsity:8.4f}{flag}")
-    rows.append(f"{'total':<{width}}  {self.kept:>10}  {self.total:>10}  "
-                f"{self.sparsity:8.4f}")
+      rows.append(f"{l.path:<{width}}  {l.kept:>10}  {l.total:>10}  {l.sparsity:8.4f}{flag}")
+    rows.append(f"{'total':<{width}}  {self.kept:>10}  {self.total:>10}  {self.sparsity:8.4f}")
     return "\n".join(rows)
 
 
@@ -745,7 +755,8 @@ def summary(mask: PyTree, prunable=None) -> MaskSummary:
   flags = jax.tree.leaves(prunable_tree(mask, prunable))
   counts = jax.device_get(jax.tree.map(lambda m: jnp.sum(m, dtype=jnp.int32), mask))
   layers = tuple(
-      LayerStats(path, int(c), int(np.prod(jnp.shape(m))))
-      for (path, m), c, f in zip(named_leaves(mask), jax.tree.leaves(counts), flags)
-      if f)
+    LayerStats(path, int(c), int(np.prod(jnp.shape(m))))
+    for (path, m), c, f in zip(named_leaves(mask), jax.tree.leaves(counts), flags)
+    if f
+  )
   return MaskSummary(layers)

@@ -66,17 +66,19 @@ def choose_devices(devices: Sequence[Any], num_devices: int) -> list[Any]:
   fewest = min(len(v) for v in per_host.values())
   if n % len(processes) or n // len(processes) > fewest:
     raise ValueError(
-        f"num_devices={n} cannot be split evenly over the {len(processes)} "
-        f"processes (at most {fewest} device(s) each): every process needs the "
-        f"same number of devices in the mesh; use a multiple of "
-        f"{len(processes)} up to {fewest * len(processes)}, or None for all "
-        f"{len(devices)}")
-  keep = {id(d) for v in per_host.values() for d in v[:n // len(processes)]}
+      f"num_devices={n} cannot be split evenly over the {len(processes)} "
+      f"processes (at most {fewest} device(s) each): every process needs the "
+      f"same number of devices in the mesh; use a multiple of "
+      f"{len(processes)} up to {fewest * len(processes)}, or None for all "
+      f"{len(devices)}"
+    )
+  keep = {id(d) for v in per_host.values() for d in v[: n // len(processes)]}
   return [d for d in devices if id(d) in keep]
 
 
-def make_mesh(num_devices: int | None = None,
-              devices: Iterable[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+  num_devices: int | None = None, devices: Iterable[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """A one-axis ``("data",)`` mesh over ``num_devices`` devices.
 
   On several processes the same number of devices comes from each one
@@ -91,8 +93,9 @@ def make_mesh(num_devices: int | None = None,
   """
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices) if num_devices is None else int(num_devices)
-  return jax.make_mesh((n,), (DATA_AXIS,), devices=choose_devices(devices, n),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh(
+    (n,), (DATA_AXIS,), devices=choose_devices(devices, n), axis_types=(jax.sharding.AxisType.Auto,)
+  )
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -113,8 +116,7 @@ def _from_host(x, sharding: NamedSharding) -> jax.Array:
   """
   x = np.asarray(x)
   x = x.astype(jax.dtypes.canonicalize_dtype(x.dtype), copy=False)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index],
-                                      dtype=x.dtype)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index], dtype=x.dtype)
 
 
 def put_replicated(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
@@ -138,8 +140,9 @@ def put_batch(tree: PyTree, mesh: jax.sharding.Mesh) -> PyTree:
   def put(x):
     x = np.asarray(x)
     if x.shape[0] % mesh.size:
-      raise ValueError(f"batch of {x.shape[0]} is not divisible by the "
-                       f"{mesh.size} devices of the mesh")
+      raise ValueError(
+        f"batch of {x.shape[0]} is not divisible by the {mesh.size} devices of the mesh"
+      )
     return _from_host(x, sharding)
 
   return jax.tree.map(put, tree)
@@ -150,8 +153,7 @@ def fingerprint(tree: PyTree) -> str:
   digest = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     leaf = np.ascontiguousarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:"
-                  f"{leaf.shape};".encode())
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype.str}:{leaf.shape};".encode())
     digest.update(leaf.tobytes())
   return digest.hexdigest()
 
@@ -173,15 +175,16 @@ def assert_same_across_processes(tree: PyTree, what: str = "data") -> None:
   if jax.process_count() == 1:
     return
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   digest = fingerprint(tree)
   mine = np.frombuffer(bytes.fromhex(digest), np.uint8)
   every = np.asarray(multihost_utils.process_allgather(mine))
-  differ = [p for p in range(len(every))
-            if not np.array_equal(every[p], every[0])]
+  differ = [p for p in range(len(every)) if not np.array_equal(every[p], every[0])]
   if differ:
     raise ValueError(
-        f"the {what} differs between processes: process(es) "
-        f"{', '.join(map(str, differ))} hold other {what} than process 0 "
-        f"(SHA-256 {digest[:12]}... on process "
-        f"{jax.process_index()}); every process must load the same {what} "
-        "(same dataset files, subset and seed)")
+      f"the {what} differs between processes: process(es) "
+      f"{', '.join(map(str, differ))} hold other {what} than process 0 "
+      f"(SHA-256 {digest[:12]}... on process "
+      f"{jax.process_index()}); every process must load the same {what} "
+      "(same dataset files, subset and seed)"
+    )

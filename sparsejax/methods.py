@@ -166,8 +166,10 @@ class Context:
       ValueError: either is unset.
     """
     if self.num_epochs is None or self.steps_per_epoch is None:
-      raise ValueError("this method needs the length of training: set "
-                       "Context.num_epochs and Context.steps_per_epoch")
+      raise ValueError(
+        "this method needs the length of training: set "
+        "Context.num_epochs and Context.steps_per_epoch"
+      )
     return int(self.num_epochs) * int(self.steps_per_epoch)
 
   def score_apply_fn(self, params: PyTree):
@@ -181,8 +183,9 @@ class Context:
     state = self.model_state
     if state is None:
       if self.input_shape is None:
-        raise ValueError("scoring with Context.model needs Context.input_shape "
-                         "(or Context.model_state)")
+        raise ValueError(
+          "scoring with Context.model needs Context.input_shape (or Context.model_state)"
+        )
       state = _fresh_model_state(self.model, tuple(self.input_shape))
     return scores.linen_apply_fn(self.model, {"params": params, **state})[1]
 
@@ -191,8 +194,7 @@ class Context:
 def _fresh_model_state(model, input_shape) -> dict:
   """The non-param collections of a fresh ``model.init`` (batch statistics do
   not depend on the key)."""
-  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)),
-                                   jax.random.key(0))
+  variables = state_lib.init_variables(model, jnp.zeros((1, *input_shape)), jax.random.key(0))
   return {k: v for k, v in variables.items() if k != "params"}
 
 
@@ -218,8 +220,7 @@ class Method:
     """The model that trains, from the plain ``model``; default ``model``."""
     return model
 
-  def initial_mask(self, ctx: Context, params: PyTree,
-                   mask: PyTree | None = None) -> PyTree | None:
+  def initial_mask(self, ctx: Context, params: PyTree, mask: PyTree | None = None) -> PyTree | None:
     """The starting mask of ``params``; ``mask`` is the one made so far (by
     the methods before this one in a composition). Default ``mask``."""
     del ctx, params
@@ -236,14 +237,16 @@ class Method:
     del params
     return mask
 
-  def learning_rate(self, schedule_fn: Callable[[int], optax.Schedule],
-                    ctx: Context) -> optax.Schedule:
+  def learning_rate(
+    self, schedule_fn: Callable[[int], optax.Schedule], ctx: Context
+  ) -> optax.Schedule:
     """The learning rate, from ``schedule_fn(num_epochs)``, the run's
     schedule for a run of ``num_epochs``; default ``schedule_fn(ctx.num_epochs)``."""
     return schedule_fn(ctx.num_epochs)
 
-  def optimizer(self, inner: optax.GradientTransformation, mask: PyTree | None,
-                ctx: Context) -> optax.GradientTransformation:
+  def optimizer(
+    self, inner: optax.GradientTransformation, mask: PyTree | None, ctx: Context
+  ) -> optax.GradientTransformation:
     """The optimiser around ``inner`` given the starting ``mask``; default
     ``inner`` (a fixed mask is applied by :func:`sparsejax.train.fit`'s
     ``mask=``)."""
@@ -288,12 +291,10 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
   """
 
   def decorate(cls):
-    if not (isinstance(cls, type) and issubclass(cls, Method)
-            and dataclasses.is_dataclass(cls)):
+    if not (isinstance(cls, type) and issubclass(cls, Method) and dataclasses.is_dataclass(cls)):
       raise ValueError(f"register({name!r}) needs a Method dataclass, got {cls!r}")
     if name in _REGISTRY:
-      raise ValueError(f"method name {name!r} is already registered "
-                       f"({_REGISTRY[name].__name__})")
+      raise ValueError(f"method name {name!r} is already registered ({_REGISTRY[name].__name__})")
     cls.name = name
     _REGISTRY[name] = cls
     return cls
@@ -310,8 +311,9 @@ def _lookup(name: str) -> type[Method]:
   try:
     return _REGISTRY[name]
   except (KeyError, TypeError):
-    raise ValueError(f"unknown method {name!r}; valid: {', '.join(_REGISTRY)} "
-                     "and 'compose'") from None
+    raise ValueError(
+      f"unknown method {name!r}; valid: {', '.join(_REGISTRY)} and 'compose'"
+    ) from None
 
 
 def fields(name: str) -> tuple[str, ...]:
@@ -323,15 +325,16 @@ def _config_value(value: Any) -> Any:
   """A field's default as a config value: budgets as their command-line names,
   methods as ``{"name": ..., **fields}``, tuples kept, mappings as dicts."""
   if isinstance(value, Method):
-    return {"name": value.name, **{f.name: _config_value(getattr(value, f.name))
-                                   for f in dataclasses.fields(value)}}
+    return {
+      "name": value.name,
+      **{f.name: _config_value(getattr(value, f.name)) for f in dataclasses.fields(value)},
+    }
   if isinstance(value, budgets.Budget):
     return _budget_name(value)
   if isinstance(value, Mapping):
     return {k: _config_value(v) for k, v in value.items()}
   if dataclasses.is_dataclass(value) and not isinstance(value, type):
-    return {f.name: _config_value(getattr(value, f.name))
-            for f in dataclasses.fields(value)}
+    return {f.name: _config_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
   return value
 
 
@@ -388,8 +391,7 @@ def _plain(value: Any) -> Any:
   return value
 
 
-def from_config(name: str | Mapping[str, Any],
-                mapping: Mapping[str, Any] | None = None) -> Method:
+def from_config(name: str | Mapping[str, Any], mapping: Mapping[str, Any] | None = None) -> Method:
   """Builds a method from its own sub-config.
 
   ``from_config("rigl", {"update_every": 100})``, or one mapping with the
@@ -405,8 +407,10 @@ def from_config(name: str | Mapping[str, Any],
   if not isinstance(name, str):
     settings = dict(_plain(name))
     if "name" not in settings:
-      raise ValueError(f"a method config needs a 'name' (one of "
-                       f"{', '.join(_REGISTRY)}), got keys {sorted(settings)}")
+      raise ValueError(
+        f"a method config needs a 'name' (one of "
+        f"{', '.join(_REGISTRY)}), got keys {sorted(settings)}"
+      )
     name = settings.pop("name")
     settings.update(_plain(mapping or {}))
   else:
@@ -414,15 +418,13 @@ def from_config(name: str | Mapping[str, Any],
   if name == "compose":
     unknown = sorted(set(settings) - {"methods"})
     if unknown:
-      raise ValueError(f"compose: unknown field(s) {unknown}; valid fields: "
-                       "['methods']")
+      raise ValueError(f"compose: unknown field(s) {unknown}; valid fields: ['methods']")
     return compose(*(as_method(m) for m in settings.get("methods", ())))
   cls = _lookup(name)
   valid = fields(name)
   unknown = sorted(set(settings) - set(valid))
   if unknown:
-    raise ValueError(f"method {name!r}: unknown field(s) {unknown}; valid "
-                     f"fields: {sorted(valid)}")
+    raise ValueError(f"method {name!r}: unknown field(s) {unknown}; valid fields: {sorted(valid)}")
   for key in getattr(cls, "method_fields", ()):
     if key in settings:
       settings[key] = as_method(settings[key])
@@ -441,8 +443,9 @@ def as_method(value: Method | str | Mapping[str, Any]) -> Method:
 
 def _no_prior_mask(method: Method, mask) -> None:
   if mask is not None:
-    raise ValueError(f"{type(method).__name__} makes its own starting mask; "
-                     "compose it with no other mask method")
+    raise ValueError(
+      f"{type(method).__name__} makes its own starting mask; compose it with no other mask method"
+    )
 
 
 def _choice(value, valid, name) -> None:
@@ -502,9 +505,11 @@ class _PruneAtInit(Method):
     budget = _as_budget(self.budget, f"{cls}.budget")
     if isinstance(budget, budgets.NM):
       if self.sparsity is not None and abs(self.sparsity - budget.sparsity) > 1e-9:
-        raise ValueError(f"{cls}.sparsity must be None or {budget.sparsity:g} "
-                         f"(1 - N/M) with budget {self.budget!r}, got "
-                         f"{self.sparsity!r}")
+        raise ValueError(
+          f"{cls}.sparsity must be None or {budget.sparsity:g} "
+          f"(1 - N/M) with budget {self.budget!r}, got "
+          f"{self.sparsity!r}"
+        )
     else:
       _checks.number(self.sparsity, f"{cls}.sparsity", 0.0, 1.0, hi_open=True)
     if self.rounds is not None:
@@ -526,9 +531,15 @@ class _PruneAtInit(Method):
     budget = self.budget_object
     nm = isinstance(_as_budget(self.budget, "budget"), budgets.NM)
     return scores.prune_at_init(
-        self.name, params, sparsity=None if nm else float(self.sparsity),
-        budget=budget, prunable=ctx.prunable, rounds=self.rounds,
-        **self._method_kwargs(ctx), **self._data(ctx, params))
+      self.name,
+      params,
+      sparsity=None if nm else float(self.sparsity),
+      budget=budget,
+      prunable=ctx.prunable,
+      rounds=self.rounds,
+      **self._method_kwargs(ctx),
+      **self._data(ctx, params),
+    )
 
   def _data(self, ctx, params) -> dict:
     return {}
@@ -666,8 +677,7 @@ class Ticket(Method):
 
   def __post_init__(self):
     if not self.path:
-      raise ValueError("Ticket.path must name a ticket directory, got "
-                       f"{self.path!r}")
+      raise ValueError(f"Ticket.path must name a ticket directory, got {self.path!r}")
 
   def initial_mask(self, ctx, params, mask=None):
     """The ticket's mask, checked against ``params``."""
@@ -730,12 +740,12 @@ class IMP(Method):
   def __post_init__(self):
     _choice(self.schedule, lottery.SCHEDULES, "IMP.schedule")
     if type(_as_budget(self.budget, "IMP.budget")) not in lottery.BUDGETS:
-      raise ValueError(f"IMP.budget must be 'global' or 'uniform' (Global() or "
-                       f"Uniform()), got {self.budget!r}")
+      raise ValueError(
+        f"IMP.budget must be 'global' or 'uniform' (Global() or Uniform()), got {self.budget!r}"
+      )
     _checks.step(self.rewind_step, "IMP.rewind_step")
     if self.prune_from_step is not None:
-      _checks.step(self.prune_from_step, "IMP.prune_from_step",
-                   int(self.rewind_step) + 1)
+      _checks.step(self.prune_from_step, "IMP.prune_from_step", int(self.rewind_step) + 1)
     if self.sparsities is not None:
       object.__setattr__(self, "sparsities", tuple(self.sparsities))
     self.sparsities_per_level()  # checks the schedule's fields
@@ -746,26 +756,39 @@ class IMP(Method):
     if levels is None and self.schedule != "explicit":
       levels = 20
     return lottery.level_sparsities(
-        levels, self.schedule, fraction=self.fraction,
-        final_sparsity=self.final_sparsity, sparsities=self.sparsities)
+      levels,
+      self.schedule,
+      fraction=self.fraction,
+      final_sparsity=self.final_sparsity,
+      sparsities=self.sparsities,
+    )
 
   def initial_mask(self, ctx, params, mask=None):
     """Level 0 is dense, in the sparse format: ``masks.ones_like(params)``."""
     _no_prior_mask(self, mask)
     return masks.ones_like(params)
 
-  def run(self, init: state_lib.TrainState, train_fn: lottery.TrainFn,
-          ctx: Context = Context(),
-          callback: Callable[[lottery.Level, state_lib.TrainState], None] | None = None,
-          known_masks: Mapping[int, PyTree] | None = None) -> lottery.IMPResult:
+  def run(
+    self,
+    init: state_lib.TrainState,
+    train_fn: lottery.TrainFn,
+    ctx: Context = Context(),
+    callback: Callable[[lottery.Level, state_lib.TrainState], None] | None = None,
+    known_masks: Mapping[int, PyTree] | None = None,
+  ) -> lottery.IMPResult:
     """The level loop, :func:`sparsejax.lottery.imp` with these settings and
     ``ctx.prunable``."""
-    return lottery.imp(init, train_fn, self.sparsities_per_level(),
-                       rewind_step=int(self.rewind_step),
-                       prune_from_step=self.prune_from_step,
-                       prunable=ctx.prunable,
-                       budget=_as_budget(self.budget, "IMP.budget"),
-                       callback=callback, known_masks=known_masks)
+    return lottery.imp(
+      init,
+      train_fn,
+      self.sparsities_per_level(),
+      rewind_step=int(self.rewind_step),
+      prune_from_step=self.prune_from_step,
+      prunable=ctx.prunable,
+      budget=_as_budget(self.budget, "IMP.budget"),
+      callback=callback,
+      known_masks=known_masks,
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -800,13 +823,16 @@ class _DST(Method):
   def __post_init__(self):
     cls = type(self).__name__
     _checks.step(self.update_every, f"{cls}.update_every", 1)
-    _checks.number(self.end, f"{cls}.end", 0.0, 1.0, lo_open=True,
-                   why="a fraction of training")
+    _checks.number(self.end, f"{cls}.end", 0.0, 1.0, lo_open=True, why="a fraction of training")
 
   def _common(self, ctx: Context, extra_updates) -> dict:
-    return dict(update_every=int(self.update_every),
-                skip_update=bool(self.skip_update), prunable=ctx.prunable,
-                seed=int(ctx.seed), extra_updates=tuple(extra_updates))
+    return dict(
+      update_every=int(self.update_every),
+      skip_update=bool(self.skip_update),
+      prunable=ctx.prunable,
+      seed=int(ctx.seed),
+      extra_updates=tuple(extra_updates),
+    )
 
   def _end_step(self, ctx: Context) -> int:
     return round(float(self.end) * ctx.total_steps)
@@ -815,8 +841,7 @@ class _DST(Method):
     """The DST optimiser around ``inner`` from ``mask``."""
     return self.dst_optimizer(inner, mask, ctx)
 
-  def dst_optimizer(self, inner, mask, ctx: Context,
-                    extra_updates: dst.ExtraUpdates = ()):
+  def dst_optimizer(self, inner, mask, ctx: Context, extra_updates: dst.ExtraUpdates = ()):
     """:meth:`sparsejax.methods.Method.optimizer` with ``extra_updates`` (see
     :func:`sparsejax.dst.dynamic_sparse`), e.g. Sup-tickets' cycle starts."""
     raise NotImplementedError
@@ -864,28 +889,35 @@ class _DropAndGrow(_DST):
     cls = type(self).__name__
     _checks.fraction(self.alpha, f"{cls}.alpha")
     _choice(self.drop_schedule, ("cosine", "constant"), f"{cls}.drop_schedule")
-    if self.nm is not None and not isinstance(
-        _as_budget(self.nm, f"{cls}.nm"), budgets.NM):
-      raise ValueError(f"{cls}.nm must be None or 'N:M' such as '2:4', got "
-                       f"{self.nm!r}")
+    if self.nm is not None and not isinstance(_as_budget(self.nm, f"{cls}.nm"), budgets.NM):
+      raise ValueError(f"{cls}.nm must be None or 'N:M' such as '2:4', got {self.nm!r}")
 
   def initial_mask(self, ctx, params, mask=None):
     """The mask of the composed mask method (required)."""
     if mask is None:
       raise ValueError(
-          f"{type(self).__name__} needs a starting mask: compose it with a mask "
-          f"method, e.g. methods.compose(methods.Random(0.9, budget='erk'), "
-          f"methods.{type(self).__name__}())")
+        f"{type(self).__name__} needs a starting mask: compose it with a mask "
+        f"method, e.g. methods.compose(methods.Random(0.9, budget='erk'), "
+        f"methods.{type(self).__name__}())"
+      )
     return mask
 
   def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
     self.initial_mask(ctx, None, mask)
     end = self._end_step(ctx)
-    fraction = (dst.cosine_drop_fraction(float(self.alpha), end)
-                if self.drop_schedule == "cosine" else float(self.alpha))
-    return type(self)._wrapper(inner, mask, drop_fraction=fraction, end_step=end,
-                               nm=None if self.nm is None else _as_budget(self.nm, "nm"),
-                               **self._common(ctx, extra_updates))
+    fraction = (
+      dst.cosine_drop_fraction(float(self.alpha), end)
+      if self.drop_schedule == "cosine"
+      else float(self.alpha)
+    )
+    return type(self)._wrapper(
+      inner,
+      mask,
+      drop_fraction=fraction,
+      end_step=end,
+      nm=None if self.nm is None else _as_budget(self.nm, "nm"),
+      **self._common(ctx, extra_updates),
+    )
 
 
 @register("set")
@@ -961,19 +993,33 @@ class SRigL(_DST):
 
   def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
     end = self._end_step(ctx)
-    fraction = (dst.cosine_drop_fraction(float(self.alpha), end)
-                if self.drop_schedule == "cosine" else float(self.alpha))
+    fraction = (
+      dst.cosine_drop_fraction(float(self.alpha), end)
+      if self.drop_schedule == "cosine"
+      else float(self.alpha)
+    )
     ablatable = None
     if not self.ablate_classifier:
       if ctx.model is None or ctx.input_shape is None:
-        raise ValueError("SRigL needs Context.model and Context.input_shape to "
-                         "keep the classifier's units (ablate_classifier=False)")
+        raise ValueError(
+          "SRigL needs Context.model and Context.input_shape to "
+          "keep the classifier's units (ablate_classifier=False)"
+        )
       ablatable = dataclasses.replace(
-          masks.KEEP_CLASSIFIER_DENSE, order=models.layer_order(
-              ctx.model, jax.ShapeDtypeStruct((1, *ctx.input_shape), jnp.float32)))
-    return dst.srigl_optimizer(inner, mask, end_step=end, drop_fraction=fraction,
-                               ablation_threshold=float(self.ablation_threshold),
-                               ablatable=ablatable, **self._common(ctx, extra_updates))
+        masks.KEEP_CLASSIFIER_DENSE,
+        order=models.layer_order(
+          ctx.model, jax.ShapeDtypeStruct((1, *ctx.input_shape), jnp.float32)
+        ),
+      )
+    return dst.srigl_optimizer(
+      inner,
+      mask,
+      end_step=end,
+      drop_fraction=fraction,
+      ablation_threshold=float(self.ablation_threshold),
+      ablatable=ablatable,
+      **self._common(ctx, extra_updates),
+    )
 
   def callbacks(self, ctx):
     """Mask churn and ``ablated_units`` in every epoch record."""
@@ -1003,11 +1049,18 @@ class _Gradual(_DST):
     super().__post_init__()
     cls = type(self).__name__
     _checks.number(self.sparsity, f"{cls}.sparsity", 0.0, 1.0, hi_open=True)
-    _checks.number(self.initial_sparsity, f"{cls}.initial_sparsity", 0.0,
-                   float(self.sparsity), why="at most the final sparsity")
+    _checks.number(
+      self.initial_sparsity,
+      f"{cls}.initial_sparsity",
+      0.0,
+      float(self.sparsity),
+      why="at most the final sparsity",
+    )
     if isinstance(_as_budget(self.budget, f"{cls}.budget"), budgets.NM):
-      raise ValueError(f"{cls}.budget: gradual pruning is a global ranking and "
-                       f"cannot keep an N:M budget, got {self.budget!r}")
+      raise ValueError(
+        f"{cls}.budget: gradual pruning is a global ranking and "
+        f"cannot keep an N:M budget, got {self.budget!r}"
+      )
     pe = tuple(self.prune_epochs)
     if len(pe) != 2:
       raise ValueError(f"{cls}.prune_epochs must be (start, end), got {pe!r}")
@@ -1020,22 +1073,32 @@ class _Gradual(_DST):
     s0 = float(self.initial_sparsity)
     if s0 == 0:
       return masks.ones_like(params)
-    return masks.random_mask(jax.random.fold_in(ctx.key, DST_MASK_KEY), params, s0,
-                             budget=_as_budget(self.budget, "budget"),
-                             prunable=ctx.prunable)
+    return masks.random_mask(
+      jax.random.fold_in(ctx.key, DST_MASK_KEY),
+      params,
+      s0,
+      budget=_as_budget(self.budget, "budget"),
+      prunable=ctx.prunable,
+    )
 
   def _schedule_kwargs(self, ctx, extra_updates) -> dict:
-    start, stop = (_epoch_step(v, int(ctx.num_epochs), int(ctx.steps_per_epoch))
-                   for v in self.prune_epochs)
+    start, stop = (
+      _epoch_step(v, int(ctx.num_epochs), int(ctx.steps_per_epoch)) for v in self.prune_epochs
+    )
     total = ctx.total_steps
     if stop > total or start >= stop:
       raise ValueError(
-          f"{type(self).__name__}.prune_epochs={self.prune_epochs} gives steps "
-          f"{start} to {stop}: they must be increasing and within the "
-          f"{total} steps of training ({ctx.num_epochs} epochs)")
-    return dict(final_sparsity=float(self.sparsity),
-                initial_sparsity=float(self.initial_sparsity), start_step=start,
-                end_step=stop, **self._common(ctx, extra_updates))
+        f"{type(self).__name__}.prune_epochs={self.prune_epochs} gives steps "
+        f"{start} to {stop}: they must be increasing and within the "
+        f"{total} steps of training ({ctx.num_epochs} epochs)"
+      )
+    return dict(
+      final_sparsity=float(self.sparsity),
+      initial_sparsity=float(self.initial_sparsity),
+      start_step=start,
+      end_step=stop,
+      **self._common(ctx, extra_updates),
+    )
 
 
 @register("gmp")
@@ -1087,9 +1150,13 @@ class GraNet(_Gradual):
     _checks.fraction(self.alpha, "GraNet.alpha")
 
   def dst_optimizer(self, inner, mask, ctx, extra_updates=()):
-    return dst.granet_optimizer(inner, mask, regrow_end_step=self._end_step(ctx),
-                      alpha=float(self.alpha),
-                      **self._schedule_kwargs(ctx, extra_updates))
+    return dst.granet_optimizer(
+      inner,
+      mask,
+      regrow_end_step=self._end_step(ctx),
+      alpha=float(self.alpha),
+      **self._schedule_kwargs(ctx, extra_updates),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -1142,8 +1209,9 @@ class SupTickets(Method):
 
   def __post_init__(self):
     if not isinstance(self.dst, _DST):
-      raise ValueError(f"SupTickets.dst must be a DST method (set, rigl, gmp, "
-                       f"granet), got {self.dst!r}")
+      raise ValueError(
+        f"SupTickets.dst must be a DST method (set, rigl, gmp, granet), got {self.dst!r}"
+      )
     _checks.step(self.cycles, "SupTickets.cycles", 1)
     _checks.step(self.cycle_epochs, "SupTickets.cycle_epochs", 1)
     _checks.number(self.lr1, "SupTickets.lr1", 0.0, lo_open=True)
@@ -1159,12 +1227,13 @@ class SupTickets(Method):
   def plan(self, ctx: Context) -> suptickets.Plan:
     """The run's :class:`sparsejax.suptickets.Plan`."""
     if ctx.num_epochs is None or ctx.steps_per_epoch is None:
-      raise ValueError("SupTickets needs Context.num_epochs and "
-                       "Context.steps_per_epoch")
-    return suptickets.Plan(num_epochs=int(ctx.num_epochs),
-                           num_cycles=int(self.cycles),
-                           cycle_epochs=int(self.cycle_epochs),
-                           steps_per_epoch=int(ctx.steps_per_epoch))
+      raise ValueError("SupTickets needs Context.num_epochs and Context.steps_per_epoch")
+    return suptickets.Plan(
+      num_epochs=int(ctx.num_epochs),
+      num_cycles=int(self.cycles),
+      cycle_epochs=int(self.cycle_epochs),
+      steps_per_epoch=int(ctx.steps_per_epoch),
+    )
 
   def phase(self, ctx: Context) -> Context:
     """``ctx`` of the DST phase: ``num_epochs = E − C·M``."""
@@ -1178,8 +1247,9 @@ class SupTickets(Method):
     """``schedule_fn(E − C·M)`` for the DST phase, then the cyclic rate
     (:meth:`sparsejax.suptickets.Plan.learning_rate`)."""
     plan = self.plan(ctx)
-    return plan.learning_rate(schedule_fn(plan.dst_epochs), float(self.lr1),
-                              float(self.lr2), self.lr_shape)
+    return plan.learning_rate(
+      schedule_fn(plan.dst_epochs), float(self.lr1), float(self.lr2), self.lr_shape
+    )
 
   def optimizer(self, inner, mask, ctx):
     """The DST optimiser over the phase, with the cycle starts' large
@@ -1190,9 +1260,13 @@ class SupTickets(Method):
 
   def _superpose(self, ctx: Context) -> suptickets.Superpose:
     return suptickets.Superpose(
-        self.plan(ctx), ema=self.ema, prunable=ctx.prunable,
-        bn_batch_size=self.bn_batch_size, bn_variance=self.bn_variance,
-        evaluate_tickets=bool(self.evaluate_tickets))
+      self.plan(ctx),
+      ema=self.ema,
+      prunable=ctx.prunable,
+      bn_batch_size=self.bn_batch_size,
+      bn_variance=self.bn_variance,
+      evaluate_tickets=bool(self.evaluate_tickets),
+    )
 
   def hooks(self, ctx):
     """The DST method's hooks and the superposition's state
@@ -1215,8 +1289,7 @@ def _ramp(value, name: str) -> tost.Ramp | None:
     return value
   value = tuple(value)
   if len(value) != 4:
-    raise ValueError(f"ToST.{name} must be a tost.Ramp or (start, end, hold, "
-                     f"stop), got {value!r}")
+    raise ValueError(f"ToST.{name} must be a tost.Ramp or (start, end, hold, stop), got {value!r}")
   return tost.Ramp(*(float(v) for v in value))
 
 
@@ -1255,17 +1328,18 @@ class ToST(Method):
       known = {f.name for f in dataclasses.fields(tost.LRsI)}
       unknown = sorted(set(self.lrsi) - known)
       if unknown:
-        raise ValueError(f"ToST.lrsi has unknown field(s) {unknown}; valid "
-                         f"fields: {sorted(known)}")
+        raise ValueError(f"ToST.lrsi has unknown field(s) {unknown}; valid fields: {sorted(known)}")
     _ = self.recipe  # checks the ramps against the preset
 
   @property
   def recipe(self) -> tost.ToST:
     """The :class:`sparsejax.tost.ToST` of these settings."""
     recipe = tost.preset(self.preset)
-    changes = {n: getattr(self, n) for n in
-               ("soft_neurons", "ghost_skips", "label_smoothing")
-               if getattr(self, n) is not None}
+    changes = {
+      n: getattr(self, n)
+      for n in ("soft_neurons", "ghost_skips", "label_smoothing")
+      if getattr(self, n) is not None
+    }
     if isinstance(self.lrsi, tost.LRsI):
       changes["lrsi"] = self.lrsi
     elif self.lrsi and recipe.lrsi is not None:
@@ -1282,9 +1356,10 @@ class ToST(Method):
     if recipe.ghost_skips is not None:
       if "ghost_skips" not in {f.name for f in dataclasses.fields(model)}:
         raise ValueError(
-            f"ghost skip connections are defined for the basic blocks of "
-            f"residual networks; {type(model).__name__} has none. Use ToST "
-            "without them, e.g. ToST('ghost', ...) with another preset")
+          f"ghost skip connections are defined for the basic blocks of "
+          f"residual networks; {type(model).__name__} has none. Use ToST "
+          "without them, e.g. ToST('ghost', ...) with another preset"
+        )
       changes["ghost_skips"] = True
     return model.clone(**changes) if changes else model
 
@@ -1335,8 +1410,7 @@ class SparseInit(Method):
     if self.scale is not None:
       _checks.number(self.scale, "SparseInit.scale", 0.0, lo_open=True)
     _choice(self.mode, gradient_flow.MODES, "SparseInit.mode")
-    _choice(self.distribution, gradient_flow.DISTRIBUTIONS,
-            "SparseInit.distribution")
+    _choice(self.distribution, gradient_flow.DISTRIBUTIONS, "SparseInit.distribution")
 
   def reinit(self, ctx: Context, params: PyTree, mask: PyTree) -> PyTree:
     """The redrawn params, masked."""
@@ -1344,8 +1418,13 @@ class SparseInit(Method):
     if scale is None:
       scale = getattr(ctx.model, "init_gain", None)
     new = gradient_flow.sparse_init(
-        jax.random.fold_in(ctx.key, SPARSE_INIT_KEY), params, mask, scale=scale,
-        mode=self.mode, distribution=self.distribution)
+      jax.random.fold_in(ctx.key, SPARSE_INIT_KEY),
+      params,
+      mask,
+      scale=scale,
+      mode=self.mode,
+      distribution=self.distribution,
+    )
     return masks.apply(new, mask)
 
   def init_state(self, state, ctx):
@@ -1389,8 +1468,7 @@ class Composed(Method):
     if "imp" in kinds and len(self.methods) > 1:
       raise ValueError("IMP runs alone: compose it with no other method")
     if "dst" in kinds and any(isinstance(m, ToST) for m in self.methods):
-      raise ValueError("ToST with a DST method is not supported: ToST trains a "
-                       "fixed mask")
+      raise ValueError("ToST with a DST method is not supported: ToST trains a fixed mask")
     if sum(m.loss_fn() is not None for m in self.methods) > 1:
       raise ValueError("more than one composed method gives a loss")
 
@@ -1512,27 +1590,35 @@ class Built:
   def fit_kwargs(self) -> dict[str, Any]:
     """Keyword arguments of :func:`sparsejax.train.fit` besides ``dataset``,
     ``workdir``, the length of training and ``options``."""
-    return dict(model=self.model, init=self.init, scalars=self.scalars or None,
-                loss_fn=self.loss_fn, hooks=self.hooks, callbacks=self.callbacks)
+    return dict(
+      model=self.model,
+      init=self.init,
+      scalars=self.scalars or None,
+      loss_fn=self.loss_fn,
+      hooks=self.hooks,
+      callbacks=self.callbacks,
+    )
 
 
 def _makes_mask(method: Method) -> bool:
   """Whether ``method`` makes a starting mask (not dense)."""
   if isinstance(method, Composed):
     return any(_makes_mask(m) for m in method.methods)
-  return (type(method).initial_mask is not Method.initial_mask
-          and not isinstance(method, Dense))
+  return type(method).initial_mask is not Method.initial_mask and not isinstance(method, Dense)
 
 
 def _is_traced(tree) -> bool:
   return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
-def build(method: Method, model: nn.Module,
-          inner: optax.GradientTransformation | Callable[[optax.Schedule],
-                                                         optax.GradientTransformation],
-          ctx: Context, *,
-          base_lr: Callable[[int], optax.Schedule] | None = None) -> Built:
+def build(
+  method: Method,
+  model: nn.Module,
+  inner: optax.GradientTransformation | Callable[[optax.Schedule], optax.GradientTransformation],
+  ctx: Context,
+  *,
+  base_lr: Callable[[int], optax.Schedule] | None = None,
+) -> Built:
   """A method's parts for one run, independent of any config.
 
   1. ``trained = method.model(model)``;
@@ -1561,13 +1647,15 @@ def build(method: Method, model: nn.Module,
   trained = method.model(model)
   if callable(inner) and not isinstance(inner, optax.GradientTransformation):
     if base_lr is None:
-      raise ValueError("inner is a function of the learning rate: pass base_lr "
-                       "(num_epochs -> schedule)")
+      raise ValueError(
+        "inner is a function of the learning rate: pass base_lr (num_epochs -> schedule)"
+      )
     inner = inner(method.learning_rate(base_lr, ctx))
   ctx = dataclasses.replace(ctx, model=ctx.model if ctx.model is not None else model)
   sample = jnp.zeros((1, *ctx.input_shape), jnp.float32)
   abstract = jax.eval_shape(
-      lambda: state_lib.create_train_state(trained, inner, sample, ctx.key)).params
+    lambda: state_lib.create_train_state(trained, inner, sample, ctx.key)
+  ).params
   probe = method.optimizer(inner, masks.ones_like(abstract), ctx)
   holds = optim.find_mask(jax.eval_shape(probe.init, abstract)) is not None
   if holds:  # DST: the optimiser holds its starting mask
@@ -1592,18 +1680,53 @@ def build(method: Method, model: nn.Module,
   if ctx.num_epochs is not None and ctx.steps_per_epoch is not None:
     scalars = dict(method.scalars(ctx.total_steps))
   elif method.scalars(1):
-    raise ValueError("this method has per-step scalars: set Context.num_epochs "
-                     "and Context.steps_per_epoch")
+    raise ValueError(
+      "this method has per-step scalars: set Context.num_epochs and Context.steps_per_epoch"
+    )
   else:
     scalars = {}
-  return Built(model=trained, init=init, scalars=scalars, loss_fn=method.loss_fn(),
-               hooks=tuple(method.hooks(ctx)), callbacks=tuple(method.callbacks(ctx)))
+  return Built(
+    model=trained,
+    init=init,
+    scalars=scalars,
+    loss_fn=method.loss_fn(),
+    hooks=tuple(method.hooks(ctx)),
+    callbacks=tuple(method.callbacks(ctx)),
+  )
 
 
 __all__ = [
-    "Built", "Composed", "Context", "DST_MASK_KEY", "Dense", "GMP", "GraNet", "GraSP",
-    "IMP", "KINDS", "MASK_KEY", "Magnitude", "Method", "Random", "RigL", "SET", "SNIP", "SRigL",
-    "SPARSE_INIT_KEY", "SparseInit", "SupTickets", "SynFlow", "Ticket", "ToST",
-    "as_method", "build", "compose", "default_config", "fields", "from_config", "get",
-    "names", "register",
+  "Built",
+  "Composed",
+  "Context",
+  "DST_MASK_KEY",
+  "Dense",
+  "GMP",
+  "GraNet",
+  "GraSP",
+  "IMP",
+  "KINDS",
+  "MASK_KEY",
+  "Magnitude",
+  "Method",
+  "Random",
+  "RigL",
+  "SET",
+  "SNIP",
+  "SRigL",
+  "SPARSE_INIT_KEY",
+  "SparseInit",
+  "SupTickets",
+  "SynFlow",
+  "Ticket",
+  "ToST",
+  "as_method",
+  "build",
+  "compose",
+  "default_config",
+  "fields",
+  "from_config",
+  "get",
+  "names",
+  "register",
 ]

@@ -54,8 +54,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 class _JsonLines:
   """An append-only JSON-lines file truncated to the records that ``keep``."""
 
-  def __init__(self, path: epath.Path, keep: Callable[[dict], bool],
-               create: bool = True):
+  def __init__(self, path: epath.Path, keep: Callable[[dict], bool], create: bool = True):
     self._path = path
     self.path = str(path)
     self.active = jax.process_index() == 0
@@ -64,8 +63,7 @@ class _JsonLines:
       self._rewrite()
 
   def _rewrite(self) -> None:
-    _paths.write_text(self._path,
-                      "".join(json.dumps(r) + "\n" for r in self.records))
+    _paths.write_text(self._path, "".join(json.dumps(r) + "\n" for r in self.records))
 
   def append(self, records: Iterable[dict]) -> None:
     records = [dict(r) for r in records]
@@ -96,21 +94,22 @@ class MetricsLog:
       module docstring for the locations tensorboardX can write).
   """
 
-  def __init__(self, workdir: str | os.PathLike, epochs_done: int = 0,
-               tensorboard: bool = True):
+  def __init__(self, workdir: str | os.PathLike, epochs_done: int = 0, tensorboard: bool = True):
     workdir = _paths.resolve(workdir)
-    self._file = _JsonLines(workdir / METRICS_FILE,
-                            lambda r: int(r.get("epoch", 0)) <= epochs_done)
+    self._file = _JsonLines(workdir / METRICS_FILE, lambda r: int(r.get("epoch", 0)) <= epochs_done)
     self.path = self._file.path
     kept = [int(r["epoch"]) for r in self._file.records]
     if len(kept) != len(set(kept)) or (epochs_done and not kept):
-      logger.warning("%s holds epochs %s for a checkpoint after epoch %d",
-                     self.path, kept, epochs_done)
+      logger.warning(
+        "%s holds epochs %s for a checkpoint after epoch %d", self.path, kept, epochs_done
+      )
     self.writer = None
     if tensorboard and self._file.active:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self.writer = SummaryWriter(str(workdir / "tb"),
-                                  purge_step=epochs_done + 1 if epochs_done else None)
+
+      self.writer = SummaryWriter(
+        str(workdir / "tb"), purge_step=epochs_done + 1 if epochs_done else None
+      )
 
   @property
   def history(self) -> list[dict]:
@@ -123,8 +122,7 @@ class MetricsLog:
     if self.writer is not None:
       epoch = record["epoch"]
       for k, v in record.items():
-        if k in ("epoch", "step") or isinstance(v, bool) or not isinstance(
-            v, (int, float)):
+        if k in ("epoch", "step") or isinstance(v, bool) or not isinstance(v, (int, float)):
           continue
         split, _, name = k.partition("_")
         tag = f"{split}/{name}" if split in ("train", "test") and name else k
@@ -145,9 +143,11 @@ class StepLog:
   """
 
   def __init__(self, workdir: str | os.PathLike, steps_done: int = 0):
-    self._file = _JsonLines(_paths.resolve(workdir) / STEPS_FILE,
-                            lambda r: int(r.get("step", 0)) <= steps_done,
-                            create=False)
+    self._file = _JsonLines(
+      _paths.resolve(workdir) / STEPS_FILE,
+      lambda r: int(r.get("step", 0)) <= steps_done,
+      create=False,
+    )
     self.path = self._file.path
 
   @property

@@ -74,8 +74,7 @@ def scalar_names(model: nn.Module) -> frozenset[str]:
   return frozenset(getattr(model, "scalar_names", ()))
 
 
-def model_scalars(model: nn.Module, scalars: Mapping[str, Any] | None
-                  ) -> dict[str, Any]:
+def model_scalars(model: nn.Module, scalars: Mapping[str, Any] | None) -> dict[str, Any]:
   """The entries of ``scalars`` that ``model`` reads (:func:`scalar_names`);
   the others (e.g. a loss's) are left out, not refused."""
   names = scalar_names(model)
@@ -98,16 +97,22 @@ def check_scalars(model: nn.Module, names) -> None:
   if unknown:
     reads = ", ".join(sorted(known)) or "none"
     raise ValueError(
-        f"the model {type(model).__name__} reads no scalar "
-        f"{', '.join(map(repr, unknown))}; it reads: {reads} (its scalar_names; "
-        "act_coef needs an activation that reads its coefficient, e.g. "
-        "activations.blend(); ghost_coef needs ghost_skips=True)")
+      f"the model {type(model).__name__} reads no scalar "
+      f"{', '.join(map(repr, unknown))}; it reads: {reads} (its scalar_names; "
+      "act_coef needs an activation that reads its coefficient, e.g. "
+      "activations.blend(); ghost_coef needs ghost_skips=True)"
+    )
 
 
-def apply_model(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
-                *, train: bool, scalars: Mapping[str, Any] | None = None,
-                rngs: Mapping[str, jax.Array] | None = None
-                ) -> tuple[jax.Array, dict]:
+def apply_model(
+  model: nn.Module,
+  variables: Mapping[str, PyTree],
+  x: jax.Array,
+  *,
+  train: bool,
+  scalars: Mapping[str, Any] | None = None,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, dict]:
   """``model.apply`` with the model state, the scalars and the CPU fast path.
 
   Every collection of ``variables`` but ``'params'`` (e.g. ``'batch_stats'``)
@@ -141,19 +146,23 @@ def apply_model(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
     feed[scalars_lib.COLLECTION] = scalars
   with _xla_cpu.fast_path():
     if train and state:
-      logits, updates = model.apply(feed, x, train=True, mutable=list(state),
-                                    rngs=rngs)
+      logits, updates = model.apply(feed, x, train=True, mutable=list(state), rngs=rngs)
       return logits, dict(updates)
     return model.apply(feed, x, train=train, rngs=rngs), state
 
 
-def loss_and_logits(model: nn.Module, params: PyTree,
-                    model_state: Mapping[str, PyTree] | None, x: jax.Array,
-                    y: jax.Array, loss_fn: LossFn, *,
-                    scalars: Mapping[str, Any] | None = None,
-                    loss_scalars: Mapping[str, Any] | None = None,
-                    rngs: Mapping[str, jax.Array] | None = None
-                    ) -> tuple[jax.Array, tuple[jax.Array, dict]]:
+def loss_and_logits(
+  model: nn.Module,
+  params: PyTree,
+  model_state: Mapping[str, PyTree] | None,
+  x: jax.Array,
+  y: jax.Array,
+  loss_fn: LossFn,
+  *,
+  scalars: Mapping[str, Any] | None = None,
+  loss_scalars: Mapping[str, Any] | None = None,
+  rngs: Mapping[str, jax.Array] | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, dict]]:
   """The mean training loss of ``model`` on ``(x, y)``, differentiable in ``params``.
 
   The model runs in training mode (:func:`apply_model`) with the entries of
@@ -179,8 +188,9 @@ def loss_and_logits(model: nn.Module, params: PyTree,
   """
   scalars = dict(scalars or {})
   variables = {"params": params, **(model_state or {})}
-  logits, new_state = apply_model(model, variables, x, train=True,
-                                  scalars=model_scalars(model, scalars), rngs=rngs)
+  logits, new_state = apply_model(
+    model, variables, x, train=True, scalars=model_scalars(model, scalars), rngs=rngs
+  )
   loss = jnp.mean(loss_fn(logits, y, scalars if loss_scalars is None else loss_scalars))
   return loss, (logits, new_state)
 
@@ -211,12 +221,12 @@ def loop_body(fn: Callable) -> Callable:
 
 
 __all__ = [
-    "LossFn",
-    "apply_model",
-    "check_scalars",
-    "loop_body",
-    "loss_and_logits",
-    "model_scalars",
-    "scalar_names",
-    "second_order",
+  "LossFn",
+  "apply_model",
+  "check_scalars",
+  "loop_body",
+  "loss_and_logits",
+  "model_scalars",
+  "scalar_names",
+  "second_order",
 ]

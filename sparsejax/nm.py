@@ -70,12 +70,13 @@ def check_nm(mask: PyTree, budget: budgets.NM, prunable=None) -> None:
     if not flags[path]:
       continue
     budget.check_shape(path, tuple(jnp.shape(leaf)))
-    counts = np.asarray(nm_ungroup(
-        jnp.repeat(group_counts(leaf, m)[..., None], m, axis=-1),
-        tuple(jnp.shape(leaf))))
+    counts = np.asarray(
+      nm_ungroup(jnp.repeat(group_counts(leaf, m)[..., None], m, axis=-1), tuple(jnp.shape(leaf)))
+    )
     bad = np.argwhere(counts != n)
     if bad.size:
       entry = tuple(int(i) for i in bad[0])  # not numpy 2's (np.int64(0), ...)
       raise ValueError(
-          f"{path!r} is not {n}:{m}: the group holding entry {entry} "
-          f"keeps {int(counts[entry])} of {m}")
+        f"{path!r} is not {n}:{m}: the group holding entry {entry} "
+        f"keeps {int(counts[entry])} of {m}"
+      )

@@ -47,8 +47,9 @@ class MaskedState(NamedTuple):
   inner_state: optax.OptState
 
 
-def sparse(inner: optax.GradientTransformation,
-           mask: MaskOrFn) -> optax.GradientTransformationExtraArgs:
+def sparse(
+  inner: optax.GradientTransformation, mask: MaskOrFn
+) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` so that pruned entries get no gradient and stay exactly 0.
 
   ``update(grads, state, params, **extra_args)``:
@@ -95,20 +96,18 @@ def sparse(inner: optax.GradientTransformation,
   def init_fn(params):
     mask_ = mask(params) if callable(mask) else mask
     masks.check_mask(mask_, params)
-    return MaskedState(mask=jax.tree.map(jnp.asarray, mask_),
-                       inner_state=inner.init(params))
+    return MaskedState(mask=jax.tree.map(jnp.asarray, mask_), inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
     mask_ = state.mask
     grads = masks.apply(updates, mask_)
-    updates, inner_state = inner.update(grads, state.inner_state, params,
-                                        **extra_args)
+    updates, inner_state = inner.update(grads, state.inner_state, params, **extra_args)
     if params is None:
       updates = masks.apply(updates, mask_)
     else:
       updates = jax.tree.map(
-          lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)), updates, params,
-          mask_)
+        lambda u, p, m: jnp.where(m, u, -p.astype(u.dtype)), updates, params, mask_
+      )
     return updates, MaskedState(mask_, inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -119,8 +118,7 @@ def _is_masked_state(x) -> bool:
 
 
 def _masked_states(opt_state) -> list[MaskedState]:
-  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_masked_state)
-          if _is_masked_state(x)]
+  return [x for x in jax.tree.leaves(opt_state, is_leaf=_is_masked_state) if _is_masked_state(x)]
 
 
 def find_mask(opt_state) -> PyTree | None:
@@ -151,8 +149,9 @@ def get_mask(opt_state) -> PyTree:
   mask = find_mask(opt_state)
   if mask is None:
     raise ValueError(
-        "the optimiser state holds no mask: build the optimiser with "
-        "sparsejax.optim.sparse(inner, mask)")
+      "the optimiser state holds no mask: build the optimiser with "
+      "sparsejax.optim.sparse(inner, mask)"
+    )
   return mask
 
 
@@ -166,8 +165,10 @@ def set_mask(opt_state, mask: PyTree):
   """
   masks.check_mask(mask, get_mask(opt_state))
   return jax.tree.map(
-      lambda s: s._replace(mask=mask) if _is_masked_state(s) else s,
-      opt_state, is_leaf=_is_masked_state)
+    lambda s: s._replace(mask=mask) if _is_masked_state(s) else s,
+    opt_state,
+    is_leaf=_is_masked_state,
+  )
 
 
 def _map_param_shaped(fn, tree, like: PyTree):
@@ -180,8 +181,7 @@ def _map_param_shaped(fn, tree, like: PyTree):
       return False
     return [jnp.shape(y) for y in jax.tree.leaves(x)] == shapes
 
-  return jax.tree.map(lambda x: fn(x) if param_shaped(x) else x, tree,
-                      is_leaf=param_shaped)
+  return jax.tree.map(lambda x: fn(x) if param_shaped(x) else x, tree, is_leaf=param_shaped)
 
 
 def reset_moments(opt_state, positions: PyTree):
@@ -212,22 +212,29 @@ def reset_moments(opt_state, positions: PyTree):
     >>> state.inner_state[0].trace  # the momentum of the middle entry is cleared
     {'w': Array([1., 0., 3.], dtype=float32)}
   """
+
   def reset(masked_state):
     if not _is_masked_state(masked_state):
       return masked_state
     masks.check_mask(positions, masked_state.mask)
     inner = _map_param_shaped(
-        lambda sub: jax.tree.map(
-            lambda x, r: jnp.where(r, jnp.zeros((), x.dtype), x), sub, positions),
-        masked_state.inner_state, positions)
+      lambda sub: jax.tree.map(
+        lambda x, r: jnp.where(r, jnp.zeros((), x.dtype), x), sub, positions
+      ),
+      masked_state.inner_state,
+      positions,
+    )
     return masked_state._replace(inner_state=inner)
 
   return jax.tree.map(reset, opt_state, is_leaf=_is_masked_state)
 
 
-_HYPERPARAMS_STATES = tuple({optax.InjectHyperparamsState,
-                             getattr(optax, "InjectStatefulHyperparamsState",
-                                     optax.InjectHyperparamsState)})
+_HYPERPARAMS_STATES = tuple(
+  {
+    optax.InjectHyperparamsState,
+    getattr(optax, "InjectStatefulHyperparamsState", optax.InjectHyperparamsState),
+  }
+)
 
 
 def _is_hyperparams_state(x) -> bool:

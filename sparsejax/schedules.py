@@ -31,13 +31,13 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
   """
   n = data_lib.num_batches(int(n_train), int(batch_size), drop_remainder=True)
   if n == 0:
-    raise ValueError(f"batch_size={batch_size} is larger than the training set "
-                     f"({n_train} examples)")
+    raise ValueError(
+      f"batch_size={batch_size} is larger than the training set ({n_train} examples)"
+    )
   return n
 
 
-def hold_then_ramp(start: float, end: float, hold_steps: int,
-                   ramp_steps: int) -> optax.Schedule:
+def hold_then_ramp(start: float, end: float, hold_steps: int, ramp_steps: int) -> optax.Schedule:
   """``start`` for ``hold_steps`` steps, then linear to ``end`` over ``ramp_steps``.
 
   Step ``t`` gets ``start`` for ``t <= hold_steps``, ``start + (end - start) *
@@ -55,16 +55,15 @@ def hold_then_ramp(start: float, end: float, hold_steps: int,
   """
   hold_steps, ramp_steps = int(hold_steps), int(ramp_steps)
   if hold_steps < 0 or ramp_steps < 0:
-    raise ValueError(f"hold_steps and ramp_steps must be >= 0, got {hold_steps} "
-                     f"and {ramp_steps}")
+    raise ValueError(f"hold_steps and ramp_steps must be >= 0, got {hold_steps} and {ramp_steps}")
   start, end = float(start), float(end)
   if ramp_steps == 0:
     return optax.join_schedules(
-        [optax.constant_schedule(start), optax.constant_schedule(end)],
-        [hold_steps + 1])
+      [optax.constant_schedule(start), optax.constant_schedule(end)], [hold_steps + 1]
+    )
   return optax.join_schedules(
-      [optax.constant_schedule(start),
-       optax.linear_schedule(start, end, ramp_steps)], [hold_steps])
+    [optax.constant_schedule(start), optax.linear_schedule(start, end, ramp_steps)], [hold_steps]
+  )
 
 
 def decay_boundaries(decay_epochs: Iterable[float], num_epochs: int) -> list[int]:
@@ -86,10 +85,17 @@ def decay_boundaries(decay_epochs: Iterable[float], num_epochs: int) -> list[int
   return sorted(e for e in set(epochs) if 0 < e < num_epochs)
 
 
-def lr_schedule(learning_rate: float, *, num_epochs: int, steps_per_epoch: int,
-                kind: str = "constant", warmup_epochs: float = 0.0,
-                decay_factor: float = 0.1, decay_epochs: Iterable[float] = (),
-                end_factor: float = 0.0) -> optax.Schedule:
+def lr_schedule(
+  learning_rate: float,
+  *,
+  num_epochs: int,
+  steps_per_epoch: int,
+  kind: str = "constant",
+  warmup_epochs: float = 0.0,
+  decay_factor: float = 0.1,
+  decay_epochs: Iterable[float] = (),
+  end_factor: float = 0.0,
+) -> optax.Schedule:
   """A learning-rate schedule in optimiser steps.
 
   Multistep decays happen on epoch boundaries like PyTorch's ``MultiStepLR``
@@ -135,23 +141,25 @@ def lr_schedule(learning_rate: float, *, num_epochs: int, steps_per_epoch: int,
     # Decays that fall inside the warmup apply from its end on.
     start = lr * factor ** sum(b <= warmup for b in boundaries)
     main = optax.piecewise_constant_schedule(
-        start, {b - warmup: factor for b in boundaries if b > warmup})
+      start, {b - warmup: factor for b in boundaries if b > warmup}
+    )
   elif kind == "cosine":
     end = lr * float(end_factor)
-    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1),
-                                       alpha=end / lr if lr else 0.0)
+    main = optax.cosine_decay_schedule(lr, max(total - warmup, 1), alpha=end / lr if lr else 0.0)
   else:
-    raise ValueError(f"lr_schedule must be 'multistep', 'cosine' or 'constant', "
-                     f"got {kind!r}")
+    raise ValueError(f"lr_schedule must be 'multistep', 'cosine' or 'constant', got {kind!r}")
   if warmup == 0:
     return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def make_optimizer(learning_rate: float | optax.Schedule, *,
-                   momentum: float = 0.9, nesterov: bool = False,
-                   weight_decay: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+  learning_rate: float | optax.Schedule,
+  *,
+  momentum: float = 0.9,
+  nesterov: bool = False,
+  weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
   """SGD with momentum and weight decay on every parameter, as in PyTorch.
 
   ``optax.chain(add_decayed_weights(weight_decay), inject_hyperparams(sgd)(
@@ -186,16 +194,17 @@ def make_optimizer(learning_rate: float | optax.Schedule, *,
   wd = float(weight_decay)
   if wd:
     parts.append(optax.add_decayed_weights(wd))
-  parts.append(optax.inject_hyperparams(
-      lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None,
-                                      nesterov=nesterov))(
-                                          learning_rate=learning_rate))
+  parts.append(
+    optax.inject_hyperparams(
+      lambda learning_rate: optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+    )(learning_rate=learning_rate)
+  )
   return optax.chain(*parts)
 
 
-def scalar_values(scalars: Mapping[str, optax.Schedule] | None,
-                  step: jax.Array) -> dict[str, jax.Array]:
+def scalar_values(
+  scalars: Mapping[str, optax.Schedule] | None, step: jax.Array
+) -> dict[str, jax.Array]:
   """``{name: float32 schedule(step)}``: the per-step scalars of ``step``
   (``step`` may be traced)."""
-  return {name: jnp.asarray(fn(step), jnp.float32)
-          for name, fn in (scalars or {}).items()}
+  return {name: jnp.asarray(fn(step), jnp.float32) for name, fn in (scalars or {}).items()}

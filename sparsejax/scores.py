@@ -126,8 +126,9 @@ class _LinenFn:
 
   def __call__(self, params, state, x, train):
     variables = {"params": params, **(state or {})}
-    logits, _ = modeling.apply_model(self.module, variables, x, train=train,
-                                     scalars=dict(self.scalars))
+    logits, _ = modeling.apply_model(
+      self.module, variables, x, train=train, scalars=dict(self.scalars)
+    )
     return logits
 
 
@@ -141,13 +142,15 @@ def as_apply_fn(apply_fn) -> ApplyFn:
     return apply_fn
   if apply_fn is None or not callable(apply_fn):
     raise ValueError(
-        "apply_fn must be a function apply_fn(params, x, train) -> logits or an "
-        f"ApplyFn (see sparsejax.scores.linen_apply_fn), got {apply_fn!r}")
+      "apply_fn must be a function apply_fn(params, x, train) -> logits or an "
+      f"ApplyFn (see sparsejax.scores.linen_apply_fn), got {apply_fn!r}"
+    )
   return ApplyFn(_Stateless(apply_fn), None)
 
 
-def linen_apply_fn(model, variables: Mapping[str, PyTree],
-                   scalars: Mapping[str, float] | None = None) -> tuple[PyTree, ApplyFn]:
+def linen_apply_fn(
+  model, variables: Mapping[str, PyTree], scalars: Mapping[str, float] | None = None
+) -> tuple[PyTree, ApplyFn]:
   """Splits Flax linen ``variables`` into ``(params, apply_fn)``.
 
   Every collection but ``'params'`` (e.g. ``'batch_stats'``) becomes the
@@ -195,29 +198,35 @@ def stack_batches(batches) -> tuple[jax.Array, jax.Array]:
   integer class indices.
   """
   if batches is None:
-    raise ValueError("this score needs scoring data: pass batches=(x, y) (e.g. "
-                     "sparsejax.data.class_balanced_batch(ds, 10))")
+    raise ValueError(
+      "this score needs scoring data: pass batches=(x, y) (e.g. "
+      "sparsejax.data.class_balanced_batch(ds, 10))"
+    )
   if not isinstance(batches, Sequence) or len(batches) == 0:
-    raise ValueError(f"batches must be (x, y) or a sequence of (x, y) pairs, got "
-                     f"{type(batches).__name__}")
+    raise ValueError(
+      f"batches must be (x, y) or a sequence of (x, y) pairs, got {type(batches).__name__}"
+    )
   if len(batches) == 2 and not isinstance(batches[0], (tuple, list)):
     x, y = jnp.asarray(batches[0]), jnp.asarray(batches[1])
     if y.ndim == 1:
       x, y = x[None], y[None]
     elif y.ndim != 2:
-      raise ValueError(f"labels must be integer class indices of shape [B] or "
-                       f"[nb, B], got shape {y.shape}")
+      raise ValueError(
+        f"labels must be integer class indices of shape [B] or [nb, B], got shape {y.shape}"
+      )
   else:
     if not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
       raise ValueError("batches must be (x, y) or a sequence of (x, y) pairs")
     x = jnp.stack([jnp.asarray(b[0]) for b in batches])
     y = jnp.stack([jnp.asarray(b[1]) for b in batches])
     if y.ndim != 2:
-      raise ValueError(f"labels must be integer class indices of shape [B], got "
-                       f"shape {y.shape[1:]}")
+      raise ValueError(
+        f"labels must be integer class indices of shape [B], got shape {y.shape[1:]}"
+      )
   if x.shape[:2] != y.shape:
-    raise ValueError(f"inputs {x.shape} and labels {y.shape} disagree on the "
-                     "leading (batch) dimensions")
+    raise ValueError(
+      f"inputs {x.shape} and labels {y.shape} disagree on the leading (batch) dimensions"
+    )
   if not jnp.issubdtype(y.dtype, jnp.integer):
     raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
   return x, y
@@ -233,8 +242,10 @@ def _summed_over_batches(fn, like: PyTree, xs, ys) -> PyTree:
   if xs.shape[0] == 1:
     return fn(xs[0], ys[0])
   fn = modeling.loop_body(fn)
+
   def body(acc, xy):
     return jax.tree.map(jnp.add, acc, fn(*xy)), None
+
   zeros = jax.tree.map(jnp.zeros_like, like)
   total, _ = jax.lax.scan(body, zeros, (xs, ys))
   return total
@@ -251,7 +262,8 @@ def _flags_tree(params: PyTree, flags: tuple[bool, ...]) -> PyTree:
 
 def _cast_floats(tree: PyTree, dtype) -> PyTree:
   return jax.tree.map(
-      lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+    lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+  )
 
 
 def precision_scope(dtype) -> contextlib.AbstractContextManager:
@@ -305,8 +317,9 @@ def random_scores(key: jax.Array, params: PyTree) -> PyTree:
   """
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(1, len(leaves)))
-  return jax.tree.unflatten(treedef, [
-      jax.random.normal(k, jnp.shape(p), jnp.float32) for k, p in zip(keys, leaves)])
+  return jax.tree.unflatten(
+    treedef, [jax.random.normal(k, jnp.shape(p), jnp.float32) for k, p in zip(keys, leaves)]
+  )
 
 
 @jax.jit
@@ -318,8 +331,7 @@ def magnitude(params: PyTree, mask: PyTree) -> PyTree:
 @functools.partial(jax.jit, static_argnames=("train",))
 def _snip(params, mask, apply_fn: ApplyFn, xs, ys, train: bool):
   w = masks.apply(params, mask)
-  grad = jax.grad(
-      lambda w_, x, y: jnp.mean(losses.cross_entropy(apply_fn(w_, x, train), y)))
+  grad = jax.grad(lambda w_, x, y: jnp.mean(losses.cross_entropy(apply_fn(w_, x, train), y)))
   g = _summed_over_batches(lambda x, y: grad(w, x, y), w, xs, ys)
   return jax.tree.map(lambda g_, w_: jnp.abs(g_ * w_), g, w)
 
@@ -348,26 +360,36 @@ def snip(params: PyTree, mask: PyTree, apply_fn, batches, bn_mode: str = "eval")
 
 
 @functools.partial(jax.jit, static_argnames=("flags", "temperature", "train"))
-def _grasp(params, mask, apply_fn: ApplyFn, xs, ys, flags, temperature: float,
-           train: bool):
+def _grasp(params, mask, apply_fn: ApplyFn, xs, ys, flags, temperature: float, train: bool):
   w = masks.apply(params, mask)
   grad = jax.grad(
-      lambda w_, x, y: jnp.mean(losses.cross_entropy(
-          apply_fn(w_, x, train) / temperature, y)))
+    lambda w_, x, y: jnp.mean(losses.cross_entropy(apply_fn(w_, x, train) / temperature, y))
+  )
   g = _summed_over_batches(lambda x, y: grad(w, x, y), w, xs, ys)
   # The direction g is the gradient of the sparse network: it spans the kept
   # entries of the prunable tensors (the reference takes g over the conv/linear
   # weights, through the mask).
-  g = jax.tree.map(lambda g_, m, f: jnp.where(m, g_, 0) if f else jnp.zeros_like(g_),
-                   g, mask, _flags_tree(w, flags))
+  g = jax.tree.map(
+    lambda g_, m, f: jnp.where(m, g_, 0) if f else jnp.zeros_like(g_),
+    g,
+    mask,
+    _flags_tree(w, flags),
+  )
   g = jax.lax.stop_gradient(g)
   hvp = lambda x, y: jax.jvp(lambda w_: grad(w_, x, y), (w,), (g,))[1]
   hg = _summed_over_batches(hvp, w, xs, ys)
   return jax.tree.map(jnp.multiply, w, hg)
 
 
-def grasp(params: PyTree, mask: PyTree, apply_fn, batches, temperature: float = 200.0,
-          bn_mode: str = "train", prunable=None) -> PyTree:
+def grasp(
+  params: PyTree,
+  mask: PyTree,
+  apply_fn,
+  batches,
+  temperature: float = 200.0,
+  bn_mode: str = "train",
+  prunable=None,
+) -> PyTree:
   """GraSP, gradient signal preservation (Wang et al. 2020), SPEC §2 "GraSP".
 
   The paper scores ``S = −θ ⊙ (H g)`` and **removes the largest S** (the
@@ -405,9 +427,16 @@ def grasp(params: PyTree, mask: PyTree, apply_fn, batches, temperature: float = 
   # EPYC Zen 4) the first call took 5.0 s instead of 10.8 s, later calls
   # 1.05 s instead of 0.99 s (one run). _grasp is only traced here.
   with modeling.second_order():
-    return _grasp(params, mask, as_apply_fn(apply_fn), xs, ys,
-                  _flags_static(params, prunable), float(temperature),
-                  _bn_train(bn_mode))
+    return _grasp(
+      params,
+      mask,
+      as_apply_fn(apply_fn),
+      xs,
+      ys,
+      _flags_static(params, prunable),
+      float(temperature),
+      _bn_train(bn_mode),
+    )
 
 
 def _synflow_linearise(params, apply_fn: ApplyFn, dtype):
@@ -430,8 +459,15 @@ def _synflow_scores(params, mask, apply_fn: ApplyFn, input_shape, train, dtype):
   return _synflow_round(abs_params, mask, abs_fn, x, train)
 
 
-def synflow_scores(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int], *,
-                   bn_mode: str = "eval", dtype=jnp.float32) -> PyTree:
+def synflow_scores(
+  params: PyTree,
+  mask: PyTree,
+  apply_fn,
+  input_shape: Sequence[int],
+  *,
+  bn_mode: str = "eval",
+  dtype=jnp.float32,
+) -> PyTree:
   """One round of SynFlow scores (Tanaka et al. 2020), SPEC §2 "SynFlow".
 
   Data-free: every parameter and every :class:`ApplyFn` state leaf (batch-norm
@@ -460,8 +496,9 @@ def synflow_scores(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence
     Non-negative scores of ``dtype`` parallel to ``params``; pruned entries 0.
   """
   with precision_scope(dtype):
-    return _synflow_scores(params, mask, as_apply_fn(apply_fn), tuple(input_shape),
-                           _bn_train(bn_mode), np.dtype(dtype))
+    return _synflow_scores(
+      params, mask, as_apply_fn(apply_fn), tuple(input_shape), _bn_train(bn_mode), np.dtype(dtype)
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -469,8 +506,9 @@ def synflow_scores(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence
 # ----------------------------------------------------------------------------
 
 
-def _iterate(score_fn, params, mask, sparsity: float, rounds: int,
-             budget: budgets.Budget, flags: PyTree):
+def _iterate(
+  score_fn, params, mask, sparsity: float, rounds: int, budget: budgets.Budget, flags: PyTree
+):
   """``rounds`` rounds of score-then-prune inside one ``lax.fori_loop``.
 
   Round ``k`` prunes each pool of the budget (:meth:`budgets.Budget.pools`)
@@ -483,33 +521,39 @@ def _iterate(score_fn, params, mask, sparsity: float, rounds: int,
   :func:`sparsejax.modeling.loop_body`).
   """
   score_fn = modeling.loop_body(score_fn)
-  shapes = {p: tuple(jnp.shape(x)) for (p, x), f in zip(
-      masks.named_leaves(params), jax.tree.leaves(flags)) if f}
+  shapes = {
+    p: tuple(jnp.shape(x))
+    for (p, x), f in zip(masks.named_leaves(params), jax.tree.leaves(flags))
+    if f
+  }
   pools = budget.pools(shapes, sparsity)
 
   def final(scores, within):
-    return masks.topk_mask(scores, sparsity, budget=budget, prunable=flags,
-                           within=within)
+    return masks.topk_mask(scores, sparsity, budget=budget, prunable=flags, within=within)
 
   def scheduled(scores, within, exponent):
-    return masks.select_pools(scores, [p.scheduled(exponent) for p in pools],
-                              within=within)
+    return masks.select_pools(scores, [p.scheduled(exponent) for p in pools], within=within)
 
   def body(i, m):
     scores = score_fn(params, m)
     k = i + 1
     exponent = k.astype(jnp.float32) / rounds
-    return jax.lax.cond(k == rounds, final,
-                        lambda s, w: scheduled(s, w, exponent), scores, m)
+    return jax.lax.cond(k == rounds, final, lambda s, w: scheduled(s, w, exponent), scores, m)
 
   return jax.lax.fori_loop(0, rounds, body, mask)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "score_fn", "sparsity", "rounds", "budget", "flags"))
+@functools.partial(jax.jit, static_argnames=("score_fn", "sparsity", "rounds", "budget", "flags"))
 def _iterative(score_fn, params, mask, args, sparsity, rounds, budget, flags):
-  return _iterate(lambda p, m: score_fn(p, m, *args), params, mask, sparsity, rounds,
-                  budget, _flags_tree(params, flags))
+  return _iterate(
+    lambda p, m: score_fn(p, m, *args),
+    params,
+    mask,
+    sparsity,
+    rounds,
+    budget,
+    _flags_tree(params, flags),
+  )
 
 
 def _check_prune_args(params, mask, sparsity, rounds, budget) -> float:
@@ -522,9 +566,16 @@ def _check_prune_args(params, mask, sparsity, rounds, budget) -> float:
   return float(sparsity)
 
 
-def iterative(score_fn: Callable[..., PyTree], params: PyTree, mask: PyTree,
-              sparsity: float | None, rounds: int, *args,
-              budget: budgets.Budget = budgets.Global(), prunable=None) -> PyTree:
+def iterative(
+  score_fn: Callable[..., PyTree],
+  params: PyTree,
+  mask: PyTree,
+  sparsity: float | None,
+  rounds: int,
+  *args,
+  budget: budgets.Budget = budgets.Global(),
+  prunable=None,
+) -> PyTree:
   """Iterative pruning with any score (SPEC §2 "Iterative variants").
 
   Round ``k = 1..n`` rescores with the current mask,
@@ -555,25 +606,37 @@ def iterative(score_fn: Callable[..., PyTree], params: PyTree, mask: PyTree,
     The final bool mask.
   """
   sparsity = _check_prune_args(params, mask, sparsity, rounds, budget)
-  return _iterative(score_fn, params, mask, args, sparsity, int(rounds), budget,
-                    _flags_static(params, prunable))
+  return _iterative(
+    score_fn, params, mask, args, sparsity, int(rounds), budget, _flags_static(params, prunable)
+  )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "input_shape", "sparsity", "rounds", "budget", "flags", "train", "dtype"))
-def _synflow(params, mask, apply_fn: ApplyFn, input_shape, sparsity, rounds, budget,
-             flags, train, dtype):
+@functools.partial(
+  jax.jit,
+  static_argnames=("input_shape", "sparsity", "rounds", "budget", "flags", "train", "dtype"),
+)
+def _synflow(
+  params, mask, apply_fn: ApplyFn, input_shape, sparsity, rounds, budget, flags, train, dtype
+):
   abs_params, abs_fn = _synflow_linearise(params, apply_fn, dtype)
   x = jnp.ones((1, *input_shape), dtype)
   score_fn = lambda p, m: _synflow_round(p, m, abs_fn, x, train)
-  return _iterate(score_fn, abs_params, mask, sparsity, rounds, budget,
-                  _flags_tree(params, flags))
+  return _iterate(score_fn, abs_params, mask, sparsity, rounds, budget, _flags_tree(params, flags))
 
 
-def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
-            sparsity: float | None, rounds: int = 100, *,
-            budget: budgets.Budget = budgets.Global(), prunable=None,
-            bn_mode: str = "eval", dtype=jnp.float32) -> PyTree:
+def synflow(
+  params: PyTree,
+  mask: PyTree,
+  apply_fn,
+  input_shape: Sequence[int],
+  sparsity: float | None,
+  rounds: int = 100,
+  *,
+  budget: budgets.Budget = budgets.Global(),
+  prunable=None,
+  bn_mode: str = "eval",
+  dtype=jnp.float32,
+) -> PyTree:
   """Iterative SynFlow (Tanaka et al. 2020) as one compiled program.
 
   Round ``k = 1..n``: ``S = |∂R/∂θ ⊙ θ|`` of :func:`synflow_scores` with the
@@ -598,9 +661,18 @@ def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
   """
   sparsity = _check_prune_args(params, mask, sparsity, rounds, budget)
   with precision_scope(dtype):
-    return _synflow(params, mask, as_apply_fn(apply_fn), tuple(input_shape),
-                    sparsity, int(rounds), budget, _flags_static(params, prunable),
-                    _bn_train(bn_mode), np.dtype(dtype))
+    return _synflow(
+      params,
+      mask,
+      as_apply_fn(apply_fn),
+      tuple(input_shape),
+      sparsity,
+      int(rounds),
+      budget,
+      _flags_static(params, prunable),
+      _bn_train(bn_mode),
+      np.dtype(dtype),
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -608,11 +680,11 @@ def synflow(params: PyTree, mask: PyTree, apply_fn, input_shape: Sequence[int],
 # ----------------------------------------------------------------------------
 
 _METHOD_KWARGS = {
-    "random": (),
-    "magnitude": (),
-    "snip": ("bn_mode",),
-    "grasp": ("temperature", "bn_mode"),
-    "synflow": ("bn_mode", "dtype"),
+  "random": (),
+  "magnitude": (),
+  "snip": ("bn_mode",),
+  "grasp": ("temperature", "bn_mode"),
+  "synflow": ("bn_mode", "dtype"),
 }
 
 
@@ -641,15 +713,31 @@ class _GraspScore:
   bn_mode: str = "train"
 
   def __call__(self, params, mask, apply_fn, batches):
-    return grasp(params, mask, apply_fn, batches, temperature=self.temperature,
-                 bn_mode=self.bn_mode, prunable=_flags_tree(params, self.flags))
+    return grasp(
+      params,
+      mask,
+      apply_fn,
+      batches,
+      temperature=self.temperature,
+      bn_mode=self.bn_mode,
+      prunable=_flags_tree(params, self.flags),
+    )
 
 
-def prune_at_init(method: str, params: PyTree, *, sparsity: float | None = None,
-                  budget: budgets.Budget = budgets.Global(),
-                  key: jax.Array | None = None, apply_fn=None, batches=None,
-                  input_shape: Sequence[int] | None = None, prunable=None,
-                  rounds: int | None = None, **method_kw) -> PyTree:
+def prune_at_init(
+  method: str,
+  params: PyTree,
+  *,
+  sparsity: float | None = None,
+  budget: budgets.Budget = budgets.Global(),
+  key: jax.Array | None = None,
+  apply_fn=None,
+  batches=None,
+  input_shape: Sequence[int] | None = None,
+  prunable=None,
+  rounds: int | None = None,
+  **method_kw,
+) -> PyTree:
   """A pruning-at-initialisation mask with exact counts (SPEC §2).
 
   Args:
@@ -694,14 +782,17 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float | None = None,
     >>> mask["w"].tolist(), mask["b"].tolist()  # |w| 3.0 and 2.0 kept; b not prunable
     ([[False, True], [True, False]], [True, True])
   """
-  base = method[len("iterative_"):] if method.startswith("iterative_") else method
+  base = method[len("iterative_") :] if method.startswith("iterative_") else method
   if base not in METHODS:
-    raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)} "
-                     "and 'iterative_<method>'")
+    raise ValueError(
+      f"unknown method {method!r}; valid: {', '.join(METHODS)} and 'iterative_<method>'"
+    )
   unexpected = set(method_kw) - set(_METHOD_KWARGS[base])
   if unexpected:
-    raise TypeError(f"method {base!r} takes no keyword(s) {sorted(unexpected)}; it "
-                    f"takes {list(_METHOD_KWARGS[base])}")
+    raise TypeError(
+      f"method {base!r} takes no keyword(s) {sorted(unexpected)}; it "
+      f"takes {list(_METHOD_KWARGS[base])}"
+    )
   if rounds is None and (base == "synflow" or base != method):
     rounds = 100
   budgets.check(budget)
@@ -712,22 +803,29 @@ def prune_at_init(method: str, params: PyTree, *, sparsity: float | None = None,
       raise ValueError(f"method {method!r} needs {name}= ({hint})")
 
   if base in ("snip", "grasp", "synflow"):
-    need(apply_fn, "apply_fn", "apply_fn(params, x, train) -> logits, or "
-         "sparsejax.scores.linen_apply_fn(model, variables)")
+    need(
+      apply_fn,
+      "apply_fn",
+      "apply_fn(params, x, train) -> logits, or sparsejax.scores.linen_apply_fn(model, variables)",
+    )
   mask = masks.ones_like(params)
   common = dict(budget=budget, prunable=prunable)
   if base == "synflow":
     need(input_shape, "input_shape", "the shape of one example, e.g. (32, 32, 3)")
-    return _warn_collapse(method, synflow(params, mask, apply_fn, input_shape, sparsity,
-                                          rounds, **common, **method_kw), prunable)
+    return _warn_collapse(
+      method,
+      synflow(params, mask, apply_fn, input_shape, sparsity, rounds, **common, **method_kw),
+      prunable,
+    )
   if base == "random":
     need(key, "key", "a PRNG key, e.g. jax.random.key(0)")
     score_fn, args = _random_score_fn, (key,)
   elif base == "magnitude":
     score_fn, args = magnitude, ()
   else:
-    need(batches, "batches", "scoring data (x, y), e.g. "
-         "sparsejax.data.class_balanced_batch(ds, 10)")
+    need(
+      batches, "batches", "scoring data (x, y), e.g. sparsejax.data.class_balanced_batch(ds, 10)"
+    )
     args = (as_apply_fn(apply_fn), stack_batches(batches))
     if base == "snip":
       score_fn = _SnipScore(**method_kw)
@@ -750,7 +848,11 @@ def _warn_collapse(method: str, mask: PyTree, prunable) -> PyTree:
     return mask
   collapsed = masks.summary(mask, prunable).collapsed
   if collapsed:
-    warnings.warn(f"{method} pruned every weight of {list(collapsed)} (layer "
-                  "collapse): the network is disconnected unless residual "
-                  "shortcuts bypass them", RuntimeWarning, stacklevel=3)
+    warnings.warn(
+      f"{method} pruned every weight of {list(collapsed)} (layer "
+      "collapse): the network is disconnected unless residual "
+      "shortcuts bypass them",
+      RuntimeWarning,
+      stacklevel=3,
+    )
   return mask

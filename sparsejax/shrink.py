@@ -75,16 +75,16 @@ PyTree = Any
 
 @dataclasses.dataclass
 class _Reader:
-  module: str             # path of the reading Dense/Conv module, "A/B"
-  dst: str | None         # group written by it (None: the logits)
-  absorb: str             # "bias" | "norm" | "none"
+  module: str  # path of the reading Dense/Conv module, "A/B"
+  dst: str | None  # group written by it (None: the logits)
+  absorb: str  # "bias" | "norm" | "none"
   norm: str | None = None  # the batch norm after it ("norm" absorb)
 
 
 @dataclasses.dataclass
 class _Group:
   name: str
-  writers: list[tuple[str, str | None]]   # (kernel module, batch norm after it)
+  writers: list[tuple[str, str | None]]  # (kernel module, batch norm after it)
   readers: list[_Reader]
 
 
@@ -140,10 +140,14 @@ def _get(tree: Mapping, path: str):
 
 def _mlp_groups(model: models.MLP) -> tuple[list[_Group], Any]:
   n = len(model.hidden)
-  groups = [_Group(f"Dense_{l}", [(f"Dense_{l}", None)],
-                   [_Reader(f"Dense_{l + 1}", f"Dense_{l + 1}" if l + 1 < n else None,
-                            "bias")])
-            for l in range(n)]
+  groups = [
+    _Group(
+      f"Dense_{l}",
+      [(f"Dense_{l}", None)],
+      [_Reader(f"Dense_{l + 1}", f"Dense_{l + 1}" if l + 1 < n else None, "bias")],
+    )
+    for l in range(n)
+  ]
   return groups, lambda sizes: model.clone(hidden=tuple(sizes[g.name] for g in groups))
 
 
@@ -152,20 +156,26 @@ def _vgg_groups(model: models.VGG) -> tuple[list[_Group], Any]:
   groups = []
   for l in range(len(convs)):
     last = l + 1 == len(convs)
-    reader = (_Reader("Dense_0", None, "bias") if last else
-              _Reader(f"Conv_{l + 1}", f"Conv_{l + 1}", "none"))
+    reader = (
+      _Reader("Dense_0", None, "bias")
+      if last
+      else _Reader(f"Conv_{l + 1}", f"Conv_{l + 1}", "none")
+    )
     groups.append(_Group(f"Conv_{l}", [(f"Conv_{l}", f"BatchNorm_{l}")], [reader]))
 
   def build(sizes):
     it = iter(sizes[g.name] for g in groups)
     return model.clone(config=tuple(c if c == "M" else next(it) for c in model.config))
+
   return groups, build
 
 
 def _resnet_groups(model: models.ResNet) -> tuple[list[_Group], Any]:
   if model.ghost_skips:
-    raise ValueError("shrink needs the plain ResNet: drop the ghost skips first "
-                     "(sparsejax.tost.export and ghost_skips=False)")
+    raise ValueError(
+      "shrink needs the plain ResNet: drop the ghost skips first "
+      "(sparsejax.tost.export and ghost_skips=False)"
+    )
   stages = [_Group("stage0", [("Conv_0", "BatchNorm_0")], [])]
   stages += [_Group(f"stage{i}", [], []) for i in range(1, len(model.stage_sizes))]
   mids, b = [], 0
@@ -173,21 +183,26 @@ def _resnet_groups(model: models.ResNet) -> tuple[list[_Group], Any]:
     for j in range(n):
       blk = f"BasicBlock_{b}"
       src = stages[i - 1] if (i > 0 and j == 0) else stages[i]
-      mid = _Group(f"{blk}/Conv_0", [(f"{blk}/Conv_0", f"{blk}/BatchNorm_0")],
-                   [_Reader(f"{blk}/Conv_1", stages[i].name, "none")])
+      mid = _Group(
+        f"{blk}/Conv_0",
+        [(f"{blk}/Conv_0", f"{blk}/BatchNorm_0")],
+        [_Reader(f"{blk}/Conv_1", stages[i].name, "none")],
+      )
       mids.append(mid)
       src.readers.append(_Reader(f"{blk}/Conv_0", mid.name, "none"))
       if i > 0 and j == 0:
-        src.readers.append(_Reader(f"{blk}/conv_proj", stages[i].name, "norm",
-                                   f"{blk}/norm_proj"))
+        src.readers.append(_Reader(f"{blk}/conv_proj", stages[i].name, "norm", f"{blk}/norm_proj"))
         stages[i].writers.append((f"{blk}/conv_proj", f"{blk}/norm_proj"))
       stages[i].writers.append((f"{blk}/Conv_1", f"{blk}/BatchNorm_1"))
       b += 1
   stages[-1].readers.append(_Reader("Dense_0", None, "bias"))
 
   def build(sizes):
-    return model.clone(stage_channels=tuple(sizes[g.name] for g in stages),
-                         block_channels=tuple(sizes[g.name] for g in mids))
+    return model.clone(
+      stage_channels=tuple(sizes[g.name] for g in stages),
+      block_channels=tuple(sizes[g.name] for g in mids),
+    )
+
   return stages + mids, build
 
 
@@ -199,8 +214,9 @@ def _family(model: nn.Module):
   if isinstance(model, models.VGG):
     return _vgg_groups(model)
   raise ValueError(
-      f"shrink supports the registry MLP, CIFAR ResNets of basic blocks and VGG; "
-      f"got {type(model).__name__} (its layer graph is not described to shrink)")
+    f"shrink supports the registry MLP, CIFAR ResNets of basic blocks and VGG; "
+    f"got {type(model).__name__} (its layer graph is not described to shrink)"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -232,8 +248,9 @@ def _rows(kernel: np.ndarray) -> np.ndarray:
   return np.moveaxis(kernel, -2, 0).reshape(kernel.shape[-2], -1)
 
 
-def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
-           x: jax.Array, **kwargs) -> Result:
+def shrink(
+  model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree, x: jax.Array, **kwargs
+) -> Result:
   """The smaller dense model of ``model``'s family with the masked model's logits.
 
   Args:
@@ -286,7 +303,7 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
 
   def value(r: _Reader) -> np.ndarray:
     v = inputs[r.module]
-    return v.reshape(-1, v.shape[-1])   # [positions, channels]
+    return v.reshape(-1, v.shape[-1])  # [positions, channels]
 
   def absorbable(r: _Reader) -> np.ndarray:
     v = value(r)
@@ -306,10 +323,11 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
         for c in np.flatnonzero(need):
           kind = tuple(kernel(r.module).shape[:-2])
           why[g.name][int(c)] = (
-              f"no active input path, but its input-independent value "
-              f"(max |v| = {np.abs(value(r)[:, c]).max():.3g}) is read by the "
-              f"{'x'.join(map(str, kind))} zero-padded conv {r.module}, whose "
-              f"border output no bias or batch-norm offset can replace")
+            f"no active input path, but its input-independent value "
+            f"(max |v| = {np.abs(value(r)[:, c]).max():.3g}) is read by the "
+            f"{'x'.join(map(str, kind))} zero-padded conv {r.module}, whose "
+            f"border output no bias or batch-norm offset can replace"
+          )
         if need.any():
           kept[g.name] = kept[g.name] | need
           changed = True
@@ -322,10 +340,10 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
     for r in g.readers:
       v = value(r)
       k = kernel(r.module)
-      contrib_in = np.where(cut, v[0], 0.0)     # constant per cut channel
+      contrib_in = np.where(cut, v[0], 0.0)  # constant per cut channel
       if r.absorb == "none" or not contrib_in.any():
         continue
-      flat = k.reshape(-1, k.shape[-2], k.shape[-1])     # [taps, c_in, c_out]
+      flat = k.reshape(-1, k.shape[-2], k.shape[-1])  # [taps, c_in, c_out]
       contrib = np.einsum("c,tco->o", contrib_in, flat.astype(np.float64))
       if r.absorb == "bias":
         b = _get(new_params, r.module)["bias"]
@@ -375,16 +393,22 @@ def shrink(model: nn.Module, variables: Mapping[str, PyTree], mask: PyTree,
   shrunk_mask = slice_tree(np_mask)
   shrunk_state = {k: slice_tree(v) for k, v in new_state.items()}
   small = build({g: int(i.size) for g, i in keep.items()})
-  layers = {g.name: {"before": int(size[g.name]), "after": int(keep[g.name].size),
-                     "dead": int(dead[g.name].sum()), "kept_dead": why[g.name]}
-            for g in groups}
+  layers = {
+    g.name: {
+      "before": int(size[g.name]),
+      "after": int(keep[g.name].size),
+      "dead": int(dead[g.name].sum()),
+      "kept_dead": why[g.name],
+    }
+    for g in groups
+  }
   count = lambda t: sum(int(np.size(a)) for a in jax.tree.leaves(t))
-  report = Report(layers=layers, params_before=count(params),
-                  params_after=count(shrunk_params))
+  report = Report(layers=layers, params_before=count(params), params_after=count(shrunk_params))
   shrunk_vars = {**shrunk_state, "params": shrunk_params}
   _check_fits(small, shrunk_vars, x)
-  return Result(small, jax.tree.map(jnp.asarray, shrunk_vars),
-                jax.tree.map(jnp.asarray, shrunk_mask), report)
+  return Result(
+    small, jax.tree.map(jnp.asarray, shrunk_vars), jax.tree.map(jnp.asarray, shrunk_mask), report
+  )
 
 
 def _check_fits(model: nn.Module, variables: dict, x: jax.Array) -> None:
@@ -392,9 +416,11 @@ def _check_fits(model: nn.Module, variables: dict, x: jax.Array) -> None:
   want = jax.eval_shape(model.init, jax.random.key(0), x[:1])
   got = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), variables)
   if jax.tree.structure(want) != jax.tree.structure(got) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))):
-    raise AssertionError("shrink built variables that do not fit the smaller model "
-                         "(a bug; please report it)")
+    a.shape != b.shape for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got))
+  ):
+    raise AssertionError(
+      "shrink built variables that do not fit the smaller model (a bug; please report it)"
+    )
 
 
 def widths(model: nn.Module) -> dict[str, Sequence[int]]:

@@ -84,8 +84,7 @@ class SparseKernel:
     return int(self.matrix.nse)
 
 
-jax.tree_util.register_dataclass(SparseKernel, data_fields=["matrix"],
-                                 meta_fields=["shape"])
+jax.tree_util.register_dataclass(SparseKernel, data_fields=["matrix"], meta_fields=["shape"])
 
 
 def _is_sparse(x) -> bool:
@@ -93,13 +92,16 @@ def _is_sparse(x) -> bool:
 
 
 def _supported_conv(module: nn.Conv, x: jax.Array) -> bool:
-  return (len(module.kernel_size) == 2 and x.ndim == 4
-          and module.feature_group_count == 1
-          and getattr(module, "mask", None) is None
-          and (module.input_dilation in (None, 1)
-               or tuple(np.atleast_1d(module.input_dilation)) == (1, 1))
-          and not (isinstance(module.padding, str)
-                   and module.padding.upper() in ("CIRCULAR", "CAUSAL")))
+  return (
+    len(module.kernel_size) == 2
+    and x.ndim == 4
+    and module.feature_group_count == 1
+    and getattr(module, "mask", None) is None
+    and (
+      module.input_dilation in (None, 1) or tuple(np.atleast_1d(module.input_dilation)) == (1, 1)
+    )
+    and not (isinstance(module.padding, str) and module.padding.upper() in ("CIRCULAR", "CAUSAL"))
+  )
 
 
 def _pairs(value, n: int, default: int = 1) -> tuple[int, ...]:
@@ -139,9 +141,13 @@ def _sparse_conv_layer(module: nn.Conv, kernel: SparseKernel, x: jax.Array):
   x = jnp.asarray(x, dtype)
   kh, kw, _, cout = kernel.shape
   patches = jax.lax.conv_general_dilated_patches(
-      x, (kh, kw), _pairs(module.strides, 2), _conv_padding(module.padding, 2),
-      rhs_dilation=_pairs(module.kernel_dilation, 2),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x,
+    (kh, kw),
+    _pairs(module.strides, 2),
+    _conv_padding(module.padding, 2),
+    rhs_dilation=_pairs(module.kernel_dilation, 2),
+    dimension_numbers=("NHWC", "HWIO", "NHWC"),
+  )
   y = _matmul(kernel, patches.reshape(-1, patches.shape[-1]))
   y = y.reshape(*patches.shape[:-1], cout).astype(dtype)
   if module.use_bias:
@@ -151,9 +157,11 @@ def _sparse_conv_layer(module: nn.Conv, kernel: SparseKernel, x: jax.Array):
 
 def _interceptor(next_fun, args, kwargs, context):
   module = context.module
-  if (context.method_name != "__call__"
-      or not isinstance(module, (nn.Dense, nn.Conv))
-      or not module.has_variable("params", "kernel")):
+  if (
+    context.method_name != "__call__"
+    or not isinstance(module, (nn.Dense, nn.Conv))
+    or not module.has_variable("params", "kernel")
+  ):
     return next_fun(*args, **kwargs)
   kernel = module.get_variable("params", "kernel")
   if not _is_sparse(kernel):
@@ -164,13 +172,13 @@ def _interceptor(next_fun, args, kwargs, context):
   if _supported_conv(module, x):
     return _sparse_conv_layer(module, kernel, x)
   raise ValueError(
-      f"sparse_inference cannot run conv {'/'.join(module.path)} as a sparse "
-      "matrix (grouped, input-dilated, circular/causal or non-2-D conv); "
-      "sparsify with convs=False")
+    f"sparse_inference cannot run conv {'/'.join(module.path)} as a sparse "
+    "matrix (grouped, input-dilated, circular/causal or non-2-D conv); "
+    "sparsify with convs=False"
+  )
 
 
-def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
-          **kwargs) -> jax.Array:
+def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array, **kwargs) -> jax.Array:
   """``model.apply(variables, x, **kwargs)`` with the :class:`SparseKernel` layers sparse.
 
   Jit-compatible (``variables`` is an ordinary pytree argument). Evaluation
@@ -189,8 +197,9 @@ def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
     return model.apply(variables, x, **kwargs)
 
 
-def layer_paths(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
-                *, convs: bool = False, **kwargs) -> dict[str, str]:
+def layer_paths(
+  model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array, *, convs: bool = False, **kwargs
+) -> dict[str, str]:
   """``{kernel path: "dense" | "conv"}`` of the layers :func:`apply` can make sparse.
 
   Found by tracing ``model.apply`` abstractly (``jax.eval_shape``: no FLOPs):
@@ -203,9 +212,11 @@ def layer_paths(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
 
   def record(next_fun, args, kwargs_, context):
     module = context.module
-    if (context.method_name == "__call__"
-        and isinstance(module, (nn.Dense, nn.Conv))
-        and module.has_variable("params", "kernel")):
+    if (
+      context.method_name == "__call__"
+      and isinstance(module, (nn.Dense, nn.Conv))
+      and module.has_variable("params", "kernel")
+    ):
       path = "/".join(module.path + ("kernel",))
       inp = args[0] if args else kwargs_["inputs"]
       if isinstance(module, nn.Dense):
@@ -237,19 +248,31 @@ def to_sparse_kernel(kernel: jax.Array, kind: str = "dense") -> SparseKernel:
     kh, kw, cin, cout = kernel.shape
     matrix = kernel.transpose(3, 2, 0, 1).reshape(cout, cin * kh * kw)
   else:
-    raise ValueError(f"kind must be 'dense' (2-D kernel) or 'conv' (4-D), got "
-                     f"{kind!r} for shape {kernel.shape}")
+    raise ValueError(
+      f"kind must be 'dense' (2-D kernel) or 'conv' (4-D), got {kind!r} for shape {kernel.shape}"
+    )
   # Built on the host (no per-shape compilation); indices in row-major order.
   indices = np.argwhere(matrix != 0).astype(np.int32)
   data = matrix[tuple(indices.T)]
-  bcoo = sparse.BCOO((jnp.asarray(data), jnp.asarray(indices)), shape=matrix.shape,
-                     indices_sorted=True, unique_indices=True)
+  bcoo = sparse.BCOO(
+    (jnp.asarray(data), jnp.asarray(indices)),
+    shape=matrix.shape,
+    indices_sorted=True,
+    unique_indices=True,
+  )
   return SparseKernel(bcoo, tuple(kernel.shape))
 
 
-def sparsify(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
-             mask: PyTree | None = None, *, convs: bool = False,
-             min_sparsity: float = 0.95, **kwargs) -> dict:
+def sparsify(
+  model: nn.Module,
+  variables: Mapping[str, PyTree],
+  x: jax.Array,
+  mask: PyTree | None = None,
+  *,
+  convs: bool = False,
+  min_sparsity: float = 0.95,
+  **kwargs,
+) -> dict:
   """``variables`` with the pruned Dense (and Conv) kernels as :class:`SparseKernel`.
 
   Args:
@@ -287,28 +310,28 @@ def sparsify(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array,
       leaf = np.where(np.asarray(flat_mask[path]), leaf, np.zeros((), leaf.dtype))
     density = float(np.mean(leaf != 0))
     itemsize = leaf.dtype.itemsize
-    threshold = max(1.0 - itemsize / (itemsize + 2 * _INDEX_BYTES),
-                    float(min_sparsity))
+    threshold = max(1.0 - itemsize / (itemsize + 2 * _INDEX_BYTES), float(min_sparsity))
     if 1.0 - density < threshold:
       return leaf
     return to_sparse_kernel(leaf, kinds[path])
 
   out = masks.map_with_path(convert, params)
   if mask is not None:  # the layers left dense are masked too
-    out = jax.tree.map(lambda o, m: o if _is_sparse(o) else masks.apply(o, m),
-                       out, mask, is_leaf=_is_sparse)
+    out = jax.tree.map(
+      lambda o, m: o if _is_sparse(o) else masks.apply(o, m), out, mask, is_leaf=_is_sparse
+    )
   return {**variables, "params": out}
 
 
 def param_nbytes(tree: PyTree) -> int:
   """Bytes of every array of ``tree``; a :class:`SparseKernel` counts its BCOO
   values and indices."""
-  return sum(int(np.prod(jnp.shape(x))) * jnp.dtype(x.dtype).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(
+    int(np.prod(jnp.shape(x))) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)
+  )
 
 
 def sparse_layers(variables: PyTree) -> dict[str, tuple[int, tuple[int, ...]]]:
   """``{path: (nse, dense shape)}`` of the :class:`SparseKernel` leaves."""
   leaves, _ = jax.tree_util.tree_flatten_with_path(variables, is_leaf=_is_sparse)
-  return {masks.path_str(p): (leaf.nse, leaf.shape) for p, leaf in leaves
-          if _is_sparse(leaf)}
+  return {masks.path_str(p): (leaf.nse, leaf.shape) for p, leaf in leaves if _is_sparse(leaf)}

@@ -112,15 +112,19 @@ class FileInfo:
     return {**dataclasses.asdict(self), "ratio": self.ratio}
 
   def __str__(self) -> str:
-    return (f"{self.path}: {self.nbytes / 1e6:.3f} MB, {100 * self.ratio:.1f}% of "
-            f"the {self.dense_nbytes / 1e6:.3f} MB dense arrays "
-            f"({self.kept} of {self.total} masked entries kept)")
+    return (
+      f"{self.path}: {self.nbytes / 1e6:.3f} MB, {100 * self.ratio:.1f}% of "
+      f"the {self.dense_nbytes / 1e6:.3f} MB dense arrays "
+      f"({self.kept} of {self.total} masked entries kept)"
+    )
 
 
 def _check_little_endian() -> None:
   if sys.byteorder != "little":
-    raise SparseFileError("sparse model files are little-endian; this host is "
-                          f"{sys.byteorder}-endian, which sparse_io does not support")
+    raise SparseFileError(
+      "sparse model files are little-endian; this host is "
+      f"{sys.byteorder}-endian, which sparse_io does not support"
+    )
 
 
 def _bits(a: np.ndarray) -> np.ndarray:
@@ -140,8 +144,9 @@ def _named_arrays(tree: PyTree, what: str) -> list[tuple[str, np.ndarray]]:
   seen = set()
   for p, _ in named:
     if p in seen:
-      raise ValueError(f"two leaves of the {what} have the path {p!r}; sparse "
-                       "files name leaves by path")
+      raise ValueError(
+        f"two leaves of the {what} have the path {p!r}; sparse files name leaves by path"
+      )
     seen.add(p)
   return named
 
@@ -153,8 +158,7 @@ def _leaf_dtype(x) -> np.dtype:
 
 def dense_nbytes(tree: PyTree) -> int:
   """``Σ leaf.nbytes``: the bytes of ``tree``'s arrays stored densely."""
-  return sum(int(np.prod(jnp.shape(x))) * _leaf_dtype(x).itemsize
-             for x in jax.tree.leaves(tree))
+  return sum(int(np.prod(jnp.shape(x))) * _leaf_dtype(x).itemsize for x in jax.tree.leaves(tree))
 
 
 def full_mask(tree: PyTree, mask: PyTree | None) -> PyTree | None:
@@ -163,17 +167,26 @@ def full_mask(tree: PyTree, mask: PyTree | None) -> PyTree | None:
 
   A mask with the structure of ``tree`` (or ``None``) is returned unchanged.
   """
-  if (mask is None or not isinstance(tree, Mapping) or "params" not in tree
-      or jax.tree.structure(mask) == jax.tree.structure(tree)
-      or jax.tree.structure(mask) != jax.tree.structure(tree["params"])):
+  if (
+    mask is None
+    or not isinstance(tree, Mapping)
+    or "params" not in tree
+    or jax.tree.structure(mask) == jax.tree.structure(tree)
+    or jax.tree.structure(mask) != jax.tree.structure(tree["params"])
+  ):
     return mask
   return {k: (mask if k == "params" else masks.ones_like(v)) for k, v in tree.items()}
 
 
-def encode(tree: PyTree, mask: PyTree | None = None, *, prunable=None,
-           metadata: Mapping[str, Any] | None = None,
-           compression: str = "none",
-           _condensed: Mapping[str, Any] | None = None) -> tuple[bytes, FileInfo]:
+def encode(
+  tree: PyTree,
+  mask: PyTree | None = None,
+  *,
+  prunable=None,
+  metadata: Mapping[str, Any] | None = None,
+  compression: str = "none",
+  _condensed: Mapping[str, Any] | None = None,
+) -> tuple[bytes, FileInfo]:
   """The bytes of the sparse model file of ``tree`` (see :func:`save`)."""
   _check_little_endian()
   if compression not in COMPRESSIONS:
@@ -196,10 +209,11 @@ def encode(tree: PyTree, mask: PyTree | None = None, *, prunable=None,
       outside = (_bits(a) != 0) & ~m
       if outside.any():
         raise ValueError(
-            f"leaf {path!r} has {int(outside.sum())} nonzero entries where the "
-            "mask prunes; they would load back as 0. Apply the mask first "
-            "(sparsejax.masks.apply(params, mask)) or pass mask=None to keep "
-            "every nonzero")
+          f"leaf {path!r} has {int(outside.sum())} nonzero entries where the "
+          "mask prunes; they would load back as 0. Apply the mask first "
+          "(sparsejax.masks.apply(params, mask)) or pass mask=None to keep "
+          "every nonzero"
+        )
       flat = m.ravel()
       data = [np.packbits(flat).tobytes(), np.ascontiguousarray(a).ravel()[flat].tobytes()]
       entry.update(kind="sparse", kept=int(flat.sum()))
@@ -214,24 +228,38 @@ def encode(tree: PyTree, mask: PyTree | None = None, *, prunable=None,
   stored = zlib.compress(payload, 9) if compression == "zlib" else payload
   version = _PLAIN_VERSION if _condensed is None else FORMAT_VERSION
   fields = {
-      "format_version": version, "compression": compression,
-      "payload_nbytes": len(payload), "stored_nbytes": len(stored),
-      "metadata": dict(metadata or {}), "leaves": leaves,
+    "format_version": version,
+    "compression": compression,
+    "payload_nbytes": len(payload),
+    "stored_nbytes": len(stored),
+    "metadata": dict(metadata or {}),
+    "leaves": leaves,
   }
   if _condensed is not None:
     fields["condensed"] = dict(_condensed)
   header = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
   body = _PREFIX.pack(MAGIC, version, len(header)) + header + stored
   blob = body + hashlib.sha256(body).digest()
-  info = FileInfo(path="", nbytes=len(blob), dense_nbytes=dense_nbytes(tree),
-                  kept=kept, total=total,
-                  header_nbytes=_PREFIX.size + len(header) + _DIGEST)
+  info = FileInfo(
+    path="",
+    nbytes=len(blob),
+    dense_nbytes=dense_nbytes(tree),
+    kept=kept,
+    total=total,
+    header_nbytes=_PREFIX.size + len(header) + _DIGEST,
+  )
   return blob, info
 
 
-def save(path: str | os.PathLike, tree: PyTree, mask: PyTree | None = None, *,
-         prunable=None, metadata: Mapping[str, Any] | None = None,
-         compression: str = "none") -> FileInfo:
+def save(
+  path: str | os.PathLike,
+  tree: PyTree,
+  mask: PyTree | None = None,
+  *,
+  prunable=None,
+  metadata: Mapping[str, Any] | None = None,
+  compression: str = "none",
+) -> FileInfo:
   """Writes ``tree`` as a compressed sparse model file, atomically.
 
   Leaves stored sparse (kept values + bit-packed mask):
@@ -271,8 +299,7 @@ def save(path: str | os.PathLike, tree: PyTree, mask: PyTree | None = None, *,
     ValueError: a mask that does not fit ``tree``, nonzero pruned entries, two
       leaves with the same path, metadata that is not JSON.
   """
-  blob, info = encode(tree, mask, prunable=prunable, metadata=metadata,
-                      compression=compression)
+  blob, info = encode(tree, mask, prunable=prunable, metadata=metadata, compression=compression)
   return _write(path, blob, info)
 
 
@@ -288,8 +315,7 @@ def _write(path: str | os.PathLike, blob: bytes, info: FileInfo) -> FileInfo:
     return dataclasses.replace(info, path=path)
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".",
-                             suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
   try:
     with os.fdopen(fd, "wb") as f:
       f.write(blob)
@@ -314,23 +340,26 @@ def decode_header(blob: bytes, name: str = "<bytes>") -> tuple[dict, bytes]:
   """Verifies ``blob`` (magic, version, sha256) and splits it into
   ``(header, stored payload)``; raises :class:`SparseFileError`."""
   _check_little_endian()
-  if len(blob) < len(MAGIC) or blob[:len(MAGIC)] != MAGIC:
-    raise SparseFileError(f"{name} is not a sparsejax sparse model file (no "
-                          f"{MAGIC!r} magic)")
+  if len(blob) < len(MAGIC) or blob[: len(MAGIC)] != MAGIC:
+    raise SparseFileError(f"{name} is not a sparsejax sparse model file (no {MAGIC!r} magic)")
   if len(blob) < _PREFIX.size + _DIGEST:
-    raise SparseFileError(f"{name} is truncated: {len(blob)} bytes, shorter than "
-                          "an empty sparse model file")
+    raise SparseFileError(
+      f"{name} is truncated: {len(blob)} bytes, shorter than an empty sparse model file"
+    )
   _, version, header_len = _PREFIX.unpack_from(blob)
   if version > FORMAT_VERSION:
-    raise SparseFileError(f"{name} has format version {version}; this sparsejax "
-                          f"reads versions up to {FORMAT_VERSION} (upgrade sparsejax)")
+    raise SparseFileError(
+      f"{name} has format version {version}; this sparsejax "
+      f"reads versions up to {FORMAT_VERSION} (upgrade sparsejax)"
+    )
   body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
   if hashlib.sha256(body).digest() != digest:
     raise SparseFileError(
-        f"{name} is corrupted or truncated ({len(blob)} bytes): its sha256 "
-        "checksum does not match; refusing to load it")
+      f"{name} is corrupted or truncated ({len(blob)} bytes): its sha256 "
+      "checksum does not match; refusing to load it"
+    )
   end = _PREFIX.size + header_len
-  header = json.loads(body[_PREFIX.size:end].decode("utf-8"))
+  header = json.loads(body[_PREFIX.size : end].decode("utf-8"))
   return header, body[end:]
 
 
@@ -351,28 +380,33 @@ def _nest(items: list[tuple[str, Any]]) -> dict:
   return out
 
 
-def decode(blob: bytes, target: PyTree | None = None, name: str = "<bytes>"
-           ) -> tuple[PyTree, PyTree]:
+def decode(
+  blob: bytes, target: PyTree | None = None, name: str = "<bytes>"
+) -> tuple[PyTree, PyTree]:
   """``(tree, mask)`` of the bytes of a sparse model file (see :func:`load`)."""
   header, stored = decode_header(blob, name)
   if "condensed" in header:
-    raise SparseFileError(f"{name} is a condensed model file (format version 2, "
-                          "constant fan-in layers); read it with "
-                          "sparse_io.load_condensed")
+    raise SparseFileError(
+      f"{name} is a condensed model file (format version 2, "
+      "constant fan-in layers); read it with "
+      "sparse_io.load_condensed"
+    )
   return _decode_payload(header, stored, target, name)
 
 
-def _decode_payload(header: dict, stored: bytes, target: PyTree | None, name: str
-                    ) -> tuple[PyTree, PyTree]:
-  payload = (zlib.decompress(stored) if header["compression"] == "zlib" else stored)
+def _decode_payload(
+  header: dict, stored: bytes, target: PyTree | None, name: str
+) -> tuple[PyTree, PyTree]:
+  payload = zlib.decompress(stored) if header["compression"] == "zlib" else stored
   if len(payload) != header["payload_nbytes"]:
-    raise SparseFileError(f"{name}: payload is {len(payload)} bytes, the header "
-                          f"says {header['payload_nbytes']}")
+    raise SparseFileError(
+      f"{name}: payload is {len(payload)} bytes, the header says {header['payload_nbytes']}"
+    )
   arrays, mask_leaves = [], []
   for entry in header["leaves"]:
     dtype, shape = _dtype(entry["dtype"]), tuple(entry["shape"])
     size = int(np.prod(shape, dtype=np.int64))
-    chunk = payload[entry["offset"]:entry["offset"] + entry["nbytes"]]
+    chunk = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
     if entry["kind"] == "dense":
       a = np.frombuffer(chunk, dtype, count=size).reshape(shape).copy()
       m = np.ones(shape, bool)
@@ -393,21 +427,24 @@ def _decode_payload(header: dict, stored: bytes, target: PyTree | None, name: st
   extra = [p for p in by_path if p not in {q for q, _ in target_named}]
   if missing or extra:
     raise SparseFileError(
-        f"{name} does not match the target: paths only in the target "
-        f"{missing[:5]}, only in the file {extra[:5]}")
+      f"{name} does not match the target: paths only in the target "
+      f"{missing[:5]}, only in the file {extra[:5]}"
+    )
   for p, x in target_named:
     want = (tuple(jnp.shape(x)), _leaf_dtype(x))
     got = (by_path[p].shape, by_path[p].dtype)
     if want != got:
-      raise SparseFileError(f"{name}: leaf {p!r} is {got[0]} {got[1]} in the file "
-                            f"but {want[0]} {want[1]} in the target")
+      raise SparseFileError(
+        f"{name}: leaf {p!r} is {got[0]} {got[1]} in the file but {want[0]} {want[1]} in the target"
+      )
   treedef = jax.tree.structure(target)
-  return (jax.tree.unflatten(treedef, [by_path[p] for p, _ in target_named]),
-          jax.tree.unflatten(treedef, [mask_by_path[p] for p, _ in target_named]))
+  return (
+    jax.tree.unflatten(treedef, [by_path[p] for p, _ in target_named]),
+    jax.tree.unflatten(treedef, [mask_by_path[p] for p, _ in target_named]),
+  )
 
 
-def load(path: str | os.PathLike, target: PyTree | None = None
-         ) -> tuple[PyTree, PyTree]:
+def load(path: str | os.PathLike, target: PyTree | None = None) -> tuple[PyTree, PyTree]:
   """Reads a sparse model file; the arrays come back bitwise as saved.
 
   Args:
@@ -440,9 +477,13 @@ def load(path: str | os.PathLike, target: PyTree | None = None
 _CONDENSED_FIELDS = ("values", "indices", "units")
 
 
-def save_condensed(path: str | os.PathLike, variables: PyTree, *,
-                   metadata: Mapping[str, Any] | None = None,
-                   compression: str = "none") -> FileInfo:
+def save_condensed(
+  path: str | os.PathLike,
+  variables: PyTree,
+  *,
+  metadata: Mapping[str, Any] | None = None,
+  compression: str = "none",
+) -> FileInfo:
   """Writes condensed ``variables`` (from :func:`sparsejax.condensed.condense`), atomically.
 
   Every :class:`sparsejax.condensed.CondensedKernel` is stored as its
@@ -473,8 +514,7 @@ def save_condensed(path: str | os.PathLike, variables: PyTree, *,
   # Imported here: sparse_io itself needs no flax.
   from sparsejax import condensed  # pylint: disable=g-import-not-at-top
 
-  leaves, _ = jax.tree_util.tree_flatten_with_path(
-      variables, is_leaf=condensed._is_condensed)  # pylint: disable=protected-access
+  leaves, _ = jax.tree_util.tree_flatten_with_path(variables, is_leaf=condensed._is_condensed)  # pylint: disable=protected-access
   flat, info, dense = {}, {}, 0
   for keypath, leaf in leaves:
     name = masks.path_str(keypath)
@@ -487,9 +527,14 @@ def save_condensed(path: str | os.PathLike, variables: PyTree, *,
       flat[name] = np.asarray(jax.device_get(leaf))
       dense += flat[name].nbytes
   tree = _nest(list(flat.items()))
-  blob, file_info = encode(tree, None, prunable=lambda p, x: False,
-                           metadata=metadata, compression=compression,
-                           _condensed=info)
+  blob, file_info = encode(
+    tree,
+    None,
+    prunable=lambda p, x: False,
+    metadata=metadata,
+    compression=compression,
+    _condensed=info,
+  )
   return _write(path, blob, dataclasses.replace(file_info, dense_nbytes=dense))
 
 
@@ -517,9 +562,11 @@ def load_condensed(path: str | os.PathLike) -> dict:
       node = node[key]
     fields = node[last]
     if sorted(fields) != sorted(_CONDENSED_FIELDS):
-      raise SparseFileError(f"{path}: condensed layer {name!r} has the arrays "
-                            f"{sorted(fields)}, expected {list(_CONDENSED_FIELDS)}")
+      raise SparseFileError(
+        f"{path}: condensed layer {name!r} has the arrays "
+        f"{sorted(fields)}, expected {list(_CONDENSED_FIELDS)}"
+      )
     node[last] = condensed.CondensedKernel(
-        *(jnp.asarray(fields[f]) for f in _CONDENSED_FIELDS),
-        shape=tuple(entry["shape"]))
+      *(jnp.asarray(fields[f]) for f in _CONDENSED_FIELDS), shape=tuple(entry["shape"])
+    )
   return tree

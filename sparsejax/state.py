@@ -101,16 +101,18 @@ def variables_of(params: PyTree, batch_stats: PyTree) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def init_variables(model: nn.Module, sample_input: jax.Array,
-                   key: jax.Array) -> dict:
+def init_variables(model: nn.Module, sample_input: jax.Array, key: jax.Array) -> dict:
   """``model.init`` in inference mode; returns ``{'params', 'batch_stats'?}``.
 
   Jitted with the model static: one compilation per model and input shape,
   shared by every caller (train-state creation, scoring, re-initialisation).
   """
   variables = model.init(key, sample_input, train=False)
-  return flax.core.unfreeze(variables) if isinstance(
-      variables, flax.core.FrozenDict) else dict(variables)
+  return (
+    flax.core.unfreeze(variables)
+    if isinstance(variables, flax.core.FrozenDict)
+    else dict(variables)
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -124,10 +126,13 @@ def _init_sparse(tx, params, mask):
   return masks_lib.apply(params, optim.get_mask(opt_state)), opt_state
 
 
-def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
-                       sample_input: jax.Array, rng: jax.Array,
-                       mask: PyTree | Callable[[PyTree], PyTree] | None = None
-                       ) -> TrainState:
+def create_train_state(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  sample_input: jax.Array,
+  rng: jax.Array,
+  mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> TrainState:
   """Initialises the model and the optimiser; step 0.
 
   ``rng`` is split into the init key and the training key; the same ``rng``
@@ -169,8 +174,9 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
   if mask is not None:
     masks_lib.check_mask(mask, params)
     if optim.find_mask(jax.eval_shape(tx.init, params)) is not None:
-      raise ValueError("tx already holds a mask in its state (it contains an "
-                       "optim.MaskedState); pass mask=None")
+      raise ValueError(
+        "tx already holds a mask in its state (it contains an optim.MaskedState); pass mask=None"
+      )
     params, opt_state = _init_sparse(tx, params, mask)
     tx = optim.sparse(tx, mask)
   else:
@@ -178,7 +184,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation,
     held = optim.find_mask(opt_state)
     if held is not None:
       params = masks_lib.apply(params, held)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get("batch_stats", {}),
-                    opt_state=opt_state, rng=jax.random.key_data(train_key),
-                    tx=tx)
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    params=params,
+    batch_stats=variables.get("batch_stats", {}),
+    opt_state=opt_state,
+    rng=jax.random.key_data(train_key),
+    tx=tx,
+  )

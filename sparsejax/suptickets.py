@@ -77,8 +77,9 @@ LR_SHAPES = ("triangular", "cosine")
 # ----------------------------------------------------------------------------
 
 
-def cyclic_lr(lr1: float, lr2: float, cycle_steps: int,
-              shape: str = "triangular") -> optax.Schedule:
+def cyclic_lr(
+  lr1: float, lr2: float, cycle_steps: int, shape: str = "triangular"
+) -> optax.Schedule:
   """The cyclic learning rate ``lr1 → lr2 → lr1``, repeating every ``cycle_steps``.
 
   Iteration ``i`` of a cycle (``i = t mod cycle_steps``) gets ``lr1`` at
@@ -151,8 +152,9 @@ class Plan:
       _checks.step(getattr(self, name), f"Plan.{name}", 1)
     if self.dst_epochs < 1:
       raise ValueError(
-          f"the cycles ({self.num_cycles} x {self.cycle_epochs} epochs) leave no DST "
-          f"phase in {self.num_epochs} epochs")
+        f"the cycles ({self.num_cycles} x {self.cycle_epochs} epochs) leave no DST "
+        f"phase in {self.num_epochs} epochs"
+      )
     if self.cycle_steps < 2:
       raise ValueError("a cycle needs at least 2 steps")
 
@@ -182,16 +184,21 @@ class Plan:
   @property
   def cycle_end_epochs(self) -> tuple[int, ...]:
     """The (1-based) epoch at whose end each cycle's ticket is taken."""
-    return tuple(self.dst_epochs + (j + 1) * self.cycle_epochs
-                 for j in range(self.num_cycles))
+    return tuple(self.dst_epochs + (j + 1) * self.cycle_epochs for j in range(self.num_cycles))
 
   def is_cycle_start(self, t) -> jax.Array:
     """Whether step ``t`` (may be traced) starts a cycle."""
-    return dst.is_update_step(t, update_every=self.cycle_steps,
-                              start_step=self.dst_steps, end_step=self.total_steps)
+    return dst.is_update_step(
+      t, update_every=self.cycle_steps, start_step=self.dst_steps, end_step=self.total_steps
+    )
 
-  def learning_rate(self, dst_schedule: optax.Schedule, lr1: float = 0.001,
-                    lr2: float = 0.005, shape: str = "triangular") -> optax.Schedule:
+  def learning_rate(
+    self,
+    dst_schedule: optax.Schedule,
+    lr1: float = 0.001,
+    lr2: float = 0.005,
+    shape: str = "triangular",
+  ) -> optax.Schedule:
     """``dst_schedule`` for the DST phase, then :func:`cyclic_lr` in every cycle.
 
     ``optax.join_schedules([dst_schedule, cyclic_lr(lr1, lr2, cycle_steps,
@@ -208,11 +215,12 @@ class Plan:
     the reference ``ΔT``).
     """
     return optax.join_schedules(
-        [dst_schedule, cyclic_lr(lr1, lr2, self.cycle_steps, shape)],
-        [self.dst_steps])
+      [dst_schedule, cyclic_lr(lr1, lr2, self.cycle_steps, shape)], [self.dst_steps]
+    )
 
-  def mask_updates(self, fraction: float = 0.5, prunable=None
-                   ) -> list[tuple[dst.StepPredicate, dst.MaskUpdate]]:
+  def mask_updates(
+    self, fraction: float = 0.5, prunable=None
+  ) -> list[tuple[dst.StepPredicate, dst.MaskUpdate]]:
     """The large drop-and-regrow at each cycle start, for ``extra_updates``.
 
     At :attr:`cycle_start_steps` every prunable layer drops ``⌊fraction ·
@@ -230,8 +238,7 @@ class Plan:
     """
     if not 0 < fraction <= 1:
       raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    return [(self.is_cycle_start,
-             dst.drop_and_grow_rule(float(fraction), "gradient", prunable))]
+    return [(self.is_cycle_start, dst.drop_and_grow_rule(float(fraction), "gradient", prunable))]
 
 
 # ----------------------------------------------------------------------------
@@ -239,8 +246,7 @@ class Plan:
 # ----------------------------------------------------------------------------
 
 
-def superpose(average: PyTree, ticket: PyTree, count, ema: float | None = None
-              ) -> PyTree:
+def superpose(average: PyTree, ticket: PyTree, count, ema: float | None = None) -> PyTree:
   """The running average after one more ticket.
 
   ``count`` tickets are in ``average`` already. Cumulative mean (default):
@@ -259,8 +265,9 @@ def superpose(average: PyTree, ticket: PyTree, count, ema: float | None = None
     weight = 1.0 / (count + 1.0)
   else:
     weight = jnp.where(count == 0, 1.0, jnp.float32(ema))
-  return jax.tree.map(lambda a, t: (a + (t - a) * weight.astype(a.dtype)).astype(a.dtype),
-                      average, ticket)
+  return jax.tree.map(
+    lambda a, t: (a + (t - a) * weight.astype(a.dtype)).astype(a.dtype), average, ticket
+  )
 
 
 def reprune(params: PyTree, num_kept, prunable=None) -> tuple[PyTree, PyTree]:
@@ -285,13 +292,12 @@ def reprune(params: PyTree, num_kept, prunable=None) -> tuple[PyTree, PyTree]:
   pooled = [i for i, f in enumerate(flag_leaves) if f]
   out = [jnp.ones(jnp.shape(x), bool) for x in leaves]
   if pooled:
-    flat = jnp.concatenate([jnp.abs(jnp.ravel(leaves[i])).astype(jnp.float32)
-                            for i in pooled])
+    flat = jnp.concatenate([jnp.abs(jnp.ravel(leaves[i])).astype(jnp.float32) for i in pooled])
     keep = masks.keep_top(flat, num_kept)
     offset = 0
     for i in pooled:
       size = leaves[i].size
-      out[i] = keep[offset:offset + size].reshape(leaves[i].shape)
+      out[i] = keep[offset : offset + size].reshape(leaves[i].shape)
       offset += size
   mask = jax.tree.unflatten(treedef, out)
   return masks.apply(params, mask), mask
@@ -300,8 +306,10 @@ def reprune(params: PyTree, num_kept, prunable=None) -> tuple[PyTree, PyTree]:
 def prunable_count(mask: PyTree, prunable=None) -> jax.Array:
   """Number of active entries of ``mask`` in its prunable leaves (``int32``)."""
   flags = jax.tree.leaves(masks.prunable_tree(mask, prunable))
-  return sum((jnp.sum(m, dtype=jnp.int32) for m, f in
-              zip(jax.tree.leaves(mask), flags) if f), jnp.zeros((), jnp.int32))
+  return sum(
+    (jnp.sum(m, dtype=jnp.int32) for m, f in zip(jax.tree.leaves(mask), flags) if f),
+    jnp.zeros((), jnp.int32),
+  )
 
 
 class Superpose(hooks.Callback):
@@ -345,14 +353,20 @@ class Superpose(hooks.Callback):
   name = "suptickets"
   at_epoch_end = True
 
-  def __init__(self, plan: Plan, *, ema: float | None = None, prunable=None,
-               bn_batch_size: int | None = None, bn_variance: str = "pooled",
-               evaluate_tickets: bool = True):
+  def __init__(
+    self,
+    plan: Plan,
+    *,
+    ema: float | None = None,
+    prunable=None,
+    bn_batch_size: int | None = None,
+    bn_variance: str = "pooled",
+    evaluate_tickets: bool = True,
+  ):
     if ema is not None and not 0 < ema <= 1:
       raise ValueError(f"ema must be None or in (0, 1], got {ema}")
     if bn_variance not in train.BN_VARIANCE_MODES:
-      raise ValueError(f"bn_variance must be one of {train.BN_VARIANCE_MODES}, got "
-                       f"{bn_variance!r}")
+      raise ValueError(f"bn_variance must be one of {train.BN_VARIANCE_MODES}, got {bn_variance!r}")
     self.plan = plan
     self.ema = ema
     self.prunable = prunable
@@ -367,11 +381,17 @@ class Superpose(hooks.Callback):
 
   def init(self, state):
     if state.mask is None:
-      raise ValueError("Superpose needs a sparse train state (an optimiser state "
-                       "that holds a mask, e.g. a sparsejax.dst transformation)")
+      raise ValueError(
+        "Superpose needs a sparse train state (an optimiser state "
+        "that holds a mask, e.g. a sparsejax.dst transformation)"
+      )
     zeros = jax.tree.map(jnp.zeros_like, state.params)
-    hook_state = {"tickets": jnp.zeros((), jnp.int32), "average": zeros,
-                  "params": zeros, "mask": masks.ones_like(state.params)}
+    hook_state = {
+      "tickets": jnp.zeros((), jnp.int32),
+      "average": zeros,
+      "params": zeros,
+      "mask": masks.ones_like(state.params),
+    }
     if state.batch_stats:
       hook_state["batch_stats"] = jax.tree.map(jnp.copy, state.batch_stats)
     return hook_state
@@ -381,14 +401,16 @@ class Superpose(hooks.Callback):
     plan = self.plan
     if ctx.num_epochs is not None and ctx.num_epochs != plan.num_epochs:
       raise ValueError(
-          f"Superpose: the plan has num_epochs={plan.num_epochs} but fit trains "
-          f"{ctx.num_epochs} epochs; build the Plan with the run's num_epochs "
-          f"(its cycles end at epochs {list(plan.cycle_end_epochs)})")
+        f"Superpose: the plan has num_epochs={plan.num_epochs} but fit trains "
+        f"{ctx.num_epochs} epochs; build the Plan with the run's num_epochs "
+        f"(its cycles end at epochs {list(plan.cycle_end_epochs)})"
+      )
     if ctx.steps_per_epoch != plan.steps_per_epoch:
       raise ValueError(
-          f"Superpose: the plan has steps_per_epoch={plan.steps_per_epoch} but "
-          f"fit has {ctx.steps_per_epoch} (sparsejax.schedules.steps_per_epoch"
-          "(num_train, batch_size))")
+        f"Superpose: the plan has steps_per_epoch={plan.steps_per_epoch} but "
+        f"fit has {ctx.steps_per_epoch} (sparsejax.schedules.steps_per_epoch"
+        "(num_train, batch_size))"
+      )
 
   def hook(self) -> hooks.StepHook:
     """The :class:`sparsejax.hooks.StepHook` holding the superposition's
@@ -404,22 +426,27 @@ class Superpose(hooks.Callback):
     if ctx.epoch not in self.plan.cycle_end_epochs:
       return None
     hook_state, state = carry.hook_states[self.name], carry.state
-    average = self._superpose(hook_state["average"], state.params,
-                              hook_state["tickets"])
+    average = self._superpose(hook_state["average"], state.params, hook_state["tickets"])
     params, mask = self._reprune(average, state.mask)
-    out = dict(hook_state, tickets=hook_state["tickets"] + 1, average=average,
-               params=params, mask=mask)
+    out = dict(
+      hook_state, tickets=hook_state["tickets"] + 1, average=average, params=params, mask=mask
+    )
     superposed = state.replace(params=params)
     if state.batch_stats:
       # The per-step scalars the model reads (e.g. act_coef), as in training.
-      values = schedules.scalar_values(modeling.model_scalars(ctx.model, ctx.scalars),
-                                       state.step)
+      values = schedules.scalar_values(modeling.model_scalars(ctx.model, ctx.scalars), state.step)
       batch_size = self.bn_batch_size or ctx.batch_size
       stats = train.recompute_batch_stats(
-          ctx.model, {"params": params, "batch_stats": state.batch_stats},
-          ctx.dataset.train_images, mean=ctx.dataset.mean, std=ctx.dataset.std,
-          batch_size=int(batch_size), mesh=ctx.mesh, variance=self.bn_variance,
-          scalars=values)
+        ctx.model,
+        {"params": params, "batch_stats": state.batch_stats},
+        ctx.dataset.train_images,
+        mean=ctx.dataset.mean,
+        std=ctx.dataset.std,
+        batch_size=int(batch_size),
+        mesh=ctx.mesh,
+        variance=self.bn_variance,
+        scalars=values,
+      )
       out["batch_stats"] = stats
       superposed = superposed.replace(batch_stats=stats)
     fields = {"cycle": int(jax.device_get(out["tickets"]))}
@@ -429,8 +456,10 @@ class Superpose(hooks.Callback):
       ev = ctx.evaluate(state)
       fields.update(ticket_test_loss=ev["loss"], ticket_test_accuracy=ev["accuracy"])
     ev = ctx.evaluate(superposed)
-    fields.update(superposed_test_loss=ev["loss"],
-                  superposed_test_accuracy=ev["accuracy"],
-                  superposed_sparsity=masks.summary(mask).sparsity)
+    fields.update(
+      superposed_test_loss=ev["loss"],
+      superposed_test_accuracy=ev["accuracy"],
+      superposed_sparsity=masks.summary(mask).sparsity,
+    )
     ctx.record.update(fields)
     return carry.replace(hook_states=dict(carry.hook_states, **{self.name: out}))

@@ -129,8 +129,9 @@ class Ramp:
     _checks.number(self.start, "Ramp.start")
     _checks.number(self.end, "Ramp.end")
     _checks.number(self.hold, "Ramp.hold", 0.0, 1.0, why="a fraction of training")
-    _checks.number(self.stop, "Ramp.stop", self.hold, 1.0,
-                   why="a fraction of training, at or after hold")
+    _checks.number(
+      self.stop, "Ramp.stop", self.hold, 1.0, why="a fraction of training, at or after hold"
+    )
 
   @classmethod
   def constant(cls, value: float) -> Ramp:
@@ -155,8 +156,7 @@ GHOST_SMOOTHING = Ramp(0.1, 0.0, 0.1, 0.5)
 # ----------------------------------------------------------------------------
 
 
-def smoothed_targets(labels: jax.Array, num_classes: int,
-                     alpha: float | jax.Array) -> jax.Array:
+def smoothed_targets(labels: jax.Array, num_classes: int, alpha: float | jax.Array) -> jax.Array:
   """ToST's smoothed targets: ``1 - α`` on the true class, ``α / (C - 1)`` elsewhere.
 
   Args:
@@ -181,8 +181,9 @@ def smoothed_targets(labels: jax.Array, num_classes: int,
   return one_hot * (1 - alpha) + (1 - one_hot) * (alpha / (num_classes - 1))
 
 
-def off_target_smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
-                                      alpha: float | jax.Array) -> jax.Array:
+def off_target_smoothed_cross_entropy(
+  logits: jax.Array, labels: jax.Array, alpha: float | jax.Array
+) -> jax.Array:
   """Per-example cross-entropy against :func:`smoothed_targets` (float32).
 
   Args:
@@ -192,8 +193,7 @@ def off_target_smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
     ``[...]``.
   """
   logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-  return optax.softmax_cross_entropy(
-      logits, smoothed_targets(labels, logits.shape[-1], alpha))
+  return optax.softmax_cross_entropy(logits, smoothed_targets(labels, logits.shape[-1], alpha))
 
 
 def label_smoothing_loss() -> losses.LossFn:
@@ -205,8 +205,7 @@ def label_smoothing_loss() -> losses.LossFn:
   """
 
   def loss_fn(logits, labels, scalars):
-    return off_target_smoothed_cross_entropy(logits, labels,
-                                             scalars.get(LABEL_SMOOTHING, 0.0))
+    return off_target_smoothed_cross_entropy(logits, labels, scalars.get(LABEL_SMOOTHING, 0.0))
 
   return loss_fn
 
@@ -239,16 +238,18 @@ def ghost_model(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   if not supports_ghost_skips(name):
     supported = [n for n in models.names() if supports_ghost_skips(n)]
     raise ValueError(
-        f"ghost skip connections are defined for the basic blocks of residual "
-        f"networks ({', '.join(supported)}); {name!r} has none. Use ToST "
-        "without them, e.g. tost.preset('ghost', ghost_skips=None)")
+      f"ghost skip connections are defined for the basic blocks of residual "
+      f"networks ({', '.join(supported)}); {name!r} has none. Use ToST "
+      "without them, e.g. tost.preset('ghost', ghost_skips=None)"
+    )
   return models.get(name, num_classes, ghost_skips=True, **kwargs)
 
 
 def _drop_ghosts(tree: Any) -> Any:
   if isinstance(tree, Mapping):
-    return {k: _drop_ghosts(v) for k, v in tree.items()
-            if not str(k).startswith(masks.GHOST_PREFIX)}
+    return {
+      k: _drop_ghosts(v) for k, v in tree.items() if not str(k).startswith(masks.GHOST_PREFIX)
+    }
   return tree
 
 
@@ -283,8 +284,8 @@ def lift_mask(mask: PyTree, params: PyTree) -> PyTree:
   flat = dict(masks.named_leaves(mask))
   masks.check_mask(mask, export(params))
   return masks.map_with_path(
-      lambda p, x: (jnp.ones(jnp.shape(x), jnp.bool_) if masks.is_ghost(p)
-                    else flat[p]), params)
+    lambda p, x: jnp.ones(jnp.shape(x), jnp.bool_) if masks.is_ghost(p) else flat[p], params
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -344,8 +345,8 @@ def is_bias(path: str) -> bool:
 def scale_floors(params: PyTree, settings: LRsI = LRsI()) -> PyTree:
   """One float32 floor per tensor: ``bias_floor`` for biases, else ``weight_floor``."""
   return masks.map_with_path(
-      lambda p, _: jnp.float32(settings.bias_floor if is_bias(p)
-                               else settings.weight_floor), params)
+    lambda p, _: jnp.float32(settings.bias_floor if is_bias(p) else settings.weight_floor), params
+  )
 
 
 def fold(params: PyTree, scales: PyTree, mask: PyTree | None = None) -> PyTree:
@@ -354,9 +355,14 @@ def fold(params: PyTree, scales: PyTree, mask: PyTree | None = None) -> PyTree:
   return scaled if mask is None else masks.apply(scaled, mask)
 
 
-def lrsi_objective(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
-                   mask: PyTree, scales: PyTree, batch: Any,
-                   settings: LRsI = LRsI()) -> tuple[jax.Array, dict]:
+def lrsi_objective(
+  loss: Callable[[PyTree, Any], jax.Array],
+  params: PyTree,
+  mask: PyTree,
+  scales: PyTree,
+  batch: Any,
+  settings: LRsI = LRsI(),
+) -> tuple[jax.Array, dict]:
   """GradInit's objective of ``scales`` on one batch, differentiable in ``scales``.
 
   With ``θ = fold(params, scales, mask)``, ``g = mask ⊙ ∇L(θ; B₁)`` (the
@@ -377,22 +383,29 @@ def lrsi_objective(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
   """
   half = jax.tree.leaves(batch)[0].shape[0] // 2
   first = jax.tree.map(lambda a: a[:half], batch)
-  second = jax.tree.map(lambda a: a[half:2 * half], batch)
+  second = jax.tree.map(lambda a: a[half : 2 * half], batch)
   theta = fold(params, scales, mask)
   grads = masks.apply(jax.grad(loss)(theta, first), mask)
   norm = optax.tree.norm(grads)
-  step = (jax.tree.map(lambda g: g / jnp.maximum(norm, 1e-12), grads)
-          if settings.normalize_step else grads)
+  step = (
+    jax.tree.map(lambda g: g / jnp.maximum(norm, 1e-12), grads)
+    if settings.normalize_step
+    else grads
+  )
   after = loss(jax.tree.map(lambda t, s: t - settings.eta * s, theta, step), second)
   objective = jnp.where(norm > settings.grad_norm_bound, norm, after)
   return objective, {"grad_norm": norm, "loss_after_step": after}
 
 
-def lrsi(loss: Callable[[PyTree, Any], jax.Array], params: PyTree,
-         mask: PyTree | None, data: Any, key: jax.Array,
-         settings: LRsI = LRsI(),
-         preprocess: Callable[[jax.Array, Any], Any] | None = None
-         ) -> tuple[PyTree, dict]:
+def lrsi(
+  loss: Callable[[PyTree, Any], jax.Array],
+  params: PyTree,
+  mask: PyTree | None,
+  data: Any,
+  key: jax.Array,
+  settings: LRsI = LRsI(),
+  preprocess: Callable[[jax.Array, Any], Any] | None = None,
+) -> tuple[PyTree, dict]:
   """LRsI: learns one scale per tensor with GradInit, folds it into ``params``.
 
   Starting from scales 1, each of ``settings.steps`` iterations draws
@@ -447,8 +460,7 @@ def _lrsi_scan(loss, settings, preprocess, params, mask, data, key):
     batch = jax.tree.map(lambda a: jnp.take(a, idx, axis=0), data)
     return batch if preprocess is None else preprocess(jax.random.fold_in(k, 1), batch)
 
-  objective = functools.partial(lrsi_objective, loss, params, mask,
-                                settings=settings)
+  objective = functools.partial(lrsi_objective, loss, params, mask, settings=settings)
   parts = [optax.adam(settings.learning_rate)]
   if settings.grad_clip is not None:
     parts.insert(0, optax.clip_by_global_norm(settings.grad_clip))
@@ -459,18 +471,22 @@ def _lrsi_scan(loss, settings, preprocess, params, mask, data, key):
   def body(carry, i):
     scales, opt_state = carry
     batch = draw(jax.random.fold_in(key, i))
-    (value, aux), grads = jax.value_and_grad(
-        lambda s: objective(s, batch), has_aux=True)(scales)
+    (value, aux), grads = jax.value_and_grad(lambda s: objective(s, batch), has_aux=True)(scales)
     updates, opt_state = tx.update(grads, opt_state, scales)
     scales = jax.tree.map(jnp.maximum, optax.apply_updates(scales, updates), floors)
     return (scales, opt_state), (value, aux["grad_norm"], aux["loss_after_step"])
 
   (scales, _), (values, norms, after) = jax.lax.scan(
-      body, (ones, tx.init(ones)), jnp.arange(settings.steps))
+    body, (ones, tx.init(ones)), jnp.arange(settings.steps)
+  )
   fixed = draw(jax.random.fold_in(key, settings.steps))
-  info = {"objective": values, "grad_norm": norms, "loss_after_step": after,
-          "objective_before": objective(ones, fixed)[0],
-          "objective_after": objective(scales, fixed)[0]}
+  info = {
+    "objective": values,
+    "grad_norm": norms,
+    "loss_after_step": after,
+    "objective_before": objective(ones, fixed)[0],
+    "objective_after": objective(scales, fixed)[0],
+  }
   return scales, info
 
 
@@ -516,17 +532,30 @@ class LRsICallback(hooks_lib.Callback):
     def loss(params, batch):
       x, y = batch
       return modeling.loss_and_logits(
-          model, params, {"batch_stats": batch_stats} if batch_stats else {},
-          x, y, loss_fn, scalars=values, rngs={"dropout": jax.random.key(0)})[0]
+        model,
+        params,
+        {"batch_stats": batch_stats} if batch_stats else {},
+        x,
+        y,
+        loss_fn,
+        scalars=values,
+        rngs={"dropout": jax.random.key(0)},
+      )[0]
 
     seed = ctx.seed
     data = mesh_lib.put_replicated(
-        (np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)),
-        ctx.mesh)
+      (np.asarray(ds.train_images), np.asarray(ds.train_labels, np.int32)), ctx.mesh
+    )
     start = time.perf_counter()
     params, info = lrsi(
-        loss, state.params, state.mask, data,
-        jax.random.fold_in(jax.random.key(seed), 3), self.settings, preprocess)
+      loss,
+      state.params,
+      state.mask,
+      data,
+      jax.random.fold_in(jax.random.key(seed), 3),
+      self.settings,
+      preprocess,
+    )
     self.info = dict(info, seconds=time.perf_counter() - start)
     return carry.replace(state=state.replace(params=params))
 
@@ -555,28 +584,31 @@ class ToST:
   def __post_init__(self):
     # β and γ blend two paths (0 and 1 are the ends); α is a probability
     # mass moved off the true class (below 1, or the target vanishes).
-    for name, hi, hi_open in (("soft_neurons", 1.0, False),
-                              ("ghost_skips", 1.0, False),
-                              ("label_smoothing", 1.0, True)):
+    for name, hi, hi_open in (
+      ("soft_neurons", 1.0, False),
+      ("ghost_skips", 1.0, False),
+      ("label_smoothing", 1.0, True),
+    ):
       ramp = getattr(self, name)
       if ramp is not None:
         for end in ("start", "end"):
-          _checks.number(getattr(ramp, end), f"ToST.{name}.{end}", 0.0, hi,
-                         hi_open=hi_open)
+          _checks.number(getattr(ramp, end), f"ToST.{name}.{end}", 0.0, hi, hi_open=hi_open)
 
   @property
   def techniques(self) -> tuple[str, ...]:
     """Names of the techniques switched on."""
-    return tuple(f.name for f in dataclasses.fields(self)
-                 if getattr(self, f.name) is not None)
+    return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
 
   def scalars(self, total_steps: int) -> dict[str, optax.Schedule]:
     """The per-step scalars for ``fit(scalars=...)`` of a run of ``total_steps``:
     ``act_coef`` (β), ``ghost_coef`` (γ), ``tost_label_smoothing`` (α), those
     on."""
     out = {}
-    for name, ramp in ((ACT_COEF, self.soft_neurons), (GHOST_COEF, self.ghost_skips),
-                       (LABEL_SMOOTHING, self.label_smoothing)):
+    for name, ramp in (
+      (ACT_COEF, self.soft_neurons),
+      (GHOST_COEF, self.ghost_skips),
+      (LABEL_SMOOTHING, self.label_smoothing),
+    ):
       if ramp is not None:
         out[name] = ramp.schedule(total_steps)
     return out
@@ -602,14 +634,13 @@ class ToST:
 
 
 PRESETS: dict[str, ToST] = {
-    "none": ToST(),
-    "ghost": ToST(GHOST_RAMP, GHOST_RAMP, GHOST_SMOOTHING, LRsI()),
-    "always_on": ToST(Ramp.constant(1.0), Ramp.constant(1.0),
-                      Ramp.constant(0.1), LRsI()),
-    "soft_neurons": ToST(soft_neurons=GHOST_RAMP),
-    "ghost_skips": ToST(ghost_skips=GHOST_RAMP),
-    "label_smoothing": ToST(label_smoothing=GHOST_SMOOTHING),
-    "lrsi": ToST(lrsi=LRsI()),
+  "none": ToST(),
+  "ghost": ToST(GHOST_RAMP, GHOST_RAMP, GHOST_SMOOTHING, LRsI()),
+  "always_on": ToST(Ramp.constant(1.0), Ramp.constant(1.0), Ramp.constant(0.1), LRsI()),
+  "soft_neurons": ToST(soft_neurons=GHOST_RAMP),
+  "ghost_skips": ToST(ghost_skips=GHOST_RAMP),
+  "label_smoothing": ToST(label_smoothing=GHOST_SMOOTHING),
+  "lrsi": ToST(lrsi=LRsI()),
 }
 """The presets of :func:`preset` (see the module doc)."""
 
@@ -629,9 +660,27 @@ def preset(name: str, **overrides: Any) -> ToST:
 
 
 __all__ = [
-    "ACT_COEF", "GHOST_COEF", "GHOST_RAMP", "GHOST_SMOOTHING", "LABEL_SMOOTHING",
-    "LRsI", "LRsICallback", "PRESETS", "Ramp", "ToST", "export", "fold", "ghost_model",
-    "is_bias", "label_smoothing_loss", "lift_mask", "lrsi", "lrsi_objective",
-    "off_target_smoothed_cross_entropy", "preset", "scale_floors", "smoothed_targets",
-    "supports_ghost_skips",
+  "ACT_COEF",
+  "GHOST_COEF",
+  "GHOST_RAMP",
+  "GHOST_SMOOTHING",
+  "LABEL_SMOOTHING",
+  "LRsI",
+  "LRsICallback",
+  "PRESETS",
+  "Ramp",
+  "ToST",
+  "export",
+  "fold",
+  "ghost_model",
+  "is_bias",
+  "label_smoothing_loss",
+  "lift_mask",
+  "lrsi",
+  "lrsi_objective",
+  "off_target_smoothed_cross_entropy",
+  "preset",
+  "scale_floors",
+  "smoothed_targets",
+  "supports_ghost_skips",
 ]

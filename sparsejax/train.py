@@ -109,9 +109,18 @@ logger = logging.getLogger(__name__)
 #: Sentinel of the ``first_bad_step`` metric: no non-finite loss seen.
 _NO_BAD_STEP = np.iinfo(np.int32).max
 #: Keys of an epoch record written by :func:`fit` itself.
-RECORD_KEYS = ("epoch", "step", "lr", "train_loss", "train_accuracy",
-               "test_loss", "test_accuracy", "sparsity", "epoch_seconds",
-               "steps_per_second")
+RECORD_KEYS = (
+  "epoch",
+  "step",
+  "lr",
+  "train_loss",
+  "train_accuracy",
+  "test_loss",
+  "test_accuracy",
+  "sparsity",
+  "epoch_seconds",
+  "steps_per_second",
+)
 
 
 # ----------------------------------------------------------------------------
@@ -155,10 +164,11 @@ def _check_scalars_read(names, model_scalars, loss_read, hooks) -> None:
   unused = sorted(set(names) - used)
   if unused:
     raise ValueError(
-        f"scalars {unused} are read by neither the model, the loss nor a hook, "
-        f"so they would change nothing; read are: model {sorted(model_scalars)}, "
-        f"loss {sorted(loss_read)}, hooks {sorted(hook_read)}. Rename or drop "
-        "them (ToST's α needs its loss, tost.label_smoothing_loss())")
+      f"scalars {unused} are read by neither the model, the loss nor a hook, "
+      f"so they would change nothing; read are: model {sorted(model_scalars)}, "
+      f"loss {sorted(loss_read)}, hooks {sorted(hook_read)}. Rename or drop "
+      "them (ToST's α needs its loss, tost.label_smoothing_loss())"
+    )
 
 
 def init_train_metrics() -> dict[str, jax.Array]:
@@ -168,11 +178,13 @@ def init_train_metrics() -> dict[str, jax.Array]:
   ``correct``, ``count`` and ``first_bad_step`` (smallest global step with a
   non-finite loss; int32 max when none).
   """
-  return {"loss_sum": jnp.zeros((), jnp.float32),
-          "steps": jnp.zeros((), jnp.int32),
-          "correct": jnp.zeros((), jnp.int32),
-          "count": jnp.zeros((), jnp.int32),
-          "first_bad_step": jnp.full((), _NO_BAD_STEP, jnp.int32)}
+  return {
+    "loss_sum": jnp.zeros((), jnp.float32),
+    "steps": jnp.zeros((), jnp.int32),
+    "correct": jnp.zeros((), jnp.int32),
+    "count": jnp.zeros((), jnp.int32),
+    "first_bad_step": jnp.full((), _NO_BAD_STEP, jnp.int32),
+  }
 
 
 @flax.struct.dataclass
@@ -190,8 +202,7 @@ class TrainCarry:
   hook_states: dict[str, PyTree]
 
 
-def init_carry(state: state_lib.TrainState,
-               hooks: Sequence[hooks_lib.StepHook] = ()) -> TrainCarry:
+def init_carry(state: state_lib.TrainState, hooks: Sequence[hooks_lib.StepHook] = ()) -> TrainCarry:
   """The carry of the first step from ``state``: zeroed metrics and each
   hook's ``init(state)`` (copied, since the carry is donated and a hook state
   may hold arrays of the train state, e.g. its mask; ``None`` ones left out).
@@ -209,16 +220,23 @@ def init_carry(state: state_lib.TrainState,
     hook_state = hook.init(state)
     if hook_state is not None:
       hook_states[hook.name] = jax.tree.map(jnp.copy, hook_state)
-  return TrainCarry(state=state, metrics=init_train_metrics(),
-                    hook_states=hook_states)
+  return TrainCarry(state=state, metrics=init_train_metrics(), hook_states=hook_states)
 
 
-def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
-                    batch_size: int, mean, std, augment: bool = False,
-                    pad: int = 4, flip: bool = True,
-                    loss_fn: losses.LossFn | None = None,
-                    scalars: Mapping[str, optax.Schedule] | None = None,
-                    hooks: Sequence[hooks_lib.StepHook] = ()) -> Callable:
+def make_train_step(
+  model: nn.Module,
+  *,
+  mesh: jax.sharding.Mesh,
+  batch_size: int,
+  mean,
+  std,
+  augment: bool = False,
+  pad: int = 4,
+  flip: bool = True,
+  loss_fn: losses.LossFn | None = None,
+  scalars: Mapping[str, optax.Schedule] | None = None,
+  hooks: Sequence[hooks_lib.StepHook] = (),
+) -> Callable:
   """Builds the jitted, data-parallel training step.
 
   The returned function is::
@@ -263,8 +281,9 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
       ``carry.hook_states`` (:func:`init_carry`).
   """
   if batch_size % mesh.size:
-    raise ValueError(f"batch_size={batch_size} is not divisible by the "
-                     f"{mesh.size} devices of the mesh")
+    raise ValueError(
+      f"batch_size={batch_size} is not divisible by the {mesh.size} devices of the mesh"
+    )
   mean = jnp.asarray(mean, jnp.float32)
   std = jnp.asarray(std, jnp.float32)
   in_batch = mesh_lib.batch_sharding(mesh)
@@ -290,47 +309,64 @@ def make_train_step(model: nn.Module, *, mesh: jax.sharding.Mesh,
 
     def objective(params):
       loss, (logits, model_state) = modeling.loss_and_logits(
-          model, params, {"batch_stats": state.batch_stats} if state.batch_stats else {},
-          x, y, loss_fn,
-          scalars=values, loss_scalars=loss_scalars, rngs={"dropout": dropout_key})
+        model,
+        params,
+        {"batch_stats": state.batch_stats} if state.batch_stats else {},
+        x,
+        y,
+        loss_fn,
+        scalars=values,
+        loss_scalars=loss_scalars,
+        rngs={"dropout": dropout_key},
+      )
       return loss, (logits, model_state.get("batch_stats", state.batch_stats))
 
-    (loss, (logits, new_stats)), grads = jax.value_and_grad(
-        objective, has_aux=True)(state.params)
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     _check_scalars_read(values, model_scalars, loss_scalars.read, all_hooks)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=new_stats, opt_state=opt_state)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=new_stats, opt_state=opt_state
+    )
     finite = jnp.isfinite(loss)
     metrics = {
-        "loss_sum": metrics["loss_sum"] + loss,
-        "steps": metrics["steps"] + 1,
-        "correct": metrics["correct"] + jnp.sum(
-            jnp.argmax(logits, -1) == y).astype(jnp.int32),
-        "count": metrics["count"] + y.shape[0],
-        "first_bad_step": jnp.where(
-            finite, metrics["first_bad_step"],
-            jnp.minimum(metrics["first_bad_step"], state.step)),
+      "loss_sum": metrics["loss_sum"] + loss,
+      "steps": metrics["steps"] + 1,
+      "correct": metrics["correct"] + jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.int32),
+      "count": metrics["count"] + y.shape[0],
+      "first_bad_step": jnp.where(
+        finite, metrics["first_bad_step"], jnp.minimum(metrics["first_bad_step"], state.step)
+      ),
     }
-    info = hooks_lib.StepInfo(step=state.step, loss=loss, grads=grads,
-                              scalars=values, batch=(x, y), key=key,
-                              state_before=state)
+    info = hooks_lib.StepInfo(
+      step=state.step,
+      loss=loss,
+      grads=grads,
+      scalars=values,
+      batch=(x, y),
+      key=key,
+      state_before=state,
+    )
     logs = {}
     for hook in all_hooks:
       hook_state, new_state, logs[hook.name] = hook.update(
-          hook_states.get(hook.name), new_state, info)
+        hook_states.get(hook.name), new_state, info
+      )
       if hook.name in hook_states:
         hook_states[hook.name] = hook_state
     return TrainCarry(new_state, metrics, hook_states), logs
 
-  return jax.jit(step, donate_argnums=(0,),
-                 out_shardings=mesh_lib.replicated(mesh))
+  return jax.jit(step, donate_argnums=(0,), out_shardings=mesh_lib.replicated(mesh))
 
 
-def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean, std,
-                   scalars: Mapping[str, optax.Schedule] | None = None
-                   ) -> Callable:
+def make_eval_step(
+  model: nn.Module,
+  *,
+  mesh: jax.sharding.Mesh,
+  mean,
+  std,
+  scalars: Mapping[str, optax.Schedule] | None = None,
+) -> Callable:
   """Builds the jitted eval step ``(state, sums, images, labels, valid) -> sums``.
 
   ``images`` ``uint8`` and ``labels`` are a (padded) batch sharded with
@@ -349,13 +385,14 @@ def make_eval_step(model: nn.Module, *, mesh: jax.sharding.Mesh, mean, std,
   def step(state: state_lib.TrainState, sums, images, labels, valid):
     values = schedules.scalar_values({n: scalars[n] for n in model_scalars}, state.step)
     x = data_lib.normalize(images, mean, std)
-    logits, _ = modeling.apply_model(model, state.variables, x, train=False,
-                                     scalars=values)
+    logits, _ = modeling.apply_model(model, state.variables, x, train=False, scalars=values)
     loss = losses.cross_entropy(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels) & valid
-    return {"loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(valid, loss, 0.0)),
-            "correct": sums["correct"] + jnp.sum(correct).astype(jnp.int32),
-            "count": sums["count"] + jnp.sum(valid).astype(jnp.int32)}
+    return {
+      "loss_sum": sums["loss_sum"] + jnp.sum(jnp.where(valid, loss, 0.0)),
+      "correct": sums["correct"] + jnp.sum(correct).astype(jnp.int32),
+      "count": sums["count"] + jnp.sum(valid).astype(jnp.int32),
+    }
 
   return jax.jit(step, out_shardings=mesh_lib.replicated(mesh))
 
@@ -365,12 +402,19 @@ def eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> int:
   return -(-int(batch_size) // mesh.size) * mesh.size
 
 
-def evaluate(model: nn.Module, state: state_lib.TrainState, images: np.ndarray,
-             labels: np.ndarray, *, mean, std, batch_size: int = 500,
-             mesh: jax.sharding.Mesh | None = None,
-             eval_step: Callable | None = None,
-             scalars: Mapping[str, optax.Schedule] | None = None
-             ) -> dict[str, float]:
+def evaluate(
+  model: nn.Module,
+  state: state_lib.TrainState,
+  images: np.ndarray,
+  labels: np.ndarray,
+  *,
+  mean,
+  std,
+  batch_size: int = 500,
+  mesh: jax.sharding.Mesh | None = None,
+  eval_step: Callable | None = None,
+  scalars: Mapping[str, optax.Schedule] | None = None,
+) -> dict[str, float]:
   """Mean loss and accuracy of ``state`` on a whole set, tail included.
 
   Every example counts exactly once: the last, short batch is padded and the
@@ -392,24 +436,30 @@ def evaluate(model: nn.Module, state: state_lib.TrainState, images: np.ndarray,
     ``{"loss": float, "accuracy": float, "count": int}``.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  eval_step = eval_step or make_eval_step(model, mesh=mesh, mean=mean, std=std,
-                                          scalars=scalars)
-  sums = mesh_lib.put_replicated({"loss_sum": np.zeros((), np.float32),
-                                  "correct": np.zeros((), np.int32),
-                                  "count": np.zeros((), np.int32)}, mesh)
+  eval_step = eval_step or make_eval_step(model, mesh=mesh, mean=mean, std=std, scalars=scalars)
+  sums = mesh_lib.put_replicated(
+    {
+      "loss_sum": np.zeros((), np.float32),
+      "correct": np.zeros((), np.int32),
+      "count": np.zeros((), np.int32),
+    },
+    mesh,
+  )
   bs = eval_batch_size(batch_size, mesh)
-  for batch_images, batch_labels, valid in data_lib.eval_batches(
-      images, labels, bs):
+  for batch_images, batch_labels, valid in data_lib.eval_batches(images, labels, bs):
     batch = mesh_lib.put_batch(
-        (np.asarray(batch_images), np.asarray(batch_labels, np.int32),
-         np.asarray(valid, bool)), mesh)
+      (np.asarray(batch_images), np.asarray(batch_labels, np.int32), np.asarray(valid, bool)), mesh
+    )
     sums = eval_step(state, sums, *batch)
   sums = jax.device_get(sums)
   count = int(sums["count"])
   if count == 0:
     raise ValueError("evaluate() got an empty set")
-  return {"loss": float(sums["loss_sum"]) / count,
-          "accuracy": float(sums["correct"]) / count, "count": count}
+  return {
+    "loss": float(sums["loss_sum"]) / count,
+    "accuracy": float(sums["correct"]) / count,
+    "count": count,
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -453,8 +503,13 @@ class FitOptions:
   augment: bool | None = None
 
   def __post_init__(self):
-    for name in ("eval_batch_size", "log_every_steps", "eval_every_epochs",
-                 "checkpoint_every_epochs", "max_to_keep"):
+    for name in (
+      "eval_batch_size",
+      "log_every_steps",
+      "eval_every_epochs",
+      "checkpoint_every_epochs",
+      "max_to_keep",
+    ):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ValueError(f"FitOptions.{name} must be an int >= 1, got {value!r}")
@@ -481,19 +536,26 @@ class FitResult:
   hook_states: dict[str, PyTree] = dataclasses.field(default_factory=dict)
 
 
-def _non_finite_message(bad_step: int, steps_per_epoch: int,
-                        last_good: tuple[int, int] | None, ckpt_dir: str) -> str:
+def _non_finite_message(
+  bad_step: int, steps_per_epoch: int, last_good: tuple[int, int] | None, ckpt_dir: str
+) -> str:
   epoch = bad_step // steps_per_epoch + 1
-  where = (f"at epoch {epoch}, step {bad_step % steps_per_epoch + 1} of "
-           f"{steps_per_epoch} (global step {bad_step + 1})")
+  where = (
+    f"at epoch {epoch}, step {bad_step % steps_per_epoch + 1} of "
+    f"{steps_per_epoch} (global step {bad_step + 1})"
+  )
   if last_good is None:
     kept = "No checkpoint had been written yet"
   else:
-    kept = (f"The last good checkpoint (epoch {last_good[1]}, global step "
-            f"{last_good[0]}) in {ckpt_dir} is kept")
-  return (f"Non-finite training loss {where}; training stopped. {kept}, and no "
-          "checkpoint of the non-finite state was written. Lower the learning "
-          "rate or check the data.")
+    kept = (
+      f"The last good checkpoint (epoch {last_good[1]}, global step "
+      f"{last_good[0]}) in {ckpt_dir} is kept"
+    )
+  return (
+    f"Non-finite training loss {where}; training stopped. {kept}, and no "
+    "checkpoint of the non-finite state was written. Lower the learning "
+    "rate or check the data."
+  )
 
 
 def _sparsity(state: state_lib.TrainState) -> float:
@@ -507,23 +569,20 @@ def _layout(init, model, sample, hooks, mesh):
   Raises ``ValueError`` when the params or statistics of ``init`` do not have
   the layout of ``model``'s.
   """
-  abstract_state = (jax.eval_shape(init) if callable(init)
-                    else ckpt_lib.abstract(init))
+  abstract_state = jax.eval_shape(init) if callable(init) else ckpt_lib.abstract(init)
   if not isinstance(abstract_state, state_lib.TrainState):
-    raise TypeError(f"init must be a TrainState or a function returning one, "
-                    f"got {type(abstract_state).__name__}")
-  variables = jax.eval_shape(
-      lambda: state_lib.init_variables(model, sample, jax.random.key(0)))
-  variables = state_lib.variables_of(variables["params"],
-                                     variables.get("batch_stats", {}))
-  if ckpt_lib.tree_signature(variables) != ckpt_lib.tree_signature(
-      abstract_state.variables):
+    raise TypeError(
+      f"init must be a TrainState or a function returning one, got {type(abstract_state).__name__}"
+    )
+  variables = jax.eval_shape(lambda: state_lib.init_variables(model, sample, jax.random.key(0)))
+  variables = state_lib.variables_of(variables["params"], variables.get("batch_stats", {}))
+  if ckpt_lib.tree_signature(variables) != ckpt_lib.tree_signature(abstract_state.variables):
     raise ValueError(
-        "init does not have the structure, shapes and dtypes of the params "
-        "and batch statistics of this model")
+      "init does not have the structure, shapes and dtypes of the params "
+      "and batch statistics of this model"
+    )
   abstract_carry = jax.eval_shape(lambda s: init_carry(s, hooks), abstract_state)
-  return abstract_state, ckpt_lib.abstract(_ckpt_tree(abstract_carry),
-                                           mesh_lib.replicated(mesh))
+  return abstract_state, ckpt_lib.abstract(_ckpt_tree(abstract_carry), mesh_lib.replicated(mesh))
 
 
 def _ckpt_tree(carry: TrainCarry) -> dict:
@@ -538,27 +597,34 @@ def _ckpt_tree(carry: TrainCarry) -> dict:
 class _Loop:
   """fit's host-side actions, as callbacks, and what they share."""
 
-  def __init__(self, ctx, ckpts, meta, options, step_logs, log, total_steps,
-               step):
+  def __init__(self, ctx, ckpts, meta, options, step_logs, log, total_steps, step):
     self.ctx, self.ckpts, self.meta, self.options = ctx, ckpts, meta, options
     self.step_logs, self.log = step_logs, log
     self.last_good: tuple[int, int] | None = None
     self.stop_signal = ckpt_lib.StopSignal()
     show = options.progress_bar and sys.stderr.isatty()
-    self.bar = tqdm.tqdm(total=total_steps, initial=step, unit="step",
-                         disable=not show, dynamic_ncols=True, leave=False)
+    self.bar = tqdm.tqdm(
+      total=total_steps,
+      initial=step,
+      unit="step",
+      disable=not show,
+      dynamic_ncols=True,
+      leave=False,
+    )
     self.t0, self.steps_run, self.elapsed, self.host = time.perf_counter(), 0, 0.0, {}
 
   def callbacks(self, user: Sequence[hooks_lib.Callback]) -> list:
-    every, at_end = hooks_lib.callback, functools.partial(hooks_lib.callback,
-                                                         at_epoch_end=True)
-    return [every(self.add_step_logs, every_steps=1),
-            every(self.check_finite, every_steps=self.options.log_every_steps,
-                  at_epoch_end=True),
-            *user, every(self.progress, every_steps=1),
-            every(self.stop_mid_epoch, every_steps=1),
-            at_end(self.evaluate), at_end(self.write_record),
-            at_end(self.checkpoint)]
+    every, at_end = hooks_lib.callback, functools.partial(hooks_lib.callback, at_epoch_end=True)
+    return [
+      every(self.add_step_logs, every_steps=1),
+      every(self.check_finite, every_steps=self.options.log_every_steps, at_epoch_end=True),
+      *user,
+      every(self.progress, every_steps=1),
+      every(self.stop_mid_epoch, every_steps=1),
+      at_end(self.evaluate),
+      at_end(self.write_record),
+      at_end(self.checkpoint),
+    ]
 
   def start_epoch(self) -> None:
     self.t0, self.steps_run = time.perf_counter(), 0
@@ -583,14 +649,17 @@ class _Loop:
     bad = int(self.host["first_bad_step"])
     if bad != _NO_BAD_STEP:
       self.step_logs.drop()
-      raise FloatingPointError(_non_finite_message(
-          bad, ctx.steps_per_epoch, self.last_good, self.ckpts.directory))
+      raise FloatingPointError(
+        _non_finite_message(bad, ctx.steps_per_epoch, self.last_good, self.ckpts.directory)
+      )
 
   def progress(self, step, carry, ctx):
     self.bar.update(1)
     if step % self.options.log_every_steps == 0:
-      self.bar.set_postfix(epoch=ctx.epoch, loss="%.4f" % (
-          float(self.host["loss_sum"]) / max(int(self.host["steps"]), 1)))
+      self.bar.set_postfix(
+        epoch=ctx.epoch,
+        loss="%.4f" % (float(self.host["loss_sum"]) / max(int(self.host["steps"]), 1)),
+      )
 
   def stop_mid_epoch(self, step, carry, ctx):
     if ctx.epoch_end:
@@ -602,12 +671,22 @@ class _Loop:
       self.ckpts.wait()
       k, spe = step % ctx.steps_per_epoch, ctx.steps_per_epoch
       if preempted:
-        logger.warning("SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
-                       "exiting. Rerun the same command to resume.",
-                       self.ckpts.step_dir(step), ctx.epoch, k, spe)
+        logger.warning(
+          "SIGTERM: saved checkpoint %s (epoch %d, step %d of %d); "
+          "exiting. Rerun the same command to resume.",
+          self.ckpts.step_dir(step),
+          ctx.epoch,
+          k,
+          spe,
+        )
       else:
-        logger.info("Reached stop_at_step: saved checkpoint %s (epoch %d, "
-                    "step %d of %d).", self.ckpts.step_dir(step), ctx.epoch, k, spe)
+        logger.info(
+          "Reached stop_at_step: saved checkpoint %s (epoch %d, step %d of %d).",
+          self.ckpts.step_dir(step),
+          ctx.epoch,
+          k,
+          spe,
+        )
       ctx.stop = "preempted" if preempted else "stop_at_step"
 
   def evaluate(self, step, carry, ctx):
@@ -621,19 +700,27 @@ class _Loop:
     if lr is not None:
       record["lr"] = float(lr)
     record.update(
-        train_loss=float(host["loss_sum"]) / max(int(host["steps"]), 1),
-        train_accuracy=float(host["correct"]) / max(int(host["count"]), 1))
+      train_loss=float(host["loss_sum"]) / max(int(host["steps"]), 1),
+      train_accuracy=float(host["correct"]) / max(int(host["count"]), 1),
+    )
     fields = {k: hooks_lib.json_number(v) for k, v in ctx.record.items()}
-    record.update({k: fields.pop(k) for k in ("test_loss", "test_accuracy")
-                   if k in fields})
-    record.update(sparsity=_sparsity(carry.state), epoch_seconds=self.elapsed,
-                  steps_per_second=self.steps_run / max(self.elapsed, 1e-9))
+    record.update({k: fields.pop(k) for k in ("test_loss", "test_accuracy") if k in fields})
+    record.update(
+      sparsity=_sparsity(carry.state),
+      epoch_seconds=self.elapsed,
+      steps_per_second=self.steps_run / max(self.elapsed, 1e-9),
+    )
     record.update({n: float(fn(step - 1)) for n, fn in ctx.scalars.items()})
     record.update(fields)
     self.bar.clear()  # keep the log line off the bar's line
-    logger.info("epoch %d/%d: %s", ctx.epoch, ctx.num_epochs, ", ".join(
-        f"{k}={v:.4g}" for k, v in record.items()
-        if k != "epoch" and isinstance(v, (int, float))))
+    logger.info(
+      "epoch %d/%d: %s",
+      ctx.epoch,
+      ctx.num_epochs,
+      ", ".join(
+        f"{k}={v:.4g}" for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))
+      ),
+    )
     self.bar.refresh()
     self.step_logs.flush()
     self.log.write(record)
@@ -642,15 +729,21 @@ class _Loop:
 
   def checkpoint(self, step, carry, ctx):
     stopping = step < ctx.total_steps and self.stop_requested(step)
-    if (ctx.epoch % self.options.checkpoint_every_epochs == 0 or stopping
-        or step in (ctx.end_step, ctx.total_steps)):
+    if (
+      ctx.epoch % self.options.checkpoint_every_epochs == 0
+      or stopping
+      or step in (ctx.end_step, ctx.total_steps)
+    ):
       self.save(carry, ctx.epoch, step)
       self.last_good = (step, ctx.epoch)
     if stopping:
       self.ckpts.wait()
-      logger.warning("SIGTERM: saved checkpoint %s (end of epoch %d); "
-                     "exiting. Rerun the same command to resume.",
-                     self.ckpts.step_dir(step), ctx.epoch)
+      logger.warning(
+        "SIGTERM: saved checkpoint %s (end of epoch %d); "
+        "exiting. Rerun the same command to resume.",
+        self.ckpts.step_dir(step),
+        ctx.epoch,
+      )
       ctx.stop = "preempted"
 
 
@@ -665,11 +758,9 @@ def _run_callbacks(callbacks, step, carry, ctx, *, fresh_start=False):
     if changed is None or changed is carry:
       continue
     if ckpt_lib.tree_signature(changed) != ckpt_lib.tree_signature(carry):
-      raise ValueError(f"callback {cb!r} changed the structure, shapes or "
-                       "dtypes of the carry")
+      raise ValueError(f"callback {cb!r} changed the structure, shapes or dtypes of the carry")
     if changed.hook_states is not carry.hook_states:
-      changed = changed.replace(
-          hook_states=jax.tree.map(jnp.copy, changed.hook_states))
+      changed = changed.replace(hook_states=jax.tree.map(jnp.copy, changed.hook_states))
     carry = changed
     if fresh_start:
       carry = mesh_lib.put_replicated(carry, ctx.mesh)
@@ -684,25 +775,30 @@ def _check_args(dataset, num_epochs, batch_size, stop_at_step, scalars):
   total_steps = int(num_epochs) * spe
   if stop_at_step is not None and int(stop_at_step) < 0:
     raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
-  end_step = (total_steps if stop_at_step is None
-              else min(int(stop_at_step), total_steps))
+  end_step = total_steps if stop_at_step is None else min(int(stop_at_step), total_steps)
   clash = sorted(set(scalars) & set(RECORD_KEYS))
   if clash:
     raise ValueError(f"scalar names {clash} are taken by the epoch record")
   return n_train, spe, total_steps, end_step
 
 
-def fit(model: nn.Module, dataset: data_lib.Dataset,
-        workdir: str | os.PathLike, *,
-        init: state_lib.TrainState | Callable[[], state_lib.TrainState],
-        num_epochs: int,
-        batch_size: int, seed: int = 0, loss_fn: losses.LossFn | None = None,
-        scalars: Mapping[str, optax.Schedule] | None = None,
-        hooks: Sequence[hooks_lib.StepHook] = (),
-        callbacks: Sequence[hooks_lib.Callback] = (),
-        mesh: jax.sharding.Mesh | None = None,
-        stop_at_step: int | None = None,
-        options: FitOptions = FitOptions()) -> FitResult:
+def fit(
+  model: nn.Module,
+  dataset: data_lib.Dataset,
+  workdir: str | os.PathLike,
+  *,
+  init: state_lib.TrainState | Callable[[], state_lib.TrainState],
+  num_epochs: int,
+  batch_size: int,
+  seed: int = 0,
+  loss_fn: losses.LossFn | None = None,
+  scalars: Mapping[str, optax.Schedule] | None = None,
+  hooks: Sequence[hooks_lib.StepHook] = (),
+  callbacks: Sequence[hooks_lib.Callback] = (),
+  mesh: jax.sharding.Mesh | None = None,
+  stop_at_step: int | None = None,
+  options: FitOptions = FitOptions(),
+) -> FitResult:
   """Trains ``model`` on ``dataset``; checkpointed, resumable, logged.
 
   Resumes automatically from the newest readable checkpoint in
@@ -767,52 +863,93 @@ def fit(model: nn.Module, dataset: data_lib.Dataset,
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   mesh_lib.assert_same_across_processes(
-      (dataset.train_images, dataset.train_labels, dataset.test_images,
-       dataset.test_labels), what=f"dataset {dataset.name!r}")
+    (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels),
+    what=f"dataset {dataset.name!r}",
+  )
   scalars = dict(scalars or {})
   n_train, spe, total_steps, end_step = _check_args(
-      dataset, num_epochs, batch_size, stop_at_step, scalars)
+    dataset, num_epochs, batch_size, stop_at_step, scalars
+  )
   hooks = hooks_lib.check_hooks(hooks)
   callbacks = hooks_lib.check_callbacks(callbacks)
   augment = bool(dataset.augment if options.augment is None else options.augment)
   loss_fn = losses.smoothed_cross_entropy() if loss_fn is None else loss_fn
   sample = jnp.zeros((1,) + tuple(dataset.train_images.shape[1:]), jnp.float32)
   abstract_state, abstract = _layout(init, model, sample, hooks, mesh)
-  meta = {"batch_size": int(batch_size), "num_train": n_train,
-          "steps_per_epoch": spe, "seed": int(seed),
-          "state_signature": ckpt_lib.tree_signature(abstract)}
+  meta = {
+    "batch_size": int(batch_size),
+    "num_train": n_train,
+    "steps_per_epoch": spe,
+    "seed": int(seed),
+    "state_signature": ckpt_lib.tree_signature(abstract),
+  }
   train_step = make_train_step(
-      model, mesh=mesh, batch_size=int(batch_size), mean=dataset.mean,
-      std=dataset.std, augment=augment, loss_fn=loss_fn, scalars=scalars,
-      hooks=hooks)
-  eval_step = make_eval_step(model, mesh=mesh, mean=dataset.mean,
-                             std=dataset.std, scalars=scalars)
-  epoch_perm = jax.jit(functools.partial(data_lib.epoch_permutation, n=n_train),
-                       out_shardings=mesh_lib.replicated(mesh))
+    model,
+    mesh=mesh,
+    batch_size=int(batch_size),
+    mean=dataset.mean,
+    std=dataset.std,
+    augment=augment,
+    loss_fn=loss_fn,
+    scalars=scalars,
+    hooks=hooks,
+  )
+  eval_step = make_eval_step(model, mesh=mesh, mean=dataset.mean, std=dataset.std, scalars=scalars)
+  epoch_perm = jax.jit(
+    functools.partial(data_lib.epoch_permutation, n=n_train),
+    out_shardings=mesh_lib.replicated(mesh),
+  )
   ctx = hooks_lib.FitContext(
-      model=model, dataset=dataset, mesh=mesh, steps_per_epoch=spe,
-      scalars=scalars, num_epochs=int(num_epochs), batch_size=int(batch_size),
-      seed=int(seed), augment=augment, loss_fn=loss_fn,
-      evaluate=functools.partial(
-          evaluate, model, images=dataset.test_images, labels=dataset.test_labels,
-          mean=dataset.mean, std=dataset.std, batch_size=options.eval_batch_size,
-          mesh=mesh, eval_step=eval_step),
-      total_steps=total_steps, end_step=end_step)
+    model=model,
+    dataset=dataset,
+    mesh=mesh,
+    steps_per_epoch=spe,
+    scalars=scalars,
+    num_epochs=int(num_epochs),
+    batch_size=int(batch_size),
+    seed=int(seed),
+    augment=augment,
+    loss_fn=loss_fn,
+    evaluate=functools.partial(
+      evaluate,
+      model,
+      images=dataset.test_images,
+      labels=dataset.test_labels,
+      mean=dataset.mean,
+      std=dataset.std,
+      batch_size=options.eval_batch_size,
+      mesh=mesh,
+      eval_step=eval_step,
+    ),
+    total_steps=total_steps,
+    end_step=end_step,
+  )
   for cb in callbacks:
     cb.check(ctx)
 
   with contextlib.ExitStack() as cleanup:
-    ckpts = ckpt_lib.Checkpoints(workdir / "checkpoints",
-                                 max_to_keep=options.max_to_keep,
-                                 async_save=options.async_checkpointing)
+    ckpts = ckpt_lib.Checkpoints(
+      workdir / "checkpoints",
+      max_to_keep=options.max_to_keep,
+      async_save=options.async_checkpointing,
+    )
     cleanup.callback(ckpts.close)
     carry, resumed_from, epochs_done = _start(
-        init, abstract_state, abstract, ckpts, meta, hooks, mesh)
+      init, abstract_state, abstract, ckpts, meta, hooks, mesh
+    )
     step = int(jax.device_get(carry.state.step))
     log = metrics_log.MetricsLog(workdir, epochs_done, tensorboard=options.tensorboard)
     cleanup.callback(log.close)
-    loop = _Loop(ctx, ckpts, meta, options, hooks_lib.PendingStepLogs(
-        hooks, metrics_log.StepLog(workdir, step)), log, total_steps, step)
+    loop = _Loop(
+      ctx,
+      ckpts,
+      meta,
+      options,
+      hooks_lib.PendingStepLogs(hooks, metrics_log.StepLog(workdir, step)),
+      log,
+      total_steps,
+      step,
+    )
     cleanup.callback(loop.bar.close)
     cleanup.enter_context(loop.stop_signal)
     loop.last_good = (resumed_from, epochs_done) if resumed_from is not None else None
@@ -820,8 +957,7 @@ def fit(model: nn.Module, dataset: data_lib.Dataset,
       carry = _run_callbacks(callbacks, step, carry, ctx, fresh_start=True)
     all_callbacks = loop.callbacks(callbacks)
     images = mesh_lib.put_replicated(np.asarray(dataset.train_images), mesh)
-    labels = mesh_lib.put_replicated(
-        np.asarray(dataset.train_labels, np.int32), mesh)
+    labels = mesh_lib.put_replicated(np.asarray(dataset.train_labels, np.int32), mesh)
     while step < end_step and ctx.stop is None:
       ctx.epoch = step // spe + 1
       perm = epoch_perm(int(seed), ctx.epoch - 1)
@@ -833,32 +969,45 @@ def fit(model: nn.Module, dataset: data_lib.Dataset,
         carry = _run_callbacks(all_callbacks, step, carry, ctx)
         if ctx.stop is not None:
           break
-  return FitResult(state=carry.state, history=list(log.history),
-                   preempted=ctx.stop == "preempted", resumed_from=resumed_from,
-                   hook_states=carry.hook_states)
+  return FitResult(
+    state=carry.state,
+    history=list(log.history),
+    preempted=ctx.stop == "preempted",
+    resumed_from=resumed_from,
+    hook_states=carry.hook_states,
+  )
 
 
 def _start(init, abstract_state, abstract, ckpts, meta, hooks, mesh):
   """``(carry, resumed_from, epochs_done)``: the newest readable checkpoint's
   carry (with ``init``'s optimiser), else the fresh carry of ``init``."""
+
   def check_meta(step, recorded):
     ckpt_lib.check_same_run(
-        recorded, meta, where=f"checkpoint {ckpts.step_dir(step)}", fields=meta,
-        what="another model, mask, optimiser, hooks, batch size, seed or dataset")
+      recorded,
+      meta,
+      where=f"checkpoint {ckpts.step_dir(step)}",
+      fields=meta,
+      what="another model, mask, optimiser, hooks, batch size, seed or dataset",
+    )
 
   found = ckpts.restore_latest(abstract, check_meta) if ckpts.all_steps() else None
   if found is not None:
     resumed_from, restored, recorded = found
     # The restored arrays in the layout of init's state, with its optimiser.
     state = restored["state"].replace(tx=abstract_state.tx)
-    carry = TrainCarry(state=state, metrics=restored["metrics"],
-                       hook_states=dict(restored.get("hooks", {})))
-    logger.info("Resumed from checkpoint %s (epoch %d, global step %d).",
-                ckpts.step_dir(resumed_from), int(recorded["epoch"]), resumed_from)
+    carry = TrainCarry(
+      state=state, metrics=restored["metrics"], hook_states=dict(restored.get("hooks", {}))
+    )
+    logger.info(
+      "Resumed from checkpoint %s (epoch %d, global step %d).",
+      ckpts.step_dir(resumed_from),
+      int(recorded["epoch"]),
+      resumed_from,
+    )
     return carry, resumed_from, int(recorded["epoch"])
   if ckpts.all_steps() or epath.Path(ckpts.quarantine_dir).is_dir():
-    logger.warning("No readable checkpoint in %s; starting from scratch.",
-                   ckpts.directory)
+    logger.warning("No readable checkpoint in %s; starting from scratch.", ckpts.directory)
   state = init() if callable(init) else init
   carry = mesh_lib.put_replicated(init_carry(state, hooks), mesh)
   return carry, None, 0

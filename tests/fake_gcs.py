@@ -26,10 +26,10 @@ def fake_gcs(root: str | os.PathLike):
 
   def local(path) -> str:
     text = os.fspath(path)
-    return root + "/" + text[len(PREFIX):] if text.startswith(PREFIX) else text
+    return root + "/" + text[len(PREFIX) :] if text.startswith(PREFIX) else text
 
   def remote(path: str) -> str:
-    return PREFIX + path[len(root) + 1:] if path.startswith(root + "/") else path
+    return PREFIX + path[len(root) + 1 :] if path.startswith(root + "/") else path
 
   def one(orig, path, *args, **kwargs):
     return orig(local(path), *args, **kwargs)
@@ -47,11 +47,24 @@ def fake_gcs(root: str | os.PathLike):
   def kvstore(path):
     return {"driver": "file", "path": local(path)}
 
-  with epath_testing.mock_epath(
-      open=one, exists=one, isdir=one, listdir=one, makedirs=one, mkdir=one,
-      remove=one, rmtree=one, stat=one, copy=two, rename=two, replace=two,
-      glob=glob, walk=walk), \
-      mock.patch.object(gcs_utils, "get_kvstore_for_gcs", kvstore), \
-      mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled",
-                        lambda path: False):
+  with (
+    epath_testing.mock_epath(
+      open=one,
+      exists=one,
+      isdir=one,
+      listdir=one,
+      makedirs=one,
+      mkdir=one,
+      remove=one,
+      rmtree=one,
+      stat=one,
+      copy=two,
+      rename=two,
+      replace=two,
+      glob=glob,
+      walk=walk,
+    ),
+    mock.patch.object(gcs_utils, "get_kvstore_for_gcs", kvstore),
+    mock.patch.object(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False),
+  ):
     yield

@@ -31,9 +31,12 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 import jax  # pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                           num_processes=num_processes, process_id=process_id,
-                           local_device_ids=[0, 1])
+jax.distributed.initialize(
+  coordinator_address=f"127.0.0.1:{port}",
+  num_processes=num_processes,
+  process_id=process_id,
+  local_device_ids=[0, 1],
+)
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
@@ -41,8 +44,7 @@ import optax  # pylint: disable=g-import-not-at-top
 import sparsejax as sj  # pylint: disable=g-import-not-at-top
 
 assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
-by_process = {p: [d for d in jax.devices() if d.process_index == p]
-              for p in (0, 1)}
+by_process = {p: [d for d in jax.devices() if d.process_index == p] for p in (0, 1)}
 order = [by_process[0][0], by_process[1][0], by_process[0][1], by_process[1][1]]
 mesh = sj.mesh.make_mesh(devices=order)
 assert list(mesh.devices.flat) == order, mesh.devices
@@ -50,13 +52,17 @@ report = {}
 
 # Every device holds exactly the rows (the whole array) its index names.
 x = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
-for name, placed in (("batch", sj.mesh.put_batch(x, mesh)),
-                     ("replicated", sj.mesh.put_replicated(x, mesh))):
+for name, placed in (
+  ("batch", sj.mesh.put_batch(x, mesh)),
+  ("replicated", sj.mesh.put_replicated(x, mesh)),
+):
   for shard in placed.addressable_shards:
-    np.testing.assert_array_equal(np.asarray(shard.data), x[shard.index],
-                                  err_msg=f"{name} on {shard.device}")
-  total = jax.jit(lambda a: (a * np.arange(1, 9)[:, None]).sum(),
-                  out_shardings=sj.mesh.replicated(mesh))(placed)
+    np.testing.assert_array_equal(
+      np.asarray(shard.data), x[shard.index], err_msg=f"{name} on {shard.device}"
+    )
+  total = jax.jit(
+    lambda a: (a * np.arange(1, 9)[:, None]).sum(), out_shardings=sj.mesh.replicated(mesh)
+  )(placed)
   report[f"{name}_weighted_sum"] = float(total)
 report["expected_weighted_sum"] = float((x * np.arange(1, 9)[:, None]).sum())
 
@@ -64,27 +70,36 @@ report["expected_weighted_sum"] = float((x * np.arange(1, 9)[:, None]).sum())
 ds = sj.data.load("digits")
 model = sj.models.get("mlp", 10)
 for name, m in (("interleaved", mesh), ("contiguous", sj.mesh.make_mesh())):
-  state = sj.mesh.put_replicated(sj.state.create_train_state(
-      model, optax.sgd(0.1), np.zeros((1, *ds.image_shape), np.float32),
-      jax.random.key(0)), m)
+  state = sj.mesh.put_replicated(
+    sj.state.create_train_state(
+      model, optax.sgd(0.1), np.zeros((1, *ds.image_shape), np.float32), jax.random.key(0)
+    ),
+    m,
+  )
   report[f"eval_{name}"] = sj.train.evaluate(
-      model, state, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std,
-      batch_size=100, mesh=m)
+    model, state, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std, batch_size=100, mesh=m
+  )
 
 # A whole run on the interleaved mesh (its evaluation puts batches too).
 init = lambda: sj.state.create_train_state(
-    model, sj.schedules.make_optimizer(0.1),
-    np.zeros((1, *ds.image_shape), np.float32), jax.random.key(0))
-fit_args = dict(init=init, num_epochs=1, batch_size=64, mesh=mesh,
-                options=sj.train.FitOptions(progress_bar=False, tensorboard=False,
-                                            async_checkpointing=False))
+  model,
+  sj.schedules.make_optimizer(0.1),
+  np.zeros((1, *ds.image_shape), np.float32),
+  jax.random.key(0),
+)
+fit_args = dict(
+  init=init,
+  num_epochs=1,
+  batch_size=64,
+  mesh=mesh,
+  options=sj.train.FitOptions(progress_bar=False, tensorboard=False, async_checkpointing=False),
+)
 result = sj.train.fit(model, ds, os.path.join(workdir, "run"), **fit_args)
 report["fit_test_accuracy"] = result.history[-1]["test_accuracy"]
 
 # make_mesh(n < all devices): the same number from each process, or refused.
 small = sj.mesh.make_mesh(2)
-report["make_mesh_2_processes"] = sorted(d.process_index
-                                         for d in small.devices.flat)
+report["make_mesh_2_processes"] = sorted(d.process_index for d in small.devices.flat)
 try:
   sj.mesh.make_mesh(3)
   report["make_mesh_3_error"] = None
@@ -98,11 +113,9 @@ try:
   report["mismatch_error"] = None
 except ValueError as e:
   report["mismatch_error"] = str(e)
-report["mismatch_wrote"] = os.path.exists(os.path.join(workdir, "mismatch",
-                                                       "checkpoints"))
+report["mismatch_wrote"] = os.path.exists(os.path.join(workdir, "mismatch", "checkpoints"))
 
 if process_id == 0:
   with open(out, "w") as f:
     json.dump(report, f)
-print(json.dumps({"process": process_id, "mismatch_error":
-                  report["mismatch_error"]}), flush=True)
+print(json.dumps({"process": process_id, "mismatch_error": report["mismatch_error"]}), flush=True)

@@ -15,10 +15,11 @@ from sparsejax import scores
 
 def _params():
   rng = np.random.default_rng(0)
-  return {"stem": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
-          "body": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32)},
-          "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32),
-                   "bias": jnp.zeros(10)}}
+  return {
+    "stem": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 4, 8)), jnp.float32)},
+    "body": {"kernel": jnp.asarray(rng.normal(size=(3, 3, 8, 8)), jnp.float32)},
+    "head": {"kernel": jnp.asarray(rng.normal(size=(8, 10)), jnp.float32), "bias": jnp.zeros(10)},
+  }
 
 
 def _shapes(params):
@@ -29,21 +30,37 @@ def _kept(mask):
   return {p: int(m.sum()) for p, m in masks.named_leaves(mask)}
 
 
-@pytest.mark.parametrize("text, budget", [
-    ("global", budgets.Global()), ("uniform", budgets.Uniform()),
-    ("erk", budgets.ERK()), ("er", budgets.ER()), ("2:4", budgets.NM(2, 4)),
-    (" 1:8 ", budgets.NM(1, 8)), ("4:4", budgets.NM(4, 4))])
+@pytest.mark.parametrize(
+  "text, budget",
+  [
+    ("global", budgets.Global()),
+    ("uniform", budgets.Uniform()),
+    ("erk", budgets.ERK()),
+    ("er", budgets.ER()),
+    ("2:4", budgets.NM(2, 4)),
+    (" 1:8 ", budgets.NM(1, 8)),
+    ("4:4", budgets.NM(4, 4)),
+  ],
+)
 def test_parse_gives_the_objects(text, budget):
   parsed = budgets.parse(text)
   assert parsed == budget and type(parsed) is type(budget)
   assert budgets.parse(parsed) is parsed  # an object passes through
 
 
-@pytest.mark.parametrize("text, match", [
-    ("layerwise", "budget must be one of"), ("ERK", "budget must be one of"),
-    ("2/4", "budget must be one of"), ("", "budget must be one of"),
-    ("0:4", r"1 <= N <= M, got 0:4"), ("5:4", r"1 <= N <= M, got 5:4"),
-    (0.5, "must be a string"), (None, "must be a string")])
+@pytest.mark.parametrize(
+  "text, match",
+  [
+    ("layerwise", "budget must be one of"),
+    ("ERK", "budget must be one of"),
+    ("2/4", "budget must be one of"),
+    ("", "budget must be one of"),
+    ("0:4", r"1 <= N <= M, got 0:4"),
+    ("5:4", r"1 <= N <= M, got 5:4"),
+    (0.5, "must be a string"),
+    (None, "must be a string"),
+  ],
+)
 def test_parse_errors(text, match):
   with pytest.raises(ValueError, match=match):
     budgets.parse(text)
@@ -51,8 +68,20 @@ def test_parse_errors(text, match):
 
 def test_objects_are_frozen_hashable_and_distinct():
   assert budgets.ERK() != budgets.ER() and budgets.ERK(0.5) == budgets.ERK(power=0.5)
-  assert len({budgets.Global(), budgets.Global(), budgets.Uniform(), budgets.ERK(),
-              budgets.ER(), budgets.NM(2, 4), budgets.NM(2, 4)}) == 5
+  assert (
+    len(
+      {
+        budgets.Global(),
+        budgets.Global(),
+        budgets.Uniform(),
+        budgets.ERK(),
+        budgets.ER(),
+        budgets.NM(2, 4),
+        budgets.NM(2, 4),
+      }
+    )
+    == 5
+  )
   with pytest.raises(AttributeError):
     budgets.NM(2, 4).n = 3
   assert budgets.NM(2, 4).sparsity == 0.5 and budgets.NM(3, 8).sparsity == 0.625
@@ -70,7 +99,8 @@ def test_erk_power_zero_is_uniform_and_er_differs_on_convs():
   params = _params()
   shapes = _shapes(params)
   assert budgets.ERK(power=0.0).layer_sparsities(shapes, 0.8) == pytest.approx(
-      budgets.Uniform().layer_sparsities(shapes, 0.8))
+    budgets.Uniform().layer_sparsities(shapes, 0.8)
+  )
   erk = budgets.ERK().layer_sparsities(shapes, 0.8)
   er = budgets.ER().layer_sparsities(shapes, 0.8)
   assert erk["stem/kernel"] != pytest.approx(er["stem/kernel"])
@@ -89,8 +119,11 @@ def test_nm_implies_its_sparsity_and_refuses_another():
   same = masks.topk_mask(sc, 0.5, budget=nm)
   for a, b in zip(jax.tree.leaves(implied), jax.tree.leaves(same)):
     np.testing.assert_array_equal(a, b)
-  with pytest.raises(ValueError, match=r"NM\(n=2, m=4\) keeps 2 of every 4.*sparsity "
-                     r"0.5; got sparsity=0.75: leave the sparsity out"):
+  with pytest.raises(
+    ValueError,
+    match=r"NM\(n=2, m=4\) keeps 2 of every 4.*sparsity "
+    r"0.5; got sparsity=0.75: leave the sparsity out",
+  ):
     masks.topk_mask(sc, 0.75, budget=nm)
   with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
     masks.topk_mask(sc, 1.0, budget=nm)
@@ -129,8 +162,7 @@ def test_overrides_fix_layers_and_spread_the_rest():
   with pytest.raises(ValueError, match=r"override 'head' must be in \[0, 1\)"):
     budgets.Global().with_overrides({"head": 1.0})
   with pytest.raises(ValueError, match="several overrides"):
-    masks.topk_mask(sc, 0.9, budget=budgets.Global().with_overrides(
-        {"head": 0.0, "kernel": 0.5}))
+    masks.topk_mask(sc, 0.9, budget=budgets.Global().with_overrides({"head": 0.0, "kernel": 0.5}))
   with pytest.raises(ValueError, match="needs a Python float sparsity"):
     jax.jit(lambda s: masks.topk_mask(sc, s, budget=ov))(0.9)
   with pytest.raises(ValueError, match="base=.*budgets.parse"):
@@ -147,8 +179,9 @@ def test_pools_protocol():
   assert pool.group == (2, 4) and pool.sparsity == 0.5
   pools = budgets.NM(2, 4).with_overrides({"stem": 0.0}).pools(shapes, None)
   assert {(p.paths, p.group) for p in pools} == {
-      (frozenset({"body/kernel", "head/kernel"}), (2, 4)),
-      (frozenset({"stem/kernel"}), None)}
+    (frozenset({"body/kernel", "head/kernel"}), (2, 4)),
+    (frozenset({"stem/kernel"}), None),
+  }
   erk = budgets.ERK().pools(shapes, 0.9)
   assert frozenset().union(*(p.paths for p in erk)) == frozenset(shapes)
   assert budgets.Global().pools({}, 0.9) == ()
@@ -159,15 +192,15 @@ def test_library_functions_refuse_strings_naming_parse():
   sc = jax.tree.map(jnp.abs, params)
   key = jax.random.key(0)
   calls = [
-      lambda: masks.topk_mask(sc, 0.5, budget="erk"),
-      lambda: masks.layer_sparsities(params, 0.5, "uniform"),
-      lambda: masks.random_mask(key, params, 0.5, budget="erk"),
-      lambda: scores.prune_at_init("magnitude", params, sparsity=0.5, budget="global"),
-      lambda: scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.5,
-                               2, budget="uniform"),
-      lambda: lottery.prune_level(params, masks.ones_like(params), 1, budget="global"),
-      lambda: dst.rigl_optimizer(optax.sgd(0.1), masks.ones_like(params), end_step=10,
-                                 nm="2:4"),
+    lambda: masks.topk_mask(sc, 0.5, budget="erk"),
+    lambda: masks.layer_sparsities(params, 0.5, "uniform"),
+    lambda: masks.random_mask(key, params, 0.5, budget="erk"),
+    lambda: scores.prune_at_init("magnitude", params, sparsity=0.5, budget="global"),
+    lambda: scores.iterative(
+      scores.magnitude, params, masks.ones_like(params), 0.5, 2, budget="uniform"
+    ),
+    lambda: lottery.prune_level(params, masks.ones_like(params), 1, budget="global"),
+    lambda: dst.rigl_optimizer(optax.sgd(0.1), masks.ones_like(params), end_step=10, nm="2:4"),
   ]
   for call in calls:
     with pytest.raises(ValueError, match=r"is a string.*sparsejax\.budgets\.parse"):

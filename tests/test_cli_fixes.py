@@ -17,8 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
 
 #: Every runner with a ``__main__`` block.
-RUNNERS = ("train", "prune_at_init", "sweep", "dst", "lottery", "tost",
-           "gradient_flow", "suptickets", "quickstart")
+RUNNERS = (
+  "train",
+  "prune_at_init",
+  "sweep",
+  "dst",
+  "lottery",
+  "tost",
+  "gradient_flow",
+  "suptickets",
+  "quickstart",
+)
 
 # Runs each runner's __main__ block with --help in one process (runpy), removing
 # the flags it defined before the next one, and prints {runner: [doc, help]}.
@@ -50,8 +59,14 @@ sys.stdout.write(json.dumps(out))
 def test_every_runner_help_shows_its_docstring_intact():
   # absl %-formats the docstring: "95% sparsity" used to print as
   # "95/path/to/suptickets.pyparsity".
-  proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, *RUNNERS], cwd=REPO,
-                        env=ENV, capture_output=True, text=True, timeout=240)
+  proc = subprocess.run(
+    [sys.executable, "-c", _HELP_SCRIPT, *RUNNERS],
+    cwd=REPO,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   shown = json.loads(proc.stdout)
   assert sorted(shown) == sorted(RUNNERS)
@@ -64,24 +79,37 @@ def _parse(overrides, config="experiments/configs/digits.py"):
   """The config of ``--config=<config> <overrides>`` parsed on fresh flags."""
   argv = ["prog", f"--config={REPO / config}", *overrides]
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "c", flag_values=values,
-                                  lock_config=True, sys_argv=argv)
+  config_flags.DEFINE_config_file(
+    "config", None, "c", flag_values=values, lock_config=True, sys_argv=argv
+  )
   values(argv)
   return values.config
 
 
 def test_none_resets_placeholders_from_the_command_line():
   common.allow_none_overrides()
-  config = _parse(["--config.data.train_subset=None", "--config.sup_ema=None",
-                   "--config.data.dir=None", "--config.data.augment=None"])
+  config = _parse(
+    [
+      "--config.data.train_subset=None",
+      "--config.sup_ema=None",
+      "--config.data.dir=None",
+      "--config.data.augment=None",
+    ]
+  )
   assert config.data.train_subset is None and config.sup_ema is None
   assert config.data.dir is None and config.data.augment is None
   # A preset's int (a placeholder of default.py, set to 4000) resets too.
   config = _parse(["--config.data.train_subset=None"], "experiments/configs/dst_cpu.py")
   assert config.data.train_subset is None
   # Other values still parse with the field's type.
-  config = _parse(["--config.data.train_subset=100", "--config.sup_ema=0.5",
-                   "--config.data.dir=/d", "--config.data.augment=false"])
+  config = _parse(
+    [
+      "--config.data.train_subset=100",
+      "--config.sup_ema=0.5",
+      "--config.data.dir=/d",
+      "--config.data.augment=false",
+    ]
+  )
   assert (config.data.train_subset, config.sup_ema) == (100, 0.5)
   assert config.data.dir == "/d" and config.data.augment is False
   common.allow_none_overrides()  # twice: parsers are wrapped once

@@ -21,8 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _init(model, x, **kwargs):
   """Numpy normal variables of the model's shapes (no compilation)."""
   rng = np.random.default_rng(0)
-  abstract = jax.eval_shape(lambda k, x: model.init(k, x, **kwargs),
-                            jax.random.key(0), x)
+  abstract = jax.eval_shape(lambda k, x: model.init(k, x, **kwargs), jax.random.key(0), x)
   variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
   if "batch_stats" in variables:
     variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
@@ -31,34 +30,38 @@ def _init(model, x, **kwargs):
 
 def test_exact_k_per_unit_with_ties_by_flat_index():
   # Dense [d_in=4, d_out=3]; hand-computed top-2 of every column.
-  scores = jnp.array([[1.0, 7.0, 2.0],
-                      [5.0, 7.0, 2.0],
-                      [5.0, 7.0, 2.0],
-                      [0.0, 1.0, jnp.nan]])
+  scores = jnp.array([[1.0, 7.0, 2.0], [5.0, 7.0, 2.0], [5.0, 7.0, 2.0], [0.0, 1.0, jnp.nan]])
   got = np.asarray(condensed.constant_fan_in_mask(scores, 2))
-  want = np.array([[0, 1, 1],    # column 0: the tied 5s (rows 1, 2)
-                   [1, 1, 1],    # column 1: three tied 7s -> rows 0 and 1
-                   [1, 0, 0],    # column 2: three tied 2s -> rows 0 and 1; NaN lowest
-                   [0, 0, 0]], bool)
+  want = np.array(
+    [
+      [0, 1, 1],  # column 0: the tied 5s (rows 1, 2)
+      [1, 1, 1],  # column 1: three tied 7s -> rows 0 and 1
+      [1, 0, 0],  # column 2: three tied 2s -> rows 0 and 1; NaN lowest
+      [0, 0, 0],
+    ],
+    bool,
+  )
   np.testing.assert_array_equal(got, want)
   # Per-unit k (0: an ablated unit) and a traced k give the same rule.
   np.testing.assert_array_equal(
-      np.asarray(condensed.constant_fan_in_mask(scores, jnp.array([2, 0, 1]))),
-      np.array([[0, 0, 1], [1, 0, 0], [1, 0, 0], [0, 0, 0]], bool))
+    np.asarray(condensed.constant_fan_in_mask(scores, jnp.array([2, 0, 1]))),
+    np.array([[0, 0, 1], [1, 0, 0], [1, 0, 0], [0, 0, 0]], bool),
+  )
   traced = jax.jit(condensed.constant_fan_in_mask)(scores, jnp.int32(2))
   np.testing.assert_array_equal(np.asarray(traced), want)
   # within: only the allowed entries, min(k, available) per unit.
   within = jnp.array([[1, 0, 0], [0, 0, 0], [1, 1, 0], [1, 0, 0]], bool)
   np.testing.assert_array_equal(
-      np.asarray(condensed.constant_fan_in_mask(scores, 2, within=within)),
-      np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]], bool))
+    np.asarray(condensed.constant_fan_in_mask(scores, 2, within=within)),
+    np.array([[1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]], bool),
+  )
 
 
 def test_conv_fan_in_is_the_receptive_field_per_output_channel():
   # [kh=2, kw=1, c_in=2, c_out=2]: fan-in of channel o is the 4 entries [:, :, :, o]
   # in flat order (0,0,0), (0,0,1), (1,0,0), (1,0,1).
   s = np.zeros((2, 1, 2, 2), np.float32)
-  s[..., 0] = [[[1.0, 3.0]], [[3.0, 2.0]]]   # two tied 3s: the lower flat index first
+  s[..., 0] = [[[1.0, 3.0]], [[3.0, 2.0]]]  # two tied 3s: the lower flat index first
   s[..., 1] = [[[4.0, 4.0]], [[4.0, 4.0]]]
   m = np.asarray(condensed.constant_fan_in_mask(s, 1))
   assert m[..., 0].tolist() == [[[False, True]], [[False, False]]]
@@ -67,9 +70,10 @@ def test_conv_fan_in_is_the_receptive_field_per_output_channel():
 
 
 def test_tree_level_k_follows_kept_count_and_the_check():
-  params = {"a": {"kernel": np.random.default_rng(0).normal(size=(10, 6))},
-            "b": {"kernel": np.random.default_rng(1).normal(size=(3, 3, 4, 5)),
-                  "bias": np.zeros(5)}}
+  params = {
+    "a": {"kernel": np.random.default_rng(0).normal(size=(10, 6))},
+    "b": {"kernel": np.random.default_rng(1).normal(size=(3, 3, 4, 5)), "bias": np.zeros(5)},
+  }
   scores = jax.tree.map(np.abs, params)
   mask = condensed.constant_fan_in(scores, 0.75)
   # round(0.25 * 10) = round(2.5) = 2 (half to even, masks.kept_count); 0.25 * 36 = 9.
@@ -83,8 +87,9 @@ def test_tree_level_k_follows_kept_count_and_the_check():
   with pytest.raises(ValueError, match=r"sparsity of 'a/kernel' must be in \[0, 1\)"):
     condensed.constant_fan_in(scores, 1.0)
   bad = {"w": np.array([[1, 1], [1, 0]], bool)}
-  with pytest.raises(ValueError, match="'w' has no constant fan-in: unit 0 keeps 2 "
-                                       "inputs, unit 1 keeps 1"):
+  with pytest.raises(
+    ValueError, match="'w' has no constant fan-in: unit 0 keeps 2 inputs, unit 1 keeps 1"
+  ):
     condensed.check_constant_fan_in(bad)
   ablated = {"w": np.array([[1, 0], [1, 0]], bool)}
   assert condensed.check_constant_fan_in(ablated) == {"w": 2}
@@ -93,9 +98,9 @@ def test_tree_level_k_follows_kept_count_and_the_check():
 
 
 def test_condensed_kernel_of_a_hand_computed_layer_with_an_ablated_unit():
-  kernel = np.array([[1.0, 0.0, 0.0],
-                     [0.0, 0.0, 4.0],
-                     [2.0, 0.0, 5.0]], np.float32)   # unit 1 ablated, k = 2
+  kernel = np.array(
+    [[1.0, 0.0, 0.0], [0.0, 0.0, 4.0], [2.0, 0.0, 5.0]], np.float32
+  )  # unit 1 ablated, k = 2
   ck = condensed.to_condensed_kernel(kernel)
   np.testing.assert_array_equal(np.asarray(ck.units), [0, 2])
   np.testing.assert_array_equal(np.asarray(ck.indices), [[0, 2], [1, 2]])
@@ -104,18 +109,20 @@ def test_condensed_kernel_of_a_hand_computed_layer_with_an_ablated_unit():
   np.testing.assert_array_equal(np.asarray(ck.todense()), kernel)
   # y[b, o] = sum_j x[b, idx[o, j]] * val[o, j]; the ablated unit gives 0.
   x = jnp.array([[1.0, 10.0, 100.0], [2.0, 0.0, 1.0]])
-  for rows in (1, 2):   # the batch-1 path and the batched gather
+  for rows in (1, 2):  # the batch-1 path and the batched gather
     y = condensed._condensed_matmul(ck, x[:rows], gather_max_rows=32)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(x[:rows] @ kernel))
   np.testing.assert_array_equal(
-      np.asarray(condensed._condensed_matmul(ck, x, gather_max_rows=1)), x @ kernel)
+    np.asarray(condensed._condensed_matmul(ck, x, gather_max_rows=1)), x @ kernel
+  )
   # Every unit ablated (k = 0): no rows, the output is 0 (+ bias in a layer).
   empty = condensed.to_condensed_kernel(np.zeros((3, 2), np.float32))
   assert empty.values.shape == (0, 0) and empty.units.shape == (0,)
   for rows in (1, 2):
     np.testing.assert_array_equal(
-        np.asarray(condensed._condensed_matmul(empty, x[:rows], gather_max_rows=32)),
-        np.zeros((rows, 2)))
+      np.asarray(condensed._condensed_matmul(empty, x[:rows], gather_max_rows=32)),
+      np.zeros((rows, 2)),
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 7])
@@ -127,9 +134,10 @@ def test_condensed_mlp_logits_match_the_masked_dense_model(batch):
   mask["Dense_0"]["kernel"] = mask["Dense_0"]["kernel"].at[:, 3].set(False)  # ablate
   cvars = condensed.condense(model, variables, mask, x[:1])
   assert condensed.condensed_layers(cvars) == {
-      "params/Dense_0/kernel": (63, 78, (784, 64)),
-      "params/Dense_1/kernel": (32, 6, (64, 32)),
-      "params/Dense_2/kernel": (10, 3, (32, 10))}
+    "params/Dense_0/kernel": (63, 78, (784, 64)),
+    "params/Dense_1/kernel": (32, 6, (64, 32)),
+    "params/Dense_2/kernel": (10, 3, (32, 10)),
+  }
   ref = model.apply({"params": masks.apply(variables["params"], mask)}, x)
   fn = jax.jit(lambda v, x: condensed.apply(model, v, x))
   got = fn(cvars, x)
@@ -149,14 +157,16 @@ def test_condensed_resnet_convs_match_and_non_constant_layers_stay_dense():
   layers = condensed.condensed_layers(cvars)
   assert "params/Conv_0/kernel" not in layers and len(layers) == 21
   ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-      {**variables, "params": masks.apply(variables["params"], mask)}, x)
+    {**variables, "params": masks.apply(variables["params"], mask)}, x
+  )
   for rows in (1, 10**9):
     fn = lambda v, x, rows=rows: condensed.apply(model, v, x, train=False, gather_max_rows=rows)
     got = jax.jit(fn)(cvars, x)
     assert float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref))) < 1e-6
   back = condensed.uncondense(cvars)
-  for a, b in zip(jax.tree.leaves(back["params"]),
-                  jax.tree.leaves(masks.apply(variables["params"], mask))):
+  for a, b in zip(
+    jax.tree.leaves(back["params"]), jax.tree.leaves(masks.apply(variables["params"], mask))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -195,8 +205,13 @@ def test_condensed_file_round_trip_is_bitwise(tmp_path):
 def test_benchmark_quick_run_finishes():
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   out = subprocess.run(
-      [sys.executable, str(REPO / "benchmarks" / "structured_inference.py"), "--quick"],
-      capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    [sys.executable, str(REPO / "benchmarks" / "structured_inference.py"), "--quick"],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+    check=True,
+  ).stdout
   assert out.splitlines()[0].startswith("CPU: ")
   last = out.strip().splitlines()[-1].split()
   assert last[0] == "speedup_vs_dense" and float(last[1]) > 0

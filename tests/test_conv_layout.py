@@ -22,23 +22,28 @@ def _net(params, x):
   """Strided, dilated, grouped and 1-D convolutions, relu (custom_jvp), a nested jit."""
   h = lax.conv_general_dilated(x, params["w1"], (2, 2), "SAME", dimension_numbers=NHWC)
   h = jax.nn.relu(h)
-  h = jax.jit(lambda h_, w: lax.conv_general_dilated(
-      h_, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC))(h, params["w2"])
-  h = lax.conv_general_dilated(h, params["dw"], (1, 1), "SAME", dimension_numbers=NHWC,
-                               feature_group_count=8)
+  h = jax.jit(
+    lambda h_, w: lax.conv_general_dilated(
+      h_, w, (1, 1), "SAME", rhs_dilation=(2, 2), dimension_numbers=NHWC
+    )
+  )(h, params["w2"])
+  h = lax.conv_general_dilated(
+    h, params["dw"], (1, 1), "SAME", dimension_numbers=NHWC, feature_group_count=8
+  )
   h = h.reshape(h.shape[0], -1, h.shape[-1])
-  h = lax.conv_general_dilated(h, params["w1d"], (1,), "VALID",
-                               dimension_numbers=("NWC", "WIO", "NWC"))
+  h = lax.conv_general_dilated(
+    h, params["w1d"], (1,), "VALID", dimension_numbers=("NWC", "WIO", "NWC")
+  )
   return jnp.sum(jnp.tanh(h) ** 2)
 
 
 def _setup():
   keys = jax.random.split(jax.random.key(0), 5)
   params = {
-      "w1": jax.random.normal(keys[0], (3, 3, 4, 8)),
-      "w2": jax.random.normal(keys[1], (3, 3, 8, 8)) * 0.2,
-      "dw": jax.random.normal(keys[2], (3, 3, 1, 8)) * 0.3,
-      "w1d": jax.random.normal(keys[3], (2, 8, 4)) * 0.2,
+    "w1": jax.random.normal(keys[0], (3, 3, 4, 8)),
+    "w2": jax.random.normal(keys[1], (3, 3, 8, 8)) * 0.2,
+    "dw": jax.random.normal(keys[2], (3, 3, 1, 8)) * 0.3,
+    "w1d": jax.random.normal(keys[3], (2, 8, 4)) * 0.2,
   }
   x = jax.random.normal(keys[4], (2, 8, 8, 4))
   return params, x
@@ -65,10 +70,13 @@ def _loop(grad_fn, x):
     def body(i, acc):
       p = jax.tree.map(lambda w: w * (1.0 + 0.1 * i), params)
       # A convolution under cond, inside the loop body, is rewritten too.
-      g = lax.cond(i % 2 == 0, lambda q: grad_fn(q, x),
-                   lambda q: jax.tree.map(jnp.negative, grad_fn(q, x)), p)
+      g = lax.cond(
+        i % 2 == 0, lambda q: grad_fn(q, x), lambda q: jax.tree.map(jnp.negative, grad_fn(q, x)), p
+      )
       return jax.tree.map(jnp.add, acc, g)
+
     return lax.fori_loop(0, 3, body, jax.tree.map(jnp.zeros_like, params))
+
   return run
 
 
@@ -86,9 +94,11 @@ def test_loop_body_convolutions_are_canonical_on_cpu():
 def test_rewrite_is_lowered_for_cpu_only():
   params, x = _setup()
   fn = jax.jit(_conv_layout.canonical_convs(jax.grad(_net)))
+
   def transposes(platform):
     text = fn.trace(params, x).lower(lowering_platforms=(platform,)).as_text()
     return text.count("stablehlo.transpose")
+
   plain = jax.jit(jax.grad(_net)).trace(params, x).lower(lowering_platforms=("cuda",))
   assert transposes("cuda") == plain.as_text().count("stablehlo.transpose")
   assert transposes("cpu") > transposes("cuda")
@@ -111,8 +121,11 @@ def _resnet20():
 def test_synflow_loop_on_resnet_is_canonical_and_matches_per_round_masks():
   params, apply_fn, mask, shape = _resnet20()
   rounds, sparsity = 3, 0.9
-  compiled = jax.jit(lambda p, m_: scores.synflow(p, m_, apply_fn, shape, sparsity, rounds)
-                     ).lower(params, mask).compile()
+  compiled = (
+    jax.jit(lambda p, m_: scores.synflow(p, m_, apply_fn, shape, sparsity, rounds))
+    .lower(params, mask)
+    .compile()
+  )
   assert _dim_labels(compiled.as_text()) == {"b01f_01io->b01f"}
   fused = compiled(params, mask)
   # The same rounds, one jitted call each, outside any loop.
@@ -142,8 +155,12 @@ def fresh_warning(monkeypatch):
 
 
 def _fallback_warnings(record):
-  return [w for w in record if issubclass(w.category, RuntimeWarning)
-          and "canonical-layout convolutions are off" in str(w.message)]
+  return [
+    w
+    for w in record
+    if issubclass(w.category, RuntimeWarning)
+    and "canonical-layout convolutions are off" in str(w.message)
+  ]
 
 
 def _run_with_fallback():
@@ -197,8 +214,11 @@ def test_falls_back_with_one_warning_without_the_conv_primitive(monkeypatch, fre
   assert _conv_layout._lookup(OldPrimitives) is None
   conv, inline = _conv_layout._lookup(NewerPrimitives)
   assert conv is lax.conv_general_dilated_p
-  assert inline == {NewerPrimitives.jit_p: "jaxpr", NewerPrimitives.closed_call_p: "call_jaxpr",
-                    NewerPrimitives.custom_jvp_call_p: "call_jaxpr"}
+  assert inline == {
+    NewerPrimitives.jit_p: "jaxpr",
+    NewerPrimitives.closed_call_p: "call_jaxpr",
+    NewerPrimitives.custom_jvp_call_p: "call_jaxpr",
+  }
   # The module wires the lookup in at import: reload it under the old JAX.
   monkeypatch.setattr(jax.extend.core, "primitives", OldPrimitives)
   try:

@@ -12,9 +12,9 @@ from sparsejax import scores
 
 def _mlp_params():
   return {
-      "l1": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
-      "l2": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
-      "l3": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+    "l1": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)},
+    "l2": {"kernel": jnp.ones((3, 3)), "bias": jnp.ones(3)},
+    "l3": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
   }
 
 
@@ -27,8 +27,10 @@ def _mlp_apply(p, x, train):
 
 def test_dead_hidden_units_prune_their_weights_effectively():
   params = _mlp_params()
-  m = {k: {"kernel": np.ones(v["kernel"].shape, bool), "bias": np.ones(v["bias"].shape, bool)}
-       for k, v in params.items()}
+  m = {
+    k: {"kernel": np.ones(v["kernel"].shape, bool), "bias": np.ones(v["bias"].shape, bool)}
+    for k, v in params.items()
+  }
   m["l1"]["kernel"][:, 1] = False  # hidden unit 1 of layer 1: no incoming weights
   m["l2"]["kernel"][0, 2] = False
   m["l3"]["kernel"][2, :] = False  # unit 2 of layer 2: no outgoing weights
@@ -106,7 +108,6 @@ def test_conv_channels_without_inputs_or_outputs_and_batch_norm():
   mask["Dense_0"]["kernel"] = jnp.zeros_like(mask["Dense_0"]["kernel"])
   rep = diagnostics.report(mask, params, apply_fn, (6, 6, 3))
   assert rep["collapsed"] == ["Dense_0/kernel"]
-  assert rep["effectively_collapsed"] == ["Conv_0/kernel", "Conv_1/kernel",
-                                          "Dense_0/kernel"]
+  assert rep["effectively_collapsed"] == ["Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel"]
   assert rep["effective_sparsity"] == 1.0
   assert "COLLAPSED" in str(rep)

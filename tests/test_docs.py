@@ -26,8 +26,16 @@ from tests.test_readme import python_blocks
 REPO = Path(__file__).resolve().parents[1]
 GUIDES = sorted((REPO / "docs" / "guides").glob("*.md"))
 #: Every user guide (docs/index.md's "User guides" toctree).
-EXPECTED = ("accelerators", "dst", "gradient_flow", "lottery", "pruning_at_init",
-            "savings", "suptickets", "tost")
+EXPECTED = (
+  "accelerators",
+  "dst",
+  "gradient_flow",
+  "lottery",
+  "pruning_at_init",
+  "savings",
+  "suptickets",
+  "tost",
+)
 
 
 def test_every_guide_is_found_and_listed():
@@ -66,14 +74,30 @@ def _check_tost(ns, tmp_path):
 CHECKS = {"savings": _check_savings, "tost": _check_tost}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("sphinx") is None
-                    or importlib.util.find_spec("myst_nb") is None,
-                    reason="the docs extra (sphinx, myst-nb) is not installed")
+@pytest.mark.skipif(
+  importlib.util.find_spec("sphinx") is None or importlib.util.find_spec("myst_nb") is None,
+  reason="the docs extra (sphinx, myst-nb) is not installed",
+)
 def test_site_builds_without_warnings(tmp_path):
   out = subprocess.run(
-      [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html",
-       str(REPO / "docs"), str(tmp_path / "html")],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    [
+      sys.executable,
+      "-m",
+      "sphinx",
+      "-W",
+      "--keep-going",
+      "-q",
+      "-b",
+      "html",
+      str(REPO / "docs"),
+      str(tmp_path / "html"),
+    ],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    check=False,
+  )
   assert out.returncode == 0, out.stderr[-6000:]
   for page in ("index", "api/index", *(f"guides/{n}" for n in EXPECTED)):
     assert (tmp_path / "html" / f"{page}.html").exists(), page

@@ -16,16 +16,30 @@ import pytest
 
 import sparsejax.models
 
-MODULES = ["sparsejax.budgets", "sparsejax.masks", "sparsejax.nm", "sparsejax.optim",
-           "sparsejax.scores", "sparsejax.diagnostics", "sparsejax.dst",
-           "sparsejax.gradient_flow",
-           "sparsejax.lottery", "sparsejax.data", "sparsejax.sparse_io",
-           "sparsejax.sparse_inference", "sparsejax.condensed", "sparsejax.shrink",
-           "sparsejax.suptickets", "sparsejax.tost",
-           "sparsejax.state", "sparsejax.schedules", "sparsejax.hooks", "sparsejax.methods",
-           "sparsejax.models", "sparsejax.modeling"] + [
-               m.name for m in pkgutil.iter_modules(sparsejax.models.__path__,
-                                                    "sparsejax.models.")]
+MODULES = [
+  "sparsejax.budgets",
+  "sparsejax.masks",
+  "sparsejax.nm",
+  "sparsejax.optim",
+  "sparsejax.scores",
+  "sparsejax.diagnostics",
+  "sparsejax.dst",
+  "sparsejax.gradient_flow",
+  "sparsejax.lottery",
+  "sparsejax.data",
+  "sparsejax.sparse_io",
+  "sparsejax.sparse_inference",
+  "sparsejax.condensed",
+  "sparsejax.shrink",
+  "sparsejax.suptickets",
+  "sparsejax.tost",
+  "sparsejax.state",
+  "sparsejax.schedules",
+  "sparsejax.hooks",
+  "sparsejax.methods",
+  "sparsejax.models",
+  "sparsejax.modeling",
+] + [m.name for m in pkgutil.iter_modules(sparsejax.models.__path__, "sparsejax.models.")]
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 
 
@@ -57,20 +71,38 @@ def test_docstring_example(test):
 
 def test_the_main_public_functions_have_examples():
   names = {t.name for t in EXAMPLES}
-  for name in ["masks.topk_mask", "masks.keep_top", "masks.Prunable", "masks.apply",
-               "masks.summary", "optim.sparse", "optim.reset_moments",
-               "scores.prune_at_init", "lottery.prune_level", "data",
-               "budgets.parse", "budgets.ERK.densities", "masks.random_mask",
-               "models.layer_order", "state", "schedules.lr_schedule",
-               "schedules.make_optimizer", "optim.find_hyperparam"]:
+  for name in [
+    "masks.topk_mask",
+    "masks.keep_top",
+    "masks.Prunable",
+    "masks.apply",
+    "masks.summary",
+    "optim.sparse",
+    "optim.reset_moments",
+    "scores.prune_at_init",
+    "lottery.prune_level",
+    "data",
+    "budgets.parse",
+    "budgets.ERK.densities",
+    "masks.random_mask",
+    "models.layer_order",
+    "state",
+    "schedules.lr_schedule",
+    "schedules.make_optimizer",
+    "optim.find_hyperparam",
+  ]:
     assert f"sparsejax.{name}" in names
 
 
 def test_a_wrong_example_fails():
   # The check above is not vacuous: an example whose output differs fails.
   test = doctest.DocTestParser().get_doctest(
-      ">>> from sparsejax import masks\n>>> masks.kept_count(10, 0.5)\n4\n",
-      {}, "broken", "broken.py", 0)
+    ">>> from sparsejax import masks\n>>> masks.kept_count(10, 0.5)\n4\n",
+    {},
+    "broken",
+    "broken.py",
+    0,
+  )
   failures, report = run_example(test)
   assert failures == 1
   assert "Expected:\n    4\nGot:\n    5" in report

@@ -35,8 +35,13 @@ def test_dst_grid_runner_on_digits(tmp_path):
   for method in ("static", "set", "rigl", "granet"):
     assert by_method[method]["nominal_sparsity"] == pytest.approx(0.9, abs=1e-3)
   assert "| 90% | 10× |" in out["table"]
-  for name in ("results.csv", "results.md", "accuracy_vs_sparsity.png",
-               "layer_density.png", "mask_churn.png"):
+  for name in (
+    "results.csv",
+    "results.md",
+    "accuracy_vs_sparsity.png",
+    "layer_density.png",
+    "mask_churn.png",
+  ):
     assert os.path.getsize(tmp_path / name) > 0
   # static never moves; the DST cells log their churn
   static = _read(tmp_path / "cells" / "static_s0.9_seed0" / "metrics.jsonl")
@@ -52,6 +57,7 @@ def test_dst_grid_runner_on_digits(tmp_path):
 
 def test_dst_config_errors():
   from experiments import common  # pylint: disable=g-import-not-at-top
+
   config = dst_cpu.get_config()
   config.dst = "rigl"
   config.pruner = "dense"
@@ -68,9 +74,12 @@ def test_dst_config_errors():
 
 def test_mask_churn_plot_leaves_zero_churn_out_of_the_log_axis(tmp_path):
   from experiments import results  # pylint: disable=g-import-not-at-top
+
   # Two seeds: churn until step 40, none after the last mask update.
-  runs = [[(20, 0.02), (40, 0.01), (60, 0.0), (80, 0.0)],
-          [(20, 0.04), (40, 0.01), (60, 0.0), (80, 0.0)]]
+  runs = [
+    [(20, 0.02), (40, 0.01), (60, 0.0), (80, 0.0)],
+    [(20, 0.04), (40, 0.01), (60, 0.0), (80, 0.0)],
+  ]
   xs, mean, band = results.curve(runs, logy=True)
   assert xs == [20, 40, 60, 80]
   np.testing.assert_allclose(mean[:2], [0.03, 0.01])
@@ -80,8 +89,9 @@ def test_mask_churn_plot_leaves_zero_churn_out_of_the_log_axis(tmp_path):
   assert (band[:, :2] > 0).all() and np.isnan(band[:, 2:]).all()
   _, lin_mean, _ = results.curve(runs)  # linear axis: zeros drawn
   np.testing.assert_allclose(lin_mean, [0.03, 0.01, 0.0, 0.0])
-  fig = results.plot_series(str(tmp_path / "mask_churn.png"), {"rigl 90%": runs},
-                            xlabel="step", ylabel="churn", logy=True)
+  fig = results.plot_series(
+    str(tmp_path / "mask_churn.png"), {"rigl 90%": runs}, xlabel="step", ylabel="churn", logy=True
+  )
   (line,) = fig.axes[0].get_lines()
   drawn = np.asarray(line.get_ydata(), float)
   assert np.isnan(drawn[2:]).all() and (drawn[:2] > 0).all()

@@ -44,8 +44,9 @@ def _rigl(model, ds, update_every=10, mask_fn=False):
   params = state.init_variables(model, sample, jax.random.key(0))["params"]
   mask = _random_erk(params)
   inner = optax.sgd(0.05, momentum=0.9)
-  return dst.rigl_optimizer(inner, _random_erk if mask_fn else mask, end_step=2 * SPE,
-                            update_every=update_every), mask
+  return dst.rigl_optimizer(
+    inner, _random_erk if mask_fn else mask, end_step=2 * SPE, update_every=update_every
+  ), mask
 
 
 def _churn():
@@ -64,7 +65,8 @@ def test_fit_trains_rigl_with_churn_records(ds, tmp_path):
   final = result.state.mask
   # exact per-layer counts, pruned weights exactly 0
   assert [int(m.sum()) for m in jax.tree.leaves(final)] == [
-      int(m.sum()) for m in jax.tree.leaves(mask)]
+    int(m.sum()) for m in jax.tree.leaves(mask)
+  ]
   for p, m in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(final)):
     assert (np.asarray(p)[~np.asarray(m)] == 0).all()
   # updates at t = 10, 20, ..., 80 (< end 88): 8
@@ -97,8 +99,7 @@ def test_rigl_fit_resumes_bitwise(ds, tmp_path):
   tx, _ = _rigl(model, ds)
   full = run(ds, tmp_path / "full", model, tx=tx, num_epochs=2, **_churn())
   tx, _ = _rigl(model, ds, mask_fn=True)
-  run(ds, tmp_path / "split", model, tx=tx, num_epochs=2, stop_at_step=SPE + 15,
-      **_churn())
+  run(ds, tmp_path / "split", model, tx=tx, num_epochs=2, stop_at_step=SPE + 15, **_churn())
   tx, _ = _rigl(model, ds, mask_fn=True)
   resumed = run(ds, tmp_path / "split", model, tx=tx, num_epochs=2, **_churn())
   assert resumed.resumed_from == SPE + 15
@@ -109,25 +110,27 @@ def test_rigl_fit_resumes_bitwise(ds, tmp_path):
   drop = ("epoch_seconds", "steps_per_second")
   strip = lambda rs: [{k: v for k, v in r.items() if k not in drop} for r in rs]
   assert strip(_read(tmp_path / "full" / "metrics.jsonl")) == strip(
-      _read(tmp_path / "split" / "metrics.jsonl"))
-  assert _read(tmp_path / "full" / "steps.jsonl") == _read(
-      tmp_path / "split" / "steps.jsonl")
+    _read(tmp_path / "split" / "metrics.jsonl")
+  )
+  assert _read(tmp_path / "full" / "steps.jsonl") == _read(tmp_path / "split" / "steps.jsonl")
 
 
 def test_fit_trains_srigl_and_records_the_ablated_fraction(ds, tmp_path):
   model = models.get("mlp", 10)
   params = state.init_variables(model, SAMPLE, jax.random.key(0))["params"]
-  mask = masks.random_mask(jax.random.key(1), params, 0.9,
-                           budget=budgets.ConstantFanIn(budgets.ERK()))
-  classifier = dataclasses.replace(masks.KEEP_CLASSIFIER_DENSE,
-                                   order=models.layer_order(model, SAMPLE))
-  tx = dst.srigl_optimizer(optax.sgd(0.05, momentum=0.9), mask, end_step=40,
-                           update_every=10, ablatable=classifier)
-  result = run(ds, tmp_path, model, tx=tx, num_epochs=1,
-               callbacks=[dst.AblatedUnits().callback()])
+  mask = masks.random_mask(
+    jax.random.key(1), params, 0.9, budget=budgets.ConstantFanIn(budgets.ERK())
+  )
+  classifier = dataclasses.replace(
+    masks.KEEP_CLASSIFIER_DENSE, order=models.layer_order(model, SAMPLE)
+  )
+  tx = dst.srigl_optimizer(
+    optax.sgd(0.05, momentum=0.9), mask, end_step=40, update_every=10, ablatable=classifier
+  )
+  result = run(ds, tmp_path, model, tx=tx, num_epochs=1, callbacks=[dst.AblatedUnits().callback()])
   final = jax.device_get(result.state.mask)
   condensed.check_constant_fan_in(final)
-  assert int(result.state.opt_state.dst.mask_updates) == 3   # t = 10, 20, 30
+  assert int(result.state.opt_state.dst.mask_updates) == 3  # t = 10, 20, 30
   record = _read(tmp_path / "metrics.jsonl")[-1]
   assert record["ablated_units"] == pytest.approx(dst.ablated_fraction(final))
   for p, m in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(final)):

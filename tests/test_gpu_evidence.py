@@ -25,20 +25,30 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_evidence.py"
-BLOCKED = ("ml_collections", "tensorflow_datasets", "tensorflow", "tensorboardX",
-           "sklearn", "torch", "setuptools", "pkg_resources")
+BLOCKED = (
+  "ml_collections",
+  "tensorflow_datasets",
+  "tensorflow",
+  "tensorboardX",
+  "sklearn",
+  "torch",
+  "setuptools",
+  "pkg_resources",
+)
 #: Every figure a run writes, in order, by section.
 FIGURES = {
-    "versions": ["versions"],
-    "train_step": ["dense", "masked", "rigl", "bf16"],
-    "pytorch": ["torch_f32", "torch_bf16"],
-    "scoring": ["snip", "grasp", "synflow"],
-    "tost": ["tost_plain", "tost_ghost"],
-    "real_run": ["real_run"],
-    "vmap": ["vmap_k1", "vmap_k4", "vmap_k8"],
+  "versions": ["versions"],
+  "train_step": ["dense", "masked", "rigl", "bf16"],
+  "pytorch": ["torch_f32", "torch_bf16"],
+  "scoring": ["snip", "grasp", "synflow"],
+  "tost": ["tost_plain", "tost_ghost"],
+  "real_run": ["real_run"],
+  "vmap": ["vmap_k1", "vmap_k4", "vmap_k8"],
 }
-SUMMARY = re.compile(r"^masked_vs_dense \S+  rigl_vs_masked \S+  "
-                     r"jax_vs_torch \S+  vmap8_vs_sequential \S+$")
+SUMMARY = re.compile(
+  r"^masked_vs_dense \S+  rigl_vs_masked \S+  "
+  r"jax_vs_torch \S+  vmap8_vs_sequential \S+$"
+)
 
 
 def blockers(root: Path) -> Path:
@@ -46,19 +56,29 @@ def blockers(root: Path) -> Path:
   for name in BLOCKED:
     (root / name).mkdir(parents=True)
     (root / name / "__init__.py").write_text(
-        f"raise ImportError('{name} is not on a bare GPU image')\n")
+      f"raise ImportError('{name} is not on a bare GPU image')\n"
+    )
   return root
 
 
 def run_quick(tmp_path: Path, *args: str, timeout: float):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             PYTHONPATH=os.pathsep.join([str(blockers(tmp_path / "blocked")), "."]))
+  env.update(
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    PYTHONPATH=os.pathsep.join([str(blockers(tmp_path / "blocked")), "."]),
+  )
   out = tmp_path / "evidence"
   t0 = time.monotonic()
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out),
-                         *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=timeout, check=False)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), "--quick", "--out", str(out), *args],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    check=False,
+  )
   wall = time.monotonic() - t0
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = (out / "evidence.jsonl").read_text().splitlines()
@@ -69,9 +89,14 @@ def run_quick(tmp_path: Path, *args: str, timeout: float):
 def has_numbers(record: dict) -> bool:
   """A measured figure: no skip or error, and a finite number of its own."""
   own = {k: v for k, v in record.items() if k not in ("t", "seconds")}
-  return ("skipped" not in record and "error" not in record and any(
+  return (
+    "skipped" not in record
+    and "error" not in record
+    and any(
       isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-      for v in own.values()))
+      for v in own.values()
+    )
+  )
 
 
 def test_quick_run_reports_every_section(tmp_path):
@@ -91,7 +116,8 @@ def test_quick_run_reports_every_section(tmp_path):
   assert by_figure["masked"]["vs_dense"] > 0
   rigl = by_figure["rigl"]
   assert rigl["ms_per_step"] == pytest.approx(
-      (99 * rigl["plain_ms_per_step"] + rigl["update_ms_per_step"]) / 100, rel=1e-3)
+    (99 * rigl["plain_ms_per_step"] + rigl["update_ms_per_step"]) / 100, rel=1e-3
+  )
   run = by_figure["real_run"]
   assert run["epochs_done"] == 2 and len(run["test_accuracy_by_epoch"]) == 2
   assert run["projected_full_run_s"] > 0 and 0 <= run["test_accuracy_now"] <= 1
@@ -106,8 +132,7 @@ def test_quick_run_reports_every_section(tmp_path):
 
 @pytest.mark.parametrize("budget", [5, 12])
 def test_budget_stops_the_run_and_keeps_what_was_measured(tmp_path, budget):
-  proc, records, wall = run_quick(tmp_path, "--budget", str(budget),
-                                  timeout=budget + 60)
+  proc, records, wall = run_quick(tmp_path, "--budget", str(budget), timeout=budget + 60)
   assert records[0]["figure"] == "args"
   assert has_numbers(records[1]) and records[1]["figure"] == "versions"
   end = records[-1]

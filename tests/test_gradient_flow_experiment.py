@@ -61,8 +61,11 @@ def test_configs():
   paper = gradient_flow_lenet5.get_config()
   assert (paper.model.name, paper.sparsity, paper.train.num_epochs) == ("lenet5", 0.95, 25)
   assert (paper.prune_start, paper.prune_end, paper.prune_every) == (3000, 7000, 100)
-  assert (paper.optimizer.learning_rate, paper.optimizer.schedule, paper.optimizer.weight_decay) == (
-      0.05, "cosine", 5e-4)
+  assert (
+    paper.optimizer.learning_rate,
+    paper.optimizer.schedule,
+    paper.optimizer.weight_decay,
+  ) == (0.05, "cosine", 5e-4)
   cpu = gradient_flow_cpu.get_config()
   assert (cpu.data.train_subset, cpu.train.num_epochs, len(cpu.seeds)) == (6000, 20, 3)
   runner.check_config(cpu)

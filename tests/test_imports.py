@@ -25,8 +25,11 @@ def _imports(path: pathlib.Path, modules) -> set[str]:
     for child in ast.iter_child_nodes(node):
       if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
         continue
-      if isinstance(child, ast.ImportFrom) and child.level == 0 and (
-          child.module or "").startswith("sparsejax"):
+      if (
+        isinstance(child, ast.ImportFrom)
+        and child.level == 0
+        and (child.module or "").startswith("sparsejax")
+      ):
         for alias in child.names:
           sub = f"{child.module}.{alias.name}"
           found.add(sub if sub in modules else child.module)
@@ -47,7 +50,7 @@ def test_no_import_circle_in_sparsejax():
     state[name] = 1
     for dep in sorted(graph[name]):
       if state.get(dep) == 1:
-        cycle = path[path.index(dep):] + [dep]
+        cycle = path[path.index(dep) :] + [dep]
         raise AssertionError("import circle: " + " -> ".join(cycle))
       if dep not in state:
         visit(dep, path + [dep])
@@ -62,6 +65,8 @@ def test_budgets_and_the_selection_sit_below_masks():
   modules = _modules()
   for low in ("sparsejax.budgets", "sparsejax._select", "sparsejax._sort_keys"):
     deps = _imports(modules[low], modules)
-    assert not deps & {"sparsejax.masks", "sparsejax.nm", "sparsejax.scores",
-                       "sparsejax.dst"}, (low, deps)
+    assert not deps & {"sparsejax.masks", "sparsejax.nm", "sparsejax.scores", "sparsejax.dst"}, (
+      low,
+      deps,
+    )
   assert "sparsejax.nm" not in _imports(modules["sparsejax.masks"], modules)

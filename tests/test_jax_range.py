@@ -30,8 +30,7 @@ def test_pyproject_and_tpu_requirements_pin_the_tested_range():
   assert _jax_pins(extras["cuda12"]) == {"jax[cuda12]": _jax_range.SPEC}
   assert _jax_pins(extras["cuda13"]) == {"jax[cuda13]": _jax_range.SPEC}
   tpu = (ROOT / "requirements-tpu.txt").read_text().splitlines()
-  assert _jax_pins(l for l in tpu if not l.startswith("#")) == {
-      "jax[tpu]": _jax_range.SPEC}
+  assert _jax_pins(l for l in tpu if not l.startswith("#")) == {"jax[tpu]": _jax_range.SPEC}
   assert "optax>=0.2.5" in project["dependencies"]  # optax.tree
 
 
@@ -42,10 +41,20 @@ def test_the_jax_under_test_is_in_the_range_and_does_not_warn():
     assert not _jax_range.warn_if_untested()
 
 
-@pytest.mark.parametrize("version,tested", [
-    ("0.10.0", True), ("0.10.2", True), ("0.10.3.dev20260101", True),
-    ("0.9.2", False), ("0.8.0", False), ("0.11.0rc1", False), ("0.11.2", False),
-    ("1.0.0", False), ("unknown", False)])
+@pytest.mark.parametrize(
+  "version,tested",
+  [
+    ("0.10.0", True),
+    ("0.10.2", True),
+    ("0.10.3.dev20260101", True),
+    ("0.9.2", False),
+    ("0.8.0", False),
+    ("0.11.0rc1", False),
+    ("0.11.2", False),
+    ("1.0.0", False),
+    ("unknown", False),
+  ],
+)
 def test_versions_in_and_out_of_the_range(version, tested):
   assert _jax_range.is_tested(version) is tested
 

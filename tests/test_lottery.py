@@ -41,9 +41,13 @@ def mlp_params(seed: int = 0) -> dict:
   """Random host params with the MLP's structure and shapes (no compilation)."""
   rng = np.random.default_rng(seed)
   shapes = {"Dense_0": (64, 300), "Dense_1": (300, 100), "Dense_2": (100, 10)}
-  return {name: {"kernel": rng.normal(size=shape).astype(np.float32),
-                 "bias": rng.normal(size=shape[1:]).astype(np.float32)}
-          for name, shape in shapes.items()}
+  return {
+    name: {
+      "kernel": rng.normal(size=shape).astype(np.float32),
+      "bias": rng.normal(size=shape[1:]).astype(np.float32),
+    }
+    for name, shape in shapes.items()
+  }
 
 
 def mlp_states(*steps: int):
@@ -51,14 +55,12 @@ def mlp_states(*steps: int):
   SGD steps on digits (one run)."""
   model = models.get("mlp", 10)
   tx = schedules.make_optimizer(
-      schedules.lr_schedule(0.05, num_epochs=1, steps_per_epoch=22, kind="cosine"),
-      weight_decay=5e-4)
-  state = state_lib.create_train_state(model, tx, SAMPLE, jax.random.key(0),
-                                       mask=masks.ones_like)
+    schedules.lr_schedule(0.05, num_epochs=1, steps_per_epoch=22, kind="cosine"), weight_decay=5e-4
+  )
+  state = state_lib.create_train_state(model, tx, SAMPLE, jax.random.key(0), mask=masks.ones_like)
   ds = data.load("digits")
   mesh = mesh_lib.make_mesh(1)
-  step = train.make_train_step(model, mesh=mesh, batch_size=64,
-                               mean=ds.mean, std=ds.std)
+  step = train.make_train_step(model, mesh=mesh, batch_size=64, mean=ds.mean, std=ds.std)
   carry = mesh_lib.put_replicated(train.init_carry(state), mesh)
   images = mesh_lib.put_replicated(ds.train_images, mesh)
   labels = mesh_lib.put_replicated(ds.train_labels, mesh)
@@ -84,8 +86,7 @@ def assert_trees_equal(a, b):
 
 
 def kernels(tree):
-  return {p: np.asarray(x) for p, x in masks.named_leaves(tree)
-          if p.endswith("kernel")}
+  return {p: np.asarray(x) for p, x in masks.named_leaves(tree) if p.endswith("kernel")}
 
 
 def without_timing(history):
@@ -99,8 +100,7 @@ def read_history(workdir):
 
 def checkpoint_params(workdir, step):
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(Path(workdir) / "checkpoints" / str(step) / "state")[
-        "state"]["params"]
+    return ckptr.restore(Path(workdir) / "checkpoints" / str(step) / "state")["state"]["params"]
 
 
 # ----------------------------------------------------------------------------
@@ -116,13 +116,11 @@ def test_density_after_L_levels_is_exactly_0_8_to_the_L():
   for level, count in enumerate(expected, start=1):
     # Stand-in for the weights trained at level L - 1: every weight moved.
     noise = mlp_params(seed=level)
-    trained = masks.apply(jax.tree.map(lambda p, n: p + 0.1 * n, params, noise),
-                          mask)
+    trained = masks.apply(jax.tree.map(lambda p, n: p + 0.1 * n, params, noise), mask)
     new = lottery.prune_level(trained, mask, level)
-    assert masks.summary(new).kept == count == round(0.8 ** level * N)
-    assert lottery.level_sparsity(level) == pytest.approx(1 - 0.8 ** level)
-    for (path, old_m), new_m, _w in zip(masks.named_leaves(mask), leaves(new),
-                                       leaves(trained)):
+    assert masks.summary(new).kept == count == round(0.8**level * N)
+    assert lottery.level_sparsity(level) == pytest.approx(1 - 0.8**level)
+    for (path, old_m), new_m, _w in zip(masks.named_leaves(mask), leaves(new), leaves(trained)):
       old_m = np.asarray(old_m)
       assert new_m.dtype == bool
       assert not np.any(new_m & ~old_m), path  # only kept weights survive
@@ -130,10 +128,11 @@ def test_density_after_L_levels_is_exactly_0_8_to_the_L():
         assert new_m.all(), path  # not prunable
     # Global magnitude over the remaining weights: every survivor is at least
     # as large as every weight removed at this level, whatever its layer.
-    kept_mags = [np.abs(w)[m] for w, m in zip(kernels(trained).values(),
-                                               kernels(new).values())]
-    removed = [np.abs(w)[o & ~m] for w, o, m in zip(
-        kernels(trained).values(), kernels(mask).values(), kernels(new).values())]
+    kept_mags = [np.abs(w)[m] for w, m in zip(kernels(trained).values(), kernels(new).values())]
+    removed = [
+      np.abs(w)[o & ~m]
+      for w, o, m in zip(kernels(trained).values(), kernels(mask).values(), kernels(new).values())
+    ]
     assert np.concatenate(kept_mags).min() >= np.concatenate(removed).max()
     mask = new
 
@@ -148,8 +147,7 @@ def test_prune_level_budgets_prunable_and_errors():
   for layer in masks.summary(uniform).layers:
     assert layer.kept == round(0.64 * layer.total), layer.path
   # A dense classifier is not counted: N = 64*300 + 300*100.
-  keep_classifier = masks.Prunable(keep_last_dense=True,
-                                   order=models.layer_order(model, SAMPLE))
+  keep_classifier = masks.Prunable(keep_last_dense=True, order=models.layer_order(model, SAMPLE))
   m = lottery.prune_level(params, ones, 1, prunable=keep_classifier)
   assert np.asarray(m["Dense_2"]["kernel"]).all()
   assert masks.summary(m, keep_classifier).kept == round(0.8 * 49_200)
@@ -170,8 +168,7 @@ def test_prune_level_budgets_prunable_and_errors():
 
 def test_random_reprune_keeps_per_layer_counts_at_new_positions():
   params = mlp_params()
-  mask = lottery.prune_level(params, lottery.prune_level(
-      params, masks.ones_like(params), 1), 2)
+  mask = lottery.prune_level(params, lottery.prune_level(params, masks.ones_like(params), 1), 2)
   a = lottery.random_reprune_mask(jax.random.key(0), mask)
   b = lottery.random_reprune_mask(jax.random.key(1), mask)
   assert_trees_equal(a, lottery.random_reprune_mask(jax.random.key(0), mask))
@@ -197,8 +194,7 @@ def test_rewind_restores_the_rewind_point_exactly():
   mask = lottery.prune_level(trained.params, masks.ones_like(trained.params), 1)
   start = lottery.rewind_state(point, mask)
   # Survivors: bitwise the values at the rewind point; pruned: exactly 0.
-  for p_start, p_point, m in zip(leaves(start.params), leaves(point.params),
-                                 leaves(mask)):
+  for p_start, p_point, m in zip(leaves(start.params), leaves(point.params), leaves(mask)):
     np.testing.assert_array_equal(p_start[m], p_point[m])
     assert np.all(p_start[~m] == 0.0) and np.signbit(p_start[~m]).sum() == 0
   assert_trees_equal(start.params, lottery.rewind(point.params, mask))
@@ -257,12 +253,27 @@ def test_fit_stop_at_step_then_resume_is_bitwise_uninterrupted(tmp_path):
   tx = digits_optimizer(2, 22)  # the digits recipe: 2 epochs of 22 steps of 64
 
   def fit(workdir, init=None, **kwargs):
-    init = init or (lambda: state_lib.create_train_state(
-        model, tx, SAMPLE, jax.random.key(0), mask=masks.ones_like))
-    return train.fit(model, ds, tmp_path / workdir, init=init, num_epochs=2,
-                     batch_size=64, options=train.FitOptions(
-                         progress_bar=False, tensorboard=False, max_to_keep=5,
-                         log_every_steps=11, eval_batch_size=512), **kwargs)
+    init = init or (
+      lambda: state_lib.create_train_state(
+        model, tx, SAMPLE, jax.random.key(0), mask=masks.ones_like
+      )
+    )
+    return train.fit(
+      model,
+      ds,
+      tmp_path / workdir,
+      init=init,
+      num_epochs=2,
+      batch_size=64,
+      options=train.FitOptions(
+        progress_bar=False,
+        tensorboard=False,
+        max_to_keep=5,
+        log_every_steps=11,
+        eval_batch_size=512,
+      ),
+      **kwargs,
+    )
 
   # The rewind point: the dense run stopped at step 5, mid-epoch.
   first = fit("part", stop_at_step=5)
@@ -284,11 +295,11 @@ def test_fit_stop_at_step_then_resume_is_bitwise_uninterrupted(tmp_path):
   assert_trees_equal(level.state.mask, mask)
   # An init of another layout: refused by the checkpoint's signature, or as
   # another model's before anything runs.
-  dense = whole.state.replace(opt_state=optax.sgd(0.1).init(whole.state.params),
-                              tx=optax.sgd(0.1))
+  dense = whole.state.replace(opt_state=optax.sgd(0.1).init(whole.state.params), tx=optax.sgd(0.1))
   with pytest.raises(checkpoints.CheckpointMismatchError, match="state_signature"):
     fit("whole", init=dense)
-  other = state_lib.create_train_state(models.get("mlp", 10, hidden=(8,)),
-                                       tx, SAMPLE, jax.random.key(0))
+  other = state_lib.create_train_state(
+    models.get("mlp", 10, hidden=(8,)), tx, SAMPLE, jax.random.key(0)
+  )
   with pytest.raises(ValueError, match="params and batch statistics of this model"):
     fit("x", init=other)

@@ -35,7 +35,11 @@ from tests.test_lottery import read_history  # noqa: E402
 def mlp_config(**overrides):
   """Digits lottery config, small: 2 epochs of 22 steps, rewind to step 5."""
   config = lottery_digits.get_config()
-  config.update(levels=2, rewind_step=5, train=dict(num_epochs=2, progress_bar=False, log_every_steps=11, max_to_keep=5))
+  config.update(
+    levels=2,
+    rewind_step=5,
+    train=dict(num_epochs=2, progress_bar=False, log_every_steps=11, max_to_keep=5),
+  )
   config.update(overrides)
   return config
 
@@ -109,8 +113,11 @@ def test_exported_ticket_trains_as_the_lth_mask_in_experiments_train(reference, 
 
   _, workdir, result = reference
   config = digits_config.get_config()
-  config.update(pruner="ticket", mask_path=result.ticket_dir, train=dict(num_epochs=1,
-                progress_bar=False, tensorboard=False))
+  config.update(
+    pruner="ticket",
+    mask_path=result.ticket_dir,
+    train=dict(num_epochs=1, progress_bar=False, tensorboard=False),
+  )
   config.sparsity = None  # the ticket's
   resolved = common.resolve_config(config)
   assert resolved.sparsity == pytest.approx(1 - 32_128 / N)
@@ -129,8 +136,9 @@ def test_rerun_of_a_finished_experiment_is_a_no_op(reference):
   config, workdir, result = reference
   again = exp_lottery.run(config, str(workdir))
   assert again.rows == result.rows
-  assert_trees_equal(lottery.load_ticket(again.ticket_dir)[0],
-                     lottery.load_ticket(result.ticket_dir)[0])
+  assert_trees_equal(
+    lottery.load_ticket(again.ticket_dir)[0], lottery.load_ticket(result.ticket_dir)[0]
+  )
   with pytest.raises(ValueError, match="another run"):
     exp_lottery.run(mlp_config(prune_fraction=0.5), str(workdir))
 
@@ -145,8 +153,9 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
     stopped = exp_lottery.run(mlp_config(controls=()), str(tmp_path))
   assert stopped.preempted and stopped.ticket_dir is None
   assert len(stopped.rows) == 1
-  steps = sorted(int(p.name) for p in (tmp_path / "level_1" / "checkpoints").iterdir()
-                 if p.name.isdigit())
+  steps = sorted(
+    int(p.name) for p in (tmp_path / "level_1" / "checkpoints").iterdir() if p.name.isdigit()
+  )
   assert steps == [22, 30]
   resumed = exp_lottery.run(mlp_config(controls=()), str(tmp_path))
   assert not resumed.preempted
@@ -154,10 +163,12 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
   assert read_history(tmp_path / "level_1") == read_history(ref_dir / "level_1")
   for level in (1, 2):
     assert_trees_equal(
-        lottery.load_ticket(tmp_path / f"level_{level}" / "ticket")[0],
-        lottery.load_ticket(ref_dir / f"level_{level}" / "ticket")[0])
-  for a, b in zip(lottery.load_ticket(resumed.ticket_dir)[:2],
-                  lottery.load_ticket(ref.ticket_dir)[:2]):
+      lottery.load_ticket(tmp_path / f"level_{level}" / "ticket")[0],
+      lottery.load_ticket(ref_dir / f"level_{level}" / "ticket")[0],
+    )
+  for a, b in zip(
+    lottery.load_ticket(resumed.ticket_dir)[:2], lottery.load_ticket(ref.ticket_dir)[:2]
+  ):
     assert_trees_equal(a, b)
 
 
@@ -169,7 +180,11 @@ def test_interrupted_level_resumes_to_the_same_mask(reference, tmp_path):
 def test_openlth_config_is_the_reference_protocol():
   config = common.resolve_config(lottery_openlth.get_config(), exp_lottery.check_config)
   assert (config.model.name, config.data.name) == ("resnet20", "cifar10")
-  assert (config.train.num_epochs, config.train.batch_size, config.optimizer.learning_rate) == (160, 128, 0.1)
+  assert (config.train.num_epochs, config.train.batch_size, config.optimizer.learning_rate) == (
+    160,
+    128,
+    0.1,
+  )
   assert config.optimizer.momentum == 0.9 and not config.optimizer.nesterov
   assert config.optimizer.weight_decay == 1e-4 and config.budget == "global"
   assert config.prune_fraction == 0.2 and config.levels >= 10
@@ -178,24 +193,30 @@ def test_openlth_config_is_the_reference_protocol():
   assert "pruner" not in config and "sparsity" not in config
   sched = common.lr_schedule(config, steps_per_epoch=390)
   np.testing.assert_allclose(
-      [sched(80 * 390 - 1), sched(80 * 390), sched(120 * 390)],
-      [0.1, 0.01, 0.001], rtol=1e-6)
+    [sched(80 * 390 - 1), sched(80 * 390), sched(120 * 390)], [0.1, 0.01, 0.001], rtol=1e-6
+  )
   assert exp_lottery.rewind_steps(config, 390) == 500
   config.rewind_epochs = 1.0
   assert exp_lottery.rewind_steps(config, 390) == 390
 
-  small = common.resolve_config(lottery_cpu_small.get_config(),
-                                 exp_lottery.check_config)
+  small = common.resolve_config(lottery_cpu_small.get_config(), exp_lottery.check_config)
   assert (small.model.name, small.data.name) == ("resnet20", "cifar10")
   assert 3 <= small.levels <= 4 and small.data.train_subset is not None
   assert small.train.eval_every_epochs > small.train.num_epochs
   assert not small.train.tensorboard and not small.train.progress_bar
 
 
-@pytest.mark.parametrize("field, value, match", [
-    ("levels", -1, "levels"), ("prune_fraction", 0.0, "fraction"),
-    ("controls", ("reinit", "shuffle"), "controls"), ("budget", "erk", "budget"),
-    ("rewind_step", -5, "rewind"), ("prunable", "all", "prunable")])
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
+    ("levels", -1, "levels"),
+    ("prune_fraction", 0.0, "fraction"),
+    ("controls", ("reinit", "shuffle"), "controls"),
+    ("budget", "erk", "budget"),
+    ("rewind_step", -5, "rewind"),
+    ("prunable", "all", "prunable"),
+  ],
+)
 def test_bad_config_values_are_refused(field, value, match):
   config = lottery_digits.get_config()
   config[field] = value
@@ -206,11 +227,25 @@ def test_bad_config_values_are_refused(field, value, match):
 def test_command_line_run(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.lottery", "--config",
-       "experiments/configs/lottery_digits.py", "--workdir", str(tmp_path),
-       "--config.levels=0", "--config.train.num_epochs=1", "--config.controls=()",
-       "--config.train.progress_bar=false"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    [
+      sys.executable,
+      "-m",
+      "experiments.lottery",
+      "--config",
+      "experiments/configs/lottery_digits.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.levels=0",
+      "--config.train.num_epochs=1",
+      "--config.controls=()",
+      "--config.train.progress_bar=false",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.splitlines()
   header = lines.index("| level | density (%) | ticket |")

@@ -81,18 +81,27 @@ def _variables(model, shape=SHAPE):
   return state_lib.init_variables(model, jnp.zeros((1, *shape)), jax.random.key(0))
 
 
-def _train_step(model, tx=None, *, mask=None, batch_size=BATCH, shape=SHAPE,
-                hooks=(), **step_kwargs):
+def _train_step(
+  model, tx=None, *, mask=None, batch_size=BATCH, shape=SHAPE, hooks=(), **step_kwargs
+):
   """``(traced train step, None)`` of ``model`` with ``tx`` (default SGD)."""
   tx = optax.sgd(0.1, 0.9) if tx is None else tx
-  state = state_lib.create_train_state(model, tx, jnp.zeros((1, *shape)),
-                                       jax.random.key(0), mask=mask)
-  step = train.make_train_step(model, mesh=mesh_lib.make_mesh(1),
-                               batch_size=batch_size, mean=np.zeros(3),
-                               std=np.ones(3), hooks=hooks, **step_kwargs)
+  state = state_lib.create_train_state(
+    model, tx, jnp.zeros((1, *shape)), jax.random.key(0), mask=mask
+  )
+  step = train.make_train_step(
+    model,
+    mesh=mesh_lib.make_mesh(1),
+    batch_size=batch_size,
+    mean=np.zeros(3),
+    std=np.ones(3),
+    hooks=hooks,
+    **step_kwargs,
+  )
   images, labels = _data(2 * batch_size, shape)
-  return step.trace(train.init_carry(state, hooks), images, labels,
-                    np.arange(len(labels), dtype=np.int32), 0)
+  return step.trace(
+    train.init_carry(state, hooks), images, labels, np.arange(len(labels), dtype=np.int32), 0
+  )
 
 
 def _random_mask(model, sparsity=0.8):
@@ -110,43 +119,59 @@ def masked_step():
 
 def rigl_step():
   model = _small_model()
-  return _train_step(model, dst.rigl_optimizer(optax.sgd(0.1), _random_mask(model),
-                                               end_step=1000))
+  return _train_step(model, dst.rigl_optimizer(optax.sgd(0.1), _random_mask(model), end_step=1000))
 
 
 def mask_update_step():
   """SET with ΔT = 1 from step 0: step 0 updates the mask."""
   model = _small_model()
-  return _train_step(model, dst.set_optimizer(optax.sgd(0.1), _random_mask(model),
-                                              end_step=10, update_every=1, start_step=0))
+  return _train_step(
+    model,
+    dst.set_optimizer(
+      optax.sgd(0.1), _random_mask(model), end_step=10, update_every=1, start_step=0
+    ),
+  )
 
 
 def gmp_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.gmp_optimizer(optax.sgd(0.1), ones, final_sparsity=0.8,
-                                              start_step=0, end_step=4, update_every=1))
+  return _train_step(
+    model,
+    dst.gmp_optimizer(
+      optax.sgd(0.1), ones, final_sparsity=0.8, start_step=0, end_step=4, update_every=1
+    ),
+  )
 
 
 def granet_step():
   model = _small_model()
   ones = masks.ones_like(_variables(model)["params"])
-  return _train_step(model, dst.granet_optimizer(
-      optax.sgd(0.1), ones, final_sparsity=0.8, start_step=0, end_step=4,
-      regrow_end_step=8, update_every=1))
+  return _train_step(
+    model,
+    dst.granet_optimizer(
+      optax.sgd(0.1),
+      ones,
+      final_sparsity=0.8,
+      start_step=0,
+      end_step=4,
+      regrow_end_step=8,
+      update_every=1,
+    ),
+  )
 
 
 def bf16_resnet20_step():
   """Issue #24: ResNet-20 in bfloat16, batch 8, CIFAR-sized input."""
-  return _train_step(models.get("resnet20", 10, dtype=jnp.bfloat16),
-                     batch_size=8, shape=(32, 32, 3))
+  return _train_step(
+    models.get("resnet20", 10, dtype=jnp.bfloat16), batch_size=8, shape=(32, 32, 3)
+  )
 
 
 def tost_ghost_step():
   recipe = tost.preset("ghost", lrsi=None)
   model = recipe.model("resnet20", 10, stage_sizes=(1,), num_filters=4)
-  return _train_step(model, scalars=recipe.scalars(10),
-                     loss_fn=recipe.loss_fn())
+  return _train_step(model, scalars=recipe.scalars(10), loss_fn=recipe.loss_fn())
 
 
 def gradient_flow_step():
@@ -158,13 +183,16 @@ def gradient_flow_step():
 
 def eval_step():
   model = _small_model()
-  state = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)),
-                                       jax.random.key(0))
-  step = train.make_eval_step(model, mesh=mesh_lib.make_mesh(1),
-                              mean=np.zeros(3), std=np.ones(3))
+  state = state_lib.create_train_state(
+    model, optax.sgd(0.1), jnp.zeros((1, *SHAPE)), jax.random.key(0)
+  )
+  step = train.make_eval_step(model, mesh=mesh_lib.make_mesh(1), mean=np.zeros(3), std=np.ones(3))
   images, labels = _data(BATCH)
-  sums = {"loss_sum": jnp.zeros(()), "correct": jnp.zeros((), jnp.int32),
-          "count": jnp.zeros((), jnp.int32)}
+  sums = {
+    "loss_sum": jnp.zeros(()),
+    "correct": jnp.zeros((), jnp.int32),
+    "count": jnp.zeros((), jnp.int32),
+  }
   return step.trace(state, sums, images, labels, np.ones(BATCH, bool))
 
 
@@ -207,23 +235,25 @@ def lrsi():
 
   def loss(p, batch):
     x, y = batch
-    logits, _ = modeling.apply_model(model, {**variables, "params": p},
-                                     x.astype(jnp.float32) / 255.0, train=True)
+    logits, _ = modeling.apply_model(
+      model, {**variables, "params": p}, x.astype(jnp.float32) / 255.0, train=True
+    )
     return jnp.mean(tost.off_target_smoothed_cross_entropy(logits, y, 0.0))
 
   settings = tost.LRsI(steps=2, batch_size=BATCH)
   with modeling.second_order():
     return tost._lrsi_scan.trace(  # pylint: disable=protected-access
-        loss, settings, None, masks.apply(params, mask), mask, _data(),
-        jax.random.key(2))
+      loss, settings, None, masks.apply(params, mask), mask, _data(), jax.random.key(2)
+    )
 
 
 def sparse_apply():
   model = models.get("mlp", 10, hidden=(16,))
   variables = _variables(model)
   mask = masks.random_mask(jax.random.key(1), variables["params"], 0.97)
-  sparse = sparse_inference.sparsify(model, variables, jnp.zeros((1, *SHAPE)),
-                                     mask, min_sparsity=0.0)
+  sparse = sparse_inference.sparsify(
+    model, variables, jnp.zeros((1, *SHAPE)), mask, min_sparsity=0.0
+  )
   fn = lambda v, x: sparse_inference.apply(model, v, x)
   return jax.jit(fn).trace(sparse, jnp.zeros((BATCH, *SHAPE)))
 
@@ -241,27 +271,27 @@ def superpose_reprune():
 
 # name -> (builder of the traced program, the CPU markers it lowers on CPU).
 PROGRAMS = {
-    "dense_step": (dense_step, {MATERIALIZE, BN_GEMV}),
-    "masked_step": (masked_step, {MATERIALIZE, BN_GEMV}),
-    "rigl_step": (rigl_step, {MATERIALIZE, BN_GEMV}),
-    "mask_update_step": (mask_update_step, {MATERIALIZE, BN_GEMV}),
-    "gmp_step": (gmp_step, {MATERIALIZE, BN_GEMV}),
-    "granet_step": (granet_step, {MATERIALIZE, BN_GEMV}),
-    "bf16_resnet20_step": (bf16_resnet20_step, {MATERIALIZE, BN_GEMV}),
-    "tost_ghost_step": (tost_ghost_step, {MATERIALIZE, BN_GEMV}),
-    "gradient_flow_step": (gradient_flow_step, {MATERIALIZE, BN_GEMV}),
-    "eval_step": (eval_step, {MATERIALIZE}),
-    # Batch norm in eval mode while scoring (the default); two batches: the
-    # scan's body has canonical convolutions.
-    "snip": (snip, {MATERIALIZE, CANONICAL}),
-    # Second order, traced inside plain_ops: no conv or batch-norm rewrite on
-    # CPU either; the scan over the batches has canonical convolutions.
-    "grasp": (grasp, {CANONICAL}),
-    "fused_synflow": (fused_synflow, {MATERIALIZE, CANONICAL}),
-    "iterative_snip": (iterative_snip, {MATERIALIZE, CANONICAL}),
-    "lrsi": (lrsi, set()),
-    "sparse_inference_apply": (sparse_apply, set()),
-    "superpose_reprune": (superpose_reprune, set()),
+  "dense_step": (dense_step, {MATERIALIZE, BN_GEMV}),
+  "masked_step": (masked_step, {MATERIALIZE, BN_GEMV}),
+  "rigl_step": (rigl_step, {MATERIALIZE, BN_GEMV}),
+  "mask_update_step": (mask_update_step, {MATERIALIZE, BN_GEMV}),
+  "gmp_step": (gmp_step, {MATERIALIZE, BN_GEMV}),
+  "granet_step": (granet_step, {MATERIALIZE, BN_GEMV}),
+  "bf16_resnet20_step": (bf16_resnet20_step, {MATERIALIZE, BN_GEMV}),
+  "tost_ghost_step": (tost_ghost_step, {MATERIALIZE, BN_GEMV}),
+  "gradient_flow_step": (gradient_flow_step, {MATERIALIZE, BN_GEMV}),
+  "eval_step": (eval_step, {MATERIALIZE}),
+  # Batch norm in eval mode while scoring (the default); two batches: the
+  # scan's body has canonical convolutions.
+  "snip": (snip, {MATERIALIZE, CANONICAL}),
+  # Second order, traced inside plain_ops: no conv or batch-norm rewrite on
+  # CPU either; the scan over the batches has canonical convolutions.
+  "grasp": (grasp, {CANONICAL}),
+  "fused_synflow": (fused_synflow, {MATERIALIZE, CANONICAL}),
+  "iterative_snip": (iterative_snip, {MATERIALIZE, CANONICAL}),
+  "lrsi": (lrsi, set()),
+  "sparse_inference_apply": (sparse_apply, set()),
+  "superpose_reprune": (superpose_reprune, set()),
 }
 
 
@@ -318,7 +348,6 @@ def test_bf16_batch_norm_gradients_keep_the_input_dtype():
 
   for fn in (_xla_cpu._bn_gemv, _xla_cpu._bn_plain):  # pylint: disable=protected-access
     dx, dscale, dbias = grads(fn)
-    assert (dx.dtype, dscale.dtype, dbias.dtype) == (
-        jnp.bfloat16, jnp.float32, jnp.float32)
+    assert (dx.dtype, dscale.dtype, dbias.dtype) == (jnp.bfloat16, jnp.float32, jnp.float32)
   dx, _, _ = grads(_xla_cpu.batch_norm_train)
   assert dx.dtype == jnp.bfloat16

@@ -15,9 +15,9 @@ from sparsejax import masks
 def _params():
   # Insertion order stem -> block -> head differs from sorted order on purpose.
   return {
-      "stem": {"kernel": jnp.ones((3, 3, 3, 8)), "bias": jnp.zeros(8)},
-      "block": {"kernel": jnp.ones((3, 3, 8, 8)), "scale": jnp.ones(8)},
-      "a_head": {"kernel": jnp.ones((8, 10)), "bias": jnp.zeros(10)},
+    "stem": {"kernel": jnp.ones((3, 3, 3, 8)), "bias": jnp.zeros(8)},
+    "block": {"kernel": jnp.ones((3, 3, 8, 8)), "scale": jnp.ones(8)},
+    "a_head": {"kernel": jnp.ones((8, 10)), "bias": jnp.zeros(10)},
   }
 
 
@@ -36,8 +36,7 @@ def test_global_exact_count_under_total_ties_keeps_lowest_flat_indices():
   # (a_head, block, stem): all 80 head entries, then the first 7 of block.
   assert kept["a_head/kernel"] == 80 and kept["block/kernel"] == 7
   assert kept["stem/kernel"] == 0
-  np.testing.assert_array_equal(
-      np.ravel(mask["block"]["kernel"]), np.arange(576) < 7)
+  np.testing.assert_array_equal(np.ravel(mask["block"]["kernel"]), np.arange(576) < 7)
   # Non-prunable leaves are all True.
   assert kept["stem/bias"] == 8 and kept["block/scale"] == 8
 
@@ -46,8 +45,8 @@ def test_uniform_ties_exact_per_layer_counts_and_partial_ties():
   params = _params()
   # Heavy ties: only 3 distinct values per layer.
   scores = jax.tree.map(
-      lambda p: jnp.asarray(np.arange(p.size).reshape(p.shape) % 3, jnp.float32),
-      params)
+    lambda p: jnp.asarray(np.arange(p.size).reshape(p.shape) % 3, jnp.float32), params
+  )
   mask = masks.topk_mask(scores, 0.7, budget=budgets.Uniform())
   kept = _kept(mask)
   assert kept["stem/kernel"] == round(0.3 * 216) == 65
@@ -71,12 +70,12 @@ def test_at_least_one_entry_per_pool_and_rounding():
 
 def test_traced_sparsity_under_jit_matches_python():
   params = _params()
-  scores = jax.tree.map(
-      lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
+  scores = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size), p.shape), params)
   for budget in (budgets.Global(), budgets.Uniform()):
     ref = masks.topk_mask(scores, 0.83, budget=budget)
     got = jax.jit(lambda s, sp: masks.topk_mask(s, sp, budget=budget))(  # noqa: B023
-        scores, jnp.float32(0.83))
+      scores, jnp.float32(0.83)
+    )
     assert _kept(got) == _kept(ref)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
       np.testing.assert_array_equal(a, b)
@@ -131,24 +130,27 @@ def test_erk_vs_er_on_conv_kernel_and_power_scale():
 
 def test_overrides_and_layer_sparsities():
   params = _params()
-  sp = masks.layer_sparsities(params, 0.9,
-                              budgets.Uniform().with_overrides({"a_head": 0.0}))
+  sp = masks.layer_sparsities(params, 0.9, budgets.Uniform().with_overrides({"a_head": 0.0}))
   assert sp == {"a_head/kernel": 0.0, "block/kernel": 0.9, "stem/kernel": 0.9}
   scores = jax.tree.map(jnp.ones_like, params)
-  mask = masks.topk_mask(scores, 0.9,
-                         budget=budgets.Global().with_overrides({"a_head": 0.0}))
+  mask = masks.topk_mask(scores, 0.9, budget=budgets.Global().with_overrides({"a_head": 0.0}))
   kept = _kept(mask)
   assert kept["a_head/kernel"] == 80
   assert kept["block/kernel"] + kept["stem/kernel"] == round(0.1 * (216 + 576))
   with pytest.raises(ValueError, match="'classifier' matches no prunable path"):
-    masks.topk_mask(scores, 0.9,
-                    budget=budgets.Global().with_overrides({"classifier": 0.0}))
+    masks.topk_mask(scores, 0.9, budget=budgets.Global().with_overrides({"classifier": 0.0}))
 
 
 def test_prunable_presets_follow_the_given_order():
   params = _params()  # keys sort as a_head, block, stem; forward is stem, block, a_head
-  order = ("stem/kernel", "stem/bias", "block/kernel", "block/scale",
-           "a_head/kernel", "a_head/bias")
+  order = (
+    "stem/kernel",
+    "stem/bias",
+    "block/kernel",
+    "block/scale",
+    "a_head/kernel",
+    "a_head/bias",
+  )
   ordered = lambda preset: dataclasses.replace(preset, order=order)
   default = masks.prunable_tree(params)
   assert default["stem"]["kernel"] and default["a_head"]["kernel"]
@@ -158,8 +160,9 @@ def test_prunable_presets_follow_the_given_order():
   last = masks.prunable_tree(params, ordered(masks.KEEP_CLASSIFIER_DENSE))
   assert last["stem"]["kernel"] and not last["a_head"]["kernel"]
   both = ordered(masks.KEEP_FIRST_AND_CLASSIFIER_DENSE)
-  assert [p for p, f in masks.named_leaves(masks.prunable_tree(params, both))
-          if f] == ["block/kernel"]
+  assert [p for p, f in masks.named_leaves(masks.prunable_tree(params, both)) if f] == [
+    "block/kernel"
+  ]
   # A mask built with the preset keeps the excluded layers dense.
   mask = masks.topk_mask(jax.tree.map(jnp.ones_like, params), 0.9, prunable=both)
   assert _kept(mask)["stem/kernel"] == 216 and _kept(mask)["block/kernel"] == 58
@@ -167,8 +170,10 @@ def test_prunable_presets_follow_the_given_order():
     masks.Prunable(exclude=("nope",))(params)
 
 
-@pytest.mark.parametrize("preset", [masks.KEEP_FIRST_DENSE, masks.KEEP_CLASSIFIER_DENSE,
-                                    masks.KEEP_FIRST_AND_CLASSIFIER_DENSE])
+@pytest.mark.parametrize(
+  "preset",
+  [masks.KEEP_FIRST_DENSE, masks.KEEP_CLASSIFIER_DENSE, masks.KEEP_FIRST_AND_CLASSIFIER_DENSE],
+)
 def test_first_and_last_presets_refuse_to_guess_the_order(preset):
   # Without an order the key order would decide: 'a_head' sorts first.
   params = _params()
@@ -181,10 +186,14 @@ def test_first_and_last_presets_refuse_to_guess_the_order(preset):
 
 
 def test_apply_summary_and_collapse():
-  params = {"a": {"kernel": jnp.arange(1.0, 7.0).reshape(2, 3)},
-            "b": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-  mask = {"a": {"kernel": jnp.array([[True, False, True], [False, False, True]])},
-          "b": {"kernel": jnp.zeros((3, 2), bool), "bias": jnp.ones(2, bool)}}
+  params = {
+    "a": {"kernel": jnp.arange(1.0, 7.0).reshape(2, 3)},
+    "b": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+  }
+  mask = {
+    "a": {"kernel": jnp.array([[True, False, True], [False, False, True]])},
+    "b": {"kernel": jnp.zeros((3, 2), bool), "bias": jnp.ones(2, bool)},
+  }
   out = masks.apply(params, mask)
   np.testing.assert_array_equal(out["a"]["kernel"], [[1, 0, 3], [0, 0, 6]])
   np.testing.assert_array_equal(out["b"]["bias"], [1, 1])
@@ -193,13 +202,11 @@ def test_apply_summary_and_collapse():
   assert s.sparsity == pytest.approx(0.75)
   assert s.collapsed == ("b/kernel",)
   assert "COLLAPSED" in str(s) and s.as_dict()["layers"]["a/kernel"]["kept"] == 3
-  np.testing.assert_array_equal(masks.from_params(out)["a"]["kernel"],
-                                mask["a"]["kernel"])
+  np.testing.assert_array_equal(masks.from_params(out)["a"]["kernel"], mask["a"]["kernel"])
 
 
 def test_works_on_nnx_state():
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.fc1 = nnx.Linear(6, 5, rngs=rngs)
       self.fc2 = nnx.Linear(5, 3, rngs=rngs)
@@ -208,8 +215,12 @@ def test_works_on_nnx_state():
   scores = jax.tree.map(jnp.abs, state)
   mask = masks.topk_mask(scores, 0.5, budget=budgets.Uniform())
   assert type(mask) is type(state)
-  assert _kept(mask) == {"fc1/bias": 5, "fc1/kernel": 15, "fc2/bias": 3,
-                         "fc2/kernel": round(0.5 * 15)}
+  assert _kept(mask) == {
+    "fc1/bias": 5,
+    "fc1/kernel": 15,
+    "fc2/bias": 3,
+    "fc2/kernel": round(0.5 * 15),
+  }
   masks.check_mask(mask, state)
   zeroed = masks.apply(state, mask)
   assert int(jnp.sum(zeroed["fc1"]["kernel"][...] != 0)) == 15
@@ -230,8 +241,7 @@ def test_mask_mismatch_errors_name_the_path():
   missing = {k: v for k, v in mask.items() if k != "block"}
   with pytest.raises(ValueError, match=r"paths only in params: \['block/kernel'"):
     masks.check_mask(missing, params)
-  wrong_shape = dict(mask, stem={"kernel": jnp.ones((3, 3, 3, 4), bool),
-                                 "bias": jnp.ones(8, bool)})
+  wrong_shape = dict(mask, stem={"kernel": jnp.ones((3, 3, 3, 4), bool), "bias": jnp.ones(8, bool)})
   with pytest.raises(ValueError, match=r"'stem/kernel' has shape \(3, 3, 3, 4\)"):
     masks.check_mask(wrong_shape, params)
   wrong_dtype = jax.tree.map(lambda m: m.astype(jnp.float32), mask)
@@ -257,8 +267,7 @@ def test_unknown_budget_and_traced_erk_errors():
   with pytest.raises(ValueError, match="budget must be a sparsejax.budgets.Budget"):
     masks.topk_mask({"w": jnp.ones((4, 4))}, 0.5, budget=0.5)
   with pytest.raises(ValueError, match="needs a Python float sparsity"):
-    jax.jit(lambda s: masks.topk_mask({"w": jnp.ones((4, 4))}, s,
-                                      budget=budgets.ERK()))(0.5)
+    jax.jit(lambda s: masks.topk_mask({"w": jnp.ones((4, 4))}, s, budget=budgets.ERK()))(0.5)
 
 
 def test_prunable_order_survives_sorted_params():
@@ -269,10 +278,10 @@ def test_prunable_order_survives_sorted_params():
   # A jitted init sorts the dict keys: 'BasicBlock_0' comes before the stem.
   params = jax.jit(lambda k: model.init(k, x))(jax.random.key(0))["params"]
   order = models.layer_order(model, x)
-  flags = masks.prunable_tree(params, masks.Prunable(
-      keep_first_dense=True, keep_last_dense=True, order=order))
-  off = [p for p, f in masks.named_leaves(flags)
-         if not f and p.endswith("kernel")]
+  flags = masks.prunable_tree(
+    params, masks.Prunable(keep_first_dense=True, keep_last_dense=True, order=order)
+  )
+  off = [p for p, f in masks.named_leaves(flags) if not f and p.endswith("kernel")]
   assert sorted(off) == ["Conv_0/kernel", "Dense_0/kernel"]
   with pytest.raises(ValueError, match="order names paths that are not in"):
     masks.prunable_tree(params, masks.Prunable(order=("nope/kernel",)))
@@ -298,7 +307,7 @@ def test_a_python_and_a_traced_sparsity_keep_the_same_count():
   # (1 - 0.73125) * 240 is exactly 64.5; float64 arithmetic says 64.50000000000001.
   assert masks.kept_count(240, 0.73125) == 64
   assert int(jax.jit(lambda s: masks.kept_count(240, s))(0.73125)) == 64
-  scores = {"w": jnp.arange(240.).reshape(12, 20)}
+  scores = {"w": jnp.arange(240.0).reshape(12, 20)}
   eager = masks.topk_mask(scores, 0.73125)
   traced = jax.jit(lambda s: masks.topk_mask(scores, s))(0.73125)
   assert int(eager["w"].sum()) == int(traced["w"].sum()) == 64
@@ -307,7 +316,8 @@ def test_a_python_and_a_traced_sparsity_keep_the_same_count():
   sparsities = rng.uniform(0, 0.999, 200).astype(np.float32)
   for n in (7, 240, 1001):
     assert [masks.kept_count(n, float(s)) for s in sparsities] == (
-        traced_count(n, sparsities).tolist())
+      traced_count(n, sparsities).tolist()
+    )
 
 
 def test_topk_mask_under_jit_with_constant_scores_and_a_traced_sparsity():
@@ -318,12 +328,14 @@ def test_topk_mask_under_jit_with_constant_scores_and_a_traced_sparsity():
 
 def test_apply_with_a_mask_of_another_structure_is_one_clear_error():
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
-  with pytest.raises(ValueError, match=r"mask does not match the structure of "
-                     r"params; paths only in params: \['dense/bias'\]"):
+  with pytest.raises(
+    ValueError,
+    match=r"mask does not match the structure of "
+    r"params; paths only in params: \['dense/bias'\]",
+  ):
     masks.apply(params, {"dense": {"kernel": jnp.ones((3, 2), bool)}})
   with pytest.raises(ValueError, match=r"mask leaf 'dense/kernel' has shape \(2, 3\)"):
-    masks.apply(params, {"dense": {"kernel": jnp.ones((2, 3), bool),
-                                   "bias": jnp.ones(2, bool)}})
+    masks.apply(params, {"dense": {"kernel": jnp.ones((2, 3), bool), "bias": jnp.ones(2, bool)}})
 
 
 # Issue #24: the radix select is a loop, exact in every float dtype.
@@ -370,7 +382,8 @@ def test_keep_top_in_segments_is_keep_top_on_each_segment():
     got = jax.jit(masks.keep_top_in_segments, static_argnums=2)(scores, k, sizes)
     start = 0
     for n, kj in zip(sizes, k):
-      np.testing.assert_array_equal(got[start:start + n],
-                                    masks.keep_top(scores[start:start + n], kj))
-      assert int(got[start:start + n].sum()) == kj
+      np.testing.assert_array_equal(
+        got[start : start + n], masks.keep_top(scores[start : start + n], kj)
+      )
+      assert int(got[start : start + n].sum()) == kj
       start += n

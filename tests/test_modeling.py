@@ -30,7 +30,9 @@ def test_scalar_names_come_from_the_fields(name):
   if tost.supports_ghost_skips(name):
     assert tost.ghost_model(name, 10).scalar_names == {"ghost_coef"}
     assert tost.ghost_model(name, 10, act=activations.blend()).scalar_names == {
-        "act_coef", "ghost_coef"}
+      "act_coef",
+      "ghost_coef",
+    }
 
 
 def test_an_unknown_scalar_is_an_error_naming_the_known_ones():
@@ -43,12 +45,17 @@ def test_an_unknown_scalar_is_an_error_naming_the_known_ones():
   with pytest.raises(ValueError, match="reads no scalar 'act_coeff'"):
     scores.linen_apply_fn(model, variables, scalars={"act_coeff": 1.0})
   with pytest.raises(ValueError, match="reads no scalar 'ghost_coef'"):
-    gradient_flow.masked_grad_norms(model, variables["params"], (X, jnp.zeros(2, jnp.int32)),
-                                    batch_stats=variables["batch_stats"],
-                                    scalars={"ghost_coef": 0.5})
+    gradient_flow.masked_grad_norms(
+      model,
+      variables["params"],
+      (X, jnp.zeros(2, jnp.int32)),
+      batch_stats=variables["batch_stats"],
+      scalars={"ghost_coef": 0.5},
+    )
   # model_scalars picks the model's own and leaves the others (a loss's) out
   assert modeling.model_scalars(model, {"act_coef": 1, "tost_label_smoothing": 2}) == {
-      "act_coef": 1}
+    "act_coef": 1
+  }
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -56,23 +63,28 @@ def test_apply_model_is_the_models_own_output(train):
   # The scalars collection is the model's input: apply_model with the fast
   # path gives the logits and statistics of the bare model.apply, the scalar
   # changes them, and an unfed scalar is the plain model (ReLU, γ = 1).
-  model = tost.ghost_model("resnet20", 10, stage_sizes=(1, 1), num_filters=4,
-                           act=activations.blend())
+  model = tost.ghost_model(
+    "resnet20", 10, stage_sizes=(1, 1), num_filters=4, act=activations.blend()
+  )
   variables = model.init(jax.random.key(0), X)
   feed = {"act_coef": jnp.float32(0.3), "ghost_coef": jnp.float32(0.5)}
   fn = jax.jit(lambda v, s: modeling.apply_model(model, v, X, train=train, scalars=s))
   logits, state = fn(variables, feed)
   mutable = ["batch_stats"] if train else False
-  ref = jax.jit(lambda v, s: model.apply({**v, "scalars": s}, X, train=train,
-                                         mutable=mutable))(variables, feed)
+  ref = jax.jit(lambda v, s: model.apply({**v, "scalars": s}, X, train=train, mutable=mutable))(
+    variables, feed
+  )
   ref_logits, ref_state = ref if train else (ref, variables["batch_stats"])
   rtol = 1e-5 if train else 0  # training: the GEMV batch norm on CPU
   np.testing.assert_allclose(logits, ref_logits, rtol=rtol, atol=1e-6 if train else 0)
   for a, b in zip(jax.tree.leaves(state["batch_stats"]), jax.tree.leaves(ref_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   plain, _ = fn(variables, {})
-  relu_full = jax.jit(lambda v: modeling.apply_model(
-      model, v, X, train=train, scalars={"act_coef": 0.0, "ghost_coef": 1.0}))(variables)[0]
+  relu_full = jax.jit(
+    lambda v: modeling.apply_model(
+      model, v, X, train=train, scalars={"act_coef": 0.0, "ghost_coef": 1.0}
+    )
+  )(variables)[0]
   np.testing.assert_allclose(plain, relu_full, rtol=1e-6, atol=1e-6)
   assert float(jnp.abs(plain - logits).max()) > 1e-4
 
@@ -89,7 +101,8 @@ def test_loss_and_logits_routes_the_models_scalars_and_gives_the_loss_all():
     return scalars["alpha"] * jnp.sum(logits, -1) + labels
 
   loss, (logits, state) = modeling.loss_and_logits(
-      model, params, {}, x, y, loss_fn, scalars={"act_coef": 0.25, "alpha": 2.0})
+    model, params, {}, x, y, loss_fn, scalars={"act_coef": 0.25, "alpha": 2.0}
+  )
   assert set(seen) == {"act_coef", "alpha"} and state == {}
   ref = model.apply({"params": params, "scalars": {"act_coef": 0.25}}, x)
   np.testing.assert_allclose(logits, ref, rtol=1e-6)
@@ -112,14 +125,15 @@ def test_only_modeling_applies_the_cpu_fast_path():
   # __init__ sets the XLA options, modeling applies the rest. Models, scores
   # and recipes never import them.
   cpu = {"sparsejax._xla_cpu", "sparsejax._conv_layout"}
-  users = {str(p.relative_to(REPO)) for p in (REPO / "sparsejax").rglob("*.py")
-           if _imports(p) & cpu}
-  assert users == {"sparsejax/__init__.py", "sparsejax/modeling.py",
-                   "sparsejax/_xla_cpu.py"}
+  users = {
+    str(p.relative_to(REPO)) for p in (REPO / "sparsejax").rglob("*.py") if _imports(p) & cpu
+  }
+  assert users == {"sparsejax/__init__.py", "sparsejax/modeling.py", "sparsejax/_xla_cpu.py"}
 
 
 def test_the_fast_path_is_installed_once_when_nested():
   from sparsejax import _xla_cpu  # pylint: disable=g-import-not-at-top
+
   model = _small()
   variables = model.init(jax.random.key(0), X)
 
@@ -129,6 +143,7 @@ def test_the_fast_path_is_installed_once_when_nested():
         with _xla_cpu.fast_path():
           return modeling.apply_model(model, v, X, train=False)[0]
       return modeling.apply_model(model, v, X, train=False)[0]
+
     return str(jax.make_jaxpr(f)(variables)).count("platform_index")
 
   assert conds(False) > 0 and conds(True) == conds(False)

@@ -21,50 +21,50 @@ CIFAR = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
 
 # Exact parameter counts ('params' collection) for num_classes=10 on 32x32x3.
 PARAM_COUNTS = {
-    # ResNet-20 = 270,256 conv weights
-    #   stem 3*3*3*16 = 432
-    #   stage 1: 6 convs 3*3*16*16 = 13,824
-    #   stage 2: 3*3*16*32 + 5 * 3*3*32*32 = 50,688, 1x1 shortcut 16*32 = 512
-    #   stage 3: 3*3*32*64 + 5 * 3*3*64*64 = 202,752, 1x1 shortcut 32*64 = 2,048
-    # + 1,568 BatchNorm scales and biases (2 * 784 channels: 16 stem, 6 * 16,
-    #   6 * 32 + 32 shortcut, 6 * 64 + 64 shortcut)
-    # + 650 classifier (64 * 10 + 10).
-    "resnet20": 272_474,
-    "resnet32": 466_906,
-    "resnet56": 855_770,
-    "resnet18": 11_173_962,
-    # The next three equal the counts of independent PyTorch builds of the
-    # same architectures (torch.nn parameters(), BatchNorm affine included):
-    # CIFAR ResNet-50 with bottlenecks [3, 4, 6, 3] and 1x1 projection
-    # shortcuts; WRN-22-2 and WRN-28-10 with 1x1 conv shortcuts, no bias.
-    "resnet50": 23_520_842,
-    "wrn22_2": 1_079_642,
-    "wrn28_10": 36_479_194,
-    "vgg11": 9_228_362,
-    # VGG-16: 14,710,464 conv weights + 8,448 BN params + 5,130 classifier.
-    "vgg16": 14_724_042,
-    "vgg19": 20_035_018,
-    "mobilenetv2": 2_296_922,
-    # LeNet-5 on 32x32x3: 456 + 2,416 conv, 1024*120+120, 120*84+84, 84*10+10.
-    "lenet5": 136_886,
-    # MLP on 3072 inputs: 3072*300+300, 300*100+100, 100*10+10.
-    "mlp": 953_010,
+  # ResNet-20 = 270,256 conv weights
+  #   stem 3*3*3*16 = 432
+  #   stage 1: 6 convs 3*3*16*16 = 13,824
+  #   stage 2: 3*3*16*32 + 5 * 3*3*32*32 = 50,688, 1x1 shortcut 16*32 = 512
+  #   stage 3: 3*3*32*64 + 5 * 3*3*64*64 = 202,752, 1x1 shortcut 32*64 = 2,048
+  # + 1,568 BatchNorm scales and biases (2 * 784 channels: 16 stem, 6 * 16,
+  #   6 * 32 + 32 shortcut, 6 * 64 + 64 shortcut)
+  # + 650 classifier (64 * 10 + 10).
+  "resnet20": 272_474,
+  "resnet32": 466_906,
+  "resnet56": 855_770,
+  "resnet18": 11_173_962,
+  # The next three equal the counts of independent PyTorch builds of the
+  # same architectures (torch.nn parameters(), BatchNorm affine included):
+  # CIFAR ResNet-50 with bottlenecks [3, 4, 6, 3] and 1x1 projection
+  # shortcuts; WRN-22-2 and WRN-28-10 with 1x1 conv shortcuts, no bias.
+  "resnet50": 23_520_842,
+  "wrn22_2": 1_079_642,
+  "wrn28_10": 36_479_194,
+  "vgg11": 9_228_362,
+  # VGG-16: 14,710,464 conv weights + 8,448 BN params + 5,130 classifier.
+  "vgg16": 14_724_042,
+  "vgg19": 20_035_018,
+  "mobilenetv2": 2_296_922,
+  # LeNet-5 on 32x32x3: 456 + 2,416 conv, 1024*120+120, 120*84+84, 84*10+10.
+  "lenet5": 136_886,
+  # MLP on 3072 inputs: 3072*300+300, 300*100+100, 100*10+10.
+  "mlp": 953_010,
 }
 # Activations applied per forward pass (each must receive act_coef).
 ACT_CALLS = {
-    "resnet20": 1 + 2 * 9,
-    "resnet32": 1 + 2 * 15,
-    "resnet56": 1 + 2 * 27,
-    "resnet18": 1 + 2 * 8,
-    "resnet50": 1 + 3 * 16,
-    "wrn22_2": 2 * 9 + 1,
-    "wrn28_10": 2 * 12 + 1,
-    "vgg11": 8,
-    "vgg16": 13,
-    "vgg19": 16,
-    "mobilenetv2": 1 + 2 * 17 + 1,
-    "lenet5": 4,
-    "mlp": 2,
+  "resnet20": 1 + 2 * 9,
+  "resnet32": 1 + 2 * 15,
+  "resnet56": 1 + 2 * 27,
+  "resnet18": 1 + 2 * 8,
+  "resnet50": 1 + 3 * 16,
+  "wrn22_2": 2 * 9 + 1,
+  "wrn28_10": 2 * 12 + 1,
+  "vgg11": 8,
+  "vgg16": 13,
+  "vgg19": 16,
+  "mobilenetv2": 1 + 2 * 17 + 1,
+  "lenet5": 4,
+  "mlp": 2,
 }
 
 
@@ -133,11 +133,9 @@ def test_variable_collections(name):
     params = flax.traverse_util.flatten_dict(variables["params"])
     assert {path[-1] for path in stats} == {"mean", "var"}
     # One (mean, var) per BatchNorm (scale, bias), with matching shapes.
-    assert {path[:-1] for path in stats} == {
-        path[:-1] for path in params if path[-1] == "scale"
-    }
+    assert {path[:-1] for path in stats} == {path[:-1] for path in params if path[-1] == "scale"}
     assert count(variables["batch_stats"]) == sum(
-        2 * math.prod(v.shape) for p, v in params.items() if p[-1] == "scale"
+      2 * math.prod(v.shape) for p, v in params.items() if p[-1] == "scale"
     )
 
 
@@ -147,9 +145,7 @@ def test_param_count(name):
 
 
 def test_resnet20_param_breakdown():
-  params = flax.traverse_util.flatten_dict(
-      abstract_init(models.get("resnet20", 10))["params"]
-  )
+  params = flax.traverse_util.flatten_dict(abstract_init(models.get("resnet20", 10))["params"])
   by_kind = {}
   for path, leaf in params.items():
     by_kind[path[-1]] = by_kind.get(path[-1], 0) + math.prod(leaf.shape)
@@ -173,12 +169,12 @@ def test_wide_resnet_depth_and_dropout():
   model = models.get("wrn22_2", 10, depth=10, widen=1, dropout=0.3)
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   variables = model.init(jax.random.key(1), x)
-  run = lambda key: model.apply(variables, x, train=True, mutable=["batch_stats"],
-                                rngs={"dropout": key})[0]
+  run = lambda key: model.apply(
+    variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+  )[0]
   a, b = run(jax.random.key(2)), run(jax.random.key(3))
   assert a.shape == (4, 10) and not np.allclose(a, b)  # dropout is live
-  np.testing.assert_array_equal(model.apply(variables, x),
-                                model.apply(variables, x))  # eval: none
+  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # eval: none
 
 
 def test_resnet32_width2_has_4x_params():
@@ -187,9 +183,7 @@ def test_resnet32_width2_has_4x_params():
   assert 3.9 < wide / PARAM_COUNTS["resnet32"] < 4.0
 
 
-@pytest.mark.parametrize(
-    "shape", [(2, 28, 28, 1), (2, 32, 32, 3), (2, 8, 8, 1)], ids=str
-)
+@pytest.mark.parametrize("shape", [(2, 28, 28, 1), (2, 32, 32, 3), (2, 8, 8, 1)], ids=str)
 @pytest.mark.parametrize("name", ["lenet5", "mlp"])
 def test_small_models_input_sizes(name, shape):
   model = models.get(name, 10)
@@ -209,19 +203,19 @@ def test_mlp_hidden():
 # Parameter order: first kernel is the first layer, last one the classifier.
 
 FIRST_KERNEL = {
-    "resnet20": (3, 3, 3, 16),
-    "resnet32": (3, 3, 3, 16),
-    "resnet56": (3, 3, 3, 16),
-    "resnet18": (3, 3, 3, 64),
-    "resnet50": (3, 3, 3, 64),
-    "wrn22_2": (3, 3, 3, 16),
-    "wrn28_10": (3, 3, 3, 16),
-    "vgg11": (3, 3, 3, 64),
-    "vgg16": (3, 3, 3, 64),
-    "vgg19": (3, 3, 3, 64),
-    "mobilenetv2": (3, 3, 3, 32),
-    "lenet5": (5, 5, 3, 6),
-    "mlp": (3072, 300),
+  "resnet20": (3, 3, 3, 16),
+  "resnet32": (3, 3, 3, 16),
+  "resnet56": (3, 3, 3, 16),
+  "resnet18": (3, 3, 3, 64),
+  "resnet50": (3, 3, 3, 64),
+  "wrn22_2": (3, 3, 3, 16),
+  "wrn28_10": (3, 3, 3, 16),
+  "vgg11": (3, 3, 3, 64),
+  "vgg16": (3, 3, 3, 64),
+  "vgg19": (3, 3, 3, 64),
+  "mobilenetv2": (3, 3, 3, 32),
+  "lenet5": (5, 5, 3, 6),
+  "mlp": (3072, 300),
 }
 CLASSIFIER_IN = {
     "resnet18": 512, "resnet50": 2048, "wrn22_2": 128, "wrn28_10": 640,
@@ -233,9 +227,9 @@ CLASSIFIER_IN = {
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_creation_order_first_and_last_kernel(name):
   kernels = [
-      (path, s.shape)
-      for path, s in models.params_in_creation_order(models.get(name, 100), CIFAR)
-      if s.ndim > 1
+    (path, s.shape)
+    for path, s in models.params_in_creation_order(models.get(name, 100), CIFAR)
+    if s.ndim > 1
   ]
   (first_path, first_shape), (last_path, last_shape) = kernels[0], kernels[-1]
   assert len(first_path) == 2 and first_shape == FIRST_KERNEL[name]
@@ -262,7 +256,7 @@ def test_eager_init_order_and_initialisation(resnet20_variables):
   assert kernels[0] == (("Conv_0", "kernel"), FIRST_KERNEL["resnet20"])
   assert kernels[-1] == (("Dense_0", "kernel"), (64, 10))
   assert [p for p, _ in kernels] == [
-      p for p, s in models.params_in_creation_order(model, x) if s.ndim > 1
+    p for p, s in models.params_in_creation_order(model, x) if s.ndim > 1
   ]
 
   # He normal kernels N(0, 2 / fan_in), zero biases, unit BN scales.
@@ -307,13 +301,13 @@ def test_batchnorm_train_updates_stats_eval_is_immutable(resnet20_variables):
       dimension_numbers=("NHWC", "HWIO", "NHWC"),
   )  # fmt: skip
   np.testing.assert_allclose(
-      updates["batch_stats"]["BatchNorm_0"]["mean"],
-      0.1 * stem_out.mean(axis=(0, 1, 2)),
-      rtol=1e-4,
-      atol=1e-6,
+    updates["batch_stats"]["BatchNorm_0"]["mean"],
+    0.1 * stem_out.mean(axis=(0, 1, 2)),
+    rtol=1e-4,
+    atol=1e-6,
   )
   changed = jax.tree.map(
-      lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
+    lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"]
   )
   assert all(jax.tree.leaves(changed))
   # Train mode uses batch statistics, eval mode the (initial) running ones.
@@ -344,7 +338,7 @@ def test_activation_functions():
   np.testing.assert_allclose(act(x, 0.0), jax.nn.relu(x))
   np.testing.assert_allclose(act(x, 1.0), jax.nn.swish(x), rtol=1e-6)
   np.testing.assert_allclose(
-      act(x, jnp.float32(0.25)), 0.75 * jax.nn.relu(x) + 0.25 * jax.nn.swish(x), rtol=1e-6
+    act(x, jnp.float32(0.25)), 0.75 * jax.nn.relu(x) + 0.25 * jax.nn.swish(x), rtol=1e-6
   )
   identity_to_square = activations.blend(lambda v: v, jnp.square)
   np.testing.assert_allclose(identity_to_square(x, 0.5), 0.5 * x + 0.5 * x**2, rtol=1e-6)
@@ -365,9 +359,10 @@ def test_act_receives_act_coef_everywhere(name):
   variables = abstract_init(model)
   seen.clear()
   jax.eval_shape(
-      lambda v, x, c: modeling.apply_model(model, v, x, train=False,
-                                           scalars={"act_coef": c})[0],
-      variables, CIFAR, coef
+    lambda v, x, c: modeling.apply_model(model, v, x, train=False, scalars={"act_coef": c})[0],
+    variables,
+    CIFAR,
+    coef,
   )
   assert len(seen) == ACT_CALLS[name]
   assert all(isinstance(c, jax.core.Tracer) for c in seen)

@@ -32,11 +32,26 @@ def _run_group(num_processes: int, devices: int, workdir, out, timeout=420):
   port = _free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = str(REPO)
-  procs = [subprocess.Popen(
-      [sys.executable, str(SCRIPT), str(i), str(num_processes), str(port),
-       str(devices), str(workdir), str(out)],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(num_processes)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(SCRIPT),
+        str(i),
+        str(num_processes),
+        str(port),
+        str(devices),
+        str(workdir),
+        str(out),
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(num_processes)
+  ]
   logs = []
   try:
     for p in procs:
@@ -78,11 +93,17 @@ def test_interleaved_mesh_two_processes(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = str(REPO)
   out = tmp_path / "report.json"
-  procs = [subprocess.Popen(
-      [sys.executable, str(PLACEMENT), str(i), "2", str(port),
-       str(tmp_path / "shared"), str(out)],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(PLACEMENT), str(i), "2", str(port), str(tmp_path / "shared"), str(out)],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
   logs = []
   try:
     for p in procs:

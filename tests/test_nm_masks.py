@@ -30,8 +30,8 @@ def _normal(seed, shape):
 
 def _params():
   return {
-      "conv": {"kernel": _normal(1, (3, 3, 8, 12))},
-      "dense": {"kernel": _normal(2, (24, 10)), "bias": _normal(3, (10,))},
+    "conv": {"kernel": _normal(1, (3, 3, 8, 12))},
+    "dense": {"kernel": _normal(2, (24, 10)), "bias": _normal(3, (10,))},
   }
 
 
@@ -62,12 +62,13 @@ def test_exact_count_in_every_group_and_matches_reference(budget):
   nm.check_nm(mask, budget)
   for path in ("conv", "dense"):
     counts = nm.group_counts(mask[path]["kernel"], m)
-    assert counts.shape == (*mask[path]["kernel"].shape[:-2],
-                            mask[path]["kernel"].shape[-1],
-                            mask[path]["kernel"].shape[-2] // m)
+    assert counts.shape == (
+      *mask[path]["kernel"].shape[:-2],
+      mask[path]["kernel"].shape[-1],
+      mask[path]["kernel"].shape[-2] // m,
+    )
     assert np.all(np.asarray(counts) == n)
-    np.testing.assert_array_equal(mask[path]["kernel"],
-                                  _reference_nm(sc[path]["kernel"], n, m))
+    np.testing.assert_array_equal(mask[path]["kernel"], _reference_nm(sc[path]["kernel"], n, m))
   assert bool(mask["dense"]["bias"].all())  # not prunable
   s = masks.summary(mask)
   assert s.sparsity == pytest.approx(1 - n / m)
@@ -79,8 +80,7 @@ def test_groups_run_along_the_input_dimension_and_ties_go_to_lower_index():
   np.testing.assert_array_equal(mask, expected)
   # NaN ranks lowest; -0.0 ties with 0.0.
   w = jnp.array([[jnp.nan], [0.0], [-0.0], [-1.0]])
-  np.testing.assert_array_equal(nm.nm_keep(w, 2, 4).ravel(),
-                                [False, True, True, False])
+  np.testing.assert_array_equal(nm.nm_keep(w, 2, 4).ravel(), [False, True, True, False])
 
 
 def test_traced_n_and_within_under_jit():
@@ -91,8 +91,7 @@ def test_traced_n_and_within_under_jit():
   within = nm.nm_keep(s, 1, 4)  # one available per group
   got = nm.nm_keep(s, 2, 4, within)  # keeps min(2, 1)
   np.testing.assert_array_equal(got, within)
-  mask = masks.topk_mask({"w": s}, budget=TWO_FOUR,
-                         within={"w": nm.nm_keep(-s, 3, 4)})
+  mask = masks.topk_mask({"w": s}, budget=TWO_FOUR, within={"w": nm.nm_keep(-s, 3, 4)})
   assert not bool(jnp.any(mask["w"] & ~nm.nm_keep(-s, 3, 4)))
   assert np.all(np.asarray(nm.group_counts(mask["w"], 4)) == 2)
 
@@ -125,8 +124,10 @@ def test_errors_are_clear():
 
 
 def test_overrides_prune_a_layer_on_its_own_and_lift_the_divisibility_need():
-  params = {"stem": {"kernel": jnp.arange(3 * 3 * 3 * 8.).reshape(3, 3, 3, 8)},
-            "body": {"kernel": jnp.arange(3 * 3 * 8 * 8.).reshape(3, 3, 8, 8)}}
+  params = {
+    "stem": {"kernel": jnp.arange(3 * 3 * 3 * 8.0).reshape(3, 3, 3, 8)},
+    "body": {"kernel": jnp.arange(3 * 3 * 8 * 8.0).reshape(3, 3, 8, 8)},
+  }
   mask = masks.topk_mask(params, budget=TWO_FOUR.with_overrides({"stem": 0.0}))
   assert bool(mask["stem"]["kernel"].all())
   nm.check_nm({"body": mask["body"]}, TWO_FOUR)
@@ -146,37 +147,44 @@ def _mlp():
     del train
     h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["l1"]["kernel"])
     return h @ p["l2"]["kernel"]
-  params = {"l1": {"kernel": _normal(5, (16, 8))},
-            "l2": {"kernel": _normal(6, (8, 4))}}
+
+  params = {"l1": {"kernel": _normal(5, (16, 8))}, "l2": {"kernel": _normal(6, (8, 4))}}
   return params, apply_fn
 
 
-@pytest.mark.parametrize("method,kw", [
+@pytest.mark.parametrize(
+  "method,kw",
+  [
     ("random", {"key": jax.random.key(0)}),
     ("magnitude", {}),
     ("iterative_magnitude", {"rounds": 6}),
     ("snip", {"batches": (jnp.ones((4, 16)), jnp.array([0, 1, 2, 3]))}),
     ("synflow", {"input_shape": (16,), "rounds": 6}),
-])
+  ],
+)
 def test_every_pruning_method_targets_nm(method, kw):
   params, apply_fn = _mlp()
   one_four = budgets.NM(1, 4)
-  mask = scores.prune_at_init(method, params, budget=one_four,
-                              apply_fn=apply_fn, **kw)
+  mask = scores.prune_at_init(method, params, budget=one_four, apply_fn=apply_fn, **kw)
   nm.check_nm(mask, one_four)
   # A sparsity that agrees with the budget's is the same mask.
-  assert_trees_equal(mask, scores.prune_at_init(
-      method, params, sparsity=0.75, budget=one_four, apply_fn=apply_fn, **kw))
+  assert_trees_equal(
+    mask,
+    scores.prune_at_init(method, params, sparsity=0.75, budget=one_four, apply_fn=apply_fn, **kw),
+  )
 
 
 def test_rigl_keeps_nm_through_updates():
   # (SET shares the rule; its random growth is one more growth score, covered
   # by test_drop_and_grow_nm_keeps_every_group_count_for_any_mask.)
-  params = {"conv": {"kernel": _normal(7, (1, 2, 8, 4))},
-            "dense": {"kernel": _normal(8, (8, 3)), "bias": jnp.zeros(3)}}
+  params = {
+    "conv": {"kernel": _normal(7, (1, 2, 8, 4))},
+    "dense": {"kernel": _normal(8, (8, 3)), "bias": jnp.zeros(3)},
+  }
   mask = masks.topk_mask(jax.tree.map(jnp.abs, params), budget=TWO_FOUR)
-  tx = dst.rigl_optimizer(optax.sgd(0.1), mask, drop_fraction=0.5, update_every=1,
-                          start_step=0, nm=TWO_FOUR, end_step=100)
+  tx = dst.rigl_optimizer(
+    optax.sgd(0.1), mask, drop_fraction=0.5, update_every=1, start_step=0, nm=TWO_FOUR, end_step=100
+  )
   state = tx.init(masks.apply(params, mask))
   p = masks.apply(params, mask)
   update = jax.jit(tx.update)
@@ -201,16 +209,28 @@ def test_drop_and_grow_nm_keeps_every_group_count_for_any_mask():
   w = _normal(6, (16, 6)) * mask
   g = _normal(7, (16, 6))
   new, grown = jax.jit(dst.drop_and_grow_nm, static_argnums=4)(mask, w, g, 0.5, 8)
-  np.testing.assert_array_equal(nm.group_counts(new, 8),
-                                nm.group_counts(mask, 8))
+  np.testing.assert_array_equal(nm.group_counts(new, 8), nm.group_counts(mask, 8))
   assert not bool(jnp.any(grown & mask))
 
 
 def test_masks_and_nm_import_no_circle_and_masks_reexports_no_nm_name():
   import sparsejax
-  for name in ["nm", "parse_nm", "nm_sparsity", "check_nm", "nm_groups", "nm_ungroup",
-               "group_counts", "keep_top_in_groups", "nm_keep", "_check_nm_sparsity",
-               "_nm_topk_mask", "check_budget", "BUDGETS"]:
+
+  for name in [
+    "nm",
+    "parse_nm",
+    "nm_sparsity",
+    "check_nm",
+    "nm_groups",
+    "nm_ungroup",
+    "group_counts",
+    "keep_top_in_groups",
+    "nm_keep",
+    "_check_nm_sparsity",
+    "_nm_topk_mask",
+    "check_budget",
+    "BUDGETS",
+  ]:
     assert not hasattr(masks, name), name
   for name in ["nm", "parse_nm", "nm_sparsity", "_nm_topk_mask", "_check_nm_sparsity"]:
     assert not hasattr(nm, name), name

@@ -37,10 +37,21 @@ def test_first_code_cell_installs_in_colab_only():
 
 
 def test_every_method_has_a_section():
-  headings = [src.splitlines()[0] for kind, src in _cells(NOTEBOOKS / "tour.ipynb")
-              if kind == "markdown" and src.startswith("## ")]
-  expected = ["optax loop", "Pruning at initialisation", "lottery ticket", "SET and RigL",
-              "ToST", "Gradient flow", "Sup-tickets", "CIFAR-10"]
+  headings = [
+    src.splitlines()[0]
+    for kind, src in _cells(NOTEBOOKS / "tour.ipynb")
+    if kind == "markdown" and src.startswith("## ")
+  ]
+  expected = [
+    "optax loop",
+    "Pruning at initialisation",
+    "lottery ticket",
+    "SET and RigL",
+    "ToST",
+    "Gradient flow",
+    "Sup-tickets",
+    "CIFAR-10",
+  ]
   assert len(headings) == len(expected)
   for heading, word in zip(headings, expected):
     assert word in heading, (heading, word)

@@ -13,20 +13,21 @@ from sparsejax import masks
 from sparsejax import optim
 
 OPTIMIZERS = {
-    "sgd": lambda: optax.sgd(0.3),
-    "momentum": lambda: optax.sgd(0.05, momentum=0.9),
-    "nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
-    "adam": lambda: optax.adam(1e-2),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
-    "chain_wd_sgd": lambda: optax.chain(optax.add_decayed_weights(5e-4),
-                                        optax.sgd(0.05, momentum=0.9)),
-    "inject_hyperparams": lambda: optax.inject_hyperparams(optax.sgd)(
-        learning_rate=0.05, momentum=0.9),
+  "sgd": lambda: optax.sgd(0.3),
+  "momentum": lambda: optax.sgd(0.05, momentum=0.9),
+  "nesterov": lambda: optax.sgd(0.05, momentum=0.9, nesterov=True),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+  "chain_wd_sgd": lambda: optax.chain(
+    optax.add_decayed_weights(5e-4), optax.sgd(0.05, momentum=0.9)
+  ),
+  "inject_hyperparams": lambda: optax.inject_hyperparams(optax.sgd)(
+    learning_rate=0.05, momentum=0.9
+  ),
 }
 
 
 class _MLP(nn.Module):
-
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Dense(16)(x))
@@ -48,14 +49,17 @@ def _problem():
 
 
 def _random_mask(params, sparsity=0.7, seed=1):
-  scores = jax.tree.map(
-      lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
+  scores = jax.tree.map(lambda p: jax.random.normal(jax.random.key(seed), p.shape), params)
   return masks.topk_mask(scores, sparsity, budget=budgets.Uniform())
 
 
 def _pruned_values(params, mask):
-  return np.concatenate([np.asarray(p)[~np.asarray(m)].ravel()
-                         for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))])
+  return np.concatenate(
+    [
+      np.asarray(p)[~np.asarray(m)].ravel()
+      for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask))
+    ]
+  )
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
@@ -88,7 +92,6 @@ def test_pruned_entries_exactly_zero_after_100_steps(name):
 
 def test_plain_dict_and_nnx_state_params():
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.fc1 = nnx.Linear(4, 6, rngs=rngs)
       self.fc2 = nnx.Linear(6, 2, rngs=rngs)
@@ -123,8 +126,7 @@ def test_plain_dict_and_nnx_state_params():
 def test_reset_moments_zeroes_only_given_positions():
   params, loss_fn = _problem()
   mask = masks.ones_like(params)
-  tx = optax.chain(optax.add_decayed_weights(1e-4),
-                   optim.sparse(optax.adam(1e-2), mask))
+  tx = optax.chain(optax.add_decayed_weights(1e-4), optim.sparse(optax.adam(1e-2), mask))
   opt_state = tx.init(params)
   for _ in range(3):
     updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
@@ -134,9 +136,11 @@ def test_reset_moments_zeroes_only_given_positions():
   adam_old = optim._masked_states(opt_state)[0].inner_state[0]
   adam_new = optim._masked_states(new_state)[0].inner_state[0]
   for moment in ("mu", "nu"):
-    for old, new, pos in zip(jax.tree.leaves(getattr(adam_old, moment)),
-                             jax.tree.leaves(getattr(adam_new, moment)),
-                             jax.tree.leaves(positions)):
+    for old, new, pos in zip(
+      jax.tree.leaves(getattr(adam_old, moment)),
+      jax.tree.leaves(getattr(adam_new, moment)),
+      jax.tree.leaves(positions),
+    ):
       old, new, pos = map(np.asarray, (old, new, pos))
       assert np.all(new[pos] == 0.0)
       np.testing.assert_array_equal(new[~pos], old[~pos])
@@ -148,8 +152,7 @@ def test_reset_moments_zeroes_only_given_positions():
 
 def test_reset_moments_momentum_trace_and_inject_hyperparams():
   params, loss_fn = _problem()
-  tx = optim.sparse(optax.inject_hyperparams(optax.sgd)(0.1, momentum=0.9),
-                    masks.ones_like(params))
+  tx = optim.sparse(optax.inject_hyperparams(optax.sgd)(0.1, momentum=0.9), masks.ones_like(params))
   opt_state = tx.init(params)
   updates, opt_state = tx.update(jax.grad(loss_fn)(params), opt_state, params)
   everything = jax.tree.map(lambda p: jnp.ones(p.shape, bool), params)
@@ -169,15 +172,14 @@ def test_changing_the_mask_never_retraces():
   @jax.jit
   def step(params, opt_state, new_mask, swap):
     traces.append(1)
-    opt_state = jax.lax.cond(swap, lambda s: optim.set_mask(s, new_mask),
-                             lambda s: s, opt_state)
+    opt_state = jax.lax.cond(swap, lambda s: optim.set_mask(s, new_mask), lambda s: s, opt_state)
     grads = jax.grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
   mask_b = _random_mask(params, 0.8, 2)
   params, opt_state = step(params, opt_state, mask_b, False)
-  params, opt_state = step(params, opt_state, mask_b, True)   # swap in-step
+  params, opt_state = step(params, opt_state, mask_b, True)  # swap in-step
   assert np.all(_pruned_values(params, mask_b) == 0.0)
   opt_state = optim.set_mask(opt_state, _random_mask(params, 0.9, 3))  # outside
   params, opt_state = step(params, opt_state, mask_b, False)

@@ -17,7 +17,6 @@ import sparsejax as sj
 
 
 class _FakeDevice:
-
   def __init__(self, process_index: int, local: int):
     self.process_index, self.local = process_index, local
 
@@ -33,18 +32,17 @@ def test_choose_devices_takes_the_same_number_from_each_process():
   # devices[:2] would also hold one per process here; a host-major order
   # shows the difference: the first two would both be process 0's.
   host_major = [_FakeDevice(p, d) for p in range(2) for d in range(4)]
-  assert [repr(d) for d in sj.mesh.choose_devices(host_major, 2)] == [
-      "p0d0", "p1d0"]
+  assert [repr(d) for d in sj.mesh.choose_devices(host_major, 2)] == ["p0d0", "p1d0"]
   assert len(sj.mesh.choose_devices(host_major, 8)) == 8
   for n in (3, 5):
-    with pytest.raises(ValueError, match=f"num_devices={n} cannot be split "
-                       "evenly over the 2 processes"):
+    with pytest.raises(
+      ValueError, match=f"num_devices={n} cannot be split evenly over the 2 processes"
+    ):
       sj.mesh.choose_devices(host_major, n)
   uneven = host_major[:5]  # process 1 has 1 device
   with pytest.raises(ValueError, match="at most 1 device"):
     sj.mesh.choose_devices(uneven, 4)
-  assert [repr(d) for d in sj.mesh.choose_devices(uneven, 2)] == [
-      "p0d0", "p1d0"]
+  assert [repr(d) for d in sj.mesh.choose_devices(uneven, 2)] == ["p0d0", "p1d0"]
   assert sj.mesh.choose_devices(uneven, 5) == uneven  # all: every process in
   one = [_FakeDevice(0, d) for d in range(4)]
   assert sj.mesh.choose_devices(one, 3) == one[:3]
@@ -78,18 +76,24 @@ def test_fit_writes_a_gs_workdir(tmp_path, monkeypatch):
   ds = sj.data.load("digits")
   model = sj.models.get("mlp", 10)
   init = lambda: sj.state.create_train_state(
-      model, sj.schedules.make_optimizer(0.1, momentum=0.0),
-      jax.numpy.zeros((1, 8, 8, 1)), jax.random.key(0))
+    model,
+    sj.schedules.make_optimizer(0.1, momentum=0.0),
+    jax.numpy.zeros((1, 8, 8, 1)),
+    jax.random.key(0),
+  )
   options = sj.train.FitOptions(progress_bar=False, tensorboard=False)
   with fake_gcs(bucket):
-    result = sj.train.fit(model, ds, "gs://fake-bucket/fit", init=init,
-                          num_epochs=1, batch_size=64, options=options)
-    again = sj.train.fit(model, ds, "gs://fake-bucket/fit", init=init,
-                         num_epochs=1, batch_size=64, options=options)
+    result = sj.train.fit(
+      model, ds, "gs://fake-bucket/fit", init=init, num_epochs=1, batch_size=64, options=options
+    )
+    again = sj.train.fit(
+      model, ds, "gs://fake-bucket/fit", init=init, num_epochs=1, batch_size=64, options=options
+    )
   assert len(result.history) == 1 and again.resumed_from == result.history[0]["step"]
   fit_files = _files(bucket / "fake-bucket" / "fit")
   assert "metrics.jsonl" in fit_files
-  assert any(f.startswith("checkpoints/") and f.endswith("commit_success.txt")
-             for f in fit_files), fit_files
+  assert any(
+    f.startswith("checkpoints/") and f.endswith("commit_success.txt") for f in fit_files
+  ), fit_files
   assert list(cwd.iterdir()) == []
   assert not list(tmp_path.glob("**/gs:*"))

@@ -36,13 +36,24 @@ def test_train_runner_writes_a_gs_workdir(tmp_path, monkeypatch):
   ds = sj.data.load("digits")
   with fake_gcs(bucket):
     cfg = digits.get_config()
-    cfg.update(pruner="magnitude", sparsity=0.5, model=dict(name="mlp"),
-               train=dict(num_epochs=1, progress_bar=False, tensorboard=False))
+    cfg.update(
+      pruner="magnitude",
+      sparsity=0.5,
+      model=dict(name="mlp"),
+      train=dict(num_epochs=1, progress_bar=False, tensorboard=False),
+    )
     exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
     rerun = exp_train.run(cfg, "gs://fake-bucket/train", dataset=ds)
   run_dir = bucket / "fake-bucket" / "train"
-  for name in ("run.json", "config.json", "results.json", "metrics.jsonl",
-               "pruning.json", "pruning.txt", "checkpoints"):
+  for name in (
+    "run.json",
+    "config.json",
+    "results.json",
+    "metrics.jsonl",
+    "pruning.json",
+    "pruning.txt",
+    "checkpoints",
+  ):
     assert (run_dir / name).exists(), name
   results = json.loads((run_dir / "results.json").read_text())
   assert results["epochs"] == 1
@@ -52,15 +63,27 @@ def test_train_runner_writes_a_gs_workdir(tmp_path, monkeypatch):
 
 
 def test_distributed_without_a_cluster_is_one_error_line(tmp_path):
-  env = {k: v for k, v in os.environ.items()
-         if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_",
-                              "TPU_", "MEGASCALE"))}
+  env = {
+    k: v
+    for k, v in os.environ.items()
+    if not k.startswith(("JAX_COORDINATOR", "SLURM_", "OMPI_", "TPU_", "MEGASCALE"))
+  }
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.train",
-       "--config=experiments/configs/digits.py", "--config.train.distributed=true",
-       f"--workdir={tmp_path / 'run'}"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    [
+      sys.executable,
+      "-m",
+      "experiments.train",
+      "--config=experiments/configs/digits.py",
+      "--config.train.distributed=true",
+      f"--workdir={tmp_path / 'run'}",
+    ],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 1, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]

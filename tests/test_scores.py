@@ -1,6 +1,5 @@
 """Pruning-at-initialisation scores against hand-computed values (SPEC §2)."""
 
-
 import os
 
 import flax.linen as nn
@@ -59,8 +58,9 @@ def test_snip_matches_analytic_gradient_times_weight():
   w = {k: params[k] * mask[k] for k in params}
   g = _np_sum_grad(w, xs, ys)
   expected = {k: np.abs(g[k] * w[k]) for k in w}
-  got = scores.snip(_to_jax(params), _to_jax(mask), _linear_apply,
-                    (jnp.asarray(xs), jnp.asarray(ys)))
+  got = scores.snip(
+    _to_jax(params), _to_jax(mask), _linear_apply, (jnp.asarray(xs), jnp.asarray(ys))
+  )
   for k in w:
     np.testing.assert_allclose(got[k], expected[k], rtol=1e-4, atol=1e-7)
   assert np.all(np.asarray(got["w1"])[~mask["w1"]] == 0)
@@ -97,11 +97,13 @@ def test_grasp_matches_finite_difference_hvp_of_analytic_gradient(nb):
   paper_s = {k: -w[k] * hg[k] for k in w}  # S = -θ ⊙ Hg, remove the largest
 
   with jax.enable_x64(True):
-    got = scores.grasp(_to_jax(params), _to_jax(mask), _linear_apply,
-                       (jnp.asarray(xs), jnp.asarray(ys)))
+    got = scores.grasp(
+      _to_jax(params), _to_jax(mask), _linear_apply, (jnp.asarray(xs), jnp.asarray(ys))
+    )
     for k in w:
-      np.testing.assert_allclose(got[k], -paper_s[k], rtol=1e-6,
-                                 atol=1e-9 * np.abs(paper_s[k]).max())
+      np.testing.assert_allclose(
+        got[k], -paper_s[k], rtol=1e-6, atol=1e-9 * np.abs(paper_s[k]).max()
+      )
     assert np.abs(paper_s["w1"]).max() > 0
 
     # From the dense mask, prune_at_init removes the largest S (keeps the
@@ -109,23 +111,27 @@ def test_grasp_matches_finite_difference_hvp_of_analytic_gradient(nb):
     g = _np_sum_grad(params, xs, ys, t)
     plus = _np_sum_grad({k: params[k] + eps * g[k] for k in w}, xs, ys, t)
     minus = _np_sum_grad({k: params[k] - eps * g[k] for k in w}, xs, ys, t)
-    s = np.concatenate([np.ravel(-params[k] * (plus[k] - minus[k]) / (2 * eps))
-                        for k in ("w1", "w2")])
+    s = np.concatenate(
+      [np.ravel(-params[k] * (plus[k] - minus[k]) / (2 * eps)) for k in ("w1", "w2")]
+    )
     keep_np = np.zeros(24, bool)
     keep_np[np.argsort(s)[:6]] = True
-    mask_j = scores.prune_at_init("grasp", _to_jax(params), sparsity=0.75,
-                                  apply_fn=_linear_apply, batches=(xs, ys))
+    mask_j = scores.prune_at_init(
+      "grasp", _to_jax(params), sparsity=0.75, apply_fn=_linear_apply, batches=(xs, ys)
+    )
     keep_j = np.concatenate([np.ravel(mask_j[k]) for k in ("w1", "w2")])
     np.testing.assert_array_equal(keep_j, keep_np)
 
 
-@pytest.mark.skipif(_xla_cpu._disabled(os.environ),
-                    reason="the CPU rewrites are off in this process")
+@pytest.mark.skipif(
+  _xla_cpu._disabled(os.environ), reason="the CPU rewrites are off in this process"
+)
 def test_grasp_traces_without_the_cpu_rewrites():
   # GraSP differentiates twice; sparsejax's CPU conv / batch-norm rewrites
   # (sparsejax._xla_cpu) would put their branches into the second-order trace.
   # One batch: over several, _conv_layout adds its own platform switch.
   from sparsejax import models  # pylint: disable=g-import-not-at-top
+
   model = models.get("resnet20", num_classes=10)
   x = jax.random.normal(jax.random.key(1), (4, 8, 8, 3))
   y = jnp.arange(4) % 10
@@ -148,8 +154,10 @@ def test_grasp_traces_without_the_cpu_rewrites():
 
 def _chain(widths, seed=0, low=0.5, high=1.5):
   rng = np.random.default_rng(seed)
-  return {f"d{i}": jnp.asarray(rng.uniform(low, high, size=(a, b)), jnp.float32)
-          for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))}
+  return {
+    f"d{i}": jnp.asarray(rng.uniform(low, high, size=(a, b)), jnp.float32)
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))
+  }
 
 
 def _chain_apply(p, x, train):
@@ -180,15 +188,13 @@ def test_synflow_100_rounds_trace_once_and_float64():
   mask = scores.synflow(params, masks.ones_like(params), apply, (6,), 0.9, 100)
   assert len(traces) == 1
   assert masks.summary(mask).kept == round(0.1 * (48 + 64 + 32))
-  mask64 = scores.synflow(params, masks.ones_like(params), apply, (6,), 0.9, 100,
-                          dtype=jnp.float64)
+  mask64 = scores.synflow(params, masks.ones_like(params), apply, (6,), 0.9, 100, dtype=jnp.float64)
   assert masks.summary(mask64).kept == masks.summary(mask).kept
 
   # A deep chain whose synaptic flow underflows float32 but not float64.
   deep = _chain([3] * 41, low=0.01, high=0.02)
   s32 = scores.synflow_scores(deep, masks.ones_like(deep), _chain_apply, (3,))
-  s64 = scores.synflow_scores(deep, masks.ones_like(deep), _chain_apply, (3,),
-                              dtype=jnp.float64)
+  s64 = scores.synflow_scores(deep, masks.ones_like(deep), _chain_apply, (3,), dtype=jnp.float64)
   assert s64["d0"].dtype == jnp.float64
   assert np.max(np.asarray(s32["d0"])) == 0.0
   assert np.min(np.asarray(s64["d0"])) > 0.0  # ~1e-54
@@ -205,15 +211,18 @@ def test_synflow_abs_the_batch_norm_statistics():
   model = BNNet()
   variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
   stats = variables["batch_stats"]["BatchNorm_0"]
-  variables = {"params": variables["params"], "batch_stats": {"BatchNorm_0": {
-      "mean": -3.0 * jnp.ones(4), "var": stats["var"]}}}
+  variables = {
+    "params": variables["params"],
+    "batch_stats": {"BatchNorm_0": {"mean": -3.0 * jnp.ones(4), "var": stats["var"]}},
+  }
   params, apply_fn = scores.linen_apply_fn(model, variables)
   m = masks.ones_like(params)
   got = scores.synflow_scores(params, m, apply_fn, (3,))
   abs_state = jax.tree.map(jnp.abs, apply_fn.state)
   want = scores.synflow_scores(params, m, apply_fn.replace(state=abs_state), (3,))
   raw = scores.synflow_scores(
-      params, m, lambda p, x, t: model.apply({"params": p, **apply_fn.state}, x), (3,))
+    params, m, lambda p, x, t: model.apply({"params": p, **apply_fn.state}, x), (3,)
+  )
   for a, b, _c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(raw)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert not np.allclose(got["Dense_0"]["kernel"], raw["Dense_0"]["kernel"])
@@ -236,15 +245,15 @@ def test_iterative_synflow_avoids_the_layer_collapse_of_magnitude():
   sparsity = 0.99  # keeps 11 of 1052 prunable weights
   with pytest.warns(RuntimeWarning, match="Conv_1/kernel"):
     mag = scores.prune_at_init("magnitude", params, sparsity=sparsity)
-  syn = scores.prune_at_init("synflow", params, sparsity=sparsity,
-                             apply_fn=apply_fn, input_shape=(8, 8, 3))
+  syn = scores.prune_at_init(
+    "synflow", params, sparsity=sparsity, apply_fn=apply_fn, input_shape=(8, 8, 3)
+  )
   assert "Conv_1/kernel" in diagnostics.layer_collapse(mag)
   assert diagnostics.effective_sparsity(mag, apply_fn, (8, 8, 3)) == 1.0
   assert masks.summary(syn).kept == masks.summary(mag).kept == 11
   assert diagnostics.layer_collapse(syn) == []
   # Every weight SynFlow keeps lies on an input-to-output path.
-  assert (diagnostics.effective_sparsity(syn, apply_fn, (8, 8, 3))
-          == masks.summary(syn).sparsity)
+  assert diagnostics.effective_sparsity(syn, apply_fn, (8, 8, 3)) == masks.summary(syn).sparsity
 
 
 # ----------------------------------------------------------------------------
@@ -255,9 +264,9 @@ def test_iterative_synflow_avoids_the_layer_collapse_of_magnitude():
 def _mlp():
   ks = jax.random.split(jax.random.key(0), 3)
   return {
-      "a": {"kernel": jax.random.normal(ks[0], (10, 13)), "bias": jnp.zeros(13)},
-      "b": {"kernel": jax.random.normal(ks[1], (13, 7)), "bias": jnp.zeros(7)},
-      "c": {"kernel": jax.random.normal(ks[2], (7, 3)), "bias": jnp.zeros(3)},
+    "a": {"kernel": jax.random.normal(ks[0], (10, 13)), "bias": jnp.zeros(13)},
+    "b": {"kernel": jax.random.normal(ks[1], (13, 7)), "bias": jnp.zeros(7)},
+    "c": {"kernel": jax.random.normal(ks[2], (7, 3)), "bias": jnp.zeros(3)},
   }
 
 
@@ -276,19 +285,28 @@ def _expected_kept(params, sparsity, budget):
   return {p: masks.kept_count(n, layer_s[p]) for p, n in sizes.items()}
 
 
-@pytest.mark.parametrize("budget", [budgets.Global(), budgets.Uniform(), budgets.ERK()],
-                         ids=["global", "uniform", "erk"])
-@pytest.mark.parametrize("method", ["random", "magnitude", "snip", "grasp", "synflow",
-                                    "iterative_snip"])
+@pytest.mark.parametrize(
+  "budget", [budgets.Global(), budgets.Uniform(), budgets.ERK()], ids=["global", "uniform", "erk"]
+)
+@pytest.mark.parametrize(
+  "method", ["random", "magnitude", "snip", "grasp", "synflow", "iterative_snip"]
+)
 def test_exact_sparsity_for_every_method_and_budget(method, budget):
   params = _mlp()
   rng = np.random.default_rng(0)
   batch = (rng.normal(size=(12, 10)).astype(np.float32), np.arange(12) % 3)
   sparsity = 0.83
   mask = scores.prune_at_init(
-      method, params, sparsity=sparsity, budget=budget, key=jax.random.key(1),
-      apply_fn=_mlp_apply, batches=batch, input_shape=(10,),
-      rounds=10 if method in ("synflow", "iterative_snip") else None)
+    method,
+    params,
+    sparsity=sparsity,
+    budget=budget,
+    key=jax.random.key(1),
+    apply_fn=_mlp_apply,
+    batches=batch,
+    input_shape=(10,),
+    rounds=10 if method in ("synflow", "iterative_snip") else None,
+  )
   masks.check_mask(mask, params)
   summary = masks.summary(mask)
   expected = _expected_kept(params, sparsity, budget)
@@ -304,8 +322,10 @@ def test_iterative_data_methods_compile_once_for_new_params(method):
   # The score function is a static argument of the compiled loop: a new one per
   # call (a fresh functools.partial) retraced and recompiled it for every call.
   events = []
-  trace, compile_ = ("/jax/core/compile/jaxpr_trace_duration",
-                     "/jax/core/compile/backend_compile_duration")
+  trace, compile_ = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/backend_compile_duration",
+  )
 
   def listener(event, duration, **kwargs):
     del duration
@@ -324,8 +344,9 @@ def test_iterative_data_methods_compile_once_for_new_params(method):
   try:
     for params in (first, second):
       events.clear()
-      mask = scores.prune_at_init(method, params, sparsity=0.8, apply_fn=apply,
-                                  batches=batch, rounds=3)
+      mask = scores.prune_at_init(
+        method, params, sparsity=0.8, apply_fn=apply, batches=batch, rounds=3
+      )
       kept.append(masks.summary(mask).kept)
       loop_traces.append(events.count((trace, "_iterative")))
   finally:
@@ -338,10 +359,8 @@ def test_iterative_data_methods_compile_once_for_new_params(method):
 def test_iterative_matches_one_shot_counts_with_overrides_and_rescoring():
   params = _mlp()
   budget = budgets.Global().with_overrides({"^c/": 0.0})
-  mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.9, 7,
-                          budget=budget)
-  one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.9,
-                             budget=budget)
+  mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.9, 7, budget=budget)
+  one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.9, budget=budget)
   assert masks.summary(mask).as_dict() == masks.summary(one_shot).as_dict()
   # Magnitude does not change with the mask, so iterating gives the same mask.
   for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(one_shot)):
@@ -363,15 +382,20 @@ def test_linen_apply_fn_batch_norm_modes():
 
   model = BNNet()
   variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-  variables = {"params": variables["params"], "batch_stats": jax.tree.map(
-      lambda s: s + 2.0, variables["batch_stats"])}
+  variables = {
+    "params": variables["params"],
+    "batch_stats": jax.tree.map(lambda s: s + 2.0, variables["batch_stats"]),
+  }
   params, apply_fn = scores.linen_apply_fn(model, variables)
   x = jax.random.normal(jax.random.key(1), (5, 3))
-  np.testing.assert_allclose(apply_fn(params, x, False),
-                             model.apply(variables, x, train=False), rtol=1e-6)
   np.testing.assert_allclose(
-      apply_fn(params, x, True),
-      model.apply(variables, x, train=True, mutable=["batch_stats"])[0], rtol=1e-6)
+    apply_fn(params, x, False), model.apply(variables, x, train=False), rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    apply_fn(params, x, True),
+    model.apply(variables, x, train=True, mutable=["batch_stats"])[0],
+    rtol=1e-6,
+  )
 
 
 def test_errors():
@@ -388,8 +412,9 @@ def test_errors():
   with pytest.raises(ValueError, match="unknown method"):
     scores.prune_at_init("snap", params, sparsity=0.9)
   with pytest.raises(TypeError, match="temperature"):
-    scores.prune_at_init("snip", params, sparsity=0.9, apply_fn=_mlp_apply,
-                         batches=batch, temperature=2.0)
+    scores.prune_at_init(
+      "snip", params, sparsity=0.9, apply_fn=_mlp_apply, batches=batch, temperature=2.0
+    )
   with pytest.raises(ValueError, match="bn_mode"):
     scores.snip(params, masks.ones_like(params), _mlp_apply, batch, bn_mode="test")
   with pytest.raises(ValueError, match="sparsity"):
@@ -403,10 +428,11 @@ def test_random_scores_are_the_random_method():
   key = jax.random.key(4)
   s = scores.random_scores(key, params)
   assert jax.tree.structure(s) == jax.tree.structure(params)
-  assert all(x.shape == p.shape and x.dtype == jnp.float32
-             for x, p in zip(jax.tree.leaves(s), jax.tree.leaves(params)))
-  mask = scores.prune_at_init("random", params, sparsity=0.7, key=key,
-                              budget=budgets.ERK())
+  assert all(
+    x.shape == p.shape and x.dtype == jnp.float32
+    for x, p in zip(jax.tree.leaves(s), jax.tree.leaves(params))
+  )
+  mask = scores.prune_at_init("random", params, sparsity=0.7, key=key, budget=budgets.ERK())
   expected = masks.topk_mask(s, 0.7, budget=budgets.ERK())
   for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(a, b)
@@ -415,10 +441,8 @@ def test_random_scores_are_the_random_method():
 def test_iterative_erk_with_overrides_ends_at_the_one_shot_counts():
   params = _mlp()
   budget = budgets.ERK().with_overrides({"^a/": 0.5})
-  mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.8, 4,
-                          budget=budget)
-  one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.8,
-                             budget=budget)
+  mask = scores.iterative(scores.magnitude, params, masks.ones_like(params), 0.8, 4, budget=budget)
+  one_shot = masks.topk_mask(scores.magnitude(params, masks.ones_like(params)), 0.8, budget=budget)
   for a, b in zip(jax.tree.leaves(mask), jax.tree.leaves(one_shot)):
     np.testing.assert_array_equal(a, b)
   assert int(mask["a"]["kernel"].sum()) == params["a"]["kernel"].size // 2

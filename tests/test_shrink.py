@@ -15,11 +15,9 @@ def _init(model, x, seed=0):
   """Numpy normal variables (nonzero biases, positive variances), no compilation."""
   rng = np.random.default_rng(seed)
   abstract = jax.eval_shape(lambda k, x: model.init(k, x), jax.random.key(0), x)
-  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype) * 0.5,
-                           abstract)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype) * 0.5, abstract)
   if "batch_stats" in variables:
-    variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5,
-                                            variables["batch_stats"])
+    variables["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, variables["batch_stats"])
   return variables
 
 
@@ -29,18 +27,29 @@ def _logits(model, variables, x):
 
 def test_hand_computed_mlp_ablated_unit_folded_and_unread_unit_cut():
   model = models.MLP(num_classes=2, hidden=(3,))
-  params = {"Dense_0": {"kernel": np.array([[1.0, 4.0, 1.0], [-2.0, 4.0, 1.0]], np.float32),
-                        "bias": np.array([0.0, 2.0, 5.0], np.float32)},
-            "Dense_1": {"kernel": np.array([[1.0, 2.0], [3.0, -1.0], [7.0, 7.0]], np.float32),
-                        "bias": np.array([0.5, 0.5], np.float32)}}
-  mask = {"Dense_0": {"kernel": np.array([[1, 0, 1], [1, 0, 1]], bool),   # unit 1 ablated
-                      "bias": np.ones(3, bool)},
-          "Dense_1": {"kernel": np.array([[1, 1], [1, 1], [0, 0]], bool),  # unit 2 unread
-                      "bias": np.ones(2, bool)}}
+  params = {
+    "Dense_0": {
+      "kernel": np.array([[1.0, 4.0, 1.0], [-2.0, 4.0, 1.0]], np.float32),
+      "bias": np.array([0.0, 2.0, 5.0], np.float32),
+    },
+    "Dense_1": {
+      "kernel": np.array([[1.0, 2.0], [3.0, -1.0], [7.0, 7.0]], np.float32),
+      "bias": np.array([0.5, 0.5], np.float32),
+    },
+  }
+  mask = {
+    "Dense_0": {
+      "kernel": np.array([[1, 0, 1], [1, 0, 1]], bool),  # unit 1 ablated
+      "bias": np.ones(3, bool),
+    },
+    "Dense_1": {
+      "kernel": np.array([[1, 1], [1, 1], [0, 0]], bool),  # unit 2 unread
+      "bias": np.ones(2, bool),
+    },
+  }
   result = shrink.shrink(model, {"params": params}, mask, jnp.zeros((1, 2)))
   assert result.model.hidden == (1,)
-  assert result.report["layers"]["Dense_0"] == {"before": 3, "after": 1, "dead": 2,
-                                                "kept_dead": {}}
+  assert result.report["layers"]["Dense_0"] == {"before": 3, "after": 1, "dead": 2, "kept_dead": {}}
   p = result.variables["params"]
   np.testing.assert_array_equal(p["Dense_0"]["kernel"], [[1.0], [-2.0]])
   np.testing.assert_array_equal(p["Dense_0"]["bias"], [0.0])
@@ -49,8 +58,10 @@ def test_hand_computed_mlp_ablated_unit_folded_and_unread_unit_cut():
   np.testing.assert_array_equal(p["Dense_1"]["bias"], [6.5, -1.5])
   x = jnp.array([[0.3, -0.2], [-1.0, 0.25], [2.0, 1.0]])
   np.testing.assert_allclose(
-      _logits(result.model, result.variables, x),
-      _logits(model, {"params": masks.apply(params, mask)}, x), rtol=1e-6)
+    _logits(result.model, result.variables, x),
+    _logits(model, {"params": masks.apply(params, mask)}, x),
+    rtol=1e-6,
+  )
   assert result.report["params_before"] == 17 and result.report["params_after"] == 7
 
 
@@ -64,16 +75,19 @@ def test_mlp_with_ablated_and_unread_units_keeps_its_logits():
   result = shrink.shrink(model, variables, mask, x[:1])
   layers = result.report["layers"]
   assert layers["Dense_0"]["dead"] >= 5 and layers["Dense_1"]["dead"] >= 3
-  assert result.model.hidden == (64 - layers["Dense_0"]["dead"],
-                                 32 - layers["Dense_1"]["dead"])
+  assert result.model.hidden == (64 - layers["Dense_0"]["dead"], 32 - layers["Dense_1"]["dead"])
   assert all(not r["kept_dead"] for r in layers.values())  # Dense readers absorb all
   ref = _logits(model, {"params": masks.apply(variables["params"], mask)}, x)
   got = _logits(result.model, result.variables, x)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
   np.testing.assert_array_equal(  # the shrunk mask is the kept part of the mask
-      jax.tree.map(lambda p, m: bool(np.all(np.asarray(p)[~np.asarray(m)] == 0)),
-                   result.variables["params"], result.mask),
-      jax.tree.map(lambda _: True, result.mask))
+    jax.tree.map(
+      lambda p, m: bool(np.all(np.asarray(p)[~np.asarray(m)] == 0)),
+      result.variables["params"],
+      result.mask,
+    ),
+    jax.tree.map(lambda _: True, result.mask),
+  )
 
 
 def test_resnet20_tiny_streams_mids_projection_fold_and_kept_channel():
@@ -91,14 +105,22 @@ def test_resnet20_tiny_streams_mids_projection_fold_and_kept_channel():
   stats["BasicBlock_1"]["BatchNorm_0"]["mean"][:2] = 0.0
   # Stage-1 stream channel 2: no writer, read only by block 6's projection
   # (a spatially constant value, folded into norm_proj's mean).
-  for path in ("BasicBlock_3/conv_proj", "BasicBlock_3/Conv_1", "BasicBlock_4/Conv_1",
-               "BasicBlock_5/Conv_1"):
+  for path in (
+    "BasicBlock_3/conv_proj",
+    "BasicBlock_3/Conv_1",
+    "BasicBlock_4/Conv_1",
+    "BasicBlock_5/Conv_1",
+  ):
     _set(mask, path + "/kernel", m(path + "/kernel").at[..., 2].set(False))
   for path in ("BasicBlock_4/Conv_0", "BasicBlock_5/Conv_0", "BasicBlock_6/Conv_0"):
     _set(mask, path + "/kernel", m(path + "/kernel").at[:, :, 2, :].set(False))
-  for norm, offset in (("BasicBlock_3/norm_proj", 1.0), ("BasicBlock_3/BatchNorm_1", 0.5),
-                       ("BasicBlock_4/BatchNorm_1", 0.0), ("BasicBlock_5/BatchNorm_1", 0.0)):
-    _at(p, norm)["bias"][2] = offset                 # the stream carries relu(1.5) = 1.5
+  for norm, offset in (
+    ("BasicBlock_3/norm_proj", 1.0),
+    ("BasicBlock_3/BatchNorm_1", 0.5),
+    ("BasicBlock_4/BatchNorm_1", 0.0),
+    ("BasicBlock_5/BatchNorm_1", 0.0),
+  ):
+    _at(p, norm)["bias"][2] = offset  # the stream carries relu(1.5) = 1.5
     _at(stats, norm)["mean"][2] = 0.0
   proj_mean = np.array(stats["BasicBlock_6"]["norm_proj"]["mean"])
   # Stage-2 channels 0..2: read by nobody (classifier rows and blocks 7, 8).
@@ -111,15 +133,18 @@ def test_resnet20_tiny_streams_mids_projection_fold_and_kept_channel():
   assert result.model.stage_channels == (4, 7, 13)
   assert result.model.block_channels[1] == 3 and layers["BasicBlock_1/Conv_0"]["dead"] == 2
   assert list(layers["BasicBlock_1/Conv_0"]["kept_dead"]) == [0]
-  assert "3x3 zero-padded conv BasicBlock_1/Conv_1" in (
-      layers["BasicBlock_1/Conv_0"]["kept_dead"][0])
+  assert (
+    "3x3 zero-padded conv BasicBlock_1/Conv_1" in (layers["BasicBlock_1/Conv_0"]["kept_dead"][0])
+  )
   assert "BasicBlock_1/Conv_0 unit 0 kept" in str(result.report)
   assert isinstance(result.model, models.ResNet)
   # 1.5 · (the kept 1x1 weights from channel 2) left block 6's projection mean.
   w = masks.apply(p, mask)["BasicBlock_6"]["conv_proj"]["kernel"][0, 0, 2]
   np.testing.assert_allclose(
-      result.variables["batch_stats"]["BasicBlock_6"]["norm_proj"]["mean"],
-      (proj_mean - 1.5 * np.asarray(w))[3:], rtol=1e-5)
+    result.variables["batch_stats"]["BasicBlock_6"]["norm_proj"]["mean"],
+    (proj_mean - 1.5 * np.asarray(w))[3:],
+    rtol=1e-5,
+  )
   assert np.abs(np.asarray(w)[3:]).max() > 0
   ref = _logits(model, {**variables, "params": masks.apply(p, mask)}, x)
   got = _logits(result.model, result.variables, x)
@@ -137,8 +162,9 @@ def test_vgg_shrinks_its_config_and_keeps_its_logits():
   result = shrink.shrink(model, variables, mask, x[:1])
   assert result.model.config == (5, "M", 16, "M", 11)
   ref = _logits(model, {**variables, "params": masks.apply(variables["params"], mask)}, x)
-  np.testing.assert_allclose(_logits(result.model, result.variables, x), ref,
-                             rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+  np.testing.assert_allclose(
+    _logits(result.model, result.variables, x), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()
+  )
 
 
 def test_unsupported_models_are_refused():

@@ -29,10 +29,8 @@ class _Net(nn.Module):
 def _init(model, x, **kwargs):
   """Numpy normal variables of the model's shapes (no compilation)."""
   rng = np.random.default_rng(0)
-  abstract = jax.eval_shape(lambda k, x: model.init(k, x, **kwargs),
-                            jax.random.key(0), x)
-  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype),
-                           abstract)
+  abstract = jax.eval_shape(lambda k, x: model.init(k, x, **kwargs), jax.random.key(0), x)
+  variables = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
   if "batch_stats" in variables:  # variances must be positive
     variables["batch_stats"] = jax.tree.map(np.abs, variables["batch_stats"])
   return variables
@@ -40,6 +38,7 @@ def _init(model, x, **kwargs):
 
 def _magnitude_mask(params, sparsity, keep_dense=()):
   """Per-kernel magnitude mask in numpy (masks.topk_mask is tested elsewhere)."""
+
   def leaf(path, p):
     if p.ndim < 2 or any(k in path for k in keep_dense):
       return np.ones(p.shape, bool)
@@ -47,14 +46,14 @@ def _magnitude_mask(params, sparsity, keep_dense=()):
     flat = np.zeros(p.size, bool)
     flat[np.argsort(-np.abs(p).ravel(), kind="stable")[:k]] = True
     return flat.reshape(p.shape)
+
   return masks.map_with_path(leaf, params)
 
 
 def _pruned(model, x, sparsity):
   variables = _init(model, x, train=False)
   mask = _magnitude_mask(variables["params"], sparsity)
-  params = jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)),
-                        variables["params"], mask)
+  params = jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)), variables["params"], mask)
   return {**variables, "params": params}, mask
 
 
@@ -63,20 +62,18 @@ def test_same_logits_as_dense_for_any_linen_model(convs):
   model = _Net()
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 9, 9, 3)), jnp.float32)
   variables, _ = _pruned(model, x, 0.97)
-  sparse_vars = sparse_inference.sparsify(model, variables, x[:1], convs=convs,
-                                          train=False)
+  sparse_vars = sparse_inference.sparsify(model, variables, x[:1], convs=convs, train=False)
   layers = sparse_inference.sparse_layers(sparse_vars)
   # (Sequential's layers are named in its parent's scope.)
-  dense_layers = {"params/Dense_0/kernel", "params/Dense_1/kernel",
-                  "params/Dense_2/kernel"}
+  dense_layers = {"params/Dense_0/kernel", "params/Dense_1/kernel", "params/Dense_2/kernel"}
   conv_layers = {"params/Conv_0/kernel", "params/Conv_1/kernel"}  # not grouped Conv_2
   assert set(layers) == dense_layers | (conv_layers if convs else set())
   ref = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
-  got = jax.jit(lambda v, x: sparse_inference.apply(model, v, x, train=False))(
-      sparse_vars, x)
+  got = jax.jit(lambda v, x: sparse_inference.apply(model, v, x, train=False))(sparse_vars, x)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-  assert (sparse_inference.param_nbytes(sparse_vars["params"])
-          < sparse_inference.param_nbytes(variables["params"]))
+  assert sparse_inference.param_nbytes(sparse_vars["params"]) < sparse_inference.param_nbytes(
+    variables["params"]
+  )
 
 
 def test_lenet_with_a_mask_and_the_size_threshold():
@@ -92,14 +89,20 @@ def test_lenet_with_a_mask_and_the_size_threshold():
   # even with min_sparsity=0.
   assert "params/Dense_2/kernel" not in layers
   assert "params/Dense_2/kernel" not in sparse_inference.sparse_layers(
-      sparse_inference.sparsify(model, variables, x, mask, min_sparsity=0.0))
-  assert layers["params/Dense_0/kernel"] == (
-      masks.kept_count(784 * 120, 0.96), (784, 120))
-  assert set(layers) == {"params/Conv_0/kernel", "params/Conv_1/kernel",
-                         "params/Dense_0/kernel", "params/Dense_1/kernel"}
+    sparse_inference.sparsify(model, variables, x, mask, min_sparsity=0.0)
+  )
+  assert layers["params/Dense_0/kernel"] == (masks.kept_count(784 * 120, 0.96), (784, 120))
+  assert set(layers) == {
+    "params/Conv_0/kernel",
+    "params/Conv_1/kernel",
+    "params/Dense_0/kernel",
+    "params/Dense_1/kernel",
+  }
   apply = jax.jit(model.apply)
-  ref = apply({"params": jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)),
-                                      variables["params"], mask)}, x)
+  ref = apply(
+    {"params": jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)), variables["params"], mask)},
+    x,
+  )
   got = jax.jit(lambda v, x: sparse_inference.apply(model, v, x))(sparse_vars, x)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
 

@@ -17,8 +17,7 @@ from sparsejax import sparse_io
 def _random_like(abstract, seed=0):
   """Numpy normal values for a tree of ShapeDtypeStructs (no compilation)."""
   rng = np.random.default_rng(seed)
-  return jax.tree.map(
-      lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), abstract)
 
 
 def _bits(x):
@@ -40,11 +39,11 @@ def _global_magnitude_mask(params, sparsity):
   kernels = [p for _, p in named if p.ndim > 1]
   flat = np.concatenate([np.abs(p).ravel() for p in kernels])
   keep = np.zeros(flat.size, bool)
-  keep[np.argsort(-flat, kind="stable")[:masks.kept_count(flat.size, sparsity)]] = True
+  keep[np.argsort(-flat, kind="stable")[: masks.kept_count(flat.size, sparsity)]] = True
   out, offset = [], 0
   for _, p in named:
     if p.ndim > 1:
-      out.append(keep[offset:offset + p.size].reshape(p.shape))
+      out.append(keep[offset : offset + p.size].reshape(p.shape))
       offset += p.size
     else:
       out.append(np.ones(p.shape, bool))
@@ -65,8 +64,7 @@ def test_linen_round_trip_is_bitwise_with_and_without_target(tmp_path):
   variables = _resnet20_variables()
   params = variables["params"]
   mask = _global_magnitude_mask(params, 0.9)
-  tree = {"params": _masked(params, mask),
-          "batch_stats": variables["batch_stats"]}
+  tree = {"params": _masked(params, mask), "batch_stats": variables["batch_stats"]}
   full_mask = {"params": mask, "batch_stats": masks.ones_like(tree["batch_stats"])}
   path = tmp_path / "m.sparse"
   info = sparse_io.save(path, tree, full_mask, metadata={"model": "resnet20"})
@@ -82,28 +80,34 @@ def test_linen_round_trip_is_bitwise_with_and_without_target(tmp_path):
 
 def test_without_mask_nonzeros_are_kept_bitwise_including_negative_zero(tmp_path):
   w = np.array([[0.0, -0.0, 1.5], [np.nan, 0.0, -np.inf]], np.float32)
-  tree = {"layer": {"kernel": w, "bias": np.zeros(3, np.float32)},
-          "emb": np.array([[0, 3], [0, 0]], np.int32),
-          "half": np.array([[0, 2.5]], jnp.bfloat16),
-          "f64": np.array([[1e-300, 0.0]], np.float64),
-          "step": np.int32(7)}
+  tree = {
+    "layer": {"kernel": w, "bias": np.zeros(3, np.float32)},
+    "emb": np.array([[0, 3], [0, 0]], np.int32),
+    "half": np.array([[0, 2.5]], jnp.bfloat16),
+    "f64": np.array([[1e-300, 0.0]], np.float64),
+    "step": np.int32(7),
+  }
   path = tmp_path / "m.sparse"
   sparse_io.save(path, tree)
   got, mask = sparse_io.load(path, target=tree)
   _assert_bitwise(tree, got)
-  np.testing.assert_array_equal(mask["layer"]["kernel"],
-                                [[False, True, True], [True, False, True]])
+  np.testing.assert_array_equal(mask["layer"]["kernel"], [[False, True, True], [True, False, True]])
   assert mask["layer"]["bias"].all()  # not prunable: dense
   header = sparse_io.read_header(path)
   kinds = {l["path"]: l["kind"] for l in header["leaves"]}
-  assert kinds == {"emb": "sparse", "f64": "sparse", "half": "sparse",
-                   "layer/bias": "dense", "layer/kernel": "sparse", "step": "dense"}
+  assert kinds == {
+    "emb": "sparse",
+    "f64": "sparse",
+    "half": "sparse",
+    "layer/bias": "dense",
+    "layer/kernel": "sparse",
+    "step": "dense",
+  }
 
 
 def test_nnx_state_round_trip(tmp_path):
 
   class Net(nnx.Module):
-
     def __init__(self, rngs):
       self.conv = nnx.Conv(4, 8, (3, 3), rngs=rngs)
       self.head = nnx.Linear(8, 3, rngs=rngs)
@@ -114,10 +118,8 @@ def test_nnx_state_round_trip(tmp_path):
   model = Net(nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
   rng = np.random.default_rng(0)
-  mask = jax.tree.map(lambda p: rng.random(p.shape) < (0.25 if p.ndim > 1 else 2),
-                      state)
-  nnx.update(model, jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)),
-                                 state, mask))
+  mask = jax.tree.map(lambda p: rng.random(p.shape) < (0.25 if p.ndim > 1 else 2), state)
+  nnx.update(model, jax.tree.map(lambda p, m: np.where(m, p, np.float32(0)), state, mask))
   state = nnx.state(model, nnx.Param)
   path = tmp_path / "nnx.sparse"
   sparse_io.save(path, state, mask)
@@ -128,15 +130,15 @@ def test_nnx_state_round_trip(tmp_path):
   nnx.update(fresh, got)
   _assert_bitwise(state, nnx.state(fresh, nnx.Param))
   assert int(sum(m.sum() for m in jax.tree.leaves(got_mask))) == int(
-      sum(np.sum(m) for m in jax.tree.leaves(mask)))
+    sum(np.sum(m) for m in jax.tree.leaves(mask))
+  )
 
 
 def test_resnet20_at_99_percent_size_is_exact_and_about_6_percent(tmp_path):
   variables = _resnet20_variables()
   params = variables["params"]
   mask = _global_magnitude_mask(params, 0.99)
-  tree = {"params": _masked(params, mask),
-          "batch_stats": variables["batch_stats"]}
+  tree = {"params": _masked(params, mask), "batch_stats": variables["batch_stats"]}
   full_mask = {"params": mask, "batch_stats": masks.ones_like(tree["batch_stats"])}
   sparse = sparse_io.save(tmp_path / "sparse", tree, full_mask)
   dense = sparse_io.save(tmp_path / "dense", tree, masks.ones_like(tree))
@@ -169,9 +171,11 @@ def test_corrupted_truncated_and_foreign_files_are_refused(tmp_path):
   path = tmp_path / "m.sparse"
   sparse_io.save(path, tree)
   blob = path.read_bytes()
-  for name, bad in [("flip", blob[:100] + bytes([blob[100] ^ 1]) + blob[101:]),
-                    ("truncated", blob[:-10]),
-                    ("cut", blob[:len(blob) // 2])]:
+  for name, bad in [
+    ("flip", blob[:100] + bytes([blob[100] ^ 1]) + blob[101:]),
+    ("truncated", blob[:-10]),
+    ("cut", blob[: len(blob) // 2]),
+  ]:
     (tmp_path / name).write_bytes(bad)
     with pytest.raises(sparse_io.SparseFileError, match="corrupted or truncated"):
       sparse_io.load(tmp_path / name)
@@ -184,7 +188,9 @@ def test_corrupted_truncated_and_foreign_files_are_refused(tmp_path):
   newer = bytearray(blob)
   newer[8] = sparse_io.FORMAT_VERSION + 1
   (tmp_path / "newer").write_bytes(bytes(newer))
-  with pytest.raises(sparse_io.SparseFileError, match=f"format version {sparse_io.FORMAT_VERSION + 1}"):
+  with pytest.raises(
+    sparse_io.SparseFileError, match=f"format version {sparse_io.FORMAT_VERSION + 1}"
+  ):
     sparse_io.load(tmp_path / "newer")
   with pytest.raises(sparse_io.SparseFileError, match=r"only in the target \['v'\]"):
     sparse_io.load(path, target={"v": tree["w"]})
@@ -207,17 +213,15 @@ def test_nonzero_pruned_entries_are_refused_and_the_old_file_survives(tmp_path):
 
 def test_a_params_mask_stores_the_other_collections_dense(tmp_path):
   # README: sparse_io.save(path, {"params": ..., "batch_stats": ...}, state.mask).
-  params = {"conv": {"kernel": jnp.array([[1., 0.], [0., 2.]]), "bias": jnp.ones(2)}}
-  mask = {"conv": {"kernel": jnp.array([[True, False], [False, True]]),
-                   "bias": jnp.ones(2, bool)}}
-  variables = {"params": params, "batch_stats": {"bn": {"mean": jnp.array([0.5, 0.])}}}
+  params = {"conv": {"kernel": jnp.array([[1.0, 0.0], [0.0, 2.0]]), "bias": jnp.ones(2)}}
+  mask = {"conv": {"kernel": jnp.array([[True, False], [False, True]]), "bias": jnp.ones(2, bool)}}
+  variables = {"params": params, "batch_stats": {"bn": {"mean": jnp.array([0.5, 0.0])}}}
   info = sparse_io.save(tmp_path / "m.sparse", variables, mask)
   back, back_mask = sparse_io.load(tmp_path / "m.sparse", target=variables)
   np.testing.assert_array_equal(back["params"]["conv"]["kernel"], params["conv"]["kernel"])
-  np.testing.assert_array_equal(back["batch_stats"]["bn"]["mean"], [0.5, 0.])
+  np.testing.assert_array_equal(back["batch_stats"]["bn"]["mean"], [0.5, 0.0])
   assert bool(back_mask["batch_stats"]["bn"]["mean"].all())  # dense, its 0 kept
-  np.testing.assert_array_equal(back_mask["params"]["conv"]["kernel"],
-                                mask["conv"]["kernel"])
+  np.testing.assert_array_equal(back_mask["params"]["conv"]["kernel"], mask["conv"]["kernel"])
   assert (info.kept, info.total) == (2, 4)  # only the kernel is stored sparse
   with pytest.raises(ValueError, match="mask does not match the structure"):
     sparse_io.save(tmp_path / "x.sparse", variables, {"other": jnp.ones(2, bool)})

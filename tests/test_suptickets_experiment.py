@@ -33,7 +33,8 @@ def test_suptickets_runner_on_digits(tmp_path):
   out = runner.run(config, str(tmp_path))
   assert out["missing"] == [] and len(out["rows"]) == 1
   assert [(r["method"], r["dst_method"], r["cycle"]) for r in out["cycles"]] == [
-      ("rigl_sup", "rigl", 1)]
+    ("rigl_sup", "rigl", 1)
+  ]
   cycle = out["cycles"][0]
   sup_dir = tmp_path / "cells" / "rigl_sup_s0.95_seed0"
   final = read_jsonl(sup_dir / "metrics.jsonl")[-1]
@@ -45,8 +46,13 @@ def test_suptickets_runner_on_digits(tmp_path):
   churn = {r["step"]: r["mask_churn"] for r in read_jsonl(sup_dir / "steps.jsonl")}
   assert [s for s, c in churn.items() if c > 0] == [40, 60, 80, 100]
   assert "| rigl | rigl_sup | 95% | – |" in out["suptickets_table"]
-  for name in ("suptickets.csv", "suptickets.md", "suptickets_vs_cycle.png",
-               "results.csv", "results.md"):
+  for name in (
+    "suptickets.csv",
+    "suptickets.md",
+    "suptickets_vs_cycle.png",
+    "results.csv",
+    "results.md",
+  ):
     assert os.path.getsize(tmp_path / name) > 0
   again = runner.run(config, str(tmp_path))
   assert again["ran"] == [] and again["cycles"] == out["cycles"]
@@ -55,16 +61,30 @@ def test_suptickets_runner_on_digits(tmp_path):
 def test_suptickets_report_pairs_each_method_with_plain_dst(tmp_path):
   config = suptickets_cpu.get_config()
   assert runner.pairs(config) == {"rigl_sup": "rigl", "granet_sup": "granet"}
-  rows = [{"method": m, "sparsity": 0.95, "seed": seed, "test_accuracy": acc}
-          for m, accs in (("rigl", (0.80, 0.82)), ("rigl_sup", (0.81, 0.83)))
-          for seed, acc in enumerate(accs)]
-  cycles = [{"method": "rigl_sup", "dst_method": "rigl", "sparsity": 0.95,
-             "seed": seed, "cycle": c, "ticket_test_accuracy": 0.78 + 0.01 * c,
-             "superposed_test_accuracy": 0.80 + 0.01 * c + 0.01 * seed, "cell": ""}
-            for seed in (0, 1) for c in (1, 2, 3)]
+  rows = [
+    {"method": m, "sparsity": 0.95, "seed": seed, "test_accuracy": acc}
+    for m, accs in (("rigl", (0.80, 0.82)), ("rigl_sup", (0.81, 0.83)))
+    for seed, acc in enumerate(accs)
+  ]
+  cycles = [
+    {
+      "method": "rigl_sup",
+      "dst_method": "rigl",
+      "sparsity": 0.95,
+      "seed": seed,
+      "cycle": c,
+      "ticket_test_accuracy": 0.78 + 0.01 * c,
+      "superposed_test_accuracy": 0.80 + 0.01 * c + 0.01 * seed,
+      "cell": "",
+    }
+    for seed in (0, 1)
+    for c in (1, 2, 3)
+  ]
   table = runner.format_table(config, rows, cycles)
   # superposed after cycle 3: 83% and 84%; gains over RigL alone +3 and +2
-  assert "| rigl | rigl_sup | 95% | 81.0 ± 1.4 | 81.0 ± 0.0 | 83.5 ± 0.7 | +2.50 ± 0.71 | 2 |" in table
+  assert (
+    "| rigl | rigl_sup | 95% | 81.0 ± 1.4 | 81.0 ± 0.0 | 83.5 ± 0.7 | +2.50 ± 0.71 | 2 |" in table
+  )
   assert "| granet | granet_sup | 95% | – | – | – | – | 0 |" in table
   runner.plot_cycles(str(tmp_path / "plot.png"), config, rows, cycles)
   assert os.path.getsize(tmp_path / "plot.png") > 0
@@ -88,14 +108,29 @@ def test_suptickets_config_checks():
 
 
 def test_granet_suptickets_run_logs_its_target_and_reports_the_superposed_model(
-    tmp_path, capsys, caplog):
+  tmp_path, capsys, caplog
+):
   from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+
   config = digits.get_config()
-  config.update(dst="granet", sparsity=0.9, dst_update_every=2, suptickets=True,
-                sup_cycles=1, sup_cycle_epochs=1, model=dict(name="mlp"),
-                data=dict(train_subset=200), train=dict(num_epochs=2, batch_size=32,
-                save_sparse=True, progress_bar=False, tensorboard=False,
-                async_checkpointing=False))
+  config.update(
+    dst="granet",
+    sparsity=0.9,
+    dst_update_every=2,
+    suptickets=True,
+    sup_cycles=1,
+    sup_cycle_epochs=1,
+    model=dict(name="mlp"),
+    data=dict(train_subset=200),
+    train=dict(
+      num_epochs=2,
+      batch_size=32,
+      save_sparse=True,
+      progress_bar=False,
+      tensorboard=False,
+      async_checkpointing=False,
+    ),
+  )
   with caplog.at_level("INFO"):
     result = common.run(config, str(tmp_path))
   logged = [r.getMessage() for r in caplog.records]
@@ -111,14 +146,17 @@ def test_granet_suptickets_run_logs_its_target_and_reports_the_superposed_model(
   # The done line gives the superposed model's accuracy, then the ticket's.
   final = result.history[-1]
   line = common.final_line(result.history)
-  assert (f"superposed model: test_loss={final['superposed_test_loss']:.4f}, "
-          f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
-          f"test_accuracy={final['test_accuracy']:.4f})") in line
+  assert (
+    f"superposed model: test_loss={final['superposed_test_loss']:.4f}, "
+    f"test_accuracy={final['superposed_test_accuracy']:.4f} (last ticket: "
+    f"test_accuracy={final['test_accuracy']:.4f})"
+  ) in line
   assert line.startswith(f"done: train_loss={final['train_loss']:.4f}, ")
 
 
 def test_describe_sparsity_of_each_kind_of_run():
   from experiments.configs import digits  # pylint: disable=g-import-not-at-top
+
   config = digits.get_config()
   assert common.describe_sparsity(config) == "pruner=dense sparsity=0.0"
   config.update(pruner="random", sparsity=0.8, dst="rigl")

@@ -46,8 +46,9 @@ def digits_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def sweep_config(**overrides) -> ml_collections.ConfigDict:
-  config = digits_config(methods=("magnitude", "synflow"), sparsities=(0.9, 0.99),
-                         seeds=(0,), density_plot_sparsity=None)
+  config = digits_config(
+    methods=("magnitude", "synflow"), sparsities=(0.9, 0.99), seeds=(0,), density_plot_sparsity=None
+  )
   config.update(overrides)
   return config
 
@@ -87,12 +88,18 @@ def test_prune_at_init_prunes_reports_and_trains(method, tmp_path, capsys):
   # or on an all-ones input (SynFlow, 100 rounds).
   ds = data.load("digits")
   model = models.get("mlp", ds.num_classes)
-  init = state_lib.create_train_state(model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)),
-                                      jax.random.key(3))
+  init = state_lib.create_train_state(
+    model, optax.sgd(0.1), jnp.zeros((1, 8, 8, 1)), jax.random.key(3)
+  )
   params, apply_fn = scores.linen_apply_fn(model, init.variables)
   expected = scores.prune_at_init(
-      method, params, sparsity=0.9, apply_fn=apply_fn,
-      batches=data.class_balanced_batch(ds, 10, 3), input_shape=(8, 8, 1))
+    method,
+    params,
+    sparsity=0.9,
+    apply_fn=apply_fn,
+    batches=data.class_balanced_batch(ds, 10, 3),
+    input_shape=(8, 8, 1),
+  )
   for got, want in zip(jax.tree.leaves(result.state.mask), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
@@ -132,15 +139,28 @@ def test_prune_at_init_config_is_the_synflow_protocol():
 def test_grid_has_one_dense_cell_per_seed_and_checks_its_fields():
   config = sweep_config(sparsities=(0.99, 0.0, 0.9), seeds=(0, 1))
   names = [c.name for c in sweep.grid(config)]
-  assert names == ["dense_s0_seed0", "magnitude_s0.9_seed0", "synflow_s0.9_seed0",
-                   "magnitude_s0.99_seed0", "synflow_s0.99_seed0",
-                   "dense_s0_seed1", "magnitude_s0.9_seed1", "synflow_s0.9_seed1",
-                   "magnitude_s0.99_seed1", "synflow_s0.99_seed1"]
+  assert names == [
+    "dense_s0_seed0",
+    "magnitude_s0.9_seed0",
+    "synflow_s0.9_seed0",
+    "magnitude_s0.99_seed0",
+    "synflow_s0.99_seed0",
+    "dense_s0_seed1",
+    "magnitude_s0.9_seed1",
+    "synflow_s0.9_seed1",
+    "magnitude_s0.99_seed1",
+    "synflow_s0.99_seed1",
+  ]
   cell = sweep.cell_config(config, sweep.Cell("synflow", 0.99, 1))
   assert (cell.pruner, cell.sparsity, cell.train.seed) == ("synflow", 0.99, 1)
   assert "methods" not in cell and "seeds" not in cell
-  for bad in [dict(methods=("snipp",)), dict(methods=("dense",)),
-              dict(sparsities=(0.9, 0.9)), dict(sparsities=(1.0,)), dict(seeds=())]:
+  for bad in [
+    dict(methods=("snipp",)),
+    dict(methods=("dense",)),
+    dict(sparsities=(0.9, 0.9)),
+    dict(sparsities=(1.0,)),
+    dict(seeds=()),
+  ]:
     with pytest.raises(ValueError):
       sweep.grid(sweep_config(**bad))
 
@@ -148,13 +168,27 @@ def test_grid_has_one_dense_cell_per_seed_and_checks_its_fields():
 def test_table_marks_collapse_and_missing_cells():
   config = sweep_config(seeds=(0, 1))
   row = dict(collapsed_layers="", effectively_collapsed_layers="")
-  rows = [dict(row, method="magnitude", sparsity=0.9, seed=0, test_accuracy=0.50),
-          dict(row, method="magnitude", sparsity=0.9, seed=1, test_accuracy=0.60),
-          dict(row, method="synflow", sparsity=0.9, seed=0, test_accuracy=0.70,
-               effectively_collapsed_layers="Dense_1/kernel"),
-          dict(row, method="magnitude", sparsity=0.99, seed=0, test_accuracy=0.10,
-               collapsed_layers="Dense_1/kernel",
-               effectively_collapsed_layers="Dense_1/kernel")]
+  rows = [
+    dict(row, method="magnitude", sparsity=0.9, seed=0, test_accuracy=0.50),
+    dict(row, method="magnitude", sparsity=0.9, seed=1, test_accuracy=0.60),
+    dict(
+      row,
+      method="synflow",
+      sparsity=0.9,
+      seed=0,
+      test_accuracy=0.70,
+      effectively_collapsed_layers="Dense_1/kernel",
+    ),
+    dict(
+      row,
+      method="magnitude",
+      sparsity=0.99,
+      seed=0,
+      test_accuracy=0.10,
+      collapsed_layers="Dense_1/kernel",
+      effectively_collapsed_layers="Dense_1/kernel",
+    ),
+  ]
   lines = sweep.format_table(config, rows).splitlines()
   assert "mean ± std over 2 seeds" in lines[0] and "1 epoch)" in lines[0]
   assert lines[2] == "| sparsity | compression | magnitude | synflow |"
@@ -183,8 +217,12 @@ def test_sweep_resumes_an_interrupted_cell(swept):
   assert interrupted["preempted"] and interrupted["ran"] == []
   assert interrupted["rows"] == [] and len(interrupted["missing"]) == 4
   assert not finished["preempted"] and finished["missing"] == []
-  assert finished["ran"] == ["magnitude_s0.9_seed0", "synflow_s0.9_seed0",
-                             "magnitude_s0.99_seed0", "synflow_s0.99_seed0"]
+  assert finished["ran"] == [
+    "magnitude_s0.9_seed0",
+    "synflow_s0.9_seed0",
+    "magnitude_s0.99_seed0",
+    "synflow_s0.99_seed0",
+  ]
   # Resumed from the SIGTERM checkpoint: the mask was not scored again.
   assert (first / "pruning.json").stat().st_mtime_ns == pruned_at
   metrics = (first / "metrics.jsonl").read_text().splitlines()
@@ -196,8 +234,11 @@ def test_sweep_writes_csv_table_and_plots(swept):
   with open(workdir / "results.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(r["method"], float(r["sparsity"]), int(r["seed"])) for r in rows] == [
-      ("magnitude", 0.9, 0), ("synflow", 0.9, 0),
-      ("magnitude", 0.99, 0), ("synflow", 0.99, 0)]
+    ("magnitude", 0.9, 0),
+    ("synflow", 0.9, 0),
+    ("magnitude", 0.99, 0),
+    ("synflow", 0.99, 0),
+  ]
   assert tuple(rows[0]) == sweep.CSV_FIELDS
   for r in rows:
     assert float(r["nominal_sparsity"]) == pytest.approx(float(r["sparsity"]), abs=1e-4)
@@ -244,8 +285,7 @@ def test_sweep_refuses_a_changed_training_config(swept):
 
 def test_report_only_cli_rebuilds_the_table_and_plots(swept):
   workdir, _, finished, _ = swept
-  outputs = ["results.csv", "results.md", "accuracy_vs_sparsity.png",
-             "layer_density.png"]
+  outputs = ["results.csv", "results.md", "accuracy_vs_sparsity.png", "layer_density.png"]
   csv_before = (workdir / "results.csv").read_text()
   for name in outputs:
     (workdir / name).unlink()
@@ -253,20 +293,34 @@ def test_report_only_cli_rebuilds_the_table_and_plots(swept):
   # --report_only reads only the cells.
   config_file = workdir / "sweep_config.py"
   config_file.write_text(
-      "from experiments.configs import digits\n\n\n"
-      "def get_config():\n"
-      "  config = digits.get_config()\n"
-      "  config.update(dict(methods=('magnitude', 'synflow'),\n"
-      "                     sparsities=(0.9, 0.99), seeds=(0,),\n"
-      "                     density_plot_sparsity=None))\n"
-      "  config.train.update(dict(num_epochs=1, batch_size=64, progress_bar=False,\n"
-      "                           tensorboard=False))\n"
-      "  return config\n")
+    "from experiments.configs import digits\n\n\n"
+    "def get_config():\n"
+    "  config = digits.get_config()\n"
+    "  config.update(dict(methods=('magnitude', 'synflow'),\n"
+    "                     sparsities=(0.9, 0.99), seeds=(0,),\n"
+    "                     density_plot_sparsity=None))\n"
+    "  config.train.update(dict(num_epochs=1, batch_size=64, progress_bar=False,\n"
+    "                           tensorboard=False))\n"
+    "  return config\n"
+  )
   proc = subprocess.run(
-      [sys.executable, "-m", "experiments.sweep", "--config", str(config_file),
-       "--workdir", str(workdir), "--report_only", "--config.data.dir=/nonexistent"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
-      text=True, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "experiments.sweep",
+      "--config",
+      str(config_file),
+      "--workdir",
+      str(workdir),
+      "--report_only",
+      "--config.data.dir=/nonexistent",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert finished["table"] in proc.stdout
   assert "4 of 4 cells finished (0 run now, 0 skipped)" in proc.stdout

@@ -18,8 +18,7 @@ def _config():
   config = tost_cpu.get_config()
   config.data.name = "digits"
   config.model.name = "resnet20"
-  config.model.kwargs = ml_collections.ConfigDict(dict(num_filters=4,
-                                                       stage_sizes=(1, 1, 1)))
+  config.model.kwargs = ml_collections.ConfigDict(dict(num_filters=4, stage_sizes=(1, 1, 1)))
   config.data.train_subset = 80
   config.train.num_epochs = 2
   config.train.batch_size = 16
@@ -32,8 +31,9 @@ def _config():
   config.ablation_recipes = ()
   config.sparsities = (0.9,)
   config.seeds = (0,)
-  config.ticket = ml_collections.ConfigDict(dict(
-      levels=1, prune_fraction=0.9, rewind_step=0, eval_every_epochs=1000))
+  config.ticket = ml_collections.ConfigDict(
+    dict(levels=1, prune_fraction=0.9, rewind_step=0, eval_every_epochs=1000)
+  )
   return config
 
 
@@ -51,8 +51,7 @@ def test_tost_grid_on_digits(tmp_path):
     base = json.loads((cells / f"{source}+none_s0.9_seed0" / "results.json").read_text())
     ghost = json.loads((cells / f"{source}+ghost_s0.9_seed0" / "results.json").read_text())
     assert base["mask"]["layers"] == ghost["mask"]["layers"]
-    assert ghost["tost"]["techniques"] == ["soft_neurons", "ghost_skips",
-                                           "label_smoothing", "lrsi"]
+    assert ghost["tost"]["techniques"] == ["soft_neurons", "ghost_skips", "label_smoothing", "lrsi"]
   ghost_cell = cells / "ticket+ghost_s0.9_seed0"
   lrsi = json.loads((ghost_cell / common.LRSI_FILE).read_text())
   assert len(lrsi["objective"]) == 3 and lrsi["scales"]
@@ -65,8 +64,13 @@ def test_tost_grid_on_digits(tmp_path):
   # the table: one row per mask source, the difference to the baseline
   assert "| ticket | 90% |" in out["table"]
   assert "| mask | sparsity | baseline | ghost |" in out["table"]
-  for name in ("tost.md", "tost_accuracy.png", "results.csv", "results.md",
-               "accuracy_vs_sparsity.png"):
+  for name in (
+    "tost.md",
+    "tost_accuracy.png",
+    "results.csv",
+    "results.md",
+    "accuracy_vs_sparsity.png",
+  ):
     assert os.path.getsize(tmp_path / name) > 0
   # resumable: a rerun skips every finished cell
   again = tost_runner.run(config, str(tmp_path))
@@ -81,11 +85,16 @@ def test_grid_configs_and_errors():
     tost_runner.ticket_level(cpu, 0.9)
   released = tost_cifar.get_config("cifar100")
   assert (released.model.name, released.data.name, released.train.num_epochs) == (
-      "resnet18", "cifar100", 182)
+    "resnet18",
+    "cifar100",
+    182,
+  )
   assert released.optimizer.decay_epochs == (90, 135) and released.optimizer.weight_decay == 2e-4
-  recipe = common.make_tost(ml_collections.ConfigDict(dict(
-      tost="ghost", tost_soft_neurons=(1.0, 0.0, 0.2, 0.6),
-      tost_lrsi=dict(steps=7))))
+  recipe = common.make_tost(
+    ml_collections.ConfigDict(
+      dict(tost="ghost", tost_soft_neurons=(1.0, 0.0, 0.2, 0.6), tost_lrsi=dict(steps=7))
+    )
+  )
   assert recipe.soft_neurons.hold == 0.2 and recipe.lrsi.steps == 7
   bad = _config()
   bad.recipes = ("none", "bogus")

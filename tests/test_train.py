@@ -110,14 +110,14 @@ def test_sparse_training_keeps_mask_and_zeros(reference):
   ds = data.load("digits")
   model = models.get("mlp", 10)
   init = state.create_train_state(
-      model, digits_optimizer(3, 44), jnp.zeros((1, 8, 8, 1)), jax.random.key(0))
+    model, digits_optimizer(3, 44), jnp.zeros((1, 8, 8, 1)), jax.random.key(0)
+  )
   initial_mask = magnitude_mask_fn(model, 0.9)(init.params)
   assert_trees_equal(result.state.mask, initial_mask)
   summary = masks.summary(result.state.mask)
   assert summary.kept == masks.kept_count(summary.total, 0.9)
   # ...and every pruned weight is exactly zero after 132 steps of SGD + decay.
-  for p, m in zip(jax.tree.leaves(result.state.params),
-                  jax.tree.leaves(result.state.mask)):
+  for p, m in zip(jax.tree.leaves(result.state.params), jax.tree.leaves(result.state.mask)):
     p, m = np.asarray(p), np.asarray(m)
     assert np.all(p[~m] == 0.0)
     if p.ndim > 1:  # kernels: the mask is exactly their support
@@ -129,10 +129,12 @@ def test_evaluate_counts_every_example_once(reference):
   config, _, result = reference
   ds = data.load("digits")
   model = models.get("mlp", 10)
-  full = train.evaluate(model, result.state, ds.test_images, ds.test_labels,
-                        mean=ds.mean, std=ds.std, batch_size=500)
-  tail = train.evaluate(model, result.state, ds.test_images, ds.test_labels,
-                        mean=ds.mean, std=ds.std, batch_size=7)  # 51 + a tail of 3
+  full = train.evaluate(
+    model, result.state, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std, batch_size=500
+  )
+  tail = train.evaluate(
+    model, result.state, ds.test_images, ds.test_labels, mean=ds.mean, std=ds.std, batch_size=7
+  )  # 51 + a tail of 3
   assert full["count"] == tail["count"] == 360
   assert full["accuracy"] == tail["accuracy"]
   assert full["loss"] == pytest.approx(tail["loss"], rel=1e-5)
@@ -145,12 +147,19 @@ def test_evaluate_counts_every_example_once(reference):
 
 
 def test_multistep_schedule_decays_at_epoch_boundaries():
-  sched = schedules.lr_schedule(0.1, kind="multistep", num_epochs=160,
-                                decay_epochs=(60, 120), decay_factor=0.1,
-                                steps_per_epoch=10)
+  sched = schedules.lr_schedule(
+    0.1,
+    kind="multistep",
+    num_epochs=160,
+    decay_epochs=(60, 120),
+    decay_factor=0.1,
+    steps_per_epoch=10,
+  )
   np.testing.assert_allclose(
-      [sched(0), sched(599), sched(600), sched(1199), sched(1200), sched(1599)],
-      [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+    [sched(0), sched(599), sched(600), sched(1199), sched(1200), sched(1599)],
+    [0.1, 0.1, 0.01, 0.01, 0.001, 0.001],
+    rtol=1e-6,
+  )
   # Fractions: the GraSP protocol's 50% / 75%, truncated like the reference.
   assert schedules.decay_boundaries((0.5, 0.75), 160) == [80, 120]
   assert schedules.decay_boundaries((0.5, 0.75), 10) == [5, 7]
@@ -159,26 +168,29 @@ def test_multistep_schedule_decays_at_epoch_boundaries():
 
 
 def test_warmup_and_cosine_schedules():
-  sched = schedules.lr_schedule(0.2, kind="multistep", num_epochs=10,
-                                decay_epochs=(5,), warmup_epochs=2,
-                                steps_per_epoch=10)
-  np.testing.assert_allclose([sched(0), sched(10), sched(20), sched(49), sched(50)],
-                             [0.0, 0.1, 0.2, 0.2, 0.02], rtol=1e-6, atol=1e-9)
-  cos = schedules.lr_schedule(0.2, kind="cosine", num_epochs=10,
-                              end_factor=0.1, steps_per_epoch=10)
-  np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.11, 0.02],
-                             rtol=1e-5)
+  sched = schedules.lr_schedule(
+    0.2, kind="multistep", num_epochs=10, decay_epochs=(5,), warmup_epochs=2, steps_per_epoch=10
+  )
+  np.testing.assert_allclose(
+    [sched(0), sched(10), sched(20), sched(49), sched(50)],
+    [0.0, 0.1, 0.2, 0.2, 0.02],
+    rtol=1e-6,
+    atol=1e-9,
+  )
+  cos = schedules.lr_schedule(0.2, kind="cosine", num_epochs=10, end_factor=0.1, steps_per_epoch=10)
+  np.testing.assert_allclose([cos(0), cos(50), cos(100)], [0.2, 0.11, 0.02], rtol=1e-5)
   with pytest.raises(ValueError, match="lr_schedule"):
     schedules.lr_schedule(0.1, kind="step", num_epochs=1, steps_per_epoch=1)
 
 
 def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
   """Two steps against PyTorch's SGD(momentum, nesterov, weight_decay) formulas."""
-  tx = schedules.make_optimizer(0.1, momentum=0.9, nesterov=True,
-                                weight_decay=0.01)
+  tx = schedules.make_optimizer(0.1, momentum=0.9, nesterov=True, weight_decay=0.01)
   params = {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.array([0.5])}
-  grads = [{"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([-0.2])},
-           {"kernel": jnp.array([[-0.1, 0.4]]), "bias": jnp.array([0.1])}]
+  grads = [
+    {"kernel": jnp.array([[0.3, 0.1]]), "bias": jnp.array([-0.2])},
+    {"kernel": jnp.array([[-0.1, 0.4]]), "bias": jnp.array([0.1])},
+  ]
   state = tx.init(params)
   p_ref = jax.tree.map(np.asarray, params)
   buf = None
@@ -195,8 +207,9 @@ def test_optimizer_is_pytorch_sgd_with_weight_decay_on_all_params():
 
 
 def test_optimizer_state_carries_the_scheduled_learning_rate():
-  lr = schedules.lr_schedule(0.1, kind="multistep", num_epochs=2,
-                             decay_epochs=(1,), steps_per_epoch=2)
+  lr = schedules.lr_schedule(
+    0.1, kind="multistep", num_epochs=2, decay_epochs=(1,), steps_per_epoch=2
+  )
   tx = optim.sparse(schedules.make_optimizer(lr), lambda p: masks.ones_like(p))
   params = {"w": jnp.ones(3)}
   opt_state = tx.init(params)
@@ -218,14 +231,12 @@ def test_create_train_state_masks_params_and_optimizer():
   mask = mask_fn(dense.params)
   sparse = state.create_train_state(model, tx, x, jax.random.key(0), mask=mask)
   # The same from optim.sparse with the mask function, called by init.
-  held = state.create_train_state(model, optim.sparse(tx, mask_fn), x,
-                                  jax.random.key(0))
+  held = state.create_train_state(model, optim.sparse(tx, mask_fn), x, jax.random.key(0))
   assert_trees_equal(held.mask, mask)
   assert_trees_equal(held.params, sparse.params)
   assert_trees_equal(held.opt_state, sparse.opt_state)
   with pytest.raises(ValueError, match="already holds a mask"):
-    state.create_train_state(model, optim.sparse(tx, mask_fn), x,
-                             jax.random.key(0), mask=mask)
+    state.create_train_state(model, optim.sparse(tx, mask_fn), x, jax.random.key(0), mask=mask)
   assert dense.mask is None and int(sparse.step) == 0
   assert_trees_equal(sparse.mask, mask)
   assert_trees_equal(sparse.params, masks.apply(dense.params, mask))
@@ -253,8 +264,7 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(reference, tmp_path)
   assert without_timing(resumed.history) == without_timing(ref.history)
   assert read_metrics(tmp_path) == read_metrics(ref_dir)
   assert_trees_equal(resumed.state, ref.state)  # params, stats, opt state, rng
-  assert_trees_equal(load_checkpoint_state(tmp_path, 132),
-                     load_checkpoint_state(ref_dir, 132))
+  assert_trees_equal(load_checkpoint_state(tmp_path, 132), load_checkpoint_state(ref_dir, 132))
 
 
 def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
@@ -262,8 +272,12 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
   first epoch."""
   killed = tmp_path / "killed"
   proc = subprocess.Popen(
-      [sys.executable, "-m", "tests.fitting", str(killed), "8"], cwd=REPO,
-      env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    [sys.executable, "-m", "tests.fitting", str(killed), "8"],
+    cwd=REPO,
+    env=SUBPROCESS_ENV,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   first = killed / "checkpoints" / "44"  # renamed into place when committed
   deadline = time.time() + 120
   while time.time() < deadline and proc.poll() is None:
@@ -298,8 +312,7 @@ def test_rerun_of_finished_run_is_a_no_op(reference):
 # ----------------------------------------------------------------------------
 
 
-def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path,
-                                                             caplog):
+def test_unreadable_checkpoint_is_reported_skipped_and_kept(reference, tmp_path, caplog):
   config, ref_dir, ref = reference
   # SIGTERM at the last step of epoch 2: the epoch completes, saves and exits.
   with sigterm_at_step(88):
@@ -353,9 +366,14 @@ _QUARANTINE_SCRIPT = textwrap.dedent("""
 def test_quarantined_checkpoint_prints_one_warning_line():
   # The reads abandoned by the failing one used to print pages of "Event loop
   # is closed" and "Task exception was never retrieved" tracebacks.
-  proc = subprocess.run([sys.executable, "-c", _QUARANTINE_SCRIPT], cwd=REPO,
-                        env=SUBPROCESS_ENV, capture_output=True, text=True,
-                        timeout=240)
+  proc = subprocess.run(
+    [sys.executable, "-c", _QUARANTINE_SCRIPT],
+    cwd=REPO,
+    env=SUBPROCESS_ENV,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stderr.splitlines()
   assert len(lines) == 10, proc.stderr[-3000:]
@@ -456,14 +474,18 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent(r"""
 
 
 def test_eight_devices_match_one_device(tmp_path):
-  env = dict(SUBPROCESS_ENV,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
-                        cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  env = dict(SUBPROCESS_ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(
+    [sys.executable, "-c", MULTI_DEVICE_SCRIPT, str(tmp_path)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  out = json.loads(line[len("RESULT"):])
+  out = json.loads(line[len("RESULT") :])
   eight, one = out["8"], out["1"]
   assert out["all_reduce"]  # gradients really are reduced across devices
   assert eight["devices"] == 8 and one["devices"] == 1

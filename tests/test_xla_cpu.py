@@ -67,15 +67,21 @@ def test_jaxlib_defines_real_and_made_up_options():
   assert not _xla_cpu.jaxlib_defines("xla_cpu_no_such_option_in_any_release")
   # XLA aborts the process on an unknown option: that is why apply() checks.
   bad = subprocess.run(
-      [sys.executable, "-c", "import jax; jax.numpy.ones(1).block_until_ready()"],
-      env=dict(os.environ, XLA_FLAGS="--xla_cpu_no_such_option_in_any_release=1",
-               JAX_PLATFORMS="cpu"), capture_output=True, text=True)
+    [sys.executable, "-c", "import jax; jax.numpy.ones(1).block_until_ready()"],
+    env=dict(
+      os.environ, XLA_FLAGS="--xla_cpu_no_such_option_in_any_release=1", JAX_PLATFORMS="cpu"
+    ),
+    capture_output=True,
+    text=True,
+  )
   assert bad.returncode != 0 and "Unknown flag" in bad.stderr
   if _xla_cpu.jaxlib_defines(NAME):  # a known option starts cleanly
     ok = subprocess.run(
-        [sys.executable, "-c", "import jax; jax.numpy.ones(1).block_until_ready()"],
-        env=dict(os.environ, XLA_FLAGS=FLAG, JAX_PLATFORMS="cpu"),
-        capture_output=True, text=True)
+      [sys.executable, "-c", "import jax; jax.numpy.ones(1).block_until_ready()"],
+      env=dict(os.environ, XLA_FLAGS=FLAG, JAX_PLATFORMS="cpu"),
+      capture_output=True,
+      text=True,
+    )
     assert ok.returncode == 0, ok.stderr
 
 
@@ -119,18 +125,21 @@ def _run(tmp_path, tag, **env):
   script = tmp_path / "net.py"
   script.write_text(_SCRIPT)
   grads, text = tmp_path / f"{tag}.npz", tmp_path / f"{tag}.txt"
-  base = {k: v for k, v in os.environ.items()
-          if k not in ("XLA_FLAGS", _xla_cpu.OPT_OUT)}
+  base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", _xla_cpu.OPT_OUT)}
   env = dict(base, JAX_PLATFORMS="cpu", **env)
-  proc = subprocess.run([sys.executable, str(script), str(grads), str(text)],
-                        cwd=REPO, env=env, capture_output=True, text=True)
+  proc = subprocess.run(
+    [sys.executable, str(script), str(grads), str(text)],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   ynn, rest = text.read_text().split("\n", 1)
   return dict(np.load(grads)), ynn == "True", rest
 
 
-@pytest.mark.skipif(not _xla_cpu.jaxlib_defines(NAME),
-                    reason=f"this jaxlib has no {NAME} option")
+@pytest.mark.skipif(not _xla_cpu.jaxlib_defines(NAME), reason=f"this jaxlib has no {NAME} option")
 def test_fast_path_same_gradients_and_accelerator_lowering(tmp_path):
   fast, fast_ynn, fast_text = _run(tmp_path, "fast")
   default, _, default_text = _run(tmp_path, "default", **{_xla_cpu.OPT_OUT: "0"})
@@ -142,8 +151,7 @@ def test_fast_path_same_gradients_and_accelerator_lowering(tmp_path):
   assert fast_text == default_text
 
 
-@pytest.mark.skipif(not _xla_cpu.jaxlib_defines(NAME),
-                    reason=f"this jaxlib has no {NAME} option")
+@pytest.mark.skipif(not _xla_cpu.jaxlib_defines(NAME), reason=f"this jaxlib has no {NAME} option")
 def test_import_after_jax_started_warns_through_real_jax():
   code = textwrap.dedent("""
       import warnings, jax
@@ -156,8 +164,9 @@ def test_import_after_jax_started_warns_through_real_jax():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   env.pop(_xla_cpu.OPT_OUT, None)
-  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,
-                       capture_output=True, text=True)
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert out.stdout.split()[-1] == "1"
 
@@ -208,12 +217,19 @@ def _bn_pair(x, *, train):
   ours = norm.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
   ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
   v = ours.init(jax.random.key(0), x)
-  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.tolist()), v) == \
-      jax.tree.map(lambda a: (a.shape, a.dtype, a.tolist()), ref.init(jax.random.key(0), x))
-  v = {"params": {"scale": jax.numpy.linspace(0.5, 2.0, x.shape[-1]),
-                  "bias": jax.numpy.linspace(-1.0, 1.0, x.shape[-1])},
-       "batch_stats": {"mean": jax.numpy.full((x.shape[-1],), 0.3),
-                       "var": jax.numpy.full((x.shape[-1],), 1.7)}}
+  assert jax.tree.map(lambda a: (a.shape, a.dtype, a.tolist()), v) == jax.tree.map(
+    lambda a: (a.shape, a.dtype, a.tolist()), ref.init(jax.random.key(0), x)
+  )
+  v = {
+    "params": {
+      "scale": jax.numpy.linspace(0.5, 2.0, x.shape[-1]),
+      "bias": jax.numpy.linspace(-1.0, 1.0, x.shape[-1]),
+    },
+    "batch_stats": {
+      "mean": jax.numpy.full((x.shape[-1],), 0.3),
+      "var": jax.numpy.full((x.shape[-1],), 1.7),
+    },
+  }
   return ours, ref, v
 
 
@@ -228,8 +244,9 @@ def test_batch_norm_same_values_and_gradients_as_flax(monkeypatch, opt_out):
   ours, ref, v = _bn_pair(x, train=True)
 
   def run(module, x, params):
-    y, upd = module.apply({"params": params, "batch_stats": v["batch_stats"]}, x,
-                          mutable=["batch_stats"])
+    y, upd = module.apply(
+      {"params": params, "batch_stats": v["batch_stats"]}, x, mutable=["batch_stats"]
+    )
     return jnp.sum(y * cot), (y, upd["batch_stats"])
 
   grads, outs = {}, {}
@@ -267,11 +284,13 @@ def test_batch_norm_reductions_are_gemvs_on_cpu_only():
   assert hlo.count(" dot(") >= 4 and "reduce-window" not in hlo
   cuda = jax.export.export(g, platforms=["cuda"])(*args).mlir_module()
   assert "stablehlo.dot_general" not in cuda and "stablehlo.reduce" in cuda
+
   # gradient values against autodiff of the textbook formula
   def textbook(x, scale, bias):
     mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
     y = (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
     return jnp.sum(jnp.sin(y)) + jnp.sum(mean * var)
+
   for a, b in zip(g(*args), jax.grad(textbook, (0, 1, 2))(*args)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -286,21 +305,29 @@ def test_plain_ops_traces_without_the_cpu_rewrites_and_restores_them():
   scale, bias = jnp.ones((4,)), jnp.zeros((4,))
 
   def f(x, w):
-    y = _xla_cpu.conv_general_dilated(x, w, (1, 1), "SAME",
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = _xla_cpu.conv_general_dilated(
+      x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
     return jnp.sum(_xla_cpu.batch_norm_train(y, scale, bias, 1e-5)[0] ** 3)
 
   def branches(fn):
     text = str(jax.make_jaxpr(jax.grad(fn))(x, w))
     return text.count("platform_index") + text.count("cond[")
 
-  assert branches(f) > 0                       # the rewrites, outside the context
+  assert branches(f) > 0  # the rewrites, outside the context
   with _xla_cpu.plain_ops():
-    assert branches(f) == 0                    # plain convolution and batch norm
+    assert branches(f) == 0  # plain convolution and batch norm
     plain_grad = jax.grad(f)(x, w)
-  assert branches(f) > 0                       # restored on exit
+  assert branches(f) > 0  # restored on exit
   np.testing.assert_allclose(plain_grad, jax.grad(f)(x, w), rtol=1e-4, atol=1e-4)
-  ref = jax.grad(lambda x, w: jnp.sum(((lambda y: (y - y.mean((0, 1, 2))) / jnp.sqrt(
-      y.var((0, 1, 2)) + 1e-5))(lax.conv_general_dilated(
-          x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))) ** 3))
+  ref = jax.grad(
+    lambda x, w: jnp.sum(
+      (
+        (lambda y: (y - y.mean((0, 1, 2))) / jnp.sqrt(y.var((0, 1, 2)) + 1e-5))(
+          lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        )
+      )
+      ** 3
+    )
+  )
   np.testing.assert_allclose(plain_grad, ref(x, w), rtol=1e-4, atol=1e-4)

@@ -218,8 +218,9 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-def sgd_protocol(config: ml_collections.ConfigDict, *, nesterov: bool,
-                 lr_decay_epochs: tuple) -> ml_collections.ConfigDict:
+def sgd_protocol(
+  config: ml_collections.ConfigDict, *, nesterov: bool, lr_decay_epochs: tuple
+) -> ml_collections.ConfigDict:
   """Sets the SPEC §8 CIFAR protocol on ``config`` (for ``config.model.name``).
 
   SGD with momentum 0.9 (Nesterov if ``nesterov``), lr 0.1, batch 128, 160

@@ -33,9 +33,16 @@ def get_config():
   config.optimizer.schedule = "cosine"
   config.dst_update_every = 50
   config.methods = ("static", "set", "rigl", "granet")
-  config.variants = dict(dst_rigl_cifar.variants(), granet={
-      "pruner": "dense", "dst": "granet", "budget": "erk",
-      "dst_initial_sparsity": 0.5, "dst_alpha": 0.5})
+  config.variants = dict(
+    dst_rigl_cifar.variants(),
+    granet={
+      "pruner": "dense",
+      "dst": "granet",
+      "budget": "erk",
+      "dst_initial_sparsity": 0.5,
+      "dst_alpha": 0.5,
+    },
+  )
   config.dst_prune_epochs = (0.0, 0.5)
   # Test once, at the end (also when --config.train.num_epochs is changed).
   config.train.eval_every_epochs = config.train.get_ref("num_epochs")

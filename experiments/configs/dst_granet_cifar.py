@@ -33,11 +33,16 @@ def get_config(arg: str | None = None):
   config.dst_end = 0.5
   config.methods = ("granet", "gmp", "rigl")
   config.variants = {
-      "granet": {"pruner": "dense", "dst": "granet", "budget": "erk",
-                 "dst_initial_sparsity": 0.5},
-      "gmp": {"pruner": "dense", "dst": "gmp"},
-      "rigl": {"pruner": "random", "budget": "erk", "dst": "rigl",
-               "dst_update_every": 100, "dst_alpha": 0.3, "dst_end": 0.75},
+    "granet": {"pruner": "dense", "dst": "granet", "budget": "erk", "dst_initial_sparsity": 0.5},
+    "gmp": {"pruner": "dense", "dst": "gmp"},
+    "rigl": {
+      "pruner": "random",
+      "budget": "erk",
+      "dst": "rigl",
+      "dst_update_every": 100,
+      "dst_alpha": 0.3,
+      "dst_end": 0.75,
+    },
   }
   config.sparsities = (0.0, 0.9, 0.95)
   config.seeds = (0, 1, 2)

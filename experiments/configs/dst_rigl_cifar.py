@@ -25,8 +25,7 @@ from experiments.configs import default
 def variants(budget: str = "erk") -> dict:
   """Static sparse training, SET and RigL from the same random ``budget`` mask."""
   start = {"pruner": "random", "budget": budget}
-  return {"static": dict(start), "set": dict(start, dst="set"),
-          "rigl": dict(start, dst="rigl")}
+  return {"static": dict(start), "set": dict(start, dst="set"), "rigl": dict(start, dst="rigl")}
 
 
 def get_config():

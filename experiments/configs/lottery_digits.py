@@ -15,10 +15,18 @@ def get_config():
   """Returns the digits lottery configuration."""
   config = lottery_openlth.get_config()
   recipe = digits.get_config()  # the MLP training recipe of experiments.train
-  for path in ("data.name", "model.name", "train.num_epochs", "train.batch_size",
-               "optimizer.learning_rate", "optimizer.momentum",
-               "optimizer.schedule", "optimizer.weight_decay",
-               "train.eval_batch_size", "train.log_every_steps"):
+  for path in (
+    "data.name",
+    "model.name",
+    "train.num_epochs",
+    "train.batch_size",
+    "optimizer.learning_rate",
+    "optimizer.momentum",
+    "optimizer.schedule",
+    "optimizer.weight_decay",
+    "train.eval_batch_size",
+    "train.log_every_steps",
+  ):
     group, name = path.split(".")
     config[group][name] = recipe[group][name]
   config.levels = 5

@@ -29,11 +29,23 @@ from experiments.configs import default
 def variants() -> dict:
   """GraNet and RigL, each alone and with Sup-tickets (``<method>_sup``)."""
   plain = {
-      "granet": {"pruner": "dense", "dst": "granet", "budget": "erk",
-                 "dst_initial_sparsity": 0.5, "dst_update_every": 1000,
-                 "dst_alpha": 0.5, "dst_end": 0.5},
-      "rigl": {"pruner": "random", "budget": "erk", "dst": "rigl",
-               "dst_update_every": 100, "dst_alpha": 0.3, "dst_end": 0.75},
+    "granet": {
+      "pruner": "dense",
+      "dst": "granet",
+      "budget": "erk",
+      "dst_initial_sparsity": 0.5,
+      "dst_update_every": 1000,
+      "dst_alpha": 0.5,
+      "dst_end": 0.5,
+    },
+    "rigl": {
+      "pruner": "random",
+      "budget": "erk",
+      "dst": "rigl",
+      "dst_update_every": 100,
+      "dst_alpha": 0.3,
+      "dst_end": 0.75,
+    },
   }
   out = {}
   for name, fields in plain.items():

@@ -40,8 +40,12 @@ def get_config():
   config.sup_lr2 = 0.005
   plain = config.variants.to_dict()
   rigl, granet = plain["rigl"], plain["granet"]
-  config.variants = {"rigl": rigl, "rigl_sup": dict(rigl, suptickets=True),
-                     "granet": granet, "granet_sup": dict(granet, suptickets=True)}
+  config.variants = {
+    "rigl": rigl,
+    "rigl_sup": dict(rigl, suptickets=True),
+    "granet": granet,
+    "granet_sup": dict(granet, suptickets=True),
+  }
   config.methods = ("rigl", "rigl_sup", "granet", "granet_sup")
   config.sparsities = (0.95,)
   config.seeds = (0, 1, 2)

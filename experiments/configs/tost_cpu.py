@@ -59,9 +59,9 @@ def get_config():
   config.ablation_recipes = ("soft_neurons", "ghost_skips", "label_smoothing", "lrsi")
   config.sparsities = (0.98,)
   config.seeds = (0, 1)
-  config.ticket = ml_collections.ConfigDict(dict(
-      levels=2, prune_fraction=1 - math.sqrt(0.02), rewind_step=0,
-      eval_every_epochs=1000))
+  config.ticket = ml_collections.ConfigDict(
+    dict(levels=2, prune_fraction=1 - math.sqrt(0.02), rewind_step=0, eval_every_epochs=1000)
+  )
   # Test once, at the end (also when --config.train.num_epochs is changed).
   config.train.eval_every_epochs = config.train.get_ref("num_epochs")
   config.train.tensorboard = False

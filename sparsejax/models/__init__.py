@@ -67,19 +67,19 @@ from sparsejax.models.wide_resnet import WideBasicBlock
 from sparsejax.models.wide_resnet import WideResNet
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
-    "resnet20": ResNet20,
-    "resnet32": ResNet32,
-    "resnet56": ResNet56,
-    "resnet18": ResNet18,
-    "resnet50": ResNet50,
-    "wrn22_2": WRN22_2,
-    "wrn28_10": WRN28_10,
-    "vgg11": VGG11,
-    "vgg16": VGG16,
-    "vgg19": VGG19,
-    "mobilenetv2": MobileNetV2,
-    "lenet5": LeNet5,
-    "mlp": MLP,
+  "resnet20": ResNet20,
+  "resnet32": ResNet32,
+  "resnet56": ResNet56,
+  "resnet18": ResNet18,
+  "resnet50": ResNet50,
+  "wrn22_2": WRN22_2,
+  "wrn28_10": WRN28_10,
+  "vgg11": VGG11,
+  "vgg16": VGG16,
+  "vgg19": VGG19,
+  "mobilenetv2": MobileNetV2,
+  "lenet5": LeNet5,
+  "mlp": MLP,
 }
 
 
@@ -110,14 +110,12 @@ def get(name: str, num_classes: int, **kwargs: Any) -> nn.Module:
   try:
     constructor = _REGISTRY[name]
   except KeyError:
-    raise ValueError(
-        f"Unknown model {name!r}; valid names are: {', '.join(_REGISTRY)}."
-    ) from None
+    raise ValueError(f"Unknown model {name!r}; valid names are: {', '.join(_REGISTRY)}.") from None
   return constructor(num_classes=num_classes, **kwargs)
 
 
 def params_in_creation_order(
-    model: nn.Module, *args: Any, **kwargs: Any
+  model: nn.Module, *args: Any, **kwargs: Any
 ) -> list[tuple[tuple[str, ...], jax.ShapeDtypeStruct]]:
   """Lists the ``'params'`` leaves of ``model`` in the order they are created.
 
@@ -185,35 +183,34 @@ def layer_order(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[str, ...]:
     >>> prunable = dataclasses.replace(masks.KEEP_FIRST_AND_CLASSIFIER_DENSE,
     ...                                order=order)
   """
-  return tuple("/".join(path)
-               for path, _ in params_in_creation_order(model, *args, **kwargs))
+  return tuple("/".join(path) for path, _ in params_in_creation_order(model, *args, **kwargs))
 
 
 __all__ = [
-    "layer_order",
-    "BasicBlock",
-    "Bottleneck",
-    "InvertedResidual",
-    "LeNet5",
-    "MLP",
-    "MobileNetV2",
-    "ResNet",
-    "ResNet18",
-    "ResNet20",
-    "ResNet32",
-    "ResNet50",
-    "ResNet56",
-    "VGG",
-    "VGG11",
-    "VGG16",
-    "VGG19",
-    "WRN22_2",
-    "WRN28_10",
-    "WideBasicBlock",
-    "WideResNet",
-    "activations",
-    "get",
-    "names",
-    "params_in_creation_order",
-    "scalars",
+  "layer_order",
+  "BasicBlock",
+  "Bottleneck",
+  "InvertedResidual",
+  "LeNet5",
+  "MLP",
+  "MobileNetV2",
+  "ResNet",
+  "ResNet18",
+  "ResNet20",
+  "ResNet32",
+  "ResNet50",
+  "ResNet56",
+  "VGG",
+  "VGG11",
+  "VGG16",
+  "VGG19",
+  "WRN22_2",
+  "WRN28_10",
+  "WideBasicBlock",
+  "WideResNet",
+  "activations",
+  "get",
+  "names",
+  "params_in_creation_order",
+  "scalars",
 ]

@@ -68,8 +68,8 @@ def swish(x: Array, coef: Array | None = None) -> Array:
 
 
 def blend(
-    a: Callable[[Array], Array] = jax.nn.relu,
-    b: Callable[[Array], Array] = jax.nn.swish,
+  a: Callable[[Array], Array] = jax.nn.relu,
+  b: Callable[[Array], Array] = jax.nn.swish,
 ) -> Activation:
   """Returns an activation that blends ``a`` into ``b`` by a coefficient.
 
@@ -114,8 +114,8 @@ def conv_and_norm(train: bool, dtype, init_gain: float = HE_GAIN):
   (``momentum=0.9``, i.e. PyTorch's 0.1, ``epsilon=1e-5``), batch statistics
   when ``train``.
   """
-  conv = functools.partial(Conv, use_bias=False, dtype=dtype,
-                           kernel_init=he_normal(init_gain))
-  norm = functools.partial(norm_lib.BatchNorm, use_running_average=not train,
-                           momentum=0.9, epsilon=1e-5, dtype=dtype)
+  conv = functools.partial(Conv, use_bias=False, dtype=dtype, kernel_init=he_normal(init_gain))
+  norm = functools.partial(
+    norm_lib.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype
+  )
   return conv, norm

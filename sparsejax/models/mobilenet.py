@@ -36,13 +36,13 @@ from sparsejax.models import scalars
 ModuleDef = Any
 
 CIFAR_CONFIG: tuple[tuple[int, int, int, int], ...] = (
-    (1, 16, 1, 1),
-    (6, 24, 2, 1),  # Stride 2 in the ImageNet network.
-    (6, 32, 3, 2),
-    (6, 64, 4, 2),
-    (6, 96, 3, 1),
-    (6, 160, 3, 2),
-    (6, 320, 1, 1),
+  (1, 16, 1, 1),
+  (6, 24, 2, 1),  # Stride 2 in the ImageNet network.
+  (6, 32, 3, 2),
+  (6, 64, 4, 2),
+  (6, 96, 3, 1),
+  (6, 160, 3, 2),
+  (6, 320, 1, 1),
 )
 """The inverted-residual table, rows (expansion t, channels c, blocks n, first stride s)."""
 
@@ -77,9 +77,7 @@ class InvertedResidual(nn.Module):
     y = self.conv(hidden, (1, 1), padding=0)(x)
     y = self.norm()(y)
     y = self.act(y, act_coef)
-    y = self.conv(
-        hidden, (3, 3), self.strides, padding=1, feature_group_count=hidden
-    )(y)
+    y = self.conv(hidden, (3, 3), self.strides, padding=1, feature_group_count=hidden)(y)
     y = self.norm()(y)
     y = self.act(y, act_coef)
     y = self.conv(self.filters, (1, 1), padding=0)(y)
@@ -147,17 +145,18 @@ class MobileNetV2(nn.Module):
     for expansion, filters, num_blocks, first_strides in self.config:
       for j in range(num_blocks):
         x = InvertedResidual(
-            filters,
-            expansion,
-            conv=conv,
-            norm=norm,
-            act=self.act,
-            strides=first_strides if j == 0 else 1,
+          filters,
+          expansion,
+          conv=conv,
+          norm=norm,
+          act=self.act,
+          strides=first_strides if j == 0 else 1,
         )(x)
     x = conv(self.head_filters, (1, 1), padding=0)(x)
     x = norm()(x)
     x = self.act(x, act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=activations.he_normal(self.init_gain))(x)
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+    )(x)
     return jnp.asarray(x, jnp.float32)

@@ -49,10 +49,8 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     features = x.shape[-1]
-    running_mean = self.variable("batch_stats", "mean", jnp.zeros,
-                                 (features,), jnp.float32)
-    running_var = self.variable("batch_stats", "var", jnp.ones,
-                                (features,), jnp.float32)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     dtype = self.dtype or jnp.result_type(x.dtype, jnp.float32)
@@ -67,8 +65,9 @@ class BatchNorm(nn.Module):
       running_var.value = m * running_var.value + (1 - m) * var
     return y.astype(dtype)
 
-  def normalize_batch(self, x: jax.Array, scale: jax.Array, bias: jax.Array
-                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  def normalize_batch(
+    self, x: jax.Array, scale: jax.Array, bias: jax.Array
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Training-mode batch norm of ``x`` over all axes but the last.
 
     Args:

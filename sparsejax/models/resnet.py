@@ -75,8 +75,7 @@ class BasicBlock(nn.Module):
     act_coef = scalars.read(self, scalars.ACT_COEF)
     ghost_coef = scalars.read(self, scalars.GHOST_COEF)
     residual = x
-    y = self.conv(self.mid_filters or self.filters, (3, 3), self.strides,
-                  padding=1)(x)
+    y = self.conv(self.mid_filters or self.filters, (3, 3), self.strides, padding=1)(x)
     y = self.norm()(y)
     if self.ghost:
       y = y + ghost_path(self, "ghost_in", x, self.strides, ghost_coef)
@@ -88,14 +87,15 @@ class BasicBlock(nn.Module):
       y = y + ghost_path(self, "ghost_out", first, 1, ghost_coef)
     if residual.shape != y.shape:
       residual = self.conv(self.filters, (1, 1), self.strides, padding=0, name="conv_proj")(
-          residual
+        residual
       )
       residual = self.norm(name="norm_proj")(residual)
     return self.act(residual + y, act_coef)
 
 
-def ghost_path(block: nn.Module, name: str, x: jax.Array, strides: int,
-               coef: jax.Array | None) -> jax.Array:
+def ghost_path(
+  block: nn.Module, name: str, x: jax.Array, strides: int, coef: jax.Array | None
+) -> jax.Array:
   """``coef * norm(conv1x1(x))``: one ghost skip path of ToST inside ``block``.
 
   A dense 1x1 conv (``block.filters`` outputs, stride ``strides``, no bias,
@@ -104,9 +104,14 @@ def ghost_path(block: nn.Module, name: str, x: jax.Array, strides: int,
   ``None`` (the path at full strength, γ = 1) or a scalar, possibly traced.
   Maps ``[B, H, W, C]`` to ``[B, H / strides, W / strides, block.filters]``.
   """
-  conv = block.conv(block.filters, (1, 1), strides, padding=0,
-                    kernel_init=nn.initializers.constant(block.ghost_init),
-                    name=f"{name}_conv")
+  conv = block.conv(
+    block.filters,
+    (1, 1),
+    strides,
+    padding=0,
+    kernel_init=nn.initializers.constant(block.ghost_init),
+    name=f"{name}_conv",
+  )
   y = block.norm(name=f"{name}_norm")(conv(x))
   return y if coef is None else jnp.asarray(coef, y.dtype) * y
 
@@ -177,8 +182,9 @@ class ResNet(nn.Module):
     """
     act_coef = scalars.read(self, scalars.ACT_COEF)
     conv, norm = activations.conv_and_norm(train, self.dtype, self.init_gain)
-    stages = self.stage_channels or [self.num_filters * self.width * 2**i
-                                     for i in range(len(self.stage_sizes))]
+    stages = self.stage_channels or [
+      self.num_filters * self.width * 2**i for i in range(len(self.stage_sizes))
+    ]
     mids = list(self.block_channels or [None] * sum(self.stage_sizes))
 
     x = conv(stages[0], (3, 3), padding=1)(x)
@@ -188,13 +194,19 @@ class ResNet(nn.Module):
       for j in range(num_blocks):
         strides = 2 if i > 0 and j == 0 else 1
         x = BasicBlock(
-            stages[i], conv=conv, norm=norm, act=self.act, strides=strides,
-            ghost=self.ghost_skips, ghost_init=self.ghost_init,
-            mid_filters=mids.pop(0),
+          stages[i],
+          conv=conv,
+          norm=norm,
+          act=self.act,
+          strides=strides,
+          ghost=self.ghost_skips,
+          ghost_init=self.ghost_init,
+          mid_filters=mids.pop(0),
         )(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=activations.he_normal(self.init_gain))(x)
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+    )(x)
     return jnp.asarray(x, jnp.float32)
 
 
@@ -220,8 +232,7 @@ class Bottleneck(nn.Module):
     y = self.act(self.norm()(y), act_coef)
     y = self.norm()(self.conv(4 * self.filters, (1, 1), padding=0)(y))
     if x.shape != y.shape:
-      x = self.conv(4 * self.filters, (1, 1), self.strides, padding=0,
-                    name="conv_proj")(x)
+      x = self.conv(4 * self.filters, (1, 1), self.strides, padding=0, name="conv_proj")(x)
       x = self.norm(name="norm_proj")(x)
     return self.act(x + y, act_coef)
 
@@ -253,11 +264,17 @@ class ResNet50(nn.Module):
     x = self.act(norm()(conv(64 * self.width, (3, 3), padding=1)(x)), act_coef)
     for i, num_blocks in enumerate(self.stage_sizes):
       for j in range(num_blocks):
-        x = Bottleneck(64 * self.width * 2**i, conv=conv, norm=norm,
-                       act=self.act, strides=2 if i > 0 and j == 0 else 1)(x)
+        x = Bottleneck(
+          64 * self.width * 2**i,
+          conv=conv,
+          norm=norm,
+          act=self.act,
+          strides=2 if i > 0 and j == 0 else 1,
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=activations.he_normal(self.init_gain))(x)
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+    )(x)
     return jnp.asarray(x, jnp.float32)
 
 

@@ -69,9 +69,7 @@ class LeNet5(nn.Module):
     kernel_init = activations.he_normal(self.init_gain)
     scaled = lambda n: max(1, round(self.width * n))
     for features in map(scaled, (6, 16)):
-      x = nn.Conv(
-          features, (5, 5), padding="SAME", dtype=self.dtype, kernel_init=kernel_init
-      )(x)
+      x = nn.Conv(features, (5, 5), padding="SAME", dtype=self.dtype, kernel_init=kernel_init)(x)
       x = self.act(x, act_coef)
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="SAME")
     x = x.reshape((x.shape[0], -1))
@@ -132,21 +130,24 @@ class MLP(nn.Module):
     act_coef = scalars.read(self, scalars.ACT_COEF)
     del train
     if self.initializer not in MLP_INITS:
-      raise ValueError(f"MLP.initializer must be one of {MLP_INITS}, got "
-                       f"{self.initializer!r}")
+      raise ValueError(f"MLP.initializer must be one of {MLP_INITS}, got {self.initializer!r}")
     x = x.reshape((x.shape[0], -1))
 
     def dense(features, h):
       if self.initializer == "he":
-        layer = nn.Dense(features, dtype=self.dtype,
-                         kernel_init=activations.he_normal(self.init_gain))
+        layer = nn.Dense(
+          features, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+        )
       else:
         bound = 1.0 / max(1, h.shape[-1]) ** 0.5
         layer = nn.Dense(
-            features, dtype=self.dtype,
-            kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
-            bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
-                key, shape, dtype, -bound, bound))
+          features,
+          dtype=self.dtype,
+          kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+          bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+            key, shape, dtype, -bound, bound
+          ),
+        )
       return layer(h)
 
     for features in self.hidden:

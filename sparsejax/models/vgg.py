@@ -89,8 +89,9 @@ class VGG(nn.Module):
         x = norm()(conv(layer, (3, 3), padding=1)(x))
         x = self.act(x, act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=activations.he_normal(self.init_gain))(x)
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+    )(x)
     return jnp.asarray(x, jnp.float32)
 
 

@@ -78,8 +78,7 @@ class WideBasicBlock(nn.Module):
     if self.ghost:
       y = y + ghost_path(self, "ghost_out", first, 1, ghost_coef)
     if x.shape[-1] != self.filters or self.strides != 1:
-      x = self.conv(self.filters, (1, 1), self.strides, padding=0,
-                    name="conv_proj")(pre)
+      x = self.conv(self.filters, (1, 1), self.strides, padding=0, name="conv_proj")(pre)
     return x + y
 
 
@@ -129,14 +128,22 @@ class WideResNet(nn.Module):
     x = conv(16, (3, 3), padding=1)(x)
     for i, width in enumerate((16, 32, 64)):
       for j in range(n):
-        x = WideBasicBlock(width * self.widen, conv=conv, norm=norm,
-                           act=self.act, strides=2 if i > 0 and j == 0 else 1,
-                           dropout=self.dropout, train=train,
-                           ghost=self.ghost_skips, ghost_init=self.ghost_init)(x)
+        x = WideBasicBlock(
+          width * self.widen,
+          conv=conv,
+          norm=norm,
+          act=self.act,
+          strides=2 if i > 0 and j == 0 else 1,
+          dropout=self.dropout,
+          train=train,
+          ghost=self.ghost_skips,
+          ghost_init=self.ghost_init,
+        )(x)
     x = self.act(norm()(x), act_coef)
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype,
-                 kernel_init=activations.he_normal(self.init_gain))(x)
+    x = nn.Dense(
+      self.num_classes, dtype=self.dtype, kernel_init=activations.he_normal(self.init_gain)
+    )(x)
     return jnp.asarray(x, jnp.float32)
 
 
