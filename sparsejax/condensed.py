@@ -409,20 +409,9 @@ def _layer(module, kernel: CondensedKernel, x: jax.Array, gather_max_rows: int):
 
 
 def _interceptor(gather_max_rows: int):
-  def intercept(next_fun, args, kwargs, context):
-    module = context.module
-    if (
-      context.method_name != "__call__"
-      or not isinstance(module, (nn.Dense, nn.Conv))
-      or not module.has_variable("params", "kernel")
-    ):
-      return next_fun(*args, **kwargs)
-    kernel = module.get_variable("params", "kernel")
-    if not _is_condensed(kernel):
-      return next_fun(*args, **kwargs)
-    return _layer(module, kernel, args[0] if args else kwargs["inputs"], gather_max_rows)
-
-  return intercept
+  return sparse_inference.kernel_interceptor(
+    _is_condensed, lambda module, kernel, x: _layer(module, kernel, x, gather_max_rows)
+  )
 
 
 def apply(

@@ -155,18 +155,32 @@ def _sparse_conv_layer(module: nn.Conv, kernel: SparseKernel, x: jax.Array):
   return y
 
 
-def _interceptor(next_fun, args, kwargs, context):
-  module = context.module
-  if (
-    context.method_name != "__call__"
-    or not isinstance(module, (nn.Dense, nn.Conv))
-    or not module.has_variable("params", "kernel")
-  ):
-    return next_fun(*args, **kwargs)
-  kernel = module.get_variable("params", "kernel")
-  if not _is_sparse(kernel):
-    return next_fun(*args, **kwargs)
-  x = args[0] if args else kwargs["inputs"]
+def kernel_interceptor(replaced, layer):
+  """A ``flax.linen.intercept_methods`` interceptor for kernels stored another way.
+
+  Every ``nn.Dense`` / ``nn.Conv`` call whose ``kernel`` param satisfies
+  ``replaced(kernel)`` returns ``layer(module, kernel, x)``; every other call
+  runs as usual. Shared by this module's BCOO kernels and
+  :mod:`sparsejax.condensed`'s condensed ones.
+  """
+
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if (
+      context.method_name != "__call__"
+      or not isinstance(module, (nn.Dense, nn.Conv))
+      or not module.has_variable("params", "kernel")
+    ):
+      return next_fun(*args, **kwargs)
+    kernel = module.get_variable("params", "kernel")
+    if not replaced(kernel):
+      return next_fun(*args, **kwargs)
+    return layer(module, kernel, args[0] if args else kwargs["inputs"])
+
+  return intercept
+
+
+def _sparse_layer(module, kernel, x):
   if isinstance(module, nn.Dense):
     return _sparse_dense_layer(module, kernel, x)
   if _supported_conv(module, x):
@@ -176,6 +190,9 @@ def _interceptor(next_fun, args, kwargs, context):
     "matrix (grouped, input-dilated, circular/causal or non-2-D conv); "
     "sparsify with convs=False"
   )
+
+
+_interceptor = kernel_interceptor(_is_sparse, _sparse_layer)
 
 
 def apply(model: nn.Module, variables: Mapping[str, PyTree], x: jax.Array, **kwargs) -> jax.Array:
